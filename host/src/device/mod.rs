@@ -1,0 +1,169 @@
+//! The GPU runtime: driver discovery, context and stream, the embedded PTX module, device limits.
+//!
+//! [`Gpu::open`] is the only way to get a device. A machine without a CUDA driver or without a
+//! device is a normal outcome ([`Error::NoDriver`], [`Error::NoDevice`]), never a panic: the
+//! driver library is probed with `is_culib_present` before cudarc touches it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUdevice_attribute as Attr;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{Error, Result};
+
+/// The PTX module built from `kernels-gpu` by `host/build.rs` (see `xtask/ptx-builder`).
+pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
+
+/// What the device allows; read once when the device is opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// Marketing name, e.g. "NVIDIA H100 80GB HBM3".
+    pub name: String,
+    /// Compute capability `(major, minor)`.
+    pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
+    pub sm_count: u32,
+    /// Opt-in maximum dynamic + static shared memory per block, bytes.
+    pub max_smem_per_block_optin: usize,
+    /// Shared memory per multiprocessor, bytes.
+    pub max_smem_per_sm: usize,
+    /// 32-bit registers per multiprocessor.
+    pub regs_per_sm: u32,
+    /// L2 cache bytes.
+    pub l2_bytes: usize,
+    /// Total device memory, bytes.
+    pub total_mem_bytes: usize,
+}
+
+/// Per-function resource use as the driver reports it after loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionResources {
+    /// Registers per thread.
+    pub registers: i32,
+    /// Static shared memory, bytes.
+    pub static_smem_bytes: i32,
+    /// Local memory (stack/spill) per thread, bytes.
+    pub local_bytes: i32,
+    /// Maximum threads per block for this function.
+    pub max_threads: i32,
+}
+
+/// An opened device: context, a stream all mxmoe work is ordered on, the loaded module.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    limits: DeviceLimits,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+/// Whether libcuda can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library and reports whether it
+    // succeeded; it has no other preconditions.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices, or the reason there are none.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let n = CudaContext::device_count().map_err(Error::driver("cuDeviceGetCount"))?;
+    Ok(n.max(0) as usize)
+}
+
+impl Gpu {
+    /// Opens device `ordinal` (its primary context), creates a stream and loads the PTX module.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating the CUDA context"))?;
+        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        let limits = read_limits(&ctx)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
+            .map_err(Error::driver("loading the mxmoe PTX module"))?;
+        Ok(Self { ctx, stream, module, limits, functions: Mutex::new(HashMap::new()) })
+    }
+
+    /// Opens the first device.
+    pub fn open_default() -> Result<Self> {
+        Self::open(0)
+    }
+
+    /// The device's limits.
+    pub fn limits(&self) -> &DeviceLimits {
+        &self.limits
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every mxmoe launch and copy is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Free and total device memory, bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(Error::driver("cuMemGetInfo"))
+    }
+
+    /// Waits for all work on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(Error::driver("synchronizing the stream"))
+    }
+
+    /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), caching it.
+    pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(name)
+            .map_err(Error::driver(format!("looking up kernel {name}")))?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Registers, static shared memory and local memory of a kernel, as the driver sees them.
+    pub fn function_resources(&self, name: &'static str) -> Result<FunctionResources> {
+        use cudarc::driver::sys::CUfunction_attribute as F;
+        let f = self.function(name)?;
+        let get = |a| f.get_attribute(a).map_err(Error::driver(format!("reading attributes of {name}")));
+        Ok(FunctionResources {
+            registers: get(F::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
+            static_smem_bytes: get(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
+            local_bytes: get(F::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?,
+            max_threads: get(F::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+        })
+    }
+}
+
+fn read_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
+    let attr = |a: Attr| ctx.attribute(a).map_err(Error::driver("reading device attributes"));
+    Ok(DeviceLimits {
+        name: ctx.name().map_err(Error::driver("reading the device name"))?,
+        compute_capability: ctx.compute_capability().map_err(Error::driver("reading the compute capability"))?,
+        sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+        max_smem_per_block_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
+        max_smem_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize,
+        regs_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)? as u32,
+        l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+        total_mem_bytes: ctx.total_mem().map_err(Error::driver("reading the memory size"))?,
+    })
+}

@@ -1,0 +1,11 @@
+//! mxmoe: fused ScatterMoE-LoRA over MXFP4 expert weights.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of this crate.
+
+pub mod device;
+pub mod error;
+pub mod mxfp4;
+
+pub use error::{Error, Result};
+pub use kernels_gpu::shared;
+pub mod launch;

@@ -1,0 +1,76 @@
+//! The MXFP4 weight format on the host: the validated container ([`MxWeights`]), the bit-exact
+//! torchao FLOOR quantizer, and the CPU dequantizer (SPEC §1).
+
+mod container;
+mod dequant;
+mod quantize;
+
+pub use container::*;
+pub use dequant::*;
+pub use quantize::*;
+
+/// Why an MXFP4 container or quantizer input was rejected (SPEC §1.6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MxError {
+    /// Only 32-element blocks are supported (16 is reserved for a future NVFP4 mode).
+    #[error("unsupported MX block size {0} (only 32 is supported)")]
+    UnsupportedBlockSize(usize),
+    /// A tensor has the wrong element type; bytes of other types are never reinterpreted.
+    #[error("{tensor}: expected dtype {expected}, got {actual}")]
+    DType {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Accepted dtype(s).
+        expected: &'static str,
+        /// The dtype given.
+        actual: String,
+    },
+    /// A tensor has the wrong rank.
+    #[error("{tensor}: expected rank {expected}, got rank {actual}")]
+    Rank {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Expected rank.
+        expected: usize,
+        /// Given rank.
+        actual: usize,
+    },
+    /// A dimension violates a divisibility or positivity rule (`K % 32 == 0`, `K > 0`, `N > 0`).
+    #[error("{what}")]
+    Divisibility {
+        /// The rule that failed, with the numbers.
+        what: String,
+    },
+    /// Tensor shapes do not agree with each other.
+    #[error("{tensor}: expected shape {expected:?}, got {actual:?}")]
+    Shape {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Given shape.
+        actual: Vec<usize>,
+    },
+    /// The tensors live on different devices.
+    #[error("packed and scales live on different devices ({packed} vs {scales})")]
+    Device {
+        /// Device of `packed`.
+        packed: String,
+        /// Device of `scales`.
+        scales: String,
+    },
+    /// Unsupported memory layout (non-contiguous K, swizzled scales, a layout other than `Fwd`).
+    #[error("unsupported layout: {0}")]
+    Layout(String),
+    /// A buffer's length does not match its declared shape.
+    #[error("{tensor}: buffer holds {actual} elements, shape needs {expected}")]
+    Length {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements present.
+        actual: usize,
+    },
+}

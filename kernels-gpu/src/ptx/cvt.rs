@@ -1,0 +1,24 @@
+//! Conversions and packed bf16 arithmetic.
+
+use core::arch::asm;
+
+/// `cvt.rn.bf16x2.f32 d, hi, lo;` (PTX ISA §9.7.9.21 "cvt", PTX 7.0+, SM 8.0+): rounds two f32
+/// to bf16 (nearest even) and packs them, `lo` in bits 0..16. CUDA C: `__floats2bfloat162_rn(lo, hi)`.
+#[inline(always)]
+pub fn cvt_rn_bf16x2_f32(lo: f32, hi: f32) -> u32 {
+    let d: u32;
+    // SAFETY: register-only conversion with no preconditions.
+    unsafe { asm!("cvt.rn.bf16x2.f32 {d}, {hi}, {lo};", d = out(reg32) d, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    d
+}
+
+/// `mul.rn.bf16x2 d, a, b;` (PTX ISA §9.7.4.5 "Half Precision Floating Point Instructions: mul",
+/// PTX 7.8+, SM 9.0+): lane-wise bf16 product, rounded to nearest even, subnormals kept.
+/// CUDA C: `__hmul2` on `__nv_bfloat162`.
+#[inline(always)]
+pub fn mul_rn_bf16x2(a: u32, b: u32) -> u32 {
+    let d: u32;
+    // SAFETY: register-only arithmetic with no preconditions.
+    unsafe { asm!("mul.rn.bf16x2 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack)) };
+    d
+}

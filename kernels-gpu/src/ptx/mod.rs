@@ -1,0 +1,31 @@
+//! The audited hardware surface: every `asm!` in mxmoe lives in this module.
+//!
+//! Each wrapper is `#[inline(always)]`, emits one PTX instruction (or one fixed, documented
+//! sequence) and carries a doc comment with the PTX ISA section, the minimum PTX version and SM
+//! target, the CUDA C equivalent, and a `# Safety` paragraph. Names follow the PTX mnemonic with
+//! dots as underscores, dropping `.sync.aligned`.
+//!
+//! | wrapper | instruction |
+//! |---|---|
+//! | [`sreg::tid_x`], [`sreg::ctaid_x`], [`sreg::ctaid_y`], [`sreg::nctaid_x`], [`sreg::laneid`] | `mov.u32 %r, %tid.x` … |
+//! | [`barrier::bar_sync_0`] | `bar.sync 0` |
+//! | [`smem::SharedAddr::from_generic`] | `cvta.to.shared.u64` |
+//! | [`smem::ld_shared_u32`], [`smem::st_shared_u32`], [`smem::ld_shared_v4_u32`], [`smem::st_shared_v4_u32`], [`smem::ld_shared_u8`] | `ld.shared` / `st.shared` |
+//! | [`cp_async::cp_async_cg_shared_global_16`] | `cp.async.cg.shared.global [d], [s], 16, src_size` |
+//! | [`cp_async::cp_async_commit_group`] | `cp.async.commit_group` |
+//! | [`cp_async::cp_async_wait_group`] | `cp.async.wait_group N` |
+//! | [`ldmatrix::ldmatrix_x4_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x4_trans_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_trans_m8n8_shared_b16`] | `ldmatrix.sync.aligned.m8n8.x{2,4}{.trans}.shared.b16` |
+//! | [`mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32`] | `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` |
+//! | [`cvt::cvt_rn_bf16x2_f32`] | `cvt.rn.bf16x2.f32` |
+//! | [`cvt::mul_rn_bf16x2`] | `mul.rn.bf16x2` |
+//!
+//! Convergence: `mma.sync.aligned`, `ldmatrix.sync.aligned` and `bar.sync` must be reached by the
+//! whole warp (block) under uniform control flow. Callers keep branches around them warp-uniform.
+
+pub mod barrier;
+pub mod cp_async;
+pub mod cvt;
+pub mod ldmatrix;
+pub mod mma;
+pub mod smem;
+pub mod sreg;

@@ -1,0 +1,10 @@
+//! Pure code compiled for both the host and the device.
+//!
+//! Architecture invariant: nothing here uses `unsafe`, `asm!` or `cfg(target_arch)`; everything
+//! is plain `core` arithmetic, mostly `const fn`, so host tests exercise the kernels' own code.
+#![forbid(unsafe_code)]
+
+pub mod bf16;
+pub mod mxfp4;
+pub mod names;
+pub mod params;

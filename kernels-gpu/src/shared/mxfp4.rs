@@ -1,0 +1,204 @@
+//! MXFP4 (OCP microscaling FP4) element and scale decoding.
+//!
+//! - Elements are FP4 E2M1 codes (`sign | exp(2) | mantissa(1)`, bias 1, no Inf/NaN).
+//! - Every [`MX_BLOCK`] consecutive elements along K share one E8M0 scale byte `b`, worth
+//!   `2^(b - 127)`; `b = 255` is NaN.
+//! - Two codes share a byte: even k in the **low** nibble, odd k in the high nibble (torchao's
+//!   `pack_uint4`).
+//!
+//! A dequantized value is `e2m1(code) · 2^(b − 127)`. The product of a codebook value (at most two
+//! significant bits) and a power of two is exact in f32 and in bf16 over the whole normal and
+//! subnormal range, so every decode path in mxmoe agrees bit for bit.
+
+/// Elements per scale block.
+pub const MX_BLOCK: usize = 32;
+/// Bytes of packed codes per scale block.
+pub const MX_BLOCK_BYTES: usize = MX_BLOCK / 2;
+/// The E8M0 byte that encodes NaN.
+pub const E8M0_NAN: u8 = 0xFF;
+/// The E8M0 exponent bias.
+pub const E8M0_BIAS: i32 = 127;
+
+/// Decoded values of the 16 E2M1 codes, indexed by the raw nibble.
+pub const E2M1_VALUES: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// bf16 bit patterns of the 16 E2M1 codes (exact: every value has at most two significant bits).
+pub const E2M1_BF16_BITS: [u16; 16] = {
+    let mut t = [0u16; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = e2m1_to_bf16_bits(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// Decodes an E2M1 code (the low 4 bits of `code`) to f32, by bit construction.
+#[inline]
+pub const fn e2m1_to_f32(code: u8) -> f32 {
+    f32::from_bits(e2m1_to_f32_bits(code))
+}
+
+/// f32 bit pattern of an E2M1 code (the low 4 bits of `code`).
+///
+/// Exponent field `e` (2 bits) and mantissa `m` (1 bit): `e = 0` is the subnormal `m · 0.5`;
+/// otherwise the value is `2^(e − 1) · (1 + m/2)`, i.e. f32 exponent `e − 1 + 127`.
+#[inline]
+pub const fn e2m1_to_f32_bits(code: u8) -> u32 {
+    let sign = ((code as u32 >> 3) & 1) << 31;
+    let e = (code as u32 >> 1) & 3;
+    let m = code as u32 & 1;
+    let mag = if e == 0 {
+        // 0 or 0.5 (= 2^-1, f32 exponent 126).
+        if m == 0 { 0 } else { 126 << 23 }
+    } else {
+        ((e + 126) << 23) | (m << 22)
+    };
+    sign | mag
+}
+
+/// bf16 bit pattern of an E2M1 code: the top half of its exact f32 pattern.
+#[inline]
+pub const fn e2m1_to_bf16_bits(code: u8) -> u16 {
+    (e2m1_to_f32_bits(code) >> 16) as u16
+}
+
+/// Decodes an E8M0 scale byte to f32 by bit construction: `b ≥ 1` → exponent field `b`;
+/// `b = 0` → 2^-127 (the f32 subnormal `0x0040_0000`); `b = 255` → NaN.
+#[inline]
+pub const fn e8m0_to_f32(b: u8) -> f32 {
+    f32::from_bits(e8m0_to_f32_bits(b))
+}
+
+/// f32 bit pattern of an E8M0 scale byte (see [`e8m0_to_f32`]).
+#[inline]
+pub const fn e8m0_to_f32_bits(b: u8) -> u32 {
+    match b {
+        0 => 0x0040_0000,
+        E8M0_NAN => 0x7FC0_0000,
+        _ => (b as u32) << 23,
+    }
+}
+
+/// bf16 bit pattern of an E8M0 scale byte: 2^-127 is the bf16 subnormal `0x0040`, NaN is the
+/// canonical quiet NaN `0x7FC0`. Always exact.
+#[inline]
+pub const fn e8m0_to_bf16_bits(b: u8) -> u16 {
+    (e8m0_to_f32_bits(b) >> 16) as u16
+}
+
+/// Splits a packed byte into its two codes: `(even k, odd k)` = `(low nibble, high nibble)`.
+#[inline]
+pub const fn unpack_pair(byte: u8) -> (u8, u8) {
+    (byte & 0x0F, byte >> 4)
+}
+
+/// Packs two codes into a byte: `even` in the low nibble, `odd` in the high nibble.
+#[inline]
+pub const fn pack_pair(even: u8, odd: u8) -> u8 {
+    (even & 0x0F) | (odd << 4)
+}
+
+/// Dequantizes one element to f32: `e2m1(code) · 2^(b − 127)`, exact (NaN for `b = 255`,
+/// ±Inf when `6 · 2^127` overflows, as torchao's bf16 dequantization gives).
+#[inline]
+pub const fn dequant_f32(code: u8, scale: u8) -> f32 {
+    e2m1_to_f32(code) * e8m0_to_f32(scale)
+}
+
+/// Dequantizes one element to bf16 bits. The f32 product is exact and representable in bf16
+/// (at most two significant bits), so truncating the f32 bits is exact; NaN stays NaN.
+#[inline]
+pub const fn dequant_bf16_bits(code: u8, scale: u8) -> u16 {
+    let v = dequant_f32(code, scale);
+    if v.is_nan() { 0x7FC0 } else { (v.to_bits() >> 16) as u16 }
+}
+
+/// The two bf16 values of a packed byte as one `bf16x2` word, unscaled: even k in the low half
+/// (the element an MMA fragment register holds first), odd k in the high half.
+#[inline]
+pub const fn byte_to_bf16x2(byte: u8) -> u32 {
+    let (even, odd) = unpack_pair(byte);
+    (e2m1_to_bf16_bits(even) as u32) | ((e2m1_to_bf16_bits(odd) as u32) << 16)
+}
+
+/// Bytes of one expert's packed codes plus scales: `N·K/2 + N·K/32`.
+#[inline]
+pub const fn expert_bytes(n: usize, k: usize) -> usize {
+    n * k / 2 + n * k / MX_BLOCK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e2m1_decode_matches_spec_table() {
+        let spec = [
+            0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+        ];
+        for code in 0..16u8 {
+            let v = e2m1_to_f32(code);
+            assert_eq!(v.to_bits(), spec[code as usize].to_bits(), "code {code}");
+            assert_eq!(v.to_bits(), E2M1_VALUES[code as usize].to_bits());
+            assert_eq!(f32::from_bits((E2M1_BF16_BITS[code as usize] as u32) << 16).to_bits(), v.to_bits());
+        }
+        // Only the low nibble matters.
+        assert_eq!(e2m1_to_f32(0xF7).to_bits(), 6.0f32.to_bits());
+    }
+
+    #[test]
+    fn e8m0_decode_is_exact_power_of_two() {
+        for b in 1..=254u8 {
+            assert_eq!(e8m0_to_f32(b), 2f32.powi(b as i32 - 127), "byte {b}");
+            assert_eq!(((e8m0_to_bf16_bits(b) as u32) << 16), e8m0_to_f32(b).to_bits());
+        }
+        assert_eq!(e8m0_to_f32(0), 2f64.powi(-127) as f32);
+        assert_eq!(e8m0_to_f32(0).to_bits(), 0x0040_0000);
+        assert_eq!(e8m0_to_bf16_bits(0), 0x0040);
+        assert!(e8m0_to_f32(255).is_nan());
+        assert_eq!(e8m0_to_bf16_bits(255), 0x7FC0);
+        assert_eq!(e8m0_to_f32(127), 1.0);
+    }
+
+    #[test]
+    fn nibble_order_is_even_low_odd_high() {
+        assert_eq!(unpack_pair(0x21), (0x1, 0x2));
+        assert_eq!(pack_pair(0x1, 0x2), 0x21);
+        assert_eq!(pack_pair(0xF, 0x8), 0x8F);
+        for b in 0..=255u8 {
+            let (lo, hi) = unpack_pair(b);
+            assert_eq!(pack_pair(lo, hi), b);
+            let w = byte_to_bf16x2(b);
+            assert_eq!(w & 0xFFFF, E2M1_BF16_BITS[lo as usize] as u32);
+            assert_eq!(w >> 16, E2M1_BF16_BITS[hi as usize] as u32);
+        }
+    }
+
+    #[test]
+    fn dequant_all_codes_and_scales_matches_f64_product() {
+        for code in 0..16u8 {
+            for b in 0..=255u8 {
+                let v = dequant_f32(code, b);
+                let bits = dequant_bf16_bits(code, b);
+                if b == 255 {
+                    assert!(v.is_nan());
+                    assert_eq!(bits, 0x7FC0);
+                    continue;
+                }
+                let exact = E2M1_VALUES[code as usize] as f64 * 2f64.powi(b as i32 - 127);
+                let expect = exact as f32; // exact or ±Inf on overflow
+                assert_eq!(v.to_bits(), expect.to_bits(), "code {code} byte {b}");
+                // bf16 keeps it exactly.
+                assert_eq!(((bits as u32) << 16), v.to_bits(), "code {code} byte {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn expert_bytes_counts_codes_and_scales() {
+        assert_eq!(expert_bytes(1024, 2048), 1024 * 1024 + 1024 * 64);
+    }
+}

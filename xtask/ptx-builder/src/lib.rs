@@ -1,0 +1,352 @@
+//! Builds `kernels-gpu` into one self-contained PTX module.
+//!
+//! This crate is the only place that knows the device build recipe. Both `cargo xtask build-ptx`
+//! and `host/build.rs` call [`build_ptx`], so the PTX a developer inspects is the PTX the library
+//! embeds.
+//!
+//! The recipe (rustc's own `nvptx64-nvidia-cuda` target, see the rustc platform-support page
+//! `src/doc/rustc/src/platform-support/nvptx64-nvidia-cuda.md`):
+//!
+//! 1. `cargo rustc -p kernels-gpu --profile ptx --target nvptx64-nvidia-cuda -Zbuild-std=core`
+//!    with `--emit=llvm-bc`: the kernel crate's bitcode, plus `core` and `compiler_builtins` as
+//!    rlibs whose members are bitcode (the nvptx target emits bitcode objects).
+//! 2. `llvm-link` of the kernel bitcode with every bitcode member of those rlibs. rustc would do
+//!    this step through `llvm-bitcode-linker`, which the pinned channel does not ship.
+//! 3. `opt`: internalize everything except the `ptx_kernel` entry points, drop dead code, O3.
+//! 4. `llc -mcpu=<arch> -mattr=+ptx80`: one PTX file.
+//! 5. Lint: the module targets the requested arch and has no unresolved `.extern .func`
+//!    (a driver JIT cannot load such a module).
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The device target triple.
+pub const TARGET: &str = "nvptx64-nvidia-cuda";
+/// The PTX ISA feature the module is built with (PTX 8.0 is the first with full sm_90 support).
+pub const PTX_FEATURE: &str = "+ptx80";
+/// The default GPU architecture.
+pub const DEFAULT_ARCH: &str = "sm_90";
+
+/// What to build and where.
+#[derive(Clone, Debug)]
+pub struct PtxBuild {
+    /// Workspace root (the folder holding the workspace `Cargo.toml`).
+    pub workspace_root: PathBuf,
+    /// Cargo target directory for the device build; kept apart from the host build's.
+    pub target_dir: PathBuf,
+    /// GPU architecture, e.g. `sm_90` or `sm_90a`.
+    pub arch: String,
+    /// Where the final `.ptx` file goes.
+    pub out_file: PathBuf,
+    /// The `cargo` executable to run (the pinned nightly's).
+    pub cargo: PathBuf,
+}
+
+/// What went wrong, as one actionable sentence.
+#[derive(Debug)]
+pub struct BuildError(pub String);
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+fn err(msg: impl Into<String>) -> BuildError {
+    BuildError(msg.into())
+}
+
+/// The result of a successful build.
+#[derive(Clone, Debug)]
+pub struct PtxOutput {
+    /// Path of the written PTX file.
+    pub ptx_file: PathBuf,
+    /// Names of the kernel entry points, sorted.
+    pub entries: Vec<String>,
+}
+
+/// Environment variables of an outer cargo invocation that must not leak into the nested device
+/// build (host flags, wrappers such as clippy-driver, an outer target directory).
+const SCRUBBED_ENV: &[&str] = &[
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_BUILD_RUSTC_WRAPPER",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MAKEFLAGS",
+    "MAKEFLAGS",
+    "MFLAGS",
+    "RUSTDOCFLAGS",
+    "CARGO_ENCODED_RUSTDOCFLAGS",
+    "CARGO_LLVM_COV",
+    "RUSTC",
+    "RUSTDOC",
+];
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
+    let out = cmd
+        .output()
+        .map_err(|e| err(format!("could not start {what} ({cmd:?}): {e}")))?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Directory holding llvm-tools' binaries (`llvm-link`, `opt`, `llc`, `llvm-ar`) of the toolchain
+/// that `cargo` belongs to.
+pub fn llvm_tools_dir(cargo: &Path) -> Result<PathBuf, BuildError> {
+    let rustc = cargo.with_file_name(format!("rustc{}", std::env::consts::EXE_SUFFIX));
+    let rustc = if rustc.exists() { rustc } else { PathBuf::from("rustc") };
+    let mut cmd = Command::new(&rustc);
+    for v in SCRUBBED_ENV {
+        cmd.env_remove(v);
+    }
+    let sysroot = run(cmd.arg("--print").arg("sysroot"), "rustc --print sysroot")?;
+    let host = run(
+        Command::new(&rustc).arg("--print").arg("host-tuple"),
+        "rustc --print host-tuple",
+    )?;
+    let dir = Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(host.trim())
+        .join("bin");
+    if !dir.join("llvm-link").exists() {
+        return Err(err(format!(
+            "llvm-tools are missing from the toolchain at {}: run `rustup component add llvm-tools` \
+             (rust-toolchain.toml lists it, so a plain rustup install brings it)",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Builds the PTX module described by `b`.
+pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
+    let tools = llvm_tools_dir(&b.cargo)?;
+    let work = b.target_dir.join(format!("link-{}", b.arch));
+    fs::create_dir_all(&work).map_err(|e| err(format!("cannot create {}: {e}", work.display())))?;
+
+    // Step 1: compile the kernel crate and core to bitcode.
+    let mut cmd = Command::new(&b.cargo);
+    for v in SCRUBBED_ENV {
+        cmd.env_remove(v);
+    }
+    cmd.current_dir(&b.workspace_root).args([
+        "rustc",
+        "--package",
+        "kernels-gpu",
+        "--lib",
+        "--profile",
+        "ptx",
+        "--target",
+        TARGET,
+        "-Zbuild-std=core",
+        "--message-format=json-render-diagnostics",
+        "--target-dir",
+    ]);
+    cmd.arg(&b.target_dir);
+    cmd.args(["--", "-C"])
+        .arg(format!("target-cpu={}", b.arch))
+        .args(["-C", &format!("target-feature={PTX_FEATURE}")])
+        .args(["-A", "unstable-features", "--emit=llvm-bc"]);
+    let json = run(&mut cmd, "the device build of kernels-gpu")?;
+
+    let mut rlibs = Vec::new();
+    let mut kernel_bc = None;
+    for line in json.lines() {
+        if !line.contains("\"reason\":\"compiler-artifact\"") {
+            continue;
+        }
+        for file in json_string_array(line, "filenames") {
+            let p = PathBuf::from(&file);
+            let name = p.file_name().and_then(OsStr::to_str).unwrap_or("");
+            if let Some(hash) = name
+                .strip_prefix("libkernels_gpu-")
+                .and_then(|h| h.strip_suffix(".rmeta").or_else(|| h.strip_suffix(".rlib")))
+            {
+                // The bitcode sits next to the metadata: deps/kernels_gpu-<hash>.bc.
+                kernel_bc = Some(p.with_file_name(format!("kernels_gpu-{hash}.bc")));
+            } else if name.starts_with("libkernels_gpu") {
+                // The uplifted copy without a hash; the hashed one above is what we read.
+            } else if name.ends_with(".rlib") {
+                rlibs.push(p);
+            }
+        }
+    }
+    let kernel_bc = kernel_bc.ok_or_else(|| err("the device build produced no kernels-gpu artifact"))?;
+    if !kernel_bc.exists() {
+        return Err(err(format!("expected bitcode {} is missing", kernel_bc.display())));
+    }
+
+    // Step 2: unpack bitcode members of core/compiler_builtins and link everything.
+    let mut inputs = vec![kernel_bc];
+    for (i, rlib) in rlibs.iter().enumerate() {
+        let dir = work.join(format!("rlib{i}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        run(
+            Command::new(tools.join("llvm-ar")).current_dir(&dir).arg("x").arg(rlib),
+            "llvm-ar x",
+        )?;
+        let mut members: Vec<PathBuf> = fs::read_dir(&dir)
+            .map_err(|e| err(format!("cannot list {}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension() == Some(OsStr::new("o")))
+            .collect();
+        members.sort();
+        inputs.extend(members);
+    }
+    let linked = work.join("linked.bc");
+    run(
+        Command::new(tools.join("llvm-link")).args(&inputs).arg("-o").arg(&linked),
+        "llvm-link",
+    )?;
+
+    // Step 3: keep only the kernel entry points visible, then optimize.
+    let text = run(
+        Command::new(tools.join("llvm-dis")).arg(&linked).arg("-o").arg("-"),
+        "llvm-dis",
+    )?;
+    let mut entries = kernel_entries(&text);
+    entries.sort();
+    if entries.is_empty() {
+        return Err(err("kernels-gpu defines no `extern \"ptx-kernel\"` entry point"));
+    }
+    let optimized = work.join("optimized.bc");
+    run(
+        Command::new(tools.join("opt"))
+            .arg(&linked)
+            .arg("-passes=internalize,globaldce,default<O3>,globaldce")
+            .arg(format!("-internalize-public-api-list={}", entries.join(",")))
+            .arg("-o")
+            .arg(&optimized),
+        "opt",
+    )?;
+
+    // Step 4: PTX.
+    if let Some(parent) = b.out_file.parent() {
+        fs::create_dir_all(parent).map_err(|e| err(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    run(
+        Command::new(tools.join("llc"))
+            .arg(&optimized)
+            .arg(format!("-mtriple={TARGET}"))
+            .arg(format!("-mcpu={}", b.arch))
+            .arg(format!("-mattr={PTX_FEATURE}"))
+            .arg("-O3")
+            .arg("-o")
+            .arg(&b.out_file),
+        "llc",
+    )?;
+
+    // Step 5: lint.
+    let ptx = fs::read_to_string(&b.out_file)
+        .map_err(|e| err(format!("cannot read {}: {e}", b.out_file.display())))?;
+    check_module(&ptx, &b.arch).map_err(err)?;
+    Ok(PtxOutput { ptx_file: b.out_file.clone(), entries })
+}
+
+/// The structural checks every module must pass: the right `.target`, and no unresolved
+/// `.extern .func` declaration.
+pub fn check_module(ptx: &str, arch: &str) -> Result<(), String> {
+    let target_ok = ptx
+        .lines()
+        .any(|l| l.trim_start().starts_with(".target") && l.split_whitespace().nth(1) == Some(arch));
+    if !target_ok {
+        return Err(format!("the PTX module does not declare `.target {arch}`"));
+    }
+    if let Some(line) = ptx.lines().find(|l| l.contains(".extern .func")) {
+        return Err(format!(
+            "the PTX module has an unresolved external function (`{}`); a driver JIT cannot load it",
+            line.trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Names of the `.entry` functions of a PTX module, in order of appearance.
+pub fn ptx_entries(ptx: &str) -> Vec<String> {
+    ptx.lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let rest = l.strip_prefix(".visible .entry ").or_else(|| l.strip_prefix(".entry "))?;
+            Some(rest.split(['(', ' ']).next()?.to_string())
+        })
+        .collect()
+}
+
+/// Names of the functions defined with the `ptx_kernel` calling convention in LLVM IR text.
+fn kernel_entries(ir: &str) -> Vec<String> {
+    ir.lines()
+        .filter(|l| l.starts_with("define ") && l.contains(" ptx_kernel "))
+        .filter_map(|l| {
+            let at = l.find('@')?;
+            let rest = &l[at + 1..];
+            let name = rest.split('(').next()?;
+            Some(name.trim_matches('"').to_string())
+        })
+        .collect()
+}
+
+/// Extracts the string elements of a JSON array field from one line of cargo's JSON messages.
+/// Cargo's paths contain no escaped quotes on the platforms we build on; backslashes are unescaped.
+fn json_string_array(line: &str, field: &str) -> Vec<String> {
+    let key = format!("\"{field}\":[");
+    let Some(start) = line.find(&key) else { return Vec::new() };
+    let rest = &line[start + key.len()..];
+    let Some(end) = rest.find(']') else { return Vec::new() };
+    rest[..end]
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').replace("\\\\", "\\"))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_module_rejects_extern_func_and_wrong_target() {
+        let good = ".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry k(\n)\n{\n}\n";
+        assert!(check_module(good, "sm_90").is_ok());
+        assert!(check_module(good, "sm_80").unwrap_err().contains(".target sm_80"));
+        let bad = format!("{good}.extern .func foo\n()\n;\n");
+        assert!(check_module(&bad, "sm_90").unwrap_err().contains("unresolved"));
+    }
+
+    #[test]
+    fn ptx_entries_lists_visible_entries() {
+        let ptx = ".visible .entry alpha(\n.param .u64 a\n)\n.func beta()\n.entry gamma(\n";
+        assert_eq!(ptx_entries(ptx), vec!["alpha".to_string(), "gamma".to_string()]);
+    }
+
+    #[test]
+    fn kernel_entries_reads_ptx_kernel_definitions() {
+        let ir = "define ptx_kernel void @k1(ptr %a) #0 {\ndefine internal void @helper() {\n\
+                  define dso_local ptx_kernel void @\"k2\"() {\n";
+        assert_eq!(kernel_entries(ir), vec!["k1".to_string(), "k2".to_string()]);
+    }
+
+    #[test]
+    fn json_array_field_is_parsed() {
+        let line = r#"{"reason":"compiler-artifact","filenames":["/a/libcore-1.rlib","/a/libcore-1.rmeta"],"x":1}"#;
+        assert_eq!(json_string_array(line, "filenames"), vec!["/a/libcore-1.rlib", "/a/libcore-1.rmeta"]);
+    }
+}
