@@ -5,7 +5,9 @@
 pub mod device;
 pub mod error;
 pub mod mxfp4;
+pub mod tensor;
 
 pub use error::{Error, Result};
 pub use kernels_gpu::shared;
 pub mod launch;
+pub mod kernels;

@@ -19,6 +19,7 @@
         stdarch_nvptx,
         asm_experimental_arch,
         core_intrinsics,
+        gpu_intrinsics,
         gpu_launch_sized_workgroup_mem
     )
 )]

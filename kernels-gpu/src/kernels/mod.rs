@@ -1,1 +1,5 @@
-//! Kernel entry points.
+//! Kernel entry points: thin `extern "ptx-kernel"` functions that read their coordinates and
+//! parameter struct and call bodies built from `tile/`. Names come from `shared::names`.
+
+mod dequant;
+mod probes;

@@ -71,6 +71,16 @@ pub unsafe fn st_shared_u32(a: SharedAddr, v: u32) {
     unsafe { asm!("st.shared.u32 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack)) };
 }
 
+/// `st.shared.u16`.
+///
+/// # Safety
+/// `a` is 2-byte aligned and inside the block's shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u16(a: SharedAddr, v: u16) {
+    // SAFETY: the caller guarantees alignment and bounds.
+    unsafe { asm!("st.shared.u16 [{a}], {v};", a = in(reg32) a.0, v = in(reg16) v, options(nostack)) };
+}
+
 /// `ld.shared.v4.u32` (16 bytes).
 ///
 /// # Safety
@@ -99,4 +109,24 @@ pub unsafe fn st_shared_v4_u32(a: SharedAddr, v: [u32; 4]) {
             a = in(reg32) a.0, x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3],
             options(nostack))
     };
+}
+
+/// The block's dynamic shared memory (sized at launch), as a generic pointer
+/// (CUDA `extern __shared__ char smem[]`). Rust: `core::intrinsics::gpu::gpu_launch_sized_workgroup_mem`.
+#[inline(always)]
+pub fn dynamic_smem_ptr() -> *mut u8 {
+    core::intrinsics::gpu::gpu_launch_sized_workgroup_mem::<SmemAlign>() as *mut u8
+}
+
+/// Declares the dynamic shared-memory symbol with 128-byte alignment, enough for 16-byte
+/// `cp.async`/`ldmatrix` rows and for 128-byte swizzle patterns.
+#[repr(C, align(128))]
+struct SmemAlign([u8; 128]);
+
+/// The block's dynamic shared memory as a [`SharedAddr`] (offset 0 of the launch-sized region).
+#[inline(always)]
+pub fn dynamic_smem() -> SharedAddr {
+    // SAFETY: the pointer comes from the dynamic shared-memory intrinsic, so it is a shared
+    // pointer as `from_generic` requires.
+    unsafe { SharedAddr::from_generic(dynamic_smem_ptr()) }
 }

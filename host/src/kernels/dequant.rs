@@ -1,0 +1,59 @@
+//! MXFP4 → bf16 dequantization on the GPU (`kernels-gpu/src/kernels/dequant.rs`).
+
+use cudarc::driver::CudaSlice;
+use kernels_gpu::shared::mxfp4::MX_BLOCK;
+use kernels_gpu::shared::names;
+use kernels_gpu::shared::params::DequantParams;
+
+use super::{MIN_CC, alloc_poisoned, check_len, upload};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::launch::{LaunchSpec, addr, addr_mut};
+
+/// Threads per block of the dequant kernel.
+const THREADS: u32 = 256;
+
+/// Dequantizes the experts listed in `experts` from device-resident MXFP4 buffers
+/// (`packed [num_experts, n, k/2]`, `scales [num_experts, n, k/32]`) into a new bf16 buffer
+/// `[experts.len(), n, k]` (bf16 bits), bit-identical to torchao's `dequantize(bf16)`.
+pub fn dequant_mxfp4_bf16(
+    gpu: &Gpu,
+    packed: &CudaSlice<u8>,
+    scales: &CudaSlice<u8>,
+    num_experts: usize,
+    n: usize,
+    k: usize,
+    experts: &[u32],
+) -> Result<CudaSlice<u16>> {
+    if n == 0 || k == 0 || k % MX_BLOCK != 0 {
+        return Err(Error::InvalidArgument { what: "dequant shape", detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}") });
+    }
+    check_len("packed", packed, num_experts * n * k / 2)?;
+    check_len("scales", scales, num_experts * n * k / MX_BLOCK)?;
+    if let Some(bad) = experts.iter().find(|&&e| e as usize >= num_experts) {
+        return Err(Error::InvalidArgument { what: "experts", detail: format!("expert {bad} is out of range for {num_experts} experts") });
+    }
+    let mut out = alloc_poisoned::<u16>(gpu, experts.len() * n * k, 0xFF)?;
+    if experts.is_empty() {
+        return Ok(out);
+    }
+    let ids = upload(gpu, experts)?;
+    let items = (experts.len() * n * (k / MX_BLOCK)) as u64;
+    let max_blocks = gpu.limits().sm_count.max(1) as u64 * 16;
+    let blocks = items.div_ceil(THREADS as u64).min(max_blocks).max(1) as u32;
+    let spec = LaunchSpec { name: names::DEQUANT_MXFP4, threads: THREADS, dynamic_smem_bytes: 0, min_cc: MIN_CC };
+    let params = DequantParams {
+        packed_addr: addr(gpu, packed),
+        scales_addr: addr(gpu, scales),
+        experts_addr: addr(gpu, &ids),
+        out_addr: addr_mut(gpu, &mut out),
+        n: n as u64,
+        k: k as u64,
+        num_selected: experts.len() as u32,
+        num_experts: num_experts as u32,
+    };
+    // SAFETY: lengths of packed/scales were checked above, every id is < num_experts, `out`
+    // holds experts.len()·n·k bf16, k % 32 == 0, and cudarc allocations are 256-byte aligned.
+    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
+    Ok(out)
+}

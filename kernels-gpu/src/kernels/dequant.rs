@@ -1,0 +1,70 @@
+//! MXFP4 → bf16 dequantization of selected experts (Strategy A's building block, SPEC §4.1).
+
+use crate::ptx::cvt::mul_rn_bf16x2;
+use crate::ptx::sreg::{ctaid_x, nctaid_x, ntid_x, tid_x};
+use crate::shared::mxfp4::{E8M0_NAN, MX_BLOCK, MX_BLOCK_BYTES, byte_to_bf16x2, e8m0_to_bf16_bits};
+use crate::shared::params::DequantParams;
+use crate::tile::gmem::{load, load_16, store_16};
+
+/// Decodes the 4 packed bytes of `word` into 4 bf16x2 words scaled by `scale2` (the scale's bf16
+/// bits in both halves). The products are exact, so `mul.rn` rounds nothing; NaN scales give the
+/// canonical NaN `0x7FC0` in every lane (the caller substitutes it).
+#[inline(always)]
+fn decode_word(word: u32, scale2: u32) -> [u32; 4] {
+    let d = |j: u32| mul_rn_bf16x2(byte_to_bf16x2((word >> (8 * j)) as u8), scale2);
+    [d(0), d(1), d(2), d(3)]
+}
+
+/// `out[s, n, k] = e2m1(code) · 2^(scale − 127)` as bf16 for every selected expert `experts[s]`,
+/// output row `n` and `k`. One thread decodes one 32-element scale block (16 packed bytes, one
+/// scale byte, 64 output bytes) per grid-stride step; all offsets are 64-bit.
+///
+/// Numerics: bit-identical to torchao's `dequantize(bf16)` and to the CPU dequantizer, with a NaN
+/// scale byte (255) giving `0x7FC0` for all 32 elements.
+///
+/// # Safety
+/// Launch contract: 1-D grid and block, no shared memory; `packed` holds `E·n·k/2` bytes and
+/// `scales` `E·n·k/32` bytes with `E = num_experts`; `experts` holds `num_selected` u32; `out`
+/// holds `num_selected·n·k` bf16; `k % 32 == 0`; all buffers 16-byte aligned. Entries of
+/// `experts` that are `≥ num_experts` are skipped (the host rejects them before launch).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
+    let blocks_per_row = p.k / MX_BLOCK as u64;
+    let blocks_per_expert = p.n * blocks_per_row;
+    let total = p.num_selected as u64 * blocks_per_expert;
+    let stride = nctaid_x() as u64 * ntid_x() as u64;
+    let mut item = ctaid_x() as u64 * ntid_x() as u64 + tid_x() as u64;
+    while item < total {
+        let s = item / blocks_per_expert;
+        let within = item % blocks_per_expert; // = n_idx · blocks_per_row + q
+        // SAFETY: `s < num_selected`, the length of `experts`.
+        let e: u32 = unsafe { load(p.experts_addr + 4 * s) };
+        if e < p.num_experts {
+            let src_block = e as u64 * blocks_per_expert + within;
+            // SAFETY: `src_block < E·n·k/32`, so 16 bytes at `16·src_block` lie in `packed`
+            // (16-aligned since the buffer is) and one byte at `src_block` lies in `scales`.
+            let (codes, scale) = unsafe {
+                (load_16(p.packed_addr + MX_BLOCK_BYTES as u64 * src_block), load::<u8>(p.scales_addr + src_block))
+            };
+            let sb = e8m0_to_bf16_bits(scale) as u32;
+            let scale2 = sb | (sb << 16);
+            let dst = p.out_addr + 2 * MX_BLOCK as u64 * item;
+            let nan = scale == E8M0_NAN;
+            // Four explicit 16-byte stores keep every array index a compile-time constant
+            // (a run-time index would put the array in local memory).
+            let v0 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[0], scale2) };
+            let v1 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[1], scale2) };
+            let v2 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[2], scale2) };
+            let v3 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[3], scale2) };
+            // SAFETY: `item < num_selected·n·k/32`: the 64 output bytes of this block are inside
+            // `out`; 16-byte aligned.
+            unsafe {
+                store_16(dst, v0);
+                store_16(dst + 16, v1);
+                store_16(dst + 32, v2);
+                store_16(dst + 48, v3);
+            }
+        }
+        item += stride;
+    }
+}
