@@ -5,6 +5,7 @@
 pub mod device;
 pub mod error;
 pub mod mxfp4;
+pub mod reference;
 pub mod tensor;
 
 pub use error::{Error, Result};

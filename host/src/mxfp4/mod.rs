@@ -73,4 +73,20 @@ pub enum MxError {
         /// Elements present.
         actual: usize,
     },
+    /// An expert index is outside `0..experts`.
+    #[error("expert index {index} out of range for {experts} expert(s)")]
+    ExpertIndex {
+        /// The index given.
+        index: usize,
+        /// Experts in the container.
+        experts: usize,
+    },
+    /// A shape's element count does not fit in `usize` (no such tensor can exist in memory).
+    #[error("{tensor}: shape {shape:?} has more elements than fit in usize")]
+    Overflow {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The shape given.
+        shape: Vec<usize>,
+    },
 }

@@ -1,0 +1,90 @@
+//! A deliberately naive CPU reference for the ScatterMoE-LoRA expert linear: the oracle of the GPU
+//! parity tests.
+//!
+//! Everything here is written for obviousness, not speed: plain nested loops over the definitions
+//! in SPEC §2 (routing) and §3 (the LoRA-fused expert linear, forward and backward), with every
+//! dot product accumulated in `f64`. Two numeric modes are offered ([`Rounding`]):
+//!
+//! - [`Rounding::Bf16`] rounds to bf16 (through [`crate::shared::bf16::round_bf16`]) exactly at
+//!   the points where the kernels convert to the activation dtype, so its results are what an
+//!   ideal kernel with an exact accumulator would store. Real kernels accumulate in `f32`, so a
+//!   parity test still needs a tolerance of about one bf16 ulp on values whose unrounded sums land
+//!   near a rounding boundary.
+//! - [`Rounding::Exact`] rounds nowhere and keeps `f64` end to end internally; it is the mode the
+//!   finite-difference gradient checks use.
+//!
+//! Modules: [`routing`] (`flatten_sort_count`, active experts) and
+//! [`linear`] (the expert linear's forward and backward).
+
+pub mod linear;
+pub mod routing;
+
+pub use linear::{LinearProblem, RefForward, RefGrads, RowOrder, linear_backward, linear_forward};
+pub use routing::{DROPPED, Routing, active_experts, flatten_sort_count};
+
+/// Where the reference rounds intermediate and final values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rounding {
+    /// Round to bf16 (nearest-even) at the kernels' conversion points (SPEC §3.2, §3.3, §10); every
+    /// input is first rounded to bf16 too, as uploading it to the device in the activation dtype
+    /// would.
+    Bf16,
+    /// No rounding at all: inputs are used as given and all arithmetic is `f64`. Only the final
+    /// conversion of the public results to `f32` rounds.
+    Exact,
+}
+
+impl Rounding {
+    /// Applies this mode's rounding to one value (bf16 via `f32`, or the identity).
+    ///
+    /// The `f64 → f32 → bf16` path can double-round in theory; the kernels hold `f32` values at
+    /// these points, so going through `f32` is the faithful choice.
+    #[inline]
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            Rounding::Bf16 => f64::from(crate::shared::bf16::round_bf16(v as f32)),
+            Rounding::Exact => v,
+        }
+    }
+}
+
+/// A tiny deterministic xorshift64* generator for the tests (no `rand` dependency).
+#[cfg(test)]
+pub(crate) struct XorShift(u64);
+
+#[cfg(test)]
+impl XorShift {
+    /// Seeds the generator (a zero seed is replaced by a fixed non-zero constant).
+    pub(crate) fn new(seed: u64) -> Self {
+        XorShift(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
+    }
+
+    /// Next raw 64-bit value.
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[0, n)` (n > 0; the modulo bias is irrelevant for tests).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub(crate) fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// `len` values uniform in `[-scale, scale)`.
+    pub(crate) fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform() * scale).collect()
+    }
+}
