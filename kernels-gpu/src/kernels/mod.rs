@@ -2,4 +2,7 @@
 //! parameter struct and call bodies built from `tile/`. Names come from `shared::names`.
 
 mod dequant;
+mod eltwise;
+mod gemm;
 mod probes;
+mod routing;

@@ -8,3 +8,4 @@ pub mod bf16;
 pub mod mxfp4;
 pub mod names;
 pub mod params;
+pub mod tiles;

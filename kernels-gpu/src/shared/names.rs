@@ -1,5 +1,5 @@
 //! Exported kernel entry-point names. The host looks functions up only through these constants,
-//! and `cargo xtask ptx-report` checks that each one is an `.entry` of the built PTX.
+//! and `cargo xtask ptx-report` checks that the built PTX has exactly [`ALL`] as its entries.
 
 /// Probe: special registers (`%tid`, `%ctaid`, `%laneid`, warp id) written per thread.
 pub const PROBE_SREG: &str = "mxmoe_probe_sreg";
@@ -11,6 +11,90 @@ pub const PROBE_MMA: &str = "mxmoe_probe_mma";
 pub const PROBE_CVT: &str = "mxmoe_probe_cvt";
 /// MXFP4 → bf16 dequantization of a list of experts.
 pub const DEQUANT_MXFP4: &str = "mxmoe_dequant_mxfp4_bf16";
+/// Routing, step 1: per-chunk bucket histogram.
+pub const ROUTE_COUNT: &str = "mxmoe_route_count";
+/// Routing, step 2: bucket bases and expert offsets.
+pub const ROUTE_SCAN: &str = "mxmoe_route_scan";
+/// Routing, step 3: stable scatter into grouped order.
+pub const ROUTE_SCATTER: &str = "mxmoe_route_scatter";
+/// Gates: `y[t] = Σ_j gate[t,j] · out[t·k+j]`.
+pub const COMBINE_GATES: &str = "mxmoe_combine_gates";
+/// Gate gradient: `d_gate[t,j] = ⟨out[t·k+j], dy[t]⟩`.
+pub const GATE_GRAD: &str = "mxmoe_gate_grad";
+/// Gated output gradient per slot: `dys[i] = dy[i/k] · gate[i]`.
+pub const SCALE_SLOTS: &str = "mxmoe_scale_slots";
+/// Slot sum: `dx[t] = Σ_j dxs[t·k+j]`.
+pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 
-/// Every entry point the host may look up.
-pub const ALL: &[&str] = &[PROBE_SREG, PROBE_CP_ASYNC, PROBE_MMA, PROBE_CVT, DEQUANT_MXFP4];
+/// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
+pub const GEMM_NK: [&str; 3] = [
+    "mxmoe_gemm_nk_m128n128k32w2x4s3",
+    "mxmoe_gemm_nk_m64n128k32w2x2s3",
+    "mxmoe_gemm_nk_m32n128k64w1x4s3",
+];
+/// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
+pub const GEMM_KN: [&str; 3] = [
+    "mxmoe_gemm_kn_m128n128k32w2x4s3",
+    "mxmoe_gemm_kn_m64n128k32w2x2s3",
+    "mxmoe_gemm_kn_m32n128k64w1x4s3",
+];
+/// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
+pub const LORA_DOWN: [&str; 4] = ["mxmoe_lora_down_r16", "mxmoe_lora_down_r32", "mxmoe_lora_down_r64", "mxmoe_lora_down_r128"];
+/// Grouped Gram (dA, dB), one per `tiles::RANK_PADS` entry.
+pub const GRAM: [&str; 4] = ["mxmoe_gram_r16", "mxmoe_gram_r32", "mxmoe_gram_r64", "mxmoe_gram_r128"];
+
+/// Every entry point of the module.
+pub const ALL: &[&str] = &[
+    PROBE_SREG,
+    PROBE_CP_ASYNC,
+    PROBE_MMA,
+    PROBE_CVT,
+    DEQUANT_MXFP4,
+    ROUTE_COUNT,
+    ROUTE_SCAN,
+    ROUTE_SCATTER,
+    COMBINE_GATES,
+    GATE_GRAD,
+    SCALE_SLOTS,
+    SUM_SLOTS,
+    GEMM_NK[0],
+    GEMM_NK[1],
+    GEMM_NK[2],
+    GEMM_KN[0],
+    GEMM_KN[1],
+    GEMM_KN[2],
+    LORA_DOWN[0],
+    LORA_DOWN[1],
+    LORA_DOWN[2],
+    LORA_DOWN[3],
+    GRAM[0],
+    GRAM[1],
+    GRAM[2],
+    GRAM[3],
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::tiles::{GEMM_CONFIGS, RANK_PADS};
+
+    #[test]
+    fn gemm_names_encode_their_configs() {
+        for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+            let tag = format!("m{}n{}k{}w{}x{}s{}", c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages);
+            assert_eq!(GEMM_NK[i], format!("mxmoe_gemm_nk_{tag}"));
+            assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
+        }
+        for (i, r) in RANK_PADS.iter().enumerate() {
+            assert_eq!(LORA_DOWN[i], format!("mxmoe_lora_down_r{r}"));
+            assert_eq!(GRAM[i], format!("mxmoe_gram_r{r}"));
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in ALL.iter().enumerate() {
+            assert!(!ALL[i + 1..].contains(a), "{a} listed twice");
+        }
+    }
+}

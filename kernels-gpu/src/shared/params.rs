@@ -53,3 +53,182 @@ const _: () = {
     assert!(offset_of!(DequantParams, n) == 32);
     assert!(offset_of!(DequantParams, num_selected) == 48);
 };
+
+/// Rows of `ids` each routing block handles (one counting block, one scattering warp).
+pub const ROUTE_CHUNK: u32 = 1024;
+/// Most experts the routing kernels accept (the histogram lives in shared memory).
+pub const MAX_EXPERTS: u32 = 8192;
+
+/// Parameters of the three routing kernels (count, scan, scatter); see
+/// `kernels-gpu/src/kernels/routing.rs`.
+///
+/// Buckets are the experts `0..E` plus bucket `E` for dropped slots (id −1), which sort last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteParams {
+    /// Expert ids `[T·k]`, i32 or i64 (see `ids_i64`).
+    pub ids_addr: u64,
+    /// u32 `[chunks, E+1]`: per-chunk bucket counts, then absolute per-chunk bucket bases.
+    pub counts_addr: u64,
+    /// u32 `[T·k]`: bucket of each grouped row (E for dropped rows).
+    pub sorted_expert_addr: u64,
+    /// u32 `[T·k]`: flat slot index `t·k + j` of each grouped row.
+    pub ssi_addr: u64,
+    /// u32 `[E]`: inclusive end of each expert's rows.
+    pub offsets_addr: u64,
+    /// u32 `[1]`: set to 1 when an id is outside `[-1, E)` (such ids are treated as dropped).
+    pub error_addr: u64,
+    /// Number of slots `T·k`.
+    pub slots: u32,
+    /// Number of experts `E`.
+    pub num_experts: u32,
+    /// 1 if `ids` are i64, 0 if i32.
+    pub ids_i64: u32,
+    /// Padding; must be 0.
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<RouteParams>() == 64);
+    assert!(offset_of!(RouteParams, slots) == 48);
+};
+
+/// Parameters of the grouped GEMM over expert-aligned row tiles (forward, dX, and the
+/// rank-sized LoRA products). For grouped row `p` of expert `e` (rows are expert-contiguous):
+///
+/// `out[row_out(p), n] = Σ_k A[row_in(p), k] · B_e(n, k)  +  s · Σ_j left[p, j] · right_e(n, j)`
+///
+/// with `row_in(p) = p` if `a_fan_out == 0` else `ssi[p] / a_fan_out`, `row_out(p) = p` if
+/// `out_scattered == 0` else `ssi[p]`, `B_e(n, k) = b[e·b_stride_e + n·b_stride_n + k·b_stride_k]`,
+/// `right_e(n, j) = lr[e·lr_stride_e + n·lr_stride_n + j·lr_stride_r]` (j < rank). Rows of the
+/// dropped bucket (`e = E`) are written as zeros. All strides are in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GemmParams {
+    /// u32 `[rows]` flat slot of each grouped row.
+    pub ssi_addr: u64,
+    /// u32 `[num_experts]` inclusive row ends.
+    pub offsets_addr: u64,
+    /// bf16 activations (x or dY).
+    pub a_addr: u64,
+    /// Elements between consecutive rows of A.
+    pub a_stride: u64,
+    /// bf16 per-expert matrix.
+    pub b_addr: u64,
+    /// Elements between experts of B.
+    pub b_stride_e: u64,
+    /// Elements between output columns of B.
+    pub b_stride_n: u64,
+    /// Elements between reduction indices of B.
+    pub b_stride_k: u64,
+    /// bf16 output.
+    pub out_addr: u64,
+    /// Elements between output rows.
+    pub out_stride: u64,
+    /// bf16 `[rows, r_pad]` LoRA left factor in grouped order (XA or YB); unused if rank 0.
+    pub lora_left_addr: u64,
+    /// bf16 LoRA right factor (B for the forward, A for dX).
+    pub lora_right_addr: u64,
+    /// Elements between experts of the right factor.
+    pub lr_stride_e: u64,
+    /// Elements between output columns of the right factor.
+    pub lr_stride_n: u64,
+    /// Elements between rank indices of the right factor.
+    pub lr_stride_r: u64,
+    /// Routed rows `L` (including dropped rows, which sort last).
+    pub rows: u32,
+    /// Reduction length (multiple of 8).
+    pub k_red: u32,
+    /// Output columns (multiple of 8).
+    pub n_out: u32,
+    /// Experts `E` (bucket `E` holds dropped rows).
+    pub num_experts: u32,
+    /// 0: A rows are grouped; f ≥ 1: A row is `ssi[p] / f`.
+    pub a_fan_out: u32,
+    /// 0: output row `p`; 1: output row `ssi[p]`.
+    pub out_scattered: u32,
+    /// LoRA rank (0: no LoRA term).
+    pub rank: u32,
+    /// Padded rank (multiple of 16, ≥ rank); columns of `lora_left`.
+    pub r_pad: u32,
+    /// LoRA scaling `s`.
+    pub scaling: f32,
+    /// Valid rows of `B_e` along n (`n_out` for weights; the rank for the LoRA products, whose
+    /// output is padded to `r_pad` zero columns).
+    pub b_rows: u32,
+}
+
+const _: () = {
+    assert!(size_of::<GemmParams>() == 160);
+    assert!(offset_of!(GemmParams, rows) == 120);
+    assert!(offset_of!(GemmParams, scaling) == 152);
+};
+
+/// Parameters of the grouped Gram kernel (dA, dB): for each expert `e` and wide column `w`,
+///
+/// `out[e·out_stride_e + w·out_stride_w + j·out_stride_r] = round(s · Σ_{p ∈ e} wide[row(p), w] · narrow[p, j])`
+///
+/// for `j < rank`, with `row(p) = p` if `wide_fan_out == 0` else `ssi[p] / wide_fan_out`.
+/// Experts without rows get zeros. No atomics: one block owns each output tile.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GramParams {
+    /// u32 `[rows]` flat slot of each grouped row.
+    pub ssi_addr: u64,
+    /// u32 `[num_experts]` inclusive row ends.
+    pub offsets_addr: u64,
+    /// bf16 wide operand (x or dY).
+    pub wide_addr: u64,
+    /// Elements between rows of the wide operand.
+    pub wide_stride: u64,
+    /// bf16 `[rows, r_pad]` narrow operand in grouped order (YB or XA).
+    pub narrow_addr: u64,
+    /// bf16 output (dA or dB).
+    pub out_addr: u64,
+    /// Elements between experts of the output.
+    pub out_stride_e: u64,
+    /// Elements between wide columns of the output.
+    pub out_stride_w: u64,
+    /// Elements between rank indices of the output.
+    pub out_stride_r: u64,
+    /// Width of the wide operand (multiple of 8).
+    pub width: u32,
+    /// Experts `E`.
+    pub num_experts: u32,
+    /// 0: wide rows are grouped; f ≥ 1: wide row is `ssi[p] / f`.
+    pub wide_fan_out: u32,
+    /// LoRA rank.
+    pub rank: u32,
+    /// Padded rank.
+    pub r_pad: u32,
+    /// LoRA scaling `s`.
+    pub scaling: f32,
+}
+
+const _: () = {
+    assert!(size_of::<GramParams>() == 96);
+    assert!(offset_of!(GramParams, width) == 72);
+};
+
+/// Parameters of the element-wise kernels (gates combine, gate gradient, gated dY, slot sum).
+/// Meanings per kernel are documented on each entry point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EltwiseParams {
+    /// First input.
+    pub in0_addr: u64,
+    /// Second input.
+    pub in1_addr: u64,
+    /// Output.
+    pub out_addr: u64,
+    /// Tokens `T`.
+    pub tokens: u64,
+    /// Row width.
+    pub width: u32,
+    /// Slots per token `k`.
+    pub top_k: u32,
+}
+
+const _: () = {
+    assert!(size_of::<EltwiseParams>() == 40);
+};

@@ -1,4 +1,8 @@
-//! Device building blocks over `ptx/`: global-memory vector access and (later) fragments, stage
-//! loaders and warp MMA loops.
+//! Device building blocks over `ptx/`: global-memory access, the expert-aligned tile schedule,
+//! MMA fragments from swizzled shared tiles, and the grouped GEMM and Gram bodies.
 
+pub mod frag;
+pub mod gemm;
 pub mod gmem;
+pub mod gram;
+pub mod schedule;

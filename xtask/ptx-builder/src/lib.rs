@@ -27,6 +27,12 @@ use std::process::Command;
 pub const TARGET: &str = "nvptx64-nvidia-cuda";
 /// The PTX ISA feature the module is built with (PTX 8.0 is the first with full sm_90 support).
 pub const PTX_FEATURE: &str = "+ptx80";
+/// LLVM's full-unroll threshold for the device build. The MMA loops over a warp's accumulator
+/// fragments must unroll completely, or the fragment arrays are indexed at run time and land in
+/// local memory (a stack frame in `cargo xtask ptx-report`); the default threshold is too small
+/// for the larger warp tiles.
+pub const UNROLL_THRESHOLD: u32 = 4000;
+
 /// The default GPU architecture.
 pub const DEFAULT_ARCH: &str = "sm_90";
 
@@ -98,12 +104,13 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
         .output()
         .map_err(|e| err(format!("could not start {what} ({cmd:?}): {e}")))?;
     if !out.status.success() {
-        return Err(err(format!(
-            "{what} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )));
+        // Cargo's JSON messages on stdout are noise here; its rendered diagnostics are on stderr.
+        let stdout: String = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with("{\"reason\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        return Err(err(format!("{what} failed ({}):\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr))));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -164,6 +171,7 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     cmd.args(["--", "-C"])
         .arg(format!("target-cpu={}", b.arch))
         .args(["-C", &format!("target-feature={PTX_FEATURE}")])
+        .args(["-C", &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}")])
         .args(["-A", "unstable-features", "--emit=llvm-bc"]);
     let json = run(&mut cmd, "the device build of kernels-gpu")?;
 
@@ -233,6 +241,7 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
         Command::new(tools.join("opt"))
             .arg(&linked)
             .arg("-passes=internalize,globaldce,default<O3>,globaldce")
+            .arg(format!("-unroll-threshold={UNROLL_THRESHOLD}"))
             .arg(format!("-internalize-public-api-list={}", entries.join(",")))
             .arg("-o")
             .arg(&optimized),
