@@ -12,3 +12,5 @@ pub use error::{Error, Result};
 pub use kernels_gpu::shared;
 pub mod launch;
 pub mod kernels;
+pub mod op;
+pub mod routing;

@@ -5,7 +5,10 @@
 //! the launch contract documented on the kernel's entry point in `kernels-gpu/src/kernels/`.
 
 pub mod dequant;
+pub mod eltwise;
+pub mod gemm;
 pub mod probes;
+pub mod routing;
 
 use cudarc::driver::CudaSlice;
 

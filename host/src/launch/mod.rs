@@ -37,6 +37,14 @@ pub unsafe trait KernelParams: Copy + 'static {}
 unsafe impl KernelParams for params::ProbeParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for params::DequantParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for params::RouteParams {}
+// SAFETY: as above (u64/u32/f32 fields; `f32` is plain 4-byte data).
+unsafe impl KernelParams for params::GemmParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for params::GramParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for params::EltwiseParams {}
 
 /// The by-value argument handed to cudarc.
 #[repr(transparent)]

@@ -1,0 +1,327 @@
+//! Host side of the grouped GEMM, the rank-sized LoRA products and the Gram kernels
+//! (`kernels-gpu/src/tile/{gemm,gram}.rs`). Every function checks that each buffer covers the
+//! largest element its strides address before launching.
+
+use cudarc::driver::CudaSlice;
+use kernels_gpu::shared::names;
+use kernels_gpu::shared::params::{GemmParams, GramParams};
+use kernels_gpu::shared::tiles::{
+    BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, gram_smem_bytes, lora_down_config, rank_pad_index, smem_plan,
+};
+
+use super::{MIN_CC, check_len};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::launch::{LaunchSpec, addr, addr_mut};
+
+/// The routing arrays every grouped kernel reads.
+#[derive(Clone, Copy)]
+pub struct RoutingView<'a> {
+    /// u32 `[rows]` flat slot per grouped row.
+    pub ssi: &'a CudaSlice<u32>,
+    /// u32 `[num_experts]` inclusive row ends.
+    pub offsets: &'a CudaSlice<u32>,
+    /// Routed rows `L = T·k` (dropped rows sort last).
+    pub rows: usize,
+    /// Experts `E`.
+    pub num_experts: usize,
+}
+
+/// How a kernel finds the activation row of grouped row `p`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowMap {
+    /// Row `p` (already grouped, `[L, ·]`).
+    Grouped,
+    /// Row `ssi[p] / fan_out` (`fan_out = k`: token order `[T, ·]`; 1: slot order `[T·k, ·]`).
+    Scattered {
+        /// Slots per source row.
+        fan_out: u32,
+    },
+}
+
+impl RowMap {
+    fn fan(self) -> u32 {
+        match self {
+            RowMap::Grouped => 0,
+            RowMap::Scattered { fan_out } => fan_out,
+        }
+    }
+
+    /// Rows the source must have for `rows` grouped rows.
+    pub fn source_rows(self, rows: usize) -> usize {
+        match self {
+            RowMap::Grouped => rows,
+            RowMap::Scattered { fan_out } => rows.div_ceil(fan_out.max(1) as usize),
+        }
+    }
+}
+
+/// A strided bf16 matrix per expert: element `(e, n, k)` at `e·stride_e + n·stride_n + k·stride_k`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    /// The buffer.
+    pub buf: &'a CudaSlice<u16>,
+    /// Elements between experts.
+    pub stride_e: usize,
+    /// Elements between n indices.
+    pub stride_n: usize,
+    /// Elements between k indices.
+    pub stride_k: usize,
+}
+
+impl Strided<'_> {
+    fn check(&self, tensor: &'static str, experts: usize, n: usize, k: usize) -> Result<()> {
+        if experts == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        let last = (experts - 1) * self.stride_e + (n - 1) * self.stride_n + (k - 1) * self.stride_k;
+        check_len(tensor, self.buf, last + 1)
+    }
+}
+
+/// The B operand of a grouped GEMM.
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    /// `[n][k]` with k contiguous (`stride_k == 1`).
+    Nk(Strided<'a>),
+    /// `[k][n]` with n contiguous (`stride_n == 1`).
+    Kn(Strided<'a>),
+}
+
+/// The fused LoRA epilogue: `out += s · left[p, :] · right_e(n, :)`.
+#[derive(Clone, Copy)]
+pub struct LoraEpilogue<'a> {
+    /// bf16 `[rows, r_pad]` grouped (XA or YB).
+    pub left: &'a CudaSlice<u16>,
+    /// Right factor, `(e, n, j)` strides.
+    pub right: Strided<'a>,
+    /// Rank.
+    pub rank: usize,
+    /// Scaling `s`.
+    pub scaling: f32,
+}
+
+/// Everything a grouped GEMM launch needs.
+pub struct GemmArgs<'a> {
+    /// Routing.
+    pub routing: RoutingView<'a>,
+    /// Activations (x or dY), bf16 rows of `a_stride` elements.
+    pub a: &'a CudaSlice<u16>,
+    /// Elements per activation row.
+    pub a_stride: usize,
+    /// Activation row addressing.
+    pub a_map: RowMap,
+    /// Per-expert weights.
+    pub b: BOperand<'a>,
+    /// Reduction length (multiple of 8).
+    pub k_red: usize,
+    /// Output columns (multiple of 8).
+    pub n_out: usize,
+    /// Output buffer (`rows × out_stride`).
+    pub out: &'a mut CudaSlice<u16>,
+    /// Elements per output row.
+    pub out_stride: usize,
+    /// Output row `ssi[p]` (true) or `p` (false).
+    pub out_scattered: bool,
+    /// Optional LoRA epilogue.
+    pub lora: Option<LoraEpilogue<'a>>,
+    /// Index into `tiles::GEMM_CONFIGS`.
+    pub config: usize,
+}
+
+fn padded_rank(rank: usize) -> Result<(u32, usize)> {
+    if rank > MAX_RANK as usize {
+        return Err(Error::InvalidArgument { what: "LoRA rank", detail: format!("at most {MAX_RANK} is supported, got {rank}") });
+    }
+    let r_pad = kernels_gpu::shared::tiles::rank_pad(rank as u32);
+    let idx = rank_pad_index(r_pad).ok_or_else(|| Error::InvalidArgument { what: "LoRA rank", detail: format!("no kernel for padded rank {r_pad}") })?;
+    Ok((r_pad, idx))
+}
+
+fn check_common(routing: &RoutingView<'_>) -> Result<()> {
+    check_len("sorted_scattered_idxs", routing.ssi, routing.rows)?;
+    check_len("expert_offsets", routing.offsets, routing.num_experts)
+}
+
+/// Launches the grouped GEMM (forward or dX).
+pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+    let r = &args.routing;
+    check_common(r)?;
+    if args.k_red == 0 || args.k_red % 8 != 0 || args.n_out == 0 || args.n_out % 8 != 0 {
+        return Err(Error::InvalidArgument { what: "GEMM shape", detail: format!("reduction {} and output width {} must be positive multiples of 8", args.k_red, args.n_out) });
+    }
+    let cfg = GEMM_CONFIGS.get(args.config).ok_or_else(|| Error::InvalidArgument { what: "tile config", detail: format!("no config {}", args.config) })?;
+    check_len("activations", args.a, args.a_map.source_rows(r.rows).saturating_sub(1) * args.a_stride + args.k_red)?;
+    check_len("output", args.out, r.rows.saturating_sub(1) * args.out_stride + args.n_out)?;
+    let (layout, b, name) = match args.b {
+        BOperand::Nk(s) => {
+            if s.stride_k != 1 {
+                return Err(Error::InvalidArgument { what: "weights", detail: "the [n][k] operand needs k contiguous".into() });
+            }
+            s.check("weights", r.num_experts, args.n_out, args.k_red)?;
+            (BLayout::NkBf16, s, names::GEMM_NK[args.config])
+        }
+        BOperand::Kn(s) => {
+            if s.stride_n != 1 {
+                return Err(Error::InvalidArgument { what: "weights", detail: "the [k][n] operand needs n contiguous".into() });
+            }
+            s.check("weights", r.num_experts, args.n_out, args.k_red)?;
+            (BLayout::KnBf16, s, names::GEMM_KN[args.config])
+        }
+    };
+    let (rank, r_pad, left, right, scaling) = match &args.lora {
+        Some(l) if l.rank > 0 => {
+            let (r_pad, _) = padded_rank(l.rank)?;
+            check_len("LoRA left factor", l.left, r.rows * r_pad as usize)?;
+            l.right.check("LoRA right factor", r.num_experts, args.n_out, l.rank)?;
+            (l.rank as u32, r_pad, addr(gpu, l.left), l.right, l.scaling)
+        }
+        _ => (0, 16, 0, Strided { buf: args.a, stride_e: 0, stride_n: 0, stride_k: 0 }, 0.0),
+    };
+    if r.rows == 0 {
+        return Ok(());
+    }
+    let plan = smem_plan(cfg, layout, if rank > 0 { r_pad } else { 0 });
+    let params = GemmParams {
+        ssi_addr: addr(gpu, r.ssi),
+        offsets_addr: addr(gpu, r.offsets),
+        a_addr: addr(gpu, args.a),
+        a_stride: args.a_stride as u64,
+        b_addr: addr(gpu, b.buf),
+        b_stride_e: b.stride_e as u64,
+        b_stride_n: b.stride_n as u64,
+        b_stride_k: b.stride_k as u64,
+        out_addr: addr_mut(gpu, args.out),
+        out_stride: args.out_stride as u64,
+        lora_left_addr: left,
+        lora_right_addr: if rank > 0 { addr(gpu, right.buf) } else { 0 },
+        lr_stride_e: right.stride_e as u64,
+        lr_stride_n: right.stride_n as u64,
+        lr_stride_r: right.stride_k as u64,
+        rows: r.rows as u32,
+        k_red: args.k_red as u32,
+        n_out: args.n_out as u32,
+        num_experts: r.num_experts as u32,
+        a_fan_out: args.a_map.fan(),
+        out_scattered: args.out_scattered as u32,
+        rank,
+        r_pad,
+        scaling,
+        b_rows: args.n_out as u32,
+    };
+    let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
+    let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
+    let blocks = n_tiles * m_tiles;
+    let spec = LaunchSpec { name, threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
+    // SAFETY: every buffer was checked to cover the largest element its strides address; the
+    // grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
+    // of 8; r_pad is a multiple of 16 ≥ rank and the left factor is [rows, r_pad].
+    unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
+}
+
+/// `left[p, j] = round(Σ_d act[row(p), d] · m_e(j, d))` for `j < rank`, zero for
+/// `rank ≤ j < r_pad`: XA (`m = A_e`) or YB (`m = B_eᵀ`). Output bf16 `[rows, r_pad]`, grouped.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_down(
+    gpu: &Gpu,
+    routing: RoutingView<'_>,
+    act: &CudaSlice<u16>,
+    act_stride: usize,
+    act_map: RowMap,
+    width: usize,
+    m: Strided<'_>,
+    rank: usize,
+    out: &mut CudaSlice<u16>,
+) -> Result<()> {
+    check_common(&routing)?;
+    let (r_pad, idx) = padded_rank(rank)?;
+    if width == 0 || width % 8 != 0 {
+        return Err(Error::InvalidArgument { what: "LoRA product width", detail: format!("{width} is not a positive multiple of 8") });
+    }
+    check_len("activations", act, act_map.source_rows(routing.rows).saturating_sub(1) * act_stride + width)?;
+    m.check("LoRA factor", routing.num_experts, rank, width)?;
+    check_len("LoRA product output", out, routing.rows * r_pad as usize)?;
+    if routing.rows == 0 {
+        return Ok(());
+    }
+    let cfg = lora_down_config(r_pad);
+    let plan = smem_plan(&cfg, BLayout::Strided, 0);
+    let params = GemmParams {
+        ssi_addr: addr(gpu, routing.ssi),
+        offsets_addr: addr(gpu, routing.offsets),
+        a_addr: addr(gpu, act),
+        a_stride: act_stride as u64,
+        b_addr: addr(gpu, m.buf),
+        b_stride_e: m.stride_e as u64,
+        b_stride_n: m.stride_n as u64,
+        b_stride_k: m.stride_k as u64,
+        out_addr: addr_mut(gpu, out),
+        out_stride: r_pad as u64,
+        rows: routing.rows as u32,
+        k_red: width as u32,
+        n_out: r_pad,
+        num_experts: routing.num_experts as u32,
+        a_fan_out: act_map.fan(),
+        out_scattered: 0,
+        rank: 0,
+        r_pad,
+        b_rows: rank as u32,
+        ..GemmParams::default()
+    };
+    let blocks = routing.rows.div_ceil(cfg.bm as usize) + routing.num_experts + 1;
+    let spec = LaunchSpec { name: names::LORA_DOWN[idx], threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
+    // SAFETY: buffers checked against the strides and row counts above; one n tile (bn =
+    // r_pad); grid = row tiles + E + 1; width % 8 == 0.
+    unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
+}
+
+/// `out_e(w, j) = round(s · Σ_{p ∈ e} wide[row(p), w] · narrow[p, j])` for every expert
+/// (zeros for experts without rows), `j < rank`, `w < width`, stored at
+/// `e·out.stride_e + w·out.stride_n + j·out.stride_k`.
+#[allow(clippy::too_many_arguments)]
+pub fn gram(
+    gpu: &Gpu,
+    routing: RoutingView<'_>,
+    wide: &CudaSlice<u16>,
+    wide_stride: usize,
+    wide_map: RowMap,
+    width: usize,
+    narrow: &CudaSlice<u16>,
+    rank: usize,
+    scaling: f32,
+    out: &mut CudaSlice<u16>,
+    out_strides: (usize, usize, usize),
+) -> Result<()> {
+    check_common(&routing)?;
+    let (r_pad, idx) = padded_rank(rank)?;
+    if width == 0 || width % 8 != 0 || rank == 0 {
+        return Err(Error::InvalidArgument { what: "Gram shape", detail: format!("width {width} must be a positive multiple of 8 and rank {rank} positive") });
+    }
+    check_len("wide operand", wide, wide_map.source_rows(routing.rows).saturating_sub(1) * wide_stride + width)?;
+    check_len("narrow operand", narrow, routing.rows * r_pad as usize)?;
+    let (se, sw, sr) = out_strides;
+    check_len("gradient", out, (routing.num_experts - 1) * se + (width - 1) * sw + (rank - 1) * sr + 1)?;
+    let cfg = GRAM_CONFIG;
+    let params = GramParams {
+        ssi_addr: addr(gpu, routing.ssi),
+        offsets_addr: addr(gpu, routing.offsets),
+        wide_addr: addr(gpu, wide),
+        wide_stride: wide_stride as u64,
+        narrow_addr: addr(gpu, narrow),
+        out_addr: addr_mut(gpu, out),
+        out_stride_e: se as u64,
+        out_stride_w: sw as u64,
+        out_stride_r: sr as u64,
+        width: width as u32,
+        num_experts: routing.num_experts as u32,
+        wide_fan_out: wide_map.fan(),
+        rank: rank as u32,
+        r_pad,
+        scaling,
+    };
+    let blocks = routing.num_experts * width.div_ceil(cfg.bw as usize);
+    let spec = LaunchSpec { name: names::GRAM[idx], threads: 32 * cfg.warps, dynamic_smem_bytes: gram_smem_bytes(&cfg, r_pad) as usize, min_cc: MIN_CC };
+    // SAFETY: buffers checked above against rows, widths and output strides; grid is
+    // E·⌈width/bw⌉; the narrow operand is [rows, r_pad].
+    unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
+}

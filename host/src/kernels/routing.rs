@@ -1,0 +1,89 @@
+//! Host side of the routing kernels (`kernels-gpu/src/kernels/routing.rs`).
+
+use cudarc::driver::CudaSlice;
+use kernels_gpu::shared::names;
+use kernels_gpu::shared::params::{MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
+
+use super::{MIN_CC, alloc_poisoned};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::launch::{LaunchSpec, addr, addr_mut};
+
+/// Device ids of the routed slots, as the router produced them.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceIds<'a> {
+    /// i32 ids `[T·k]`.
+    I32(&'a CudaSlice<i32>),
+    /// i64 ids `[T·k]`.
+    I64(&'a CudaSlice<i64>),
+}
+
+impl DeviceIds<'_> {
+    fn len(&self) -> usize {
+        match self {
+            DeviceIds::I32(s) => s.len(),
+            DeviceIds::I64(s) => s.len(),
+        }
+    }
+}
+
+/// The routing kernels' outputs.
+pub struct RouteBuffers {
+    /// u32 `[slots]` bucket per grouped row (E for dropped).
+    pub sorted_expert: CudaSlice<u32>,
+    /// u32 `[slots]` flat slot per grouped row.
+    pub ssi: CudaSlice<u32>,
+    /// u32 `[E]` inclusive row ends.
+    pub offsets: CudaSlice<u32>,
+    /// u32 `[1]`: 1 if an id was outside `[-1, E)`.
+    pub error: CudaSlice<u32>,
+}
+
+/// Sorts `slots` routed slots into expert-contiguous order on the GPU (stable; dropped slots
+/// last). Ids outside `[-1, E)` set the error word and are treated as dropped.
+pub fn route(gpu: &Gpu, ids: DeviceIds<'_>, slots: usize, num_experts: usize) -> Result<RouteBuffers> {
+    if num_experts == 0 || num_experts > MAX_EXPERTS as usize {
+        return Err(Error::InvalidArgument { what: "num_experts", detail: format!("must be in 1..={MAX_EXPERTS}, got {num_experts}") });
+    }
+    if ids.len() < slots {
+        return Err(Error::Shape { tensor: "expert ids", expected: format!("{slots} elements (tokens · top_k)"), actual: format!("{} elements", ids.len()) });
+    }
+    if slots >= u32::MAX as usize {
+        return Err(Error::InvalidArgument { what: "tokens · top_k", detail: format!("{slots} routed slots exceed the 32-bit row index") });
+    }
+    let mut sorted_expert = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
+    let mut ssi = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
+    let mut offsets = alloc_poisoned::<u32>(gpu, num_experts, 0xFF)?;
+    let mut error = alloc_poisoned::<u32>(gpu, 1, 0)?;
+    let chunks = (slots as u32).div_ceil(ROUTE_CHUNK).max(1);
+    let mut counts = alloc_poisoned::<u32>(gpu, chunks as usize * (num_experts + 1), 0xFF)?;
+    let (ids_addr, ids_i64) = match ids {
+        DeviceIds::I32(s) => (addr(gpu, s), 0),
+        DeviceIds::I64(s) => (addr(gpu, s), 1),
+    };
+    let params = RouteParams {
+        ids_addr,
+        counts_addr: addr_mut(gpu, &mut counts),
+        sorted_expert_addr: addr_mut(gpu, &mut sorted_expert),
+        ssi_addr: addr_mut(gpu, &mut ssi),
+        offsets_addr: addr_mut(gpu, &mut offsets),
+        error_addr: addr_mut(gpu, &mut error),
+        slots: slots as u32,
+        num_experts: num_experts as u32,
+        ids_i64,
+        _pad: 0,
+    };
+    let hist_bytes = 4 * (num_experts + 1);
+    let count = LaunchSpec { name: names::ROUTE_COUNT, threads: 256, dynamic_smem_bytes: hist_bytes, min_cc: MIN_CC };
+    let scan = LaunchSpec { name: names::ROUTE_SCAN, threads: 1024, dynamic_smem_bytes: 4 * 1024, min_cc: MIN_CC };
+    let scatter = LaunchSpec { name: names::ROUTE_SCATTER, threads: 32, dynamic_smem_bytes: hist_bytes, min_cc: MIN_CC };
+    // SAFETY: `ids` holds `slots` ids of the declared width; `counts` holds chunks·(E+1) words;
+    // the outputs hold `slots`, `slots`, `E` and 1 words; grids and shared memory follow the
+    // kernels' contracts (one chunk per block, one block for the scan).
+    unsafe {
+        gpu.launch(&count, (chunks, 1, 1), params)?;
+        gpu.launch(&scan, (1, 1, 1), params)?;
+        gpu.launch(&scatter, (chunks, 1, 1), params)?;
+    }
+    Ok(RouteBuffers { sorted_expert, ssi, offsets, error })
+}

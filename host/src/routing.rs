@@ -1,0 +1,150 @@
+//! Expert routing on the GPU (SPEC §2.1): from top-k expert ids to the expert-contiguous row
+//! order every grouped kernel iterates.
+//!
+//! Conventions (ours, documented in `ARCHITECTURE.md`): ids are i32 or i64 in `[-1, E)`; `-1`
+//! ([`DROPPED`]) marks a slot dropped by expert parallelism: it sorts after every expert, its
+//! forward output row and its gradients are zero. The order is stable (ties by flat slot index
+//! `t·k + j`), so results are deterministic. Indices are u32 (`T·k < 2^32`); every element
+//! offset computed from them on the device is 64-bit.
+
+use cudarc::driver::CudaSlice;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::kernels::gemm::RoutingView;
+use crate::kernels::routing::{DeviceIds, RouteBuffers, route};
+use crate::kernels::{download, upload};
+pub use crate::reference::DROPPED;
+
+/// The routing of one MoE layer call, resident on the device.
+pub struct DeviceRouting {
+    tokens: usize,
+    top_k: usize,
+    num_experts: usize,
+    bufs: RouteBuffers,
+}
+
+impl std::fmt::Debug for DeviceRouting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRouting").field("tokens", &self.tokens).field("top_k", &self.top_k).field("num_experts", &self.num_experts).finish()
+    }
+}
+
+fn check_host_ids(ids: impl Iterator<Item = i64>, num_experts: usize) -> Result<()> {
+    for (i, id) in ids.enumerate() {
+        if id < DROPPED || id >= num_experts as i64 {
+            return Err(Error::InvalidArgument {
+                what: "expert ids",
+                detail: format!("slot {i} has expert id {id}, outside [0, {num_experts}) (or -1 for a dropped slot)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_dims(len: usize, tokens: usize, top_k: usize, num_experts: usize) -> Result<()> {
+    if top_k == 0 {
+        return Err(Error::InvalidArgument { what: "top_k", detail: "must be at least 1".into() });
+    }
+    if num_experts == 0 {
+        return Err(Error::InvalidArgument { what: "num_experts", detail: "must be at least 1".into() });
+    }
+    if len != tokens * top_k {
+        return Err(Error::Shape { tensor: "expert ids", expected: format!("[{tokens}, {top_k}] ({} elements)", tokens * top_k), actual: format!("{len} elements") });
+    }
+    Ok(())
+}
+
+impl DeviceRouting {
+    /// Routes host-side ids `[tokens, top_k]` (row-major). Ids are validated on the host before
+    /// upload, so bad ids are a typed error without a device round trip.
+    pub fn from_host_ids(gpu: &Gpu, ids: &[i64], tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+        check_dims(ids.len(), tokens, top_k, num_experts)?;
+        check_host_ids(ids.iter().copied(), num_experts)?;
+        let dev = upload(gpu, if ids.is_empty() { &[DROPPED][..] } else { ids })?;
+        Self::launch(gpu, DeviceIds::I64(&dev), tokens, top_k, num_experts)
+    }
+
+    /// As [`from_host_ids`](Self::from_host_ids) for i32 ids.
+    pub fn from_host_ids_i32(gpu: &Gpu, ids: &[i32], tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+        check_dims(ids.len(), tokens, top_k, num_experts)?;
+        check_host_ids(ids.iter().map(|&v| v as i64), num_experts)?;
+        let dev = upload(gpu, if ids.is_empty() { &[-1i32][..] } else { ids })?;
+        Self::launch(gpu, DeviceIds::I32(&dev), tokens, top_k, num_experts)
+    }
+
+    /// Routes ids already on the device. Out-of-range ids are detected by the kernels and
+    /// reported by [`check`](Self::check) (a 4-byte read-back); until then they act as dropped.
+    pub fn from_device_ids(gpu: &Gpu, ids: DeviceIds<'_>, tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+        let len = match ids {
+            DeviceIds::I32(s) => s.len(),
+            DeviceIds::I64(s) => s.len(),
+        };
+        check_dims(len, tokens, top_k, num_experts)?;
+        Self::launch(gpu, ids, tokens, top_k, num_experts)
+    }
+
+    fn launch(gpu: &Gpu, ids: DeviceIds<'_>, tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+        let bufs = route(gpu, ids, tokens * top_k, num_experts)?;
+        Ok(Self { tokens, top_k, num_experts, bufs })
+    }
+
+    /// Reads the kernels' error word: an error if any id was outside `[-1, E)`.
+    pub fn check(&self, gpu: &Gpu) -> Result<()> {
+        let flag = download(gpu, &self.bufs.error)?;
+        if flag.first().copied().unwrap_or(0) != 0 {
+            return Err(Error::InvalidArgument { what: "expert ids", detail: format!("an id is outside [0, {}) (or -1 for a dropped slot)", self.num_experts) });
+        }
+        Ok(())
+    }
+
+    /// Tokens `T`.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Slots per token `k`.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Routed rows `L = T·k` (including dropped slots).
+    pub fn rows(&self) -> usize {
+        self.tokens * self.top_k
+    }
+
+    /// u32 `[L]` bucket of each grouped row (E for dropped rows).
+    pub fn sorted_expert_idxs(&self) -> &CudaSlice<u32> {
+        &self.bufs.sorted_expert
+    }
+
+    /// u32 `[L]` flat slot of each grouped row.
+    pub fn sorted_scattered_idxs(&self) -> &CudaSlice<u32> {
+        &self.bufs.ssi
+    }
+
+    /// u32 `[E]` inclusive row ends per expert.
+    pub fn expert_offsets(&self) -> &CudaSlice<u32> {
+        &self.bufs.offsets
+    }
+
+    pub(crate) fn view(&self) -> RoutingView<'_> {
+        RoutingView { ssi: &self.bufs.ssi, offsets: &self.bufs.offsets, rows: self.rows(), num_experts: self.num_experts }
+    }
+
+    /// Downloads the routing in the CPU reference's form (dropped rows omitted).
+    pub fn to_host(&self, gpu: &Gpu) -> Result<crate::reference::Routing> {
+        let offsets = download(gpu, &self.bufs.offsets)?;
+        let valid = offsets.last().copied().unwrap_or(0) as usize;
+        let mut sorted = download(gpu, &self.bufs.sorted_expert)?;
+        let mut ssi = download(gpu, &self.bufs.ssi)?;
+        sorted.truncate(valid);
+        ssi.truncate(valid);
+        Ok(crate::reference::Routing { sorted_expert_idxs: sorted, sorted_scattered_idxs: ssi, expert_offsets: offsets, tokens: self.tokens, top_k: self.top_k })
+    }
+}
