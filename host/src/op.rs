@@ -16,7 +16,10 @@ use kernels_gpu::shared::tiles::{GEMM_CONFIGS, rank_pad};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::kernels::gemm::{BOperand, GemmArgs, LoraEpilogue, RowMap, Strided, gram, grouped_gemm, lora_down};
+use crate::kernels::gemm::{BOperand, GemmArgs, LoraEpilogue, MxOperand, RowMap, Strided, gram, grouped_gemm, lora_down};
+use crate::mxfp4::{MxLayout, MxShape, MxWeights, validate_mx};
+use crate::shared::mxfp4::MX_BLOCK;
+use crate::tensor::TensorMeta;
 use crate::kernels::{alloc_poisoned, download, eltwise, upload};
 pub use crate::reference::RowOrder;
 use crate::routing::DeviceRouting;
@@ -122,17 +125,75 @@ impl DenseExperts {
     }
 }
 
-/// The frozen base weights of an expert linear.
+/// MXFP4 expert weights resident on the device (`packed [E, N, K/2]`, `scales [E, N, K/32]`),
+/// validated by [`crate::mxfp4::validate_mx`]. The fused kernels read these bytes directly; no
+/// bf16 copy of any expert is ever made.
+pub struct MxExperts {
+    packed: CudaSlice<u8>,
+    scales: CudaSlice<u8>,
+    shape: MxShape,
+}
+
+impl MxExperts {
+    /// Uploads a validated host container.
+    pub fn upload(gpu: &Gpu, w: &MxWeights) -> Result<Self> {
+        Ok(Self { packed: upload(gpu, w.packed())?, scales: upload(gpu, w.scales())?, shape: w.shape() })
+    }
+
+    /// Wraps device buffers after validating their metadata (SPEC §1.6) and lengths.
+    pub fn from_device(packed: CudaSlice<u8>, packed_meta: &TensorMeta, scales: CudaSlice<u8>, scales_meta: &TensorMeta) -> Result<Self> {
+        let shape = validate_mx(packed_meta, scales_meta, MX_BLOCK, MxLayout::Fwd, false)?;
+        if packed.len() < shape.packed_len() || scales.len() < shape.scales_len() {
+            return Err(Error::Shape {
+                tensor: "MXFP4 buffers",
+                expected: format!("{} packed and {} scale bytes", shape.packed_len(), shape.scales_len()),
+                actual: format!("{} and {}", packed.len(), scales.len()),
+            });
+        }
+        Ok(Self { packed, scales, shape })
+    }
+
+    /// The container's shape.
+    pub fn shape(&self) -> MxShape {
+        self.shape
+    }
+
+    fn operand(&self) -> MxOperand<'_> {
+        MxOperand { packed: &self.packed, scales: &self.scales, n: self.shape.n(), k: self.shape.k() }
+    }
+}
+
+/// The frozen base weights of an expert linear: dense bf16 or MXFP4 (Strategy B, dequantized
+/// inside the tensor-core K-loop).
 #[derive(Clone, Copy)]
 pub enum ExpertWeights<'a> {
     /// Dense bf16 experts.
     Bf16(&'a DenseExperts),
+    /// MXFP4 experts, decoded in the kernels.
+    Mxfp4(&'a MxExperts),
 }
 
 impl ExpertWeights<'_> {
     fn shape(&self) -> (usize, usize, usize) {
         match self {
             ExpertWeights::Bf16(w) => w.shape(),
+            ExpertWeights::Mxfp4(w) => (w.shape.experts(), w.shape.n(), w.shape.k()),
+        }
+    }
+
+    /// The forward GEMM's B operand (`W_store[e]` with K as the reduction).
+    fn forward_operand(&self) -> BOperand<'_> {
+        match self {
+            ExpertWeights::Bf16(w) => BOperand::Nk(Strided { buf: &w.data, stride_e: w.n * w.k, stride_n: w.k, stride_k: 1 }),
+            ExpertWeights::Mxfp4(w) => BOperand::NkMx(w.operand()),
+        }
+    }
+
+    /// The dX GEMM's B operand (`W_store[e]` with N as the reduction, K as the output).
+    fn dx_operand(&self) -> BOperand<'_> {
+        match self {
+            ExpertWeights::Bf16(w) => BOperand::Kn(Strided { buf: &w.data, stride_e: w.n * w.k, stride_n: 1, stride_k: w.k }),
+            ExpertWeights::Mxfp4(w) => BOperand::KnMx(w.operand()),
         }
     }
 }
@@ -281,7 +342,6 @@ impl<'a> ExpertLinear<'a> {
             None => None,
         };
         let mut out = alloc_poisoned::<u16>(gpu, (l * n).max(1), 0xFF)?;
-        let ExpertWeights::Bf16(w) = self.weights;
         let lora_epi = match (self.lora, &xa) {
             (Some(lora), Some(xa)) => Some(LoraEpilogue {
                 left: xa,
@@ -299,7 +359,7 @@ impl<'a> ExpertLinear<'a> {
                 a: &x.data,
                 a_stride: k,
                 a_map: x_map,
-                b: BOperand::Nk(Strided { buf: &w.data, stride_e: n * k, stride_n: k, stride_k: 1 }),
+                b: self.weights.forward_operand(),
                 k_red: k,
                 n_out: n,
                 out: &mut out,
@@ -363,7 +423,6 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
         RowMap::Scattered { .. } => (l, true),
     };
     let mut dxs = alloc_poisoned::<u16>(gpu, (dx_rows * k).max(1), 0xFF)?;
-    let ExpertWeights::Bf16(w) = layer.weights;
     let lora_epi = match (layer.lora, &yb) {
         (Some(lora), Some(yb)) => Some(LoraEpilogue {
             left: yb,
@@ -382,7 +441,7 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
             a_stride: n,
             a_map: dy_map,
             // dX = dY · W_e: reduction over n (rows of W_store[e]), output over k (contiguous).
-            b: BOperand::Kn(Strided { buf: &w.data, stride_e: n * k, stride_n: 1, stride_k: k }),
+            b: layer.weights.dx_operand(),
             k_red: n,
             n_out: k,
             out: &mut dxs,

@@ -109,7 +109,8 @@ pub fn f32_to_bf16(values: &[f32]) -> Vec<u16> {
 /// One randomly drawn expert-linear problem (SPEC §7 data recipe), with its CPU reference.
 pub mod linear_case {
     use mxmoe::device::Gpu;
-    use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, Grads, LoraWeights, RowOrder, backward};
+    use mxmoe::mxfp4::MxWeights;
+    use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, Grads, LoraWeights, MxExperts, RowOrder, backward};
     use mxmoe::reference::{self, LinearProblem, Rounding};
     use mxmoe::routing::DeviceRouting;
 
@@ -220,11 +221,36 @@ pub mod linear_case {
         pub d_gates: Option<Vec<f32>>,
     }
 
-    /// Runs forward and backward on the GPU with dense bf16 weights.
+    /// Which base weights a GPU run uses.
+    #[derive(Clone, Copy)]
+    pub enum Base<'a> {
+        /// Dense bf16 weights from these f32 values (`[E, N, K]`).
+        Dense(&'a [f32]),
+        /// MXFP4 weights (Strategy B: decoded inside the kernels).
+        Mx(&'a MxWeights),
+    }
+
+    /// Runs forward and backward on the GPU with dense bf16 weights `d.w`.
     pub fn run_gpu(gpu: &Gpu, c: &Case, d: &Data, dy: &[f32]) -> GpuResult {
+        run_gpu_with(gpu, c, d, dy, Base::Dense(&d.w))
+    }
+
+    /// Runs forward and backward on the GPU with the given base weights.
+    pub fn run_gpu_with(gpu: &Gpu, c: &Case, d: &Data, dy: &[f32], base: Base<'_>) -> GpuResult {
         let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
         let x = Bf16Matrix::from_f32(gpu, &d.x, d.x_rows, c.k).unwrap();
-        let w = DenseExperts::from_f32(gpu, &d.w, c.e, c.n, c.k).unwrap();
+        let dense;
+        let mx;
+        let weights = match base {
+            Base::Dense(w) => {
+                dense = DenseExperts::from_f32(gpu, w, c.e, c.n, c.k).unwrap();
+                ExpertWeights::Bf16(&dense)
+            }
+            Base::Mx(m) => {
+                mx = MxExperts::upload(gpu, m).unwrap();
+                ExpertWeights::Mxfp4(&mx)
+            }
+        };
         let lora = (c.r > 0).then(|| LoraWeights {
             a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
             b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
@@ -232,7 +258,7 @@ pub mod linear_case {
             scaling: d.s,
         });
         let gates = d.gates.as_ref().map(|g| Bf16Matrix::from_f32(gpu, g, c.t, c.top_k).unwrap());
-        let layer = ExpertLinear { weights: ExpertWeights::Bf16(&w), lora: lora.as_ref(), input_order: c.input, output_order: c.output };
+        let layer = ExpertLinear { weights, lora: lora.as_ref(), input_order: c.input, output_order: c.output };
         let (fwd, saved) = layer.forward(gpu, &x, &routing, gates.as_ref()).unwrap();
         let dy_m = Bf16Matrix::from_f32(gpu, dy, fwd.out.rows(), fwd.out.cols()).unwrap();
         let Grads { dx, da, db, d_gates } = backward(gpu, &saved, &dy_m).unwrap();

@@ -79,13 +79,44 @@ impl Strided<'_> {
     }
 }
 
+/// MXFP4 expert weights on the device: `packed [E, n, k/2]`, `scales [E, n, k/32]`.
+#[derive(Clone, Copy)]
+pub struct MxOperand<'a> {
+    /// Packed codes.
+    pub packed: &'a CudaSlice<u8>,
+    /// E8M0 scale bytes.
+    pub scales: &'a CudaSlice<u8>,
+    /// The container's N (rows of `W_store[e]`).
+    pub n: usize,
+    /// The container's K (multiple of 32).
+    pub k: usize,
+}
+
 /// The B operand of a grouped GEMM.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
-    /// `[n][k]` with k contiguous (`stride_k == 1`).
+    /// bf16 `[n][k]` with k contiguous (`stride_k == 1`).
     Nk(Strided<'a>),
-    /// `[k][n]` with n contiguous (`stride_n == 1`).
+    /// bf16 `[k][n]` with n contiguous (`stride_n == 1`).
     Kn(Strided<'a>),
+    /// MXFP4 `W_store[e]` with its K as the reduction (forward): `n_out = n`, `k_red = k`.
+    NkMx(MxOperand<'a>),
+    /// MXFP4 `W_store[e]` with its N as the reduction (dX): `k_red = n`, `n_out = k`.
+    KnMx(MxOperand<'a>),
+}
+
+impl MxOperand<'_> {
+    fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
+        let (want_n, want_k) = if forward { (n_out, k_red) } else { (k_red, n_out) };
+        if self.n != want_n || self.k != want_k || self.k % 32 != 0 {
+            return Err(Error::InvalidArgument {
+                what: "MXFP4 weights",
+                detail: format!("container [*, {}, {}] does not match the GEMM (n {want_n}, k {want_k}, k % 32 == 0)", self.n, self.k),
+            });
+        }
+        check_len("packed", self.packed, experts * self.n * self.k / 2)?;
+        check_len("scales", self.scales, experts * self.n * self.k / 32)
+    }
 }
 
 /// The fused LoRA epilogue: `out += s · left[p, :] · right_e(n, :)`.
@@ -153,21 +184,34 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let cfg = GEMM_CONFIGS.get(args.config).ok_or_else(|| Error::InvalidArgument { what: "tile config", detail: format!("no config {}", args.config) })?;
     check_len("activations", args.a, args.a_map.source_rows(r.rows).saturating_sub(1) * args.a_stride + args.k_red)?;
     check_len("output", args.out, r.rows.saturating_sub(1) * args.out_stride + args.n_out)?;
-    let (layout, b, name) = match args.b {
+    let none = Strided { buf: args.a, stride_e: 0, stride_n: 0, stride_k: 0 };
+    let (layout, b, scales_addr, name) = match args.b {
         BOperand::Nk(s) => {
             if s.stride_k != 1 {
                 return Err(Error::InvalidArgument { what: "weights", detail: "the [n][k] operand needs k contiguous".into() });
             }
             s.check("weights", r.num_experts, args.n_out, args.k_red)?;
-            (BLayout::NkBf16, s, names::GEMM_NK[args.config])
+            (BLayout::NkBf16, s, 0, names::GEMM_NK[args.config])
         }
         BOperand::Kn(s) => {
             if s.stride_n != 1 {
                 return Err(Error::InvalidArgument { what: "weights", detail: "the [k][n] operand needs n contiguous".into() });
             }
             s.check("weights", r.num_experts, args.n_out, args.k_red)?;
-            (BLayout::KnBf16, s, names::GEMM_KN[args.config])
+            (BLayout::KnBf16, s, 0, names::GEMM_KN[args.config])
         }
+        BOperand::NkMx(m) => {
+            m.check(r.num_experts, args.n_out, args.k_red, true)?;
+            (BLayout::NkMxfp4, none, addr(gpu, m.scales), names::GEMM_NK_MX[args.config])
+        }
+        BOperand::KnMx(m) => {
+            m.check(r.num_experts, args.n_out, args.k_red, false)?;
+            (BLayout::KnMxfp4, none, addr(gpu, m.scales), names::GEMM_KN_MX[args.config])
+        }
+    };
+    let b_addr = match args.b {
+        BOperand::NkMx(m) | BOperand::KnMx(m) => addr(gpu, m.packed),
+        _ => addr(gpu, b.buf),
     };
     let (rank, r_pad, left, right, scaling) = match &args.lora {
         Some(l) if l.rank > 0 => {
@@ -176,7 +220,7 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
             l.right.check("LoRA right factor", r.num_experts, args.n_out, l.rank)?;
             (l.rank as u32, r_pad, addr(gpu, l.left), l.right, l.scaling)
         }
-        _ => (0, 16, 0, Strided { buf: args.a, stride_e: 0, stride_n: 0, stride_k: 0 }, 0.0),
+        _ => (0, 16, 0, none, 0.0),
     };
     if r.rows == 0 {
         return Ok(());
@@ -187,7 +231,8 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         offsets_addr: addr(gpu, r.offsets),
         a_addr: addr(gpu, args.a),
         a_stride: args.a_stride as u64,
-        b_addr: addr(gpu, b.buf),
+        b_addr,
+        scales_addr,
         b_stride_e: b.stride_e as u64,
         b_stride_n: b.stride_n as u64,
         b_stride_k: b.stride_k as u64,

@@ -11,6 +11,9 @@ use core::arch::asm;
 pub struct SharedAddr(u32);
 
 impl SharedAddr {
+    /// Address 0 of the shared window, a placeholder for "no destination" (never dereferenced).
+    pub const NULL: SharedAddr = SharedAddr(0);
+
     /// `cvta.to.shared.u64` then truncation to 32 bits (the shared window is below 4 GiB).
     /// PTX 2.0+, SM 2.0+.
     ///
@@ -69,6 +72,16 @@ pub unsafe fn ld_shared_u8(a: SharedAddr) -> u32 {
 pub unsafe fn st_shared_u32(a: SharedAddr, v: u32) {
     // SAFETY: the caller guarantees alignment and bounds.
     unsafe { asm!("st.shared.u32 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack)) };
+}
+
+/// `st.shared.u8` (the low byte of `v`).
+///
+/// # Safety
+/// `a` is inside the block's shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u8(a: SharedAddr, v: u32) {
+    // SAFETY: the caller guarantees bounds.
+    unsafe { asm!("st.shared.u8 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack)) };
 }
 
 /// `st.shared.u16`.

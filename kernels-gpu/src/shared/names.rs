@@ -30,13 +30,25 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 pub const GEMM_NK: [&str; 3] = [
     "mxmoe_gemm_nk_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_m64n128k32w2x2s3",
-    "mxmoe_gemm_nk_m32n128k64w1x4s3",
+    "mxmoe_gemm_nk_m32n128k32w1x4s4",
 ];
 /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
 pub const GEMM_KN: [&str; 3] = [
     "mxmoe_gemm_kn_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_m64n128k32w2x2s3",
-    "mxmoe_gemm_kn_m32n128k64w1x4s3",
+    "mxmoe_gemm_kn_m32n128k32w1x4s4",
+];
+/// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
+pub const GEMM_NK_MX: [&str; 3] = [
+    "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
+    "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
+    "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
+];
+/// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
+pub const GEMM_KN_MX: [&str; 3] = [
+    "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
+    "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
+    "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = ["mxmoe_lora_down_r16", "mxmoe_lora_down_r32", "mxmoe_lora_down_r64", "mxmoe_lora_down_r128"];
@@ -63,6 +75,12 @@ pub const ALL: &[&str] = &[
     GEMM_KN[0],
     GEMM_KN[1],
     GEMM_KN[2],
+    GEMM_NK_MX[0],
+    GEMM_NK_MX[1],
+    GEMM_NK_MX[2],
+    GEMM_KN_MX[0],
+    GEMM_KN_MX[1],
+    GEMM_KN_MX[2],
     LORA_DOWN[0],
     LORA_DOWN[1],
     LORA_DOWN[2],
@@ -84,6 +102,8 @@ mod tests {
             let tag = format!("m{}n{}k{}w{}x{}s{}", c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages);
             assert_eq!(GEMM_NK[i], format!("mxmoe_gemm_nk_{tag}"));
             assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
+            assert_eq!(GEMM_NK_MX[i], format!("mxmoe_gemm_nk_mx_{tag}"));
+            assert_eq!(GEMM_KN_MX[i], format!("mxmoe_gemm_kn_mx_{tag}"));
         }
         for (i, r) in RANK_PADS.iter().enumerate() {
             assert_eq!(LORA_DOWN[i], format!("mxmoe_lora_down_r{r}"));

@@ -113,8 +113,12 @@ pub struct GemmParams {
     pub a_addr: u64,
     /// Elements between consecutive rows of A.
     pub a_stride: u64,
-    /// bf16 per-expert matrix.
+    /// bf16 per-expert matrix, or MXFP4 packed codes `[E, N, K/2]` (MXFP4 layouts).
     pub b_addr: u64,
+    /// MXFP4 scale bytes `[E, N, K/32]` (MXFP4 layouts; 0 otherwise). For the MXFP4 layouts the
+    /// container's `K` is `k_red` (forward) or `n_out` (dX) and `N` the other; the b strides are
+    /// unused.
+    pub scales_addr: u64,
     /// Elements between experts of B.
     pub b_stride_e: u64,
     /// Elements between output columns of B.
@@ -159,9 +163,9 @@ pub struct GemmParams {
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 160);
-    assert!(offset_of!(GemmParams, rows) == 120);
-    assert!(offset_of!(GemmParams, scaling) == 152);
+    assert!(size_of::<GemmParams>() == 168);
+    assert!(offset_of!(GemmParams, rows) == 128);
+    assert!(offset_of!(GemmParams, scaling) == 160);
 };
 
 /// Parameters of the grouped Gram kernel (dA, dB): for each expert `e` and wide column `w`,

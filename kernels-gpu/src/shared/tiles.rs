@@ -17,7 +17,24 @@ pub enum BLayout {
     /// A small strided bf16 matrix (LoRA A or B of one expert) gathered element by element into
     /// `[n][k]` (no alignment requirement; used for the rank-sized products).
     Strided,
+    /// MXFP4 `W_store[e]` with K the reduction (forward): packed bytes `[n][bk/2]` and scale
+    /// bytes `[n][bk/32]` per stage; each byte is one bf16x2 register of a B fragment, decoded in
+    /// registers through a 256-entry table.
+    NkMxfp4,
+    /// MXFP4 `W_store[e]` with N the reduction (dX): raw bytes `[bk][bn/2]` and scales
+    /// `[bk][bn/32]` per stage, decoded into a bf16 `[bk][bn]` tile read by `ldmatrix.trans`.
+    KnMxfp4,
 }
+
+impl BLayout {
+    /// Whether the operand is MXFP4.
+    pub const fn is_mx(self) -> bool {
+        matches!(self, BLayout::NkMxfp4 | BLayout::KnMxfp4)
+    }
+}
+
+/// Bytes of the byte → bf16x2 decode table (256 words).
+pub const MX_LUT_BYTES: u32 = 1024;
 
 /// A compile-time tile configuration of the grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +155,12 @@ pub struct SmemPlan {
     pub epilogue_bytes: u32,
     /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
     pub rows_offset: u32,
+    /// Offset of the scale bytes inside one B stage (MXFP4 layouts).
+    pub b_scales_in_stage: u32,
+    /// Offset of the MXFP4 decode table (MXFP4 layouts; 0 otherwise).
+    pub lut_offset: u32,
+    /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
+    pub decoded_offset: u32,
     /// Total bytes to request at launch.
     pub total_bytes: u32,
 }
@@ -146,15 +169,35 @@ pub struct SmemPlan {
 /// epilogue).
 pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let a_stage_bytes = c.bm * c.bk * 2;
-    let b_stage_bytes = match b {
-        BLayout::NkBf16 | BLayout::KnBf16 | BLayout::Strided => c.bn * c.bk * 2,
+    let (b_stage_bytes, b_scales_in_stage) = match b {
+        BLayout::NkBf16 | BLayout::KnBf16 | BLayout::Strided => (c.bn * c.bk * 2, 0),
+        BLayout::NkMxfp4 | BLayout::KnMxfp4 => {
+            let packed = c.bn * c.bk / 2;
+            let scales = c.bn * c.bk / 32;
+            ((packed + scales).div_ceil(128) * 128, packed)
+        }
     };
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
     let epilogue_bytes = left + right;
     let reused = if main > epilogue_bytes { main } else { epilogue_bytes };
-    let rows_offset = reused.div_ceil(128) * 128;
+    let mut next = reused.div_ceil(128) * 128;
+    let (lut_offset, decoded_offset) = match b {
+        BLayout::NkMxfp4 => {
+            let lut = next;
+            next += MX_LUT_BYTES;
+            (lut, 0)
+        }
+        BLayout::KnMxfp4 => {
+            let lut = next;
+            let decoded = lut + MX_LUT_BYTES;
+            next = decoded + c.bk * c.bn * 2;
+            (lut, decoded)
+        }
+        _ => (0, 0),
+    };
+    let rows_offset = next;
     SmemPlan {
         a_stage_bytes,
         b_stage_bytes,
@@ -162,6 +205,9 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         lora_right_offset: left,
         epilogue_bytes,
         rows_offset,
+        b_scales_in_stage,
+        lut_offset,
+        decoded_offset,
         total_bytes: rows_offset + 8 * c.bm,
     }
 }
@@ -195,7 +241,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
     TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 3 },
     // Few rows per expert: weight-stream bound, narrow M.
     TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 3 },
-    TileConfig { bm: 32, bn: 128, bk: 64, warps_m: 1, warps_n: 4, stages: 3 },
+    TileConfig { bm: 32, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
 ];
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
@@ -253,11 +299,18 @@ mod tests {
     fn compiled_configs_are_valid_and_fit_hopper() {
         for c in GEMM_CONFIGS {
             assert_eq!(c.validate(), Ok(()), "{c:?}");
-            for b in [BLayout::NkBf16, BLayout::KnBf16] {
+            for b in [BLayout::NkBf16, BLayout::KnBf16, BLayout::NkMxfp4, BLayout::KnMxfp4] {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
                     assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
                     assert!(p.b_offset % 128 == 0 && p.lora_right_offset % 16 == 0);
+                    assert!(p.lut_offset % 128 == 0 && p.decoded_offset % 128 == 0 && p.rows_offset % 128 == 0);
+                    // Regions are disjoint: the LUT and decoded tile sit past the reused main/epilogue bytes.
+                    let reused = if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) { p.epilogue_bytes } else { c.stages * (p.a_stage_bytes + p.b_stage_bytes) };
+                    if b.is_mx() {
+                        assert!(p.lut_offset >= reused && p.rows_offset >= p.lut_offset + MX_LUT_BYTES);
+                        assert!(c.bk == 32 && c.bn * c.bk / 32 <= c.threads());
+                    }
                 }
             }
         }

@@ -10,9 +10,11 @@ use crate::ptx::barrier::bar_sync_0;
 use crate::ptx::cp_async::{cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
-use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u32, st_shared_u16, st_shared_u32};
+use crate::ptx::cvt::mul_rn_bf16x2;
+use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u8, st_shared_u16, st_shared_u32, st_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::params::GemmParams;
+use crate::shared::mxfp4::{byte_to_bf16x2, e8m0_to_bf16_bits};
 use crate::shared::tiles::{BLayout, SmemPlan, TileConfig, smem_plan, swizzled_offset};
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -38,7 +40,37 @@ pub unsafe fn wait_for_stage<const STAGES: u32>() {
     }
 }
 
-/// Stages k-slice `kt` of both operands into pipeline stage `stage`.
+/// A scale byte loaded from global memory whose shared-memory store is deferred until after the
+/// stage in flight has been computed, so its load latency hides behind the MMAs.
+#[derive(Clone, Copy)]
+pub struct DeferredByte {
+    /// Destination in shared memory.
+    pub dst: SharedAddr,
+    /// The loaded byte (zero-extended).
+    pub value: u32,
+    /// Whether this thread has a byte to store.
+    pub valid: bool,
+}
+
+impl DeferredByte {
+    const NONE: DeferredByte = DeferredByte { dst: SharedAddr::NULL, value: 0, valid: false };
+
+    /// Stores the byte if there is one.
+    ///
+    /// # Safety
+    /// The destination stage is not being read by any thread until the next barrier.
+    #[inline(always)]
+    pub unsafe fn commit(self) {
+        if self.valid {
+            // SAFETY: `dst` is inside the stage it was computed for (see `load_stage`).
+            unsafe { st_shared_u8(self.dst, self.value) };
+        }
+    }
+}
+
+/// Stages k-slice `kt` of both operands into pipeline stage `stage`. MXFP4 scale bytes are
+/// returned for a deferred store ([`DeferredByte`]); everything else is issued as `cp.async`
+/// (or stored directly for the strided layout).
 ///
 /// # Safety
 /// Called by every thread of the block; `rows_in` holds the block's `BM` input rows.
@@ -54,7 +86,7 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
     e: u64,
     n0: u32,
     threads: u32,
-) {
+) -> DeferredByte {
     let tid = tid_x();
     let k_base = kt * BK;
     // A: [BM][BK], 16-byte chunks gathered by row.
@@ -104,7 +136,7 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             unsafe { cp_async_cg_shared_global_16(b_tile.offset(swizzled_offset(kr, 8 * ch, BN)), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
             c += threads;
         }
-    } else {
+    } else if LAYOUT == BLayout::Strided as u8 {
         // Strided: element gather into [BN][BK].
         let mut c = tid;
         while c < BN * BK {
@@ -122,7 +154,68 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             unsafe { st_shared_u16(b_tile.offset(swizzled_offset(n, d, BK)), v) };
             c += threads;
         }
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
+        // Forward over MXFP4: container N = n_out rows, K = k_red; packed rows of K/2 bytes.
+        let half_k = p.k_red as u64 / 2;
+        let blocks_k = p.k_red as u64 / 32;
+        let packed_e = p.b_addr + e * p.n_out as u64 * half_k;
+        // Packed: [BN][BK/2] bytes, one 16-byte chunk per 32 k per row.
+        let cpr = BK / 32;
+        let mut c = tid;
+        while c < BN * cpr {
+            let n = c / cpr;
+            let ch = c % cpr;
+            let ok = n0 + n < p.n_out && k_base + 32 * ch < p.k_red;
+            let src = packed_e + (n0 + n) as u64 * half_k + (k_base / 2) as u64 + 16 * ch as u64;
+            // SAFETY: destination inside the stage; source read only when valid (K % 32 == 0, so
+            // a chunk is whole); packed rows are 16-byte aligned because K/2 % 16 == 0.
+            unsafe { cp_async_cg_shared_global_16(b_tile.offset(n * (BK / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            c += threads;
+        }
+        // Scales: one byte per (row, 32-k block); at most one per thread.
+        if tid < BN * cpr {
+            let n = tid / cpr;
+            let q = tid % cpr;
+            let ok = n0 + n < p.n_out && k_base + 32 * q < p.k_red;
+            let value: u8 = if ok {
+                // SAFETY: a valid scale byte of expert e.
+                unsafe { load(p.scales_addr + (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64 + q as u64) }
+            } else {
+                127
+            };
+            return DeferredByte { dst: b_tile.offset(plan.b_scales_in_stage + tid), value: value as u32, valid: true };
+        }
+    } else {
+        // dX over MXFP4: reduction over the container's N = k_red rows, output over its
+        // K = n_out; raw rows of BN/2 bytes (the k range n0..n0+BN) per reduction index.
+        let half_k = p.n_out as u64 / 2;
+        let blocks_k = p.n_out as u64 / 32;
+        let packed_e = p.b_addr + e * p.k_red as u64 * half_k;
+        let cpr = BN / 32; // 16-byte chunks per raw row
+        let mut c = tid;
+        while c < BK * cpr {
+            let r = c / cpr;
+            let ch = c % cpr;
+            let ok = k_base + r < p.k_red && n0 + 32 * ch < p.n_out;
+            let src = packed_e + (k_base + r) as u64 * half_k + (n0 / 2) as u64 + 16 * ch as u64;
+            // SAFETY: as for the forward layout.
+            unsafe { cp_async_cg_shared_global_16(b_tile.offset(r * (BN / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            c += threads;
+        }
+        if tid < BK * cpr {
+            let r = tid / cpr;
+            let q = tid % cpr;
+            let ok = k_base + r < p.k_red && n0 + 32 * q < p.n_out;
+            let value: u8 = if ok {
+                // SAFETY: a valid scale byte of expert e.
+                unsafe { load(p.scales_addr + (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64 + q as u64) }
+            } else {
+                127
+            };
+            return DeferredByte { dst: b_tile.offset(plan.b_scales_in_stage + tid), value: value as u32, valid: true };
+        }
     }
+    DeferredByte::NONE
 }
 
 /// The grouped GEMM body; see the module docs and `GemmParams`.
@@ -150,15 +243,22 @@ pub unsafe fn gemm<
         let c = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
+        // MXFP4 stages: one 32-k block per stage, at most one scale byte per thread.
+        assert!(!(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || (BK == 32 && BN * BK / 32 <= 32 * WM * WN));
     };
     let cfg = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
     let layout = if LAYOUT == BLayout::NkBf16 as u8 {
         BLayout::NkBf16
     } else if LAYOUT == BLayout::KnBf16 as u8 {
         BLayout::KnBf16
-    } else {
+    } else if LAYOUT == BLayout::Strided as u8 {
         BLayout::Strided
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
+        BLayout::NkMxfp4
+    } else {
+        BLayout::KnMxfp4
     };
+    let is_mx = layout.is_mx();
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
     let threads = 32 * WM * WN;
     let tid = tid_x();
@@ -189,6 +289,15 @@ pub unsafe fn gemm<
         }
         i += threads;
     }
+    if is_mx {
+        let lut = smem.offset(plan.lut_offset);
+        let mut b = tid;
+        while b < 256 {
+            // SAFETY: 256 words inside the table region.
+            unsafe { st_shared_u32(lut.offset(4 * b), byte_to_bf16x2(b as u8)) };
+            b += threads;
+        }
+    }
     // SAFETY: all threads reach it (no divergent exit above after the uniform one).
     unsafe { bar_sync_0() };
 
@@ -205,8 +314,8 @@ pub unsafe fn gemm<
         let mut s = 0;
         while s + 1 < STAGES {
             if s < ktiles {
-                // SAFETY: all threads; stage `s` is free.
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads) };
+                // SAFETY: all threads; stage `s` is free, so its scale bytes can be stored now.
+                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads).commit() };
             }
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
@@ -221,33 +330,40 @@ pub unsafe fn gemm<
                 bar_sync_0();
             }
             let next = kt + STAGES - 1;
-            if next < ktiles {
+            let deferred = if next < ktiles {
                 // SAFETY: the stage `next % STAGES` was last read in iteration kt−1 (barrier above).
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, next % STAGES, next, e, n0, threads) };
-            }
+                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, next % STAGES, next, e, n0, threads) }
+            } else {
+                DeferredByte::NONE
+            };
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
             let stage = kt % STAGES;
             let a_tile = smem.offset(stage * plan.a_stage_bytes);
             let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
-            let mut kk = 0;
-            while kk < BK {
-                let mut a_fr = [[0u32; 4]; MI];
-                for (mi, a) in a_fr.iter_mut().enumerate() {
-                    // SAFETY: warp converged; the block lies inside the stage.
-                    *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, kk, BK) };
-                }
-                for nj in 0..NI / 2 {
-                    let nb = warp_n0 + 16 * nj as u32;
-                    // SAFETY: warp converged; inside the stage.
-                    let b = unsafe { if LAYOUT == BLayout::KnBf16 as u8 { b_kn(b_tile, nb, kk, BN) } else { b_nk(b_tile, nb, kk, BK) } };
-                    for mi in 0..MI {
-                        acc[mi][2 * nj] = mma(a_fr[mi], [b[0], b[1]], acc[mi][2 * nj]);
-                        acc[mi][2 * nj + 1] = mma(a_fr[mi], [b[2], b[3]], acc[mi][2 * nj + 1]);
+            if LAYOUT == BLayout::NkMxfp4 as u8 {
+                // SAFETY: warp converged (uniform branch); the stage and table are in place.
+                unsafe { mma_stage_nk_mx::<BK, MI, NI>(a_tile, b_tile, smem.offset(plan.lut_offset), plan.b_scales_in_stage, warp_m0, warp_n0, &mut acc) };
+            } else {
+                let b_tile = if LAYOUT == BLayout::KnMxfp4 as u8 {
+                    let decoded = smem.offset(plan.decoded_offset);
+                    // SAFETY: all threads: decode the raw stage (visible since the barrier above;
+                    // the decoded tile was last read before that barrier), then make it visible.
+                    unsafe {
+                        decode_stage_kn_mx::<BN, BK>(b_tile, decoded, smem.offset(plan.lut_offset), plan.b_scales_in_stage, threads);
+                        bar_sync_0();
                     }
-                }
-                kk += 16;
+                    decoded
+                } else {
+                    b_tile
+                };
+                let kn = LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8;
+                // SAFETY: warp converged; stage tiles in place.
+                unsafe { mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc) };
             }
+            // SAFETY: the deferred scale bytes go to stage `next % STAGES`, which nobody reads
+            // before the next iteration's barrier.
+            unsafe { deferred.commit() };
             kt += 1;
         }
         // SAFETY: drain the (empty) trailing groups before shared memory is reused.
@@ -371,4 +487,134 @@ fn axpy4(acc: &mut [f32; 4], s: f32, t: [f32; 4]) {
     acc[1] += s * t[1];
     acc[2] += s * t[2];
     acc[3] += s * t[3];
+}
+
+/// One stage of MMAs with both operands as bf16 tiles: A `[BM][BK]`, B `[BN][BK]` (`kn == false`)
+/// or `[BK][BN]` (`kn == true`).
+///
+/// # Safety
+/// Warp converged; tiles in place and visible.
+#[inline(always)]
+unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI: usize>(
+    a_tile: SharedAddr,
+    b_tile: SharedAddr,
+    kn: bool,
+    warp_m0: u32,
+    warp_n0: u32,
+    acc: &mut [[[f32; 4]; NI]; MI],
+) {
+    let mut kk = 0;
+    while kk < BK {
+        let mut a_fr = [[0u32; 4]; MI];
+        for (mi, a) in a_fr.iter_mut().enumerate() {
+            // SAFETY: warp converged; the block lies inside the stage.
+            *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, kk, BK) };
+        }
+        for nj in 0..NI / 2 {
+            let nb = warp_n0 + 16 * nj as u32;
+            // SAFETY: warp converged; inside the stage.
+            let b = unsafe { if kn { b_kn(b_tile, nb, kk, BN) } else { b_nk(b_tile, nb, kk, BK) } };
+            for mi in 0..MI {
+                acc[mi][2 * nj] = mma(a_fr[mi], [b[0], b[1]], acc[mi][2 * nj]);
+                acc[mi][2 * nj + 1] = mma(a_fr[mi], [b[2], b[3]], acc[mi][2 * nj + 1]);
+            }
+        }
+        kk += 16;
+    }
+}
+
+/// The bf16x2 pair `(scale, scale)` of an E8M0 byte.
+#[inline(always)]
+fn scale_pair(byte: u32) -> u32 {
+    let s = e8m0_to_bf16_bits(byte as u8) as u32;
+    s | (s << 16)
+}
+
+/// Decodes packed byte `byte_idx` (0..4) of `word` through the table and scales it: one B
+/// fragment register (even k in the low half). Exact: code × power of two.
+///
+/// # Safety
+/// `lut` is the block's 256-word decode table.
+#[inline(always)]
+unsafe fn decode_byte(lut: SharedAddr, word: u32, byte_idx: u32, scale2: u32) -> u32 {
+    let byte = (word >> (8 * byte_idx)) & 0xFF;
+    // SAFETY: `byte < 256`.
+    mul_rn_bf16x2(unsafe { ld_shared_u32(lut.offset(4 * byte)) }, scale2)
+}
+
+/// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
+///
+/// Stage layout: packed `[BN][16]` bytes (BK = 32: k pairs 0..16 of each row), then scale bytes
+/// `[BN]` at `scales_in_stage`. For the n8 block of rows `nb..nb+8`, lane (g = lane/4,
+/// t = lane%4) needs the pairs `k = 2t` (byte t) and `k = 2t+8` (byte 4+t) of each 16-k half:
+/// bytes `t`, `4+t`, `8+t`, `12+t` of row `nb+g`, i.e. byte t of each word of that row.
+///
+/// # Safety
+/// Warp converged; stage and table in place and visible.
+#[inline(always)]
+unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
+    a_tile: SharedAddr,
+    b_tile: SharedAddr,
+    lut: SharedAddr,
+    scales_in_stage: u32,
+    warp_m0: u32,
+    warp_n0: u32,
+    acc: &mut [[[f32; 4]; NI]; MI],
+) {
+    let lane = laneid();
+    let g = lane / 4;
+    let t = lane % 4;
+    let mut a_fr = [[[0u32; 4]; MI]; 2];
+    for (h, a_h) in a_fr.iter_mut().enumerate() {
+        for (mi, a) in a_h.iter_mut().enumerate() {
+            // SAFETY: warp converged; inside the stage.
+            *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, 16 * h as u32, BK) };
+        }
+    }
+    for ni in 0..NI {
+        let row = warp_n0 + 8 * ni as u32 + g;
+        // SAFETY: `row < BN`: its 16 packed bytes and its scale byte are inside the stage.
+        let (w, sc) = unsafe { (ld_shared_v4_u32(b_tile.offset(16 * row)), ld_shared_u8(b_tile.offset(scales_in_stage + row))) };
+        let s2 = scale_pair(sc);
+        for h in 0..2 {
+            // SAFETY: the table is in place.
+            let b = unsafe { [decode_byte(lut, w[2 * h], t, s2), decode_byte(lut, w[2 * h + 1], t, s2)] };
+            for mi in 0..MI {
+                acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+            }
+        }
+    }
+}
+
+/// Decodes a raw dX stage (`[BK][BN/2]` packed bytes, `[BK][BN/32]` scale bytes) into the bf16
+/// tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each item is 8 packed bytes: 16
+/// consecutive k of one reduction row, inside one scale block.
+///
+/// # Safety
+/// All threads of the block; the raw stage is visible and the decoded tile is not being read.
+#[inline(always)]
+unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(raw: SharedAddr, decoded: SharedAddr, lut: SharedAddr, scales_in_stage: u32, threads: u32) {
+    let per_row = BN / 16;
+    let mut i = tid_x();
+    while i < BK * per_row {
+        let r = i / per_row;
+        let c = i % per_row;
+        // SAFETY: inside the raw stage: row r has BN/2 bytes, item c covers bytes 8c..8c+8; the
+        // scale byte of (r, block c/2) follows the packed bytes.
+        let (w0, w1, sc) = unsafe {
+            let base = raw.offset(r * (BN / 2) + 8 * c);
+            (ld_shared_u32(base), ld_shared_u32(base.offset(4)), ld_shared_u8(raw.offset(scales_in_stage + r * (BN / 32) + c / 2)))
+        };
+        let s2 = scale_pair(sc);
+        // SAFETY: the table is in place.
+        let lo = unsafe { [decode_byte(lut, w0, 0, s2), decode_byte(lut, w0, 1, s2), decode_byte(lut, w0, 2, s2), decode_byte(lut, w0, 3, s2)] };
+        // SAFETY: as above.
+        let hi = unsafe { [decode_byte(lut, w1, 0, s2), decode_byte(lut, w1, 1, s2), decode_byte(lut, w1, 2, s2), decode_byte(lut, w1, 3, s2)] };
+        // SAFETY: two 16-byte chunks of row r of the decoded tile.
+        unsafe {
+            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);
+            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c + 8, BN)), hi);
+        }
+        i += threads;
+    }
 }

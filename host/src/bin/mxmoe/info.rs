@@ -1,0 +1,71 @@
+//! `mxmoe info`: what the machine offers (driver, devices, limits) and what the embedded PTX is.
+
+use anyhow::Context as _;
+use mxmoe::device::{Gpu, PTX, device_count, driver_present};
+
+use crate::env::{driver_description, mib};
+
+/// Options of `mxmoe info`.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// Also list every kernel of the embedded PTX with its registers, static shared memory and
+    /// local (spill) memory, as the driver reports them after loading.
+    #[arg(long)]
+    pub kernels: bool,
+}
+
+/// Prints the report. A machine without a driver or device is not an error.
+pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
+    println!("mxmoe {}", env!("CARGO_PKG_VERSION"));
+    println!("embedded PTX: {} bytes, {}", PTX.len(), ptx_target());
+    if !driver_present() {
+        println!("no CUDA driver found");
+        return Ok(());
+    }
+    println!("CUDA driver: {}", driver_description());
+    let count = device_count().context("could not count CUDA devices")?;
+    println!("devices: {count}");
+    for ordinal in 0..count {
+        let gpu = Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
+        print_device(ordinal, &gpu)?;
+        if args.kernels {
+            print_kernels(&gpu)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `.target` and `.version` lines of the PTX, e.g. "target sm_90, PTX ISA 8.0".
+fn ptx_target() -> String {
+    let field = |directive: &str| {
+        PTX.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(directive))
+            .map(|rest| rest.trim().trim_end_matches(';').to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    format!("target {}, PTX ISA {}", field(".target"), field(".version"))
+}
+
+fn print_device(ordinal: usize, gpu: &Gpu) -> anyhow::Result<()> {
+    let l = gpu.limits();
+    let (free, total) = gpu.mem_info().with_context(|| format!("could not read the memory of device {ordinal}"))?;
+    println!("device {ordinal}: {}", l.name);
+    println!("  compute capability:        {}.{}", l.compute_capability.0, l.compute_capability.1);
+    println!("  multiprocessors:           {}", l.sm_count);
+    println!("  shared memory per block:   {} bytes (opt-in maximum)", l.max_smem_per_block_optin);
+    println!("  shared memory per SM:      {} bytes", l.max_smem_per_sm);
+    println!("  registers per SM:          {}", l.regs_per_sm);
+    println!("  L2 cache:                  {}", mib(l.l2_bytes));
+    println!("  memory:                    {} total, {} free", mib(total), mib(free));
+    Ok(())
+}
+
+fn print_kernels(gpu: &Gpu) -> anyhow::Result<()> {
+    println!("  {:<40} {:>5} {:>11} {:>11}", "kernel", "regs", "static smem", "local bytes");
+    for &name in mxmoe::shared::names::ALL {
+        let r = gpu.function_resources(name).with_context(|| format!("could not read the attributes of kernel {name}"))?;
+        println!("  {name:<40} {:>5} {:>11} {:>11}", r.registers, r.static_smem_bytes, r.local_bytes);
+    }
+    Ok(())
+}

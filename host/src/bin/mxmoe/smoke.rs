@@ -1,0 +1,356 @@
+//! `mxmoe smoke`: a quick end-to-end check on small problems.
+//!
+//! Two calls of the LoRA-fused expert linear in the shapes of a gated MLP (SPEC §3.5): an "up"
+//! projection (token-ordered `x [T, K]`, grouped output) and a "down" projection (grouped
+//! `x [T·k, K]`, scattered output combined by the gates). Each is run by the CPU reference
+//! ([`mxmoe::reference`], [`mxmoe::reference::Rounding::Bf16`]) and, when a device is present, by
+//! every GPU path ([`Strategy::ALL`]); forward output and all gradients are compared. The weights
+//! also go through an MXFP4 quantize → dequantize round trip ([`mxmoe::mxfp4`]).
+//!
+//! Tolerance per tensor (as `tests/tests/gpu_linear.rs`): `|gpu − ref| ≤ atol + rtol·|ref|` with
+//! `rtol = 1e-2` (about two bf16 ulps: outputs are rounded once, and f32 sums in another order can
+//! cross one rounding boundary, the rounded XA/YB intermediates one more) and
+//! `atol = 4e-3·max|ref|` (cancellation in long sums).
+
+use anyhow::Context as _;
+use mxmoe::device::Gpu;
+use mxmoe::mxfp4::{dequantize_f32, quantize_mxfp4_bf16};
+use mxmoe::op::RowOrder;
+use mxmoe::shared::bf16::bf16_bits_to_f32;
+
+use crate::env::{NoGpu, commit, open_gpu, utc_now};
+use crate::problem::{DeviceProblem, HostProblem, Outputs, Seeds, Shape, timed};
+use crate::rng::normal_bf16_bits;
+use crate::routing_gen::{RoutingKind, active_experts};
+use crate::strategy::Strategy;
+
+/// Relative tolerance (see the module documentation).
+const RTOL: f32 = 1e-2;
+/// Absolute tolerance as a fraction of the reference tensor's largest magnitude.
+const ATOL_FRAC: f32 = 4e-3;
+
+/// Options of `mxmoe smoke`.
+#[derive(Debug, clap::Args)]
+pub struct SmokeArgs {
+    /// Seed of the random problems (weights, routing, activations, LoRA, output gradient).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+}
+
+/// A named smoke case.
+struct Case {
+    name: &'static str,
+    shape: Shape,
+}
+
+/// The two calls of a small gated MLP (hidden 512, expert width 256, 8 experts, top-2, rank 16).
+fn cases() -> [Case; 2] {
+    let base = Shape { experts: 8, k: 512, n: 256, tokens: 64, top_k: 2, rank: 16, scaling: 0.5, input: RowOrder::Scattered, output: RowOrder::Grouped, gates: false };
+    [
+        Case { name: "up", shape: base },
+        Case { name: "down", shape: Shape { k: 256, n: 512, input: RowOrder::Grouped, output: RowOrder::Scattered, gates: true, ..base } },
+    ]
+}
+
+/// How one GPU tensor compares with the reference.
+struct Comparison {
+    case: &'static str,
+    path: &'static str,
+    tensor: &'static str,
+    elements: usize,
+    max_ref: f32,
+    max_abs: f32,
+    /// Largest `|gpu − ref| / |ref|` over elements with `|ref| ≥ atol` (smaller references are
+    /// judged by `atol` alone, so their ratios say nothing).
+    max_rel: f32,
+    atol: f32,
+    /// Largest `|gpu − ref| / (atol + rtol·|ref|)`: the tensor passes when this is ≤ 1.
+    worst: f32,
+    note: Option<String>,
+}
+
+impl Comparison {
+    fn passed(&self) -> bool {
+        self.note.is_none() && self.worst <= 1.0
+    }
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+fn compare(case: &'static str, path: &'static str, tensor: &'static str, got: &[f32], want: &[f32]) -> Comparison {
+    let max_ref = max_abs(want);
+    let atol = ATOL_FRAC * max_ref + 1e-6;
+    let mut c = Comparison { case, path, tensor, elements: want.len(), max_ref, max_abs: 0.0, max_rel: 0.0, atol, worst: 0.0, note: None };
+    if got.len() != want.len() {
+        c.note = Some(format!("GPU gave {} elements, the reference {}", got.len(), want.len()));
+        return c;
+    }
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g - w).abs();
+        if !d.is_finite() {
+            c.note = Some(format!("non-finite GPU value {g} where the reference has {w}"));
+            c.worst = f32::INFINITY;
+            continue;
+        }
+        c.max_abs = c.max_abs.max(d);
+        if w.abs() >= atol {
+            c.max_rel = c.max_rel.max(d / w.abs());
+        }
+        c.worst = c.worst.max(d / (atol + RTOL * w.abs()));
+    }
+    c
+}
+
+/// One MXFP4 round trip of a case's weights.
+struct RoundTrip {
+    case: &'static str,
+    elements: usize,
+    bf16_bytes: usize,
+    mx_bytes: usize,
+    max_abs: f32,
+    rel_rms: f64,
+    /// Elements whose error exceeds the FLOOR-mode bound `2·2^(b−127)` of their block.
+    over_bound: usize,
+    quantize_ms: f64,
+    dequantize_ms: f64,
+}
+
+/// Quantizes `w_bits [E, N, K]` to MXFP4 and back, and checks every element against the FLOOR
+/// bound: with scale `d = 2^(b−127)` the block maximum lies in `[4d, 8d)`, codes are at most `1·d`
+/// apart below `4d` and `2d` apart above, and values in `(6d, 8d)` saturate to `6d`, so
+/// `|w − ŵ| ≤ 2d` for every element.
+fn round_trip(case: &'static str, w_bits: &[u16], shape: &Shape) -> anyhow::Result<RoundTrip> {
+    let (e, n, k) = (shape.experts, shape.n, shape.k);
+    let (mx, quantize_ms) = timed(|| quantize_mxfp4_bf16(w_bits, e, n, k));
+    let mx = mx.context("the MXFP4 quantizer rejected the weights")?;
+    let (deq, dequantize_ms) = timed(|| dequantize_f32(&mx));
+    let scales = mx.scales();
+    let (mut max_abs, mut err2, mut ref2, mut over_bound) = (0f32, 0f64, 0f64, 0usize);
+    for (i, (&b, &q)) in w_bits.iter().zip(&deq).enumerate() {
+        let w = bf16_bits_to_f32(b);
+        let d = (w - q).abs();
+        max_abs = max_abs.max(d);
+        err2 += f64::from(d) * f64::from(d);
+        ref2 += f64::from(w) * f64::from(w);
+        let scale = 2f64.powi(i32::from(scales[i / 32]) - 127);
+        if !(f64::from(d) <= 2.0 * scale) {
+            over_bound += 1;
+        }
+    }
+    Ok(RoundTrip {
+        case,
+        elements: w_bits.len(),
+        bf16_bytes: w_bits.len() * 2,
+        mx_bytes: mx.packed().len() + mx.scales().len(),
+        max_abs,
+        rel_rms: (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt(),
+        over_bound,
+        quantize_ms,
+        dequantize_ms,
+    })
+}
+
+/// Timings of one case and path.
+struct Timing {
+    case: &'static str,
+    path: &'static str,
+    cpu_fwd_ms: f64,
+    cpu_bwd_ms: f64,
+    gpu_fwd_ms: Option<f64>,
+    gpu_bwd_ms: Option<f64>,
+}
+
+/// Reference results per distinct reference weights (two paths with the same effective weights
+/// share one reference run).
+struct ReferenceCache {
+    entries: Vec<(Vec<f32>, Outputs, f64, f64)>,
+}
+
+impl ReferenceCache {
+    fn get(&mut self, problem: &HostProblem, w: Vec<f32>) -> anyhow::Result<(&Outputs, f64, f64)> {
+        let index = match self.entries.iter().position(|(cached, ..)| *cached == w) {
+            Some(i) => i,
+            None => {
+                let (out, fwd_ms, bwd_ms) = problem.reference(&w)?;
+                self.entries.push((w, out, fwd_ms, bwd_ms));
+                self.entries.len() - 1
+            }
+        };
+        let (_, out, fwd_ms, bwd_ms) = &self.entries[index];
+        Ok((out, *fwd_ms, *bwd_ms))
+    }
+}
+
+/// Runs the smoke test; `Ok(false)` means a comparison failed.
+pub fn run(args: &SmokeArgs) -> anyhow::Result<bool> {
+    let gpu = open_gpu(args.device)?;
+    println!("# mxmoe smoke");
+    println!();
+    println!("seed {}, commit {}, {}", args.seed, commit(), utc_now());
+    match &gpu {
+        Ok(g) => println!("device {}: {}", args.device, g.limits().name),
+        Err(reason @ NoGpu::NoDriver) => println!("{reason}: running the CPU reference only"),
+        Err(reason) => println!("{reason}: running the CPU reference only"),
+    }
+    println!();
+
+    let mut comparisons = Vec::new();
+    let mut trips = Vec::new();
+    let mut timings = Vec::new();
+    let mut summaries = Vec::new();
+    for (index, case) in cases().into_iter().enumerate() {
+        let s = case.shape;
+        let seed = args.seed.wrapping_mul(16).wrapping_add(index as u64 * 4);
+        let seeds = Seeds { routing: seed + 1, lora: seed + 2, x: seed + 3, dy: seed + 4 };
+        let problem = HostProblem::draw(s, RoutingKind::Dense, seeds)?;
+        // W_store = randn(E, N, K)/√K in bf16 (SPEC §8's scaling keeps outputs O(1)).
+        let w_bits = normal_bf16_bits(s.experts * s.n * s.k, 1.0 / (s.k as f32).sqrt(), seed, 0);
+        trips.push(round_trip(case.name, &w_bits, &s)?);
+        let mut cache = ReferenceCache { entries: Vec::new() };
+
+        let Ok(gpu) = &gpu else {
+            let w = Strategy::Bf16.reference_weights(&w_bits, s.experts, s.n, s.k)?;
+            let (reference, fwd_ms, bwd_ms) = cache.get(&problem, w)?;
+            summaries.push((case.name, active_experts(&problem.ids, s.experts), reference.clone()));
+            timings.push(Timing { case: case.name, path: "cpu reference", cpu_fwd_ms: fwd_ms, cpu_bwd_ms: bwd_ms, gpu_fwd_ms: None, gpu_bwd_ms: None });
+            continue;
+        };
+        for &strategy in Strategy::ALL {
+            let w = strategy.reference_weights(&w_bits, s.experts, s.n, s.k)?;
+            let (reference, cpu_fwd_ms, cpu_bwd_ms) = cache.get(&problem, w)?;
+            let (got, gpu_fwd_ms, gpu_bwd_ms) = run_gpu(gpu, strategy, &problem, &w_bits).with_context(|| format!("the {} path failed on the {} case", strategy.label(), case.name))?;
+            for ((tensor, want), (_, have)) in reference.tensors().into_iter().zip(got.tensors()) {
+                comparisons.push(compare(case.name, strategy.label(), tensor, have, want));
+            }
+            if reference.tensors().len() != got.tensors().len() {
+                let mut c = compare(case.name, strategy.label(), "(gradients)", &[], &[]);
+                c.note = Some("the GPU returned a different set of gradients than the reference".into());
+                comparisons.push(c);
+            }
+            timings.push(Timing { case: case.name, path: strategy.label(), cpu_fwd_ms, cpu_bwd_ms, gpu_fwd_ms: Some(gpu_fwd_ms), gpu_bwd_ms: Some(gpu_bwd_ms) });
+        }
+    }
+
+    print_cases();
+    let trips_ok = print_round_trips(&trips);
+    let parity_ok = if gpu.is_ok() {
+        print_comparisons(&comparisons)
+    } else {
+        print_summaries(&summaries);
+        true
+    };
+    print_timings(&timings);
+    let ok = trips_ok && parity_ok;
+    println!("{}", if ok { "PASS" } else { "FAIL" });
+    Ok(ok)
+}
+
+/// Uploads, runs forward and backward once (synchronized wall clock each), downloads.
+fn run_gpu(gpu: &Gpu, strategy: Strategy, problem: &HostProblem, w_bits: &[u16]) -> anyhow::Result<(Outputs, f64, f64)> {
+    let device = DeviceProblem::upload(gpu, strategy, problem, w_bits)?;
+    let start = std::time::Instant::now();
+    let mut fwd_ms = 0.0;
+    let (fwd, grads) = device.forward_backward(gpu, || {
+        gpu.synchronize().context("the forward pass did not complete")?;
+        fwd_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok(())
+    })?;
+    gpu.synchronize().context("the backward pass did not complete")?;
+    let bwd_ms = start.elapsed().as_secs_f64() * 1e3 - fwd_ms;
+    Ok((device.download(gpu, &fwd, &grads)?, fwd_ms, bwd_ms))
+}
+
+fn print_cases() {
+    println!("## Problems");
+    println!();
+    println!("| case | E | K | N | T | top_k | r | s | x | out | gates |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
+    for c in cases() {
+        let s = c.shape;
+        let order = |o: RowOrder| match o {
+            RowOrder::Grouped => "grouped",
+            RowOrder::Scattered => "scattered",
+        };
+        println!("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |", c.name, s.experts, s.k, s.n, s.tokens, s.top_k, s.rank, s.scaling, order(s.input), order(s.output), if s.gates { "yes" } else { "no" });
+    }
+    println!();
+    println!("Data: W_store = randn/√K, x = randn, A, B = 0.01·randn, routing = top-k of softmax(randn(T, E)), dy = randn (bf16).");
+    println!();
+}
+
+fn print_round_trips(trips: &[RoundTrip]) -> bool {
+    println!("## MXFP4 round trip (quantize → dequantize, torchao FLOOR)");
+    println!();
+    println!("| case | elements | bf16 bytes | MXFP4 bytes | max abs err | rel RMS err | over 2·scale bound | quantize ms | dequantize ms | status |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let mut ok = true;
+    for t in trips {
+        let pass = t.over_bound == 0;
+        ok &= pass;
+        println!(
+            "| {} | {} | {} | {} | {:.3e} | {:.3e} | {} | {:.2} | {:.2} | {} |",
+            t.case,
+            t.elements,
+            t.bf16_bytes,
+            t.mx_bytes,
+            t.max_abs,
+            t.rel_rms,
+            t.over_bound,
+            t.quantize_ms,
+            t.dequantize_ms,
+            if pass { "PASS" } else { "FAIL" }
+        );
+    }
+    println!();
+    ok
+}
+
+fn print_comparisons(comparisons: &[Comparison]) -> bool {
+    println!("## GPU vs CPU reference (tolerance atol + rtol·|ref|, atol = {ATOL_FRAC:e}·max|ref|, rtol = {RTOL:e})");
+    println!();
+    println!("| case | path | tensor | elements | max abs ref | max abs err | max rel err | atol | err / tol | status |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---|");
+    let mut ok = true;
+    for c in comparisons {
+        ok &= c.passed();
+        let status = match &c.note {
+            Some(note) => format!("FAIL ({note})"),
+            None if c.passed() => "PASS".into(),
+            None => "FAIL".into(),
+        };
+        println!("| {} | {} | {} | {} | {:.3e} | {:.3e} | {:.3e} | {:.2e} | {:.3} | {status} |", c.case, c.path, c.tensor, c.elements, c.max_ref, c.max_abs, c.max_rel, c.atol, c.worst);
+    }
+    println!();
+    ok
+}
+
+fn print_summaries(summaries: &[(&'static str, usize, Outputs)]) {
+    println!("## CPU reference results (no GPU to compare with)");
+    println!();
+    println!("| case | active experts | tensor | elements | max abs | RMS |");
+    println!("|---|---:|---|---:|---:|---:|");
+    for (case, active, outputs) in summaries {
+        for (tensor, values) in outputs.tensors() {
+            let rms = (values.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / values.len().max(1) as f64).sqrt();
+            println!("| {case} | {active} | {tensor} | {} | {:.4e} | {:.4e} |", values.len(), max_abs(values), rms);
+        }
+    }
+    println!();
+}
+
+fn print_timings(timings: &[Timing]) {
+    println!("## Timings (wall clock; GPU: one synchronized call each, after upload; CPU backward recomputes the forward)");
+    println!();
+    println!("| case | path | CPU ref fwd ms | CPU ref bwd ms | GPU fwd ms | GPU bwd ms |");
+    println!("|---|---|---:|---:|---:|---:|");
+    let opt = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |ms| format!("{ms:.3}"));
+    for t in timings {
+        println!("| {} | {} | {:.1} | {:.1} | {} | {} |", t.case, t.path, t.cpu_fwd_ms, t.cpu_bwd_ms, opt(t.gpu_fwd_ms), opt(t.gpu_bwd_ms));
+    }
+    println!();
+}
