@@ -20,6 +20,8 @@ use crate::kernels::gemm::{BOperand, GemmArgs, LoraEpilogue, MxOperand, RowMap, 
 use crate::mxfp4::{MxLayout, MxShape, MxWeights, validate_mx};
 use crate::shared::mxfp4::MX_BLOCK;
 use crate::tensor::TensorMeta;
+use crate::kernels::eltwise::Remap;
+use crate::kernels::gemm::RoutingView;
 use crate::kernels::{alloc_poisoned, download, eltwise, upload};
 pub use crate::reference::RowOrder;
 use crate::routing::DeviceRouting;
@@ -210,8 +212,33 @@ pub struct LoraWeights {
     pub scaling: f32,
 }
 
-/// One LoRA-fused expert projection: the frozen weights, the optional LoRA, and where input
-/// and output rows live.
+/// How MXFP4 weights are multiplied (ignored for bf16 weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Pick per call from the active-expert fraction and rows per active expert (reads the
+    /// expert offsets back to the host: one small synchronisation).
+    #[default]
+    Auto,
+    /// Strategy A: dequantize only the active experts into a compact bf16 buffer
+    /// (`E_a·N·K` elements) and run the bf16 kernels on it.
+    SelectiveDequant,
+    /// Strategy B: decode the MXFP4 tiles inside the tensor-core K-loop; no bf16 copy, no host
+    /// synchronisation.
+    Fused,
+}
+
+/// Whether Strategy A keeps its compact bf16 buffer from forward to backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DequantBuffer {
+    /// Keep it in [`Saved`] (fastest; holds `E_a·N·K` bf16 until backward).
+    #[default]
+    Keep,
+    /// Free it after forward and dequantize again in backward (less memory between passes).
+    Recompute,
+}
+
+/// One LoRA-fused expert projection: the frozen weights, the optional LoRA, where input and
+/// output rows live, and (for MXFP4 weights) the strategy.
 #[derive(Clone, Copy)]
 pub struct ExpertLinear<'a> {
     /// Frozen base weights.
@@ -223,6 +250,22 @@ pub struct ExpertLinear<'a> {
     pub input_order: RowOrder,
     /// `Scattered`: output row per slot `t·k + j`; `Grouped`: output row per grouped row.
     pub output_order: RowOrder,
+    /// Strategy for MXFP4 weights.
+    pub strategy: Strategy,
+    /// Strategy A's buffer policy.
+    pub dequant_buffer: DequantBuffer,
+}
+
+impl<'a> ExpertLinear<'a> {
+    /// A projection with the default strategy (`Auto`) and buffer policy (`Keep`).
+    pub fn new(weights: ExpertWeights<'a>, lora: Option<&'a LoraWeights>, input_order: RowOrder, output_order: RowOrder) -> Self {
+        Self { weights, lora, input_order, output_order, strategy: Strategy::Auto, dequant_buffer: DequantBuffer::Keep }
+    }
+
+    /// The same projection with another strategy.
+    pub fn with_strategy(self, strategy: Strategy) -> Self {
+        Self { strategy, ..self }
+    }
 }
 
 /// The forward result.
@@ -230,10 +273,23 @@ pub struct Forward {
     /// `[T, N]` when gates were given (the gate-weighted sum over slots), otherwise `[L, N]` in
     /// the output order (dropped slots give zero rows).
     pub out: Bf16Matrix,
+    /// The path that ran: `Fused` or `SelectiveDequant` for MXFP4 weights, `Fused` for bf16.
+    pub strategy: Strategy,
+}
+
+/// Strategy A's compact state: the active experts, their offsets, the gathered LoRA and
+/// (with [`DequantBuffer::Keep`]) the dequantized weights.
+struct Compact {
+    active: CudaSlice<u32>,
+    active_count: usize,
+    offsets: CudaSlice<u32>,
+    lora: Option<LoraWeights>,
+    weights: Option<DenseExperts>,
 }
 
 /// What backward needs, and nothing else (SPEC §3.4): the borrowed inputs, the forward's XA
-/// (`[L, r_pad]`, kept instead of recomputed) and, with gates, the unreduced per-slot output.
+/// (`[L, r_pad]`, kept instead of recomputed), with gates the unreduced per-slot output, and
+/// for Strategy A its compact state.
 pub struct Saved<'a> {
     layer: ExpertLinear<'a>,
     x: &'a Bf16Matrix,
@@ -243,15 +299,16 @@ pub struct Saved<'a> {
     xa: Option<CudaSlice<u16>>,
     expanded: Option<Bf16Matrix>,
     config: usize,
+    compact: Option<Compact>,
 }
 
 /// Gradients. The frozen base gets none.
 pub struct Grads {
     /// Gradient of `x`, same shape as `x`.
     pub dx: Bf16Matrix,
-    /// Gradient of `A`, `[E·r, K]` (`None` without LoRA).
+    /// Gradient of `A`, `[E·r, K]` (`None` without LoRA; zero rows for experts without tokens).
     pub da: Option<Bf16Matrix>,
-    /// Gradient of `B`, `[N, E·r]` (`None` without LoRA).
+    /// Gradient of `B`, `[N, E·r]` (`None` without LoRA; zero columns for experts without tokens).
     pub db: Option<Bf16Matrix>,
     /// Gradient of the gates, `[T, k]` (`None` without gates).
     pub d_gates: Option<Bf16Matrix>,
@@ -267,6 +324,21 @@ fn pick_config(rows: usize, experts: usize) -> usize {
     } else {
         2
     }
+}
+
+/// `Auto`'s rule: Strategy A when few experts are active and each gets many rows (the one-off
+/// dequantization is then amortised over large tiles); Strategy B otherwise. Thresholds from the
+/// H100 measurements in `docs/BENCHMARKS.md`.
+pub fn auto_strategy(active: usize, experts: usize, rows: usize) -> Strategy {
+    let rows_per_active = rows / active.max(1);
+    if active * 8 <= experts && rows_per_active >= 1024 { Strategy::SelectiveDequant } else { Strategy::Fused }
+}
+
+/// What the kernels see for one call: weights, LoRA and routing, possibly compact.
+struct Resolved<'s> {
+    weights: ExpertWeights<'s>,
+    lora: Option<&'s LoraWeights>,
+    routing: RoutingView<'s>,
 }
 
 impl<'a> ExpertLinear<'a> {
@@ -326,72 +398,230 @@ impl<'a> ExpertLinear<'a> {
     /// Forward pass. `gates [T, k]` (down projection) combine the per-slot outputs into `[T, N]`.
     pub fn forward(&self, gpu: &Gpu, x: &'a Bf16Matrix, routing: &'a DeviceRouting, gates: Option<&'a Bf16Matrix>) -> Result<(Forward, Saved<'a>)> {
         let x_map = self.validate(x, routing, gates)?;
-        let (e, n, k) = self.weights.shape();
+        let (e, _, _) = self.weights.shape();
         let l = routing.rows();
-        let view = routing.view();
-        let config = pick_config(l, e);
-        let xa = match self.lora {
-            Some(lora) => {
-                let r_pad = rank_pad(lora.rank as u32) as usize;
-                let mut xa = alloc_poisoned::<u16>(gpu, (l * r_pad).max(1), 0xFF)?;
-                // XA[p, j] = x_p · A_e[j, :]: A_e(j, d) = A[(e·r + j)·K + d].
-                let m = Strided { buf: &lora.a.data, stride_e: lora.rank * k, stride_n: k, stride_k: 1 };
-                lora_down(gpu, view, &x.data, k, x_map, k, m, lora.rank, &mut xa)?;
-                Some(xa)
+        let strategy = match (self.weights, self.strategy) {
+            (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => Strategy::Fused,
+            (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
+            (ExpertWeights::Mxfp4(_), Strategy::Auto) => {
+                let active = active_experts(gpu, routing)?.len();
+                auto_strategy(active, e, l)
             }
-            None => None,
         };
-        let mut out = alloc_poisoned::<u16>(gpu, (l * n).max(1), 0xFF)?;
-        let lora_epi = match (self.lora, &xa) {
-            (Some(lora), Some(xa)) => Some(LoraEpilogue {
-                left: xa,
-                // right_e(n, j) = B[n, e·r + j].
-                right: Strided { buf: &lora.b.data, stride_e: lora.rank, stride_n: e * lora.rank, stride_k: 1 },
-                rank: lora.rank,
-                scaling: lora.scaling,
-            }),
+        let compact = match (self.weights, strategy) {
+            (ExpertWeights::Mxfp4(w), Strategy::SelectiveDequant) => Some(self.build_compact(gpu, w, routing)?),
             _ => None,
         };
-        grouped_gemm(
-            gpu,
-            GemmArgs {
-                routing: view,
-                a: &x.data,
-                a_stride: k,
-                a_map: x_map,
-                b: self.weights.forward_operand(),
-                k_red: k,
-                n_out: n,
-                out: &mut out,
-                out_stride: n,
-                out_scattered: self.output_order == RowOrder::Scattered,
-                lora: lora_epi,
-                config,
+        let resolved = match &compact {
+            Some(c) => Resolved {
+                weights: ExpertWeights::Bf16(c.weights.as_ref().expect("a fresh compact state holds its weights")),
+                lora: c.lora.as_ref().or(self.lora),
+                routing: RoutingView { ssi: routing.sorted_scattered_idxs(), offsets: &c.offsets, rows: l, num_experts: c.active_count },
             },
-        )?;
-        let out = Bf16Matrix { data: out, rows: l, cols: n };
-        let (result, expanded) = match gates {
-            Some(g) => {
-                let y = eltwise::combine_gates(gpu, &out.data, &g.data, routing.tokens(), routing.top_k(), n)?;
-                (Bf16Matrix { data: y, rows: routing.tokens(), cols: n }, Some(out))
-            }
-            None => (out, None),
+            None => Resolved { weights: self.weights, lora: self.lora, routing: routing.view() },
         };
-        Ok((Forward { out: result }, Saved { layer: *self, x, routing, gates, x_map, xa, expanded, config }))
+        let config = pick_config(l, resolved.routing.num_experts);
+        let (out, xa, expanded) = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing, config)?;
+        let mut compact = compact;
+        if self.dequant_buffer == DequantBuffer::Recompute {
+            if let Some(c) = compact.as_mut() {
+                c.weights = None;
+            }
+        }
+        Ok((Forward { out, strategy }, Saved { layer: *self, x, routing, gates, x_map, xa, expanded, config, compact }))
     }
+
+    /// Strategy A's setup: active experts (one read-back of the offsets), compact offsets,
+    /// dequantized active experts, and — unless every expert is active — the gathered LoRA.
+    fn build_compact(&self, gpu: &Gpu, w: &MxExperts, routing: &DeviceRouting) -> Result<Compact> {
+        let offsets = download(gpu, routing.expert_offsets())?;
+        let active = active_from_offsets(&offsets);
+        let all = active.len() == offsets.len();
+        let compact_offsets: Vec<u32> = active.iter().map(|&e| offsets[e as usize]).collect();
+        let active_dev = upload(gpu, if active.is_empty() { &[0u32][..] } else { &active })?;
+        let offsets_dev = if all { download_clone(gpu, routing.expert_offsets())? } else { upload(gpu, if compact_offsets.is_empty() { &[0u32][..] } else { &compact_offsets })? };
+        let weights = dequant_active(gpu, w, &active)?;
+        let lora = match self.lora {
+            Some(lora) if !all => Some(gather_lora(gpu, lora, &active_dev, active.len(), w.shape.experts())?),
+            _ => None,
+        };
+        Ok(Compact { active: active_dev, active_count: active.len(), offsets: offsets_dev, lora, weights: Some(weights) })
+    }
+}
+
+/// Sorted experts that own at least one row, from the inclusive offsets.
+fn active_from_offsets(offsets: &[u32]) -> Vec<u32> {
+    let mut prev = 0;
+    let mut active = Vec::new();
+    for (e, &end) in offsets.iter().enumerate() {
+        if end > prev {
+            active.push(e as u32);
+        }
+        prev = end;
+    }
+    active
+}
+
+/// The active experts of a routing (reads the offsets back: one synchronisation).
+pub fn active_experts(gpu: &Gpu, routing: &DeviceRouting) -> Result<Vec<u32>> {
+    Ok(active_from_offsets(&download(gpu, routing.expert_offsets())?))
+}
+
+fn download_clone(gpu: &Gpu, buf: &CudaSlice<u32>) -> Result<CudaSlice<u32>> {
+    gpu.stream().clone_dtod(buf).map_err(Error::driver("copying device memory"))
+}
+
+/// Dequantizes the listed experts into a compact `[len, N, K]` bf16 buffer (at least one
+/// expert's worth is allocated so an empty list still yields a valid buffer).
+fn dequant_active(gpu: &Gpu, w: &MxExperts, active: &[u32]) -> Result<DenseExperts> {
+    let (n, k) = (w.shape.n(), w.shape.k());
+    let ids: &[u32] = if active.is_empty() { &[0] } else { active };
+    let data = crate::kernels::dequant::dequant_mxfp4_bf16(gpu, &w.packed, &w.scales, w.shape.experts(), n, k, ids)?;
+    Ok(DenseExperts { data, experts: ids.len(), n, k })
+}
+
+/// Gathers the active experts' LoRA rows of `A` and columns of `B`.
+fn gather_lora(gpu: &Gpu, lora: &LoraWeights, active: &CudaSlice<u32>, count: usize, experts: usize) -> Result<LoraWeights> {
+    let r = lora.rank;
+    let (k, n) = (lora.a.cols, lora.b.rows);
+    let blocks = count.max(1);
+    let mut a = alloc_poisoned::<u16>(gpu, blocks * r * k, 0xFF)?;
+    let mut b = alloc_poisoned::<u16>(gpu, n * blocks * r, 0xFF)?;
+    // The full matrices are only read by a gather; the remap kernel takes them mutably because
+    // the same launch path scatters.
+    let mut full_a = download_clone_u16(gpu, &lora.a.data)?;
+    let mut full_b = download_clone_u16(gpu, &lora.b.data)?;
+    eltwise::remap_blocks(gpu, &mut full_a, experts * r, k, &mut a, active, count, experts, r, true, Remap::Gather)?;
+    eltwise::remap_blocks(gpu, &mut full_b, n, experts * r, &mut b, active, count, experts, r, false, Remap::Gather)?;
+    Ok(LoraWeights { a: Bf16Matrix { data: a, rows: count * r, cols: k }, b: Bf16Matrix { data: b, rows: n, cols: count * r }, rank: r, scaling: lora.scaling })
+}
+
+fn download_clone_u16(gpu: &Gpu, buf: &CudaSlice<u16>) -> Result<CudaSlice<u16>> {
+    gpu.stream().clone_dtod(buf).map_err(Error::driver("copying device memory"))
+}
+
+/// The forward kernels on resolved weights: XA, the grouped GEMM with the LoRA epilogue, and the
+/// gate combination. Returns (output, XA, per-slot output when gated).
+#[allow(clippy::too_many_arguments)]
+fn forward_core(
+    gpu: &Gpu,
+    r: &Resolved<'_>,
+    x: &Bf16Matrix,
+    x_map: RowMap,
+    output_order: RowOrder,
+    gates: Option<&Bf16Matrix>,
+    routing: &DeviceRouting,
+    config: usize,
+) -> Result<(Bf16Matrix, Option<CudaSlice<u16>>, Option<Bf16Matrix>)> {
+    let (_, n, k) = r.weights.shape();
+    let l = routing.rows();
+    let xa = match r.lora {
+        Some(lora) => {
+            let r_pad = rank_pad(lora.rank as u32) as usize;
+            let mut xa = alloc_poisoned::<u16>(gpu, (l * r_pad).max(1), 0xFF)?;
+            // XA[p, j] = x_p · A_e[j, :]: A_e(j, d) = A[(e·r + j)·K + d].
+            let m = Strided { buf: &lora.a.data, stride_e: lora.rank * k, stride_n: k, stride_k: 1 };
+            lora_down(gpu, r.routing, &x.data, k, x_map, k, m, lora.rank, &mut xa)?;
+            Some(xa)
+        }
+        None => None,
+    };
+    let experts = r.routing.num_experts;
+    let mut out = alloc_poisoned::<u16>(gpu, (l * n).max(1), 0xFF)?;
+    let lora_epi = match (r.lora, &xa) {
+        (Some(lora), Some(xa)) => Some(LoraEpilogue {
+            left: xa,
+            // right_e(n, j) = B[n, e·r + j].
+            right: Strided { buf: &lora.b.data, stride_e: lora.rank, stride_n: experts * lora.rank, stride_k: 1 },
+            rank: lora.rank,
+            scaling: lora.scaling,
+        }),
+        _ => None,
+    };
+    grouped_gemm(
+        gpu,
+        GemmArgs {
+            routing: r.routing,
+            a: &x.data,
+            a_stride: k,
+            a_map: x_map,
+            b: r.weights.forward_operand(),
+            k_red: k,
+            n_out: n,
+            out: &mut out,
+            out_stride: n,
+            out_scattered: output_order == RowOrder::Scattered,
+            lora: lora_epi,
+            config,
+        },
+    )?;
+    let out = Bf16Matrix { data: out, rows: l, cols: n };
+    Ok(match gates {
+        Some(g) => {
+            let y = eltwise::combine_gates(gpu, &out.data, &g.data, routing.tokens(), routing.top_k(), n)?;
+            (Bf16Matrix { data: y, rows: routing.tokens(), cols: n }, xa, Some(out))
+        }
+        None => (out, xa, None),
+    })
 }
 
 /// Backward pass: `dy` has the shape of [`Forward::out`].
 pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> {
     let layer = &saved.layer;
     let routing = saved.routing;
-    let (e, n, k) = layer.weights.shape();
-    let (t, top_k, l) = (routing.tokens(), routing.top_k(), routing.rows());
-    let view = routing.view();
-    let expected_rows = if saved.gates.is_some() { t } else { l };
+    let (e, n, _) = layer.weights.shape();
+    let expected_rows = if saved.gates.is_some() { routing.tokens() } else { routing.rows() };
     if dy.rows != expected_rows || dy.cols != n {
         return Err(Error::Shape { tensor: "dy", expected: format!("[{expected_rows}, {n}]"), actual: format!("[{}, {}]", dy.rows, dy.cols) });
     }
+    let Some(c) = &saved.compact else {
+        let resolved = Resolved { weights: layer.weights, lora: layer.lora, routing: routing.view() };
+        return backward_core(gpu, saved, &resolved, dy);
+    };
+    // Strategy A: the compact weights (kept or dequantized again), compact LoRA and offsets.
+    let ExpertWeights::Mxfp4(w) = layer.weights else {
+        return Err(Error::InvalidArgument { what: "saved state", detail: "Strategy A state without MXFP4 weights".into() });
+    };
+    let recomputed;
+    let weights = match &c.weights {
+        Some(d) => d,
+        None => {
+            let active = download(gpu, &c.active)?;
+            recomputed = dequant_active(gpu, w, &active[..c.active_count])?;
+            &recomputed
+        }
+    };
+    let resolved = Resolved {
+        weights: ExpertWeights::Bf16(weights),
+        lora: c.lora.as_ref().or(layer.lora),
+        routing: RoutingView { ssi: routing.sorted_scattered_idxs(), offsets: &c.offsets, rows: routing.rows(), num_experts: c.active_count },
+    };
+    let mut grads = backward_core(gpu, saved, &resolved, dy)?;
+    // Scatter the compact LoRA gradients back to full size (zeros for inactive experts).
+    if let (Some(lora), Some(_)) = (layer.lora, &c.lora) {
+        let r = lora.rank;
+        let k = lora.a.cols;
+        if let Some(da) = grads.da.as_mut() {
+            let mut full = alloc_poisoned::<u16>(gpu, e * r * k, 0)?;
+            eltwise::remap_blocks(gpu, &mut full, e * r, k, &mut da.data, &c.active, c.active_count, e, r, true, Remap::Scatter)?;
+            *da = Bf16Matrix { data: full, rows: e * r, cols: k };
+        }
+        if let Some(db) = grads.db.as_mut() {
+            let mut full = alloc_poisoned::<u16>(gpu, n * e * r, 0)?;
+            eltwise::remap_blocks(gpu, &mut full, n, e * r, &mut db.data, &c.active, c.active_count, e, r, false, Remap::Scatter)?;
+            *db = Bf16Matrix { data: full, rows: n, cols: e * r };
+        }
+    }
+    Ok(grads)
+}
+
+/// The backward kernels on resolved weights.
+fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix) -> Result<Grads> {
+    let layer = &saved.layer;
+    let routing = saved.routing;
+    let (e, n, k) = r.weights.shape();
+    let (t, top_k, l) = (routing.tokens(), routing.top_k(), routing.rows());
+    let view = r.routing;
     // The per-slot output gradient and how grouped row p finds its row.
     let (d_gates, gated_dy) = match (saved.gates, &saved.expanded) {
         (Some(g), Some(expanded)) => {
@@ -406,7 +636,7 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
         (None, RowOrder::Scattered) => (&dy.data, RowMap::Scattered { fan_out: 1 }),
         (None, RowOrder::Grouped) => (&dy.data, RowMap::Grouped),
     };
-    let yb = match layer.lora {
+    let yb = match r.lora {
         Some(lora) => {
             let r_pad = rank_pad(lora.rank as u32) as usize;
             let mut yb = alloc_poisoned::<u16>(gpu, (l * r_pad).max(1), 0xFF)?;
@@ -423,7 +653,7 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
         RowMap::Scattered { .. } => (l, true),
     };
     let mut dxs = alloc_poisoned::<u16>(gpu, (dx_rows * k).max(1), 0xFF)?;
-    let lora_epi = match (layer.lora, &yb) {
+    let lora_epi = match (r.lora, &yb) {
         (Some(lora), Some(yb)) => Some(LoraEpilogue {
             left: yb,
             // right_e(kk, j) = A[(e·r + j)·K + kk].
@@ -441,7 +671,7 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
             a_stride: n,
             a_map: dy_map,
             // dX = dY · W_e: reduction over n (rows of W_store[e]), output over k (contiguous).
-            b: layer.weights.dx_operand(),
+            b: r.weights.dx_operand(),
             k_red: n,
             n_out: k,
             out: &mut dxs,
@@ -455,7 +685,7 @@ pub fn backward(gpu: &Gpu, saved: &Saved<'_>, dy: &Bf16Matrix) -> Result<Grads> 
         RowMap::Scattered { fan_out } if fan_out > 1 => Bf16Matrix { data: eltwise::sum_slots(gpu, &dxs, t, top_k, k)?, rows: t, cols: k },
         _ => Bf16Matrix { data: dxs, rows: dx_rows, cols: k },
     };
-    let (da, db) = match (layer.lora, &yb, &saved.xa) {
+    let (da, db) = match (r.lora, &yb, &saved.xa) {
         (Some(lora), Some(yb), Some(xa)) => {
             let r = lora.rank;
             let mut da = alloc_poisoned::<u16>(gpu, e * r * k, 0xFF)?;

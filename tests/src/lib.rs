@@ -110,7 +110,7 @@ pub fn f32_to_bf16(values: &[f32]) -> Vec<u16> {
 pub mod linear_case {
     use mxmoe::device::Gpu;
     use mxmoe::mxfp4::MxWeights;
-    use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, Grads, LoraWeights, MxExperts, RowOrder, backward};
+    use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, Grads, LoraWeights, MxExperts, RowOrder, Strategy, backward, DequantBuffer};
     use mxmoe::reference::{self, LinearProblem, Rounding};
     use mxmoe::routing::DeviceRouting;
 
@@ -226,8 +226,10 @@ pub mod linear_case {
     pub enum Base<'a> {
         /// Dense bf16 weights from these f32 values (`[E, N, K]`).
         Dense(&'a [f32]),
-        /// MXFP4 weights (Strategy B: decoded inside the kernels).
-        Mx(&'a MxWeights),
+        /// MXFP4 weights with a strategy (B: decoded inside the kernels; A: selective dequant).
+        Mx(&'a MxWeights, Strategy),
+        /// MXFP4 weights with Strategy A recomputing its buffer in backward.
+        MxRecompute(&'a MxWeights),
     }
 
     /// Runs forward and backward on the GPU with dense bf16 weights `d.w`.
@@ -246,7 +248,7 @@ pub mod linear_case {
                 dense = DenseExperts::from_f32(gpu, w, c.e, c.n, c.k).unwrap();
                 ExpertWeights::Bf16(&dense)
             }
-            Base::Mx(m) => {
+            Base::Mx(m, _) | Base::MxRecompute(m) => {
                 mx = MxExperts::upload(gpu, m).unwrap();
                 ExpertWeights::Mxfp4(&mx)
             }
@@ -258,7 +260,12 @@ pub mod linear_case {
             scaling: d.s,
         });
         let gates = d.gates.as_ref().map(|g| Bf16Matrix::from_f32(gpu, g, c.t, c.top_k).unwrap());
-        let layer = ExpertLinear { weights, lora: lora.as_ref(), input_order: c.input, output_order: c.output };
+        let (strategy, buffer) = match base {
+            Base::Mx(_, s) => (s, DequantBuffer::Keep),
+            Base::MxRecompute(_) => (Strategy::SelectiveDequant, DequantBuffer::Recompute),
+            Base::Dense(_) => (Strategy::Fused, DequantBuffer::Keep),
+        };
+        let layer = ExpertLinear { dequant_buffer: buffer, ..ExpertLinear::new(weights, lora.as_ref(), c.input, c.output).with_strategy(strategy) };
         let (fwd, saved) = layer.forward(gpu, &x, &routing, gates.as_ref()).unwrap();
         let dy_m = Bf16Matrix::from_f32(gpu, dy, fwd.out.rows(), fwd.out.cols()).unwrap();
         let Grads { dx, da, db, d_gates } = backward(gpu, &saved, &dy_m).unwrap();

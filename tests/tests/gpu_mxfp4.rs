@@ -7,7 +7,7 @@
 //! - no bf16 copy of the experts is allocated.
 
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
-use mxmoe::op::RowOrder;
+use mxmoe::op::{RowOrder, Strategy};
 use mxmoe_tests::linear_case::{Base, Case, GpuResult, compare, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu};
 
@@ -47,7 +47,7 @@ fn check(c: Case) -> Option<GpuResult> {
     let d = draw(&c);
     let (mx, deq) = quantized(&c, &d.w);
     let dy = Rng::new(c.seed ^ 0xD2).normal_bf16(out_rows(&c) * c.n, 1.0);
-    let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx));
+    let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
     let got_dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
     same_result(&got_mx, &got_dense);
     compare(&c, &d, &deq, &dy, &got_mx, RTOL, ATOL_FRAC);
@@ -67,7 +67,7 @@ fn spec_representative_shape_with_scale_guard() {
     let d = draw(&c);
     let (mx, deq) = quantized(&c, &d.w);
     let dy = Rng::new(99).normal_bf16(out_rows(&c) * c.n, 1.0);
-    let got = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx));
+    let got = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
     compare(&c, &d, &deq, &dy, &got, RTOL, ATOL_FRAC);
     // Scale guard (issue 4): dX_mx / dX_ref over elements above 1e-3·max|dX_ref| must have a
     // small spread AND a mean within 2 % of 1 (the spread alone misses a uniform factor).
@@ -112,7 +112,7 @@ fn edge_scale_bytes_decode_like_the_dense_path_and_nan_propagates() {
     // Route every token to expert 0 so the NaN column is hit.
     let d = mxmoe_tests::linear_case::Data { ids: (0..c.t * c.top_k).map(|i| (i % c.top_k) as i64).collect(), ..d };
     let dy = Rng::new(301).normal_bf16(out_rows(&c) * c.n, 1.0);
-    let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx));
+    let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
     let got_dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
     same_result(&got_mx, &got_dense);
     // Grouped output: the rows of expert 0 are the first T rows. Column 0 reads the NaN block;
@@ -141,7 +141,7 @@ fn fused_path_allocates_no_bf16_copy_of_the_experts() {
     let dy = Bf16Matrix::from_f32(gpu, &Rng::new(401).normal_bf16(out_rows(&c) * c.n, 1.0), out_rows(&c), c.n).unwrap();
     gpu.synchronize().unwrap();
     let (free_before, _) = gpu.mem_info().unwrap();
-    let layer = ExpertLinear { weights: ExpertWeights::Mxfp4(&weights), lora: Some(&lora), input_order: c.input, output_order: c.output };
+    let layer = ExpertLinear::new(ExpertWeights::Mxfp4(&weights), Some(&lora), c.input, c.output).with_strategy(Strategy::Fused);
     let (fwd, saved) = layer.forward(gpu, &x, &routing, None).unwrap();
     gpu.synchronize().unwrap();
     let (free_fwd, _) = gpu.mem_info().unwrap();

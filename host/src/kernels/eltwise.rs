@@ -2,7 +2,7 @@
 
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
-use kernels_gpu::shared::params::EltwiseParams;
+use kernels_gpu::shared::params::{EltwiseParams, RemapParams};
 
 use super::{MIN_CC, alloc_poisoned, check_len};
 use crate::device::Gpu;
@@ -60,4 +60,59 @@ pub fn sum_slots(gpu: &Gpu, dxs: &CudaSlice<u16>, tokens: usize, top_k: usize, w
     let params = EltwiseParams { in0_addr: addr(gpu, dxs), in1_addr: 0, out_addr: addr_mut(gpu, &mut dx), tokens: tokens as u64, width: width as u32, top_k: top_k as u32 };
     run(gpu, names::SUM_SLOTS, (tokens * width) as u64, params)?;
     Ok(dx)
+}
+
+/// Which way [`remap_blocks`] copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Remap {
+    /// `compact = full[map]`.
+    Gather,
+    /// `full[map] = compact` (other blocks untouched).
+    Scatter,
+}
+
+/// Copies expert blocks (`block` rows if `rows_blocked`, else `block` columns per expert)
+/// between a full matrix `[full_rows, full_cols]` and a compact one holding the blocks of the
+/// experts in `map` (a device u32 list, each `< num_experts`).
+#[allow(clippy::too_many_arguments)]
+pub fn remap_blocks(
+    gpu: &Gpu,
+    full: &mut CudaSlice<u16>,
+    full_rows: usize,
+    full_cols: usize,
+    compact: &mut CudaSlice<u16>,
+    map: &CudaSlice<u32>,
+    map_len: usize,
+    num_experts: usize,
+    block: usize,
+    rows_blocked: bool,
+    dir: Remap,
+) -> Result<()> {
+    let blocked_full = if rows_blocked { full_rows } else { full_cols };
+    if blocked_full != num_experts * block {
+        return Err(crate::error::Error::Shape { tensor: "LoRA matrix", expected: format!("{} blocked rows/columns", num_experts * block), actual: format!("{blocked_full}") });
+    }
+    check_len("full matrix", full, full_rows * full_cols)?;
+    check_len("expert map", map, map_len)?;
+    let (rows, cols) = if rows_blocked { (map_len * block, full_cols) } else { (full_rows, map_len * block) };
+    check_len("compact matrix", compact, rows * cols)?;
+    if rows * cols == 0 {
+        return Ok(());
+    }
+    let params = RemapParams {
+        full_addr: addr_mut(gpu, full),
+        compact_addr: addr_mut(gpu, compact),
+        map_addr: addr(gpu, map),
+        rows: rows as u64,
+        cols: cols as u64,
+        full_cols: full_cols as u64,
+        block: block as u32,
+        axis: if rows_blocked { 0 } else { 1 },
+        scatter: (dir == Remap::Scatter) as u32,
+        _pad: 0,
+    };
+    let spec = LaunchSpec { name: names::REMAP_BLOCKS, threads: THREADS, dynamic_smem_bytes: 0, min_cc: MIN_CC };
+    // SAFETY: the compact matrix holds rows·cols elements, the full matrix full_rows·full_cols,
+    // and the caller's map entries are < num_experts (so every block lies in the full matrix).
+    unsafe { gpu.launch(&spec, (grid(gpu, (rows * cols) as u64), 1, 1), params) }
 }

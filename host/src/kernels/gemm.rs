@@ -338,6 +338,10 @@ pub fn gram(
     out_strides: (usize, usize, usize),
 ) -> Result<()> {
     check_common(&routing)?;
+    if routing.num_experts == 0 {
+        // No expert owns a row: the gradient is all zeros.
+        return super::fill_bytes(gpu, out, 0);
+    }
     let (r_pad, idx) = padded_rank(rank)?;
     if width == 0 || width % 8 != 0 || rank == 0 {
         return Err(Error::InvalidArgument { what: "Gram shape", detail: format!("width {width} must be a positive multiple of 8 and rank {rank} positive") });

@@ -45,6 +45,8 @@ unsafe impl KernelParams for params::GemmParams {}
 unsafe impl KernelParams for params::GramParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for params::EltwiseParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for params::RemapParams {}
 
 /// The by-value argument handed to cudarc.
 #[repr(transparent)]

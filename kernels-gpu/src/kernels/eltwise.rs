@@ -138,3 +138,38 @@ pub unsafe extern "ptx-kernel" fn mxmoe_sum_slots(p: EltwiseParams) {
         i += stride;
     }
 }
+
+/// Expert-block gather/scatter between a full and a compact LoRA matrix; see
+/// `shared::params::RemapParams`.
+///
+/// # Safety
+/// Launch contract: 1-D grid and block; the compact matrix holds `rows·cols` bf16; every map
+/// entry addresses a block inside the full matrix (`full_cols` columns).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn mxmoe_remap_blocks(p: crate::shared::params::RemapParams) {
+    let (mut i, stride) = grid_stride();
+    let b = p.block as u64;
+    while i < p.rows * p.cols {
+        let (r, c) = (i / p.cols, i % p.cols);
+        let (fr, fc) = if p.axis == 0 {
+            // SAFETY: `r / b` < number of compact blocks (the map's length).
+            let e: u32 = unsafe { load(p.map_addr + 4 * (r / b)) };
+            (e as u64 * b + r % b, c)
+        } else {
+            // SAFETY: as above for columns.
+            let e: u32 = unsafe { load(p.map_addr + 4 * (c / b)) };
+            (r, e as u64 * b + c % b)
+        };
+        let full = p.full_addr + 2 * (fr * p.full_cols + fc);
+        let compact = p.compact_addr + 2 * i;
+        // SAFETY: both elements are inside their matrices by the contract.
+        unsafe {
+            if p.scatter == 0 {
+                store::<u16>(compact, load::<u16>(full));
+            } else {
+                store::<u16>(full, load::<u16>(compact));
+            }
+        }
+        i += stride;
+    }
+}

@@ -25,6 +25,8 @@ pub const GATE_GRAD: &str = "mxmoe_gate_grad";
 pub const SCALE_SLOTS: &str = "mxmoe_scale_slots";
 /// Slot sum: `dx[t] = Σ_j dxs[t·k+j]`.
 pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
+/// Expert-block gather/scatter of LoRA matrices (Strategy A).
+pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
 /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
 pub const GEMM_NK: [&str; 3] = [
@@ -69,6 +71,7 @@ pub const ALL: &[&str] = &[
     GATE_GRAD,
     SCALE_SLOTS,
     SUM_SLOTS,
+    REMAP_BLOCKS,
     GEMM_NK[0],
     GEMM_NK[1],
     GEMM_NK[2],

@@ -236,3 +236,39 @@ pub struct EltwiseParams {
 const _: () = {
     assert!(size_of::<EltwiseParams>() == 40);
 };
+
+/// Parameters of the expert-block remap kernel (Strategy A's LoRA gather and gradient scatter).
+///
+/// A matrix whose rows (`axis = 0`, e.g. `A [E·r, K]`) or columns (`axis = 1`, e.g.
+/// `B [N, E·r]`) come in blocks of `block` per expert is copied between its full form (E
+/// blocks) and its compact form (one block per entry of `map`, u32 expert ids). `scatter = 0`:
+/// `compact = full[map]`; `scatter = 1`: `full[map] = compact` (other blocks untouched).
+/// `rows`/`cols` are the compact matrix's; the full matrix has `full_cols` columns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemapParams {
+    /// bf16 full matrix.
+    pub full_addr: u64,
+    /// bf16 compact matrix.
+    pub compact_addr: u64,
+    /// u32 `[compact blocks]` expert id of each compact block.
+    pub map_addr: u64,
+    /// Rows of the compact matrix.
+    pub rows: u64,
+    /// Columns of the compact matrix.
+    pub cols: u64,
+    /// Columns of the full matrix.
+    pub full_cols: u64,
+    /// Rows or columns per expert block.
+    pub block: u32,
+    /// 0: rows are blocked; 1: columns are blocked.
+    pub axis: u32,
+    /// 0: gather into the compact matrix; 1: scatter into the full matrix.
+    pub scatter: u32,
+    /// Padding; must be 0.
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<RemapParams>() == 64);
+};
