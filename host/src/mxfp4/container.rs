@@ -426,9 +426,9 @@ pub(crate) mod test_support {
         pub(crate) dequantized_bf16: Vec<u16>,
     }
 
-    /// Finds the golden file: `$MXMOE_GOLDEN` (a file, or a folder holding it) if set, else
-    /// `shared/golden/` or `../shared/golden/` above `CARGO_MANIFEST_DIR`. Panics with a clear
-    /// message if it is missing: CI always places `shared/` beside the checkout.
+    /// Finds the golden file: `$MXMOE_GOLDEN` (a file, or a folder holding it) if set, else the
+    /// vendored copy in `tests/data/golden/`, else `shared/golden/` or `../shared/golden/`, each
+    /// searched above `CARGO_MANIFEST_DIR`. Panics with a clear message if it is missing.
     pub(crate) fn golden_path() -> PathBuf {
         if let Some(env) = std::env::var_os("MXMOE_GOLDEN") {
             let p = PathBuf::from(env);
@@ -442,7 +442,7 @@ pub(crate) mod test_support {
         }
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         for dir in manifest.ancestors() {
-            for rel in ["shared/golden", "../shared/golden"] {
+            for rel in ["tests/data/golden", "shared/golden", "../shared/golden"] {
                 let candidate = dir.join(rel).join(GOLDEN_FILE);
                 if candidate.is_file() {
                     return candidate;
@@ -450,7 +450,7 @@ pub(crate) mod test_support {
             }
         }
         panic!(
-            "golden file {GOLDEN_FILE} not found: looked for shared/golden/ and ../shared/golden/ \
+            "golden file {GOLDEN_FILE} not found: looked for tests/data/golden/, shared/golden/ and ../shared/golden/ \
              in every folder above {}; set MXMOE_GOLDEN to its path",
             manifest.display()
         );
