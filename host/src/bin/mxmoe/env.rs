@@ -24,7 +24,9 @@ impl std::fmt::Display for NoGpu {
         match self {
             NoGpu::NoDriver => write!(f, "no CUDA driver found"),
             NoGpu::NoDevice { count: 0, .. } => write!(f, "no CUDA device found"),
-            NoGpu::NoDevice { ordinal, count } => write!(f, "no CUDA device {ordinal} (the driver reports {count})"),
+            NoGpu::NoDevice { ordinal, count } => {
+                write!(f, "no CUDA device {ordinal} (the driver reports {count})")
+            }
         }
     }
 }
@@ -40,7 +42,8 @@ pub fn open_gpu(ordinal: usize) -> anyhow::Result<Result<Gpu, NoGpu>> {
     if ordinal >= count {
         return Ok(Err(NoGpu::NoDevice { ordinal, count }));
     }
-    let gpu = Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
+    let gpu =
+        Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
     Ok(Ok(gpu))
 }
 
@@ -54,15 +57,28 @@ pub fn cuda_driver_version() -> Option<String> {
     // the symbol instead of panicking; `cuDriverGetVersion` needs no `cuInit` and only writes one
     // `int` through the pointer, which points at a live local.
     let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
-    (status == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then(|| format!("{}.{}", version / 1000, (version % 1000) / 10))
+    (status == cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+        .then(|| format!("{}.{}", version / 1000, (version % 1000) / 10))
 }
 
-/// The kernel driver's version from `/proc/driver/nvidia/version` (Linux), e.g. "550.54.15".
+/// The kernel driver's version from `/proc/driver/nvidia/version` (Linux), e.g. "580.159.04":
+/// the first word of the first line that looks like a dotted version number (the line reads
+/// "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  …" or, for the open modules,
+/// "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  …").
 pub fn kernel_driver_version() -> Option<String> {
     let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
-    let line = text.lines().next()?;
-    let rest = line.split("Kernel Module").nth(1)?;
-    rest.split_whitespace().next().map(str::to_owned)
+    first_version_word(text.lines().next()?)
+}
+
+/// The first whitespace-separated word made of digits and at least one dot, with no empty parts.
+fn first_version_word(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find(|w| {
+            w.contains('.')
+                && w.split('.')
+                    .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(str::to_owned)
 }
 
 /// "550.54.15 (CUDA 12.4)", or whichever part is known, or "unknown".
@@ -87,18 +103,28 @@ pub fn commit() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     if let Some(head) = git(&["rev-parse", "--short", "HEAD"]).filter(|h| !h.is_empty()) {
-        let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+        let dirty =
+            git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
         return if dirty { format!("{head}+dirty") } else { head };
     }
-    std::env::var("MXMOE_COMMIT").ok().filter(|c| !c.trim().is_empty()).unwrap_or_else(|| "unknown".into())
+    std::env::var("MXMOE_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The current UTC time as "YYYY-MM-DD HH:MM UTC".
 pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
 }
 
 /// Proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
@@ -122,7 +148,19 @@ pub fn mib(bytes: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::civil_from_days;
+    use super::{civil_from_days, first_version_word};
+
+    #[test]
+    fn driver_version_lines() {
+        let proprietary = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar  5 22:23:56 UTC 2024";
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  (dvs-builder@U22-I3-AM02-24-3)";
+        assert_eq!(
+            first_version_word(proprietary).as_deref(),
+            Some("550.54.15")
+        );
+        assert_eq!(first_version_word(open).as_deref(), Some("580.159.04"));
+        assert_eq!(first_version_word("no version here: x86_64 ."), None);
+    }
 
     #[test]
     fn civil_dates() {

@@ -26,7 +26,8 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     let count = device_count().context("could not count CUDA devices")?;
     println!("devices: {count}");
     for ordinal in 0..count {
-        let gpu = Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
+        let gpu =
+            Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
         print_device(ordinal, &gpu)?;
         if args.kernels {
             print_kernels(&gpu)?;
@@ -49,23 +50,43 @@ fn ptx_target() -> String {
 
 fn print_device(ordinal: usize, gpu: &Gpu) -> anyhow::Result<()> {
     let l = gpu.limits();
-    let (free, total) = gpu.mem_info().with_context(|| format!("could not read the memory of device {ordinal}"))?;
+    let (free, total) = gpu
+        .mem_info()
+        .with_context(|| format!("could not read the memory of device {ordinal}"))?;
     println!("device {ordinal}: {}", l.name);
-    println!("  compute capability:        {}.{}", l.compute_capability.0, l.compute_capability.1);
+    println!(
+        "  compute capability:        {}.{}",
+        l.compute_capability.0, l.compute_capability.1
+    );
     println!("  multiprocessors:           {}", l.sm_count);
-    println!("  shared memory per block:   {} bytes (opt-in maximum)", l.max_smem_per_block_optin);
+    println!(
+        "  shared memory per block:   {} bytes (opt-in maximum)",
+        l.max_smem_per_block_optin
+    );
     println!("  shared memory per SM:      {} bytes", l.max_smem_per_sm);
     println!("  registers per SM:          {}", l.regs_per_sm);
     println!("  L2 cache:                  {}", mib(l.l2_bytes));
-    println!("  memory:                    {} total, {} free", mib(total), mib(free));
+    println!(
+        "  memory:                    {} total, {} free",
+        mib(total),
+        mib(free)
+    );
     Ok(())
 }
 
 fn print_kernels(gpu: &Gpu) -> anyhow::Result<()> {
-    println!("  {:<40} {:>5} {:>11} {:>11}", "kernel", "regs", "static smem", "local bytes");
+    println!(
+        "  {:<40} {:>5} {:>11} {:>11}",
+        "kernel", "regs", "static smem", "local bytes"
+    );
     for &name in mxmoe::shared::names::ALL {
-        let r = gpu.function_resources(name).with_context(|| format!("could not read the attributes of kernel {name}"))?;
-        println!("  {name:<40} {:>5} {:>11} {:>11}", r.registers, r.static_smem_bytes, r.local_bytes);
+        let r = gpu
+            .function_resources(name)
+            .with_context(|| format!("could not read the attributes of kernel {name}"))?;
+        println!(
+            "  {name:<40} {:>5} {:>11} {:>11}",
+            r.registers, r.static_smem_bytes, r.local_bytes
+        );
     }
     Ok(())
 }

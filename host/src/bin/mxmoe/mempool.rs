@@ -26,18 +26,24 @@ impl<'a> PoolWatch<'a> {
         if !ctx.has_async_alloc() {
             return Ok(None);
         }
-        ctx.bind_to_thread().context("could not bind the CUDA context")?;
+        ctx.bind_to_thread()
+            .context("could not bind the CUDA context")?;
         // SAFETY: `cu_device` is the handle of the device the open context was created on.
-        let pool = unsafe { device::get_mem_pool(ctx.cu_device()) }.context("could not look up the device's memory pool")?;
+        let pool = unsafe { device::get_mem_pool(ctx.cu_device()) }
+            .context("could not look up the device's memory pool")?;
         Ok(Some(Self { gpu, pool }))
     }
 
     fn get(&self, attr: PoolAttr) -> anyhow::Result<u64> {
-        self.gpu.context().bind_to_thread().context("could not bind the CUDA context")?;
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .context("could not bind the CUDA context")?;
         let mut value: u64 = 0;
         // SAFETY: the pool is the device's current pool, valid while the context `self.gpu` owns
         // is alive; the USED_MEM_* attributes are `cuuint64_t`, matching the `u64` written to.
-        unsafe { mem_pool::get_attribute(self.pool, attr, (&raw mut value).cast()) }.with_context(|| format!("could not read memory pool attribute {attr:?}"))?;
+        unsafe { mem_pool::get_attribute(self.pool, attr, (&raw mut value).cast()) }
+            .with_context(|| format!("could not read memory pool attribute {attr:?}"))?;
         Ok(value)
     }
 
@@ -53,10 +59,20 @@ impl<'a> PoolWatch<'a> {
 
     /// Resets the high-water mark (to the current usage, as the driver defines it).
     pub fn reset_peak(&self) -> anyhow::Result<()> {
-        self.gpu.context().bind_to_thread().context("could not bind the CUDA context")?;
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .context("could not bind the CUDA context")?;
         let mut zero: u64 = 0;
         // SAFETY: as in `get`; USED_MEM_HIGH may only be set to zero, which is what we pass.
-        unsafe { mem_pool::set_attribute(self.pool, PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&raw mut zero).cast()) }.context("could not reset the memory pool's high-water mark")?;
+        unsafe {
+            mem_pool::set_attribute(
+                self.pool,
+                PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&raw mut zero).cast(),
+            )
+        }
+        .context("could not reset the memory pool's high-water mark")?;
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use mxmoe::shared::bf16::{bf16_bits_to_f32, round_bf16};
 
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, top_k};
-use crate::strategy::{DeviceWeights, Strategy};
+use crate::strategy::{DeviceWeights, HostWeights, Strategy};
 
 /// Shape and layout flags of one expert-linear call (SPEC §0 notation).
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -149,7 +149,11 @@ impl HostProblem {
     /// `A, B = 0.01·randn`, `dy = randn` (a fixed random output gradient, never all ones).
     pub fn draw(shape: Shape, routing: RoutingKind, seeds: Seeds) -> anyhow::Result<Self> {
         if shape.top_k == 0 || shape.top_k > shape.experts {
-            bail!("top_k = {} must be between 1 and the number of experts ({})", shape.top_k, shape.experts);
+            bail!(
+                "top_k = {} must be between 1 and the number of experts ({})",
+                shape.top_k,
+                shape.experts
+            );
         }
         let logits = routing.logits(shape.tokens, shape.experts, seeds.routing);
         let chosen = top_k(&logits, shape.tokens, shape.experts, shape.top_k);
@@ -157,7 +161,9 @@ impl HostProblem {
         Ok(Self {
             shape,
             ids: chosen.ids,
-            gates: shape.gates.then(|| chosen.gates.iter().map(|&g| round_bf16(g)).collect()),
+            gates: shape
+                .gates
+                .then(|| chosen.gates.iter().map(|&g| round_bf16(g)).collect()),
             x: normal_bf16_bits(shape.x_rows() * shape.k, 1.0, seeds.x, 0),
             lora_a: normal_bf16_bits(er * shape.k, 0.01, seeds.lora, 0),
             lora_b: normal_bf16_bits(shape.n * er, 0.01, seeds.lora, 1),
@@ -170,8 +176,14 @@ impl HostProblem {
     /// recomputes its forward internally).
     pub fn reference(&self, w: &[f32]) -> anyhow::Result<(Outputs, f64, f64)> {
         let s = &self.shape;
-        let routing = reference::flatten_sort_count(&self.ids, s.tokens, s.top_k, s.experts).context("the CPU reference rejected the routing")?;
-        let (x, a, b, dy) = (widen(&self.x), widen(&self.lora_a), widen(&self.lora_b), widen(&self.dy));
+        let routing = reference::flatten_sort_count(&self.ids, s.tokens, s.top_k, s.experts)
+            .context("the CPU reference rejected the routing")?;
+        let (x, a, b, dy) = (
+            widen(&self.x),
+            widen(&self.lora_a),
+            widen(&self.lora_b),
+            widen(&self.dy),
+        );
         let problem = LinearProblem {
             x: &x,
             x_rows: s.x_rows(),
@@ -193,9 +205,16 @@ impl HostProblem {
         };
         let (fwd, fwd_ms) = timed(|| reference::linear_forward(&problem, &routing, Rounding::Bf16));
         let fwd = fwd.context("the CPU reference forward failed")?;
-        let (grads, bwd_ms) = timed(|| reference::linear_backward(&problem, &routing, &dy, Rounding::Bf16));
+        let (grads, bwd_ms) =
+            timed(|| reference::linear_backward(&problem, &routing, &dy, Rounding::Bf16));
         let grads = grads.context("the CPU reference backward failed")?;
-        let outputs = Outputs { out: fwd.y.unwrap_or(fwd.out), dx: grads.dx, da: grads.da, db: grads.db, d_gates: grads.d_gates };
+        let outputs = Outputs {
+            out: fwd.y.unwrap_or(fwd.out),
+            dx: grads.dx,
+            da: grads.da,
+            db: grads.db,
+            d_gates: grads.d_gates,
+        };
         Ok((outputs, fwd_ms, bwd_ms))
     }
 }
@@ -208,42 +227,89 @@ pub struct DeviceProblem {
     gates: Option<Bf16Matrix>,
     dy: Bf16Matrix,
     weights: DeviceWeights,
+    strategy: Strategy,
     shape: Shape,
 }
 
 impl DeviceProblem {
-    /// Uploads the problem and the weights `w_bits [E, N, K]` in `strategy`'s format, and routes
-    /// the ids on the device. Returns once the uploads and the routing have finished.
-    pub fn upload(gpu: &Gpu, strategy: Strategy, p: &HostProblem, w_bits: &[u16]) -> anyhow::Result<Self> {
+    /// Uploads the problem and the weights in `strategy`'s format, and routes the ids on the
+    /// device. Returns once the uploads and the routing have finished.
+    pub fn upload(
+        gpu: &Gpu,
+        strategy: Strategy,
+        p: &HostProblem,
+        w: &HostWeights,
+    ) -> anyhow::Result<Self> {
         let s = p.shape;
-        let weights = strategy.upload(gpu, w_bits, s.experts, s.n, s.k)?;
-        let routing = DeviceRouting::from_host_ids(gpu, &p.ids, s.tokens, s.top_k, s.experts).context("could not route the expert ids on the device")?;
+        if (w.experts, w.n, w.k) != (s.experts, s.n, s.k) {
+            bail!(
+                "the weights are [{}, {}, {}] but the problem needs [{}, {}, {}]",
+                w.experts,
+                w.n,
+                w.k,
+                s.experts,
+                s.n,
+                s.k
+            );
+        }
+        let weights = strategy.upload(gpu, w)?;
+        let routing = DeviceRouting::from_host_ids(gpu, &p.ids, s.tokens, s.top_k, s.experts)
+            .context("could not route the expert ids on the device")?;
         let x = Bf16Matrix::from_bits(gpu, &p.x, s.x_rows(), s.k).context("could not upload x")?;
         let lora = if s.rank == 0 {
             None
         } else {
             Some(LoraWeights {
-                a: Bf16Matrix::from_bits(gpu, &p.lora_a, s.experts * s.rank, s.k).context("could not upload LoRA A")?,
-                b: Bf16Matrix::from_bits(gpu, &p.lora_b, s.n, s.experts * s.rank).context("could not upload LoRA B")?,
+                a: Bf16Matrix::from_bits(gpu, &p.lora_a, s.experts * s.rank, s.k)
+                    .context("could not upload LoRA A")?,
+                b: Bf16Matrix::from_bits(gpu, &p.lora_b, s.n, s.experts * s.rank)
+                    .context("could not upload LoRA B")?,
                 rank: s.rank,
                 scaling: s.scaling,
             })
         };
         let gates = match &p.gates {
-            Some(g) => Some(Bf16Matrix::from_f32(gpu, g, s.tokens, s.top_k).context("could not upload the gates")?),
+            Some(g) => Some(
+                Bf16Matrix::from_f32(gpu, g, s.tokens, s.top_k)
+                    .context("could not upload the gates")?,
+            ),
             None => None,
         };
-        let dy = Bf16Matrix::from_bits(gpu, &p.dy, s.out_rows(), s.n).context("could not upload dy")?;
-        routing.check(gpu).context("the device routing rejected the expert ids")?;
+        let dy =
+            Bf16Matrix::from_bits(gpu, &p.dy, s.out_rows(), s.n).context("could not upload dy")?;
+        routing
+            .check(gpu)
+            .context("the device routing rejected the expert ids")?;
         gpu.synchronize().context("the uploads did not complete")?;
-        Ok(Self { routing, x, lora, gates, dy, weights, shape: s })
+        Ok(Self {
+            routing,
+            x,
+            lora,
+            gates,
+            dy,
+            weights,
+            strategy,
+            shape: s,
+        })
     }
 
     /// One forward and backward, enqueued without host synchronisation. `between` runs after the
     /// forward has been enqueued and before the backward (for timing or memory probes).
-    pub fn forward_backward(&self, gpu: &Gpu, between: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<(Forward, Grads)> {
-        let layer = ExpertLinear { weights: self.weights.as_expert_weights(), lora: self.lora.as_ref(), input_order: self.shape.input, output_order: self.shape.output };
-        let (fwd, saved) = layer.forward(gpu, &self.x, &self.routing, self.gates.as_ref()).context("the forward pass failed")?;
+    pub fn forward_backward(
+        &self,
+        gpu: &Gpu,
+        between: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Forward, Grads)> {
+        let layer = ExpertLinear::new(
+            self.weights.as_expert_weights(),
+            self.lora.as_ref(),
+            self.shape.input,
+            self.shape.output,
+        )
+        .with_strategy(self.strategy.op_strategy());
+        let (fwd, saved) = layer
+            .forward(gpu, &self.x, &self.routing, self.gates.as_ref())
+            .context("the forward pass failed")?;
         between()?;
         let grads = backward(gpu, &saved, &self.dy).context("the backward pass failed")?;
         Ok((fwd, grads))
@@ -251,7 +317,10 @@ impl DeviceProblem {
 
     /// Downloads the results of [`forward_backward`](Self::forward_backward) (synchronizes).
     pub fn download(&self, gpu: &Gpu, fwd: &Forward, grads: &Grads) -> anyhow::Result<Outputs> {
-        let get = |m: &Bf16Matrix, what: &str| m.to_f32(gpu).with_context(|| format!("could not download {what}"));
+        let get = |m: &Bf16Matrix, what: &str| {
+            m.to_f32(gpu)
+                .with_context(|| format!("could not download {what}"))
+        };
         let optional = |m: &Option<Bf16Matrix>, what: &str| -> anyhow::Result<Vec<f32>> {
             match m {
                 Some(m) => get(m, what),

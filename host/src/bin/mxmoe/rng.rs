@@ -29,12 +29,18 @@ const fn mix64(mut z: u64) -> u64 {
 impl Rng {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { state: mix64(seed ^ 0x6A09_E667_F3BC_C909), spare: None }
+        Self {
+            state: mix64(seed ^ 0x6A09_E667_F3BC_C909),
+            spare: None,
+        }
     }
 
     /// A generator for sub-stream `stream` of `seed` (independent of every other sub-stream).
     pub fn substream(seed: u64, stream: u64) -> Self {
-        Self::new(mix64(seed.wrapping_add(0x9E37_79B9_7F4A_7C15)) ^ mix64(stream.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0xA5A5))
+        Self::new(
+            mix64(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))
+                ^ mix64(stream.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0xA5A5),
+        )
     }
 
     /// Next 64 random bits.
@@ -57,11 +63,6 @@ impl Rng {
         let angle = std::f64::consts::TAU * self.uniform_open0();
         self.spare = Some((radius * angle.sin()) as f32);
         (radius * angle.cos()) as f32
-    }
-
-    /// `len` samples of `scale · N(0, 1)`, rounded to bf16 and returned as f32.
-    pub fn normal_bf16(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len).map(|_| mxmoe::shared::bf16::round_bf16(scale * self.normal())).collect()
     }
 }
 

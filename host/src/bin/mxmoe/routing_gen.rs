@@ -42,7 +42,9 @@ impl RoutingKind {
             RoutingKind::Balanced => (0.5, 1.0),
         };
         let shared: Vec<f32> = (0..experts).map(|_| shared_scale * rng.normal()).collect();
-        (0..tokens * experts).map(|i| shared[i % experts] + noise_scale * rng.normal()).collect()
+        (0..tokens * experts)
+            .map(|i| shared[i % experts] + noise_scale * rng.normal())
+            .collect()
     }
 }
 
@@ -60,8 +62,15 @@ pub struct TopK {
 /// Softmax is monotone, so selection runs on the logits; the probabilities are computed (in
 /// `f64`) only for the gates. Requires `1 ≤ top_k ≤ experts`.
 pub fn top_k(logits: &[f32], tokens: usize, experts: usize, top_k: usize) -> TopK {
-    assert!(top_k >= 1 && top_k <= experts, "top_k = {top_k} must be in 1..={experts}");
-    assert_eq!(logits.len(), tokens * experts, "logits must be [tokens, experts]");
+    assert!(
+        top_k >= 1 && top_k <= experts,
+        "top_k = {top_k} must be in 1..={experts}"
+    );
+    assert_eq!(
+        logits.len(),
+        tokens * experts,
+        "logits must be [tokens, experts]"
+    );
     let mut ids = Vec::with_capacity(tokens * top_k);
     let mut gates = Vec::with_capacity(tokens * top_k);
     let mut best: Vec<usize> = Vec::with_capacity(top_k + 1);
@@ -69,14 +78,20 @@ pub fn top_k(logits: &[f32], tokens: usize, experts: usize, top_k: usize) -> Top
         // Insertion into a short sorted list: O(E·k), fine for k ≤ 8 and E ≤ 256.
         best.clear();
         for e in 0..experts {
-            let pos = best.iter().position(|&b| row[e] > row[b]).unwrap_or(best.len());
+            let pos = best
+                .iter()
+                .position(|&b| row[e] > row[b])
+                .unwrap_or(best.len());
             if pos < top_k {
                 best.insert(pos, e);
                 best.truncate(top_k);
             }
         }
         let max = f64::from(row[best[0]]);
-        let chosen: Vec<f64> = best.iter().map(|&e| (f64::from(row[e]) - max).exp()).collect();
+        let chosen: Vec<f64> = best
+            .iter()
+            .map(|&e| (f64::from(row[e]) - max).exp())
+            .collect();
         let sum: f64 = chosen.iter().sum();
         for (&e, &p) in best.iter().zip(&chosen) {
             ids.push(e as i64);
@@ -115,9 +130,14 @@ mod tests {
     #[test]
     fn regimes_differ_in_how_many_experts_they_hit() {
         let (t, e, k) = (4096, 256, 8);
-        let active = |kind: RoutingKind| active_experts(&top_k(&kind.logits(t, e, 1), t, e, k).ids, e);
+        let active =
+            |kind: RoutingKind| active_experts(&top_k(&kind.logits(t, e, 1), t, e, k).ids, e);
         assert_eq!(active(RoutingKind::Dense), e);
-        assert!(active(RoutingKind::Sparse) < 40, "sparse hit {}", active(RoutingKind::Sparse));
+        assert!(
+            active(RoutingKind::Sparse) < 40,
+            "sparse hit {}",
+            active(RoutingKind::Sparse)
+        );
         assert!(active(RoutingKind::Balanced) > 240);
     }
 }

@@ -1,30 +1,127 @@
 //! The ways the CLI can run the expert linear on the GPU ("strategies" in the benchmark, "paths"
 //! in the smoke test), in one place.
 //!
-//! Each strategy says how to put the frozen weights on the device, what dense weights its
-//! kernels effectively multiply by (the CPU reference's input), and how many weight bytes one
-//! expert costs to read. Everything else (routing, LoRA, forward, backward, timing, comparison)
-//! is shared, so adding a strategy (SPEC §4: the MXFP4 selective-dequant "A" or fused "B") is one
-//! new variant plus one arm in each `match` below, and it then appears in both `mxmoe smoke` and
-//! `mxmoe bench`.
+//! Each strategy says how to put the frozen weights on the device, which [`op::Strategy`] the op
+//! layer runs, what dense weights its kernels effectively multiply by (the CPU reference's
+//! input), and how many weight bytes it moves. Everything else (routing, LoRA, forward,
+//! backward, timing, comparison) is shared, so adding a strategy is one new variant plus one
+//! arm in each `match` below, and it then appears in both `mxmoe smoke` and `mxmoe bench`.
+
+use std::sync::OnceLock;
 
 use anyhow::Context as _;
 use mxmoe::device::Gpu;
-use mxmoe::op::{DenseExperts, ExpertWeights};
+use mxmoe::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4_bf16};
+use mxmoe::op::{self, DenseExperts, ExpertWeights, MxExperts};
 use mxmoe::shared::bf16::bf16_bits_to_f32;
 
-/// A weights kind / execution strategy of the expert linear.
+/// A weights kind and execution strategy of the expert linear.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Dense bf16 expert weights resident on the device (the benchmark's baseline).
     Bf16,
+    /// MXFP4 weights, Strategy A (SPEC §4.1): dequantize the active experts to a compact bf16
+    /// buffer, then the bf16 kernels.
+    Mxfp4A,
+    /// MXFP4 weights, Strategy B (SPEC §4.2): decode inside the tensor-core K-loop.
+    Mxfp4B,
+    /// MXFP4 weights, the library's per-call choice between A and B (`op::Strategy::Auto`;
+    /// reads the expert offsets back to the host once per call).
+    Mxfp4Auto,
+}
+
+/// The bf16 checkpoint `W_store [E, N, K]` of one problem, with its MXFP4 quantization made on
+/// first use and then shared by every MXFP4 strategy.
+pub struct HostWeights {
+    /// Experts `E`.
+    pub experts: usize,
+    /// Output dimension `N`.
+    pub n: usize,
+    /// Reduction dimension `K`.
+    pub k: usize,
+    /// bf16 bits, `[E, N, K]` row-major.
+    pub bits: Vec<u16>,
+    mx: OnceLock<MxWeights>,
+}
+
+impl HostWeights {
+    /// Wraps bf16 bits `[experts, n, k]`.
+    pub fn new(bits: Vec<u16>, experts: usize, n: usize, k: usize) -> Self {
+        Self {
+            experts,
+            n,
+            k,
+            bits,
+            mx: OnceLock::new(),
+        }
+    }
+
+    /// The weights widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.bits.iter().map(|&b| bf16_bits_to_f32(b)).collect()
+    }
+
+    /// The MXFP4 quantization (torchao FLOOR, SPEC §1.4), computed once, experts in parallel.
+    pub fn mx(&self) -> anyhow::Result<&MxWeights> {
+        if let Some(mx) = self.mx.get() {
+            return Ok(mx);
+        }
+        let mx = quantize_parallel(&self.bits, self.experts, self.n, self.k)?;
+        Ok(self.mx.get_or_init(|| mx))
+    }
+}
+
+/// [`quantize_mxfp4_bf16`] over groups of experts on every core, concatenated. Blocks never
+/// cross an expert, so the result is identical to one call over the whole tensor.
+fn quantize_parallel(
+    bits: &[u16],
+    experts: usize,
+    n: usize,
+    k: usize,
+) -> anyhow::Result<MxWeights> {
+    let shape = MxShape::new(experts, n, k).context("the weights cannot be MXFP4-quantized")?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(experts);
+    let per_thread = experts.div_ceil(threads.max(1));
+    let parts: Vec<anyhow::Result<MxWeights>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bits
+            .chunks(per_thread * n * k)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    quantize_mxfp4_bf16(chunk, chunk.len() / (n * k), n, k)
+                        .context("the MXFP4 quantizer rejected the weights")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an MXFP4 quantizer thread panicked")))
+            })
+            .collect()
+    });
+    let (mut packed, mut scales) = (
+        Vec::with_capacity(shape.packed_len()),
+        Vec::with_capacity(shape.scales_len()),
+    );
+    for part in parts {
+        let (_, p, s) = part?.into_parts();
+        packed.extend_from_slice(&p);
+        scales.extend_from_slice(&s);
+    }
+    MxWeights::from_shape(shape, packed, scales)
+        .context("the concatenated MXFP4 parts do not form the full tensor")
 }
 
 /// A strategy's weights on the device.
 pub enum DeviceWeights {
     /// Dense bf16 `W_store [E, N, K]`.
     Bf16(DenseExperts),
+    /// MXFP4 `packed [E, N, K/2]` and `scales [E, N, K/32]`.
+    Mxfp4(MxExperts),
 }
 
 impl DeviceWeights {
@@ -32,44 +129,95 @@ impl DeviceWeights {
     pub fn as_expert_weights(&self) -> ExpertWeights<'_> {
         match self {
             DeviceWeights::Bf16(w) => ExpertWeights::Bf16(w),
+            DeviceWeights::Mxfp4(w) => ExpertWeights::Mxfp4(w),
         }
     }
 }
 
 impl Strategy {
     /// Every strategy, in table order.
-    pub const ALL: &'static [Strategy] = &[Strategy::Bf16];
+    pub const ALL: &'static [Strategy] = &[
+        Strategy::Bf16,
+        Strategy::Mxfp4A,
+        Strategy::Mxfp4B,
+        Strategy::Mxfp4Auto,
+    ];
 
-    /// Short name for tables and JSON.
+    /// Short name for tables and JSON (the same as the command-line value).
     pub fn label(self) -> &'static str {
         match self {
             Strategy::Bf16 => "bf16",
+            Strategy::Mxfp4A => "mxfp4-a",
+            Strategy::Mxfp4B => "mxfp4-b",
+            Strategy::Mxfp4Auto => "mxfp4-auto",
         }
     }
 
-    /// Bytes of frozen weights one expert reads per pass (forward or dX): `N·K·2` for bf16,
-    /// `N·K/2 + N·K/32` (packed codes plus E8M0 scales) for an MXFP4 strategy.
-    pub fn weight_bytes_per_expert(self, n: usize, k: usize) -> usize {
+    /// The op layer's strategy (ignored by the op layer for bf16 weights).
+    pub fn op_strategy(self) -> op::Strategy {
+        match self {
+            Strategy::Bf16 | Strategy::Mxfp4B => op::Strategy::Fused,
+            Strategy::Mxfp4A => op::Strategy::SelectiveDequant,
+            Strategy::Mxfp4Auto => op::Strategy::Auto,
+        }
+    }
+
+    /// Bytes of stored weights per expert: `N·K·2` for bf16, `N·K/2 + N·K/32` (packed codes plus
+    /// E8M0 scales) for MXFP4.
+    pub fn stored_bytes_per_expert(self, n: usize, k: usize) -> usize {
         match self {
             Strategy::Bf16 => n * k * 2,
+            Strategy::Mxfp4A | Strategy::Mxfp4B | Strategy::Mxfp4Auto => n * k / 2 + n * k / 32,
         }
     }
 
-    /// The dense weights `[E, N, K]` this strategy's kernels effectively multiply by, given the
-    /// bf16 checkpoint `w_bits`: the widened bf16 values themselves, or for an MXFP4 strategy
-    /// the dequantized quantization of them.
-    pub fn reference_weights(self, w_bits: &[u16], _experts: usize, _n: usize, _k: usize) -> anyhow::Result<Vec<f32>> {
+    /// Weight bytes one forward + backward must move with `active` experts hit: the stored
+    /// weights read twice (forward and dX) for bf16 and B; for A the MXFP4 bytes read once by
+    /// the dequantization, the compact bf16 copy written once and read twice. Auto is counted
+    /// as B (which one ran is decided per call on the device side).
+    pub fn weight_traffic_bytes(self, n: usize, k: usize, active: usize) -> usize {
+        let stored = active * self.stored_bytes_per_expert(n, k);
         match self {
-            Strategy::Bf16 => Ok(w_bits.iter().map(|&b| bf16_bits_to_f32(b)).collect()),
+            Strategy::Bf16 | Strategy::Mxfp4B | Strategy::Mxfp4Auto => 2 * stored,
+            Strategy::Mxfp4A => stored + 3 * active * n * k * 2,
         }
     }
 
-    /// Puts the bf16 checkpoint `w_bits [E, N, K]` on the device in this strategy's format.
-    pub fn upload(self, gpu: &Gpu, w_bits: &[u16], experts: usize, n: usize, k: usize) -> anyhow::Result<DeviceWeights> {
+    /// REF's "HBM bytes" weight term (SPEC §8): `E_a·K·N·2` for bf16 and A, the stored MXFP4
+    /// bytes for B (and Auto).
+    pub fn spec_weight_bytes(self, n: usize, k: usize, active: usize) -> usize {
+        match self {
+            Strategy::Bf16 | Strategy::Mxfp4A => active * n * k * 2,
+            Strategy::Mxfp4B | Strategy::Mxfp4Auto => active * self.stored_bytes_per_expert(n, k),
+        }
+    }
+
+    /// The dense weights `[E, N, K]` this strategy's kernels effectively multiply by: the bf16
+    /// values themselves, or the dequantized MXFP4 quantization of them.
+    pub fn reference_weights(self, w: &HostWeights) -> anyhow::Result<Vec<f32>> {
+        match self {
+            Strategy::Bf16 => Ok(w.to_f32()),
+            Strategy::Mxfp4A | Strategy::Mxfp4B | Strategy::Mxfp4Auto => {
+                Ok(dequantize_f32(w.mx()?))
+            }
+        }
+    }
+
+    /// Puts the weights on the device in this strategy's format.
+    pub fn upload(self, gpu: &Gpu, w: &HostWeights) -> anyhow::Result<DeviceWeights> {
+        let (e, n, k) = (w.experts, w.n, w.k);
         match self {
             Strategy::Bf16 => {
-                let w = DenseExperts::from_bits(gpu, w_bits, experts, n, k).with_context(|| format!("could not upload the bf16 expert weights [{experts}, {n}, {k}]"))?;
-                Ok(DeviceWeights::Bf16(w))
+                let d = DenseExperts::from_bits(gpu, &w.bits, e, n, k).with_context(|| {
+                    format!("could not upload the bf16 expert weights [{e}, {n}, {k}]")
+                })?;
+                Ok(DeviceWeights::Bf16(d))
+            }
+            Strategy::Mxfp4A | Strategy::Mxfp4B | Strategy::Mxfp4Auto => {
+                let d = MxExperts::upload(gpu, w.mx()?).with_context(|| {
+                    format!("could not upload the MXFP4 expert weights [{e}, {n}, {k}]")
+                })?;
+                Ok(DeviceWeights::Mxfp4(d))
             }
         }
     }
