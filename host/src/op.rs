@@ -314,8 +314,14 @@ pub struct Grads {
     pub d_gates: Option<Bf16Matrix>,
 }
 
-/// Picks a tile configuration from the average rows per expert.
+/// Picks a tile configuration from the average rows per expert (`MXMOE_GEMM_CONFIG=<index>`
+/// forces a row of `tiles::GEMM_CONFIGS`, for tuning experiments).
 fn pick_config(rows: usize, experts: usize) -> usize {
+    if let Some(i) = std::env::var("MXMOE_GEMM_CONFIG").ok().and_then(|v| v.parse::<usize>().ok()) {
+        if i < GEMM_CONFIGS.len() {
+            return i;
+        }
+    }
     let per_expert = rows / experts.max(1);
     if per_expert >= 96 {
         0

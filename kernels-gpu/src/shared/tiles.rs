@@ -237,11 +237,20 @@ pub const fn swizzled_offset(row: u32, col: u32, row_elems: u32) -> u32 {
 /// Grouped-GEMM configurations compiled into the PTX (`names::GEMM_NK[i]` and
 /// `names::GEMM_KN[i]` are built with `GEMM_CONFIGS[i]`).
 pub const GEMM_CONFIGS: &[TileConfig] = &[
-    // Large tiles for many rows per expert.
+    // Many rows per expert.
     TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 3 },
-    // Few rows per expert: weight-stream bound, narrow M.
+    // Fewer rows per expert.
     TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 3 },
+    // Few rows per expert: weight-stream bound, narrow M.
     TileConfig { bm: 32, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
+    // 64×64 warp tiles (twice the MMAs per shared-memory byte).
+    TileConfig { bm: 128, bn: 256, bk: 32, warps_m: 2, warps_n: 4, stages: 3 },
+    // 64×64 warp tiles, tall.
+    TileConfig { bm: 256, bn: 128, bk: 32, warps_m: 4, warps_n: 2, stages: 3 },
+    // 64×64 warp tiles, four warps.
+    TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 4 },
+    // Deeper pipeline.
+    TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 4 },
 ];
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
