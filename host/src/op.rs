@@ -327,8 +327,10 @@ fn pick_config(rows: usize, experts: usize) -> usize {
         0
     } else if per_expert >= 40 {
         1
-    } else {
+    } else if per_expert >= 16 {
         2
+    } else {
+        5
     }
 }
 

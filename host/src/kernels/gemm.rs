@@ -290,7 +290,17 @@ pub fn lora_down(
         return Ok(());
     }
     let cfg = lora_down_config(r_pad);
-    let plan = smem_plan(&cfg, BLayout::Strided, 0);
+    // Stage the factor with cp.async when its rows are contiguous along the reduction (XA from
+    // A) or along the rank with 16-byte aligned blocks (YB from B, rank % 8 == 0); otherwise
+    // gather it element by element.
+    let (layout, name) = if m.stride_k == 1 {
+        (BLayout::NkBf16, names::LORA_DOWN_NK[idx])
+    } else if m.stride_n == 1 && rank % 8 == 0 && m.stride_e % 8 == 0 && m.stride_k % 8 == 0 {
+        (BLayout::KnBf16, names::LORA_DOWN_KN[idx])
+    } else {
+        (BLayout::Strided, names::LORA_DOWN[idx])
+    };
+    let plan = smem_plan(&cfg, layout, 0);
     let params = GemmParams {
         ssi_addr: addr(gpu, routing.ssi),
         offsets_addr: addr(gpu, routing.offsets),
@@ -314,7 +324,7 @@ pub fn lora_down(
         ..GemmParams::default()
     };
     let blocks = routing.rows.div_ceil(cfg.bm as usize) + routing.num_experts + 1;
-    let spec = LaunchSpec { name: names::LORA_DOWN[idx], threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
+    let spec = LaunchSpec { name, threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
     // SAFETY: buffers checked against the strides and row counts above; one n tile (bn =
     // r_pad); grid = row tiles + E + 1; width % 8 == 0.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }

@@ -22,6 +22,21 @@ pub unsafe fn cp_async_cg_shared_global_16(dst: SharedAddr, src: u64, src_size: 
     };
 }
 
+/// `cp.async.ca.shared.global [dst], [src], 4, src_size;` copies `src_size` (0 ..= 4) bytes and
+/// zero-fills the rest of the 4-byte destination (cached in L1; `.cg` allows only 16 bytes).
+///
+/// # Safety
+/// `dst` is 4-byte aligned in shared memory; when `src_size > 0`, `src` is a 4-byte aligned
+/// global address with `src_size` readable bytes.
+#[inline(always)]
+pub unsafe fn cp_async_ca_shared_global_4(dst: SharedAddr, src: u64, src_size: u32) {
+    // SAFETY: the caller guarantees alignment and bounds.
+    unsafe {
+        asm!("cp.async.ca.shared.global [{d}], [{s}], 4, {n};",
+            d = in(reg32) dst.raw(), s = in(reg64) src, n = in(reg32) src_size, options(nostack))
+    };
+}
+
 /// `cp.async.commit_group`: closes the group of copies issued so far by this thread.
 ///
 /// # Safety

@@ -11,7 +11,7 @@
 //! | [`barrier::bar_sync_0`] | `bar.sync 0` |
 //! | [`smem::SharedAddr::from_generic`] | `cvta.to.shared.u64` |
 //! | [`smem::ld_shared_u32`], [`smem::st_shared_u32`], [`smem::ld_shared_v4_u32`], [`smem::st_shared_v4_u32`], [`smem::ld_shared_u8`] | `ld.shared` / `st.shared` |
-//! | [`cp_async::cp_async_cg_shared_global_16`] | `cp.async.cg.shared.global [d], [s], 16, src_size` |
+//! | [`cp_async::cp_async_cg_shared_global_16`], [`cp_async::cp_async_ca_shared_global_4`] | `cp.async.{cg,ca}.shared.global [d], [s], {16,4}, src_size` |
 //! | [`cp_async::cp_async_commit_group`] | `cp.async.commit_group` |
 //! | [`cp_async::cp_async_wait_group`] | `cp.async.wait_group N` |
 //! | [`ldmatrix::ldmatrix_x4_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x4_trans_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_trans_m8n8_shared_b16`] | `ldmatrix.sync.aligned.m8n8.x{2,4}{.trans}.shared.b16` |

@@ -29,47 +29,49 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
 /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK: [&str; 7] = [
+pub const GEMM_NK: [&str; 6] = [
     "mxmoe_gemm_nk_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_m32n128k32w1x4s4",
-    "mxmoe_gemm_nk_m128n256k32w2x4s3",
-    "mxmoe_gemm_nk_m256n128k32w4x2s3",
-    "mxmoe_gemm_nk_m128n128k32w2x2s4",
     "mxmoe_gemm_nk_m128n128k32w2x4s4",
+    "mxmoe_gemm_nk_m64n128k32w2x2s4",
+    "mxmoe_gemm_nk_m16n128k32w1x4s4",
 ];
 /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN: [&str; 7] = [
+pub const GEMM_KN: [&str; 6] = [
     "mxmoe_gemm_kn_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_m32n128k32w1x4s4",
-    "mxmoe_gemm_kn_m128n256k32w2x4s3",
-    "mxmoe_gemm_kn_m256n128k32w4x2s3",
-    "mxmoe_gemm_kn_m128n128k32w2x2s4",
     "mxmoe_gemm_kn_m128n128k32w2x4s4",
+    "mxmoe_gemm_kn_m64n128k32w2x2s4",
+    "mxmoe_gemm_kn_m16n128k32w1x4s4",
 ];
 /// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK_MX: [&str; 7] = [
+pub const GEMM_NK_MX: [&str; 6] = [
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
-    "mxmoe_gemm_nk_mx_m128n256k32w2x4s3",
-    "mxmoe_gemm_nk_mx_m256n128k32w4x2s3",
-    "mxmoe_gemm_nk_mx_m128n128k32w2x2s4",
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s4",
+    "mxmoe_gemm_nk_mx_m64n128k32w2x2s4",
+    "mxmoe_gemm_nk_mx_m16n128k32w1x4s4",
 ];
 /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN_MX: [&str; 7] = [
+pub const GEMM_KN_MX: [&str; 6] = [
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
-    "mxmoe_gemm_kn_mx_m128n256k32w2x4s3",
-    "mxmoe_gemm_kn_mx_m256n128k32w4x2s3",
-    "mxmoe_gemm_kn_mx_m128n128k32w2x2s4",
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s4",
+    "mxmoe_gemm_kn_mx_m64n128k32w2x2s4",
+    "mxmoe_gemm_kn_mx_m16n128k32w1x4s4",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = ["mxmoe_lora_down_r16", "mxmoe_lora_down_r32", "mxmoe_lora_down_r64", "mxmoe_lora_down_r128"];
+/// Rank-sized LoRA products whose factor rows are contiguous along the reduction (XA from `A`),
+/// staged with `cp.async`; one per `tiles::RANK_PADS` entry.
+pub const LORA_DOWN_NK: [&str; 4] = ["mxmoe_lora_down_nk_r16", "mxmoe_lora_down_nk_r32", "mxmoe_lora_down_nk_r64", "mxmoe_lora_down_nk_r128"];
+/// Rank-sized LoRA products whose factor is contiguous along the rank (YB from `B`, rank a
+/// multiple of 8), staged with `cp.async`; one per `tiles::RANK_PADS` entry.
+pub const LORA_DOWN_KN: [&str; 4] = ["mxmoe_lora_down_kn_r16", "mxmoe_lora_down_kn_r32", "mxmoe_lora_down_kn_r64", "mxmoe_lora_down_kn_r128"];
 /// Grouped Gram (dA, dB), one per `tiles::RANK_PADS` entry.
 pub const GRAM: [&str; 4] = ["mxmoe_gram_r16", "mxmoe_gram_r32", "mxmoe_gram_r64", "mxmoe_gram_r128"];
 
@@ -94,32 +96,36 @@ pub const ALL: &[&str] = &[
     GEMM_NK[3],
     GEMM_NK[4],
     GEMM_NK[5],
-    GEMM_NK[6],
     GEMM_KN[0],
     GEMM_KN[1],
     GEMM_KN[2],
     GEMM_KN[3],
     GEMM_KN[4],
     GEMM_KN[5],
-    GEMM_KN[6],
     GEMM_NK_MX[0],
     GEMM_NK_MX[1],
     GEMM_NK_MX[2],
     GEMM_NK_MX[3],
     GEMM_NK_MX[4],
     GEMM_NK_MX[5],
-    GEMM_NK_MX[6],
     GEMM_KN_MX[0],
     GEMM_KN_MX[1],
     GEMM_KN_MX[2],
     GEMM_KN_MX[3],
     GEMM_KN_MX[4],
     GEMM_KN_MX[5],
-    GEMM_KN_MX[6],
     LORA_DOWN[0],
     LORA_DOWN[1],
     LORA_DOWN[2],
     LORA_DOWN[3],
+    LORA_DOWN_NK[0],
+    LORA_DOWN_NK[1],
+    LORA_DOWN_NK[2],
+    LORA_DOWN_NK[3],
+    LORA_DOWN_KN[0],
+    LORA_DOWN_KN[1],
+    LORA_DOWN_KN[2],
+    LORA_DOWN_KN[3],
     GRAM[0],
     GRAM[1],
     GRAM[2],
@@ -142,6 +148,8 @@ mod tests {
         }
         for (i, r) in RANK_PADS.iter().enumerate() {
             assert_eq!(LORA_DOWN[i], format!("mxmoe_lora_down_r{r}"));
+            assert_eq!(LORA_DOWN_NK[i], format!("mxmoe_lora_down_nk_r{r}"));
+            assert_eq!(LORA_DOWN_KN[i], format!("mxmoe_lora_down_kn_r{r}"));
             assert_eq!(GRAM[i], format!("mxmoe_gram_r{r}"));
         }
     }

@@ -17,12 +17,12 @@ pub enum BLayout {
     /// A small strided bf16 matrix (LoRA A or B of one expert) gathered element by element into
     /// `[n][k]` (no alignment requirement; used for the rank-sized products).
     Strided,
-    /// MXFP4 `W_store[e]` with K the reduction (forward): packed bytes `[n][bk/2]` and scale
-    /// bytes `[n][bk/32]` per stage; each byte is one bf16x2 register of a B fragment, decoded in
+    /// MXFP4 `W_store[e]` with K the reduction (forward): packed bytes `[n][bk/2]` and a 4-byte
+    /// scale word per row per stage; each byte is one bf16x2 register of a B fragment, decoded in
     /// registers through a 256-entry table.
     NkMxfp4,
-    /// MXFP4 `W_store[e]` with N the reduction (dX): raw bytes `[bk][bn/2]` and scales
-    /// `[bk][bn/32]` per stage, decoded into a bf16 `[bk][bn]` tile read by `ldmatrix.trans`.
+    /// MXFP4 `W_store[e]` with N the reduction (dX): raw bytes `[bk][bn/2]` and an 8-byte scale
+    /// window per reduction row per stage, decoded into a bf16 `[bk][bn]` tile read by `ldmatrix.trans`.
     KnMxfp4,
 }
 
@@ -171,10 +171,16 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let a_stage_bytes = c.bm * c.bk * 2;
     let (b_stage_bytes, b_scales_in_stage) = match b {
         BLayout::NkBf16 | BLayout::KnBf16 | BLayout::Strided => (c.bn * c.bk * 2, 0),
-        BLayout::NkMxfp4 | BLayout::KnMxfp4 => {
+        // Scale bytes arrive by 4-byte `cp.async` from the aligned word holding the first needed
+        // byte: 4 bytes per row for the forward (1 needed), 8 per reduction row for dX (4 needed,
+        // possibly straddling two words).
+        BLayout::NkMxfp4 => {
             let packed = c.bn * c.bk / 2;
-            let scales = c.bn * c.bk / 32;
-            ((packed + scales).div_ceil(128) * 128, packed)
+            ((packed + 4 * c.bn).div_ceil(128) * 128, packed)
+        }
+        BLayout::KnMxfp4 => {
+            let packed = c.bk * c.bn / 2;
+            ((packed + 8 * c.bk).div_ceil(128) * 128, packed)
         }
     };
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
@@ -243,14 +249,12 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
     TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 3 },
     // Few rows per expert: weight-stream bound, narrow M.
     TileConfig { bm: 32, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
-    // 64×64 warp tiles (twice the MMAs per shared-memory byte).
-    TileConfig { bm: 128, bn: 256, bk: 32, warps_m: 2, warps_n: 4, stages: 3 },
-    // 64×64 warp tiles, tall.
-    TileConfig { bm: 256, bn: 128, bk: 32, warps_m: 4, warps_n: 2, stages: 3 },
-    // 64×64 warp tiles, four warps.
-    TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 4 },
-    // Deeper pipeline.
+    // Many rows per expert, deeper pipeline.
     TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 4 },
+    // Fewer rows per expert, deeper pipeline.
+    TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 4 },
+    // About one MMA tile of rows per expert (balanced routing at small T).
+    TileConfig { bm: 16, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
 ];
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
@@ -318,7 +322,7 @@ mod tests {
                     let reused = if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) { p.epilogue_bytes } else { c.stages * (p.a_stage_bytes + p.b_stage_bytes) };
                     if b.is_mx() {
                         assert!(p.lut_offset >= reused && p.rows_offset >= p.lut_offset + MX_LUT_BYTES);
-                        assert!(c.bk == 32 && c.bn * c.bk / 32 <= c.threads());
+                        assert!(c.bk == 32);
                     }
                 }
             }

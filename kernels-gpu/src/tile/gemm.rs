@@ -7,11 +7,11 @@
 //! activations in L2, and consecutive row tiles of one expert share its weights).
 
 use crate::ptx::barrier::bar_sync_0;
-use crate::ptx::cp_async::{cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
+use crate::ptx::cp_async::{cp_async_ca_shared_global_4, cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::ptx::cvt::mul_rn_bf16x2;
-use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u8, st_shared_u16, st_shared_u32, st_shared_v4_u32};
+use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u16, st_shared_u32, st_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::params::GemmParams;
 use crate::shared::mxfp4::{byte_to_bf16x2, e8m0_to_bf16_bits};
@@ -40,37 +40,29 @@ pub unsafe fn wait_for_stage<const STAGES: u32>() {
     }
 }
 
-/// A scale byte loaded from global memory whose shared-memory store is deferred until after the
-/// stage in flight has been computed, so its load latency hides behind the MMAs.
-#[derive(Clone, Copy)]
-pub struct DeferredByte {
-    /// Destination in shared memory.
-    pub dst: SharedAddr,
-    /// The loaded byte (zero-extended).
-    pub value: u32,
-    /// Whether this thread has a byte to store.
-    pub valid: bool,
-}
-
-impl DeferredByte {
-    const NONE: DeferredByte = DeferredByte { dst: SharedAddr::NULL, value: 0, valid: false };
-
-    /// Stores the byte if there is one.
-    ///
-    /// # Safety
-    /// The destination stage is not being read by any thread until the next barrier.
-    #[inline(always)]
-    pub unsafe fn commit(self) {
-        if self.valid {
-            // SAFETY: `dst` is inside the stage it was computed for (see `load_stage`).
-            unsafe { st_shared_u8(self.dst, self.value) };
-        }
+/// Stages the 4-byte-aligned scale word(s) holding global scale byte `g` into `dst` with
+/// `cp.async` (4 bytes each, `words` of them), clipped to the `total`-byte scale buffer; the
+/// reader finds byte `g` at `dst + (g % 4)`. Nothing is read when `valid` is false.
+///
+/// # Safety
+/// `dst` is a 4-byte aligned shared address with `4·words` bytes; `scales_addr` is the 4-byte
+/// aligned scale buffer of `total` bytes.
+#[inline(always)]
+unsafe fn stage_scale_words(dst: SharedAddr, scales_addr: u64, g: u64, total: u64, words: u32, valid: bool) {
+    let aligned = g & !3;
+    let mut w = 0;
+    while w < words {
+        let at = aligned + 4 * w as u64;
+        let size = if valid && at < total { (total - at).min(4) as u32 } else { 0 };
+        // SAFETY: `size` bytes from `at` lie inside the buffer; the destination word is inside
+        // the slot.
+        unsafe { cp_async_ca_shared_global_4(dst.offset(4 * w), if size > 0 { scales_addr + at } else { scales_addr }, size) };
+        w += 1;
     }
 }
 
-/// Stages k-slice `kt` of both operands into pipeline stage `stage`. MXFP4 scale bytes are
-/// returned for a deferred store ([`DeferredByte`]); everything else is issued as `cp.async`
-/// (or stored directly for the strided layout).
+/// Stages k-slice `kt` of both operands into pipeline stage `stage`, all as `cp.async` except
+/// the strided layout's element gather (stored directly).
 ///
 /// # Safety
 /// Called by every thread of the block; `rows_in` holds the block's `BM` input rows.
@@ -86,7 +78,7 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
     e: u64,
     n0: u32,
     threads: u32,
-) -> DeferredByte {
+) {
     let tid = tid_x();
     let k_base = kt * BK;
     // A: [BM][BK], 16-byte chunks gathered by row.
@@ -172,18 +164,15 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             unsafe { cp_async_cg_shared_global_16(b_tile.offset(n * (BK / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
             c += threads;
         }
-        // Scales: one byte per (row, 32-k block); at most one per thread.
-        if tid < BN * cpr {
-            let n = tid / cpr;
-            let q = tid % cpr;
-            let ok = n0 + n < p.n_out && k_base + 32 * q < p.k_red;
-            let value: u8 = if ok {
-                // SAFETY: a valid scale byte of expert e.
-                unsafe { load(p.scales_addr + (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64 + q as u64) }
-            } else {
-                127
-            };
-            return DeferredByte { dst: b_tile.offset(plan.b_scales_in_stage + tid), value: value as u32, valid: true };
+        // Scales: the word holding byte (e, n0 + n, kt) for each row (BK = 32: one block).
+        let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
+        let mut n = tid;
+        while n < BN {
+            let ok = n0 + n < p.n_out && k_base < p.k_red;
+            let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
+            // SAFETY: a 4-byte slot per row inside the stage; the scale buffer holds `total` bytes.
+            unsafe { stage_scale_words(b_tile.offset(plan.b_scales_in_stage + 4 * n), p.scales_addr, g, total, 1, ok) };
+            n += threads;
         }
     } else {
         // dX over MXFP4: reduction over the container's N = k_red rows, output over its
@@ -202,20 +191,17 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             unsafe { cp_async_cg_shared_global_16(b_tile.offset(r * (BN / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
             c += threads;
         }
-        if tid < BK * cpr {
-            let r = tid / cpr;
-            let q = tid % cpr;
-            let ok = k_base + r < p.k_red && n0 + 32 * q < p.n_out;
-            let value: u8 = if ok {
-                // SAFETY: a valid scale byte of expert e.
-                unsafe { load(p.scales_addr + (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64 + q as u64) }
-            } else {
-                127
-            };
-            return DeferredByte { dst: b_tile.offset(plan.b_scales_in_stage + tid), value: value as u32, valid: true };
+        // Scales: the 8-byte window holding bytes (e, kt·BK + r, n0/32 ..+ BN/32) per row.
+        let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
+        let mut r = tid;
+        while r < BK {
+            let ok = k_base + r < p.k_red;
+            let g = (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64;
+            // SAFETY: an 8-byte slot per row inside the stage; the buffer holds `total` bytes.
+            unsafe { stage_scale_words(b_tile.offset(plan.b_scales_in_stage + 8 * r), p.scales_addr, g, total, 2, ok) };
+            r += threads;
         }
     }
-    DeferredByte::NONE
 }
 
 /// The grouped GEMM body; see the module docs and `GemmParams`.
@@ -243,8 +229,8 @@ pub unsafe fn gemm<
         let c = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
-        // MXFP4 stages: one 32-k block per stage, at most one scale byte per thread.
-        assert!(!(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || (BK == 32 && BN * BK / 32 <= 32 * WM * WN));
+        // MXFP4 stages: one 32-k block per stage.
+        assert!(!(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || BK == 32);
     };
     let cfg = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
     let layout = if LAYOUT == BLayout::NkBf16 as u8 {
@@ -314,8 +300,8 @@ pub unsafe fn gemm<
         let mut s = 0;
         while s + 1 < STAGES {
             if s < ktiles {
-                // SAFETY: all threads; stage `s` is free, so its scale bytes can be stored now.
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads).commit() };
+                // SAFETY: all threads; stage `s` is free.
+                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads) };
             }
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
@@ -330,27 +316,31 @@ pub unsafe fn gemm<
                 bar_sync_0();
             }
             let next = kt + STAGES - 1;
-            let deferred = if next < ktiles {
+            if next < ktiles {
                 // SAFETY: the stage `next % STAGES` was last read in iteration kt−1 (barrier above).
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, next % STAGES, next, e, n0, threads) }
-            } else {
-                DeferredByte::NONE
-            };
+                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, next % STAGES, next, e, n0, threads) };
+            }
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
             let stage = kt % STAGES;
             let a_tile = smem.offset(stage * plan.a_stage_bytes);
             let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
             if LAYOUT == BLayout::NkMxfp4 as u8 {
+                let blocks_k = p.k_red / 32;
+                // Low two bits of the global scale index of row 0 of this tile (wrapping u32
+                // arithmetic keeps them exact).
+                let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0)).wrapping_mul(blocks_k).wrapping_add(kt);
                 // SAFETY: warp converged (uniform branch); the stage and table are in place.
-                unsafe { mma_stage_nk_mx::<BK, MI, NI>(a_tile, b_tile, smem.offset(plan.lut_offset), plan.b_scales_in_stage, warp_m0, warp_n0, &mut acc) };
+                unsafe { mma_stage_nk_mx::<BK, MI, NI>(a_tile, b_tile, smem.offset(plan.lut_offset), plan.b_scales_in_stage, g0, blocks_k, warp_m0, warp_n0, &mut acc) };
             } else {
                 let b_tile = if LAYOUT == BLayout::KnMxfp4 as u8 {
                     let decoded = smem.offset(plan.decoded_offset);
                     // SAFETY: all threads: decode the raw stage (visible since the barrier above;
                     // the decoded tile was last read before that barrier), then make it visible.
                     unsafe {
-                        decode_stage_kn_mx::<BN, BK>(b_tile, decoded, smem.offset(plan.lut_offset), plan.b_scales_in_stage, threads);
+                        let blocks_k = p.n_out / 32;
+                        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK)).wrapping_mul(blocks_k).wrapping_add(n0 / 32);
+                        decode_stage_kn_mx::<BN, BK>(b_tile, decoded, smem.offset(plan.lut_offset), plan.b_scales_in_stage, g0, blocks_k, threads);
                         bar_sync_0();
                     }
                     decoded
@@ -361,9 +351,6 @@ pub unsafe fn gemm<
                 // SAFETY: warp converged; stage tiles in place.
                 unsafe { mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc) };
             }
-            // SAFETY: the deferred scale bytes go to stage `next % STAGES`, which nobody reads
-            // before the next iteration's barrier.
-            unsafe { deferred.commit() };
             kt += 1;
         }
         // SAFETY: drain the (empty) trailing groups before shared memory is reused.
@@ -544,8 +531,9 @@ unsafe fn decode_byte(lut: SharedAddr, word: u32, byte_idx: u32, scale2: u32) ->
 
 /// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
 ///
-/// Stage layout: packed `[BN][16]` bytes (BK = 32: k pairs 0..16 of each row), then scale bytes
-/// `[BN]` at `scales_in_stage`. For the n8 block of rows `nb..nb+8`, lane (g = lane/4,
+/// Stage layout: packed `[BN][16]` bytes (BK = 32: k pairs 0..16 of each row), then a 4-byte
+/// scale slot per row at `scales_in_stage` holding the row's scale byte at offset
+/// `(g0 + row·blocks_k) % 4`. For the n8 block of rows `nb..nb+8`, lane (g = lane/4,
 /// t = lane%4) needs the pairs `k = 2t` (byte t) and `k = 2t+8` (byte 4+t) of each 16-k half:
 /// bytes `t`, `4+t`, `8+t`, `12+t` of row `nb+g`, i.e. byte t of each word of that row.
 ///
@@ -557,6 +545,8 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     b_tile: SharedAddr,
     lut: SharedAddr,
     scales_in_stage: u32,
+    g0: u32,
+    blocks_k: u32,
     warp_m0: u32,
     warp_n0: u32,
     acc: &mut [[[f32; 4]; NI]; MI],
@@ -573,8 +563,9 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     }
     for ni in 0..NI {
         let row = warp_n0 + 8 * ni as u32 + g;
-        // SAFETY: `row < BN`: its 16 packed bytes and its scale byte are inside the stage.
-        let (w, sc) = unsafe { (ld_shared_v4_u32(b_tile.offset(16 * row)), ld_shared_u8(b_tile.offset(scales_in_stage + row))) };
+        let byte = g0.wrapping_add(row.wrapping_mul(blocks_k)) & 3;
+        // SAFETY: `row < BN`: its 16 packed bytes and its 4-byte scale slot are inside the stage.
+        let (w, sc) = unsafe { (ld_shared_v4_u32(b_tile.offset(16 * row)), ld_shared_u8(b_tile.offset(scales_in_stage + 4 * row + byte))) };
         let s2 = scale_pair(sc);
         for h in 0..2 {
             // SAFETY: the table is in place.
@@ -586,14 +577,24 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     }
 }
 
-/// Decodes a raw dX stage (`[BK][BN/2]` packed bytes, `[BK][BN/32]` scale bytes) into the bf16
+/// Decodes a raw dX stage (`[BK][BN/2]` packed bytes, an 8-byte scale window per row whose
+/// first needed byte sits at `(g0 + r·blocks_k) % 4`) into the bf16
 /// tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each item is 8 packed bytes: 16
 /// consecutive k of one reduction row, inside one scale block.
 ///
 /// # Safety
 /// All threads of the block; the raw stage is visible and the decoded tile is not being read.
 #[inline(always)]
-unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(raw: SharedAddr, decoded: SharedAddr, lut: SharedAddr, scales_in_stage: u32, threads: u32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
+    raw: SharedAddr,
+    decoded: SharedAddr,
+    lut: SharedAddr,
+    scales_in_stage: u32,
+    g0: u32,
+    blocks_k: u32,
+    threads: u32,
+) {
     let per_row = BN / 16;
     let mut i = tid_x();
     while i < BK * per_row {
@@ -603,7 +604,8 @@ unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(raw: SharedAddr, deco
         // scale byte of (r, block c/2) follows the packed bytes.
         let (w0, w1, sc) = unsafe {
             let base = raw.offset(r * (BN / 2) + 8 * c);
-            (ld_shared_u32(base), ld_shared_u32(base.offset(4)), ld_shared_u8(raw.offset(scales_in_stage + r * (BN / 32) + c / 2)))
+            let first = g0.wrapping_add(r.wrapping_mul(blocks_k)) & 3;
+            (ld_shared_u32(base), ld_shared_u32(base.offset(4)), ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)))
         };
         let s2 = scale_pair(sc);
         // SAFETY: the table is in place.
