@@ -16,7 +16,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=MXMOE_PTX_FILE");
 
     // A prebuilt module (for packaging, or to build the host without the device toolchain).
-    if let Some(file) = std::env::var_os("MXMOE_PTX_FILE") {
+    if let Some(file) = std::env::var_os("MXMOE_PTX_FILE").filter(|f| !f.is_empty()) {
         let file = PathBuf::from(file);
         println!("cargo::rerun-if-changed={}", file.display());
         println!("cargo::rustc-env=MXMOE_PTX_PATH={}", file.display());

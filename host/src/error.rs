@@ -77,6 +77,15 @@ pub enum Error {
         actual: String,
     },
 
+    /// No compiled tile configuration can launch for this problem on this device.
+    #[error("no tile configuration can run {key} on this device ({detail})")]
+    NoValidConfig {
+        /// The tuning key.
+        key: String,
+        /// Why the candidates were dropped.
+        detail: String,
+    },
+
     /// An argument is outside its valid range.
     #[error("{what}: {detail}")]
     InvalidArgument {

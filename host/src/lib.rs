@@ -14,3 +14,4 @@ pub mod launch;
 pub mod kernels;
 pub mod op;
 pub mod routing;
+pub mod tune;

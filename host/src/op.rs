@@ -12,7 +12,8 @@
 //! `k > 1`) → dA and dB by the Gram kernel (deterministic, no atomics). No host synchronisation.
 
 use cudarc::driver::CudaSlice;
-use kernels_gpu::shared::tiles::{GEMM_CONFIGS, rank_pad};
+use kernels_gpu::shared::names;
+use kernels_gpu::shared::tiles::{BLayout, rank_pad};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
@@ -20,6 +21,7 @@ use crate::kernels::gemm::{BOperand, GemmArgs, LoraEpilogue, MxOperand, RowMap, 
 use crate::mxfp4::{MxLayout, MxShape, MxWeights, validate_mx};
 use crate::shared::mxfp4::MX_BLOCK;
 use crate::tensor::TensorMeta;
+use crate::tune::{TuneKey, bucket_rows, default_config, prune};
 use crate::kernels::eltwise::Remap;
 use crate::kernels::gemm::RoutingView;
 use crate::kernels::{alloc_poisoned, download, eltwise, upload};
@@ -298,7 +300,6 @@ pub struct Saved<'a> {
     x_map: RowMap,
     xa: Option<CudaSlice<u16>>,
     expanded: Option<Bf16Matrix>,
-    config: usize,
     compact: Option<Compact>,
 }
 
@@ -314,24 +315,53 @@ pub struct Grads {
     pub d_gates: Option<Bf16Matrix>,
 }
 
-/// Picks a tile configuration from the average rows per expert (`MXMOE_GEMM_CONFIG=<index>`
-/// forces a row of `tiles::GEMM_CONFIGS`, for tuning experiments).
-fn pick_config(rows: usize, experts: usize) -> usize {
-    if let Some(i) = std::env::var("MXMOE_GEMM_CONFIG").ok().and_then(|v| v.parse::<usize>().ok()) {
-        if i < GEMM_CONFIGS.len() {
-            return i;
-        }
+/// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
+/// layout, then launches the cached, timed (in `Tune` mode) or default configuration.
+/// `MXMOE_GEMM_CONFIG=<index>` replaces the default (for tuning experiments).
+#[allow(clippy::too_many_arguments)]
+fn tuned_gemm(
+    gpu: &Gpu,
+    layout: BLayout,
+    rank: usize,
+    experts: usize,
+    k_red: usize,
+    n_out: usize,
+    rows: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    let (kernel, names): (&'static str, &[&'static str]) = match layout {
+        BLayout::NkBf16 => ("gemm_nk", &names::GEMM_NK),
+        BLayout::KnBf16 => ("gemm_kn", &names::GEMM_KN),
+        BLayout::NkMxfp4 => ("gemm_nk_mx", &names::GEMM_NK_MX),
+        BLayout::KnMxfp4 => ("gemm_kn_mx", &names::GEMM_KN_MX),
+        BLayout::Strided => ("gemm_strided", &names::GEMM_NK),
+    };
+    let r_pad = if rank > 0 { rank_pad(rank as u32) } else { 0 };
+    let (candidates, report) = prune(gpu.limits(), layout, r_pad, |i| gpu.function_resources(names[i]).ok().map(|r| r.registers.max(0) as u32));
+    let key = TuneKey { kernel, cc: gpu.limits().compute_capability, experts, k: k_red, n: n_out, rank, rows_bucket: bucket_rows(rows) };
+    if candidates.is_empty() {
+        return Err(Error::NoValidConfig { key: key.to_string_key(), detail: format!("{report:?}") });
     }
-    let per_expert = rows / experts.max(1);
-    if per_expert >= 96 {
-        0
-    } else if per_expert >= 40 {
-        1
-    } else if per_expert >= 16 {
-        2
-    } else {
-        5
+    let forced = std::env::var("MXMOE_GEMM_CONFIG").ok().and_then(|v| v.parse::<usize>().ok()).filter(|i| candidates.contains(i));
+    let fallback = forced.unwrap_or_else(|| default_config(rows, experts, &candidates));
+    let chosen = gpu.tuner().choose(&key, &candidates, fallback, |i| time_median(gpu, || launch(i)))?;
+    launch(chosen)
+}
+
+/// Median of three CUDA-event timings of `f` (after one warm-up run), in milliseconds.
+fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    f()?;
+    let mut times = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let start = gpu.stream().record_event(Some(CU_EVENT_DEFAULT)).map_err(Error::driver("recording a timing event"))?;
+        f()?;
+        let end = gpu.stream().record_event(Some(CU_EVENT_DEFAULT)).map_err(Error::driver("recording a timing event"))?;
+        end.synchronize().map_err(Error::driver("waiting for a timing event"))?;
+        times.push(start.elapsed_ms(&end).map_err(Error::driver("reading a timing event"))?);
     }
+    times.sort_by(f32::total_cmp);
+    Ok(times[1])
 }
 
 /// `Auto`'s rule: Strategy A when few experts are active and each gets many rows (the one-off
@@ -428,15 +458,14 @@ impl<'a> ExpertLinear<'a> {
             },
             None => Resolved { weights: self.weights, lora: self.lora, routing: routing.view() },
         };
-        let config = pick_config(l, resolved.routing.num_experts);
-        let (out, xa, expanded) = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing, config)?;
+        let (out, xa, expanded) = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
         let mut compact = compact;
         if self.dequant_buffer == DequantBuffer::Recompute {
             if let Some(c) = compact.as_mut() {
                 c.weights = None;
             }
         }
-        Ok((Forward { out, strategy }, Saved { layer: *self, x, routing, gates, x_map, xa, expanded, config, compact }))
+        Ok((Forward { out, strategy }, Saved { layer: *self, x, routing, gates, x_map, xa, expanded, compact }))
     }
 
     /// Strategy A's setup: active experts (one read-back of the offsets), compact offsets,
@@ -519,7 +548,6 @@ fn forward_core(
     output_order: RowOrder,
     gates: Option<&Bf16Matrix>,
     routing: &DeviceRouting,
-    config: usize,
 ) -> Result<(Bf16Matrix, Option<CudaSlice<u16>>, Option<Bf16Matrix>)> {
     let (_, n, k) = r.weights.shape();
     let l = routing.rows();
@@ -546,23 +574,27 @@ fn forward_core(
         }),
         _ => None,
     };
-    grouped_gemm(
-        gpu,
-        GemmArgs {
-            routing: r.routing,
-            a: &x.data,
-            a_stride: k,
-            a_map: x_map,
-            b: r.weights.forward_operand(),
-            k_red: k,
-            n_out: n,
-            out: &mut out,
-            out_stride: n,
-            out_scattered: output_order == RowOrder::Scattered,
-            lora: lora_epi,
-            config,
-        },
-    )?;
+    let rank = r.lora.map_or(0, |l| l.rank);
+    let b = r.weights.forward_operand();
+    tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
+        grouped_gemm(
+            gpu,
+            GemmArgs {
+                routing: r.routing,
+                a: &x.data,
+                a_stride: k,
+                a_map: x_map,
+                b,
+                k_red: k,
+                n_out: n,
+                out: &mut out,
+                out_stride: n,
+                out_scattered: output_order == RowOrder::Scattered,
+                lora: lora_epi,
+                config,
+            },
+        )
+    })?;
     let out = Bf16Matrix { data: out, rows: l, cols: n };
     Ok(match gates {
         Some(g) => {
@@ -671,24 +703,28 @@ fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix
         }),
         _ => None,
     };
-    grouped_gemm(
-        gpu,
-        GemmArgs {
-            routing: view,
-            a: dy_buf,
-            a_stride: n,
-            a_map: dy_map,
-            // dX = dY · W_e: reduction over n (rows of W_store[e]), output over k (contiguous).
-            b: r.weights.dx_operand(),
-            k_red: n,
-            n_out: k,
-            out: &mut dxs,
-            out_stride: k,
-            out_scattered: dx_scattered,
-            lora: lora_epi,
-            config: saved.config.min(GEMM_CONFIGS.len() - 1),
-        },
-    )?;
+    let rank = r.lora.map_or(0, |l| l.rank);
+    let b = r.weights.dx_operand();
+    tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
+        grouped_gemm(
+            gpu,
+            GemmArgs {
+                routing: view,
+                a: dy_buf,
+                a_stride: n,
+                a_map: dy_map,
+                // dX = dY · W_e: reduction over n (rows of W_store[e]), output over k (contiguous).
+                b,
+                k_red: n,
+                n_out: k,
+                out: &mut dxs,
+                out_stride: k,
+                out_scattered: dx_scattered,
+                lora: lora_epi,
+                config,
+            },
+        )
+    })?;
     let dx = match saved.x_map {
         RowMap::Scattered { fan_out } if fan_out > 1 => Bf16Matrix { data: eltwise::sum_slots(gpu, &dxs, t, top_k, k)?, rows: t, cols: k },
         _ => Bf16Matrix { data: dxs, rows: dx_rows, cols: k },

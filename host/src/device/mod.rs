@@ -11,6 +11,7 @@ use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{Error, Result};
+use crate::tune::{TuneMode, Tuner, default_cache_path};
 
 /// The PTX module built from `kernels-gpu` by `host/build.rs` (see `xtask/ptx-builder`).
 pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
@@ -56,6 +57,7 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     limits: DeviceLimits,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    tuner: Tuner,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -93,12 +95,23 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
             .map_err(Error::driver("loading the mxmoe PTX module"))?;
-        Ok(Self { ctx, stream, module, limits, functions: Mutex::new(HashMap::new()) })
+        let tuner = Tuner::new(&limits.name, TuneMode::from_env(), default_cache_path());
+        Ok(Self { ctx, stream, module, limits, functions: Mutex::new(HashMap::new()), tuner })
     }
 
     /// Opens the first device.
     pub fn open_default() -> Result<Self> {
         Self::open(0)
+    }
+
+    /// The tile-configuration tuner of this device (mode from `MXMOE_TUNE`).
+    pub fn tuner(&self) -> &Tuner {
+        &self.tuner
+    }
+
+    /// Replaces the tuner (e.g. to force a mode or a cache location).
+    pub fn set_tuner(&mut self, tuner: Tuner) {
+        self.tuner = tuner;
     }
 
     /// The device's limits.

@@ -105,6 +105,18 @@ pub enum BOperand<'a> {
     KnMx(MxOperand<'a>),
 }
 
+impl BOperand<'_> {
+    /// The kernel layout this operand uses.
+    pub fn layout(&self) -> BLayout {
+        match self {
+            BOperand::Nk(_) => BLayout::NkBf16,
+            BOperand::Kn(_) => BLayout::KnBf16,
+            BOperand::NkMx(_) => BLayout::NkMxfp4,
+            BOperand::KnMx(_) => BLayout::KnMxfp4,
+        }
+    }
+}
+
 impl MxOperand<'_> {
     fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
         let (want_n, want_k) = if forward { (n_out, k_red) } else { (k_red, n_out) };

@@ -1,0 +1,386 @@
+//! Tile-configuration choice for the grouped GEMMs: candidate pruning with exact shared-memory
+//! accounting, timing with CUDA events, and a per-key cache in memory and in a JSON file.
+//!
+//! - Candidates are the rows of `kernels_gpu::shared::tiles::GEMM_CONFIGS` (every row is a
+//!   compiled entry point; `cargo xtask ptx-report` checks the PTX holds exactly those). Each is
+//!   dropped, with the reason counted, when it is invalid ([`TileConfig::validate`]), needs more
+//!   shared memory than the live device's opt-in limit (computed by the same `smem_plan` the
+//!   kernel carves its memory with), or more registers per block than an SM has.
+//! - [`TuneMode::Tune`] times the survivors on the real inputs (one warm-up, median of three
+//!   CUDA-event timings) and caches the winner per [`TuneKey`]; [`TuneMode::Default`] skips
+//!   timing and uses [`default_config`], a rule measured on the H100 (`docs/BENCHMARKS.md`).
+//! - The cache file is `$MXMOE_TUNE_CACHE`, else `$XDG_CACHE_HOME/mxmoe/tune.json`, else
+//!   `$HOME/.cache/mxmoe/tune.json`. A corrupt or stale file (other table version or device) is
+//!   ignored with a warning ([`Tuner::warnings`]); the library never prints.
+//!
+//! All configurations accumulate each output in the same k order (BK = 32, k16 steps in order),
+//! so the choice changes speed only, never results.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, TileConfig, smem_plan};
+
+use crate::device::DeviceLimits;
+use crate::error::Result;
+
+/// Version of the configuration table, stored in the cache file: any change to the table makes
+/// older files stale.
+pub fn table_version() -> String {
+    GEMM_CONFIGS.iter().map(config_name).collect::<Vec<_>>().join(",")
+}
+
+/// A configuration's name, e.g. `m64n128k32w2x2s4` (the suffix of its entry points).
+pub fn config_name(c: &TileConfig) -> String {
+    format!("m{}n{}k{}w{}x{}s{}", c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages)
+}
+
+/// Whether to time candidates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TuneMode {
+    /// Use [`default_config`] (no timing, no synchronisation).
+    Default,
+    /// Time the surviving candidates once per key and cache the winner.
+    Tune,
+}
+
+impl TuneMode {
+    /// `MXMOE_TUNE=1|on|true` → `Tune`; anything else (or unset) → `Default`.
+    pub fn from_env() -> Self {
+        match std::env::var("MXMOE_TUNE").ok().as_deref() {
+            Some("1" | "on" | "true") => TuneMode::Tune,
+            _ => TuneMode::Default,
+        }
+    }
+}
+
+/// What a tuned choice is keyed on: the kernel family, the device, the problem dimensions and
+/// the routed rows rounded up to a power of two.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TuneKey {
+    /// Kernel family, e.g. `gemm_nk_mx`.
+    pub kernel: &'static str,
+    /// Compute capability.
+    pub cc: (i32, i32),
+    /// Experts the kernel sees.
+    pub experts: usize,
+    /// Reduction length.
+    pub k: usize,
+    /// Output width.
+    pub n: usize,
+    /// LoRA rank of the epilogue (0: none).
+    pub rank: usize,
+    /// Routed rows, bucketed by [`bucket_rows`].
+    pub rows_bucket: usize,
+}
+
+impl TuneKey {
+    /// The key as the cache file spells it.
+    pub fn to_string_key(&self) -> String {
+        format!(
+            "{}/sm{}{}/e{}/k{}/n{}/r{}/m{}",
+            self.kernel, self.cc.0, self.cc.1, self.experts, self.k, self.n, self.rank, self.rows_bucket
+        )
+    }
+}
+
+/// Rows rounded up to a power of two (at least 1), so nearby token counts share a choice.
+pub fn bucket_rows(rows: usize) -> usize {
+    rows.max(1).next_power_of_two()
+}
+
+/// How many candidates were dropped and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Invalid configurations.
+    pub invalid: usize,
+    /// Over the device's opt-in shared memory per block.
+    pub shared_memory: usize,
+    /// More registers per block than the SM has.
+    pub registers: usize,
+}
+
+/// Candidate rows of `GEMM_CONFIGS` that can launch on a device with `limits` for B layout
+/// `layout` and padded rank `r_pad` (0 without LoRA). `registers(i)` gives the registers per
+/// thread of candidate `i`'s entry point, when known.
+pub fn prune(limits: &DeviceLimits, layout: BLayout, r_pad: u32, registers: impl Fn(usize) -> Option<u32>) -> (Vec<usize>, PruneReport) {
+    let mut report = PruneReport::default();
+    let mut keep = Vec::new();
+    for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+        if c.validate().is_err() || (layout.is_mx() && c.bk != 32) {
+            report.invalid += 1;
+        } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin {
+            report.shared_memory += 1;
+        } else if registers(i).is_some_and(|r| r * c.threads() > limits.regs_per_sm) {
+            report.registers += 1;
+        } else {
+            keep.push(i);
+        }
+    }
+    (keep, report)
+}
+
+/// The untuned choice (measured on the H100, `docs/BENCHMARKS.md`): 64-row tiles with a
+/// four-stage pipeline when experts get ≥ 40 rows on average, 32-row tiles from 16, 16-row tiles
+/// below, restricted to `candidates` (falls back to the first candidate).
+pub fn default_config(rows: usize, experts: usize, candidates: &[usize]) -> usize {
+    let per_expert = rows / experts.max(1);
+    let want = if per_expert >= 40 {
+        4
+    } else if per_expert >= 16 {
+        2
+    } else {
+        5
+    };
+    if candidates.contains(&want) { want } else { candidates.first().copied().unwrap_or(0) }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CacheFile {
+    version: String,
+    device: String,
+    entries: BTreeMap<String, String>,
+}
+
+/// The per-device tuner: mode, cache, warnings.
+pub struct Tuner {
+    mode: TuneMode,
+    path: Option<PathBuf>,
+    device: String,
+    cache: Mutex<BTreeMap<String, usize>>,
+    warnings: Mutex<Vec<String>>,
+    loaded: Mutex<bool>,
+}
+
+impl std::fmt::Debug for Tuner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tuner").field("mode", &self.mode).field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// The default cache path (see the module docs), or `None` when no home is known.
+pub fn default_cache_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("MXMOE_TUNE_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("mxmoe").join("tune.json"))
+}
+
+impl Tuner {
+    /// A tuner for device `device` with `mode`, caching in `path` (`None`: memory only).
+    pub fn new(device: &str, mode: TuneMode, path: Option<PathBuf>) -> Self {
+        Self { mode, path, device: device.to_string(), cache: Mutex::new(BTreeMap::new()), warnings: Mutex::new(Vec::new()), loaded: Mutex::new(false) }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> TuneMode {
+        self.mode
+    }
+
+    /// Warnings collected so far (ignored cache files, failed saves), oldest first.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn warn(&self, w: String) {
+        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+    }
+
+    /// Loads the cache file once; a corrupt or stale file is ignored with a warning.
+    fn load(&self) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if *loaded {
+            return;
+        }
+        *loaded = true;
+        let Some(path) = &self.path else { return };
+        let Ok(text) = std::fs::read_to_string(path) else { return };
+        match serde_json::from_str::<CacheFile>(&text) {
+            Ok(f) if f.version == table_version() && f.device == self.device => {
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, name) in f.entries {
+                    match GEMM_CONFIGS.iter().position(|c| config_name(c) == name) {
+                        Some(i) => {
+                            cache.insert(k, i);
+                        }
+                        None => self.warn(format!("tuning cache {}: unknown configuration {name} ignored", path.display())),
+                    }
+                }
+            }
+            Ok(_) => self.warn(format!("tuning cache {} is for another device or configuration table; ignored", path.display())),
+            Err(e) => self.warn(format!("tuning cache {} is corrupt ({e}); ignored", path.display())),
+        }
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.path else { return };
+        let entries = self.cache.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, &i)| (k.clone(), config_name(&GEMM_CONFIGS[i]))).collect();
+        let file = CacheFile { version: table_version(), device: self.device.clone(), entries };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?)?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            self.warn(format!("could not write the tuning cache {}: {e}", path.display()));
+        }
+    }
+
+    /// The cached choice for `key`, if any.
+    pub fn cached(&self, key: &TuneKey) -> Option<usize> {
+        self.load();
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key.to_string_key()).copied()
+    }
+
+    /// Chooses a configuration among `candidates` for `key`: the cached one, else (in `Tune`
+    /// mode) the fastest by `time(i)` (milliseconds; errors abort) provided it beats `fallback`
+    /// by more than the timing noise (3 %), else `fallback`. So a tuned choice is never a
+    /// measurably slower one than the default.
+    pub fn choose(&self, key: &TuneKey, candidates: &[usize], fallback: usize, mut time: impl FnMut(usize) -> Result<f32>) -> Result<usize> {
+        if let Some(i) = self.cached(key).filter(|i| candidates.contains(i)) {
+            return Ok(i);
+        }
+        if self.mode == TuneMode::Default || candidates.len() <= 1 {
+            return Ok(fallback);
+        }
+        let base = if candidates.contains(&fallback) { time(fallback)? } else { f32::INFINITY };
+        let mut best = (base, fallback);
+        for &i in candidates.iter().filter(|&&i| i != fallback) {
+            let t = time(i)?;
+            if t < best.0 && t < 0.97 * base {
+                best = (t, i);
+            }
+        }
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string_key(), best.1);
+        self.save();
+        Ok(best.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(smem: usize) -> DeviceLimits {
+        DeviceLimits {
+            name: "test".into(),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            max_smem_per_block_optin: smem,
+            max_smem_per_sm: smem + 1024,
+            regs_per_sm: 65536,
+            l2_bytes: 50 << 20,
+            total_mem_bytes: 80 << 30,
+        }
+    }
+
+    #[test]
+    fn smem_accounting_is_the_kernels_plan() {
+        // The tuner's number is `smem_plan(..).total_bytes`, the same value the launch passes and
+        // the kernel carves; check the plan covers every region for every table row.
+        for c in GEMM_CONFIGS {
+            for layout in [BLayout::NkBf16, BLayout::KnBf16, BLayout::NkMxfp4, BLayout::KnMxfp4] {
+                for r_pad in [0, 16, 64, 128] {
+                    let p = smem_plan(c, layout, r_pad);
+                    let main = c.stages * (p.a_stage_bytes + p.b_stage_bytes);
+                    assert!(p.total_bytes >= main.max(p.epilogue_bytes) + 8 * c.bm, "{c:?} {layout:?} {r_pad}");
+                    assert_eq!(p.total_bytes, p.rows_offset + 8 * c.bm);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pruning_follows_the_device_limit() {
+        let all = |l: &DeviceLimits, layout, r| prune(l, layout, r, |_| None);
+        // H100 (227 KiB opt-in) and A100 (163 KiB) fit every compiled row.
+        for smem in [232_448, 166_912] {
+            let (keep, report) = all(&limits(smem), BLayout::KnMxfp4, 128);
+            assert_eq!(keep.len(), GEMM_CONFIGS.len(), "{smem}");
+            assert_eq!(report, PruneReport::default());
+        }
+        // A 99 KiB part drops the rows whose plan exceeds it, and counts them.
+        let small = limits(101_376);
+        let (keep, report) = all(&small, BLayout::NkBf16, 128);
+        for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+            let fits = smem_plan(c, BLayout::NkBf16, 128).total_bytes <= 101_376;
+            assert_eq!(keep.contains(&i), fits, "{c:?}");
+        }
+        assert_eq!(report.shared_memory, GEMM_CONFIGS.len() - keep.len());
+        // A tiny limit drops everything.
+        let (keep, report) = all(&limits(1024), BLayout::NkBf16, 0);
+        assert!(keep.is_empty());
+        assert_eq!(report.shared_memory, GEMM_CONFIGS.len());
+        // Register pressure: 255 registers per thread on a part with 16K registers per SM.
+        let few_regs = DeviceLimits { regs_per_sm: 16_384, ..limits(232_448) };
+        let (keep, report) = prune(&few_regs, BLayout::NkBf16, 0, |_| Some(255));
+        assert!(keep.is_empty() && report.registers == GEMM_CONFIGS.len());
+    }
+
+    #[test]
+    fn rows_are_bucketed_to_powers_of_two() {
+        assert_eq!(bucket_rows(0), 1);
+        assert_eq!(bucket_rows(1), 1);
+        assert_eq!(bucket_rows(1000), 1024);
+        assert_eq!(bucket_rows(1024), 1024);
+        assert_eq!(bucket_rows(1025), 2048);
+    }
+
+    fn key() -> TuneKey {
+        TuneKey { kernel: "gemm_nk", cc: (9, 0), experts: 128, k: 2048, n: 1024, rank: 16, rows_bucket: 32768 }
+    }
+
+    #[test]
+    fn tuned_choice_round_trips_through_the_cache_file() {
+        let dir = std::env::temp_dir().join(format!("mxmoe-tune-test-{}", std::process::id()));
+        let path = dir.join("tune.json");
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Tuner::new("dev", TuneMode::Tune, Some(path.clone()));
+        let cands: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
+        // Candidate 3 is fastest.
+        let chosen = t.choose(&key(), &cands, 0, |i| Ok(if i == 3 { 1.0 } else { 2.0 })).unwrap();
+        assert_eq!(chosen, 3);
+        assert!(path.is_file());
+        // A new tuner reads it back without timing.
+        let t2 = Tuner::new("dev", TuneMode::Tune, Some(path.clone()));
+        let again = t2.choose(&key(), &cands, 0, |_| panic!("must not time a cached key")).unwrap();
+        assert_eq!(again, 3);
+        assert!(t2.warnings().is_empty());
+        // Another device's file is stale: ignored with a warning, and Default mode falls back.
+        let t3 = Tuner::new("other", TuneMode::Default, Some(path.clone()));
+        assert_eq!(t3.choose(&key(), &cands, 1, |_| panic!("no timing in Default mode")).unwrap(), 1);
+        assert!(t3.warnings().iter().any(|w| w.contains("another device")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn corrupt_cache_is_ignored_with_a_warning() {
+        let dir = std::env::temp_dir().join(format!("mxmoe-tune-corrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tune.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let t = Tuner::new("dev", TuneMode::Tune, Some(path.clone()));
+        let cands = [0usize, 1];
+        let chosen = t.choose(&key(), &cands, 0, |i| Ok(i as f32)).unwrap();
+        assert_eq!(chosen, 0);
+        assert!(t.warnings().iter().any(|w| w.contains("corrupt")));
+        // The file was rewritten with a valid cache.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn default_rule_picks_by_rows_per_expert() {
+        let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
+        assert_eq!(config_name(&GEMM_CONFIGS[default_config(32768, 128, &all)]), "m64n128k32w2x2s4");
+        assert_eq!(config_name(&GEMM_CONFIGS[default_config(2048, 128, &all)]), "m32n128k32w1x4s4");
+        assert_eq!(config_name(&GEMM_CONFIGS[default_config(2048, 256, &all)]), "m16n128k32w1x4s4");
+        assert_eq!(default_config(2048, 256, &[1]), 1);
+    }
+}
