@@ -364,12 +364,15 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     Ok(times[1])
 }
 
-/// `Auto`'s rule: Strategy A when few experts are active and each gets many rows (the one-off
-/// dequantization is then amortised over large tiles); Strategy B otherwise. Thresholds from the
-/// H100 measurements in `docs/BENCHMARKS.md`.
-pub fn auto_strategy(active: usize, experts: usize, rows: usize) -> Strategy {
+/// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
+/// (selective dequantization) once the active experts average at least 384 routed rows each —
+/// its one-off dequantization is then amortised and the bf16 kernels are faster per row than
+/// the in-loop decode — provided its transient `E_a·N·K` bf16 buffer fits in half the free
+/// device memory; Strategy B (fused) otherwise, which always wins when the weight stream
+/// dominates (few rows per expert).
+pub fn auto_strategy(active: usize, rows: usize, transient_bytes: usize, free_bytes: usize) -> Strategy {
     let rows_per_active = rows / active.max(1);
-    if active * 8 <= experts && rows_per_active >= 1024 { Strategy::SelectiveDequant } else { Strategy::Fused }
+    if rows_per_active >= 384 && transient_bytes <= free_bytes / 2 { Strategy::SelectiveDequant } else { Strategy::Fused }
 }
 
 /// What the kernels see for one call: weights, LoRA and routing, possibly compact.
@@ -436,14 +439,15 @@ impl<'a> ExpertLinear<'a> {
     /// Forward pass. `gates [T, k]` (down projection) combine the per-slot outputs into `[T, N]`.
     pub fn forward(&self, gpu: &Gpu, x: &'a Bf16Matrix, routing: &'a DeviceRouting, gates: Option<&'a Bf16Matrix>) -> Result<(Forward, Saved<'a>)> {
         let x_map = self.validate(x, routing, gates)?;
-        let (e, _, _) = self.weights.shape();
         let l = routing.rows();
         let strategy = match (self.weights, self.strategy) {
             (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => Strategy::Fused,
             (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
-            (ExpertWeights::Mxfp4(_), Strategy::Auto) => {
+            (ExpertWeights::Mxfp4(w), Strategy::Auto) => {
                 let active = active_experts(gpu, routing)?.len();
-                auto_strategy(active, e, l)
+                let transient = active * w.shape.n() * w.shape.k() * 2;
+                let (free, _) = gpu.mem_info()?;
+                auto_strategy(active, l, transient, free)
             }
         };
         let compact = match (self.weights, strategy) {
@@ -743,4 +747,31 @@ fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix
         _ => (None, None),
     };
     Ok(Grads { dx, da, db, d_gates })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_fused_for_few_rows_per_expert_and_selective_for_many() {
+        let gib = 1usize << 30;
+        // Balanced E=256, T=256, top-8: 2048 rows over ~229 experts.
+        assert_eq!(auto_strategy(229, 2048, 229 << 22, 70 * gib), Strategy::Fused);
+        // Balanced T=4096: ~129 rows per expert.
+        assert_eq!(auto_strategy(254, 32768, 254 << 22, 70 * gib), Strategy::Fused);
+        // Sparse: 8 experts share 32768 rows.
+        assert_eq!(auto_strategy(8, 32768, 8 << 22, 70 * gib), Strategy::SelectiveDequant);
+        // Balanced T=16384: 512 rows per expert.
+        assert_eq!(auto_strategy(256, 131072, 256 << 22, 70 * gib), Strategy::SelectiveDequant);
+        // ... unless the transient buffer would not fit.
+        assert_eq!(auto_strategy(256, 131072, 256 << 22, gib), Strategy::Fused);
+    }
+
+    #[test]
+    fn active_experts_come_from_nonempty_offset_ranges() {
+        assert_eq!(active_from_offsets(&[0, 3, 3, 7, 7]), vec![1, 3]);
+        assert_eq!(active_from_offsets(&[2]), vec![0]);
+        assert!(active_from_offsets(&[0, 0]).is_empty());
+    }
 }
