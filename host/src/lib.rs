@@ -15,3 +15,4 @@ pub mod kernels;
 pub mod op;
 pub mod routing;
 pub mod tune;
+pub mod moe;

@@ -7,6 +7,7 @@
 pub mod dequant;
 pub mod eltwise;
 pub mod gemm;
+pub mod moe;
 pub mod probes;
 pub mod routing;
 

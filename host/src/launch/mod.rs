@@ -47,6 +47,8 @@ unsafe impl KernelParams for params::GramParams {}
 unsafe impl KernelParams for params::EltwiseParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for params::RemapParams {}
+// SAFETY: as above (u64/u32/f32 fields; `f32` is plain 4-byte data).
+unsafe impl KernelParams for params::SwigluParams {}
 
 /// The by-value argument handed to cudarc.
 #[repr(transparent)]

@@ -17,6 +17,7 @@
 //! [`linear`] (the expert linear's forward and backward).
 
 pub mod linear;
+pub mod moe;
 pub mod routing;
 
 pub use linear::{LinearProblem, RefForward, RefGrads, RowOrder, linear_backward, linear_forward};

@@ -6,3 +6,4 @@ mod eltwise;
 mod gemm;
 mod probes;
 mod routing;
+mod moe;

@@ -130,7 +130,15 @@ pub const ALL: &[&str] = &[
     GRAM[1],
     GRAM[2],
     GRAM[3],
+    SWIGLU_FWD,
+    SWIGLU_BWD,
 ];
+
+/// Gated-MLP activation: `h = silu(min(gate, lim))·clamp(up, ±lim)` from the grouped
+/// gate/up output (SPEC §6).
+pub const SWIGLU_FWD: &str = "mxmoe_swiglu_fwd_bf16";
+/// Gradient of the gated-MLP activation: `d_gu [L, 2I]` from `gu` and `dh`.
+pub const SWIGLU_BWD: &str = "mxmoe_swiglu_bwd_bf16";
 
 #[cfg(test)]
 mod tests {

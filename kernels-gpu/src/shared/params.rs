@@ -272,3 +272,39 @@ pub struct RemapParams {
 const _: () = {
     assert!(size_of::<RemapParams>() == 64);
 };
+
+/// Parameters of the SwiGLU kernels of the gated MoE MLP (SPEC §6):
+/// [`crate::shared::names::SWIGLU_FWD`] and [`crate::shared::names::SWIGLU_BWD`].
+///
+/// Row `p` of `gu [rows, 2·width]` holds the gate in columns `[0, width)` and the up half in
+/// `[width, 2·width)`. With `clamp == 1`: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`;
+/// otherwise `g = gate`, `u = up`. Forward: `h = silu(g)·u`. Backward: `d_gate = dh·u·silu'(g)`
+/// (zero where `gate > limit`), `d_up = dh·silu(g)` (zero where `|up| > limit`). f32 math, one
+/// bf16 rounding per output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SwigluParams {
+    /// bf16 `[rows, 2·width]`: the gate/up projection's grouped output (both kernels read it).
+    pub gu_addr: u64,
+    /// bf16 `[rows, width]`: the forward's output `h`, or the backward's input `dh`.
+    pub h_addr: u64,
+    /// bf16 `[rows, 2·width]`: the backward's output `d_gu` (unused by the forward; 0 there).
+    pub d_gu_addr: u64,
+    /// Rows (`L = T·k`).
+    pub rows: u64,
+    /// The expert intermediate size `I` (a multiple of 8).
+    pub width: u32,
+    /// 1: clamp with `limit`; 0: no clamp.
+    pub clamp: u32,
+    /// The clamp limit (finite, positive) when `clamp == 1`.
+    pub limit: f32,
+    /// Padding; must be 0.
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<SwigluParams>() == 48);
+    assert!(offset_of!(SwigluParams, rows) == 24);
+    assert!(offset_of!(SwigluParams, width) == 32);
+    assert!(offset_of!(SwigluParams, limit) == 40);
+};

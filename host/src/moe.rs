@@ -1,0 +1,507 @@
+//! The gated MoE MLP block (SPEC §6) on the GPU: two LoRA-fused expert linears
+//! ([`crate::op::ExpertLinear`]) around the SwiGLU activation, forward and backward, plus the
+//! router's CPU helper [`route_softmax_topk`].
+//!
+//! # Flow
+//!
+//! With `x [T, H]`, a [`DeviceRouting`] of `T` tokens and `top_k` slots (`L = T·top_k` rows) and
+//! the gates `[T, top_k]`:
+//!
+//! 1. `gu = gate_up(x)`: token-ordered input, grouped output, `[L, 2I]` (bf16);
+//! 2. `h = silu(g)·u`, `[L, I]` (bf16), where `g = gu[:, :I]` (the *first* half is the gate) and
+//!    `u = gu[:, I:]`, clamped first when a limit is set (DeepSeek-V4: `g = min(g, lim)`,
+//!    `u = clamp(u, −lim, lim)`): the `mxmoe_swiglu_fwd_bf16` kernel, f32 math;
+//! 3. `y = down(h)`: grouped input, scattered output combined by the gates, `[T, H]`.
+//!
+//! Backward (`dy [T, H]`): the down projection's backward gives `dh [L, I]`, the down LoRA
+//! gradients and `d_gates`; `mxmoe_swiglu_bwd_bf16` turns `gu` and `dh` into `d_gu [L, 2I]`
+//! (zero where the clamp cut: `gate > lim`, `|up| > lim`); the up projection's backward gives
+//! `dx [T, H]` and the gate/up LoRA gradients. The frozen base weights (bf16 or MXFP4) get no
+//! gradient. No host synchronisation unless a projection runs Strategy A or `Auto`.
+//!
+//! # What is kept between the passes
+//!
+//! [`MoeSaved`] holds the up projection's [`Saved`] state (it borrows the caller's `x` and
+//! routing), `gu` (read by the activation's backward) and `h` (the down projection's input).
+//! The down projection's own [`Saved`] would borrow `h`, which the block owns, so it is not
+//! kept: [`backward`] re-runs the down projection's forward on the saved `h` (deterministic
+//! kernels, so the recomputed per-slot output and XA are bitwise the forward's) before its
+//! backward. That costs one down-projection forward (about a sixth of a forward + backward of
+//! the block).
+//!
+//! # Numerics
+//!
+//! Every tensor passed between kernels is bf16: `gu`, `h`, `y`, `dh`, `d_gu`, `dx` and the
+//! gradients are each rounded once from f32 (the rounding points of
+//! [`crate::reference::moe`], which mirrors this flow on the CPU).
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::kernels::moe::{swiglu_bwd, swiglu_fwd};
+use crate::op::{
+    self, Bf16Matrix, ExpertLinear, ExpertWeights, LoraWeights, RowOrder, Saved, Strategy,
+};
+use crate::routing::DeviceRouting;
+use crate::shared::bf16::round_bf16;
+
+/// One gated MoE MLP block: frozen expert weights in checkpoint layouts, optional LoRA on each
+/// projection, the optional clamp limit and the MXFP4 strategy of both projections.
+#[derive(Clone, Copy)]
+pub struct MoeBlock<'a> {
+    /// `gate_up_proj [E, 2I, H]`: rows `[0, I)` of each expert produce the gate, `[I, 2I)` the up
+    /// half.
+    pub gate_up: ExpertWeights<'a>,
+    /// `down_proj [E, H, I]`.
+    pub down: ExpertWeights<'a>,
+    /// LoRA of the gate/up projection (`A [E·r, H]`, `B [2I, E·r]`).
+    pub lora_gate_up: Option<&'a LoraWeights>,
+    /// LoRA of the down projection (`A [E·r, I]`, `B [H, E·r]`).
+    pub lora_down: Option<&'a LoraWeights>,
+    /// DeepSeek-V4's clamp limit (finite, positive; the model uses 10), or `None`.
+    pub limit: Option<f32>,
+    /// How MXFP4 weights are multiplied (both projections; ignored for bf16 weights).
+    pub strategy: Strategy,
+}
+
+/// What [`backward`] needs: the up projection's saved state, `gu`, `h` and the borrowed
+/// routing and gates (see the module documentation for why the down projection's state is
+/// recomputed).
+pub struct MoeSaved<'a> {
+    block: MoeBlock<'a>,
+    routing: &'a DeviceRouting,
+    gates: &'a Bf16Matrix,
+    up: Saved<'a>,
+    gu: Bf16Matrix,
+    h: Bf16Matrix,
+    strategies: (Strategy, Strategy),
+}
+
+/// The LoRA gradients of one projection.
+pub struct LoraGrads {
+    /// Gradient of `A`, `[E·r, K]` (zero rows for experts without tokens).
+    pub da: Bf16Matrix,
+    /// Gradient of `B`, `[N, E·r]` (zero columns for experts without tokens).
+    pub db: Bf16Matrix,
+}
+
+/// The block's gradients. The frozen base weights get none.
+pub struct MoeGrads {
+    /// Gradient of `x`, `[T, H]`.
+    pub dx: Bf16Matrix,
+    /// Gradients of the gate/up LoRA (`None` without it).
+    pub gate_up: Option<LoraGrads>,
+    /// Gradients of the down LoRA (`None` without it).
+    pub down: Option<LoraGrads>,
+    /// Gradient of the gates, `[T, top_k]`.
+    pub d_gates: Bf16Matrix,
+}
+
+/// `(E, N, K)` of expert weights in checkpoint layout `[E, N, K]`.
+fn weights_shape(w: &ExpertWeights<'_>) -> (usize, usize, usize) {
+    match w {
+        ExpertWeights::Bf16(d) => d.shape(),
+        ExpertWeights::Mxfp4(m) => {
+            let s = m.shape();
+            (s.experts(), s.n(), s.k())
+        }
+    }
+}
+
+/// Checks one projection's LoRA factors against `E`, `K` and `N`.
+fn check_lora(
+    lora: Option<&LoraWeights>,
+    names: [&'static str; 2],
+    e: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    let Some(l) = lora else { return Ok(()) };
+    let er = e * l.rank;
+    if (l.a.rows(), l.a.cols()) != (er, k) {
+        return Err(Error::Shape {
+            tensor: names[0],
+            expected: format!("[{er}, {k}] (E·r, K)"),
+            actual: format!("[{}, {}]", l.a.rows(), l.a.cols()),
+        });
+    }
+    if (l.b.rows(), l.b.cols()) != (n, er) {
+        return Err(Error::Shape {
+            tensor: names[1],
+            expected: format!("[{n}, {er}] (N, E·r)"),
+            actual: format!("[{}, {}]", l.b.rows(), l.b.cols()),
+        });
+    }
+    Ok(())
+}
+
+impl<'a> MoeBlock<'a> {
+    /// A block without LoRA, without a clamp limit, with [`Strategy::Auto`].
+    pub fn new(gate_up: ExpertWeights<'a>, down: ExpertWeights<'a>) -> Self {
+        Self {
+            gate_up,
+            down,
+            lora_gate_up: None,
+            lora_down: None,
+            limit: None,
+            strategy: Strategy::Auto,
+        }
+    }
+
+    /// `(H, I)` after checking every block-level shape (the linears check the rest).
+    fn validate(
+        &self,
+        x: &Bf16Matrix,
+        routing: &DeviceRouting,
+        gates: &Bf16Matrix,
+    ) -> Result<(usize, usize)> {
+        let (e, n_gu, h) = weights_shape(&self.gate_up);
+        let (e_dn, n_dn, k_dn) = weights_shape(&self.down);
+        if !n_gu.is_multiple_of(2) {
+            return Err(Error::InvalidArgument {
+                what: "gate_up_proj",
+                detail: format!("its {n_gu} rows per expert must be 2·I (even)"),
+            });
+        }
+        let i = n_gu / 2;
+        if (e_dn, n_dn, k_dn) != (e, h, i) {
+            return Err(Error::Shape {
+                tensor: "down_proj",
+                expected: format!(
+                    "[{e}, {h}, {i}] ([E, H, I] for gate_up_proj [{e}, {n_gu}, {h}])"
+                ),
+                actual: format!("[{e_dn}, {n_dn}, {k_dn}]"),
+            });
+        }
+        if i == 0 || !i.is_multiple_of(8) {
+            return Err(Error::InvalidArgument {
+                what: "gate_up_proj",
+                detail: format!("the intermediate size I = {i} must be a positive multiple of 8"),
+            });
+        }
+        if e != routing.num_experts() {
+            return Err(Error::Shape {
+                tensor: "gate_up_proj",
+                expected: format!("{} experts (the routing's)", routing.num_experts()),
+                actual: format!("{e} experts"),
+            });
+        }
+        let (t, top_k) = (routing.tokens(), routing.top_k());
+        if (x.rows(), x.cols()) != (t, h) {
+            return Err(Error::Shape {
+                tensor: "x",
+                expected: format!("[{t}, {h}] (T, H)"),
+                actual: format!("[{}, {}]", x.rows(), x.cols()),
+            });
+        }
+        if (gates.rows(), gates.cols()) != (t, top_k) {
+            return Err(Error::Shape {
+                tensor: "gates",
+                expected: format!("[{t}, {top_k}] (T, top_k)"),
+                actual: format!("[{}, {}]", gates.rows(), gates.cols()),
+            });
+        }
+        if let Some(lim) = self.limit
+            && !(lim.is_finite() && lim > 0.0)
+        {
+            return Err(Error::InvalidArgument {
+                what: "limit",
+                detail: format!("must be finite and positive, got {lim}"),
+            });
+        }
+        check_lora(
+            self.lora_gate_up,
+            ["gate_up LoRA A", "gate_up LoRA B"],
+            e,
+            h,
+            2 * i,
+        )?;
+        check_lora(self.lora_down, ["down LoRA A", "down LoRA B"], e, i, h)?;
+        Ok((h, i))
+    }
+
+    /// The gate/up projection: token-ordered input, grouped output.
+    fn up_layer(&self) -> ExpertLinear<'a> {
+        ExpertLinear::new(
+            self.gate_up,
+            self.lora_gate_up,
+            RowOrder::Scattered,
+            RowOrder::Grouped,
+        )
+        .with_strategy(self.strategy)
+    }
+
+    /// The down projection: grouped input, scattered output (combined by the gates).
+    fn down_layer(&self) -> ExpertLinear<'a> {
+        ExpertLinear::new(
+            self.down,
+            self.lora_down,
+            RowOrder::Grouped,
+            RowOrder::Scattered,
+        )
+        .with_strategy(self.strategy)
+    }
+
+    /// Forward pass: `y [T, H]` and the state [`backward`] needs.
+    ///
+    /// Errors: [`Error::Shape`] / [`Error::InvalidArgument`] for inconsistent weights, LoRA,
+    /// `x`, gates or limit (checked before any launch), and whatever the projections report.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &'a Bf16Matrix,
+        routing: &'a DeviceRouting,
+        gates: &'a Bf16Matrix,
+    ) -> Result<(Bf16Matrix, MoeSaved<'a>)> {
+        let (_, i) = self.validate(x, routing, gates)?;
+        let l = routing.rows();
+        let (up, up_saved) = self.up_layer().forward(gpu, x, routing, None)?;
+        let gu = up.out;
+        let h = Bf16Matrix::from_device(swiglu_fwd(gpu, gu.data(), l, i, self.limit)?, l, i)?;
+        // The down projection's saved state borrows `h` and is dropped here (see the module docs).
+        let (y, down_strategy) = {
+            let (down, _down_saved) = self.down_layer().forward(gpu, &h, routing, Some(gates))?;
+            (down.out, down.strategy)
+        };
+        Ok((
+            y,
+            MoeSaved {
+                block: *self,
+                routing,
+                gates,
+                up: up_saved,
+                gu,
+                h,
+                strategies: (up.strategy, down_strategy),
+            },
+        ))
+    }
+}
+
+impl MoeSaved<'_> {
+    /// The gate/up projection's output `gu [L, 2I]` (grouped rows; gate half first).
+    pub fn gu(&self) -> &Bf16Matrix {
+        &self.gu
+    }
+
+    /// The activation `h [L, I]` (grouped rows), the down projection's input.
+    pub fn h(&self) -> &Bf16Matrix {
+        &self.h
+    }
+
+    /// The paths the forward ran for `(gate_up, down)`: `Fused` or `SelectiveDequant`.
+    pub fn strategies(&self) -> (Strategy, Strategy) {
+        self.strategies
+    }
+}
+
+/// Both LoRA gradients of a projection, or `None` without LoRA.
+fn lora_grads(da: Option<Bf16Matrix>, db: Option<Bf16Matrix>) -> Option<LoraGrads> {
+    match (da, db) {
+        (Some(da), Some(db)) => Some(LoraGrads { da, db }),
+        _ => None,
+    }
+}
+
+/// Backward pass for `dy [T, H]`.
+///
+/// Errors: [`Error::Shape`] for a `dy` of the wrong shape, and whatever the kernels report.
+pub fn backward(gpu: &Gpu, saved: &MoeSaved<'_>, dy: &Bf16Matrix) -> Result<MoeGrads> {
+    let routing = saved.routing;
+    let (t, l) = (routing.tokens(), routing.rows());
+    let (h, i) = (weights_shape(&saved.block.gate_up).2, saved.h.cols());
+    if (dy.rows(), dy.cols()) != (t, h) {
+        return Err(Error::Shape {
+            tensor: "dy",
+            expected: format!("[{t}, {h}] (T, H)"),
+            actual: format!("[{}, {}]", dy.rows(), dy.cols()),
+        });
+    }
+    // Down projection: its forward state again (bitwise the forward's), then its backward.
+    let down = {
+        let (_, down_saved) =
+            saved
+                .block
+                .down_layer()
+                .forward(gpu, &saved.h, routing, Some(saved.gates))?;
+        op::backward(gpu, &down_saved, dy)?
+    };
+    let d_gates = down.d_gates.ok_or_else(|| Error::InvalidArgument {
+        what: "down projection",
+        detail: "the gated projection returned no gate gradient".into(),
+    })?;
+    // Activation: d_gu [L, 2I] from gu and dh = the down projection's input gradient [L, I].
+    let d_gu = Bf16Matrix::from_device(
+        swiglu_bwd(
+            gpu,
+            saved.gu.data(),
+            down.dx.data(),
+            l,
+            i,
+            saved.block.limit,
+        )?,
+        l,
+        2 * i,
+    )?;
+    // Gate/up projection, with d_gu as its grouped output gradient.
+    let up = op::backward(gpu, &saved.up, &d_gu)?;
+    Ok(MoeGrads {
+        dx: up.dx,
+        gate_up: lora_grads(up.da, up.db),
+        down: lora_grads(down.da, down.db),
+        d_gates,
+    })
+}
+
+/// The softmax → top-k router of Qwen/OLMoE/Mixtral (SPEC §2.5), on the CPU.
+///
+/// For each token (row of `logits [tokens, experts]`): f32 softmax (max-subtracted), the
+/// `top_k` largest probabilities in descending order (ties to the lower expert index), and —
+/// with `renormalize` (`norm_topk_prob`, the default) — each divided by their f32 sum. Returns
+/// `(ids [tokens, top_k], weights [tokens, top_k])` with the weights rounded to bf16 (the
+/// activation dtype), ready for [`DeviceRouting::from_host_ids`] and
+/// [`Bf16Matrix::from_f32`].
+///
+/// Errors: [`Error::InvalidArgument`] for `top_k` outside `1..=experts` or a non-finite logit;
+/// [`Error::Shape`] when `logits.len() != tokens·experts`.
+pub fn route_softmax_topk(
+    logits: &[f32],
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    renormalize: bool,
+) -> Result<(Vec<i64>, Vec<f32>)> {
+    if top_k == 0 || top_k > experts {
+        return Err(Error::InvalidArgument {
+            what: "top_k",
+            detail: format!("must be in 1..={experts} (the expert count), got {top_k}"),
+        });
+    }
+    if tokens.checked_mul(experts) != Some(logits.len()) {
+        return Err(Error::Shape {
+            tensor: "router logits",
+            expected: format!("[{tokens}, {experts}]"),
+            actual: format!("{} elements", logits.len()),
+        });
+    }
+    let mut ids = Vec::with_capacity(tokens * top_k);
+    let mut weights = Vec::with_capacity(tokens * top_k);
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for (t, row) in logits.chunks_exact(experts).enumerate() {
+        if let Some(e) = row.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidArgument {
+                what: "router logits",
+                detail: format!("token {t}, expert {e} is {}", row[e]),
+            });
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        let probs: Vec<f32> = exps.iter().map(|&v| v / sum).collect();
+        order.clear();
+        order.extend(0..experts);
+        // A stable sort by descending probability keeps the lower index first among ties.
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let chosen = &order[..top_k];
+        let norm: f32 = if renormalize {
+            chosen.iter().map(|&e| probs[e]).sum()
+        } else {
+            1.0
+        };
+        for &e in chosen {
+            ids.push(e as i64);
+            weights.push(round_bf16(probs[e] / norm));
+        }
+    }
+    Ok((ids, weights))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_picks_the_largest_probabilities_in_order() {
+        let logits = [
+            0.1, 3.0, -1.0, 2.0, 2.0, 0.0, /* token 1 */ 5.0, 0.0, 0.0, 0.0, 0.0, 5.0,
+        ];
+        let (ids, w) = route_softmax_topk(&logits, 2, 6, 3, true).unwrap();
+        // Ties go to the lower index (experts 3 and 4; 0 and 5).
+        assert_eq!(ids, [1, 3, 4, 0, 5, 1]);
+        for row in w.chunks_exact(3) {
+            let sum: f32 = row.iter().sum();
+            assert!(
+                (sum - 1.0).abs() < 1e-2,
+                "renormalised weights sum to {sum}"
+            );
+            assert!(row.iter().all(|&v| round_bf16(v) == v), "weights are bf16");
+        }
+        assert_eq!(w[1], w[2]);
+        // Without renormalisation the weights are the softmax probabilities themselves.
+        let (ids2, w2) = route_softmax_topk(&logits, 2, 6, 3, false).unwrap();
+        assert_eq!(ids2, ids);
+        let row0 = &logits[..6];
+        let z: f64 = row0.iter().map(|&v| f64::from(v).exp()).sum();
+        let p1 = (3f64.exp() / z) as f32;
+        assert_eq!(w2[0], round_bf16(p1));
+        assert!(w2[0] < w[0]);
+    }
+
+    #[test]
+    fn router_matches_a_float64_softmax_on_random_logits() {
+        let mut state = 0x1234_5678u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
+        };
+        let (t, e, k) = (50, 16, 4);
+        let logits: Vec<f32> = (0..t * e).map(|_| next()).collect();
+        let (ids, w) = route_softmax_topk(&logits, t, e, k, true).unwrap();
+        for tok in 0..t {
+            let row = &logits[tok * e..][..e];
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            let chosen: Vec<i64> = idx[..k].iter().map(|&i| i as i64).collect();
+            assert_eq!(&ids[tok * k..][..k], &chosen[..], "token {tok}");
+            let z: f64 = idx[..k].iter().map(|&i| f64::from(row[i]).exp()).sum();
+            for (j, &i) in idx[..k].iter().enumerate() {
+                let want = f64::from(row[i]).exp() / z;
+                let got = f64::from(w[tok * k + j]);
+                assert!(
+                    (got - want).abs() <= 4e-3 * want,
+                    "token {tok} slot {j}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn router_rejects_bad_input() {
+        assert!(matches!(
+            route_softmax_topk(&[0.0; 4], 1, 4, 0, true),
+            Err(Error::InvalidArgument { what: "top_k", .. })
+        ));
+        assert!(matches!(
+            route_softmax_topk(&[0.0; 4], 1, 4, 5, true),
+            Err(Error::InvalidArgument { what: "top_k", .. })
+        ));
+        assert!(matches!(
+            route_softmax_topk(&[0.0; 5], 1, 4, 2, true),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            route_softmax_topk(&[0.0, f32::NAN, 0.0, 0.0], 1, 4, 2, true),
+            Err(Error::InvalidArgument {
+                what: "router logits",
+                ..
+            })
+        ));
+        assert!(matches!(
+            route_softmax_topk(&[0.0, f32::INFINITY, 0.0, 0.0], 1, 4, 2, true),
+            Err(Error::InvalidArgument { .. })
+        ));
+        let (ids, w) = route_softmax_topk(&[], 0, 4, 2, true).unwrap();
+        assert!(ids.is_empty() && w.is_empty());
+    }
+}

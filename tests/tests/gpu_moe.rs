@@ -1,0 +1,638 @@
+//! GPU parity of the gated MoE MLP block (SPEC §6: gate/up projection → SwiGLU with the optional
+//! DeepSeek-V4 clamp → gated down projection) against the CPU block reference
+//! (`mxmoe::reference::moe`, bf16 rounding points), forward and backward, with LoRA on both
+//! projections and `s ≠ 0`, for bf16 weights, MXFP4 Strategy B (fused) and MXFP4 Strategy A
+//! (selective dequant).
+//!
+//! Data (SPEC §6's integration test, scaled as §8): `gate_up = randn(E, 2I, H)/√H`,
+//! `down = randn(E, H, I)/√I` (bf16, then MXFP4-quantized for the MXFP4 paths, whose reference
+//! runs on the dequantized values), LoRA `A, B = 0.05·randn`, `s = 0.5`, `x = randn(T, H)`, the
+//! router `softmax → top-k → renormalise → bf16` of `randn(T, E)` logits
+//! ([`mxmoe::moe::route_softmax_topk`]), `dy = randn(T, H)`.
+//!
+//! The large block (`T = 2048`, `L = 12288`) runs entirely on the GPU, but its output gradient is
+//! non-zero only on a spread-out subset of tokens: every gradient then equals the gradient of
+//! the sub-problem made of those tokens alone (a zero `dy` row gives zero `dh`, `d_gu`, `dx`
+//! rows and no contribution to any LoRA gradient or gate gradient), so the naive CPU reference
+//! only has to run the subset. The GPU still computes every row, and the comparison covers the
+//! whole `dx` and `d_gates` (zeros off the subset) and the full LoRA gradients.
+
+use mxmoe::device::Gpu;
+use mxmoe::moe::{MoeBlock, MoeGrads, backward, route_softmax_topk};
+use mxmoe::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4_bf16};
+use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertWeights, LoraWeights, MxExperts, Strategy};
+use mxmoe::reference::moe::{MoeProblem, RefLora, moe_forward_backward};
+use mxmoe::reference::{DROPPED, Rounding, flatten_sort_count};
+use mxmoe::routing::DeviceRouting;
+use mxmoe::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
+use mxmoe_tests::{Rng, assert_close, gpu};
+
+/// Relative tolerance: about two bf16 ulps. Every tensor is rounded once from an f32 sum whose
+/// order differs from the reference's exact sum, so a value can land one ulp away; the rounded
+/// intermediates (`gu`, `h`, `dh`, `d_gu`, XA, YB) can each move by one more ulp, which the
+/// next stage sees as a relative perturbation of the same size.
+const RTOL: f32 = 1e-2;
+/// Absolute tolerance as a fraction of the reference tensor's largest magnitude: the one-ulp
+/// differences above enter long sums (up to `2I·top_k` terms for `dx`, rows per expert for the
+/// LoRA gradients) whose results can cancel far below their terms.
+const ATOL_FRAC: f32 = 4e-3;
+/// The clamp limit of the clamped cases. DeepSeek-V4 uses 10 on real activations; these
+/// activations are ~N(0, 1), so 2.5 clamps a few percent of the gate and up values (exercising
+/// the masks) while few values sit exactly at the limit, where a one-ulp difference in `gu`
+/// between the GPU and the reference could flip a mask.
+const LIMIT: f32 = 2.5;
+
+/// Shape and options of one block case.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    /// Experts `E`.
+    e: usize,
+    /// Hidden size `H`.
+    h: usize,
+    /// Intermediate size `I`.
+    i: usize,
+    /// Experts per token.
+    top_k: usize,
+    /// Tokens `T`.
+    t: usize,
+    /// LoRA rank of both projections.
+    r: usize,
+    /// Clamp limit.
+    limit: Option<f32>,
+    /// Seed of every random input.
+    seed: u64,
+    /// Every `stride`-th token carries a non-zero output gradient (1: all tokens).
+    stride: usize,
+    /// Per mille of slots dropped (expert id −1).
+    dropped_permille: u64,
+}
+
+/// SPEC §6's DeepSeek-V4-style tiny block.
+fn tiny(limit: Option<f32>, seed: u64) -> Block {
+    Block {
+        e: 8,
+        h: 512,
+        i: 256,
+        top_k: 2,
+        t: 16,
+        r: 16,
+        limit,
+        seed,
+        stride: 1,
+        dropped_permille: 0,
+    }
+}
+
+/// The large block: 64 experts, H = 2048, I = 1024, top-6 of 2048 tokens; the output gradient is
+/// non-zero on every 128th token (16 tokens, 96 routed rows), which keeps the naive `f64` CPU
+/// reference at about 2·10^9 multiply-adds (roughly 12 s in a release build, 45 s in a debug
+/// build, per reference run). No clamp limit here: with ~10^5 `gu` elements feeding the checked
+/// gradients, a few sit exactly at any limit, and a one-ulp GPU/reference difference there
+/// flips a mask (a whole-term difference in a LoRA gradient summed over few rows).
+fn large(seed: u64) -> Block {
+    Block {
+        e: 64,
+        h: 2048,
+        i: 1024,
+        top_k: 6,
+        t: 2048,
+        r: 16,
+        limit: None,
+        seed,
+        stride: 128,
+        dropped_permille: 0,
+    }
+}
+
+/// LoRA scaling of both projections.
+const SCALING: f32 = 0.5;
+
+/// How the GPU runs the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// bf16 expert weights.
+    Bf16,
+    /// MXFP4 weights, Strategy B (decoded inside the K-loop).
+    MxFused,
+    /// MXFP4 weights, Strategy A (selective dequant to a compact bf16 buffer).
+    MxSelective,
+}
+
+impl Path {
+    fn strategy(self) -> Strategy {
+        match self {
+            Path::Bf16 | Path::MxFused => Strategy::Fused,
+            Path::MxSelective => Strategy::SelectiveDequant,
+        }
+    }
+}
+
+/// Host inputs of a block case (every value already bf16).
+struct Data {
+    ids: Vec<i64>,
+    gates: Vec<f32>,
+    x: Vec<f32>,
+    /// `[E, 2I, H]` bf16 bits.
+    gate_up: Vec<u16>,
+    /// `[E, H, I]` bf16 bits.
+    down: Vec<u16>,
+    a_up: Vec<f32>,
+    b_up: Vec<f32>,
+    a_down: Vec<f32>,
+    b_down: Vec<f32>,
+    dy: Vec<f32>,
+    /// Tokens whose `dy` row is non-zero, ascending.
+    checked: Vec<usize>,
+}
+
+/// `experts·per_expert` values `scale·N(0, 1)` as bf16 bits: one generator per expert, experts
+/// drawn in parallel (the large block has 4·10^8 weights).
+fn normal_bits(experts: usize, per_expert: usize, scale: f32, seed: u64) -> Vec<u16> {
+    let mut out = vec![0u16; experts * per_expert];
+    std::thread::scope(|s| {
+        for (e, chunk) in out.chunks_mut(per_expert).enumerate() {
+            s.spawn(move || {
+                let mut rng = Rng::new(seed.wrapping_mul(0x1_0000_0001).wrapping_add(e as u64));
+                for v in chunk {
+                    *v = f32_to_bf16_bits(scale * rng.normal());
+                }
+            });
+        }
+    });
+    out
+}
+
+fn widen(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|&b| bf16_bits_to_f32(b)).collect()
+}
+
+fn draw(b: &Block) -> Data {
+    let mut rng = Rng::new(b.seed);
+    let logits: Vec<f32> = (0..b.t * b.e).map(|_| rng.normal()).collect();
+    let (mut ids, gates) = route_softmax_topk(&logits, b.t, b.e, b.top_k, true).unwrap();
+    for id in &mut ids {
+        if b.dropped_permille > 0 && rng.below(1000) < b.dropped_permille {
+            *id = DROPPED;
+        }
+    }
+    let x = rng.normal_bf16(b.t * b.h, 1.0);
+    let er = b.e * b.r;
+    let a_up = rng.normal_bf16(er * b.h, 0.05);
+    let b_up = rng.normal_bf16(2 * b.i * er, 0.05);
+    let a_down = rng.normal_bf16(er * b.i, 0.05);
+    let b_down = rng.normal_bf16(b.h * er, 0.05);
+    let checked: Vec<usize> = (0..b.t).step_by(b.stride).collect();
+    let mut dy = rng.normal_bf16(b.t * b.h, 1.0);
+    for (t, row) in dy.chunks_exact_mut(b.h).enumerate() {
+        if t % b.stride != 0 {
+            row.fill(0.0);
+        }
+    }
+    let gate_up = normal_bits(b.e, 2 * b.i * b.h, 1.0 / (b.h as f32).sqrt(), b.seed ^ 0x6A);
+    let down = normal_bits(b.e, b.h * b.i, 1.0 / (b.i as f32).sqrt(), b.seed ^ 0xD0);
+    Data {
+        ids,
+        gates,
+        x,
+        gate_up,
+        down,
+        a_up,
+        b_up,
+        a_down,
+        b_down,
+        dy,
+        checked,
+    }
+}
+
+/// MXFP4 quantization of bf16 bits `[E, N, K]` and its dequantized f32 values, experts in
+/// parallel (blocks never cross an expert, so this equals one call over the whole tensor).
+fn quantize(bits: &[u16], e: usize, n: usize, k: usize) -> (MxWeights, Vec<f32>) {
+    let parts: Vec<(Vec<u8>, Vec<u8>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = bits
+            .chunks(n * k)
+            .map(|chunk| {
+                s.spawn(move || {
+                    let mx = quantize_mxfp4_bf16(chunk, 1, n, k).unwrap();
+                    let deq = dequantize_f32(&mx);
+                    let (_, packed, scales) = mx.into_parts();
+                    (packed, scales, deq)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (mut packed, mut scales, mut deq) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, sc, d) in parts {
+        packed.extend(p);
+        scales.extend(sc);
+        deq.extend(d);
+    }
+    (
+        MxWeights::from_shape(MxShape::new(e, n, k).unwrap(), packed, scales).unwrap(),
+        deq,
+    )
+}
+
+/// The block's results as f32, in the GPU's layouts.
+#[derive(Debug, PartialEq)]
+struct Results {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    da_up: Vec<f32>,
+    db_up: Vec<f32>,
+    da_down: Vec<f32>,
+    db_down: Vec<f32>,
+    d_gates: Vec<f32>,
+}
+
+/// Runs forward and backward on the GPU.
+fn run_gpu(
+    gpu: &Gpu,
+    b: &Block,
+    d: &Data,
+    path: Path,
+    mx: Option<&(MxWeights, MxWeights)>,
+) -> Results {
+    let routing = DeviceRouting::from_host_ids(gpu, &d.ids, b.t, b.top_k, b.e).unwrap();
+    let x = Bf16Matrix::from_f32(gpu, &d.x, b.t, b.h).unwrap();
+    let gates = Bf16Matrix::from_f32(gpu, &d.gates, b.t, b.top_k).unwrap();
+    let er = b.e * b.r;
+    let lora = |a: &[f32], a_cols: usize, bm: &[f32], b_rows: usize| LoraWeights {
+        a: Bf16Matrix::from_f32(gpu, a, er, a_cols).unwrap(),
+        b: Bf16Matrix::from_f32(gpu, bm, b_rows, er).unwrap(),
+        rank: b.r,
+        scaling: SCALING,
+    };
+    let lora_up = lora(&d.a_up, b.h, &d.b_up, 2 * b.i);
+    let lora_down = lora(&d.a_down, b.i, &d.b_down, b.h);
+    let (dense_gu, dense_dn, mx_gu, mx_dn);
+    let (w_gu, w_dn) = match (path, mx) {
+        (Path::Bf16, _) => {
+            dense_gu = DenseExperts::from_bits(gpu, &d.gate_up, b.e, 2 * b.i, b.h).unwrap();
+            dense_dn = DenseExperts::from_bits(gpu, &d.down, b.e, b.h, b.i).unwrap();
+            (
+                ExpertWeights::Bf16(&dense_gu),
+                ExpertWeights::Bf16(&dense_dn),
+            )
+        }
+        (Path::MxFused | Path::MxSelective, Some((gu, dn))) => {
+            mx_gu = MxExperts::upload(gpu, gu).unwrap();
+            mx_dn = MxExperts::upload(gpu, dn).unwrap();
+            (ExpertWeights::Mxfp4(&mx_gu), ExpertWeights::Mxfp4(&mx_dn))
+        }
+        (_, None) => panic!("the MXFP4 paths need quantized weights"),
+    };
+    let block = MoeBlock {
+        gate_up: w_gu,
+        down: w_dn,
+        lora_gate_up: Some(&lora_up),
+        lora_down: Some(&lora_down),
+        limit: b.limit,
+        strategy: path.strategy(),
+    };
+    let (y, saved) = block.forward(gpu, &x, &routing, &gates).unwrap();
+    assert_eq!((y.rows(), y.cols()), (b.t, b.h));
+    assert_eq!(
+        saved.strategies(),
+        (path.strategy(), path.strategy()),
+        "the paths that ran ({path:?})"
+    );
+    let dy = Bf16Matrix::from_f32(gpu, &d.dy, b.t, b.h).unwrap();
+    let MoeGrads {
+        dx,
+        gate_up,
+        down,
+        d_gates,
+    } = backward(gpu, &saved, &dy).unwrap();
+    let (up, dn) = (
+        gate_up.expect("gate_up LoRA gradients"),
+        down.expect("down LoRA gradients"),
+    );
+    let get = |m: &Bf16Matrix| m.to_f32(gpu).unwrap();
+    Results {
+        y: get(&y),
+        dx: get(&dx),
+        da_up: get(&up.da),
+        db_up: get(&up.db),
+        da_down: get(&dn.da),
+        db_down: get(&dn.db),
+        d_gates: get(&d_gates),
+    }
+}
+
+/// The CPU block reference on the checked tokens (all of them for `stride == 1`), laid out like
+/// [`Results`]: `y` only on the checked rows, `dx` and `d_gates` with zero rows elsewhere.
+fn reference(b: &Block, d: &Data, w_gu: &[f32], w_dn: &[f32]) -> (Results, Vec<usize>) {
+    let rows = |v: &[f32], width: usize| -> Vec<f32> {
+        d.checked
+            .iter()
+            .flat_map(|&t| v[t * width..][..width].iter().copied())
+            .collect()
+    };
+    let ts = d.checked.len();
+    let ids: Vec<i64> = d
+        .checked
+        .iter()
+        .flat_map(|&t| d.ids[t * b.top_k..][..b.top_k].iter().copied())
+        .collect();
+    let routing = flatten_sort_count(&ids, ts, b.top_k, b.e).unwrap();
+    let (x, gates, dy) = (rows(&d.x, b.h), rows(&d.gates, b.top_k), rows(&d.dy, b.h));
+    let p = MoeProblem {
+        x: &x,
+        num_experts: b.e,
+        hidden: b.h,
+        intermediate: b.i,
+        gate_up: w_gu,
+        down: w_dn,
+        lora_gate_up: Some(RefLora {
+            a: &d.a_up,
+            b: &d.b_up,
+            rank: b.r,
+            scaling: SCALING,
+        }),
+        lora_down: Some(RefLora {
+            a: &d.a_down,
+            b: &d.b_down,
+            rank: b.r,
+            scaling: SCALING,
+        }),
+        gates: &gates,
+        limit: b.limit,
+    };
+    let (f, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
+    let scatter = |v: &[f32], width: usize| -> Vec<f32> {
+        let mut full = vec![0f32; b.t * width];
+        for (j, &t) in d.checked.iter().enumerate() {
+            full[t * width..][..width].copy_from_slice(&v[j * width..][..width]);
+        }
+        full
+    };
+    let (up, dn) = (g.gate_up.unwrap(), g.down.unwrap());
+    let results = Results {
+        y: f.y,
+        dx: scatter(&g.dx, b.h),
+        da_up: up.da,
+        db_up: up.db,
+        da_down: dn.da,
+        db_down: dn.db,
+        d_gates: scatter(&g.d_gates, b.top_k),
+    };
+    (results, d.checked.clone())
+}
+
+/// Compares every tensor (`y` on the checked rows), naming the worst element on failure.
+fn compare(b: &Block, path: Path, got: &Results, want: &Results, checked: &[usize]) {
+    let tag = format!("{path:?} {b:?}");
+    let y: Vec<f32> = checked
+        .iter()
+        .flat_map(|&t| got.y[t * b.h..][..b.h].iter().copied())
+        .collect();
+    for (name, g, w) in [
+        ("y", &y, &want.y),
+        ("dx", &got.dx, &want.dx),
+        ("dA gate_up", &got.da_up, &want.da_up),
+        ("dB gate_up", &got.db_up, &want.db_up),
+        ("dA down", &got.da_down, &want.da_down),
+        ("dB down", &got.db_down, &want.db_down),
+        ("d_gates", &got.d_gates, &want.d_gates),
+    ] {
+        let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(max > 0.0, "{name}: the reference is all zeros ({tag})");
+        assert_close(&format!("{name} {tag}"), g, w, ATOL_FRAC * max, RTOL);
+    }
+}
+
+/// Runs the block on every path in `paths` and compares each with the block reference on the
+/// weights it effectively multiplies by (the bf16 values, or their MXFP4 dequantization).
+fn check(b: Block, paths: &[Path]) {
+    let Some(gpu) = gpu() else { return };
+    let d = draw(&b);
+    let needs_mx = paths.iter().any(|&p| p != Path::Bf16);
+    let mx = needs_mx.then(|| {
+        let (gu, gu_deq) = quantize(&d.gate_up, b.e, 2 * b.i, b.h);
+        let (dn, dn_deq) = quantize(&d.down, b.e, b.h, b.i);
+        ((gu, dn), (gu_deq, dn_deq))
+    });
+    let mut bf16_reference = None;
+    let mut mx_reference = None;
+    for &path in paths {
+        let got = run_gpu(gpu, &b, &d, path, mx.as_ref().map(|(w, _)| w));
+        let (want, checked) = match path {
+            Path::Bf16 => bf16_reference
+                .get_or_insert_with(|| reference(&b, &d, &widen(&d.gate_up), &widen(&d.down))),
+            Path::MxFused | Path::MxSelective => {
+                let (_, (gu_deq, dn_deq)) = mx.as_ref().expect("quantized above");
+                mx_reference.get_or_insert_with(|| reference(&b, &d, gu_deq, dn_deq))
+            }
+        };
+        compare(&b, path, &got, want, checked);
+    }
+}
+
+#[test]
+fn tiny_block_bf16_matches_reference() {
+    check(tiny(None, 42), &[Path::Bf16]);
+}
+
+#[test]
+fn tiny_block_bf16_with_clamp_limit_matches_reference() {
+    check(tiny(Some(LIMIT), 43), &[Path::Bf16]);
+}
+
+#[test]
+fn tiny_block_mxfp4_fused_matches_reference() {
+    check(tiny(None, 44), &[Path::MxFused]);
+}
+
+#[test]
+fn tiny_block_mxfp4_fused_with_clamp_limit_matches_reference() {
+    check(tiny(Some(LIMIT), 45), &[Path::MxFused]);
+}
+
+#[test]
+fn tiny_block_mxfp4_selective_matches_reference() {
+    check(tiny(None, 46), &[Path::MxSelective]);
+}
+
+#[test]
+fn tiny_block_mxfp4_selective_with_clamp_limit_matches_reference() {
+    check(tiny(Some(LIMIT), 47), &[Path::MxSelective]);
+}
+
+#[test]
+fn tiny_block_with_dropped_slots_matches_reference() {
+    check(
+        Block {
+            dropped_permille: 200,
+            ..tiny(Some(LIMIT), 48)
+        },
+        &[Path::Bf16, Path::MxFused],
+    );
+}
+
+#[test]
+fn large_block_bf16_matches_reference() {
+    check(large(50), &[Path::Bf16]);
+}
+
+#[test]
+fn large_block_mxfp4_fused_and_selective_match_reference() {
+    check(large(51), &[Path::MxFused, Path::MxSelective]);
+}
+
+#[test]
+fn repeat_runs_are_bitwise_equal() {
+    let Some(gpu) = gpu() else { return };
+    let b = tiny(Some(LIMIT), 60);
+    let d = draw(&b);
+    let (gu, _) = quantize(&d.gate_up, b.e, 2 * b.i, b.h);
+    let (dn, _) = quantize(&d.down, b.e, b.h, b.i);
+    let mx = (gu, dn);
+    for path in [Path::Bf16, Path::MxFused, Path::MxSelective] {
+        let first = run_gpu(gpu, &b, &d, path, Some(&mx));
+        let second = run_gpu(gpu, &b, &d, path, Some(&mx));
+        let bits = |r: &Results| {
+            [
+                &r.y, &r.dx, &r.da_up, &r.db_up, &r.da_down, &r.db_down, &r.d_gates,
+            ]
+            .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert_eq!(bits(&first), bits(&second), "{path:?}");
+    }
+}
+
+#[test]
+fn clamp_limit_changes_the_output_where_it_cuts() {
+    // With a tiny limit nearly every element is clamped, so the results must differ from the
+    // unclamped block; a kernel ignoring the limit would pass the parity tests only if the
+    // reference ignored it too.
+    let Some(gpu) = gpu() else { return };
+    let b = tiny(None, 61);
+    let tight = Block {
+        limit: Some(0.25),
+        ..b
+    };
+    let d = draw(&b);
+    let free = run_gpu(gpu, &b, &d, Path::Bf16, None);
+    let clamped = run_gpu(gpu, &tight, &d, Path::Bf16, None);
+    assert_ne!(free.y, clamped.y);
+    assert_ne!(free.dx, clamped.dx);
+    let (want, checked) = reference(&tight, &d, &widen(&d.gate_up), &widen(&d.down));
+    compare(&tight, Path::Bf16, &clamped, &want, &checked);
+}
+
+#[test]
+fn bad_shapes_are_typed_errors_before_any_launch() {
+    let Some(gpu) = gpu() else { return };
+    let b = Block {
+        e: 4,
+        h: 64,
+        i: 32,
+        top_k: 2,
+        t: 8,
+        r: 4,
+        limit: None,
+        seed: 70,
+        stride: 1,
+        dropped_permille: 0,
+    };
+    let d = draw(&b);
+    let routing = DeviceRouting::from_host_ids(gpu, &d.ids, b.t, b.top_k, b.e).unwrap();
+    let x = Bf16Matrix::from_f32(gpu, &d.x, b.t, b.h).unwrap();
+    let gates = Bf16Matrix::from_f32(gpu, &d.gates, b.t, b.top_k).unwrap();
+    let gu = DenseExperts::from_bits(gpu, &d.gate_up, b.e, 2 * b.i, b.h).unwrap();
+    let dn = DenseExperts::from_bits(gpu, &d.down, b.e, b.h, b.i).unwrap();
+    // down_proj stored as [E, I, H] (transposed) instead of [E, H, I].
+    let dn_t = DenseExperts::from_bits(gpu, &d.down, b.e, b.i, b.h).unwrap();
+    let ok = MoeBlock::new(ExpertWeights::Bf16(&gu), ExpertWeights::Bf16(&dn));
+    assert!(ok.forward(gpu, &x, &routing, &gates).is_ok());
+    let err = |r: mxmoe::Result<_>| match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    };
+    let e = err(MoeBlock {
+        down: ExpertWeights::Bf16(&dn_t),
+        ..ok
+    }
+    .forward(gpu, &x, &routing, &gates)
+    .map(|_| ()));
+    assert!(
+        matches!(
+            e,
+            mxmoe::Error::Shape {
+                tensor: "down_proj",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let x_bad = Bf16Matrix::from_f32(gpu, &d.x, b.t * 2, b.h / 2).unwrap();
+    let e = err(ok.forward(gpu, &x_bad, &routing, &gates).map(|_| ()));
+    assert!(matches!(e, mxmoe::Error::Shape { tensor: "x", .. }), "{e}");
+    let gates_bad = Bf16Matrix::from_f32(gpu, &d.gates, b.top_k, b.t).unwrap();
+    let e = err(ok.forward(gpu, &x, &routing, &gates_bad).map(|_| ()));
+    assert!(
+        matches!(
+            e,
+            mxmoe::Error::Shape {
+                tensor: "gates",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for lim in [0.0, f32::NAN, f32::INFINITY] {
+        let e = err(MoeBlock {
+            limit: Some(lim),
+            ..ok
+        }
+        .forward(gpu, &x, &routing, &gates)
+        .map(|_| ()));
+        assert!(
+            matches!(e, mxmoe::Error::InvalidArgument { what: "limit", .. }),
+            "{e}"
+        );
+    }
+    // LoRA of the down projection given to the gate/up projection.
+    let lora_down = LoraWeights {
+        a: Bf16Matrix::from_f32(gpu, &d.a_down, b.e * b.r, b.i).unwrap(),
+        b: Bf16Matrix::from_f32(gpu, &d.b_down, b.h, b.e * b.r).unwrap(),
+        rank: b.r,
+        scaling: SCALING,
+    };
+    let e = err(MoeBlock {
+        lora_gate_up: Some(&lora_down),
+        ..ok
+    }
+    .forward(gpu, &x, &routing, &gates)
+    .map(|_| ()));
+    assert!(
+        matches!(
+            e,
+            mxmoe::Error::Shape {
+                tensor: "gate_up LoRA A",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A dy of the wrong shape.
+    let (_, saved) = ok.forward(gpu, &x, &routing, &gates).unwrap();
+    let dy_bad = Bf16Matrix::from_f32(gpu, &d.dy, b.h, b.t).unwrap();
+    let e = err(backward(gpu, &saved, &dy_bad).map(|_| ()));
+    assert!(matches!(e, mxmoe::Error::Shape { tensor: "dy", .. }), "{e}");
+    // The routing must have as many experts as the weights.
+    let routing_more = DeviceRouting::from_host_ids(gpu, &d.ids, b.t, b.top_k, b.e + 1).unwrap();
+    let e = err(ok.forward(gpu, &x, &routing_more, &gates).map(|_| ()));
+    assert!(
+        matches!(
+            e,
+            mxmoe::Error::Shape {
+                tensor: "gate_up_proj",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
