@@ -66,7 +66,7 @@ pub struct DeviceBundle {
     /// Output folder (emptied first), relative to the workspace root unless absolute.
     #[arg(long, default_value = ".device-bin")]
     pub out: PathBuf,
-    /// Folder holding the golden data (default: `<root>/../shared/golden`).
+    /// Folder holding the golden data (default: `<root>/tests/data/golden`).
     #[arg(long)]
     pub golden: Option<PathBuf>,
 }
