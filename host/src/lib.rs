@@ -14,5 +14,6 @@ pub mod launch;
 pub mod kernels;
 pub mod op;
 pub mod routing;
+pub mod checkpoint;
 pub mod tune;
 pub mod moe;

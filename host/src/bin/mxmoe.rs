@@ -4,7 +4,11 @@
 //!   registers and shared memory of every kernel);
 //! - `mxmoe smoke`: small end-to-end problems through the CPU reference and every GPU path, with a
 //!   PASS/FAIL parity table (CPU reference only when there is no GPU);
-//! - `mxmoe bench`: SPEC §8's single-projection benchmark, timed with CUDA events.
+//! - `mxmoe bench`: SPEC §8's single-projection benchmark, timed with CUDA events;
+//! - `mxmoe quantize`: MXFP4-quantize the expert weights of a safetensors file (torchao or gpt-oss
+//!   layout);
+//! - `mxmoe run`: one expert projection on tensors from a safetensors file, outputs and gradients
+//!   written to another (CPU reference without a GPU).
 //!
 //! Exit status: 0 on success (also when there is no GPU: that is reported, not an error), 1 when
 //! `smoke` finds a mismatch, 2 when a command fails (the reason is printed as one sentence).
@@ -23,10 +27,14 @@ mod info;
 mod mempool;
 #[path = "mxmoe/problem.rs"]
 mod problem;
+#[path = "mxmoe/quantize.rs"]
+mod quantize;
 #[path = "mxmoe/rng.rs"]
 mod rng;
 #[path = "mxmoe/routing_gen.rs"]
 mod routing_gen;
+#[path = "mxmoe/run.rs"]
+mod run;
 #[path = "mxmoe/smoke.rs"]
 mod smoke;
 #[path = "mxmoe/strategy.rs"]
@@ -36,7 +44,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Fused ScatterMoE-LoRA over MXFP4/bf16 expert weights: device info, smoke test and benchmark.
+/// Fused ScatterMoE-LoRA over MXFP4/bf16 expert weights: device info, smoke test, benchmark,
+/// checkpoint quantizer and a one-call runner.
 #[derive(Debug, Parser)]
 #[command(
     name = "mxmoe",
@@ -59,6 +68,13 @@ enum Command {
     /// Time forward + backward of one expert projection at SPEC §8's shapes (Markdown to stdout,
     /// progress to stderr, optional JSON); without a GPU, print the plan only.
     Bench(bench::BenchArgs),
+    /// MXFP4-quantize the bf16/f32 expert weights of a safetensors file (torchao or gpt-oss
+    /// layout); other tensors are copied unchanged.
+    Quantize(quantize::QuantizeArgs),
+    /// Run one expert projection (forward + backward) on tensors from a safetensors file and
+    /// write the output and gradients; on the CPU reference without a GPU.
+    #[command(after_long_help = run::FORMAT_HELP)]
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +83,8 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args).map(|()| true),
         Command::Smoke(args) => smoke::run(args),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Quantize(args) => quantize::run(args).map(|()| true),
+        Command::Run(args) => run::run(args).map(|()| true),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,1578 @@
+//! Safetensors checkpoints: MXFP4 expert weights in the two layouts users have (SPEC §1.3),
+//! typed reads of other tensors by name, and the file quantizer behind `mxmoe quantize`.
+//!
+//! # MXFP4 layouts
+//!
+//! Both layouts hold exactly the bytes of an [`MxWeights`] for a weight `W_store [E, N, K]`
+//! (block axis K, even k in the low nibble, E8M0 scales with bias 127); only the tensor names and
+//! the shape of the code tensor differ:
+//!
+//! | [`MxLayoutKind`] | codes | scales |
+//! |---|---|---|
+//! | `Torchao` (torchao / axolotl) | `<name>.packed` u8 `[E, N, K/2]` | `<name>.scales` u8 `[E, N, K/32]` |
+//! | `GptOss` (OpenAI gpt-oss) | `<name>_blocks` u8 `[E, N, K/32, 16]` | `<name>_scales` u8 `[E, N, K/32]` |
+//!
+//! Readers auto-detect the layout ([`Checkpoint::read_mx`]). They also accept torchao's own
+//! attribute names `<name>.qdata` (codes) and `<name>.scale` (scales), and scales stored with the
+//! safetensors dtype `F8_E8M0` (PyTorch's `float8_e8m0fnu`), whose bytes are the same. Writers
+//! ([`CheckpointWriter::add_mx`]) always use the names of the table, dtype `U8`.
+//!
+//! # Metadata written by [`quantize_file`]
+//!
+//! The input's `__metadata__` is kept; these keys are added (or replaced):
+//! [`META_FORMAT`] = `"mxfp4"`, [`META_LAYOUT`] = `"torchao"` or `"gpt-oss"`,
+//! [`META_QUANTIZER`] = [`QUANTIZER_ID`], [`META_VERSION`] = this crate's version,
+//! [`META_QUANTIZED`] = a JSON object `{name: {"dtype", "shape", "packed", "scales"}}` naming
+//! every quantized tensor, its source dtype and `[E, N, K]`, and the two tensors that replaced it,
+//! and, when the caller names it, [`META_SOURCE`] = the input file.
+//!
+//! # Errors
+//!
+//! Every malformed input is an [`Error::InvalidArgument`] whose `what` is one of the `ERR_*`
+//! constants of this module (so callers can tell the kinds apart) and whose `detail` names the
+//! tensor, e.g. `tensor dtype: \`x\` is F32, expected BF16`. Truncated files are diagnosed by
+//! reading the header directly, so the message names the first tensor whose bytes are missing.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+
+use safetensors::tensor::{SafeTensors, TensorView, View};
+
+pub use safetensors::Dtype;
+
+use crate::error::{Error, Result};
+use crate::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4, quantize_mxfp4_bf16};
+use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
+use crate::shared::mxfp4::{MX_BLOCK, MX_BLOCK_BYTES};
+
+/// `what` of errors about the file as a whole (not safetensors, bad header JSON, stray bytes).
+pub const ERR_FORMAT: &str = "safetensors file";
+/// `what` of errors for a file that ends before its header or a tensor's data does.
+pub const ERR_TRUNCATED: &str = "truncated safetensors file";
+/// `what` of errors for a tensor that is not in the file.
+pub const ERR_MISSING: &str = "missing tensor";
+/// `what` of errors for a tensor with the wrong (or an unknown) dtype.
+pub const ERR_DTYPE: &str = "tensor dtype";
+/// `what` of errors for a tensor with the wrong rank or shape.
+pub const ERR_SHAPE: &str = "tensor shape";
+/// `what` of errors for tensor names: duplicates, collisions, ambiguous layouts.
+pub const ERR_NAME: &str = "tensor name";
+
+/// Metadata key: the weight format of quantized tensors (`"mxfp4"`).
+pub const META_FORMAT: &str = "mxmoe.format";
+/// Metadata key: the MXFP4 layout written ([`MxLayoutKind::name`]).
+pub const META_LAYOUT: &str = "mxmoe.layout";
+/// Metadata key: which quantizer produced the codes ([`QUANTIZER_ID`]).
+pub const META_QUANTIZER: &str = "mxmoe.quantizer";
+/// Metadata key: JSON object describing every quantized tensor (see the module documentation).
+pub const META_QUANTIZED: &str = "mxmoe.quantized";
+/// Metadata key: the mxmoe version that wrote the file.
+pub const META_VERSION: &str = "mxmoe.version";
+/// Metadata key: the source file of a quantization, when the caller gives one.
+pub const META_SOURCE: &str = "mxmoe.source";
+/// Value of [`META_QUANTIZER`]: the bit-exact port of torchao v0.17.0's
+/// `MXTensor.to_mx(w, float4_e2m1fn_x2, block_size=32)` in FLOOR mode (SPEC §1.4).
+pub const QUANTIZER_ID: &str = "torchao-0.17.0 MXTensor.to_mx FLOOR, e2m1, block 32";
+
+fn err(what: &'static str, detail: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// A shape as `[a, b, c]`.
+fn shape_str(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+/// Element count of a shape, or `None` on overflow.
+fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+/// Bytes of a tensor of `dtype` and `shape`, or `None` on overflow or a partial byte.
+fn checked_bytes(dtype: Dtype, shape: &[usize]) -> Option<usize> {
+    let bits = checked_numel(shape)?.checked_mul(dtype.bitsize())?;
+    bits.is_multiple_of(8).then_some(bits / 8)
+}
+
+/// Which of the two MXFP4 checkpoint layouts (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum MxLayoutKind {
+    /// torchao / axolotl: `<name>.packed` `[E, N, K/2]` + `<name>.scales` `[E, N, K/32]`.
+    #[default]
+    Torchao,
+    /// gpt-oss: `<name>_blocks` `[E, N, K/32, 16]` + `<name>_scales` `[E, N, K/32]`.
+    GptOss,
+}
+
+impl MxLayoutKind {
+    /// Both layouts.
+    pub const ALL: [MxLayoutKind; 2] = [MxLayoutKind::Torchao, MxLayoutKind::GptOss];
+
+    /// The layout's name: `"torchao"` or `"gpt-oss"` (as in [`META_LAYOUT`] and on the command line).
+    pub const fn name(self) -> &'static str {
+        match self {
+            MxLayoutKind::Torchao => "torchao",
+            MxLayoutKind::GptOss => "gpt-oss",
+        }
+    }
+
+    /// The `(codes, scales)` tensor names this layout writes for weight `name`.
+    pub fn tensor_names(self, name: &str) -> (String, String) {
+        match self {
+            MxLayoutKind::Torchao => (format!("{name}.packed"), format!("{name}.scales")),
+            MxLayoutKind::GptOss => (format!("{name}_blocks"), format!("{name}_scales")),
+        }
+    }
+}
+
+impl fmt::Display for MxLayoutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for MxLayoutKind {
+    type Err = Error;
+
+    /// Parses `torchao` (or `axolotl`) and `gpt-oss` (or `gpt_oss`, `gptoss`), ignoring case.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "torchao" | "axolotl" => Ok(MxLayoutKind::Torchao),
+            "gpt-oss" | "gpt_oss" | "gptoss" => Ok(MxLayoutKind::GptOss),
+            _ => Err(err(
+                "MXFP4 layout",
+                format!("unknown layout `{s}` (expected torchao or gpt-oss)"),
+            )),
+        }
+    }
+}
+
+/// A tensor read from a checkpoint: its name, stored dtype, shape and (decoded) elements,
+/// row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor<T> {
+    /// Name in the file.
+    pub name: String,
+    /// Dtype in the file (before any widening).
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Elements, row-major (`shape.iter().product()` of them).
+    pub data: Vec<T>,
+}
+
+impl<T> Tensor<T> {
+    /// Checks the shape against `expected`, where `None` accepts any extent; `dims` names the
+    /// dimensions for the message (for example `"(T, K)"`). Errors with [`ERR_SHAPE`].
+    pub fn expect_shape(&self, expected: &[Option<usize>], dims: &str) -> Result<()> {
+        let ok = self.shape.len() == expected.len()
+            && self
+                .shape
+                .iter()
+                .zip(expected)
+                .all(|(&have, want)| want.is_none_or(|w| w == have));
+        if ok {
+            return Ok(());
+        }
+        let want: Vec<String> = expected
+            .iter()
+            .map(|d| d.map_or_else(|| "?".to_string(), |v| v.to_string()))
+            .collect();
+        Err(err(
+            ERR_SHAPE,
+            format!(
+                "`{}` has shape {}, expected [{}] {dims}",
+                self.name,
+                shape_str(&self.shape),
+                want.join(", ")
+            ),
+        ))
+    }
+
+    /// The two extents of a rank-2 tensor; any other rank errors with [`ERR_SHAPE`] (`dims`
+    /// names the dimensions, for example `"(T, k)"`).
+    pub fn dims2(&self, dims: &str) -> Result<(usize, usize)> {
+        self.expect_shape(&[None, None], dims)?;
+        Ok((self.shape[0], self.shape[1]))
+    }
+
+    /// The three extents of a rank-3 tensor; any other rank errors with [`ERR_SHAPE`].
+    pub fn dims3(&self, dims: &str) -> Result<(usize, usize, usize)> {
+        self.expect_shape(&[None, None, None], dims)?;
+        Ok((self.shape[0], self.shape[1], self.shape[2]))
+    }
+}
+
+/// Expert weights `W_store [E, N, K]` as a checkpoint stores them: dense or MXFP4.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredWeights {
+    /// Dense weights (bf16, f16 or f32 in the file), widened to f32 (exactly, for bf16 and f16).
+    Dense(Tensor<f32>),
+    /// MXFP4 weights and the layout they were stored in.
+    Mx {
+        /// The validated container.
+        weights: MxWeights,
+        /// The layout found in the file.
+        layout: MxLayoutKind,
+    },
+}
+
+impl StoredWeights {
+    /// `(E, N, K)`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        match self {
+            StoredWeights::Dense(t) => (t.shape[0], t.shape[1], t.shape[2]),
+            StoredWeights::Mx { weights, .. } => {
+                let s = weights.shape();
+                (s.experts(), s.n(), s.k())
+            }
+        }
+    }
+
+    /// The dense values `[E, N, K]` (MXFP4 weights dequantized exactly, SPEC §1.5).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            StoredWeights::Dense(t) => t.data.clone(),
+            StoredWeights::Mx { weights, .. } => dequantize_f32(weights),
+        }
+    }
+
+    /// A short description: `"bf16 [8, 256, 512]"` or `"mxfp4 (gpt-oss) [8, 256, 512]"`.
+    pub fn describe(&self) -> String {
+        let (e, n, k) = self.dims();
+        match self {
+            StoredWeights::Dense(t) => format!("{} [{e}, {n}, {k}]", t.dtype),
+            StoredWeights::Mx { layout, .. } => format!("MXFP4 ({layout}) [{e}, {n}, {k}]"),
+        }
+    }
+}
+
+/// A parsed safetensors file, borrowing its bytes: typed, checked reads by tensor name.
+pub struct Checkpoint<'a> {
+    st: SafeTensors<'a>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Checkpoint<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("tensors", &self.names())
+            .field("metadata", &self.metadata)
+            .finish()
+    }
+}
+
+impl<'a> Checkpoint<'a> {
+    /// Parses a whole safetensors file. Errors: [`ERR_TRUNCATED`] naming the first tensor whose
+    /// data is cut off (or the header), [`ERR_DTYPE`] / [`ERR_SHAPE`] for a header entry whose
+    /// dtype is unknown or whose shape disagrees with its byte range, [`ERR_FORMAT`] otherwise.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| diagnose(bytes, &e))?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| diagnose(bytes, &e))?;
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        Ok(Self { st, metadata })
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names = self.st.names();
+        names.sort_unstable();
+        names
+    }
+
+    /// Whether the file holds a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.st.tensor(name).is_ok()
+    }
+
+    /// The `__metadata__` map (empty when the file has none).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// One `__metadata__` value.
+    pub fn metadata_value(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).map(String::as_str)
+    }
+
+    /// The raw view of a tensor, or [`ERR_MISSING`] naming it (and listing a few present names).
+    pub fn view(&self, name: &str) -> Result<TensorView<'a>> {
+        self.st.tensor(name).map_err(|_| {
+            let names = self.names();
+            let shown: Vec<String> = names.iter().take(8).map(|n| format!("`{n}`")).collect();
+            let more = if names.len() > shown.len() {
+                format!(" and {} more", names.len() - shown.len())
+            } else {
+                String::new()
+            };
+            let has = if names.is_empty() {
+                "the file holds no tensors".to_string()
+            } else {
+                format!("the file holds {}{more}", shown.join(", "))
+            };
+            err(ERR_MISSING, format!("`{name}` is not in the file ({has})"))
+        })
+    }
+
+    /// Reads `name` if its dtype is one of `accept`, decoding with `decode`.
+    fn read_as<T>(
+        &self,
+        name: &str,
+        accept: &[Dtype],
+        expected: &str,
+        decode: impl Fn(Dtype, &[u8]) -> Vec<T>,
+    ) -> Result<Tensor<T>> {
+        let view = self.view(name)?;
+        if !accept.contains(&view.dtype()) {
+            return Err(err(
+                ERR_DTYPE,
+                format!("`{name}` is {}, expected {expected}", view.dtype()),
+            ));
+        }
+        Ok(Tensor {
+            name: name.to_string(),
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            data: decode(view.dtype(), view.data()),
+        })
+    }
+
+    /// A `U8` tensor.
+    pub fn read_u8(&self, name: &str) -> Result<Tensor<u8>> {
+        self.read_as(name, &[Dtype::U8], "U8", |_, b| b.to_vec())
+    }
+
+    /// A `BF16` tensor as raw bf16 bits.
+    pub fn read_bf16(&self, name: &str) -> Result<Tensor<u16>> {
+        self.read_as(name, &[Dtype::BF16], "BF16", |_, b| le_u16(b))
+    }
+
+    /// An `F32` tensor.
+    pub fn read_f32(&self, name: &str) -> Result<Tensor<f32>> {
+        self.read_as(name, &[Dtype::F32], "F32", |_, b| le_f32(b))
+    }
+
+    /// A floating-point tensor (`BF16`, `F16` or `F32`) widened to f32 (exact).
+    pub fn read_float(&self, name: &str) -> Result<Tensor<f32>> {
+        self.read_as(
+            name,
+            &[Dtype::BF16, Dtype::F16, Dtype::F32],
+            "BF16, F16 or F32",
+            |dtype, b| match dtype {
+                Dtype::BF16 => le_u16(b).into_iter().map(bf16_bits_to_f32).collect(),
+                Dtype::F16 => le_u16(b)
+                    .into_iter()
+                    .map(|h| half::f16::from_bits(h).to_f32())
+                    .collect(),
+                _ => le_f32(b),
+            },
+        )
+    }
+
+    /// An `I32` tensor.
+    pub fn read_i32(&self, name: &str) -> Result<Tensor<i32>> {
+        self.read_as(name, &[Dtype::I32], "I32", |_, b| {
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    /// An `I64` tensor.
+    pub fn read_i64(&self, name: &str) -> Result<Tensor<i64>> {
+        self.read_as(name, &[Dtype::I64], "I64", |_, b| le_i64(b))
+    }
+
+    /// An index tensor stored as `I32` or `I64`, widened to i64.
+    pub fn read_index(&self, name: &str) -> Result<Tensor<i64>> {
+        self.read_as(name, &[Dtype::I32, Dtype::I64], "I32 or I64", |dtype, b| {
+            if dtype == Dtype::I32 {
+                b.chunks_exact(4)
+                    .map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect()
+            } else {
+                le_i64(b)
+            }
+        })
+    }
+
+    /// The scale tensor of an MXFP4 weight: `U8` or `F8_E8M0` bytes.
+    fn read_scales(&self, name: &str) -> Result<Tensor<u8>> {
+        self.read_as(
+            name,
+            &[Dtype::U8, Dtype::F8_E8M0],
+            "U8 or F8_E8M0",
+            |_, b| b.to_vec(),
+        )
+    }
+
+    /// Which layout stores MXFP4 weight `name`, and the `(codes, scales)` tensor names.
+    ///
+    /// Errors: [`ERR_MISSING`] when neither layout's tensors exist, or when one of a pair is
+    /// missing (naming the missing one); [`ERR_NAME`] when both layouts are present.
+    pub fn find_mx(&self, name: &str) -> Result<(MxLayoutKind, String, String)> {
+        let first = |suffixes: &[&str]| {
+            suffixes
+                .iter()
+                .map(|s| format!("{name}{s}"))
+                .find(|n| self.contains(n))
+        };
+        let (t_codes, t_scales) = (first(&[".packed", ".qdata"]), first(&[".scales", ".scale"]));
+        let (g_codes, g_scales) = (first(&["_blocks"]), first(&["_scales"]));
+        let torchao = t_codes.is_some() || t_scales.is_some();
+        let gpt_oss = g_codes.is_some() || g_scales.is_some();
+        let pair = |layout: MxLayoutKind, codes: Option<String>, scales: Option<String>| {
+            let (want_codes, want_scales) = layout.tensor_names(name);
+            match (codes, scales) {
+                (Some(c), Some(s)) => Ok((layout, c, s)),
+                (Some(c), None) => Err(err(
+                    ERR_MISSING,
+                    format!(
+                        "`{want_scales}` is not in the file (the scales of MXFP4 weight `{name}`, whose codes `{c}` are present)"
+                    ),
+                )),
+                (None, Some(s)) => Err(err(
+                    ERR_MISSING,
+                    format!(
+                        "`{want_codes}` is not in the file (the codes of MXFP4 weight `{name}`, whose scales `{s}` are present)"
+                    ),
+                )),
+                (None, None) => unreachable!("called only when one of the pair exists"),
+            }
+        };
+        match (torchao, gpt_oss) {
+            (true, false) => pair(MxLayoutKind::Torchao, t_codes, t_scales),
+            (false, true) => pair(MxLayoutKind::GptOss, g_codes, g_scales),
+            (true, true) => Err(err(
+                ERR_NAME,
+                format!(
+                    "MXFP4 weight `{name}` is stored in both the torchao layout (`{name}.packed`/`.scales`) and the gpt-oss layout (`{name}_blocks`/`_scales`); keep one"
+                ),
+            )),
+            (false, false) => Err(err(
+                ERR_MISSING,
+                format!(
+                    "no MXFP4 weight `{name}`: looked for `{name}.packed` + `{name}.scales` (torchao; also `.qdata`/`.scale`) and `{name}_blocks` + `{name}_scales` (gpt-oss)"
+                ),
+            )),
+        }
+    }
+
+    /// Reads MXFP4 weight `name` in whichever layout the file uses (see [`Checkpoint::find_mx`]).
+    ///
+    /// Checks, naming the offending tensor: codes dtype `U8` and scales `U8` or `F8_E8M0`
+    /// ([`ERR_DTYPE`]); codes rank 3 `[E, N, K/2]` (torchao) or rank 4 `[E, N, K/32, 16]`
+    /// (gpt-oss), positive extents, `K` a multiple of 32, scales `[E, N, K/32]` ([`ERR_SHAPE`]).
+    pub fn read_mx(&self, name: &str) -> Result<(MxWeights, MxLayoutKind)> {
+        let (layout, codes_name, scales_name) = self.find_mx(name)?;
+        let codes = self.read_u8(&codes_name)?;
+        let scales = self.read_scales(&scales_name)?;
+        let (e, n, k) = match layout {
+            MxLayoutKind::Torchao => {
+                let (e, n, half_k) = codes.dims3("(E, N, K/2)")?;
+                let k = 2 * half_k;
+                if e == 0 || n == 0 || half_k == 0 || !k.is_multiple_of(MX_BLOCK) {
+                    return Err(err(
+                        ERR_SHAPE,
+                        format!(
+                            "`{codes_name}` has shape {}: expected [E, N, K/2] with positive extents and K = {k} a multiple of {MX_BLOCK}",
+                            shape_str(&codes.shape)
+                        ),
+                    ));
+                }
+                (e, n, k)
+            }
+            MxLayoutKind::GptOss => {
+                codes.expect_shape(
+                    &[None, None, None, Some(MX_BLOCK_BYTES)],
+                    "(E, N, K/32, 16)",
+                )?;
+                let (e, n, blocks) = (codes.shape[0], codes.shape[1], codes.shape[2]);
+                if e == 0 || n == 0 || blocks == 0 {
+                    return Err(err(
+                        ERR_SHAPE,
+                        format!(
+                            "`{codes_name}` has shape {}: expected [E, N, K/32, 16] with positive extents",
+                            shape_str(&codes.shape)
+                        ),
+                    ));
+                }
+                (e, n, blocks * MX_BLOCK)
+            }
+        };
+        scales.expect_shape(
+            &[Some(e), Some(n), Some(k / MX_BLOCK)],
+            &format!("(E, N, K/32), to match `{codes_name}`"),
+        )?;
+        let shape = MxShape::new(e, n, k)?;
+        Ok((
+            MxWeights::from_shape(shape, codes.data, scales.data)?,
+            layout,
+        ))
+    }
+
+    /// Every MXFP4 weight in the file (by codes tensor: `.packed`, `.qdata` or `_blocks`), as
+    /// `(name, layout)`, sorted by name. The pairs are not validated here.
+    pub fn mx_weights(&self) -> Vec<(String, MxLayoutKind)> {
+        let mut found: Vec<(String, MxLayoutKind)> = self
+            .names()
+            .into_iter()
+            .filter_map(|n| {
+                if let Some(base) = n
+                    .strip_suffix(".packed")
+                    .or_else(|| n.strip_suffix(".qdata"))
+                {
+                    Some((base.to_string(), MxLayoutKind::Torchao))
+                } else {
+                    n.strip_suffix("_blocks")
+                        .map(|base| (base.to_string(), MxLayoutKind::GptOss))
+                }
+            })
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Expert weights `name`: the dense tensor `name` (`BF16`, `F16` or `F32`, `[E, N, K]`) if
+    /// present, else MXFP4 weight `name` in either layout. Errors as [`Checkpoint::read_mx`];
+    /// [`ERR_NAME`] when both a dense and an MXFP4 form exist.
+    pub fn read_expert_weights(&self, name: &str) -> Result<StoredWeights> {
+        let mx_names = [
+            ".packed", ".qdata", ".scales", ".scale", "_blocks", "_scales",
+        ];
+        if !self.contains(name)
+            && !mx_names
+                .iter()
+                .any(|s| self.contains(&format!("{name}{s}")))
+        {
+            return Err(err(
+                ERR_MISSING,
+                format!(
+                    "`{name}` is not in the file: looked for a dense `{name}`, `{name}.packed` + `{name}.scales` (torchao; also `.qdata`/`.scale`) and `{name}_blocks` + `{name}_scales` (gpt-oss)"
+                ),
+            ));
+        }
+        if !self.contains(name) {
+            let (weights, layout) = self.read_mx(name)?;
+            return Ok(StoredWeights::Mx { weights, layout });
+        }
+        if let Ok((layout, codes, _)) = self.find_mx(name) {
+            return Err(err(
+                ERR_NAME,
+                format!(
+                    "expert weight `{name}` is stored both dense (`{name}`) and as MXFP4 ({layout}: `{codes}`); keep one"
+                ),
+            ));
+        }
+        let t = self.read_float(name)?;
+        let (e, n, k) = t.dims3("(E, N, K)")?;
+        if e == 0 || n == 0 || k == 0 {
+            return Err(err(
+                ERR_SHAPE,
+                format!(
+                    "`{name}` has shape {}, expected [E, N, K] with positive extents",
+                    shape_str(&t.shape)
+                ),
+            ));
+        }
+        Ok(StoredWeights::Dense(t))
+    }
+}
+
+fn le_u16(b: &[u8]) -> Vec<u16> {
+    b.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+fn le_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn le_i64(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
+}
+
+/// Turns a safetensors parse failure into an error naming what is wrong, by reading the header
+/// directly (the crate's own errors do not name the tensor of a truncated file).
+fn diagnose(bytes: &[u8], error: &safetensors::SafeTensorError) -> Error {
+    let total = bytes.len();
+    let Some(head) = bytes.get(..8) else {
+        return err(
+            ERR_TRUNCATED,
+            format!(
+                "the file has {total} bytes; a safetensors file starts with an 8-byte header length"
+            ),
+        );
+    };
+    let declared = u64::from_le_bytes(head.try_into().expect("the slice has 8 bytes"));
+    let header_end = usize::try_from(declared)
+        .ok()
+        .and_then(|n| n.checked_add(8));
+    let Some(header) = header_end.and_then(|end| bytes.get(8..end)) else {
+        if declared > 100_000_000 {
+            return err(
+                ERR_FORMAT,
+                format!(
+                    "the first 8 bytes declare a {declared}-byte header, which is not plausible (is this a safetensors file?)"
+                ),
+            );
+        }
+        return err(
+            ERR_TRUNCATED,
+            format!(
+                "the header declares {declared} bytes but only {} follow the length field",
+                total - 8
+            ),
+        );
+    };
+    let data_len = total - 8 - header.len();
+    let entries: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(header) {
+        Ok(m) => m,
+        Err(e) => {
+            return err(
+                ERR_FORMAT,
+                format!("the header is not a JSON object ({e}; is this a safetensors file?)"),
+            );
+        }
+    };
+    let mut spans = Vec::new();
+    for (name, entry) in &entries {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_str = entry.get("dtype").and_then(|d| d.as_str());
+        let shape: Option<Vec<usize>> = entry.get("shape").and_then(|s| {
+            s.as_array()?
+                .iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect()
+        });
+        let offsets: Option<Vec<usize>> = entry.get("data_offsets").and_then(|s| {
+            s.as_array()?
+                .iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect()
+        });
+        let (Some(dtype_str), Some(shape), Some(offsets)) = (dtype_str, shape, offsets) else {
+            return err(
+                ERR_FORMAT,
+                format!("the header entry of tensor `{name}` lacks a dtype, shape or data_offsets"),
+            );
+        };
+        let Ok(dtype) = serde_json::from_value::<Dtype>(serde_json::Value::from(dtype_str)) else {
+            return err(
+                ERR_DTYPE,
+                format!("`{name}` has dtype `{dtype_str}`, which safetensors does not define"),
+            );
+        };
+        let [start, end] = offsets[..] else {
+            return err(
+                ERR_FORMAT,
+                format!("the data_offsets of tensor `{name}` are not a [start, end] pair"),
+            );
+        };
+        match checked_bytes(dtype, &shape) {
+            Some(size) if end >= start && end - start == size => {}
+            size => {
+                return err(
+                    ERR_SHAPE,
+                    format!(
+                        "`{name}`: shape {} of dtype {dtype} needs {} bytes, but its data offsets span {start}..{end}",
+                        shape_str(&shape),
+                        size.map_or_else(
+                            || "an impossible number of".to_string(),
+                            |s| s.to_string()
+                        ),
+                    ),
+                );
+            }
+        }
+        spans.push((start, end, name.clone()));
+    }
+    spans.sort();
+    if let Some((start, end, name)) = spans.iter().find(|(_, end, _)| *end > data_len) {
+        return err(
+            ERR_TRUNCATED,
+            format!(
+                "tensor `{name}` needs bytes {start}..{end} of the data section, but the file ends after {data_len} data bytes"
+            ),
+        );
+    }
+    err(
+        ERR_FORMAT,
+        format!("not a valid safetensors file ({error})"),
+    )
+}
+
+/// An owned tensor waiting to be written.
+#[derive(Debug, Clone)]
+struct OwnedTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Builds a safetensors file in memory: tensors by name (each written once) and `__metadata__`.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointWriter {
+    tensors: BTreeMap<String, OwnedTensor>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl CheckpointWriter {
+    /// An empty file.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a tensor from its little-endian bytes. Errors: [`ERR_NAME`] for an empty name,
+    /// `__metadata__` or a name already added; [`ERR_SHAPE`] when the byte count does not match
+    /// `dtype` and `shape`.
+    pub fn add_bytes(
+        &mut self,
+        name: impl Into<String>,
+        dtype: Dtype,
+        shape: &[usize],
+        data: Vec<u8>,
+    ) -> Result<()> {
+        let name = name.into();
+        if name.is_empty() || name == "__metadata__" {
+            return Err(err(
+                ERR_NAME,
+                format!("`{name}` cannot name a tensor in a safetensors file"),
+            ));
+        }
+        if self.tensors.contains_key(&name) {
+            return Err(err(ERR_NAME, format!("`{name}` is written twice")));
+        }
+        if checked_bytes(dtype, shape) != Some(data.len()) {
+            return Err(err(
+                ERR_SHAPE,
+                format!(
+                    "`{name}`: {} bytes do not make a {dtype} tensor of shape {}",
+                    data.len(),
+                    shape_str(shape)
+                ),
+            ));
+        }
+        self.tensors.insert(
+            name,
+            OwnedTensor {
+                dtype,
+                shape: shape.to_vec(),
+                data,
+            },
+        );
+        Ok(())
+    }
+
+    /// Copies a tensor view (for example from another [`Checkpoint`]) under `name`.
+    pub fn add_view(&mut self, name: impl Into<String>, view: &TensorView<'_>) -> Result<()> {
+        self.add_bytes(name, view.dtype(), view.shape(), view.data().to_vec())
+    }
+
+    /// Adds a `U8` tensor.
+    pub fn add_u8(&mut self, name: impl Into<String>, shape: &[usize], data: &[u8]) -> Result<()> {
+        self.add_bytes(name, Dtype::U8, shape, data.to_vec())
+    }
+
+    /// Adds a `BF16` tensor from raw bf16 bits.
+    pub fn add_bf16(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        bits: &[u16],
+    ) -> Result<()> {
+        let bytes = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+        self.add_bytes(name, Dtype::BF16, shape, bytes)
+    }
+
+    /// Adds a `BF16` tensor from f32 values, each rounded to the nearest bf16 (ties to even).
+    pub fn add_bf16_from_f32(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<()> {
+        let bits: Vec<u16> = values.iter().map(|&v| f32_to_bf16_bits(v)).collect();
+        self.add_bf16(name, shape, &bits)
+    }
+
+    /// Adds an `F32` tensor.
+    pub fn add_f32(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<()> {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.add_bytes(name, Dtype::F32, shape, bytes)
+    }
+
+    /// Adds an `I32` tensor.
+    pub fn add_i32(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        values: &[i32],
+    ) -> Result<()> {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.add_bytes(name, Dtype::I32, shape, bytes)
+    }
+
+    /// Adds an `I64` tensor.
+    pub fn add_i64(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        values: &[i64],
+    ) -> Result<()> {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.add_bytes(name, Dtype::I64, shape, bytes)
+    }
+
+    /// Adds MXFP4 weight `name` in `layout` (tensor names and shapes in the module
+    /// documentation; both tensors `U8`).
+    pub fn add_mx(&mut self, name: &str, w: &MxWeights, layout: MxLayoutKind) -> Result<()> {
+        let s = w.shape();
+        let (codes, scales) = layout.tensor_names(name);
+        for n in [&codes, &scales] {
+            if self.tensors.contains_key(n) {
+                return Err(err(ERR_NAME, format!("`{n}` is written twice")));
+            }
+        }
+        let code_shape: Vec<usize> = match layout {
+            MxLayoutKind::Torchao => s.packed_shape().to_vec(),
+            MxLayoutKind::GptOss => vec![s.experts(), s.n(), s.blocks_per_row(), MX_BLOCK_BYTES],
+        };
+        self.add_u8(codes, &code_shape, w.packed())?;
+        self.add_u8(scales, &s.scales_shape(), w.scales())
+    }
+
+    /// Sets a `__metadata__` entry (replacing an earlier value).
+    pub fn set_metadata(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.metadata.insert(key.into(), value.into());
+    }
+
+    /// Names of the tensors added so far, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.tensors.keys().map(String::as_str).collect()
+    }
+
+    /// Serializes the file. (The safetensors format orders tensors by dtype alignment, then
+    /// name; the bytes are deterministic.)
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let metadata: Option<HashMap<String, String>> = (!self.metadata.is_empty()).then(|| {
+            self.metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        });
+        safetensors::serialize(self.tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
+            .map_err(|e| err(ERR_FORMAT, format!("could not serialize the file ({e})")))
+    }
+}
+
+/// Reads MXFP4 weight `name` from a safetensors file in either layout (see [`Checkpoint::read_mx`]).
+pub fn read_mx(bytes: &[u8], name: &str) -> Result<MxWeights> {
+    Ok(Checkpoint::parse(bytes)?.read_mx(name)?.0)
+}
+
+/// A safetensors file holding only MXFP4 weight `name` in `layout`, with [`META_FORMAT`] and
+/// [`META_LAYOUT`] set.
+pub fn write_mx(name: &str, w: &MxWeights, layout: MxLayoutKind) -> Result<Vec<u8>> {
+    let mut out = CheckpointWriter::new();
+    out.add_mx(name, w, layout)?;
+    out.set_metadata(META_FORMAT, "mxfp4");
+    out.set_metadata(META_LAYOUT, layout.name());
+    out.to_bytes()
+}
+
+/// Whether [`quantize_file`] quantizes a tensor of this dtype and shape by default: `BF16` or
+/// `F32`, rank 3 `[E, N, K]`, positive extents, `K` a multiple of 32.
+pub fn is_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
+    matches!(dtype, Dtype::BF16 | Dtype::F32)
+        && shape.len() == 3
+        && shape.iter().all(|&d| d > 0)
+        && shape[2].is_multiple_of(MX_BLOCK)
+}
+
+/// What [`quantize_file`] does.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizeOptions {
+    /// The layout to write.
+    pub layout: MxLayoutKind,
+    /// Quantize exactly these tensors (each must exist and be quantizable) instead of every
+    /// quantizable one.
+    pub tensors: Option<Vec<String>>,
+    /// The input's name, recorded as [`META_SOURCE`].
+    pub source: Option<String>,
+}
+
+/// One tensor [`quantize_file`] quantized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantizedTensor {
+    /// The input tensor's name.
+    pub name: String,
+    /// Its dtype (`BF16` or `F32`).
+    pub dtype: Dtype,
+    /// `[E, N, K]`.
+    pub shape: [usize; 3],
+    /// The codes tensor written.
+    pub codes: String,
+    /// The scales tensor written.
+    pub scales: String,
+    /// Bytes of the input tensor.
+    pub bytes_in: usize,
+    /// Bytes of the two output tensors.
+    pub bytes_out: usize,
+}
+
+/// The result of [`quantize_file`].
+#[derive(Debug, Clone)]
+pub struct QuantizeOutput {
+    /// The output safetensors file.
+    pub bytes: Vec<u8>,
+    /// The quantized tensors, sorted by name.
+    pub quantized: Vec<QuantizedTensor>,
+    /// The tensors copied unchanged, sorted by name.
+    pub copied: Vec<String>,
+}
+
+/// Quantizes the selected rank-3 `BF16`/`F32` tensors of a safetensors file to MXFP4 with the
+/// torchao FLOOR quantizer (SPEC §1.4; experts in parallel) and copies every other tensor
+/// unchanged. A tensor `W` becomes the two tensors of `options.layout` (module documentation);
+/// the metadata records the layout and provenance.
+///
+/// Errors: parse errors as [`Checkpoint::parse`]; with `options.tensors`, a listed tensor that is
+/// missing ([`ERR_MISSING`]), not `BF16`/`F32` ([`ERR_DTYPE`]) or not `[E, N, K]` with `K % 32 == 0`
+/// ([`ERR_SHAPE`]); [`ERR_NAME`] when an output name is already taken by an input tensor.
+pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<QuantizeOutput> {
+    let ck = Checkpoint::parse(input)?;
+    let selected: Vec<String> = match &options.tensors {
+        Some(list) => {
+            let mut list = list.clone();
+            list.sort();
+            list.dedup();
+            for name in &list {
+                let view = ck.view(name)?;
+                if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
+                    return Err(err(
+                        ERR_DTYPE,
+                        format!(
+                            "`{name}` is {}; only BF16 and F32 tensors can be quantized",
+                            view.dtype()
+                        ),
+                    ));
+                }
+                if !is_quantizable(view.dtype(), view.shape()) {
+                    return Err(err(
+                        ERR_SHAPE,
+                        format!(
+                            "`{name}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {MX_BLOCK} can be quantized",
+                            shape_str(view.shape())
+                        ),
+                    ));
+                }
+            }
+            list
+        }
+        None => ck
+            .names()
+            .into_iter()
+            .filter(|n| {
+                ck.view(n)
+                    .is_ok_and(|v| is_quantizable(v.dtype(), v.shape()))
+            })
+            .map(str::to_string)
+            .collect(),
+    };
+    for name in &selected {
+        let (codes, scales) = options.layout.tensor_names(name);
+        for out in [codes, scales] {
+            if ck.contains(&out) && !selected.contains(&out) {
+                return Err(err(
+                    ERR_NAME,
+                    format!(
+                        "quantizing `{name}` would write `{out}`, but the input already holds a tensor of that name"
+                    ),
+                ));
+            }
+        }
+    }
+
+    let mut out = CheckpointWriter::new();
+    for (k, v) in ck.metadata() {
+        out.set_metadata(k.clone(), v.clone());
+    }
+    let mut quantized = Vec::new();
+    let mut copied = Vec::new();
+    let mut record = serde_json::Map::new();
+    for name in ck.names() {
+        let view = ck.view(name)?;
+        if !selected.iter().any(|s| s == name) {
+            out.add_view(name, &view)?;
+            copied.push(name.to_string());
+            continue;
+        }
+        let [e, n, k] = [view.shape()[0], view.shape()[1], view.shape()[2]];
+        let w = quantize_parallel(view.dtype(), view.data(), e, n, k)?;
+        out.add_mx(name, &w, options.layout)?;
+        let (codes, scales) = options.layout.tensor_names(name);
+        record.insert(
+            name.to_string(),
+            serde_json::json!({
+                "dtype": view.dtype().to_string(),
+                "shape": [e, n, k],
+                "packed": codes,
+                "scales": scales,
+            }),
+        );
+        quantized.push(QuantizedTensor {
+            name: name.to_string(),
+            dtype: view.dtype(),
+            shape: [e, n, k],
+            codes,
+            scales,
+            bytes_in: view.data().len(),
+            bytes_out: w.shape().bytes(),
+        });
+    }
+    out.set_metadata(META_FORMAT, "mxfp4");
+    out.set_metadata(META_LAYOUT, options.layout.name());
+    out.set_metadata(META_QUANTIZER, QUANTIZER_ID);
+    out.set_metadata(META_VERSION, env!("CARGO_PKG_VERSION"));
+    out.set_metadata(
+        META_QUANTIZED,
+        serde_json::Value::Object(record).to_string(),
+    );
+    if let Some(source) = &options.source {
+        out.set_metadata(META_SOURCE, source.clone());
+    }
+    Ok(QuantizeOutput {
+        bytes: out.to_bytes()?,
+        quantized,
+        copied,
+    })
+}
+
+/// Quantizes `[e, n, k]` little-endian `BF16` or `F32` bytes, groups of experts on every core.
+/// Blocks never cross an expert, so the result equals one quantizer call over the whole tensor.
+fn quantize_parallel(
+    dtype: Dtype,
+    bytes: &[u8],
+    e: usize,
+    n: usize,
+    k: usize,
+) -> Result<MxWeights> {
+    let shape = MxShape::new(e, n, k)?;
+    let elem = if dtype == Dtype::BF16 { 2 } else { 4 };
+    let per_expert = n * k * elem;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, e);
+    let experts_per_thread = e.div_ceil(threads);
+    let parts: Vec<Result<MxWeights>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bytes
+            .chunks(experts_per_thread * per_expert)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let experts = chunk.len() / per_expert;
+                    let w = if dtype == Dtype::BF16 {
+                        quantize_mxfp4_bf16(&le_u16(chunk), experts, n, k)
+                    } else {
+                        quantize_mxfp4(&le_f32(chunk), experts, n, k)
+                    };
+                    w.map_err(Error::from)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a quantizer thread panicked"))
+            .collect()
+    });
+    let (mut packed, mut scales) = (
+        Vec::with_capacity(shape.packed_len()),
+        Vec::with_capacity(shape.scales_len()),
+    );
+    for part in parts {
+        let (_, p, s) = part?.into_parts();
+        packed.extend_from_slice(&p);
+        scales.extend_from_slice(&s);
+    }
+    Ok(MxWeights::from_shape(shape, packed, scales)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic bf16 weights with a spread of magnitudes (several scale exponents).
+    fn weights_bf16(len: usize, seed: u64) -> Vec<u16> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                let mag = [0.01f32, 0.3, 2.0, 40.0][(i / 32) % 4];
+                f32_to_bf16_bits(u * mag)
+            })
+            .collect()
+    }
+
+    fn bf16_file(name: &str, shape: [usize; 3], bits: &[u16]) -> Vec<u8> {
+        let mut w = CheckpointWriter::new();
+        w.add_bf16(name, &shape, bits).unwrap();
+        w.to_bytes().unwrap()
+    }
+
+    fn what(e: &Error) -> &'static str {
+        match e {
+            Error::InvalidArgument { what, .. } => what,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    /// Asserts an error of kind `kind` whose message mentions `needle` (a tensor name).
+    fn assert_err<T: fmt::Debug>(r: Result<T>, kind: &str, needle: &str) {
+        let e = r.expect_err("expected an error");
+        let msg = e.to_string();
+        assert_eq!(what(&e), kind, "wrong kind: {msg}");
+        assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+    }
+
+    #[test]
+    fn quantize_write_read_round_trips_in_both_layouts() {
+        let (e, n, k) = (3, 5, 96);
+        let bits = weights_bf16(e * n * k, 1);
+        let w = quantize_mxfp4_bf16(&bits, e, n, k).unwrap();
+        for layout in MxLayoutKind::ALL {
+            let file = write_mx("experts.gate_up_proj", &w, layout).unwrap();
+            let ck = Checkpoint::parse(&file).unwrap();
+            assert_eq!(ck.metadata_value(META_LAYOUT), Some(layout.name()));
+            let (back, found) = ck.read_mx("experts.gate_up_proj").unwrap();
+            assert_eq!(found, layout);
+            assert_eq!(back, w, "{layout}");
+            assert_eq!(read_mx(&file, "experts.gate_up_proj").unwrap(), w);
+            assert_eq!(
+                ck.mx_weights(),
+                vec![("experts.gate_up_proj".to_string(), layout)]
+            );
+        }
+    }
+
+    #[test]
+    fn gpt_oss_and_torchao_files_store_the_same_bytes() {
+        let (e, n, k) = (2, 4, 64);
+        let bits = weights_bf16(e * n * k, 2);
+        let input = bf16_file("down_proj", [e, n, k], &bits);
+        let files: Vec<Vec<u8>> = MxLayoutKind::ALL
+            .iter()
+            .map(|&layout| {
+                quantize_file(
+                    &input,
+                    &QuantizeOptions {
+                        layout,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+                .bytes
+            })
+            .collect();
+        let torchao = Checkpoint::parse(&files[0]).unwrap();
+        let gpt_oss = Checkpoint::parse(&files[1]).unwrap();
+        assert_eq!(
+            torchao.names(),
+            vec!["down_proj.packed", "down_proj.scales"]
+        );
+        assert_eq!(
+            gpt_oss.names(),
+            vec!["down_proj_blocks", "down_proj_scales"]
+        );
+        assert_eq!(
+            gpt_oss.view("down_proj_blocks").unwrap().shape(),
+            &[e, n, k / 32, 16]
+        );
+        assert_eq!(
+            torchao.view("down_proj.packed").unwrap().data(),
+            gpt_oss.view("down_proj_blocks").unwrap().data()
+        );
+        let a = torchao.read_mx("down_proj").unwrap().0;
+        let b = gpt_oss.read_mx("down_proj").unwrap().0;
+        assert_eq!(a, b);
+        assert_eq!(a, quantize_mxfp4_bf16(&bits, e, n, k).unwrap());
+    }
+
+    #[test]
+    fn quantize_file_selects_copies_and_records_provenance() {
+        let (e, n, k) = (2, 3, 64);
+        let w_bits = weights_bf16(e * n * k, 3);
+        let w_f32: Vec<f32> = w_bits.iter().map(|&b| bf16_bits_to_f32(b)).collect();
+        let mut input = CheckpointWriter::new();
+        input.add_bf16("a", &[e, n, k], &w_bits).unwrap();
+        input.add_f32("b", &[e, n, k], &w_f32).unwrap();
+        input
+            .add_bf16("odd_k", &[e, n, 48], &weights_bf16(e * n * 48, 4))
+            .unwrap();
+        input.add_bf16("rank2", &[n, k], &w_bits[..n * k]).unwrap();
+        input.add_i64("ids", &[2], &[0, 1]).unwrap();
+        input.set_metadata("format", "pt");
+        let input = input.to_bytes().unwrap();
+
+        let all = quantize_file(
+            &input,
+            &QuantizeOptions {
+                source: Some("in.safetensors".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let names: Vec<&str> = all.quantized.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(all.copied, ["ids", "odd_k", "rank2"]);
+        let ck = Checkpoint::parse(&all.bytes).unwrap();
+        assert_eq!(ck.metadata_value("format"), Some("pt"));
+        assert_eq!(ck.metadata_value(META_FORMAT), Some("mxfp4"));
+        assert_eq!(ck.metadata_value(META_LAYOUT), Some("torchao"));
+        assert_eq!(ck.metadata_value(META_QUANTIZER), Some(QUANTIZER_ID));
+        assert_eq!(ck.metadata_value(META_SOURCE), Some("in.safetensors"));
+        let record: serde_json::Value =
+            serde_json::from_str(ck.metadata_value(META_QUANTIZED).unwrap()).unwrap();
+        assert_eq!(record["a"]["dtype"], "BF16");
+        assert_eq!(record["b"]["shape"], serde_json::json!([e, n, k]));
+        assert_eq!(record["b"]["packed"], "b.packed");
+        // bf16 and f32 inputs of the same values quantize identically.
+        assert_eq!(ck.read_mx("a").unwrap().0, ck.read_mx("b").unwrap().0);
+        // Unselected tensors are copied byte for byte.
+        let src = Checkpoint::parse(&input).unwrap();
+        for name in ["ids", "odd_k", "rank2"] {
+            assert_eq!(ck.view(name).unwrap(), src.view(name).unwrap());
+        }
+
+        let only_b = quantize_file(
+            &input,
+            &QuantizeOptions {
+                layout: MxLayoutKind::GptOss,
+                tensors: Some(vec!["b".into()]),
+                source: None,
+            },
+        )
+        .unwrap();
+        let ck = Checkpoint::parse(&only_b.bytes).unwrap();
+        assert!(ck.contains("a") && ck.contains("b_blocks") && !ck.contains("b"));
+        assert_eq!(ck.read_expert_weights("a").unwrap().dims(), (e, n, k));
+
+        let opts = |t: &str| QuantizeOptions {
+            tensors: Some(vec![t.into()]),
+            ..Default::default()
+        };
+        assert_err(quantize_file(&input, &opts("nope")), ERR_MISSING, "`nope`");
+        assert_err(quantize_file(&input, &opts("ids")), ERR_DTYPE, "`ids`");
+        assert_err(quantize_file(&input, &opts("odd_k")), ERR_SHAPE, "`odd_k`");
+        assert_err(quantize_file(&input, &opts("rank2")), ERR_SHAPE, "`rank2`");
+    }
+
+    #[test]
+    fn quantize_file_refuses_to_overwrite_an_input_tensor() {
+        let bits = weights_bf16(64, 5);
+        let mut input = CheckpointWriter::new();
+        input.add_bf16("w", &[1, 1, 64], &bits).unwrap();
+        input.add_u8("w.scales", &[1], &[0]).unwrap();
+        let input = input.to_bytes().unwrap();
+        assert_err(
+            quantize_file(&input, &QuantizeOptions::default()),
+            ERR_NAME,
+            "`w.scales`",
+        );
+    }
+
+    /// A valid torchao-layout file for `w` `[2, 3, 64]`, with the given overrides.
+    fn mx_file(
+        edit: impl FnOnce(&mut BTreeMap<&'static str, (Dtype, Vec<usize>, Vec<u8>)>),
+    ) -> Vec<u8> {
+        let mut t = BTreeMap::new();
+        t.insert(
+            "w.packed",
+            (Dtype::U8, vec![2, 3, 32], vec![0x21; 2 * 3 * 32]),
+        );
+        t.insert("w.scales", (Dtype::U8, vec![2, 3, 2], vec![127; 2 * 3 * 2]));
+        edit(&mut t);
+        let mut w = CheckpointWriter::new();
+        for (name, (dtype, shape, data)) in t {
+            w.add_bytes(name, dtype, &shape, data).unwrap();
+        }
+        w.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn malformed_mx_files_give_errors_naming_the_tensor() {
+        // The baseline is valid, also with torchao's attribute names and E8M0 scales.
+        assert!(read_mx(&mx_file(|_| {}), "w").is_ok());
+        let renamed = mx_file(|t| {
+            let p = t.remove("w.packed").unwrap();
+            let (_, shape, data) = t.remove("w.scales").unwrap();
+            t.insert("w.qdata", p);
+            t.insert("w.scale", (Dtype::F8_E8M0, shape, data));
+        });
+        assert_eq!(
+            read_mx(&renamed, "w").unwrap(),
+            read_mx(&mx_file(|_| {}), "w").unwrap()
+        );
+
+        let missing = mx_file(|t| {
+            t.remove("w.scales");
+        });
+        assert_err(read_mx(&missing, "w"), ERR_MISSING, "`w.scales`");
+        assert_err(read_mx(&mx_file(|_| {}), "v"), ERR_MISSING, "`v.packed`");
+
+        let wrong_dtype = mx_file(|t| {
+            t.insert("w.scales", (Dtype::BF16, vec![2, 3, 1], vec![0; 12]));
+        });
+        assert_err(read_mx(&wrong_dtype, "w"), ERR_DTYPE, "`w.scales`");
+        let wrong_dtype = mx_file(|t| {
+            t.insert("w.packed", (Dtype::I8, vec![2, 3, 32], vec![0; 192]));
+        });
+        assert_err(read_mx(&wrong_dtype, "w"), ERR_DTYPE, "`w.packed`");
+
+        let wrong_shape = mx_file(|t| {
+            t.insert("w.scales", (Dtype::U8, vec![2, 3, 3], vec![127; 18]));
+        });
+        assert_err(read_mx(&wrong_shape, "w"), ERR_SHAPE, "`w.scales`");
+        let odd_k = mx_file(|t| {
+            t.insert("w.packed", (Dtype::U8, vec![2, 3, 24], vec![0; 144]));
+        });
+        assert_err(read_mx(&odd_k, "w"), ERR_SHAPE, "`w.packed`");
+        let rank = mx_file(|t| {
+            t.insert("w.packed", (Dtype::U8, vec![6, 32], vec![0; 192]));
+        });
+        assert_err(read_mx(&rank, "w"), ERR_SHAPE, "`w.packed`");
+
+        let both = mx_file(|t| {
+            t.insert("w_blocks", (Dtype::U8, vec![2, 3, 2, 16], vec![0; 192]));
+        });
+        assert_err(read_mx(&both, "w"), ERR_NAME, "`w`");
+    }
+
+    #[test]
+    fn malformed_gpt_oss_files_give_errors_naming_the_tensor() {
+        let good = |blocks: Vec<usize>, scales: Vec<usize>| {
+            let mut w = CheckpointWriter::new();
+            let nb = blocks.iter().product();
+            let ns = scales.iter().product();
+            w.add_bytes("m_blocks", Dtype::U8, &blocks, vec![0x35; nb])
+                .unwrap();
+            w.add_bytes("m_scales", Dtype::U8, &scales, vec![120; ns])
+                .unwrap();
+            w.to_bytes().unwrap()
+        };
+        let ok = read_mx(&good(vec![2, 3, 2, 16], vec![2, 3, 2]), "m").unwrap();
+        assert_eq!(ok.shape().k(), 64);
+        assert_err(
+            read_mx(&good(vec![2, 3, 2, 8], vec![2, 3, 2]), "m"),
+            ERR_SHAPE,
+            "`m_blocks`",
+        );
+        assert_err(
+            read_mx(&good(vec![2, 3, 2, 16], vec![2, 3, 1]), "m"),
+            ERR_SHAPE,
+            "`m_scales`",
+        );
+        let mut only_blocks = CheckpointWriter::new();
+        only_blocks
+            .add_u8("m_blocks", &[1, 1, 1, 16], &[0; 16])
+            .unwrap();
+        assert_err(
+            read_mx(&only_blocks.to_bytes().unwrap(), "m"),
+            ERR_MISSING,
+            "`m_scales`",
+        );
+    }
+
+    #[test]
+    fn truncated_and_corrupt_files_are_diagnosed() {
+        let file = mx_file(|_| {});
+        // Cut inside the data of the second tensor in file order ("w.scales" sorts after
+        // "w.packed"; both are U8).
+        let cut = &file[..file.len() - 3];
+        assert_err(Checkpoint::parse(cut), ERR_TRUNCATED, "`w.scales`");
+        // Cut inside the first tensor: it is the one named.
+        let header = 8 + u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        assert_err(
+            Checkpoint::parse(&file[..header + 10]),
+            ERR_TRUNCATED,
+            "`w.packed`",
+        );
+        // Cut inside the header, and before the length field ends.
+        assert_err(
+            Checkpoint::parse(&file[..header - 5]),
+            ERR_TRUNCATED,
+            "header",
+        );
+        assert_err(Checkpoint::parse(&file[..5]), ERR_TRUNCATED, "8-byte");
+        // Not safetensors at all.
+        assert_err(
+            Checkpoint::parse(b"\x05\x00\x00\x00\x00\x00\x00\x00hello"),
+            ERR_FORMAT,
+            "JSON",
+        );
+        // A header whose shape disagrees with its byte range names the tensor.
+        let mut bad = file.clone();
+        let text = String::from_utf8(bad[8..header].to_vec()).unwrap();
+        let patched = text.replacen("[2,3,2]", "[2,3,3]", 1);
+        assert_ne!(text, patched);
+        bad[8..header].copy_from_slice(patched.as_bytes());
+        assert_err(Checkpoint::parse(&bad), ERR_SHAPE, "`w.scales`");
+    }
+
+    #[test]
+    fn typed_reads_check_dtype_and_shape() {
+        let mut w = CheckpointWriter::new();
+        w.add_bf16_from_f32("x", &[2, 2], &[1.0, -2.5, 0.125, 3.0])
+            .unwrap();
+        w.add_f32("y", &[3], &[1.0, 2.0, 3.0]).unwrap();
+        w.add_i32("ids32", &[2, 1], &[3, -1]).unwrap();
+        w.add_i64("ids64", &[2, 1], &[3, -1]).unwrap();
+        let f16: Vec<u8> = [1.5f32, -0.25]
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        w.add_bytes("h", Dtype::F16, &[2], f16).unwrap();
+        let bytes = w.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        let x = ck.read_float("x").unwrap();
+        assert_eq!(x.data, [1.0, -2.5, 0.125, 3.0]);
+        assert_eq!(x.dtype, Dtype::BF16);
+        assert_eq!(x.dims2("(T, K)").unwrap(), (2, 2));
+        assert!(x.expect_shape(&[Some(2), None], "(T, K)").is_ok());
+        assert_err(x.expect_shape(&[None, Some(4)], "(T, K)"), ERR_SHAPE, "`x`");
+        assert_err(x.dims3("(E, N, K)"), ERR_SHAPE, "`x`");
+        assert_eq!(ck.read_float("h").unwrap().data, [1.5, -0.25]);
+        assert_eq!(ck.read_f32("y").unwrap().data, [1.0, 2.0, 3.0]);
+        assert_err(ck.read_f32("x"), ERR_DTYPE, "`x`");
+        assert_err(ck.read_bf16("y"), ERR_DTYPE, "`y`");
+        assert_eq!(ck.read_index("ids32").unwrap().data, [3, -1]);
+        assert_eq!(ck.read_index("ids64").unwrap().data, [3, -1]);
+        assert_eq!(ck.read_i32("ids32").unwrap().data, [3, -1]);
+        assert_err(ck.read_i64("ids32"), ERR_DTYPE, "`ids32`");
+        assert_err(ck.read_index("x"), ERR_DTYPE, "`x`");
+        assert_err(ck.read_float("z"), ERR_MISSING, "`z`");
+
+        let mut dup = CheckpointWriter::new();
+        dup.add_u8("a", &[1], &[0]).unwrap();
+        assert_err(dup.add_u8("a", &[1], &[0]), ERR_NAME, "`a`");
+        assert_err(dup.add_u8("b", &[2], &[0]), ERR_SHAPE, "`b`");
+    }
+
+    #[test]
+    fn expert_weights_are_read_dense_or_mxfp4() {
+        let (e, n, k) = (2, 2, 32);
+        let bits = weights_bf16(e * n * k, 6);
+        let dense = bf16_file("w", [e, n, k], &bits);
+        let ck = Checkpoint::parse(&dense).unwrap();
+        let StoredWeights::Dense(t) = ck.read_expert_weights("w").unwrap() else {
+            panic!("expected dense weights");
+        };
+        assert_eq!(
+            t.data,
+            bits.iter()
+                .map(|&b| bf16_bits_to_f32(b))
+                .collect::<Vec<_>>()
+        );
+
+        let mx = quantize_mxfp4_bf16(&bits, e, n, k).unwrap();
+        let file = write_mx("w", &mx, MxLayoutKind::GptOss).unwrap();
+        let ck = Checkpoint::parse(&file).unwrap();
+        let stored = ck.read_expert_weights("w").unwrap();
+        assert_eq!(stored.describe(), "MXFP4 (gpt-oss) [2, 2, 32]");
+        assert_eq!(stored.to_f32(), dequantize_f32(&mx));
+
+        let mut both = CheckpointWriter::new();
+        both.add_bf16("w", &[e, n, k], &bits).unwrap();
+        both.add_mx("w", &mx, MxLayoutKind::Torchao).unwrap();
+        let both = both.to_bytes().unwrap();
+        assert_err(
+            Checkpoint::parse(&both).unwrap().read_expert_weights("w"),
+            ERR_NAME,
+            "`w`",
+        );
+    }
+
+    /// The torchao golden file's `input_bf16` quantized by [`quantize_file`] gives torchao's own
+    /// `packed` and `scales` bytes (in both layouts).
+    #[test]
+    fn quantize_file_matches_torchao_on_the_golden_file() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/data/golden/mxfp4_golden_torchao.safetensors"
+        );
+        let golden = std::fs::read(path).expect("the vendored golden file");
+        let src = Checkpoint::parse(&golden).unwrap();
+        let packed = src.read_u8("packed").unwrap();
+        let scales = src.read_u8("scales").unwrap();
+        for layout in MxLayoutKind::ALL {
+            let out = quantize_file(
+                &golden,
+                &QuantizeOptions {
+                    layout,
+                    tensors: Some(vec!["input_bf16".into()]),
+                    source: None,
+                },
+            )
+            .unwrap();
+            let ck = Checkpoint::parse(&out.bytes).unwrap();
+            let (w, found) = ck.read_mx("input_bf16").unwrap();
+            assert_eq!(found, layout);
+            assert_eq!(w.packed(), &packed.data[..], "{layout}");
+            assert_eq!(w.scales(), &scales.data[..], "{layout}");
+        }
+    }
+
+    #[test]
+    fn layout_names_parse() {
+        for layout in MxLayoutKind::ALL {
+            assert_eq!(layout.name().parse::<MxLayoutKind>().unwrap(), layout);
+        }
+        assert_eq!(
+            "GPT_OSS".parse::<MxLayoutKind>().unwrap(),
+            MxLayoutKind::GptOss
+        );
+        assert!("fp8".parse::<MxLayoutKind>().is_err());
+    }
+}
