@@ -4,14 +4,26 @@
 use std::path::PathBuf;
 
 fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().expect("host/ lives in the workspace root").to_path_buf();
+    let manifest = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    );
+    let root = manifest
+        .parent()
+        .expect("host/ lives in the workspace root")
+        .to_path_buf();
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cargo = PathBuf::from(std::env::var_os("CARGO").expect("cargo sets CARGO"));
-    let arch = std::env::var("MXMOE_ARCH").unwrap_or_else(|_| mxmoe_ptx_builder::DEFAULT_ARCH.to_string());
+    let arch =
+        std::env::var("MXMOE_ARCH").unwrap_or_else(|_| mxmoe_ptx_builder::DEFAULT_ARCH.to_string());
 
-    println!("cargo::rerun-if-changed={}", root.join("kernels-gpu/src").display());
-    println!("cargo::rerun-if-changed={}", root.join("kernels-gpu/Cargo.toml").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("kernels-gpu/src").display()
+    );
+    println!(
+        "cargo::rerun-if-changed={}",
+        root.join("kernels-gpu/Cargo.toml").display()
+    );
     println!("cargo::rerun-if-env-changed=MXMOE_ARCH");
     println!("cargo::rerun-if-env-changed=MXMOE_PTX_FILE");
 

@@ -4,13 +4,18 @@
 
 use mxmoe::device::Gpu;
 use mxmoe::mxfp4::quantize_mxfp4;
-use mxmoe::op::{backward, Bf16Matrix, DequantBuffer, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder, Strategy};
+use mxmoe::op::{
+    Bf16Matrix, DequantBuffer, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
+    Strategy, backward,
+};
 use mxmoe::routing::DeviceRouting;
 
 fn main() -> mxmoe::Result<()> {
     let (e, n, k, t, top_k, r) = (8, 256, 512, 64, 2, 16); // K % 32 == 0 for MXFP4
     let data = |len: usize, scale: f32| -> Vec<f32> {
-        (0..len).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * scale).collect()
+        (0..len)
+            .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * scale)
+            .collect()
     };
 
     let gpu = Gpu::open(0)?; // Error::NoDriver / Error::NoDevice without a GPU
@@ -19,7 +24,9 @@ fn main() -> mxmoe::Result<()> {
     let w = MxExperts::upload(&gpu, &quantize_mxfp4(&data(e * n * k, 0.1), e, n, k)?)?;
 
     // Top-k expert ids [T, k] (i64; -1 drops a slot) → expert-grouped order, on the GPU.
-    let ids: Vec<i64> = (0..t).flat_map(|i| [(i % e) as i64, ((i + 3) % e) as i64]).collect();
+    let ids: Vec<i64> = (0..t)
+        .flat_map(|i| [(i % e) as i64, ((i + 3) % e) as i64])
+        .collect();
     let routing = DeviceRouting::from_host_ids(&gpu, &ids, t, top_k, e)?;
 
     let x = Bf16Matrix::from_f32(&gpu, &data(t * k, 2.0), t, k)?; // token order [T, K]
@@ -32,9 +39,9 @@ fn main() -> mxmoe::Result<()> {
     let layer = ExpertLinear {
         weights: ExpertWeights::Mxfp4(&w),
         lora: Some(&lora),
-        input_order: RowOrder::Scattered, // x rows are tokens
-        output_order: RowOrder::Grouped,  // out rows are slots, grouped by expert: [T·k, N]
-        strategy: Strategy::Fused,        // Strategy B; Strategy::Auto chooses per call
+        input_order: RowOrder::Scattered,    // x rows are tokens
+        output_order: RowOrder::Grouped,     // out rows are slots, grouped by expert: [T·k, N]
+        strategy: Strategy::Fused,           // Strategy B; Strategy::Auto chooses per call
         dequant_buffer: DequantBuffer::Keep, // used by Strategy A only
     };
 

@@ -41,7 +41,9 @@ pub enum Error {
     },
 
     /// The device is too old for a kernel.
-    #[error("kernel {kernel} needs compute capability {need_major}.{need_minor}, the device has {have_major}.{have_minor}")]
+    #[error(
+        "kernel {kernel} needs compute capability {need_major}.{need_minor}, the device has {have_major}.{have_minor}"
+    )]
     Unsupported {
         /// Kernel name.
         kernel: &'static str,
@@ -56,7 +58,9 @@ pub enum Error {
     },
 
     /// A launch would need more shared memory than the device allows per block.
-    #[error("kernel {kernel} needs {needed} bytes of shared memory per block, the device allows {limit}")]
+    #[error(
+        "kernel {kernel} needs {needed} bytes of shared memory per block, the device allows {limit}"
+    )]
     SharedMemory {
         /// Kernel name.
         kernel: &'static str,

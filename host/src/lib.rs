@@ -10,10 +10,10 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use kernels_gpu::shared;
-pub mod launch;
+pub mod checkpoint;
 pub mod kernels;
+pub mod launch;
+pub mod moe;
 pub mod op;
 pub mod routing;
-pub mod checkpoint;
 pub mod tune;
-pub mod moe;

@@ -26,7 +26,11 @@ pub struct DeviceRouting {
 
 impl std::fmt::Debug for DeviceRouting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceRouting").field("tokens", &self.tokens).field("top_k", &self.top_k).field("num_experts", &self.num_experts).finish()
+        f.debug_struct("DeviceRouting")
+            .field("tokens", &self.tokens)
+            .field("top_k", &self.top_k)
+            .field("num_experts", &self.num_experts)
+            .finish()
     }
 }
 
@@ -35,7 +39,9 @@ fn check_host_ids(ids: impl Iterator<Item = i64>, num_experts: usize) -> Result<
         if id < DROPPED || id >= num_experts as i64 {
             return Err(Error::InvalidArgument {
                 what: "expert ids",
-                detail: format!("slot {i} has expert id {id}, outside [0, {num_experts}) (or -1 for a dropped slot)"),
+                detail: format!(
+                    "slot {i} has expert id {id}, outside [0, {num_experts}) (or -1 for a dropped slot)"
+                ),
             });
         }
     }
@@ -44,13 +50,23 @@ fn check_host_ids(ids: impl Iterator<Item = i64>, num_experts: usize) -> Result<
 
 fn check_dims(len: usize, tokens: usize, top_k: usize, num_experts: usize) -> Result<()> {
     if top_k == 0 {
-        return Err(Error::InvalidArgument { what: "top_k", detail: "must be at least 1".into() });
+        return Err(Error::InvalidArgument {
+            what: "top_k",
+            detail: "must be at least 1".into(),
+        });
     }
     if num_experts == 0 {
-        return Err(Error::InvalidArgument { what: "num_experts", detail: "must be at least 1".into() });
+        return Err(Error::InvalidArgument {
+            what: "num_experts",
+            detail: "must be at least 1".into(),
+        });
     }
     if len != tokens * top_k {
-        return Err(Error::Shape { tensor: "expert ids", expected: format!("[{tokens}, {top_k}] ({} elements)", tokens * top_k), actual: format!("{len} elements") });
+        return Err(Error::Shape {
+            tensor: "expert ids",
+            expected: format!("[{tokens}, {top_k}] ({} elements)", tokens * top_k),
+            actual: format!("{len} elements"),
+        });
     }
     Ok(())
 }
@@ -58,7 +74,13 @@ fn check_dims(len: usize, tokens: usize, top_k: usize, num_experts: usize) -> Re
 impl DeviceRouting {
     /// Routes host-side ids `[tokens, top_k]` (row-major). Ids are validated on the host before
     /// upload, so bad ids are a typed error without a device round trip.
-    pub fn from_host_ids(gpu: &Gpu, ids: &[i64], tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+    pub fn from_host_ids(
+        gpu: &Gpu,
+        ids: &[i64],
+        tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+    ) -> Result<Self> {
         check_dims(ids.len(), tokens, top_k, num_experts)?;
         check_host_ids(ids.iter().copied(), num_experts)?;
         let dev = upload(gpu, if ids.is_empty() { &[DROPPED][..] } else { ids })?;
@@ -66,7 +88,13 @@ impl DeviceRouting {
     }
 
     /// As [`from_host_ids`](Self::from_host_ids) for i32 ids.
-    pub fn from_host_ids_i32(gpu: &Gpu, ids: &[i32], tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+    pub fn from_host_ids_i32(
+        gpu: &Gpu,
+        ids: &[i32],
+        tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+    ) -> Result<Self> {
         check_dims(ids.len(), tokens, top_k, num_experts)?;
         check_host_ids(ids.iter().map(|&v| v as i64), num_experts)?;
         let dev = upload(gpu, if ids.is_empty() { &[-1i32][..] } else { ids })?;
@@ -75,7 +103,13 @@ impl DeviceRouting {
 
     /// Routes ids already on the device. Out-of-range ids are detected by the kernels and
     /// reported by [`check`](Self::check) (a 4-byte read-back); until then they act as dropped.
-    pub fn from_device_ids(gpu: &Gpu, ids: DeviceIds<'_>, tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+    pub fn from_device_ids(
+        gpu: &Gpu,
+        ids: DeviceIds<'_>,
+        tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+    ) -> Result<Self> {
         let len = match ids {
             DeviceIds::I32(s) => s.len(),
             DeviceIds::I64(s) => s.len(),
@@ -84,16 +118,33 @@ impl DeviceRouting {
         Self::launch(gpu, ids, tokens, top_k, num_experts)
     }
 
-    fn launch(gpu: &Gpu, ids: DeviceIds<'_>, tokens: usize, top_k: usize, num_experts: usize) -> Result<Self> {
+    fn launch(
+        gpu: &Gpu,
+        ids: DeviceIds<'_>,
+        tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+    ) -> Result<Self> {
         let bufs = route(gpu, ids, tokens * top_k, num_experts)?;
-        Ok(Self { tokens, top_k, num_experts, bufs })
+        Ok(Self {
+            tokens,
+            top_k,
+            num_experts,
+            bufs,
+        })
     }
 
     /// Reads the kernels' error word: an error if any id was outside `[-1, E)`.
     pub fn check(&self, gpu: &Gpu) -> Result<()> {
         let flag = download(gpu, &self.bufs.error)?;
         if flag.first().copied().unwrap_or(0) != 0 {
-            return Err(Error::InvalidArgument { what: "expert ids", detail: format!("an id is outside [0, {}) (or -1 for a dropped slot)", self.num_experts) });
+            return Err(Error::InvalidArgument {
+                what: "expert ids",
+                detail: format!(
+                    "an id is outside [0, {}) (or -1 for a dropped slot)",
+                    self.num_experts
+                ),
+            });
         }
         Ok(())
     }
@@ -134,7 +185,12 @@ impl DeviceRouting {
     }
 
     pub(crate) fn view(&self) -> RoutingView<'_> {
-        RoutingView { ssi: &self.bufs.ssi, offsets: &self.bufs.offsets, rows: self.rows(), num_experts: self.num_experts }
+        RoutingView {
+            ssi: &self.bufs.ssi,
+            offsets: &self.bufs.offsets,
+            rows: self.rows(),
+            num_experts: self.num_experts,
+        }
     }
 
     /// Downloads the routing in the CPU reference's form (dropped rows omitted).
@@ -145,6 +201,12 @@ impl DeviceRouting {
         let mut ssi = download(gpu, &self.bufs.ssi)?;
         sorted.truncate(valid);
         ssi.truncate(valid);
-        Ok(crate::reference::Routing { sorted_expert_idxs: sorted, sorted_scattered_idxs: ssi, expert_offsets: offsets, tokens: self.tokens, top_k: self.top_k })
+        Ok(crate::reference::Routing {
+            sorted_expert_idxs: sorted,
+            sorted_scattered_idxs: ssi,
+            expert_offsets: offsets,
+            tokens: self.tokens,
+            top_k: self.top_k,
+        })
     }
 }

@@ -28,12 +28,19 @@ use crate::error::Result;
 /// Version of the configuration table, stored in the cache file: any change to the table makes
 /// older files stale.
 pub fn table_version() -> String {
-    GEMM_CONFIGS.iter().map(config_name).collect::<Vec<_>>().join(",")
+    GEMM_CONFIGS
+        .iter()
+        .map(config_name)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A configuration's name, e.g. `m64n128k32w2x2s4` (the suffix of its entry points).
 pub fn config_name(c: &TileConfig) -> String {
-    format!("m{}n{}k{}w{}x{}s{}", c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages)
+    format!(
+        "m{}n{}k{}w{}x{}s{}",
+        c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
+    )
 }
 
 /// Whether to time candidates.
@@ -80,7 +87,14 @@ impl TuneKey {
     pub fn to_string_key(&self) -> String {
         format!(
             "{}/sm{}{}/e{}/k{}/n{}/r{}/m{}",
-            self.kernel, self.cc.0, self.cc.1, self.experts, self.k, self.n, self.rank, self.rows_bucket
+            self.kernel,
+            self.cc.0,
+            self.cc.1,
+            self.experts,
+            self.k,
+            self.n,
+            self.rank,
+            self.rows_bucket
         )
     }
 }
@@ -104,13 +118,19 @@ pub struct PruneReport {
 /// Candidate rows of `GEMM_CONFIGS` that can launch on a device with `limits` for B layout
 /// `layout` and padded rank `r_pad` (0 without LoRA). `registers(i)` gives the registers per
 /// thread of candidate `i`'s entry point, when known.
-pub fn prune(limits: &DeviceLimits, layout: BLayout, r_pad: u32, registers: impl Fn(usize) -> Option<u32>) -> (Vec<usize>, PruneReport) {
+pub fn prune(
+    limits: &DeviceLimits,
+    layout: BLayout,
+    r_pad: u32,
+    registers: impl Fn(usize) -> Option<u32>,
+) -> (Vec<usize>, PruneReport) {
     let mut report = PruneReport::default();
     let mut keep = Vec::new();
     for (i, c) in GEMM_CONFIGS.iter().enumerate() {
         if c.validate().is_err() || (layout.is_mx() && c.bk != 32) {
             report.invalid += 1;
-        } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin {
+        } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin
+        {
             report.shared_memory += 1;
         } else if registers(i).is_some_and(|r| r * c.threads() > limits.regs_per_sm) {
             report.registers += 1;
@@ -133,7 +153,11 @@ pub fn default_config(rows: usize, experts: usize, candidates: &[usize]) -> usiz
     } else {
         5
     };
-    if candidates.contains(&want) { want } else { candidates.first().copied().unwrap_or(0) }
+    if candidates.contains(&want) {
+        want
+    } else {
+        candidates.first().copied().unwrap_or(0)
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -155,7 +179,10 @@ pub struct Tuner {
 
 impl std::fmt::Debug for Tuner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tuner").field("mode", &self.mode).field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Tuner")
+            .field("mode", &self.mode)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,14 +191,23 @@ pub fn default_cache_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MXMOE_TUNE_CACHE") {
         return Some(PathBuf::from(p));
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
     Some(base.join("mxmoe").join("tune.json"))
 }
 
 impl Tuner {
     /// A tuner for device `device` with `mode`, caching in `path` (`None`: memory only).
     pub fn new(device: &str, mode: TuneMode, path: Option<PathBuf>) -> Self {
-        Self { mode, path, device: device.to_string(), cache: Mutex::new(BTreeMap::new()), warnings: Mutex::new(Vec::new()), loaded: Mutex::new(false) }
+        Self {
+            mode,
+            path,
+            device: device.to_string(),
+            cache: Mutex::new(BTreeMap::new()),
+            warnings: Mutex::new(Vec::new()),
+            loaded: Mutex::new(false),
+        }
     }
 
     /// The mode.
@@ -181,11 +217,17 @@ impl Tuner {
 
     /// Warnings collected so far (ignored cache files, failed saves), oldest first.
     pub fn warnings(&self) -> Vec<String> {
-        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn warn(&self, w: String) {
-        self.warnings.lock().unwrap_or_else(|p| p.into_inner()).push(w);
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(w);
     }
 
     /// Loads the cache file once; a corrupt or stale file is ignored with a warning.
@@ -196,7 +238,9 @@ impl Tuner {
         }
         *loaded = true;
         let Some(path) = &self.path else { return };
-        let Ok(text) = std::fs::read_to_string(path) else { return };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
         match serde_json::from_str::<CacheFile>(&text) {
             Ok(f) if f.version == table_version() && f.device == self.device => {
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -205,50 +249,89 @@ impl Tuner {
                         Some(i) => {
                             cache.insert(k, i);
                         }
-                        None => self.warn(format!("tuning cache {}: unknown configuration {name} ignored", path.display())),
+                        None => self.warn(format!(
+                            "tuning cache {}: unknown configuration {name} ignored",
+                            path.display()
+                        )),
                     }
                 }
             }
-            Ok(_) => self.warn(format!("tuning cache {} is for another device or configuration table; ignored", path.display())),
-            Err(e) => self.warn(format!("tuning cache {} is corrupt ({e}); ignored", path.display())),
+            Ok(_) => self.warn(format!(
+                "tuning cache {} is for another device or configuration table; ignored",
+                path.display()
+            )),
+            Err(e) => self.warn(format!(
+                "tuning cache {} is corrupt ({e}); ignored",
+                path.display()
+            )),
         }
     }
 
     fn save(&self) {
         let Some(path) = &self.path else { return };
-        let entries = self.cache.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, &i)| (k.clone(), config_name(&GEMM_CONFIGS[i]))).collect();
-        let file = CacheFile { version: table_version(), device: self.device.clone(), entries };
+        let entries = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, &i)| (k.clone(), config_name(&GEMM_CONFIGS[i])))
+            .collect();
+        let file = CacheFile {
+            version: table_version(),
+            device: self.device.clone(),
+            entries,
+        };
         let write = || -> std::io::Result<()> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
             let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?)?;
+            std::fs::write(
+                &tmp,
+                serde_json::to_string_pretty(&file).map_err(std::io::Error::other)?,
+            )?;
             std::fs::rename(&tmp, path)
         };
         if let Err(e) = write() {
-            self.warn(format!("could not write the tuning cache {}: {e}", path.display()));
+            self.warn(format!(
+                "could not write the tuning cache {}: {e}",
+                path.display()
+            ));
         }
     }
 
     /// The cached choice for `key`, if any.
     pub fn cached(&self, key: &TuneKey) -> Option<usize> {
         self.load();
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key.to_string_key()).copied()
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key.to_string_key())
+            .copied()
     }
 
     /// Chooses a configuration among `candidates` for `key`: the cached one, else (in `Tune`
     /// mode) the fastest by `time(i)` (milliseconds; errors abort) provided it beats `fallback`
     /// by more than the timing noise (3 %), else `fallback`. So a tuned choice is never a
     /// measurably slower one than the default.
-    pub fn choose(&self, key: &TuneKey, candidates: &[usize], fallback: usize, mut time: impl FnMut(usize) -> Result<f32>) -> Result<usize> {
+    pub fn choose(
+        &self,
+        key: &TuneKey,
+        candidates: &[usize],
+        fallback: usize,
+        mut time: impl FnMut(usize) -> Result<f32>,
+    ) -> Result<usize> {
         if let Some(i) = self.cached(key).filter(|i| candidates.contains(i)) {
             return Ok(i);
         }
         if self.mode == TuneMode::Default || candidates.len() <= 1 {
             return Ok(fallback);
         }
-        let base = if candidates.contains(&fallback) { time(fallback)? } else { f32::INFINITY };
+        let base = if candidates.contains(&fallback) {
+            time(fallback)?
+        } else {
+            f32::INFINITY
+        };
         let mut best = (base, fallback);
         for &i in candidates.iter().filter(|&&i| i != fallback) {
             let t = time(i)?;
@@ -256,7 +339,10 @@ impl Tuner {
                 best = (t, i);
             }
         }
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string_key(), best.1);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string_key(), best.1);
         self.save();
         Ok(best.1)
     }
@@ -284,11 +370,19 @@ mod tests {
         // The tuner's number is `smem_plan(..).total_bytes`, the same value the launch passes and
         // the kernel carves; check the plan covers every region for every table row.
         for c in GEMM_CONFIGS {
-            for layout in [BLayout::NkBf16, BLayout::KnBf16, BLayout::NkMxfp4, BLayout::KnMxfp4] {
+            for layout in [
+                BLayout::NkBf16,
+                BLayout::KnBf16,
+                BLayout::NkMxfp4,
+                BLayout::KnMxfp4,
+            ] {
                 for r_pad in [0, 16, 64, 128] {
                     let p = smem_plan(c, layout, r_pad);
                     let main = c.stages * (p.a_stage_bytes + p.b_stage_bytes);
-                    assert!(p.total_bytes >= main.max(p.epilogue_bytes) + 8 * c.bm, "{c:?} {layout:?} {r_pad}");
+                    assert!(
+                        p.total_bytes >= main.max(p.epilogue_bytes) + 8 * c.bm,
+                        "{c:?} {layout:?} {r_pad}"
+                    );
                     assert_eq!(p.total_bytes, p.rows_offset + 8 * c.bm);
                 }
             }
@@ -317,7 +411,10 @@ mod tests {
         assert!(keep.is_empty());
         assert_eq!(report.shared_memory, GEMM_CONFIGS.len());
         // Register pressure: 255 registers per thread on a part with 16K registers per SM.
-        let few_regs = DeviceLimits { regs_per_sm: 16_384, ..limits(232_448) };
+        let few_regs = DeviceLimits {
+            regs_per_sm: 16_384,
+            ..limits(232_448)
+        };
         let (keep, report) = prune(&few_regs, BLayout::NkBf16, 0, |_| Some(255));
         assert!(keep.is_empty() && report.registers == GEMM_CONFIGS.len());
     }
@@ -332,7 +429,15 @@ mod tests {
     }
 
     fn key() -> TuneKey {
-        TuneKey { kernel: "gemm_nk", cc: (9, 0), experts: 128, k: 2048, n: 1024, rank: 16, rows_bucket: 32768 }
+        TuneKey {
+            kernel: "gemm_nk",
+            cc: (9, 0),
+            experts: 128,
+            k: 2048,
+            n: 1024,
+            rank: 16,
+            rows_bucket: 32768,
+        }
     }
 
     #[test]
@@ -343,17 +448,25 @@ mod tests {
         let t = Tuner::new("dev", TuneMode::Tune, Some(path.clone()));
         let cands: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
         // Candidate 3 is fastest.
-        let chosen = t.choose(&key(), &cands, 0, |i| Ok(if i == 3 { 1.0 } else { 2.0 })).unwrap();
+        let chosen = t
+            .choose(&key(), &cands, 0, |i| Ok(if i == 3 { 1.0 } else { 2.0 }))
+            .unwrap();
         assert_eq!(chosen, 3);
         assert!(path.is_file());
         // A new tuner reads it back without timing.
         let t2 = Tuner::new("dev", TuneMode::Tune, Some(path.clone()));
-        let again = t2.choose(&key(), &cands, 0, |_| panic!("must not time a cached key")).unwrap();
+        let again = t2
+            .choose(&key(), &cands, 0, |_| panic!("must not time a cached key"))
+            .unwrap();
         assert_eq!(again, 3);
         assert!(t2.warnings().is_empty());
         // Another device's file is stale: ignored with a warning, and Default mode falls back.
         let t3 = Tuner::new("other", TuneMode::Default, Some(path.clone()));
-        assert_eq!(t3.choose(&key(), &cands, 1, |_| panic!("no timing in Default mode")).unwrap(), 1);
+        assert_eq!(
+            t3.choose(&key(), &cands, 1, |_| panic!("no timing in Default mode"))
+                .unwrap(),
+            1
+        );
         assert!(t3.warnings().iter().any(|w| w.contains("another device")));
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -378,9 +491,18 @@ mod tests {
     #[test]
     fn default_rule_picks_by_rows_per_expert() {
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
-        assert_eq!(config_name(&GEMM_CONFIGS[default_config(32768, 128, &all)]), "m64n128k32w2x2s4");
-        assert_eq!(config_name(&GEMM_CONFIGS[default_config(2048, 128, &all)]), "m32n128k32w1x4s4");
-        assert_eq!(config_name(&GEMM_CONFIGS[default_config(2048, 256, &all)]), "m16n128k32w1x4s4");
+        assert_eq!(
+            config_name(&GEMM_CONFIGS[default_config(32768, 128, &all)]),
+            "m64n128k32w2x2s4"
+        );
+        assert_eq!(
+            config_name(&GEMM_CONFIGS[default_config(2048, 128, &all)]),
+            "m32n128k32w1x4s4"
+        );
+        assert_eq!(
+            config_name(&GEMM_CONFIGS[default_config(2048, 256, &all)]),
+            "m16n128k32w1x4s4"
+        );
         assert_eq!(default_config(2048, 256, &[1]), 1);
     }
 }

@@ -64,7 +64,9 @@ impl Rng {
 
     /// `n` values `scale · N(0,1)` rounded to bf16 (returned as f32).
     pub fn normal_bf16(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| mxmoe::shared::bf16::round_bf16(scale * self.normal())).collect()
+        (0..n)
+            .map(|_| mxmoe::shared::bf16::round_bf16(scale * self.normal()))
+            .collect()
     }
 }
 
@@ -76,7 +78,11 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rto
     let mut max_abs = 0f32;
     for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
         let d = (a - e).abs();
-        let excess = if d.is_nan() || a.is_nan() != e.is_nan() { f32::INFINITY } else { d - (atol + rtol * e.abs()) };
+        let excess = if d.is_nan() || a.is_nan() != e.is_nan() {
+            f32::INFINITY
+        } else {
+            d - (atol + rtol * e.abs())
+        };
         if d.is_finite() {
             max_abs = max_abs.max(d);
         }
@@ -84,7 +90,10 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rto
             worst = Some((i, excess));
         }
     }
-    println!("{what}: max abs error {max_abs:.3e} over {} elements", actual.len());
+    println!(
+        "{what}: max abs error {max_abs:.3e} over {} elements",
+        actual.len()
+    );
     if let Some((i, _)) = worst {
         panic!(
             "{what}: element {i}: actual {} expected {} (|diff| {:.3e}, tolerance atol {atol:e} + rtol {rtol:e}·|expected|)",
@@ -98,19 +107,27 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], atol: f32, rto
 
 /// Widens bf16 bits to f32.
 pub fn bf16_to_f32(bits: &[u16]) -> Vec<f32> {
-    bits.iter().map(|&b| mxmoe::shared::bf16::bf16_bits_to_f32(b)).collect()
+    bits.iter()
+        .map(|&b| mxmoe::shared::bf16::bf16_bits_to_f32(b))
+        .collect()
 }
 
 /// Rounds f32 values to bf16 bits.
 pub fn f32_to_bf16(values: &[f32]) -> Vec<u16> {
-    values.iter().map(|&v| mxmoe::shared::bf16::f32_to_bf16_bits(v)).collect()
+    values
+        .iter()
+        .map(|&v| mxmoe::shared::bf16::f32_to_bf16_bits(v))
+        .collect()
 }
 
 /// One randomly drawn expert-linear problem (SPEC §7 data recipe), with its CPU reference.
 pub mod linear_case {
     use mxmoe::device::Gpu;
     use mxmoe::mxfp4::MxWeights;
-    use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, Grads, LoraWeights, MxExperts, RowOrder, Strategy, backward, DequantBuffer};
+    use mxmoe::op::{
+        Bf16Matrix, DenseExperts, DequantBuffer, ExpertLinear, ExpertWeights, Grads, LoraWeights,
+        MxExperts, RowOrder, Strategy, backward,
+    };
     use mxmoe::reference::{self, LinearProblem, Rounding};
     use mxmoe::routing::DeviceRouting;
 
@@ -147,8 +164,29 @@ pub mod linear_case {
 
     impl Case {
         /// A case with the common defaults (scattered in, grouped out, no gates).
-        pub fn new(e: usize, k: usize, n: usize, t: usize, top_k: usize, r: usize, seed: u64) -> Self {
-            Case { e, k, n, t, top_k, r, seed, input: RowOrder::Scattered, output: RowOrder::Grouped, gates: false, dropped_permille: 0, active: 0 }
+        pub fn new(
+            e: usize,
+            k: usize,
+            n: usize,
+            t: usize,
+            top_k: usize,
+            r: usize,
+            seed: u64,
+        ) -> Self {
+            Case {
+                e,
+                k,
+                n,
+                t,
+                top_k,
+                r,
+                seed,
+                input: RowOrder::Scattered,
+                output: RowOrder::Grouped,
+                gates: false,
+                dropped_permille: 0,
+                active: 0,
+            }
         }
     }
 
@@ -204,7 +242,16 @@ pub mod linear_case {
         let x = rng.normal_bf16(x_rows * c.k, 1.0);
         let a = rng.normal_bf16(c.e * c.r * c.k, 0.01);
         let b = rng.normal_bf16(c.n * c.e * c.r, 0.01);
-        Data { ids, x, x_rows, w, a, b, gates: c.gates.then_some(gates), s: 0.5 }
+        Data {
+            ids,
+            x,
+            x_rows,
+            w,
+            a,
+            b,
+            gates: c.gates.then_some(gates),
+            s: 0.5,
+        }
     }
 
     /// GPU outputs of a case.
@@ -259,16 +306,27 @@ pub mod linear_case {
             rank: c.r,
             scaling: d.s,
         });
-        let gates = d.gates.as_ref().map(|g| Bf16Matrix::from_f32(gpu, g, c.t, c.top_k).unwrap());
+        let gates = d
+            .gates
+            .as_ref()
+            .map(|g| Bf16Matrix::from_f32(gpu, g, c.t, c.top_k).unwrap());
         let (strategy, buffer) = match base {
             Base::Mx(_, s) => (s, DequantBuffer::Keep),
             Base::MxRecompute(_) => (Strategy::SelectiveDequant, DequantBuffer::Recompute),
             Base::Dense(_) => (Strategy::Fused, DequantBuffer::Keep),
         };
-        let layer = ExpertLinear { dequant_buffer: buffer, ..ExpertLinear::new(weights, lora.as_ref(), c.input, c.output).with_strategy(strategy) };
+        let layer = ExpertLinear {
+            dequant_buffer: buffer,
+            ..ExpertLinear::new(weights, lora.as_ref(), c.input, c.output).with_strategy(strategy)
+        };
         let (fwd, saved) = layer.forward(gpu, &x, &routing, gates.as_ref()).unwrap();
         let dy_m = Bf16Matrix::from_f32(gpu, dy, fwd.out.rows(), fwd.out.cols()).unwrap();
-        let Grads { dx, da, db, d_gates } = backward(gpu, &saved, &dy_m).unwrap();
+        let Grads {
+            dx,
+            da,
+            db,
+            d_gates,
+        } = backward(gpu, &saved, &dy_m).unwrap();
         GpuResult {
             out: fwd.out.to_f32(gpu).unwrap(),
             dx: dx.to_f32(gpu).unwrap(),
@@ -308,7 +366,15 @@ pub mod linear_case {
 
     /// Compares a GPU result with the reference (bf16 rounding points), printing max errors.
     /// Tolerance: `rtol` relative plus `atol_frac·max|ref|` absolute per tensor.
-    pub fn compare(c: &Case, d: &Data, w_ref: &[f32], dy: &[f32], got: &GpuResult, rtol: f32, atol_frac: f32) {
+    pub fn compare(
+        c: &Case,
+        d: &Data,
+        w_ref: &[f32],
+        dy: &[f32],
+        got: &GpuResult,
+        rtol: f32,
+        atol_frac: f32,
+    ) {
         let routing = reference::flatten_sort_count(&d.ids, c.t, c.top_k, c.e).unwrap();
         let mut p = problem(c, d, w_ref);
         if c.input == RowOrder::Grouped {
@@ -331,19 +397,47 @@ pub mod linear_case {
             }
         };
         // dy for the reference: grouped output gradient covers only valid rows.
-        let dy_ref: Vec<f32> = if !c.gates && c.output == RowOrder::Grouped { dy[..l_valid * c.n].to_vec() } else { dy.to_vec() };
+        let dy_ref: Vec<f32> = if !c.gates && c.output == RowOrder::Grouped {
+            dy[..l_valid * c.n].to_vec()
+        } else {
+            dy.to_vec()
+        };
         let grads = reference::linear_backward(&p, &routing, &dy_ref, Rounding::Bf16).unwrap();
         let tol = |v: &[f32]| atol_frac * v.iter().fold(0f32, |m, x| m.max(x.abs())) + 1e-6;
         let tag = format!("{c:?}");
-        assert_close(&format!("out {tag}"), &got.out, &expect_out, tol(&expect_out), rtol);
+        assert_close(
+            &format!("out {tag}"),
+            &got.out,
+            &expect_out,
+            tol(&expect_out),
+            rtol,
+        );
         let mut expect_dx = grads.dx.clone();
         if c.input == RowOrder::Grouped {
             expect_dx.resize(c.t * c.top_k * c.k, 0.0);
         }
-        assert_close(&format!("dx {tag}"), &got.dx, &expect_dx, tol(&expect_dx), rtol);
+        assert_close(
+            &format!("dx {tag}"),
+            &got.dx,
+            &expect_dx,
+            tol(&expect_dx),
+            rtol,
+        );
         if c.r > 0 {
-            assert_close(&format!("dA {tag}"), got.da.as_ref().unwrap(), &grads.da, tol(&grads.da), rtol);
-            assert_close(&format!("dB {tag}"), got.db.as_ref().unwrap(), &grads.db, tol(&grads.db), rtol);
+            assert_close(
+                &format!("dA {tag}"),
+                got.da.as_ref().unwrap(),
+                &grads.da,
+                tol(&grads.da),
+                rtol,
+            );
+            assert_close(
+                &format!("dB {tag}"),
+                got.db.as_ref().unwrap(),
+                &grads.db,
+                tol(&grads.db),
+                rtol,
+            );
         } else {
             assert!(got.da.is_none() && got.db.is_none());
         }

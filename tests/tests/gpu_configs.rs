@@ -11,7 +11,10 @@ use mxmoe_tests::{Rng, gpu};
 #[test]
 fn every_tile_configuration_gives_identical_bits() {
     let Some(gpu) = gpu() else { return };
-    let c = Case { output: RowOrder::Scattered, ..Case::new(8, 256, 128, 150, 2, 16, 61) };
+    let c = Case {
+        output: RowOrder::Scattered,
+        ..Case::new(8, 256, 128, 150, 2, 16, 61)
+    };
     let d = draw(&c);
     let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
     let dy = Rng::new(62).normal_bf16(out_rows(&c) * c.n, 1.0);
@@ -22,11 +25,20 @@ fn every_tile_configuration_gives_identical_bits() {
         unsafe { std::env::set_var("MXMOE_GEMM_CONFIG", i.to_string()) };
         for base in [Base::Dense(&d.w), Base::Mx(&mx, Strategy::Fused)] {
             let r = run_gpu_with(gpu, &c, &d, &dy, base);
-            let got = [bits(&r.out), bits(&r.dx), bits(r.da.as_ref().unwrap()), bits(r.db.as_ref().unwrap())];
+            let got = [
+                bits(&r.out),
+                bits(&r.dx),
+                bits(r.da.as_ref().unwrap()),
+                bits(r.db.as_ref().unwrap()),
+            ];
             let slot = usize::from(matches!(base, Base::Mx(..)));
             match &first[slot] {
                 None => first[slot] = Some(got),
-                Some(f) => assert!(f == &got, "config {i} differs from config 0 ({})", if slot == 0 { "bf16" } else { "mxfp4" }),
+                Some(f) => assert!(
+                    f == &got,
+                    "config {i} differs from config 0 ({})",
+                    if slot == 0 { "bf16" } else { "mxfp4" }
+                ),
             }
         }
     }

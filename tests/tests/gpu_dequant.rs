@@ -41,7 +41,13 @@ fn dequant_is_bit_exact_for_every_code_and_scale_byte() {
     let got = download(gpu, &out).unwrap();
     let expect = cpu_dequant(&packed, &scales, n, k, &[0]);
     for (i, (&g, &e)) in got.iter().zip(&expect).enumerate() {
-        assert_eq!(g, e, "row {} k {}: got {g:04x} expected {e:04x}", i / k, i % k);
+        assert_eq!(
+            g,
+            e,
+            "row {} k {}: got {g:04x} expected {e:04x}",
+            i / k,
+            i % k
+        );
     }
 }
 
@@ -68,7 +74,10 @@ fn dequant_selected_experts_matches_cpu_on_random_data() {
         let expect = cpu_dequant(&packed, &scales, n, k, &selected);
         assert_eq!(got.len(), expect.len());
         let first_bad = got.iter().zip(&expect).position(|(g, x)| g != x);
-        assert!(first_bad.is_none(), "shape ({e},{n},{k}): first mismatch at {first_bad:?}");
+        assert!(
+            first_bad.is_none(),
+            "shape ({e},{n},{k}): first mismatch at {first_bad:?}"
+        );
     }
 }
 
@@ -79,5 +88,8 @@ fn dequant_rejects_out_of_range_experts_and_bad_k() {
     let scales = upload(gpu, &[127u8; 2]).unwrap();
     assert!(dequant_mxfp4_bf16(gpu, &packed, &scales, 1, 2, 32, &[1]).is_err());
     assert!(dequant_mxfp4_bf16(gpu, &packed, &scales, 1, 2, 48, &[0]).is_err());
-    assert!(dequant_mxfp4_bf16(gpu, &packed, &scales, 1, 4, 32, &[0]).is_err(), "buffers too short");
+    assert!(
+        dequant_mxfp4_bf16(gpu, &packed, &scales, 1, 4, 32, &[0]).is_err(),
+        "buffers too short"
+    );
 }

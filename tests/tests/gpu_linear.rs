@@ -27,7 +27,12 @@ fn spec_small_shape_scattered_in_grouped_out() {
 
 #[test]
 fn spec_small_shape_grouped_in_scattered_out_with_gates() {
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Scattered, gates: true, ..Case::new(8, 128, 256, 16, 2, 8, 7) });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(8, 128, 256, 16, 2, 8, 7)
+    });
 }
 
 #[test]
@@ -37,12 +42,27 @@ fn spec_representative_shape() {
 
 #[test]
 fn representative_shape_with_gates() {
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Scattered, gates: true, ..Case::new(32, 1024, 2048, 64, 4, 16, 3) });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(32, 1024, 2048, 64, 4, 16, 3)
+    });
 }
 
 #[test]
 fn ragged_token_counts_and_ranks() {
-    for (i, &(t, top_k, r)) in [(1usize, 1usize, 8usize), (1, 4, 16), (37, 3, 0), (37, 2, 64), (129, 4, 8), (300, 1, 16)].iter().enumerate() {
+    for (i, &(t, top_k, r)) in [
+        (1usize, 1usize, 8usize),
+        (1, 4, 16),
+        (37, 3, 0),
+        (37, 2, 64),
+        (129, 4, 8),
+        (300, 1, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
         check(Case::new(6, 96, 64, t, top_k, r, 100 + i as u64));
     }
 }
@@ -50,24 +70,46 @@ fn ragged_token_counts_and_ranks() {
 #[test]
 fn ragged_small_dims() {
     check(Case::new(4, 32, 48, 23, 2, 16, 11));
-    check(Case { output: RowOrder::Scattered, ..Case::new(5, 32, 48, 9, 3, 1, 12) });
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Grouped, ..Case::new(3, 40, 24, 17, 2, 8, 13) });
+    check(Case {
+        output: RowOrder::Scattered,
+        ..Case::new(5, 32, 48, 9, 3, 1, 12)
+    });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Grouped,
+        ..Case::new(3, 40, 24, 17, 2, 8, 13)
+    });
 }
 
 #[test]
 fn empty_experts_and_all_tokens_on_one_expert() {
     // 16 experts but only 3 receive tokens.
-    check(Case { active: 3, ..Case::new(16, 64, 64, 40, 2, 8, 21) });
+    check(Case {
+        active: 3,
+        ..Case::new(16, 64, 64, 40, 2, 8, 21)
+    });
     // Every token on expert 0.
-    check(Case { active: 1, ..Case::new(8, 64, 64, 50, 1, 16, 22) });
+    check(Case {
+        active: 1,
+        ..Case::new(8, 64, 64, 50, 1, 16, 22)
+    });
     // k = E.
     check(Case::new(4, 64, 32, 20, 4, 8, 23));
 }
 
 #[test]
 fn dropped_slots_give_zero_rows_and_no_gradient() {
-    check(Case { dropped_permille: 200, ..Case::new(8, 64, 64, 40, 2, 8, 31) });
-    check(Case { dropped_permille: 300, output: RowOrder::Scattered, input: RowOrder::Grouped, gates: true, ..Case::new(8, 64, 64, 40, 2, 8, 32) });
+    check(Case {
+        dropped_permille: 200,
+        ..Case::new(8, 64, 64, 40, 2, 8, 31)
+    });
+    check(Case {
+        dropped_permille: 300,
+        output: RowOrder::Scattered,
+        input: RowOrder::Grouped,
+        gates: true,
+        ..Case::new(8, 64, 64, 40, 2, 8, 32)
+    });
 }
 
 #[test]
@@ -78,7 +120,12 @@ fn many_rows_per_expert_use_the_large_tile() {
 #[test]
 fn repeat_runs_are_bitwise_equal() {
     let Some(gpu) = gpu() else { return };
-    let c = Case { gates: true, input: RowOrder::Grouped, output: RowOrder::Scattered, ..Case::new(16, 256, 128, 200, 4, 16, 51) };
+    let c = Case {
+        gates: true,
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        ..Case::new(16, 256, 128, 200, 4, 16, 51)
+    };
     let d = draw(&c);
     let dy = Rng::new(52).normal_bf16(out_rows(&c) * c.n, 1.0);
     let a = run_gpu(gpu, &c, &d, &dy);
@@ -88,5 +135,8 @@ fn repeat_runs_are_bitwise_equal() {
     assert_eq!(bits(&a.dx), bits(&b.dx));
     assert_eq!(bits(a.da.as_ref().unwrap()), bits(b.da.as_ref().unwrap()));
     assert_eq!(bits(a.db.as_ref().unwrap()), bits(b.db.as_ref().unwrap()));
-    assert_eq!(bits(a.d_gates.as_ref().unwrap()), bits(b.d_gates.as_ref().unwrap()));
+    assert_eq!(
+        bits(a.d_gates.as_ref().unwrap()),
+        bits(b.d_gates.as_ref().unwrap())
+    );
 }

@@ -523,7 +523,10 @@ fn clamp_limit_changes_the_output_where_it_cuts() {
     // mask flips on a one-ulp difference between the GPU's and the reference's `gu` (a property
     // of the clamp, not an error); the limit-2.5 parity tests cover the gradients.
     let (want, checked) = reference(&tight, &d, &widen(&d.gate_up), &widen(&d.down));
-    let y: Vec<f32> = checked.iter().flat_map(|&t| clamped.y[t * tight.h..][..tight.h].iter().copied()).collect();
+    let y: Vec<f32> = checked
+        .iter()
+        .flat_map(|&t| clamped.y[t * tight.h..][..tight.h].iter().copied())
+        .collect();
     let max = want.y.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_close("y (tight clamp)", &y, &want.y, ATOL_FRAC * max, RTOL);
 }

@@ -31,7 +31,11 @@ fn same_bits(what: &str, a: &[f32], b: &[f32]) {
 fn same_result(a: &GpuResult, b: &GpuResult) {
     same_bits("out", &a.out, &b.out);
     same_bits("dx", &a.dx, &b.dx);
-    for (x, y, w) in [(&a.da, &b.da, "dA"), (&a.db, &b.db, "dB"), (&a.d_gates, &b.d_gates, "d_gates")] {
+    for (x, y, w) in [
+        (&a.da, &b.da, "dA"),
+        (&a.db, &b.db, "dB"),
+        (&a.d_gates, &b.d_gates, "d_gates"),
+    ] {
         match (x, y) {
             (Some(x), Some(y)) => same_bits(w, x, y),
             (None, None) => {}
@@ -57,7 +61,12 @@ fn check(c: Case) -> Option<GpuResult> {
 #[test]
 fn spec_small_shape_matches_dense_path_bitwise() {
     check(Case::new(8, 128, 256, 16, 2, 8, 0));
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Scattered, gates: true, ..Case::new(8, 128, 256, 16, 2, 8, 7) });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(8, 128, 256, 16, 2, 8, 7)
+    });
 }
 
 #[test]
@@ -77,21 +86,49 @@ fn spec_representative_shape_with_scale_guard() {
     };
     let max = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     let eps = (1e-3 * max).max(1e-6);
-    let ratios: Vec<f64> = got.dx.iter().zip(&reference).filter(|(_, r)| r.abs() > eps).map(|(g, r)| (*g / *r) as f64).collect();
+    let ratios: Vec<f64> = got
+        .dx
+        .iter()
+        .zip(&reference)
+        .filter(|(_, r)| r.abs() > eps)
+        .map(|(g, r)| (*g / *r) as f64)
+        .collect();
     let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
     let std = (ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / ratios.len() as f64).sqrt();
-    println!("scale guard: {} ratios, mean {mean:.6}, std {std:.3e}", ratios.len());
-    assert!(std < 0.5 && (mean - 1.0).abs() < 0.02, "dX ratio mean {mean}, std {std}");
+    println!(
+        "scale guard: {} ratios, mean {mean:.6}, std {std:.3e}",
+        ratios.len()
+    );
+    assert!(
+        std < 0.5 && (mean - 1.0).abs() < 0.02,
+        "dX ratio mean {mean}, std {std}"
+    );
 }
 
 #[test]
 fn ragged_cases_match_dense_path_bitwise() {
-    for (i, &(t, top_k, r)) in [(1usize, 1usize, 8usize), (37, 3, 0), (37, 2, 64), (129, 4, 1)].iter().enumerate() {
+    for (i, &(t, top_k, r)) in [
+        (1usize, 1usize, 8usize),
+        (37, 3, 0),
+        (37, 2, 64),
+        (129, 4, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
         check(Case::new(6, 96, 64, t, top_k, r, 200 + i as u64));
     }
     check(Case::new(4, 32, 48, 23, 2, 16, 211));
-    check(Case { active: 3, dropped_permille: 150, ..Case::new(16, 64, 64, 40, 2, 8, 212) });
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Grouped, ..Case::new(3, 160, 24, 300, 2, 8, 213) });
+    check(Case {
+        active: 3,
+        dropped_permille: 150,
+        ..Case::new(16, 64, 64, 40, 2, 8, 212)
+    });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Grouped,
+        ..Case::new(3, 160, 24, 300, 2, 8, 213)
+    });
     check(Case::new(4, 256, 384, 512, 2, 16, 214));
 }
 
@@ -110,7 +147,10 @@ fn edge_scale_bytes_decode_like_the_dense_path_and_nan_propagates() {
     let mx = MxWeights::from_shape(shape, packed, scales).unwrap();
     let deq = dequantize_f32(&mx);
     // Route every token to expert 0 so the NaN column is hit.
-    let d = mxmoe_tests::linear_case::Data { ids: (0..c.t * c.top_k).map(|i| (i % c.top_k) as i64).collect(), ..d };
+    let d = mxmoe_tests::linear_case::Data {
+        ids: (0..c.t * c.top_k).map(|i| (i % c.top_k) as i64).collect(),
+        ..d
+    };
     let dy = Rng::new(301).normal_bf16(out_rows(&c) * c.n, 1.0);
     let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
     let got_dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
@@ -118,10 +158,22 @@ fn edge_scale_bytes_decode_like_the_dense_path_and_nan_propagates() {
     // Grouped output: the rows of expert 0 are the first T rows. Column 0 reads the NaN block;
     // column 1 reads a 2^127-scaled block (its products overflow to ±Inf or NaN); column 2 reads
     // 2^-127-scaled values (finite); column 3 is ordinary.
-    assert!(got_mx.out[0].is_nan(), "a NaN scale must give NaN, not a finite value");
-    assert!(!got_mx.out[1].is_finite(), "2^127 scales overflow like the dense path");
-    assert!(got_mx.out[2].is_finite() && got_mx.out[3].is_finite(), "other columns stay finite");
-    assert!(got_mx.dx.iter().any(|v| v.is_nan()), "NaN reaches dX through W");
+    assert!(
+        got_mx.out[0].is_nan(),
+        "a NaN scale must give NaN, not a finite value"
+    );
+    assert!(
+        !got_mx.out[1].is_finite(),
+        "2^127 scales overflow like the dense path"
+    );
+    assert!(
+        got_mx.out[2].is_finite() && got_mx.out[3].is_finite(),
+        "other columns stay finite"
+    );
+    assert!(
+        got_mx.dx.iter().any(|v| v.is_nan()),
+        "NaN reaches dX through W"
+    );
 }
 
 #[test]
@@ -137,11 +189,28 @@ fn fused_path_allocates_no_bf16_copy_of_the_experts() {
     let weights = MxExperts::upload(gpu, &mx).unwrap();
     let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
     let x = Bf16Matrix::from_f32(gpu, &d.x, d.x_rows, c.k).unwrap();
-    let lora = LoraWeights { a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(), b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(), rank: c.r, scaling: d.s };
-    let dy = Bf16Matrix::from_f32(gpu, &Rng::new(401).normal_bf16(out_rows(&c) * c.n, 1.0), out_rows(&c), c.n).unwrap();
+    let lora = LoraWeights {
+        a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
+        b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
+        rank: c.r,
+        scaling: d.s,
+    };
+    let dy = Bf16Matrix::from_f32(
+        gpu,
+        &Rng::new(401).normal_bf16(out_rows(&c) * c.n, 1.0),
+        out_rows(&c),
+        c.n,
+    )
+    .unwrap();
     gpu.synchronize().unwrap();
     let (free_before, _) = gpu.mem_info().unwrap();
-    let layer = ExpertLinear::new(ExpertWeights::Mxfp4(&weights), Some(&lora), c.input, c.output).with_strategy(Strategy::Fused);
+    let layer = ExpertLinear::new(
+        ExpertWeights::Mxfp4(&weights),
+        Some(&lora),
+        c.input,
+        c.output,
+    )
+    .with_strategy(Strategy::Fused);
     let (fwd, saved) = layer.forward(gpu, &x, &routing, None).unwrap();
     gpu.synchronize().unwrap();
     let (free_fwd, _) = gpu.mem_info().unwrap();
@@ -151,7 +220,12 @@ fn fused_path_allocates_no_bf16_copy_of_the_experts() {
     // Everything forward and backward allocated is still alive here (outputs, saved state,
     // gradients), so this is the high-water mark of the call, far below a bf16 expert copy.
     let used = free_before.saturating_sub(free_fwd.min(free_bwd));
-    println!("device memory held by one fused fwd+bwd: {used} bytes (a bf16 copy of the experts: {bf16_copy})");
-    assert!(used < bf16_copy / 4, "{used} bytes in use: an expert copy may have been made");
+    println!(
+        "device memory held by one fused fwd+bwd: {used} bytes (a bf16 copy of the experts: {bf16_copy})"
+    );
+    assert!(
+        used < bf16_copy / 4,
+        "{used} bytes in use: an expert copy may have been made"
+    );
     drop((fwd, grads));
 }

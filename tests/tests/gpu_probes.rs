@@ -24,7 +24,10 @@ fn cp_async_probe_copies_and_zero_fills() {
         let input: Vec<u8> = (0..len).map(|_| rng.below(255) as u8 + 1).collect();
         let got = probes::cp_async(gpu, &input).unwrap();
         assert_eq!(&got[..len], &input[..], "copied bytes, len {len}");
-        assert!(got[len..].iter().all(|&b| b == 0), "zero fill after {len} bytes");
+        assert!(
+            got[len..].iter().all(|&b| b == 0),
+            "zero fill after {len} bytes"
+        );
     }
 }
 
@@ -35,13 +38,19 @@ fn mma_probe_matches_cpu_product_for_all_ldmatrix_forms() {
     for _ in 0..4 {
         let a: Vec<u16> = (0..256).map(|_| f32_to_bf16_bits(rng.normal())).collect();
         let b: Vec<u16> = (0..128).map(|_| f32_to_bf16_bits(rng.normal())).collect();
-        let got = probes::mma(gpu, a.as_slice().try_into().unwrap(), b.as_slice().try_into().unwrap()).unwrap();
+        let got = probes::mma(
+            gpu,
+            a.as_slice().try_into().unwrap(),
+            b.as_slice().try_into().unwrap(),
+        )
+        .unwrap();
         let mut expect = vec![0f32; 128];
         for m in 0..16 {
             for n in 0..8 {
                 let mut acc = 0f64;
                 for k in 0..16 {
-                    acc += bf16_bits_to_f32(a[m * 16 + k]) as f64 * bf16_bits_to_f32(b[k * 8 + n]) as f64;
+                    acc += bf16_bits_to_f32(a[m * 16 + k]) as f64
+                        * bf16_bits_to_f32(b[k * 8 + n]) as f64;
                 }
                 expect[m * 8 + n] = acc as f32;
             }
@@ -57,18 +66,32 @@ fn mma_probe_matches_cpu_product_for_all_ldmatrix_forms() {
 fn cvt_probe_rounds_like_the_shared_bf16_code() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(13);
-    let mut pairs: Vec<(f32, f32)> = (0..1000).map(|_| (rng.normal() * 100.0, f32::from_bits(rng.next_u64() as u32))).collect();
+    let mut pairs: Vec<(f32, f32)> = (0..1000)
+        .map(|_| (rng.normal() * 100.0, f32::from_bits(rng.next_u64() as u32)))
+        .collect();
     // Exact ties, infinities, the largest finite value and subnormals.
-    pairs.extend([(1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)), (f32::INFINITY, -f32::MAX), (1e-40, -3e-39)]);
+    pairs.extend([
+        (1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)),
+        (f32::INFINITY, -f32::MAX),
+        (1e-40, -3e-39),
+    ]);
     let got = probes::cvt(gpu, &pairs).unwrap();
     for (i, (&(lo, hi), &(packed, squared))) in pairs.iter().zip(&got).enumerate() {
         let (elo, ehi) = (f32_to_bf16_bits(lo), f32_to_bf16_bits(hi));
-        let same = |g: u16, e: u16| g == e || (bf16_bits_to_f32(g).is_nan() && bf16_bits_to_f32(e).is_nan());
-        assert!(same(packed as u16, elo) && same((packed >> 16) as u16, ehi), "pair {i}: {lo} {hi} -> {packed:08x}");
+        let same = |g: u16, e: u16| {
+            g == e || (bf16_bits_to_f32(g).is_nan() && bf16_bits_to_f32(e).is_nan())
+        };
+        assert!(
+            same(packed as u16, elo) && same((packed >> 16) as u16, ehi),
+            "pair {i}: {lo} {hi} -> {packed:08x}"
+        );
         for (half, e) in [(squared as u16, elo), ((squared >> 16) as u16, ehi)] {
             let v = bf16_bits_to_f32(e);
             let expect = f32_to_bf16_bits(round_bf16(v * v));
-            assert!(same(half, expect), "pair {i}: square of {v}: got {half:04x} expected {expect:04x}");
+            assert!(
+                same(half, expect),
+                "pair {i}: square of {v}: got {half:04x} expected {expect:04x}"
+            );
         }
     }
 }

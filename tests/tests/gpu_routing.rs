@@ -10,21 +10,39 @@ fn check(ids: &[i64], t: usize, k: usize, e: usize) {
     dev.check(gpu).unwrap();
     let got = dev.to_host(gpu).unwrap();
     let expect = flatten_sort_count(ids, t, k, e).unwrap();
-    assert_eq!(got.expert_offsets, expect.expert_offsets, "offsets (T={t}, k={k}, E={e})");
-    assert_eq!(got.sorted_expert_idxs, expect.sorted_expert_idxs, "sorted experts");
-    assert_eq!(got.sorted_scattered_idxs, expect.sorted_scattered_idxs, "stable scattered order");
+    assert_eq!(
+        got.expert_offsets, expect.expert_offsets,
+        "offsets (T={t}, k={k}, E={e})"
+    );
+    assert_eq!(
+        got.sorted_expert_idxs, expect.sorted_expert_idxs,
+        "sorted experts"
+    );
+    assert_eq!(
+        got.sorted_scattered_idxs, expect.sorted_scattered_idxs,
+        "stable scattered order"
+    );
 }
 
 #[test]
 fn routing_matches_reference_on_random_and_edge_inputs() {
     let mut rng = Rng::new(5);
-    for &(t, k, e) in &[(1usize, 1usize, 1usize), (1, 4, 4), (16, 2, 8), (1000, 8, 256), (5000, 6, 64), (3000, 2, 3)] {
+    for &(t, k, e) in &[
+        (1usize, 1usize, 1usize),
+        (1, 4, 4),
+        (16, 2, 8),
+        (1000, 8, 256),
+        (5000, 6, 64),
+        (3000, 2, 3),
+    ] {
         let ids: Vec<i64> = (0..t * k).map(|_| rng.below(e as u64) as i64).collect();
         check(&ids, t, k, e);
     }
     // All on one expert, and skewed with drops.
     check(&vec![2; 3000], 1500, 2, 4);
-    let ids: Vec<i64> = (0..4096).map(|i| if i % 7 == 0 { -1 } else { (i % 3) as i64 }).collect();
+    let ids: Vec<i64> = (0..4096)
+        .map(|i| if i % 7 == 0 { -1 } else { (i % 3) as i64 })
+        .collect();
     check(&ids, 1024, 4, 300);
 }
 
@@ -36,6 +54,8 @@ fn routing_rejects_bad_ids_with_typed_errors() {
     assert!(DeviceRouting::from_host_ids(gpu, &[0, 1, 2], 1, 2, 8).is_err());
     // Device-side ids: the kernels flag them and `check` reports it.
     let ids = mxmoe::kernels::upload(gpu, &[0i32, 9, 1, 2]).unwrap();
-    let r = DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8).unwrap();
+    let r =
+        DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8)
+            .unwrap();
     assert!(r.check(gpu).is_err());
 }

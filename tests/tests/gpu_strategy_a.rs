@@ -17,7 +17,11 @@ fn assert_bitwise(a: &GpuResult, b: &GpuResult) {
     assert_eq!(bits(&a.dx), bits(&b.dx), "dx");
     assert_eq!(a.da.as_deref().map(bits), b.da.as_deref().map(bits), "dA");
     assert_eq!(a.db.as_deref().map(bits), b.db.as_deref().map(bits), "dB");
-    assert_eq!(a.d_gates.as_deref().map(bits), b.d_gates.as_deref().map(bits), "d_gates");
+    assert_eq!(
+        a.d_gates.as_deref().map(bits),
+        b.d_gates.as_deref().map(bits),
+        "d_gates"
+    );
 }
 
 fn check(c: Case) {
@@ -33,11 +37,15 @@ fn check(c: Case) {
     assert_bitwise(&recomputed, &dense);
     if let Some(da) = &a.da {
         // Inactive experts get exactly zero gradient rows.
-        let active: std::collections::BTreeSet<i64> = d.ids.iter().copied().filter(|&i| i >= 0).collect();
+        let active: std::collections::BTreeSet<i64> =
+            d.ids.iter().copied().filter(|&i| i >= 0).collect();
         for e in 0..c.e {
             if !active.contains(&(e as i64)) {
                 let rows = &da[e * c.r * c.k..(e + 1) * c.r * c.k];
-                assert!(rows.iter().all(|&v| v == 0.0), "expert {e} is inactive but has a nonzero dA");
+                assert!(
+                    rows.iter().all(|&v| v == 0.0),
+                    "expert {e} is inactive but has a nonzero dA"
+                );
             }
         }
     }
@@ -46,13 +54,21 @@ fn check(c: Case) {
 #[test]
 fn spec_shapes_are_bitwise_equal_to_the_dense_path() {
     check(Case::new(8, 128, 256, 16, 2, 8, 0));
-    check(Case { input: RowOrder::Grouped, output: RowOrder::Scattered, gates: true, ..Case::new(8, 128, 256, 16, 2, 8, 7) });
+    check(Case {
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(8, 128, 256, 16, 2, 8, 7)
+    });
     check(Case::new(32, 2048, 1024, 64, 4, 16, 1));
 }
 
 #[test]
 fn ten_of_256_experts_active() {
-    check(Case { active: 10, ..Case::new(256, 256, 128, 300, 4, 16, 3) });
+    check(Case {
+        active: 10,
+        ..Case::new(256, 256, 128, 300, 4, 16, 3)
+    });
 }
 
 #[test]
@@ -62,6 +78,13 @@ fn every_expert_active_skips_the_gather() {
 
 #[test]
 fn dropped_slots_and_zero_rank() {
-    check(Case { active: 5, dropped_permille: 250, ..Case::new(12, 64, 64, 50, 2, 8, 5) });
-    check(Case { active: 3, ..Case::new(12, 64, 64, 50, 2, 0, 6) });
+    check(Case {
+        active: 5,
+        dropped_permille: 250,
+        ..Case::new(12, 64, 64, 50, 2, 8, 5)
+    });
+    check(Case {
+        active: 3,
+        ..Case::new(12, 64, 64, 50, 2, 0, 6)
+    });
 }

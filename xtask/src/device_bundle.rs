@@ -108,7 +108,11 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
         bail!("cargo built no binary of package {CLI_PACKAGE}");
     }
     for name in bin_files.keys() {
-        if test_files.contains_key(name) || name == RUN_SCRIPT || name == SANITIZE_SCRIPT || name == "golden" {
+        if test_files.contains_key(name)
+            || name == RUN_SCRIPT
+            || name == SANITIZE_SCRIPT
+            || name == "golden"
+        {
             bail!("the bundle name `{name}` is used twice; rename the test target");
         }
     }
@@ -133,7 +137,8 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
 
     let names: Vec<&str> = test_files.keys().map(String::as_str).collect();
     let sanitizer = out.join(SANITIZE_SCRIPT);
-    fs::write(&sanitizer, sanitize_script()).with_context(|| format!("cannot write {}", sanitizer.display()))?;
+    fs::write(&sanitizer, sanitize_script())
+        .with_context(|| format!("cannot write {}", sanitizer.display()))?;
     make_executable(&sanitizer)?;
     let script = out.join(RUN_SCRIPT);
     fs::write(&script, run_script(&names))

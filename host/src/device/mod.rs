@@ -62,7 +62,9 @@ pub struct Gpu {
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gpu").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("Gpu")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,13 +92,22 @@ impl Gpu {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating the CUDA context"))?;
-        let stream = ctx.new_stream().map_err(Error::driver("creating a stream"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(Error::driver("creating a stream"))?;
         let limits = read_limits(&ctx)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
             .map_err(Error::driver("loading the mxmoe PTX module"))?;
         let tuner = Tuner::new(&limits.name, TuneMode::from_env(), default_cache_path());
-        Ok(Self { ctx, stream, module, limits, functions: Mutex::new(HashMap::new()), tuner })
+        Ok(Self {
+            ctx,
+            stream,
+            module,
+            limits,
+            functions: Mutex::new(HashMap::new()),
+            tuner,
+        })
     }
 
     /// Opens the first device.
@@ -131,12 +142,16 @@ impl Gpu {
 
     /// Free and total device memory, bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(Error::driver("cuMemGetInfo"))
+        self.ctx
+            .mem_get_info()
+            .map_err(Error::driver("cuMemGetInfo"))
     }
 
     /// Waits for all work on the stream.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(Error::driver("synchronizing the stream"))
+        self.stream
+            .synchronize()
+            .map_err(Error::driver("synchronizing the stream"))
     }
 
     /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), caching it.
@@ -157,7 +172,10 @@ impl Gpu {
     pub fn function_resources(&self, name: &'static str) -> Result<FunctionResources> {
         use cudarc::driver::sys::CUfunction_attribute as F;
         let f = self.function(name)?;
-        let get = |a| f.get_attribute(a).map_err(Error::driver(format!("reading attributes of {name}")));
+        let get = |a| {
+            f.get_attribute(a)
+                .map_err(Error::driver(format!("reading attributes of {name}")))
+        };
         Ok(FunctionResources {
             registers: get(F::CU_FUNC_ATTRIBUTE_NUM_REGS)?,
             static_smem_bytes: get(F::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?,
@@ -168,15 +186,26 @@ impl Gpu {
 }
 
 fn read_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
-    let attr = |a: Attr| ctx.attribute(a).map_err(Error::driver("reading device attributes"));
+    let attr = |a: Attr| {
+        ctx.attribute(a)
+            .map_err(Error::driver("reading device attributes"))
+    };
     Ok(DeviceLimits {
-        name: ctx.name().map_err(Error::driver("reading the device name"))?,
-        compute_capability: ctx.compute_capability().map_err(Error::driver("reading the compute capability"))?,
+        name: ctx
+            .name()
+            .map_err(Error::driver("reading the device name"))?,
+        compute_capability: ctx
+            .compute_capability()
+            .map_err(Error::driver("reading the compute capability"))?,
         sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
-        max_smem_per_block_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
-        max_smem_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)? as usize,
+        max_smem_per_block_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize,
+        max_smem_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?
+            as usize,
         regs_per_sm: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_REGISTERS_PER_MULTIPROCESSOR)? as u32,
         l2_bytes: attr(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
-        total_mem_bytes: ctx.total_mem().map_err(Error::driver("reading the memory size"))?,
+        total_mem_bytes: ctx
+            .total_mem()
+            .map_err(Error::driver("reading the memory size"))?,
     })
 }

@@ -26,12 +26,18 @@ pub fn dequant_mxfp4_bf16(
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
     if n == 0 || k == 0 || k % MX_BLOCK != 0 {
-        return Err(Error::InvalidArgument { what: "dequant shape", detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}") });
+        return Err(Error::InvalidArgument {
+            what: "dequant shape",
+            detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}"),
+        });
     }
     check_len("packed", packed, num_experts * n * k / 2)?;
     check_len("scales", scales, num_experts * n * k / MX_BLOCK)?;
     if let Some(bad) = experts.iter().find(|&&e| e as usize >= num_experts) {
-        return Err(Error::InvalidArgument { what: "experts", detail: format!("expert {bad} is out of range for {num_experts} experts") });
+        return Err(Error::InvalidArgument {
+            what: "experts",
+            detail: format!("expert {bad} is out of range for {num_experts} experts"),
+        });
     }
     let mut out = alloc_poisoned::<u16>(gpu, experts.len() * n * k, 0xFF)?;
     if experts.is_empty() {
@@ -41,7 +47,12 @@ pub fn dequant_mxfp4_bf16(
     let items = (experts.len() * n * (k / MX_BLOCK)) as u64;
     let max_blocks = gpu.limits().sm_count.max(1) as u64 * 16;
     let blocks = items.div_ceil(THREADS as u64).min(max_blocks).max(1) as u32;
-    let spec = LaunchSpec { name: names::DEQUANT_MXFP4, threads: THREADS, dynamic_smem_bytes: 0, min_cc: MIN_CC };
+    let spec = LaunchSpec {
+        name: names::DEQUANT_MXFP4,
+        threads: THREADS,
+        dynamic_smem_bytes: 0,
+        min_cc: MIN_CC,
+    };
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
         scales_addr: addr(gpu, scales),

@@ -6,7 +6,8 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{GemmParams, GramParams};
 use kernels_gpu::shared::tiles::{
-    BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, gram_smem_bytes, lora_down_config, rank_pad_index, smem_plan,
+    BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, gram_smem_bytes, lora_down_config,
+    rank_pad_index, smem_plan,
 };
 
 use super::{MIN_CC, check_len};
@@ -74,7 +75,8 @@ impl Strided<'_> {
         if experts == 0 || n == 0 || k == 0 {
             return Ok(());
         }
-        let last = (experts - 1) * self.stride_e + (n - 1) * self.stride_n + (k - 1) * self.stride_k;
+        let last =
+            (experts - 1) * self.stride_e + (n - 1) * self.stride_n + (k - 1) * self.stride_k;
         check_len(tensor, self.buf, last + 1)
     }
 }
@@ -119,11 +121,18 @@ impl BOperand<'_> {
 
 impl MxOperand<'_> {
     fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
-        let (want_n, want_k) = if forward { (n_out, k_red) } else { (k_red, n_out) };
+        let (want_n, want_k) = if forward {
+            (n_out, k_red)
+        } else {
+            (k_red, n_out)
+        };
         if self.n != want_n || self.k != want_k || self.k % 32 != 0 {
             return Err(Error::InvalidArgument {
                 what: "MXFP4 weights",
-                detail: format!("container [*, {}, {}] does not match the GEMM (n {want_n}, k {want_k}, k % 32 == 0)", self.n, self.k),
+                detail: format!(
+                    "container [*, {}, {}] does not match the GEMM (n {want_n}, k {want_k}, k % 32 == 0)",
+                    self.n, self.k
+                ),
             });
         }
         check_len("packed", self.packed, experts * self.n * self.k / 2)?;
@@ -174,10 +183,16 @@ pub struct GemmArgs<'a> {
 
 fn padded_rank(rank: usize) -> Result<(u32, usize)> {
     if rank > MAX_RANK as usize {
-        return Err(Error::InvalidArgument { what: "LoRA rank", detail: format!("at most {MAX_RANK} is supported, got {rank}") });
+        return Err(Error::InvalidArgument {
+            what: "LoRA rank",
+            detail: format!("at most {MAX_RANK} is supported, got {rank}"),
+        });
     }
     let r_pad = kernels_gpu::shared::tiles::rank_pad(rank as u32);
-    let idx = rank_pad_index(r_pad).ok_or_else(|| Error::InvalidArgument { what: "LoRA rank", detail: format!("no kernel for padded rank {r_pad}") })?;
+    let idx = rank_pad_index(r_pad).ok_or_else(|| Error::InvalidArgument {
+        what: "LoRA rank",
+        detail: format!("no kernel for padded rank {r_pad}"),
+    })?;
     Ok((r_pad, idx))
 }
 
@@ -191,34 +206,74 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let r = &args.routing;
     check_common(r)?;
     if args.k_red == 0 || args.k_red % 8 != 0 || args.n_out == 0 || args.n_out % 8 != 0 {
-        return Err(Error::InvalidArgument { what: "GEMM shape", detail: format!("reduction {} and output width {} must be positive multiples of 8", args.k_red, args.n_out) });
+        return Err(Error::InvalidArgument {
+            what: "GEMM shape",
+            detail: format!(
+                "reduction {} and output width {} must be positive multiples of 8",
+                args.k_red, args.n_out
+            ),
+        });
     }
-    let cfg = GEMM_CONFIGS.get(args.config).ok_or_else(|| Error::InvalidArgument { what: "tile config", detail: format!("no config {}", args.config) })?;
-    check_len("activations", args.a, args.a_map.source_rows(r.rows).saturating_sub(1) * args.a_stride + args.k_red)?;
-    check_len("output", args.out, r.rows.saturating_sub(1) * args.out_stride + args.n_out)?;
-    let none = Strided { buf: args.a, stride_e: 0, stride_n: 0, stride_k: 0 };
+    let cfg = GEMM_CONFIGS
+        .get(args.config)
+        .ok_or_else(|| Error::InvalidArgument {
+            what: "tile config",
+            detail: format!("no config {}", args.config),
+        })?;
+    check_len(
+        "activations",
+        args.a,
+        args.a_map.source_rows(r.rows).saturating_sub(1) * args.a_stride + args.k_red,
+    )?;
+    check_len(
+        "output",
+        args.out,
+        r.rows.saturating_sub(1) * args.out_stride + args.n_out,
+    )?;
+    let none = Strided {
+        buf: args.a,
+        stride_e: 0,
+        stride_n: 0,
+        stride_k: 0,
+    };
     let (layout, b, scales_addr, name) = match args.b {
         BOperand::Nk(s) => {
             if s.stride_k != 1 {
-                return Err(Error::InvalidArgument { what: "weights", detail: "the [n][k] operand needs k contiguous".into() });
+                return Err(Error::InvalidArgument {
+                    what: "weights",
+                    detail: "the [n][k] operand needs k contiguous".into(),
+                });
             }
             s.check("weights", r.num_experts, args.n_out, args.k_red)?;
             (BLayout::NkBf16, s, 0, names::GEMM_NK[args.config])
         }
         BOperand::Kn(s) => {
             if s.stride_n != 1 {
-                return Err(Error::InvalidArgument { what: "weights", detail: "the [k][n] operand needs n contiguous".into() });
+                return Err(Error::InvalidArgument {
+                    what: "weights",
+                    detail: "the [k][n] operand needs n contiguous".into(),
+                });
             }
             s.check("weights", r.num_experts, args.n_out, args.k_red)?;
             (BLayout::KnBf16, s, 0, names::GEMM_KN[args.config])
         }
         BOperand::NkMx(m) => {
             m.check(r.num_experts, args.n_out, args.k_red, true)?;
-            (BLayout::NkMxfp4, none, addr(gpu, m.scales), names::GEMM_NK_MX[args.config])
+            (
+                BLayout::NkMxfp4,
+                none,
+                addr(gpu, m.scales),
+                names::GEMM_NK_MX[args.config],
+            )
         }
         BOperand::KnMx(m) => {
             m.check(r.num_experts, args.n_out, args.k_red, false)?;
-            (BLayout::KnMxfp4, none, addr(gpu, m.scales), names::GEMM_KN_MX[args.config])
+            (
+                BLayout::KnMxfp4,
+                none,
+                addr(gpu, m.scales),
+                names::GEMM_KN_MX[args.config],
+            )
         }
     };
     let b_addr = match args.b {
@@ -229,7 +284,8 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         Some(l) if l.rank > 0 => {
             let (r_pad, _) = padded_rank(l.rank)?;
             check_len("LoRA left factor", l.left, r.rows * r_pad as usize)?;
-            l.right.check("LoRA right factor", r.num_experts, args.n_out, l.rank)?;
+            l.right
+                .check("LoRA right factor", r.num_experts, args.n_out, l.rank)?;
             (l.rank as u32, r_pad, addr(gpu, l.left), l.right, l.scaling)
         }
         _ => (0, 16, 0, none, 0.0),
@@ -269,7 +325,12 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
     let blocks = n_tiles * m_tiles;
-    let spec = LaunchSpec { name, threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
+    let spec = LaunchSpec {
+        name,
+        threads: cfg.threads(),
+        dynamic_smem_bytes: plan.total_bytes as usize,
+        min_cc: MIN_CC,
+    };
     // SAFETY: every buffer was checked to cover the largest element its strides address; the
     // grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
     // of 8; r_pad is a multiple of 16 ≥ rank and the left factor is [rows, r_pad].
@@ -293,9 +354,16 @@ pub fn lora_down(
     check_common(&routing)?;
     let (r_pad, idx) = padded_rank(rank)?;
     if width == 0 || width % 8 != 0 {
-        return Err(Error::InvalidArgument { what: "LoRA product width", detail: format!("{width} is not a positive multiple of 8") });
+        return Err(Error::InvalidArgument {
+            what: "LoRA product width",
+            detail: format!("{width} is not a positive multiple of 8"),
+        });
     }
-    check_len("activations", act, act_map.source_rows(routing.rows).saturating_sub(1) * act_stride + width)?;
+    check_len(
+        "activations",
+        act,
+        act_map.source_rows(routing.rows).saturating_sub(1) * act_stride + width,
+    )?;
     m.check("LoRA factor", routing.num_experts, rank, width)?;
     check_len("LoRA product output", out, routing.rows * r_pad as usize)?;
     if routing.rows == 0 {
@@ -336,7 +404,12 @@ pub fn lora_down(
         ..GemmParams::default()
     };
     let blocks = routing.rows.div_ceil(cfg.bm as usize) + routing.num_experts + 1;
-    let spec = LaunchSpec { name, threads: cfg.threads(), dynamic_smem_bytes: plan.total_bytes as usize, min_cc: MIN_CC };
+    let spec = LaunchSpec {
+        name,
+        threads: cfg.threads(),
+        dynamic_smem_bytes: plan.total_bytes as usize,
+        min_cc: MIN_CC,
+    };
     // SAFETY: buffers checked against the strides and row counts above; one n tile (bn =
     // r_pad); grid = row tiles + E + 1; width % 8 == 0.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
@@ -366,12 +439,25 @@ pub fn gram(
     }
     let (r_pad, idx) = padded_rank(rank)?;
     if width == 0 || width % 8 != 0 || rank == 0 {
-        return Err(Error::InvalidArgument { what: "Gram shape", detail: format!("width {width} must be a positive multiple of 8 and rank {rank} positive") });
+        return Err(Error::InvalidArgument {
+            what: "Gram shape",
+            detail: format!(
+                "width {width} must be a positive multiple of 8 and rank {rank} positive"
+            ),
+        });
     }
-    check_len("wide operand", wide, wide_map.source_rows(routing.rows).saturating_sub(1) * wide_stride + width)?;
+    check_len(
+        "wide operand",
+        wide,
+        wide_map.source_rows(routing.rows).saturating_sub(1) * wide_stride + width,
+    )?;
     check_len("narrow operand", narrow, routing.rows * r_pad as usize)?;
     let (se, sw, sr) = out_strides;
-    check_len("gradient", out, (routing.num_experts - 1) * se + (width - 1) * sw + (rank - 1) * sr + 1)?;
+    check_len(
+        "gradient",
+        out,
+        (routing.num_experts - 1) * se + (width - 1) * sw + (rank - 1) * sr + 1,
+    )?;
     let cfg = GRAM_CONFIG;
     let params = GramParams {
         ssi_addr: addr(gpu, routing.ssi),
@@ -391,7 +477,12 @@ pub fn gram(
         scaling,
     };
     let blocks = routing.num_experts * width.div_ceil(cfg.bw as usize);
-    let spec = LaunchSpec { name: names::GRAM[idx], threads: 32 * cfg.warps, dynamic_smem_bytes: gram_smem_bytes(&cfg, r_pad) as usize, min_cc: MIN_CC };
+    let spec = LaunchSpec {
+        name: names::GRAM[idx],
+        threads: 32 * cfg.warps,
+        dynamic_smem_bytes: gram_smem_bytes(&cfg, r_pad) as usize,
+        min_cc: MIN_CC,
+    };
     // SAFETY: buffers checked above against rows, widths and output strides; grid is
     // E·⌈width/bw⌉; the narrow operand is [rows, r_pad].
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }

@@ -33,20 +33,32 @@ pub(crate) fn check_len<T>(tensor: &'static str, buf: &CudaSlice<T>, needed: usi
 
 /// Uploads a host slice.
 pub fn upload<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, data: &[T]) -> Result<CudaSlice<T>> {
-    gpu.stream().clone_htod(data).map_err(Error::driver("copying to the device"))
+    gpu.stream()
+        .clone_htod(data)
+        .map_err(Error::driver("copying to the device"))
 }
 
 /// Downloads a device buffer (synchronizes the stream).
-pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) -> Result<Vec<T>> {
-    gpu.stream().clone_dtoh(buf).map_err(Error::driver("copying from the device"))
+pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    gpu: &Gpu,
+    buf: &CudaSlice<T>,
+) -> Result<Vec<T>> {
+    gpu.stream()
+        .clone_dtoh(buf)
+        .map_err(Error::driver("copying from the device"))
 }
 
 /// Allocates `len` elements and fills every byte with `byte` (outputs are poisoned so that an
 /// element a kernel fails to write is caught by the tests: 0xFF is NaN in bf16 and f32).
-pub fn alloc_poisoned<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, len: usize, byte: u8) -> Result<CudaSlice<T>> {
+pub fn alloc_poisoned<T: cudarc::driver::DeviceRepr>(
+    gpu: &Gpu,
+    len: usize,
+    byte: u8,
+) -> Result<CudaSlice<T>> {
     // SAFETY: the memory is fully initialised by the memset below, ordered before any later
     // use on the same stream.
-    let mut buf = unsafe { gpu.stream().alloc::<T>(len) }.map_err(Error::driver("allocating device memory"))?;
+    let mut buf = unsafe { gpu.stream().alloc::<T>(len) }
+        .map_err(Error::driver("allocating device memory"))?;
     fill_bytes(gpu, &mut buf, byte)?;
     Ok(buf)
 }

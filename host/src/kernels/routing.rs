@@ -41,15 +41,30 @@ pub struct RouteBuffers {
 
 /// Sorts `slots` routed slots into expert-contiguous order on the GPU (stable; dropped slots
 /// last). Ids outside `[-1, E)` set the error word and are treated as dropped.
-pub fn route(gpu: &Gpu, ids: DeviceIds<'_>, slots: usize, num_experts: usize) -> Result<RouteBuffers> {
+pub fn route(
+    gpu: &Gpu,
+    ids: DeviceIds<'_>,
+    slots: usize,
+    num_experts: usize,
+) -> Result<RouteBuffers> {
     if num_experts == 0 || num_experts > MAX_EXPERTS as usize {
-        return Err(Error::InvalidArgument { what: "num_experts", detail: format!("must be in 1..={MAX_EXPERTS}, got {num_experts}") });
+        return Err(Error::InvalidArgument {
+            what: "num_experts",
+            detail: format!("must be in 1..={MAX_EXPERTS}, got {num_experts}"),
+        });
     }
     if ids.len() < slots {
-        return Err(Error::Shape { tensor: "expert ids", expected: format!("{slots} elements (tokens · top_k)"), actual: format!("{} elements", ids.len()) });
+        return Err(Error::Shape {
+            tensor: "expert ids",
+            expected: format!("{slots} elements (tokens · top_k)"),
+            actual: format!("{} elements", ids.len()),
+        });
     }
     if slots >= u32::MAX as usize {
-        return Err(Error::InvalidArgument { what: "tokens · top_k", detail: format!("{slots} routed slots exceed the 32-bit row index") });
+        return Err(Error::InvalidArgument {
+            what: "tokens · top_k",
+            detail: format!("{slots} routed slots exceed the 32-bit row index"),
+        });
     }
     let mut sorted_expert = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
     let mut ssi = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
@@ -74,9 +89,24 @@ pub fn route(gpu: &Gpu, ids: DeviceIds<'_>, slots: usize, num_experts: usize) ->
         _pad: 0,
     };
     let hist_bytes = 4 * (num_experts + 1);
-    let count = LaunchSpec { name: names::ROUTE_COUNT, threads: 256, dynamic_smem_bytes: hist_bytes, min_cc: MIN_CC };
-    let scan = LaunchSpec { name: names::ROUTE_SCAN, threads: 1024, dynamic_smem_bytes: 4 * 1024, min_cc: MIN_CC };
-    let scatter = LaunchSpec { name: names::ROUTE_SCATTER, threads: 32, dynamic_smem_bytes: hist_bytes, min_cc: MIN_CC };
+    let count = LaunchSpec {
+        name: names::ROUTE_COUNT,
+        threads: 256,
+        dynamic_smem_bytes: hist_bytes,
+        min_cc: MIN_CC,
+    };
+    let scan = LaunchSpec {
+        name: names::ROUTE_SCAN,
+        threads: 1024,
+        dynamic_smem_bytes: 4 * 1024,
+        min_cc: MIN_CC,
+    };
+    let scatter = LaunchSpec {
+        name: names::ROUTE_SCATTER,
+        threads: 32,
+        dynamic_smem_bytes: hist_bytes,
+        min_cc: MIN_CC,
+    };
     // SAFETY: `ids` holds `slots` ids of the declared width; `counts` holds chunks·(E+1) words;
     // the outputs hold `slots`, `slots`, `E` and 1 words; grids and shared memory follow the
     // kernels' contracts (one chunk per block, one block for the scan).
@@ -85,5 +115,10 @@ pub fn route(gpu: &Gpu, ids: DeviceIds<'_>, slots: usize, num_experts: usize) ->
         gpu.launch(&scan, (1, 1, 1), params)?;
         gpu.launch(&scatter, (chunks, 1, 1), params)?;
     }
-    Ok(RouteBuffers { sorted_expert, ssi, offsets, error })
+    Ok(RouteBuffers {
+        sorted_expert,
+        ssi,
+        offsets,
+        error,
+    })
 }

@@ -108,7 +108,10 @@ impl Gpu {
         if spec.threads == 0 || spec.threads > 1024 || spec.threads % 32 != 0 {
             return Err(Error::InvalidArgument {
                 what: "block size",
-                detail: format!("kernel {} launched with {} threads", spec.name, spec.threads),
+                detail: format!(
+                    "kernel {} launched with {} threads",
+                    spec.name, spec.threads
+                ),
             });
         }
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 || grid.1 > 65_535 || grid.2 > 65_535 {
@@ -119,8 +122,14 @@ impl Gpu {
         }
         let f = self.function(spec.name)?;
         if spec.dynamic_smem_bytes > 48 * 1024 {
-            f.set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, spec.dynamic_smem_bytes as i32)
-                .map_err(Error::driver(format!("raising the shared-memory limit of {}", spec.name)))?;
+            f.set_attribute(
+                F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                spec.dynamic_smem_bytes as i32,
+            )
+            .map_err(Error::driver(format!(
+                "raising the shared-memory limit of {}",
+                spec.name
+            )))?;
         }
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -133,7 +142,8 @@ impl Gpu {
         // SAFETY: the argument list is exactly the kernel's one by-value parameter struct
         // (`KernelParams`); the caller guarantees the contract of its addresses and sizes; the
         // block, grid and shared-memory sizes were checked against the device above.
-        unsafe { builder.launch(cfg) }.map_err(Error::driver(format!("launching {}", spec.name)))?;
+        unsafe { builder.launch(cfg) }
+            .map_err(Error::driver(format!("launching {}", spec.name)))?;
         Ok(())
     }
 }

@@ -44,7 +44,10 @@ pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
             // SAFETY: `src_block < E·n·k/32`, so 16 bytes at `16·src_block` lie in `packed`
             // (16-aligned since the buffer is) and one byte at `src_block` lies in `scales`.
             let (codes, scale) = unsafe {
-                (load_16(p.packed_addr + MX_BLOCK_BYTES as u64 * src_block), load::<u8>(p.scales_addr + src_block))
+                (
+                    load_16(p.packed_addr + MX_BLOCK_BYTES as u64 * src_block),
+                    load::<u8>(p.scales_addr + src_block),
+                )
             };
             let sb = e8m0_to_bf16_bits(scale) as u32;
             let scale2 = sb | (sb << 16);
@@ -52,10 +55,26 @@ pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
             let nan = scale == E8M0_NAN;
             // Four explicit 16-byte stores keep every array index a compile-time constant
             // (a run-time index would put the array in local memory).
-            let v0 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[0], scale2) };
-            let v1 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[1], scale2) };
-            let v2 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[2], scale2) };
-            let v3 = if nan { [0x7FC0_7FC0; 4] } else { decode_word(codes[3], scale2) };
+            let v0 = if nan {
+                [0x7FC0_7FC0; 4]
+            } else {
+                decode_word(codes[0], scale2)
+            };
+            let v1 = if nan {
+                [0x7FC0_7FC0; 4]
+            } else {
+                decode_word(codes[1], scale2)
+            };
+            let v2 = if nan {
+                [0x7FC0_7FC0; 4]
+            } else {
+                decode_word(codes[2], scale2)
+            };
+            let v3 = if nan {
+                [0x7FC0_7FC0; 4]
+            } else {
+                decode_word(codes[3], scale2)
+            };
             // SAFETY: `item < num_selected·n·k/32`: the 64 output bytes of this block are inside
             // `out`; 16-byte aligned.
             unsafe {

@@ -33,7 +33,10 @@ unsafe fn st_bf16(base: u64, i: u64, v: f32) {
 #[inline(always)]
 fn grid_stride() -> (u64, u64) {
     let nt = ntid_x() as u64;
-    (ctaid_x() as u64 * nt + tid_x() as u64, nctaid_x() as u64 * nt)
+    (
+        ctaid_x() as u64 * nt + tid_x() as u64,
+        nctaid_x() as u64 * nt,
+    )
 }
 
 /// `y[t, n] = Σ_j gates[t, j] · out[t·k + j, n]`: `in0 = out [T·k, width]`,
@@ -52,7 +55,9 @@ pub unsafe extern "ptx-kernel" fn mxmoe_combine_gates(p: EltwiseParams) {
         let mut j = 0;
         while j < k {
             // SAFETY: `t·k + j < T·k`, `n < width`.
-            acc += unsafe { ld_bf16(p.in1_addr, t * k + j) * ld_bf16(p.in0_addr, (t * k + j) * w + n) };
+            acc += unsafe {
+                ld_bf16(p.in1_addr, t * k + j) * ld_bf16(p.in0_addr, (t * k + j) * w + n)
+            };
             j += 1;
         }
         // SAFETY: `i < T·width`.
@@ -110,7 +115,13 @@ pub unsafe extern "ptx-kernel" fn mxmoe_scale_slots(p: EltwiseParams) {
     while i < p.tokens * k * w {
         let (slot, n) = (i / w, i % w);
         // SAFETY: `slot < T·k`, `n < width`.
-        unsafe { st_bf16(p.out_addr, i, ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot)) };
+        unsafe {
+            st_bf16(
+                p.out_addr,
+                i,
+                ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot),
+            )
+        };
         i += stride;
     }
 }

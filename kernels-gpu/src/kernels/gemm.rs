@@ -23,30 +23,246 @@ macro_rules! gemm_entry {
     };
 }
 
-gemm_entry!(mxmoe_gemm_nk_m128n128k32w2x4s3, 128, 128, 32, 2, 4, 3, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_nk_m64n128k32w2x2s3, 64, 128, 32, 2, 2, 3, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_nk_m32n128k32w1x4s4, 32, 128, 32, 1, 4, 4, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_nk_m128n128k32w2x4s4, 128, 128, 32, 2, 4, 4, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_nk_m64n128k32w2x2s4, 64, 128, 32, 2, 2, 4, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_nk_m16n128k32w1x4s4, 16, 128, 32, 1, 4, 4, BLayout::NkBf16);
-gemm_entry!(mxmoe_gemm_kn_m128n128k32w2x4s3, 128, 128, 32, 2, 4, 3, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_kn_m64n128k32w2x2s3, 64, 128, 32, 2, 2, 3, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_kn_m32n128k32w1x4s4, 32, 128, 32, 1, 4, 4, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_kn_m128n128k32w2x4s4, 128, 128, 32, 2, 4, 4, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_kn_m64n128k32w2x2s4, 64, 128, 32, 2, 2, 4, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_kn_m16n128k32w1x4s4, 16, 128, 32, 1, 4, 4, BLayout::KnBf16);
-gemm_entry!(mxmoe_gemm_nk_mx_m128n128k32w2x4s3, 128, 128, 32, 2, 4, 3, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_nk_mx_m64n128k32w2x2s3, 64, 128, 32, 2, 2, 3, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_nk_mx_m32n128k32w1x4s4, 32, 128, 32, 1, 4, 4, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_nk_mx_m128n128k32w2x4s4, 128, 128, 32, 2, 4, 4, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_nk_mx_m64n128k32w2x2s4, 64, 128, 32, 2, 2, 4, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_nk_mx_m16n128k32w1x4s4, 16, 128, 32, 1, 4, 4, BLayout::NkMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m128n128k32w2x4s3, 128, 128, 32, 2, 4, 3, BLayout::KnMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m64n128k32w2x2s3, 64, 128, 32, 2, 2, 3, BLayout::KnMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m32n128k32w1x4s4, 32, 128, 32, 1, 4, 4, BLayout::KnMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m128n128k32w2x4s4, 128, 128, 32, 2, 4, 4, BLayout::KnMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m64n128k32w2x2s4, 64, 128, 32, 2, 2, 4, BLayout::KnMxfp4);
-gemm_entry!(mxmoe_gemm_kn_mx_m16n128k32w1x4s4, 16, 128, 32, 1, 4, 4, BLayout::KnMxfp4);
+gemm_entry!(
+    mxmoe_gemm_nk_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    3,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m64n128k32w2x2s3,
+    64,
+    128,
+    32,
+    2,
+    2,
+    3,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m32n128k32w1x4s4,
+    32,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m128n128k32w2x4s4,
+    128,
+    128,
+    32,
+    2,
+    4,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m64n128k32w2x2s4,
+    64,
+    128,
+    32,
+    2,
+    2,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m16n128k32w1x4s4,
+    16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    3,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m64n128k32w2x2s3,
+    64,
+    128,
+    32,
+    2,
+    2,
+    3,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m32n128k32w1x4s4,
+    32,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m128n128k32w2x4s4,
+    128,
+    128,
+    32,
+    2,
+    4,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m64n128k32w2x2s4,
+    64,
+    128,
+    32,
+    2,
+    2,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m16n128k32w1x4s4,
+    16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    3,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m64n128k32w2x2s3,
+    64,
+    128,
+    32,
+    2,
+    2,
+    3,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m32n128k32w1x4s4,
+    32,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m128n128k32w2x4s4,
+    128,
+    128,
+    32,
+    2,
+    4,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m64n128k32w2x2s4,
+    64,
+    128,
+    32,
+    2,
+    2,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m16n128k32w1x4s4,
+    16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    3,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m64n128k32w2x2s3,
+    64,
+    128,
+    32,
+    2,
+    2,
+    3,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m32n128k32w1x4s4,
+    32,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m128n128k32w2x4s4,
+    128,
+    128,
+    32,
+    2,
+    4,
+    4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m64n128k32w2x2s4,
+    64,
+    128,
+    32,
+    2,
+    2,
+    4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m16n128k32w1x4s4,
+    16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnMxfp4
+);
 // The rank-sized products use `tiles::lora_down_config(r_pad)`: bm 64, bn r_pad, bk 64, 4×1 warps.
 gemm_entry!(mxmoe_lora_down_r16, 64, 16, 64, 4, 1, 3, BLayout::Strided);
 gemm_entry!(mxmoe_lora_down_r32, 64, 32, 64, 4, 1, 3, BLayout::Strided);
@@ -55,11 +271,29 @@ gemm_entry!(mxmoe_lora_down_r128, 64, 128, 64, 4, 1, 3, BLayout::Strided);
 gemm_entry!(mxmoe_lora_down_nk_r16, 64, 16, 64, 4, 1, 3, BLayout::NkBf16);
 gemm_entry!(mxmoe_lora_down_nk_r32, 64, 32, 64, 4, 1, 3, BLayout::NkBf16);
 gemm_entry!(mxmoe_lora_down_nk_r64, 64, 64, 64, 4, 1, 3, BLayout::NkBf16);
-gemm_entry!(mxmoe_lora_down_nk_r128, 64, 128, 64, 4, 1, 3, BLayout::NkBf16);
+gemm_entry!(
+    mxmoe_lora_down_nk_r128,
+    64,
+    128,
+    64,
+    4,
+    1,
+    3,
+    BLayout::NkBf16
+);
 gemm_entry!(mxmoe_lora_down_kn_r16, 64, 16, 64, 4, 1, 3, BLayout::KnBf16);
 gemm_entry!(mxmoe_lora_down_kn_r32, 64, 32, 64, 4, 1, 3, BLayout::KnBf16);
 gemm_entry!(mxmoe_lora_down_kn_r64, 64, 64, 64, 4, 1, 3, BLayout::KnBf16);
-gemm_entry!(mxmoe_lora_down_kn_r128, 64, 128, 64, 4, 1, 3, BLayout::KnBf16);
+gemm_entry!(
+    mxmoe_lora_down_kn_r128,
+    64,
+    128,
+    64,
+    4,
+    1,
+    3,
+    BLayout::KnBf16
+);
 
 macro_rules! gram_entry {
     ($name:ident, $rp:literal) => {

@@ -4,6 +4,6 @@
 mod dequant;
 mod eltwise;
 mod gemm;
+mod moe;
 mod probes;
 mod routing;
-mod moe;

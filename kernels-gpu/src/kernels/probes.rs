@@ -2,7 +2,9 @@
 //! layouts and addressing against a CPU computation before they hide inside a fused kernel.
 
 use crate::ptx::barrier::bar_sync_0;
-use crate::ptx::cp_async::{cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
+use crate::ptx::cp_async::{
+    cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group,
+};
 use crate::ptx::cvt::{cvt_rn_bf16x2_f32, mul_rn_bf16x2};
 use crate::ptx::ldmatrix::{
     ldmatrix_x2_m8n8_shared_b16, ldmatrix_x2_trans_m8n8_shared_b16, ldmatrix_x4_m8n8_shared_b16,

@@ -17,7 +17,13 @@ use crate::tile::gmem::{load, store};
 #[inline(always)]
 unsafe fn bucket(p: &RouteParams, i: u32) -> u32 {
     // SAFETY: `i < slots`, the length of `ids`.
-    let id: i64 = unsafe { if p.ids_i64 != 0 { load::<i64>(p.ids_addr + 8 * i as u64) } else { load::<i32>(p.ids_addr + 4 * i as u64) as i64 } };
+    let id: i64 = unsafe {
+        if p.ids_i64 != 0 {
+            load::<i64>(p.ids_addr + 8 * i as u64)
+        } else {
+            load::<i32>(p.ids_addr + 4 * i as u64) as i64
+        }
+    };
     if id >= 0 && id < p.num_experts as i64 {
         id as u32
     } else {
@@ -80,8 +86,16 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scan(p: RouteParams) {
     let chunks = p.slots.div_ceil(ROUTE_CHUNK);
     // Each thread owns a contiguous run of buckets.
     let per = buckets.div_ceil(nt);
-    let b0 = if tid * per < buckets { tid * per } else { buckets };
-    let b1 = if b0 + per < buckets { b0 + per } else { buckets };
+    let b0 = if tid * per < buckets {
+        tid * per
+    } else {
+        buckets
+    };
+    let b1 = if b0 + per < buckets {
+        b0 + per
+    } else {
+        buckets
+    };
     let cell = |c: u32, b: u32| p.counts_addr + 4 * (c as u64 * buckets as u64 + b as u64);
     // Pass 1: slots in the owned buckets.
     let mut local = 0u32;
@@ -103,11 +117,20 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scan(p: RouteParams) {
         // SAFETY: all threads, uniform loop.
         unsafe { bar_sync_0() };
         // SAFETY: indices < nt.
-        let add = if tid >= d { unsafe { ld_shared_u32(sums.offset(4 * (tid - d))) } } else { 0 };
+        let add = if tid >= d {
+            unsafe { ld_shared_u32(sums.offset(4 * (tid - d))) }
+        } else {
+            0
+        };
         // SAFETY: all threads.
         unsafe { bar_sync_0() };
         // SAFETY: own slot.
-        unsafe { st_shared_u32(sums.offset(4 * tid), ld_shared_u32(sums.offset(4 * tid)) + add) };
+        unsafe {
+            st_shared_u32(
+                sums.offset(4 * tid),
+                ld_shared_u32(sums.offset(4 * tid)) + add,
+            )
+        };
         d *= 2;
     }
     // SAFETY: own slot, written by this thread last.
@@ -162,7 +185,11 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
         let i = base + lane;
         let valid = i < p.slots;
         // SAFETY: `i < slots` when read.
-        let bk = if valid { unsafe { bucket(&p, i) } } else { u32::MAX };
+        let bk = if valid {
+            unsafe { bucket(&p, i) }
+        } else {
+            u32::MAX
+        };
         // SAFETY: whole warp converged (the loop bound is warp-uniform).
         let peers = unsafe { match_any_sync_b32(bk) };
         let rank = (peers & lanemask_lt()).count_ones();
@@ -182,7 +209,12 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
             }
             if rank == 0 {
                 // SAFETY: the lowest lane of each peer group advances its bucket's base.
-                unsafe { st_shared_u32(next.offset(4 * bk), ld_shared_u32(next.offset(4 * bk)) + peers.count_ones()) };
+                unsafe {
+                    st_shared_u32(
+                        next.offset(4 * bk),
+                        ld_shared_u32(next.offset(4 * bk)) + peers.count_ones(),
+                    )
+                };
             }
         }
         // SAFETY: whole warp.

@@ -8,7 +8,9 @@ use core::arch::asm;
 pub fn cvt_rn_bf16x2_f32(lo: f32, hi: f32) -> u32 {
     let d: u32;
     // SAFETY: register-only conversion with no preconditions.
-    unsafe { asm!("cvt.rn.bf16x2.f32 {d}, {hi}, {lo};", d = out(reg32) d, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("cvt.rn.bf16x2.f32 {d}, {hi}, {lo};", d = out(reg32) d, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack))
+    };
     d
 }
 
@@ -19,6 +21,8 @@ pub fn cvt_rn_bf16x2_f32(lo: f32, hi: f32) -> u32 {
 pub fn mul_rn_bf16x2(a: u32, b: u32) -> u32 {
     let d: u32;
     // SAFETY: register-only arithmetic with no preconditions.
-    unsafe { asm!("mul.rn.bf16x2 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack)) };
+    unsafe {
+        asm!("mul.rn.bf16x2 {d}, {a}, {b};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack))
+    };
     d
 }

@@ -23,7 +23,9 @@ impl SharedAddr {
     pub unsafe fn from_generic<T>(p: *const T) -> Self {
         let r: u64;
         // SAFETY: register-only conversion; the caller guarantees `p` is a shared pointer.
-        unsafe { asm!("cvta.to.shared.u64 {r}, {p};", r = out(reg64) r, p = in(reg64) p as u64, options(pure, nomem, nostack)) };
+        unsafe {
+            asm!("cvta.to.shared.u64 {r}, {p};", r = out(reg64) r, p = in(reg64) p as u64, options(pure, nomem, nostack))
+        };
         Self(r as u32)
     }
 
@@ -48,7 +50,9 @@ impl SharedAddr {
 pub unsafe fn ld_shared_u32(a: SharedAddr) -> u32 {
     let v: u32;
     // SAFETY: the caller guarantees alignment and bounds.
-    unsafe { asm!("ld.shared.u32 {v}, [{a}];", v = out(reg32) v, a = in(reg32) a.0, options(nostack, readonly)) };
+    unsafe {
+        asm!("ld.shared.u32 {v}, [{a}];", v = out(reg32) v, a = in(reg32) a.0, options(nostack, readonly))
+    };
     v
 }
 
@@ -60,7 +64,9 @@ pub unsafe fn ld_shared_u32(a: SharedAddr) -> u32 {
 pub unsafe fn ld_shared_u8(a: SharedAddr) -> u32 {
     let v: u32;
     // SAFETY: the caller guarantees bounds.
-    unsafe { asm!("ld.shared.u8 {v}, [{a}];", v = out(reg32) v, a = in(reg32) a.0, options(nostack, readonly)) };
+    unsafe {
+        asm!("ld.shared.u8 {v}, [{a}];", v = out(reg32) v, a = in(reg32) a.0, options(nostack, readonly))
+    };
     v
 }
 
@@ -71,7 +77,9 @@ pub unsafe fn ld_shared_u8(a: SharedAddr) -> u32 {
 #[inline(always)]
 pub unsafe fn st_shared_u32(a: SharedAddr, v: u32) {
     // SAFETY: the caller guarantees alignment and bounds.
-    unsafe { asm!("st.shared.u32 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack)) };
+    unsafe {
+        asm!("st.shared.u32 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack))
+    };
 }
 
 /// `st.shared.u8` (the low byte of `v`).
@@ -81,7 +89,9 @@ pub unsafe fn st_shared_u32(a: SharedAddr, v: u32) {
 #[inline(always)]
 pub unsafe fn st_shared_u8(a: SharedAddr, v: u32) {
     // SAFETY: the caller guarantees bounds.
-    unsafe { asm!("st.shared.u8 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack)) };
+    unsafe {
+        asm!("st.shared.u8 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack))
+    };
 }
 
 /// `st.shared.u16`.
@@ -91,7 +101,9 @@ pub unsafe fn st_shared_u8(a: SharedAddr, v: u32) {
 #[inline(always)]
 pub unsafe fn st_shared_u16(a: SharedAddr, v: u16) {
     // SAFETY: the caller guarantees alignment and bounds.
-    unsafe { asm!("st.shared.u16 [{a}], {v};", a = in(reg32) a.0, v = in(reg16) v, options(nostack)) };
+    unsafe {
+        asm!("st.shared.u16 [{a}], {v};", a = in(reg32) a.0, v = in(reg16) v, options(nostack))
+    };
 }
 
 /// `ld.shared.v4.u32` (16 bytes).

@@ -14,7 +14,9 @@ use super::smem::SharedAddr;
 pub unsafe fn shfl_sync_up_b32(v: u32, delta: u32) -> u32 {
     let d: u32;
     // SAFETY: register-only; the caller guarantees convergence.
-    unsafe { asm!("shfl.sync.up.b32 {d}, {v}, {s}, 0, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) delta, options(nomem, nostack)) };
+    unsafe {
+        asm!("shfl.sync.up.b32 {d}, {v}, {s}, 0, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) delta, options(nomem, nostack))
+    };
     d
 }
 
@@ -27,7 +29,9 @@ pub unsafe fn shfl_sync_up_b32(v: u32, delta: u32) -> u32 {
 pub unsafe fn shfl_sync_idx_b32(v: u32, src: u32) -> u32 {
     let d: u32;
     // SAFETY: register-only; the caller guarantees convergence.
-    unsafe { asm!("shfl.sync.idx.b32 {d}, {v}, {s}, 31, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) src, options(nomem, nostack)) };
+    unsafe {
+        asm!("shfl.sync.idx.b32 {d}, {v}, {s}, 31, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) src, options(nomem, nostack))
+    };
     d
 }
 
@@ -40,7 +44,9 @@ pub unsafe fn shfl_sync_idx_b32(v: u32, src: u32) -> u32 {
 pub unsafe fn shfl_sync_bfly_b32(v: u32, mask: u32) -> u32 {
     let d: u32;
     // SAFETY: register-only; the caller guarantees convergence.
-    unsafe { asm!("shfl.sync.bfly.b32 {d}, {v}, {s}, 31, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) mask, options(nomem, nostack)) };
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {d}, {v}, {s}, 31, -1;", d = out(reg32) d, v = in(reg32) v, s = in(reg32) mask, options(nomem, nostack))
+    };
     d
 }
 
@@ -69,7 +75,9 @@ pub unsafe fn vote_sync_ballot_b32(pred: bool) -> u32 {
 pub unsafe fn match_any_sync_b32(v: u32) -> u32 {
     let d: u32;
     // SAFETY: register-only; the caller guarantees convergence.
-    unsafe { asm!("match.any.sync.b32 {d}, {v}, -1;", d = out(reg32) d, v = in(reg32) v, options(nomem, nostack)) };
+    unsafe {
+        asm!("match.any.sync.b32 {d}, {v}, -1;", d = out(reg32) d, v = in(reg32) v, options(nomem, nostack))
+    };
     d
 }
 
@@ -91,7 +99,9 @@ pub fn lanemask_lt() -> u32 {
 pub unsafe fn atom_shared_add_u32(a: SharedAddr, v: u32) -> u32 {
     let d: u32;
     // SAFETY: the caller guarantees alignment and bounds.
-    unsafe { asm!("atom.shared.add.u32 {d}, [{a}], {v};", d = out(reg32) d, a = in(reg32) a.raw(), v = in(reg32) v, options(nostack)) };
+    unsafe {
+        asm!("atom.shared.add.u32 {d}, [{a}], {v};", d = out(reg32) d, a = in(reg32) a.raw(), v = in(reg32) v, options(nostack))
+    };
     d
 }
 

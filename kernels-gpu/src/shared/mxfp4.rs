@@ -113,7 +113,11 @@ pub const fn dequant_f32(code: u8, scale: u8) -> f32 {
 #[inline]
 pub const fn dequant_bf16_bits(code: u8, scale: u8) -> u16 {
     let v = dequant_f32(code, scale);
-    if v.is_nan() { 0x7FC0 } else { (v.to_bits() >> 16) as u16 }
+    if v.is_nan() {
+        0x7FC0
+    } else {
+        (v.to_bits() >> 16) as u16
+    }
 }
 
 /// The two bf16 values of a packed byte as one `bf16x2` word, unscaled: even k in the low half
@@ -137,13 +141,17 @@ mod tests {
     #[test]
     fn e2m1_decode_matches_spec_table() {
         let spec = [
-            0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+            0.0f32, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0,
+            -6.0,
         ];
         for code in 0..16u8 {
             let v = e2m1_to_f32(code);
             assert_eq!(v.to_bits(), spec[code as usize].to_bits(), "code {code}");
             assert_eq!(v.to_bits(), E2M1_VALUES[code as usize].to_bits());
-            assert_eq!(f32::from_bits((E2M1_BF16_BITS[code as usize] as u32) << 16).to_bits(), v.to_bits());
+            assert_eq!(
+                f32::from_bits((E2M1_BF16_BITS[code as usize] as u32) << 16).to_bits(),
+                v.to_bits()
+            );
         }
         // Only the low nibble matters.
         assert_eq!(e2m1_to_f32(0xF7).to_bits(), 6.0f32.to_bits());
@@ -153,7 +161,10 @@ mod tests {
     fn e8m0_decode_is_exact_power_of_two() {
         for b in 1..=254u8 {
             assert_eq!(e8m0_to_f32(b), 2f32.powi(b as i32 - 127), "byte {b}");
-            assert_eq!(((e8m0_to_bf16_bits(b) as u32) << 16), e8m0_to_f32(b).to_bits());
+            assert_eq!(
+                ((e8m0_to_bf16_bits(b) as u32) << 16),
+                e8m0_to_f32(b).to_bits()
+            );
         }
         assert_eq!(e8m0_to_f32(0), 2f64.powi(-127) as f32);
         assert_eq!(e8m0_to_f32(0).to_bits(), 0x0040_0000);

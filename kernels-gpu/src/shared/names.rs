@@ -65,15 +65,35 @@ pub const GEMM_KN_MX: [&str; 6] = [
     "mxmoe_gemm_kn_mx_m16n128k32w1x4s4",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
-pub const LORA_DOWN: [&str; 4] = ["mxmoe_lora_down_r16", "mxmoe_lora_down_r32", "mxmoe_lora_down_r64", "mxmoe_lora_down_r128"];
+pub const LORA_DOWN: [&str; 4] = [
+    "mxmoe_lora_down_r16",
+    "mxmoe_lora_down_r32",
+    "mxmoe_lora_down_r64",
+    "mxmoe_lora_down_r128",
+];
 /// Rank-sized LoRA products whose factor rows are contiguous along the reduction (XA from `A`),
 /// staged with `cp.async`; one per `tiles::RANK_PADS` entry.
-pub const LORA_DOWN_NK: [&str; 4] = ["mxmoe_lora_down_nk_r16", "mxmoe_lora_down_nk_r32", "mxmoe_lora_down_nk_r64", "mxmoe_lora_down_nk_r128"];
+pub const LORA_DOWN_NK: [&str; 4] = [
+    "mxmoe_lora_down_nk_r16",
+    "mxmoe_lora_down_nk_r32",
+    "mxmoe_lora_down_nk_r64",
+    "mxmoe_lora_down_nk_r128",
+];
 /// Rank-sized LoRA products whose factor is contiguous along the rank (YB from `B`, rank a
 /// multiple of 8), staged with `cp.async`; one per `tiles::RANK_PADS` entry.
-pub const LORA_DOWN_KN: [&str; 4] = ["mxmoe_lora_down_kn_r16", "mxmoe_lora_down_kn_r32", "mxmoe_lora_down_kn_r64", "mxmoe_lora_down_kn_r128"];
+pub const LORA_DOWN_KN: [&str; 4] = [
+    "mxmoe_lora_down_kn_r16",
+    "mxmoe_lora_down_kn_r32",
+    "mxmoe_lora_down_kn_r64",
+    "mxmoe_lora_down_kn_r128",
+];
 /// Grouped Gram (dA, dB), one per `tiles::RANK_PADS` entry.
-pub const GRAM: [&str; 4] = ["mxmoe_gram_r16", "mxmoe_gram_r32", "mxmoe_gram_r64", "mxmoe_gram_r128"];
+pub const GRAM: [&str; 4] = [
+    "mxmoe_gram_r16",
+    "mxmoe_gram_r32",
+    "mxmoe_gram_r64",
+    "mxmoe_gram_r128",
+];
 
 /// Every entry point of the module.
 pub const ALL: &[&str] = &[
@@ -148,7 +168,10 @@ mod tests {
     #[test]
     fn gemm_names_encode_their_configs() {
         for (i, c) in GEMM_CONFIGS.iter().enumerate() {
-            let tag = format!("m{}n{}k{}w{}x{}s{}", c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages);
+            let tag = format!(
+                "m{}n{}k{}w{}x{}s{}",
+                c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
+            );
             assert_eq!(GEMM_NK[i], format!("mxmoe_gemm_nk_{tag}"));
             assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
             assert_eq!(GEMM_NK_MX[i], format!("mxmoe_gemm_nk_mx_{tag}"));

@@ -100,7 +100,11 @@ impl TileConfig {
     /// Checks the configuration; the kernels assert this at compile time and the host filters
     /// candidates with it.
     pub const fn validate(&self) -> Result<(), TileError> {
-        if self.warps_m == 0 || self.warps_n == 0 || self.bm % (16 * self.warps_m) != 0 || self.bn % (16 * self.warps_n) != 0 {
+        if self.warps_m == 0
+            || self.warps_n == 0
+            || self.bm % (16 * self.warps_m) != 0
+            || self.bn % (16 * self.warps_n) != 0
+        {
             return Err(TileError::WarpTile);
         }
         if self.bk % 32 != 0 || self.bk == 0 || self.bk > 64 {
@@ -123,7 +127,14 @@ impl TileConfig {
 
     /// Short name used in entry-point names, e.g. `m128n128k32w2x4s3`.
     pub const fn tag(&self) -> (u32, u32, u32, u32, u32, u32) {
-        (self.bm, self.bn, self.bk, self.warps_m, self.warps_n, self.stages)
+        (
+            self.bm,
+            self.bn,
+            self.bk,
+            self.warps_m,
+            self.warps_n,
+            self.stages,
+        )
     }
 }
 
@@ -187,7 +198,11 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
     let epilogue_bytes = left + right;
-    let reused = if main > epilogue_bytes { main } else { epilogue_bytes };
+    let reused = if main > epilogue_bytes {
+        main
+    } else {
+        epilogue_bytes
+    };
     let mut next = reused.div_ceil(128) * 128;
     let (lut_offset, decoded_offset) = match b {
         BLayout::NkMxfp4 => {
@@ -244,22 +259,71 @@ pub const fn swizzled_offset(row: u32, col: u32, row_elems: u32) -> u32 {
 /// `names::GEMM_KN[i]` are built with `GEMM_CONFIGS[i]`).
 pub const GEMM_CONFIGS: &[TileConfig] = &[
     // Many rows per expert.
-    TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 3 },
+    TileConfig {
+        bm: 128,
+        bn: 128,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 4,
+        stages: 3,
+    },
     // Fewer rows per expert.
-    TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 3 },
+    TileConfig {
+        bm: 64,
+        bn: 128,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 2,
+        stages: 3,
+    },
     // Few rows per expert: weight-stream bound, narrow M.
-    TileConfig { bm: 32, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
+    TileConfig {
+        bm: 32,
+        bn: 128,
+        bk: 32,
+        warps_m: 1,
+        warps_n: 4,
+        stages: 4,
+    },
     // Many rows per expert, deeper pipeline.
-    TileConfig { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 4 },
+    TileConfig {
+        bm: 128,
+        bn: 128,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 4,
+        stages: 4,
+    },
     // Fewer rows per expert, deeper pipeline.
-    TileConfig { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 4 },
+    TileConfig {
+        bm: 64,
+        bn: 128,
+        bk: 32,
+        warps_m: 2,
+        warps_n: 2,
+        stages: 4,
+    },
     // About one MMA tile of rows per expert (balanced routing at small T).
-    TileConfig { bm: 16, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4 },
+    TileConfig {
+        bm: 16,
+        bn: 128,
+        bk: 32,
+        warps_m: 1,
+        warps_n: 4,
+        stages: 4,
+    },
 ];
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
 pub const fn lora_down_config(r_pad: u32) -> TileConfig {
-    TileConfig { bm: 64, bn: r_pad, bk: 64, warps_m: 4, warps_n: 1, stages: 3 }
+    TileConfig {
+        bm: 64,
+        bn: r_pad,
+        bk: 64,
+        warps_m: 4,
+        warps_n: 1,
+        stages: 3,
+    }
 }
 
 /// Padded ranks with compiled LoRA-product and Gram kernels (`names::LORA_DOWN[i]`,
@@ -292,7 +356,12 @@ pub struct GramConfig {
 }
 
 /// The compiled Gram configuration.
-pub const GRAM_CONFIG: GramConfig = GramConfig { bw: 128, bk: 32, warps: 4, stages: 3 };
+pub const GRAM_CONFIG: GramConfig = GramConfig {
+    bw: 128,
+    bk: 32,
+    warps: 4,
+    stages: 3,
+};
 
 /// Dynamic shared memory of the Gram kernel for padded rank `r_pad`.
 pub const fn gram_smem_bytes(c: &GramConfig, r_pad: u32) -> u32 {
@@ -312,16 +381,32 @@ mod tests {
     fn compiled_configs_are_valid_and_fit_hopper() {
         for c in GEMM_CONFIGS {
             assert_eq!(c.validate(), Ok(()), "{c:?}");
-            for b in [BLayout::NkBf16, BLayout::KnBf16, BLayout::NkMxfp4, BLayout::KnMxfp4] {
+            for b in [
+                BLayout::NkBf16,
+                BLayout::KnBf16,
+                BLayout::NkMxfp4,
+                BLayout::KnMxfp4,
+            ] {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
                     assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
                     assert!(p.b_offset % 128 == 0 && p.lora_right_offset % 16 == 0);
-                    assert!(p.lut_offset % 128 == 0 && p.decoded_offset % 128 == 0 && p.rows_offset % 128 == 0);
+                    assert!(
+                        p.lut_offset % 128 == 0
+                            && p.decoded_offset % 128 == 0
+                            && p.rows_offset % 128 == 0
+                    );
                     // Regions are disjoint: the LUT and decoded tile sit past the reused main/epilogue bytes.
-                    let reused = if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) { p.epilogue_bytes } else { c.stages * (p.a_stage_bytes + p.b_stage_bytes) };
+                    let reused =
+                        if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) {
+                            p.epilogue_bytes
+                        } else {
+                            c.stages * (p.a_stage_bytes + p.b_stage_bytes)
+                        };
                     if b.is_mx() {
-                        assert!(p.lut_offset >= reused && p.rows_offset >= p.lut_offset + MX_LUT_BYTES);
+                        assert!(
+                            p.lut_offset >= reused && p.rows_offset >= p.lut_offset + MX_LUT_BYTES
+                        );
                         assert!(c.bk == 32);
                     }
                 }

@@ -7,14 +7,20 @@
 //! activations in L2, and consecutive row tiles of one expert share its weights).
 
 use crate::ptx::barrier::bar_sync_0;
-use crate::ptx::cp_async::{cp_async_ca_shared_global_4, cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
+use crate::ptx::cp_async::{
+    cp_async_ca_shared_global_4, cp_async_cg_shared_global_16, cp_async_commit_group,
+    cp_async_wait_group,
+};
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
-use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::ptx::cvt::mul_rn_bf16x2;
-use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u16, st_shared_u32, st_shared_v4_u32};
+use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
+use crate::ptx::smem::{
+    SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u16,
+    st_shared_u32, st_shared_v4_u32,
+};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
-use crate::shared::params::GemmParams;
 use crate::shared::mxfp4::{byte_to_bf16x2, e8m0_to_bf16_bits};
+use crate::shared::params::GemmParams;
 use crate::shared::tiles::{BLayout, SmemPlan, TileConfig, smem_plan, swizzled_offset};
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -48,15 +54,36 @@ pub unsafe fn wait_for_stage<const STAGES: u32>() {
 /// `dst` is a 4-byte aligned shared address with `4·words` bytes; `scales_addr` is the 4-byte
 /// aligned scale buffer of `total` bytes.
 #[inline(always)]
-unsafe fn stage_scale_words(dst: SharedAddr, scales_addr: u64, g: u64, total: u64, words: u32, valid: bool) {
+unsafe fn stage_scale_words(
+    dst: SharedAddr,
+    scales_addr: u64,
+    g: u64,
+    total: u64,
+    words: u32,
+    valid: bool,
+) {
     let aligned = g & !3;
     let mut w = 0;
     while w < words {
         let at = aligned + 4 * w as u64;
-        let size = if valid && at < total { (total - at).min(4) as u32 } else { 0 };
+        let size = if valid && at < total {
+            (total - at).min(4) as u32
+        } else {
+            0
+        };
         // SAFETY: `size` bytes from `at` lie inside the buffer; the destination word is inside
         // the slot.
-        unsafe { cp_async_ca_shared_global_4(dst.offset(4 * w), if size > 0 { scales_addr + at } else { scales_addr }, size) };
+        unsafe {
+            cp_async_ca_shared_global_4(
+                dst.offset(4 * w),
+                if size > 0 {
+                    scales_addr + at
+                } else {
+                    scales_addr
+                },
+                size,
+            )
+        };
         w += 1;
     }
 }
@@ -95,7 +122,13 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
         let src = p.a_addr + 2 * (r as u64 * p.a_stride + kc as u64);
         // SAFETY: the destination chunk is inside the stage; the source is read only when valid
         // (row < rows of A, kc + 8 ≤ k_red because k_red % 8 == 0).
-        unsafe { cp_async_cg_shared_global_16(a_tile.offset(swizzled_offset(row, 8 * ch, BK)), if ok { src } else { p.a_addr }, if ok { 16 } else { 0 }) };
+        unsafe {
+            cp_async_cg_shared_global_16(
+                a_tile.offset(swizzled_offset(row, 8 * ch, BK)),
+                if ok { src } else { p.a_addr },
+                if ok { 16 } else { 0 },
+            )
+        };
         c += threads;
     }
     let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
@@ -110,7 +143,13 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = n0 + n < p.b_rows && kc < p.k_red;
             let src = b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + kc as u64);
             // SAFETY: as for A.
-            unsafe { cp_async_cg_shared_global_16(b_tile.offset(swizzled_offset(n, 8 * ch, BK)), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    b_tile.offset(swizzled_offset(n, 8 * ch, BK)),
+                    if ok { src } else { p.b_addr },
+                    if ok { 16 } else { 0 },
+                )
+            };
             c += threads;
         }
     } else if LAYOUT == BLayout::KnBf16 as u8 {
@@ -125,7 +164,13 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = kk < p.k_red && nc < p.b_rows;
             let src = b_expert + 2 * (kk as u64 * p.b_stride_k + nc as u64);
             // SAFETY: as for A (b_rows % 8 == 0).
-            unsafe { cp_async_cg_shared_global_16(b_tile.offset(swizzled_offset(kr, 8 * ch, BN)), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    b_tile.offset(swizzled_offset(kr, 8 * ch, BN)),
+                    if ok { src } else { p.b_addr },
+                    if ok { 16 } else { 0 },
+                )
+            };
             c += threads;
         }
     } else if LAYOUT == BLayout::Strided as u8 {
@@ -138,7 +183,9 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = n0 + n < p.b_rows && kk < p.k_red;
             let v: u16 = if ok {
                 // SAFETY: valid element of B_e by the strides of the contract.
-                unsafe { load(b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + kk as u64 * p.b_stride_k)) }
+                unsafe {
+                    load(b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + kk as u64 * p.b_stride_k))
+                }
             } else {
                 0
             };
@@ -161,7 +208,13 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let src = packed_e + (n0 + n) as u64 * half_k + (k_base / 2) as u64 + 16 * ch as u64;
             // SAFETY: destination inside the stage; source read only when valid (K % 32 == 0, so
             // a chunk is whole); packed rows are 16-byte aligned because K/2 % 16 == 0.
-            unsafe { cp_async_cg_shared_global_16(b_tile.offset(n * (BK / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    b_tile.offset(n * (BK / 2) + 16 * ch),
+                    if ok { src } else { p.b_addr },
+                    if ok { 16 } else { 0 },
+                )
+            };
             c += threads;
         }
         // Scales: the word holding byte (e, n0 + n, kt) for each row (BK = 32: one block).
@@ -171,7 +224,16 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = n0 + n < p.n_out && k_base < p.k_red;
             let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
             // SAFETY: a 4-byte slot per row inside the stage; the scale buffer holds `total` bytes.
-            unsafe { stage_scale_words(b_tile.offset(plan.b_scales_in_stage + 4 * n), p.scales_addr, g, total, 1, ok) };
+            unsafe {
+                stage_scale_words(
+                    b_tile.offset(plan.b_scales_in_stage + 4 * n),
+                    p.scales_addr,
+                    g,
+                    total,
+                    1,
+                    ok,
+                )
+            };
             n += threads;
         }
     } else {
@@ -188,7 +250,13 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = k_base + r < p.k_red && n0 + 32 * ch < p.n_out;
             let src = packed_e + (k_base + r) as u64 * half_k + (n0 / 2) as u64 + 16 * ch as u64;
             // SAFETY: as for the forward layout.
-            unsafe { cp_async_cg_shared_global_16(b_tile.offset(r * (BN / 2) + 16 * ch), if ok { src } else { p.b_addr }, if ok { 16 } else { 0 }) };
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    b_tile.offset(r * (BN / 2) + 16 * ch),
+                    if ok { src } else { p.b_addr },
+                    if ok { 16 } else { 0 },
+                )
+            };
             c += threads;
         }
         // Scales: the 8-byte window holding bytes (e, kt·BK + r, n0/32 ..+ BN/32) per row.
@@ -198,7 +266,16 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             let ok = k_base + r < p.k_red;
             let g = (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64;
             // SAFETY: an 8-byte slot per row inside the stage; the buffer holds `total` bytes.
-            unsafe { stage_scale_words(b_tile.offset(plan.b_scales_in_stage + 8 * r), p.scales_addr, g, total, 2, ok) };
+            unsafe {
+                stage_scale_words(
+                    b_tile.offset(plan.b_scales_in_stage + 8 * r),
+                    p.scales_addr,
+                    g,
+                    total,
+                    2,
+                    ok,
+                )
+            };
             r += threads;
         }
     }
@@ -226,13 +303,29 @@ pub unsafe fn gemm<
     p: &GemmParams,
 ) {
     const {
-        let c = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
+        let c = TileConfig {
+            bm: BM,
+            bn: BN,
+            bk: BK,
+            warps_m: WM,
+            warps_n: WN,
+            stages: STAGES,
+        };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
         // MXFP4 stages: one 32-k block per stage.
-        assert!(!(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || BK == 32);
+        assert!(
+            !(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || BK == 32
+        );
     };
-    let cfg = TileConfig { bm: BM, bn: BN, bk: BK, warps_m: WM, warps_n: WN, stages: STAGES };
+    let cfg = TileConfig {
+        bm: BM,
+        bn: BN,
+        bk: BK,
+        warps_m: WM,
+        warps_n: WN,
+        stages: STAGES,
+    };
     let layout = if LAYOUT == BLayout::NkBf16 as u8 {
         BLayout::NkBf16
     } else if LAYOUT == BLayout::KnBf16 as u8 {
@@ -252,7 +345,8 @@ pub unsafe fn gemm<
     let n_blk = ctaid_x() % n_tiles;
     let m_blk = ctaid_x() / n_tiles;
     // SAFETY: every warp runs the search converged with the same block-uniform `m_blk`.
-    let Some(tile) = (unsafe { find_tile(p.offsets_addr, p.num_experts, p.rows, BM, m_blk) }) else {
+    let Some(tile) = (unsafe { find_tile(p.offsets_addr, p.num_experts, p.rows, BM, m_blk) })
+    else {
         return; // block-uniform exit before any barrier
     };
     let smem = dynamic_smem();
@@ -264,7 +358,14 @@ pub unsafe fn gemm<
         let (ri, ro) = if row < tile.end {
             // SAFETY: `row < rows`, the length of `ssi`.
             let slot: u32 = unsafe { load(p.ssi_addr + 4 * row as u64) };
-            (if p.a_fan_out == 0 { row } else { slot / p.a_fan_out }, if p.out_scattered == 0 { row } else { slot })
+            (
+                if p.a_fan_out == 0 {
+                    row
+                } else {
+                    slot / p.a_fan_out
+                },
+                if p.out_scattered == 0 { row } else { slot },
+            )
         } else {
             (NO_ROW, NO_ROW)
         };
@@ -301,7 +402,9 @@ pub unsafe fn gemm<
         while s + 1 < STAGES {
             if s < ktiles {
                 // SAFETY: all threads; stage `s` is free.
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads) };
+                unsafe {
+                    load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads)
+                };
             }
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
@@ -318,7 +421,19 @@ pub unsafe fn gemm<
             let next = kt + STAGES - 1;
             if next < ktiles {
                 // SAFETY: the stage `next % STAGES` was last read in iteration kt−1 (barrier above).
-                unsafe { load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, next % STAGES, next, e, n0, threads) };
+                unsafe {
+                    load_stage::<BM, BN, BK, LAYOUT>(
+                        p,
+                        &plan,
+                        smem,
+                        rows_in,
+                        next % STAGES,
+                        next,
+                        e,
+                        n0,
+                        threads,
+                    )
+                };
             }
             // SAFETY: no preconditions.
             unsafe { cp_async_commit_group() };
@@ -329,9 +444,23 @@ pub unsafe fn gemm<
                 let blocks_k = p.k_red / 32;
                 // Low two bits of the global scale index of row 0 of this tile (wrapping u32
                 // arithmetic keeps them exact).
-                let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0)).wrapping_mul(blocks_k).wrapping_add(kt);
+                let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
+                    .wrapping_mul(blocks_k)
+                    .wrapping_add(kt);
                 // SAFETY: warp converged (uniform branch); the stage and table are in place.
-                unsafe { mma_stage_nk_mx::<BK, MI, NI>(a_tile, b_tile, smem.offset(plan.lut_offset), plan.b_scales_in_stage, g0, blocks_k, warp_m0, warp_n0, &mut acc) };
+                unsafe {
+                    mma_stage_nk_mx::<BK, MI, NI>(
+                        a_tile,
+                        b_tile,
+                        smem.offset(plan.lut_offset),
+                        plan.b_scales_in_stage,
+                        g0,
+                        blocks_k,
+                        warp_m0,
+                        warp_n0,
+                        &mut acc,
+                    )
+                };
             } else {
                 let b_tile = if LAYOUT == BLayout::KnMxfp4 as u8 {
                     let decoded = smem.offset(plan.decoded_offset);
@@ -339,8 +468,18 @@ pub unsafe fn gemm<
                     // the decoded tile was last read before that barrier), then make it visible.
                     unsafe {
                         let blocks_k = p.n_out / 32;
-                        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK)).wrapping_mul(blocks_k).wrapping_add(n0 / 32);
-                        decode_stage_kn_mx::<BN, BK>(b_tile, decoded, smem.offset(plan.lut_offset), plan.b_scales_in_stage, g0, blocks_k, threads);
+                        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
+                            .wrapping_mul(blocks_k)
+                            .wrapping_add(n0 / 32);
+                        decode_stage_kn_mx::<BN, BK>(
+                            b_tile,
+                            decoded,
+                            smem.offset(plan.lut_offset),
+                            plan.b_scales_in_stage,
+                            g0,
+                            blocks_k,
+                            threads,
+                        );
                         bar_sync_0();
                     }
                     decoded
@@ -349,7 +488,9 @@ pub unsafe fn gemm<
                 };
                 let kn = LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8;
                 // SAFETY: warp converged; stage tiles in place.
-                unsafe { mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc) };
+                unsafe {
+                    mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc)
+                };
             }
             kt += 1;
         }
@@ -361,7 +502,11 @@ pub unsafe fn gemm<
 
         if p.rank > 0 {
             // SAFETY: all threads, uniform branch; regions from the plan.
-            unsafe { lora_epilogue::<BM, BN, MI, NI>(p, &plan, smem, &tile, e, n0, warp_m0, warp_n0, threads, &mut acc) };
+            unsafe {
+                lora_epilogue::<BM, BN, MI, NI>(
+                    p, &plan, smem, &tile, e, n0, warp_m0, warp_n0, threads, &mut acc,
+                )
+            };
         }
     }
 
@@ -374,7 +519,12 @@ pub unsafe fn gemm<
     for (mi, acc_m) in acc.iter().enumerate() {
         let r0 = warp_m0 + 16 * mi as u32 + g;
         // SAFETY: `r0 + 8 < BM`.
-        let (o0, o1) = unsafe { (ld_shared_u32(rows_out.offset(4 * r0)), ld_shared_u32(rows_out.offset(4 * (r0 + 8)))) };
+        let (o0, o1) = unsafe {
+            (
+                ld_shared_u32(rows_out.offset(4 * r0)),
+                ld_shared_u32(rows_out.offset(4 * (r0 + 8))),
+            )
+        };
         for (ni, a) in acc_m.iter().enumerate() {
             let col = n0 + warp_n0 + 8 * ni as u32 + 2 * t;
             if col < p.n_out {
@@ -382,10 +532,16 @@ pub unsafe fn gemm<
                 // (n_out is even).
                 unsafe {
                     if o0 != NO_ROW {
-                        store(p.out_addr + 2 * (o0 as u64 * p.out_stride + col as u64), cvt_rn_bf16x2_f32(a[0], a[1]));
+                        store(
+                            p.out_addr + 2 * (o0 as u64 * p.out_stride + col as u64),
+                            cvt_rn_bf16x2_f32(a[0], a[1]),
+                        );
                     }
                     if o1 != NO_ROW {
-                        store(p.out_addr + 2 * (o1 as u64 * p.out_stride + col as u64), cvt_rn_bf16x2_f32(a[2], a[3]));
+                        store(
+                            p.out_addr + 2 * (o1 as u64 * p.out_stride + col as u64),
+                            cvt_rn_bf16x2_f32(a[2], a[3]),
+                        );
                     }
                 }
             }
@@ -439,7 +595,9 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
         let j = c % r_pad;
         let v: u16 = if j < p.rank && n0 + n < p.n_out {
             // SAFETY: a valid element of the expert's right factor by the contract's strides.
-            unsafe { load(right_e + 2 * ((n0 + n) as u64 * p.lr_stride_n + j as u64 * p.lr_stride_r)) }
+            unsafe {
+                load(right_e + 2 * ((n0 + n) as u64 * p.lr_stride_n + j as u64 * p.lr_stride_r))
+            }
         } else {
             0
         };
@@ -456,7 +614,12 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
             let mut kk = 0;
             while kk < r_pad {
                 // SAFETY: warp converged; blocks inside the regions.
-                let (a, b) = unsafe { (a_mk(left, warp_m0 + 16 * mi as u32, kk, r_pad), b_nk(right, warp_n0 + 16 * nj as u32, kk, r_pad)) };
+                let (a, b) = unsafe {
+                    (
+                        a_mk(left, warp_m0 + 16 * mi as u32, kk, r_pad),
+                        b_nk(right, warp_n0 + 16 * nj as u32, kk, r_pad),
+                    )
+                };
                 t0 = mma(a, [b[0], b[1]], t0);
                 t1 = mma(a, [b[2], b[3]], t1);
                 kk += 16;
@@ -500,7 +663,13 @@ unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI
         for nj in 0..NI / 2 {
             let nb = warp_n0 + 16 * nj as u32;
             // SAFETY: warp converged; inside the stage.
-            let b = unsafe { if kn { b_kn(b_tile, nb, kk, BN) } else { b_nk(b_tile, nb, kk, BK) } };
+            let b = unsafe {
+                if kn {
+                    b_kn(b_tile, nb, kk, BN)
+                } else {
+                    b_nk(b_tile, nb, kk, BK)
+                }
+            };
             for mi in 0..MI {
                 acc[mi][2 * nj] = mma(a_fr[mi], [b[0], b[1]], acc[mi][2 * nj]);
                 acc[mi][2 * nj + 1] = mma(a_fr[mi], [b[2], b[3]], acc[mi][2 * nj + 1]);
@@ -565,11 +734,21 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
         let row = warp_n0 + 8 * ni as u32 + g;
         let byte = g0.wrapping_add(row.wrapping_mul(blocks_k)) & 3;
         // SAFETY: `row < BN`: its 16 packed bytes and its 4-byte scale slot are inside the stage.
-        let (w, sc) = unsafe { (ld_shared_v4_u32(b_tile.offset(16 * row)), ld_shared_u8(b_tile.offset(scales_in_stage + 4 * row + byte))) };
+        let (w, sc) = unsafe {
+            (
+                ld_shared_v4_u32(b_tile.offset(16 * row)),
+                ld_shared_u8(b_tile.offset(scales_in_stage + 4 * row + byte)),
+            )
+        };
         let s2 = scale_pair(sc);
         for h in 0..2 {
             // SAFETY: the table is in place.
-            let b = unsafe { [decode_byte(lut, w[2 * h], t, s2), decode_byte(lut, w[2 * h + 1], t, s2)] };
+            let b = unsafe {
+                [
+                    decode_byte(lut, w[2 * h], t, s2),
+                    decode_byte(lut, w[2 * h + 1], t, s2),
+                ]
+            };
             for mi in 0..MI {
                 acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
             }
@@ -605,13 +784,31 @@ unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
         let (w0, w1, sc) = unsafe {
             let base = raw.offset(r * (BN / 2) + 8 * c);
             let first = g0.wrapping_add(r.wrapping_mul(blocks_k)) & 3;
-            (ld_shared_u32(base), ld_shared_u32(base.offset(4)), ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)))
+            (
+                ld_shared_u32(base),
+                ld_shared_u32(base.offset(4)),
+                ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
+            )
         };
         let s2 = scale_pair(sc);
         // SAFETY: the table is in place.
-        let lo = unsafe { [decode_byte(lut, w0, 0, s2), decode_byte(lut, w0, 1, s2), decode_byte(lut, w0, 2, s2), decode_byte(lut, w0, 3, s2)] };
+        let lo = unsafe {
+            [
+                decode_byte(lut, w0, 0, s2),
+                decode_byte(lut, w0, 1, s2),
+                decode_byte(lut, w0, 2, s2),
+                decode_byte(lut, w0, 3, s2),
+            ]
+        };
         // SAFETY: as above.
-        let hi = unsafe { [decode_byte(lut, w1, 0, s2), decode_byte(lut, w1, 1, s2), decode_byte(lut, w1, 2, s2), decode_byte(lut, w1, 3, s2)] };
+        let hi = unsafe {
+            [
+                decode_byte(lut, w1, 0, s2),
+                decode_byte(lut, w1, 1, s2),
+                decode_byte(lut, w1, 2, s2),
+                decode_byte(lut, w1, 3, s2),
+            ]
+        };
         // SAFETY: two 16-byte chunks of row r of the decoded tile.
         unsafe {
             st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);

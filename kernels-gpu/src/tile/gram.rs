@@ -4,13 +4,15 @@
 //! and experts without rows write zeros. Contract: `shared::params::GramParams`.
 
 use crate::ptx::barrier::bar_sync_0;
-use crate::ptx::cp_async::{cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group};
+use crate::ptx::cp_async::{
+    cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group,
+};
+use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::ptx::smem::{SharedAddr, dynamic_smem};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::bf16::f32_to_bf16_bits;
 use crate::shared::params::GramParams;
 use crate::shared::tiles::{GramConfig, gram_narrow_offset, swizzled_offset};
-use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::tile::frag::{a_km, b_kn};
 use crate::tile::gemm::wait_for_stage;
 use crate::tile::gmem::{load, store};
@@ -43,13 +45,23 @@ unsafe fn load_stage<const BW: u32, const BK: u32, const RP: u32>(
         let ok = row < end && wc < p.width;
         let src = if ok {
             // SAFETY: `row < rows`, inside `ssi`.
-            let src_row = if p.wide_fan_out == 0 { row } else { (unsafe { load::<u32>(p.ssi_addr + 4 * row as u64) }) / p.wide_fan_out };
+            let src_row = if p.wide_fan_out == 0 {
+                row
+            } else {
+                (unsafe { load::<u32>(p.ssi_addr + 4 * row as u64) }) / p.wide_fan_out
+            };
             p.wide_addr + 2 * (src_row as u64 * p.wide_stride + wc as u64)
         } else {
             p.wide_addr
         };
         // SAFETY: destination inside the stage; source read only when valid (width % 8 == 0).
-        unsafe { cp_async_cg_shared_global_16(wide_tile.offset(swizzled_offset(r, 8 * ch, BW)), src, if ok { 16 } else { 0 }) };
+        unsafe {
+            cp_async_cg_shared_global_16(
+                wide_tile.offset(swizzled_offset(r, 8 * ch, BW)),
+                src,
+                if ok { 16 } else { 0 },
+            )
+        };
         c += threads;
     }
     let narrow_tile = narrow_base.offset(stage * BK * RP * 2);
@@ -62,7 +74,13 @@ unsafe fn load_stage<const BW: u32, const BK: u32, const RP: u32>(
         let ok = row < end;
         let src = p.narrow_addr + 2 * (row as u64 * RP as u64 + 8 * ch as u64);
         // SAFETY: as above; the narrow operand is `[rows, RP]`.
-        unsafe { cp_async_cg_shared_global_16(narrow_tile.offset(swizzled_offset(r, 8 * ch, RP)), if ok { src } else { p.narrow_addr }, if ok { 16 } else { 0 }) };
+        unsafe {
+            cp_async_cg_shared_global_16(
+                narrow_tile.offset(swizzled_offset(r, 8 * ch, RP)),
+                if ok { src } else { p.narrow_addr },
+                if ok { 16 } else { 0 },
+            )
+        };
         c += threads;
     }
 }
@@ -74,7 +92,15 @@ unsafe fn load_stage<const BW: u32, const BK: u32, const RP: u32>(
 /// `gram_smem_bytes(cfg, RP)` bytes of dynamic shared memory; `r_pad == RP`; addresses and
 /// strides valid for the experts, rows and columns they name; `width % 8 == 0`.
 #[inline(always)]
-pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES: u32, const RP: u32, const MI: usize, const NI: usize>(
+pub unsafe fn gram<
+    const BW: u32,
+    const BK: u32,
+    const WARPS: u32,
+    const STAGES: u32,
+    const RP: u32,
+    const MI: usize,
+    const NI: usize,
+>(
     p: &GramParams,
 ) {
     const {
@@ -82,7 +108,12 @@ pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES:
         assert!(RP % 16 == 0 && (RP / 8) as usize == NI);
         assert!(BK % 16 == 0);
     };
-    let cfg = GramConfig { bw: BW, bk: BK, warps: WARPS, stages: STAGES };
+    let cfg = GramConfig {
+        bw: BW,
+        bk: BK,
+        warps: WARPS,
+        stages: STAGES,
+    };
     let w_tiles = p.width.div_ceil(BW);
     let e = ctaid_x() / w_tiles;
     let w0 = (ctaid_x() % w_tiles) * BW;
@@ -91,7 +122,14 @@ pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES:
     }
     // SAFETY: `e < num_experts`.
     let (begin, end) = unsafe {
-        (if e == 0 { 0 } else { load::<u32>(p.offsets_addr + 4 * (e as u64 - 1)) }, load::<u32>(p.offsets_addr + 4 * e as u64))
+        (
+            if e == 0 {
+                0
+            } else {
+                load::<u32>(p.offsets_addr + 4 * (e as u64 - 1))
+            },
+            load::<u32>(p.offsets_addr + 4 * e as u64),
+        )
     };
     let smem = dynamic_smem();
     let narrow = smem.offset(gram_narrow_offset(&cfg));
@@ -102,7 +140,9 @@ pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES:
     while s + 1 < STAGES {
         if s < steps {
             // SAFETY: all threads; stage `s` free.
-            unsafe { load_stage::<BW, BK, RP>(p, smem, narrow, s, begin + s * BK, end, w0, 32 * WARPS) };
+            unsafe {
+                load_stage::<BW, BK, RP>(p, smem, narrow, s, begin + s * BK, end, w0, 32 * WARPS)
+            };
         }
         // SAFETY: no preconditions.
         unsafe { cp_async_commit_group() };
@@ -118,7 +158,18 @@ pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES:
         let next = it + STAGES - 1;
         if next < steps {
             // SAFETY: the stage was last read in iteration it−1.
-            unsafe { load_stage::<BW, BK, RP>(p, smem, narrow, next % STAGES, begin + next * BK, end, w0, 32 * WARPS) };
+            unsafe {
+                load_stage::<BW, BK, RP>(
+                    p,
+                    smem,
+                    narrow,
+                    next % STAGES,
+                    begin + next * BK,
+                    end,
+                    w0,
+                    32 * WARPS,
+                )
+            };
         }
         // SAFETY: no preconditions.
         unsafe { cp_async_commit_group() };
@@ -154,7 +205,12 @@ pub unsafe fn gram<const BW: u32, const BK: u32, const WARPS: u32, const STAGES:
     let put = |w: u32, j: u32, v: f32| {
         if w < p.width && j < p.rank {
             // SAFETY: `w < width`, `j < rank`: a valid output element.
-            unsafe { store(out_e + 2 * (w as u64 * p.out_stride_w + j as u64 * p.out_stride_r), f32_to_bf16_bits(p.scaling * v)) };
+            unsafe {
+                store(
+                    out_e + 2 * (w as u64 * p.out_stride_w + j as u64 * p.out_stride_r),
+                    f32_to_bf16_bits(p.scaling * v),
+                )
+            };
         }
     };
     for (mi, acc_m) in acc.iter().enumerate() {

@@ -25,7 +25,13 @@ pub struct Tile {
 /// Whole warp, converged, with the same `t`; `offsets_addr` holds `num_experts` u32 inclusive
 /// row ends, non-decreasing and `≤ rows`.
 #[inline(always)]
-pub unsafe fn find_tile(offsets_addr: u64, num_experts: u32, rows: u32, bm: u32, t: u32) -> Option<Tile> {
+pub unsafe fn find_tile(
+    offsets_addr: u64,
+    num_experts: u32,
+    rows: u32,
+    bm: u32,
+    t: u32,
+) -> Option<Tile> {
     let lane = laneid();
     let mut before = 0u32; // tiles in earlier groups of 32 buckets
     let mut base = 0u32;
@@ -34,10 +40,18 @@ pub unsafe fn find_tile(offsets_addr: u64, num_experts: u32, rows: u32, bm: u32,
         // SAFETY: indices are < num_experts whenever they are read.
         let (start, end) = unsafe {
             if b < num_experts {
-                let s = if b == 0 { 0 } else { load::<u32>(offsets_addr + 4 * (b as u64 - 1)) };
+                let s = if b == 0 {
+                    0
+                } else {
+                    load::<u32>(offsets_addr + 4 * (b as u64 - 1))
+                };
                 (s, load::<u32>(offsets_addr + 4 * b as u64))
             } else if b == num_experts {
-                let s = if b == 0 { 0 } else { load::<u32>(offsets_addr + 4 * (b as u64 - 1)) };
+                let s = if b == 0 {
+                    0
+                } else {
+                    load::<u32>(offsets_addr + 4 * (b as u64 - 1))
+                };
                 (s, rows)
             } else {
                 (0, 0)
@@ -63,12 +77,20 @@ pub unsafe fn find_tile(offsets_addr: u64, num_experts: u32, rows: u32, bm: u32,
             let l = hit.trailing_zeros();
             // SAFETY: as above.
             let (excl_l, start_l, end_l) = unsafe {
-                (shfl_sync_idx_b32(incl - tiles, l), shfl_sync_idx_b32(start, l), shfl_sync_idx_b32(end, l))
+                (
+                    shfl_sync_idx_b32(incl - tiles, l),
+                    shfl_sync_idx_b32(start, l),
+                    shfl_sync_idx_b32(end, l),
+                )
             };
             let j = t - before - excl_l;
             let begin = start_l + j * bm;
             let stop = begin + bm;
-            return Some(Tile { bucket: base + l, begin, end: if stop < end_l { stop } else { end_l } });
+            return Some(Tile {
+                bucket: base + l,
+                begin,
+                end: if stop < end_l { stop } else { end_l },
+            });
         }
         before += total;
         base += 32;

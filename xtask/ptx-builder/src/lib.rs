@@ -110,7 +110,11 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
             .filter(|l| !l.starts_with("{\"reason\""))
             .map(|l| format!("{l}\n"))
             .collect();
-        return Err(err(format!("{what} failed ({}):\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr))));
+        return Err(err(format!(
+            "{what} failed ({}):\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -119,7 +123,11 @@ fn run(cmd: &mut Command, what: &str) -> Result<String, BuildError> {
 /// that `cargo` belongs to.
 pub fn llvm_tools_dir(cargo: &Path) -> Result<PathBuf, BuildError> {
     let rustc = cargo.with_file_name(format!("rustc{}", std::env::consts::EXE_SUFFIX));
-    let rustc = if rustc.exists() { rustc } else { PathBuf::from("rustc") };
+    let rustc = if rustc.exists() {
+        rustc
+    } else {
+        PathBuf::from("rustc")
+    };
     let mut cmd = Command::new(&rustc);
     for v in SCRUBBED_ENV {
         cmd.env_remove(v);
@@ -171,7 +179,10 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     cmd.args(["--", "-C"])
         .arg(format!("target-cpu={}", b.arch))
         .args(["-C", &format!("target-feature={PTX_FEATURE}")])
-        .args(["-C", &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}")])
+        .args([
+            "-C",
+            &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}"),
+        ])
         .args(["-A", "unstable-features", "--emit=llvm-bc"]);
     let json = run(&mut cmd, "the device build of kernels-gpu")?;
 
@@ -197,9 +208,13 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
             }
         }
     }
-    let kernel_bc = kernel_bc.ok_or_else(|| err("the device build produced no kernels-gpu artifact"))?;
+    let kernel_bc =
+        kernel_bc.ok_or_else(|| err("the device build produced no kernels-gpu artifact"))?;
     if !kernel_bc.exists() {
-        return Err(err(format!("expected bitcode {} is missing", kernel_bc.display())));
+        return Err(err(format!(
+            "expected bitcode {} is missing",
+            kernel_bc.display()
+        )));
     }
 
     // Step 2: unpack bitcode members of core/compiler_builtins and link everything.
@@ -207,9 +222,13 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     for (i, rlib) in rlibs.iter().enumerate() {
         let dir = work.join(format!("rlib{i}"));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         run(
-            Command::new(tools.join("llvm-ar")).current_dir(&dir).arg("x").arg(rlib),
+            Command::new(tools.join("llvm-ar"))
+                .current_dir(&dir)
+                .arg("x")
+                .arg(rlib),
             "llvm-ar x",
         )?;
         let mut members: Vec<PathBuf> = fs::read_dir(&dir)
@@ -222,19 +241,27 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     }
     let linked = work.join("linked.bc");
     run(
-        Command::new(tools.join("llvm-link")).args(&inputs).arg("-o").arg(&linked),
+        Command::new(tools.join("llvm-link"))
+            .args(&inputs)
+            .arg("-o")
+            .arg(&linked),
         "llvm-link",
     )?;
 
     // Step 3: keep only the kernel entry points visible, then optimize.
     let text = run(
-        Command::new(tools.join("llvm-dis")).arg(&linked).arg("-o").arg("-"),
+        Command::new(tools.join("llvm-dis"))
+            .arg(&linked)
+            .arg("-o")
+            .arg("-"),
         "llvm-dis",
     )?;
     let mut entries = kernel_entries(&text);
     entries.sort();
     if entries.is_empty() {
-        return Err(err("kernels-gpu defines no `extern \"ptx-kernel\"` entry point"));
+        return Err(err(
+            "kernels-gpu defines no `extern \"ptx-kernel\"` entry point",
+        ));
     }
     let optimized = work.join("optimized.bc");
     run(
@@ -242,7 +269,10 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
             .arg(&linked)
             .arg("-passes=internalize,globaldce,default<O3>,globaldce")
             .arg(format!("-unroll-threshold={UNROLL_THRESHOLD}"))
-            .arg(format!("-internalize-public-api-list={}", entries.join(",")))
+            .arg(format!(
+                "-internalize-public-api-list={}",
+                entries.join(",")
+            ))
             .arg("-o")
             .arg(&optimized),
         "opt",
@@ -250,7 +280,8 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
 
     // Step 4: PTX.
     if let Some(parent) = b.out_file.parent() {
-        fs::create_dir_all(parent).map_err(|e| err(format!("cannot create {}: {e}", parent.display())))?;
+        fs::create_dir_all(parent)
+            .map_err(|e| err(format!("cannot create {}: {e}", parent.display())))?;
     }
     run(
         Command::new(tools.join("llc"))
@@ -268,15 +299,18 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     let ptx = fs::read_to_string(&b.out_file)
         .map_err(|e| err(format!("cannot read {}: {e}", b.out_file.display())))?;
     check_module(&ptx, &b.arch).map_err(err)?;
-    Ok(PtxOutput { ptx_file: b.out_file.clone(), entries })
+    Ok(PtxOutput {
+        ptx_file: b.out_file.clone(),
+        entries,
+    })
 }
 
 /// The structural checks every module must pass: the right `.target`, and no unresolved
 /// `.extern .func` declaration.
 pub fn check_module(ptx: &str, arch: &str) -> Result<(), String> {
-    let target_ok = ptx
-        .lines()
-        .any(|l| l.trim_start().starts_with(".target") && l.split_whitespace().nth(1) == Some(arch));
+    let target_ok = ptx.lines().any(|l| {
+        l.trim_start().starts_with(".target") && l.split_whitespace().nth(1) == Some(arch)
+    });
     if !target_ok {
         return Err(format!("the PTX module does not declare `.target {arch}`"));
     }
@@ -294,7 +328,9 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
     ptx.lines()
         .filter_map(|l| {
             let l = l.trim_start();
-            let rest = l.strip_prefix(".visible .entry ").or_else(|| l.strip_prefix(".entry "))?;
+            let rest = l
+                .strip_prefix(".visible .entry ")
+                .or_else(|| l.strip_prefix(".entry "))?;
             Some(rest.split(['(', ' ']).next()?.to_string())
         })
         .collect()
@@ -317,9 +353,13 @@ fn kernel_entries(ir: &str) -> Vec<String> {
 /// Cargo's paths contain no escaped quotes on the platforms we build on; backslashes are unescaped.
 fn json_string_array(line: &str, field: &str) -> Vec<String> {
     let key = format!("\"{field}\":[");
-    let Some(start) = line.find(&key) else { return Vec::new() };
+    let Some(start) = line.find(&key) else {
+        return Vec::new();
+    };
     let rest = &line[start + key.len()..];
-    let Some(end) = rest.find(']') else { return Vec::new() };
+    let Some(end) = rest.find(']') else {
+        return Vec::new();
+    };
     rest[..end]
         .split(',')
         .map(|s| s.trim().trim_matches('"').replace("\\\\", "\\"))
@@ -335,15 +375,26 @@ mod tests {
     fn check_module_rejects_extern_func_and_wrong_target() {
         let good = ".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry k(\n)\n{\n}\n";
         assert!(check_module(good, "sm_90").is_ok());
-        assert!(check_module(good, "sm_80").unwrap_err().contains(".target sm_80"));
+        assert!(
+            check_module(good, "sm_80")
+                .unwrap_err()
+                .contains(".target sm_80")
+        );
         let bad = format!("{good}.extern .func foo\n()\n;\n");
-        assert!(check_module(&bad, "sm_90").unwrap_err().contains("unresolved"));
+        assert!(
+            check_module(&bad, "sm_90")
+                .unwrap_err()
+                .contains("unresolved")
+        );
     }
 
     #[test]
     fn ptx_entries_lists_visible_entries() {
         let ptx = ".visible .entry alpha(\n.param .u64 a\n)\n.func beta()\n.entry gamma(\n";
-        assert_eq!(ptx_entries(ptx), vec!["alpha".to_string(), "gamma".to_string()]);
+        assert_eq!(
+            ptx_entries(ptx),
+            vec!["alpha".to_string(), "gamma".to_string()]
+        );
     }
 
     #[test]
@@ -356,6 +407,9 @@ mod tests {
     #[test]
     fn json_array_field_is_parsed() {
         let line = r#"{"reason":"compiler-artifact","filenames":["/a/libcore-1.rlib","/a/libcore-1.rmeta"],"x":1}"#;
-        assert_eq!(json_string_array(line, "filenames"), vec!["/a/libcore-1.rlib", "/a/libcore-1.rmeta"]);
+        assert_eq!(
+            json_string_array(line, "filenames"),
+            vec!["/a/libcore-1.rlib", "/a/libcore-1.rmeta"]
+        );
     }
 }
