@@ -84,6 +84,16 @@ gemm_entry!(
     BLayout::NkBf16
 );
 gemm_entry!(
+    mxmoe_gemm_nk_m64n128k32w1x4s4,
+    64,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
     mxmoe_gemm_kn_m128n128k32w2x4s3,
     128,
     128,
@@ -136,6 +146,16 @@ gemm_entry!(
 gemm_entry!(
     mxmoe_gemm_kn_m16n128k32w1x4s4,
     16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m64n128k32w1x4s4,
+    64,
     128,
     32,
     1,
@@ -204,6 +224,16 @@ gemm_entry!(
     BLayout::NkMxfp4
 );
 gemm_entry!(
+    mxmoe_gemm_nk_mx_m64n128k32w1x4s4,
+    64,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
     mxmoe_gemm_kn_mx_m128n128k32w2x4s3,
     128,
     128,
@@ -256,6 +286,16 @@ gemm_entry!(
 gemm_entry!(
     mxmoe_gemm_kn_mx_m16n128k32w1x4s4,
     16,
+    128,
+    32,
+    1,
+    4,
+    4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m64n128k32w1x4s4,
+    64,
     128,
     32,
     1,

@@ -128,6 +128,54 @@ pub const fn byte_to_bf16x2(byte: u8) -> u32 {
     (e2m1_to_bf16_bits(even) as u32) | ((e2m1_to_bf16_bits(odd) as u32) << 16)
 }
 
+/// The two codes of the low byte of `x` placed straight into bf16 bit fields, scaled by 2^-126:
+/// a code `s|e|m` becomes the bf16 pattern `s << 15 | e << 7 | m << 6` (exponent field `e`,
+/// top mantissa bit `m`), whose value is exactly `e2m1(code) · 2^-126` for every code (`e = 0`
+/// lands on the bf16 subnormal `m · 2^-127`). Even k (low nibble) in the low half. Four logic
+/// operations per byte and no table: the kernels then multiply by [`TWO_POW_126_BF16X2`] (exact)
+/// and by the scale. Only the low 8 bits of `x` are read.
+#[inline]
+pub const fn byte_to_bf16x2_scaled_down(x: u32) -> u32 {
+    ((x & 0x7) << 6) | ((x & 0x8) << 12) | ((x & 0x70) << 18) | ((x & 0x80) << 24)
+}
+
+/// `2^126` in both halves of a bf16x2 word (exponent field 253).
+pub const TWO_POW_126_BF16X2: u32 = 0x7E80_7E80;
+
+/// The multipliers that turn [`byte_to_bf16x2_scaled_down`] words into scaled values for E8M0
+/// byte `b`: for `b ≤ 128` one product by `2^(b − 1)` (= 2^126 · 2^(b − 127), still a normal
+/// bf16); above, two products, by 2^126 and then by the scale (`2^(b − 1)` would overflow).
+/// Every product is exact, so both routes give the bf16 dequantization bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScaleFold {
+    /// First multiplier (bf16x2, both halves equal).
+    pub first: u32,
+    /// Second multiplier, used only when `two_step`.
+    pub second: u32,
+    /// Whether the second product is needed.
+    pub two_step: bool,
+}
+
+/// [`ScaleFold`] of an E8M0 byte.
+#[inline]
+pub const fn scale_fold(b: u8) -> ScaleFold {
+    if b <= 128 {
+        let s = (b as u32 + 126) << 7;
+        ScaleFold {
+            first: s | (s << 16),
+            second: 0,
+            two_step: false,
+        }
+    } else {
+        let s = e8m0_to_bf16_bits(b) as u32;
+        ScaleFold {
+            first: TWO_POW_126_BF16X2,
+            second: s | (s << 16),
+            two_step: true,
+        }
+    }
+}
+
 /// Bytes of one expert's packed codes plus scales: `N·K/2 + N·K/32`.
 #[inline]
 pub const fn expert_bytes(n: usize, k: usize) -> usize {
@@ -204,6 +252,52 @@ mod tests {
                 assert_eq!(v.to_bits(), expect.to_bits(), "code {code} byte {b}");
                 // bf16 keeps it exactly.
                 assert_eq!(((bits as u32) << 16), v.to_bits(), "code {code} byte {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn scaled_down_placement_times_two_pow_126_is_the_codebook() {
+        let two126 = 2f64.powi(126);
+        assert_eq!(TWO_POW_126_BF16X2 & 0xFFFF, (two126 as f32).to_bits() >> 16);
+        for b in 0..=255u32 {
+            let w = byte_to_bf16x2_scaled_down(b | 0xAB00); // high garbage bits are ignored
+            let (lo, hi) = unpack_pair(b as u8);
+            for (half, code) in [(w & 0xFFFF, lo), (w >> 16, hi)] {
+                let v = f32::from_bits(half << 16) as f64 * two126;
+                let want = E2M1_VALUES[code as usize] as f64;
+                assert_eq!(
+                    v.to_bits(),
+                    want.to_bits(),
+                    "byte {b:#04x}: half {half:#06x}"
+                );
+            }
+        }
+    }
+
+    /// bf16 × bf16 rounded to nearest even, as `mul.rn.bf16` does (the f32 product of two bf16
+    /// values is exact, so rounding it once to bf16 is the correctly rounded result).
+    fn mul_bf16(a: u16, b: u16) -> u16 {
+        let p = f32::from_bits((a as u32) << 16) * f32::from_bits((b as u32) << 16);
+        crate::shared::bf16::f32_to_bf16_bits(p)
+    }
+
+    #[test]
+    fn folded_scales_decode_every_code_and_scale_exactly() {
+        for b in 0..=255u8 {
+            let f = scale_fold(b);
+            for byte in 0..=255u32 {
+                let placed = byte_to_bf16x2_scaled_down(byte);
+                let (lo, hi) = unpack_pair(byte as u8);
+                for (shift, code) in [(0, lo), (16, hi)] {
+                    let mut v = mul_bf16((placed >> shift) as u16, (f.first >> shift) as u16);
+                    if f.two_step {
+                        v = mul_bf16(v, (f.second >> shift) as u16);
+                    }
+                    let want = dequant_bf16_bits(code, b);
+                    let same = v == want || (b == 255 && (v & 0x7F80) == 0x7F80 && (v & 0x7F) != 0);
+                    assert!(same, "code {code} scale {b}: {v:#06x} vs {want:#06x}");
+                }
             }
         }
     }

@@ -29,40 +29,44 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
 /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK: [&str; 6] = [
+pub const GEMM_NK: [&str; 7] = [
     "mxmoe_gemm_nk_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_m32n128k32w1x4s4",
     "mxmoe_gemm_nk_m128n128k32w2x4s4",
     "mxmoe_gemm_nk_m64n128k32w2x2s4",
     "mxmoe_gemm_nk_m16n128k32w1x4s4",
+    "mxmoe_gemm_nk_m64n128k32w1x4s4",
 ];
 /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN: [&str; 6] = [
+pub const GEMM_KN: [&str; 7] = [
     "mxmoe_gemm_kn_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_m32n128k32w1x4s4",
     "mxmoe_gemm_kn_m128n128k32w2x4s4",
     "mxmoe_gemm_kn_m64n128k32w2x2s4",
     "mxmoe_gemm_kn_m16n128k32w1x4s4",
+    "mxmoe_gemm_kn_m64n128k32w1x4s4",
 ];
 /// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK_MX: [&str; 6] = [
+pub const GEMM_NK_MX: [&str; 7] = [
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s4",
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s4",
     "mxmoe_gemm_nk_mx_m16n128k32w1x4s4",
+    "mxmoe_gemm_nk_mx_m64n128k32w1x4s4",
 ];
 /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN_MX: [&str; 6] = [
+pub const GEMM_KN_MX: [&str; 7] = [
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s4",
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s4",
     "mxmoe_gemm_kn_mx_m16n128k32w1x4s4",
+    "mxmoe_gemm_kn_mx_m64n128k32w1x4s4",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = [
@@ -116,24 +120,28 @@ pub const ALL: &[&str] = &[
     GEMM_NK[3],
     GEMM_NK[4],
     GEMM_NK[5],
+    GEMM_NK[6],
     GEMM_KN[0],
     GEMM_KN[1],
     GEMM_KN[2],
     GEMM_KN[3],
     GEMM_KN[4],
     GEMM_KN[5],
+    GEMM_KN[6],
     GEMM_NK_MX[0],
     GEMM_NK_MX[1],
     GEMM_NK_MX[2],
     GEMM_NK_MX[3],
     GEMM_NK_MX[4],
     GEMM_NK_MX[5],
+    GEMM_NK_MX[6],
     GEMM_KN_MX[0],
     GEMM_KN_MX[1],
     GEMM_KN_MX[2],
     GEMM_KN_MX[3],
     GEMM_KN_MX[4],
     GEMM_KN_MX[5],
+    GEMM_KN_MX[6],
     LORA_DOWN[0],
     LORA_DOWN[1],
     LORA_DOWN[2],

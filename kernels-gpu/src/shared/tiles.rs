@@ -33,9 +33,6 @@ impl BLayout {
     }
 }
 
-/// Bytes of the byte → bf16x2 decode table (256 words).
-pub const MX_LUT_BYTES: u32 = 1024;
-
 /// A compile-time tile configuration of the grouped GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileConfig {
@@ -168,8 +165,6 @@ pub struct SmemPlan {
     pub rows_offset: u32,
     /// Offset of the scale bytes inside one B stage (MXFP4 layouts).
     pub b_scales_in_stage: u32,
-    /// Offset of the MXFP4 decode table (MXFP4 layouts; 0 otherwise).
-    pub lut_offset: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
     pub decoded_offset: u32,
     /// Total bytes to request at launch.
@@ -204,19 +199,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         epilogue_bytes
     };
     let mut next = reused.div_ceil(128) * 128;
-    let (lut_offset, decoded_offset) = match b {
-        BLayout::NkMxfp4 => {
-            let lut = next;
-            next += MX_LUT_BYTES;
-            (lut, 0)
-        }
+    let decoded_offset = match b {
         BLayout::KnMxfp4 => {
-            let lut = next;
-            let decoded = lut + MX_LUT_BYTES;
+            let decoded = next;
             next = decoded + c.bk * c.bn * 2;
-            (lut, decoded)
+            decoded
         }
-        _ => (0, 0),
+        _ => 0,
     };
     let rows_offset = next;
     SmemPlan {
@@ -227,7 +216,6 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         epilogue_bytes,
         rows_offset,
         b_scales_in_stage,
-        lut_offset,
         decoded_offset,
         total_bytes: rows_offset + 8 * c.bm,
     }
@@ -391,22 +379,22 @@ mod tests {
                     let p = smem_plan(c, b, r);
                     assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
                     assert!(p.b_offset % 128 == 0 && p.lora_right_offset % 16 == 0);
-                    assert!(
-                        p.lut_offset % 128 == 0
-                            && p.decoded_offset % 128 == 0
-                            && p.rows_offset % 128 == 0
-                    );
-                    // Regions are disjoint: the LUT and decoded tile sit past the reused main/epilogue bytes.
+                    assert!(p.decoded_offset % 128 == 0 && p.rows_offset % 128 == 0);
+                    // Regions are disjoint: the decoded tile sits past the reused main/epilogue bytes.
                     let reused =
                         if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) {
                             p.epilogue_bytes
                         } else {
                             c.stages * (p.a_stage_bytes + p.b_stage_bytes)
                         };
-                    if b.is_mx() {
+                    assert!(p.rows_offset >= reused);
+                    if b == BLayout::KnMxfp4 {
                         assert!(
-                            p.lut_offset >= reused && p.rows_offset >= p.lut_offset + MX_LUT_BYTES
+                            p.decoded_offset >= reused
+                                && p.rows_offset >= p.decoded_offset + c.bk * c.bn * 2
                         );
+                    }
+                    if b.is_mx() {
                         assert!(c.bk == 32);
                     }
                 }

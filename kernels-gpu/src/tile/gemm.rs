@@ -19,7 +19,7 @@ use crate::ptx::smem::{
     st_shared_u32, st_shared_v4_u32,
 };
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
-use crate::shared::mxfp4::{byte_to_bf16x2, e8m0_to_bf16_bits};
+use crate::shared::mxfp4::{ScaleFold, byte_to_bf16x2_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{BLayout, SmemPlan, TileConfig, smem_plan, swizzled_offset};
 use crate::tile::frag::{a_mk, b_kn, b_nk};
@@ -376,15 +376,6 @@ pub unsafe fn gemm<
         }
         i += threads;
     }
-    if is_mx {
-        let lut = smem.offset(plan.lut_offset);
-        let mut b = tid;
-        while b < 256 {
-            // SAFETY: 256 words inside the table region.
-            unsafe { st_shared_u32(lut.offset(4 * b), byte_to_bf16x2(b as u8)) };
-            b += threads;
-        }
-    }
     // SAFETY: all threads reach it (no divergent exit above after the uniform one).
     unsafe { bar_sync_0() };
 
@@ -447,12 +438,11 @@ pub unsafe fn gemm<
                 let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
                     .wrapping_mul(blocks_k)
                     .wrapping_add(kt);
-                // SAFETY: warp converged (uniform branch); the stage and table are in place.
+                // SAFETY: warp converged (uniform branch); the stage is in place.
                 unsafe {
                     mma_stage_nk_mx::<BK, MI, NI>(
                         a_tile,
                         b_tile,
-                        smem.offset(plan.lut_offset),
                         plan.b_scales_in_stage,
                         g0,
                         blocks_k,
@@ -474,7 +464,6 @@ pub unsafe fn gemm<
                         decode_stage_kn_mx::<BN, BK>(
                             b_tile,
                             decoded,
-                            smem.offset(plan.lut_offset),
                             plan.b_scales_in_stage,
                             g0,
                             blocks_k,
@@ -679,23 +668,20 @@ unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI
     }
 }
 
-/// The bf16x2 pair `(scale, scale)` of an E8M0 byte.
+/// Decodes packed byte `byte_idx` (0..4) of `word` into one B fragment register (even k in the
+/// low half), scaled: the codes are placed into bf16 bit fields (`e2m1 · 2^-126`, a few logic
+/// operations) and multiplied by the folded scale (`shared::mxfp4::scale_fold`: one product for
+/// scale bytes ≤ 128, two above). Every product is exact, so the result equals the bf16
+/// dequantization bit for bit (NaN for a NaN scale).
 #[inline(always)]
-fn scale_pair(byte: u32) -> u32 {
-    let s = e8m0_to_bf16_bits(byte as u8) as u32;
-    s | (s << 16)
-}
-
-/// Decodes packed byte `byte_idx` (0..4) of `word` through the table and scales it: one B
-/// fragment register (even k in the low half). Exact: code × power of two.
-///
-/// # Safety
-/// `lut` is the block's 256-word decode table.
-#[inline(always)]
-unsafe fn decode_byte(lut: SharedAddr, word: u32, byte_idx: u32, scale2: u32) -> u32 {
-    let byte = (word >> (8 * byte_idx)) & 0xFF;
-    // SAFETY: `byte < 256`.
-    mul_rn_bf16x2(unsafe { ld_shared_u32(lut.offset(4 * byte)) }, scale2)
+fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
+    let placed = byte_to_bf16x2_scaled_down(word >> (8 * byte_idx));
+    let v = mul_rn_bf16x2(placed, scale.first);
+    if scale.two_step {
+        mul_rn_bf16x2(v, scale.second)
+    } else {
+        v
+    }
 }
 
 /// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
@@ -707,12 +693,11 @@ unsafe fn decode_byte(lut: SharedAddr, word: u32, byte_idx: u32, scale2: u32) ->
 /// bytes `t`, `4+t`, `8+t`, `12+t` of row `nb+g`, i.e. byte t of each word of that row.
 ///
 /// # Safety
-/// Warp converged; stage and table in place and visible.
+/// Warp converged; the stage is in place and visible.
 #[inline(always)]
 unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     a_tile: SharedAddr,
     b_tile: SharedAddr,
-    lut: SharedAddr,
     scales_in_stage: u32,
     g0: u32,
     blocks_k: u32,
@@ -740,13 +725,13 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
                 ld_shared_u8(b_tile.offset(scales_in_stage + 4 * row + byte)),
             )
         };
-        let s2 = scale_pair(sc);
+        let s2 = scale_fold(sc as u8);
         for h in 0..2 {
             // SAFETY: the table is in place.
             let b = unsafe {
                 [
-                    decode_byte(lut, w[2 * h], t, s2),
-                    decode_byte(lut, w[2 * h + 1], t, s2),
+                    decode_byte(w[2 * h], t, s2),
+                    decode_byte(w[2 * h + 1], t, s2),
                 ]
             };
             for mi in 0..MI {
@@ -768,7 +753,6 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
     raw: SharedAddr,
     decoded: SharedAddr,
-    lut: SharedAddr,
     scales_in_stage: u32,
     g0: u32,
     blocks_k: u32,
@@ -790,23 +774,23 @@ unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
                 ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
             )
         };
-        let s2 = scale_pair(sc);
+        let s2 = scale_fold(sc as u8);
         // SAFETY: the table is in place.
         let lo = unsafe {
             [
-                decode_byte(lut, w0, 0, s2),
-                decode_byte(lut, w0, 1, s2),
-                decode_byte(lut, w0, 2, s2),
-                decode_byte(lut, w0, 3, s2),
+                decode_byte(w0, 0, s2),
+                decode_byte(w0, 1, s2),
+                decode_byte(w0, 2, s2),
+                decode_byte(w0, 3, s2),
             ]
         };
         // SAFETY: as above.
         let hi = unsafe {
             [
-                decode_byte(lut, w1, 0, s2),
-                decode_byte(lut, w1, 1, s2),
-                decode_byte(lut, w1, 2, s2),
-                decode_byte(lut, w1, 3, s2),
+                decode_byte(w1, 0, s2),
+                decode_byte(w1, 1, s2),
+                decode_byte(w1, 2, s2),
+                decode_byte(w1, 3, s2),
             ]
         };
         // SAFETY: two 16-byte chunks of row r of the decoded tile.
