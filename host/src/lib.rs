@@ -17,3 +17,6 @@ pub mod moe;
 pub mod op;
 pub mod routing;
 pub mod tune;
+
+#[cfg(test)]
+mod test_rng;

@@ -504,39 +504,7 @@ pub(crate) mod test_support {
         }
     }
 
-    /// xorshift64* PRNG: deterministic test data without a `rand` dependency.
-    pub(crate) struct XorShift(u64);
-
-    impl XorShift {
-        /// Seeds the generator (a zero seed is replaced, xorshift needs a non-zero state).
-        pub(crate) fn new(seed: u64) -> Self {
-            XorShift(if seed == 0 {
-                0x9E37_79B9_7F4A_7C15
-            } else {
-                seed
-            })
-        }
-
-        /// Next 64 random bits.
-        pub(crate) fn next_u64(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-
-        /// Uniform in `[0, 1)`.
-        pub(crate) fn unit_f32(&mut self) -> f32 {
-            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-        }
-
-        /// Uniform in `0..bound` (`bound > 0`; tiny modulo bias is irrelevant here).
-        pub(crate) fn below(&mut self, bound: u64) -> u64 {
-            self.next_u64() % bound
-        }
-    }
+    pub(crate) use crate::test_rng::XorShift;
 }
 
 #[cfg(test)]

@@ -49,43 +49,5 @@ impl Rounding {
     }
 }
 
-/// A tiny deterministic xorshift64* generator for the tests (no `rand` dependency).
 #[cfg(test)]
-pub(crate) struct XorShift(u64);
-
-#[cfg(test)]
-impl XorShift {
-    /// Seeds the generator (a zero seed is replaced by a fixed non-zero constant).
-    pub(crate) fn new(seed: u64) -> Self {
-        XorShift(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
-    }
-
-    /// Next raw 64-bit value.
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `[0, n)` (n > 0; the modulo bias is irrelevant for tests).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub(crate) fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    /// `len` values uniform in `[-scale, scale)`.
-    pub(crate) fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len).map(|_| self.uniform() * scale).collect()
-    }
-}
+pub(crate) use crate::test_rng::XorShift;
