@@ -23,13 +23,25 @@ use crate::kernels::gemm::{
     BOperand, GemmArgs, LoraEpilogue, MxOperand, RowMap, Strided, gram, grouped_gemm, lora_down,
 };
 use crate::kernels::{alloc_poisoned, download, eltwise, upload};
+use crate::mxfp4::MxError;
 use crate::mxfp4::{MxLayout, MxShape, MxWeights, validate_mx};
 pub use crate::reference::RowOrder;
 use crate::routing::DeviceRouting;
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::MX_BLOCK;
-use crate::tensor::TensorMeta;
+use crate::tensor::{DeviceLoc, TensorMeta};
 use crate::tune::{TuneKey, bucket_rows, default_config, prune};
+
+/// `dims` multiplied, or a typed error naming `tensor` when the product overflows `usize`.
+fn element_count(tensor: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Shape {
+            tensor,
+            expected: "a shape whose element count fits in usize".into(),
+            actual: format!("{dims:?}"),
+        })
+}
 
 /// A row-major bf16 matrix on the device.
 pub struct Bf16Matrix {
@@ -70,7 +82,7 @@ impl Bf16Matrix {
 
     /// Wraps a device buffer holding at least `rows·cols` bf16.
     pub fn from_device(data: CudaSlice<u16>, rows: usize, cols: usize) -> Result<Self> {
-        if data.len() < rows * cols {
+        if data.len() < element_count("matrix", &[rows, cols])? {
             return Err(Error::Shape {
                 tensor: "matrix",
                 expected: format!("[{rows}, {cols}]"),
@@ -146,7 +158,13 @@ impl DenseExperts {
 
     /// Wraps device-resident weights `[experts, n, k]`.
     pub fn from_device(data: CudaSlice<u16>, experts: usize, n: usize, k: usize) -> Result<Self> {
-        if data.len() < experts * n * k {
+        if experts == 0 || n == 0 || k == 0 {
+            return Err(Error::InvalidArgument {
+                what: "expert weights",
+                detail: format!("shape [{experts}, {n}, {k}] has a zero dimension"),
+            });
+        }
+        if data.len() < element_count("expert weights", &[experts, n, k])? {
             return Err(Error::Shape {
                 tensor: "expert weights",
                 expected: format!("[{experts}, {n}, {k}]"),
@@ -194,6 +212,25 @@ impl MxExperts {
         scales_meta: &TensorMeta,
     ) -> Result<Self> {
         let shape = validate_mx(packed_meta, scales_meta, MX_BLOCK, MxLayout::Fwd, false)?;
+        // The kernels read `[E, N, K/2]` and `[E, N, K/32]` densely: outer strides must be the
+        // contiguous ones too, and the metadata must name the device the buffers live on.
+        for (meta, tensor) in [(packed_meta, "packed"), (scales_meta, "scales")] {
+            if !meta.is_contiguous() {
+                return Err(MxError::Layout(format!(
+                    "{tensor} must be contiguous (strides {:?})",
+                    meta.strides
+                ))
+                .into());
+            }
+        }
+        let here = DeviceLoc::Cuda(packed.context().ordinal());
+        if packed_meta.device != here || scales.context().ordinal() != packed.context().ordinal() {
+            return Err(MxError::Device {
+                packed: packed_meta.device.to_string(),
+                scales: here.to_string(),
+            }
+            .into());
+        }
         if packed.len() < shape.packed_len() || scales.len() < shape.scales_len() {
             return Err(Error::Shape {
                 tensor: "MXFP4 buffers",
@@ -519,10 +556,10 @@ impl<'a> ExpertLinear<'a> {
                 actual: format!("{e} experts"),
             });
         }
-        if k % 8 != 0 || n % 8 != 0 {
+        if k == 0 || n == 0 || k % 8 != 0 || n % 8 != 0 {
             return Err(Error::InvalidArgument {
                 what: "expert weights",
-                detail: format!("K = {k} and N = {n} must be multiples of 8"),
+                detail: format!("K = {k} and N = {n} must be positive multiples of 8"),
             });
         }
         if x.cols != k {

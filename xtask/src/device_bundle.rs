@@ -321,6 +321,8 @@ const SANITIZED: &[(&str, &str)] = &[
     ("gpu_strategy_a", "dropped"),
     ("gpu_strategy_a", "every_expert"),
     ("gpu_moe", "tiny"),
+    ("gpu_bad_input", ""),
+    ("gpu_random", "fixed_regressions"),
 ];
 
 /// The text of `run-sanitizer.sh`: every compute-sanitizer tool over [`SANITIZED`]; exits
