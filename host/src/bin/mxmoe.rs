@@ -23,8 +23,6 @@ mod bench;
 mod env;
 #[path = "mxmoe/info.rs"]
 mod info;
-#[path = "mxmoe/mempool.rs"]
-mod mempool;
 #[path = "mxmoe/problem.rs"]
 mod problem;
 #[path = "mxmoe/quantize.rs"]

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
+mod pool;
+pub use pool::PoolWatch;
+
 use crate::error::{Error, Result};
 use crate::tune::{TuneMode, Tuner, default_cache_path};
 

@@ -23,11 +23,11 @@ use mxmoe::device::Gpu;
 use mxmoe::op::{self, RowOrder};
 
 use crate::env::{commit, driver_description, open_gpu, utc_now};
-use crate::mempool::PoolWatch;
 use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
 use crate::strategy::{HostWeights, Strategy};
+use mxmoe::device::PoolWatch;
 
 /// Reduction dimension of the benchmarked projection.
 const K: usize = 2048;

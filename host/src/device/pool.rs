@@ -7,10 +7,10 @@
 //! sample taken after a synchronisation misses. (cudarc has no safe wrapper for pool attributes
 //! yet, hence the raw calls here.)
 
-use anyhow::Context as _;
+use super::Gpu;
+use crate::error::{Error, Result};
 use cudarc::driver::result::{device, mem_pool};
 use cudarc::driver::sys::{CUmemPool_attribute as PoolAttr, CUmemoryPool};
-use mxmoe::device::Gpu;
 
 /// The device's current memory pool, watched for its usage.
 pub struct PoolWatch<'a> {
@@ -21,48 +21,49 @@ pub struct PoolWatch<'a> {
 impl<'a> PoolWatch<'a> {
     /// The pool of `gpu`'s device, or `None` when the device allocates without pools (then
     /// cudarc uses `cuMemAlloc` and only `cuMemGetInfo` can see usage).
-    pub fn new(gpu: &'a Gpu) -> anyhow::Result<Option<Self>> {
+    pub fn new(gpu: &'a Gpu) -> Result<Option<Self>> {
         let ctx = gpu.context();
         if !ctx.has_async_alloc() {
             return Ok(None);
         }
         ctx.bind_to_thread()
-            .context("could not bind the CUDA context")?;
+            .map_err(Error::driver("binding the CUDA context"))?;
         // SAFETY: `cu_device` is the handle of the device the open context was created on.
         let pool = unsafe { device::get_mem_pool(ctx.cu_device()) }
-            .context("could not look up the device's memory pool")?;
+            .map_err(Error::driver("looking up the device's memory pool"))?;
         Ok(Some(Self { gpu, pool }))
     }
 
-    fn get(&self, attr: PoolAttr) -> anyhow::Result<u64> {
+    fn get(&self, attr: PoolAttr) -> Result<u64> {
         self.gpu
             .context()
             .bind_to_thread()
-            .context("could not bind the CUDA context")?;
+            .map_err(Error::driver("binding the CUDA context"))?;
         let mut value: u64 = 0;
         // SAFETY: the pool is the device's current pool, valid while the context `self.gpu` owns
         // is alive; the USED_MEM_* attributes are `cuuint64_t`, matching the `u64` written to.
-        unsafe { mem_pool::get_attribute(self.pool, attr, (&raw mut value).cast()) }
-            .with_context(|| format!("could not read memory pool attribute {attr:?}"))?;
+        unsafe { mem_pool::get_attribute(self.pool, attr, (&raw mut value).cast()) }.map_err(
+            Error::driver(format!("reading memory pool attribute {attr:?}")),
+        )?;
         Ok(value)
     }
 
     /// Bytes currently allocated from the pool.
-    pub fn used(&self) -> anyhow::Result<u64> {
+    pub fn used(&self) -> Result<u64> {
         self.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 
     /// The most bytes allocated at once since the last [`reset_peak`](Self::reset_peak).
-    pub fn peak(&self) -> anyhow::Result<u64> {
+    pub fn peak(&self) -> Result<u64> {
         self.get(PoolAttr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
     }
 
     /// Resets the high-water mark (to the current usage, as the driver defines it).
-    pub fn reset_peak(&self) -> anyhow::Result<()> {
+    pub fn reset_peak(&self) -> Result<()> {
         self.gpu
             .context()
             .bind_to_thread()
-            .context("could not bind the CUDA context")?;
+            .map_err(Error::driver("binding the CUDA context"))?;
         let mut zero: u64 = 0;
         // SAFETY: as in `get`; USED_MEM_HIGH may only be set to zero, which is what we pass.
         unsafe {
@@ -72,7 +73,7 @@ impl<'a> PoolWatch<'a> {
                 (&raw mut zero).cast(),
             )
         }
-        .context("could not reset the memory pool's high-water mark")?;
+        .map_err(Error::driver("resetting the memory pool's high-water mark"))?;
         Ok(())
     }
 }
