@@ -8,6 +8,8 @@
 //! - the release CLI binaries of the `mxmoe` package (`mxmoe`);
 //! - `golden/`, a copy of the vendored golden data (`<root>/tests/data/golden` unless `--golden`);
 //! - `run-sanitizer.sh`, compute-sanitizer (all four tools) over the small and ragged GPU cases;
+//! - `commit.env`, `export MXMOE_COMMIT=<the commit built>` (sourced by the scripts; source it
+//!   before `mxmoe bench` so the benchmark records the commit);
 //! - `run-tests.sh`, which runs each test binary with `MXMOE_REQUIRE_GPU=1` and
 //!   `MXMOE_GOLDEN=<folder>/golden/mxfp4_golden_torchao.safetensors`, prints a pass/fail table,
 //!   and exits non-zero if any binary failed. Its arguments go to every test binary (a name
@@ -112,6 +114,7 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
             || name == RUN_SCRIPT
             || name == SANITIZE_SCRIPT
             || name == "golden"
+            || name == "commit.env"
         {
             bail!("the bundle name `{name}` is used twice; rename the test target");
         }
@@ -137,6 +140,32 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
 
     let names: Vec<&str> = test_files.keys().map(String::as_str).collect();
     let sanitizer = out.join(SANITIZE_SCRIPT);
+    // The commit the binaries were built from, so `mxmoe bench` on the GPU machine (which has no
+    // git checkout) records it: `source commit.env`.
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(root)
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    let commit = if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    };
+    fs::write(
+        out.join("commit.env"),
+        format!("export MXMOE_COMMIT={commit}\n"),
+    )
+    .with_context(|| format!("cannot write {}", out.join("commit.env").display()))?;
     fs::write(&sanitizer, sanitize_script())
         .with_context(|| format!("cannot write {}", sanitizer.display()))?;
     make_executable(&sanitizer)?;
@@ -288,7 +317,8 @@ fn name_tests<'a>(
     let mut named = BTreeMap::new();
     for a in tests {
         let name = test_file_name(a);
-        if name == RUN_SCRIPT || name == SANITIZE_SCRIPT || name == "golden" {
+        if name == RUN_SCRIPT || name == SANITIZE_SCRIPT || name == "golden" || name == "commit.env"
+        {
             bail!(
                 "test target `{}` of {} clashes with the bundle's `{name}`; rename it",
                 a.target,
@@ -388,6 +418,7 @@ set -uo pipefail
 here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 export MXMOE_REQUIRE_GPU=1
 export MXMOE_GOLDEN="$here/golden/{GOLDEN_FILE}"
+source "$here/commit.env" 2>/dev/null || true
 
 tests=({list} )
 results=()
