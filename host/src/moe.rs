@@ -22,12 +22,9 @@
 //! # What is kept between the passes
 //!
 //! [`MoeSaved`] holds the up projection's [`Saved`] state (it borrows the caller's `x` and
-//! routing), `gu` (read by the activation's backward) and `h` (the down projection's input).
-//! The down projection's own [`Saved`] would borrow `h`, which the block owns, so it is not
-//! kept: [`backward`] re-runs the down projection's forward on the saved `h` (deterministic
-//! kernels, so the recomputed per-slot output and XA are bitwise the forward's) before its
-//! backward. That costs one down-projection forward (about a sixth of a forward + backward of
-//! the block).
+//! routing), `gu` (read by the activation's backward) and the down projection's [`Saved`] state,
+//! which owns `h` (handed over with [`ExpertLinear::forward_owned`]). Nothing is recomputed in
+//! [`backward`].
 //!
 //! # Numerics
 //!
@@ -63,16 +60,14 @@ pub struct MoeBlock<'a> {
     pub strategy: Strategy,
 }
 
-/// What [`backward`] needs: the up projection's saved state, `gu`, `h` and the borrowed
-/// routing and gates (see the module documentation for why the down projection's state is
-/// recomputed).
+/// What [`backward`] needs: both projections' saved states (the down one owns `h`), `gu`, and
+/// the borrowed routing.
 pub struct MoeSaved<'a> {
     block: MoeBlock<'a>,
     routing: &'a DeviceRouting,
-    gates: &'a Bf16Matrix,
     up: Saved<'a>,
+    down: Saved<'a>,
     gu: Bf16Matrix,
-    h: Bf16Matrix,
     strategies: (Strategy, Strategy),
 }
 
@@ -257,20 +252,19 @@ impl<'a> MoeBlock<'a> {
         let (up, up_saved) = self.up_layer().forward(gpu, x, routing, None)?;
         let gu = up.out;
         let h = Bf16Matrix::from_device(swiglu_fwd(gpu, gu.data(), l, i, self.limit)?, l, i)?;
-        // The down projection's saved state borrows `h` and is dropped here (see the module docs).
-        let (y, down_strategy) = {
-            let (down, _down_saved) = self.down_layer().forward(gpu, &h, routing, Some(gates))?;
-            (down.out, down.strategy)
-        };
+        // The down projection's saved state takes `h` over.
+        let (down, down_saved) = self
+            .down_layer()
+            .forward_owned(gpu, h, routing, Some(gates))?;
+        let (y, down_strategy) = (down.out, down.strategy);
         Ok((
             y,
             MoeSaved {
                 block: *self,
                 routing,
-                gates,
                 up: up_saved,
+                down: down_saved,
                 gu,
-                h,
                 strategies: (up.strategy, down_strategy),
             },
         ))
@@ -285,7 +279,7 @@ impl MoeSaved<'_> {
 
     /// The activation `h [L, I]` (grouped rows), the down projection's input.
     pub fn h(&self) -> &Bf16Matrix {
-        &self.h
+        self.down.input()
     }
 
     /// The paths the forward ran for `(gate_up, down)`: `Fused` or `SelectiveDequant`.
@@ -308,7 +302,7 @@ fn lora_grads(da: Option<Bf16Matrix>, db: Option<Bf16Matrix>) -> Option<LoraGrad
 pub fn backward(gpu: &Gpu, saved: &MoeSaved<'_>, dy: &Bf16Matrix) -> Result<MoeGrads> {
     let routing = saved.routing;
     let (t, l) = (routing.tokens(), routing.rows());
-    let (h, i) = (weights_shape(&saved.block.gate_up).2, saved.h.cols());
+    let (h, i) = (weights_shape(&saved.block.gate_up).2, saved.h().cols());
     if (dy.rows(), dy.cols()) != (t, h) {
         return Err(Error::Shape {
             tensor: "dy",
@@ -316,15 +310,8 @@ pub fn backward(gpu: &Gpu, saved: &MoeSaved<'_>, dy: &Bf16Matrix) -> Result<MoeG
             actual: format!("[{}, {}]", dy.rows(), dy.cols()),
         });
     }
-    // Down projection: its forward state again (bitwise the forward's), then its backward.
-    let down = {
-        let (_, down_saved) =
-            saved
-                .block
-                .down_layer()
-                .forward(gpu, &saved.h, routing, Some(saved.gates))?;
-        op::backward(gpu, &down_saved, dy)?
-    };
+    // Down projection.
+    let down = op::backward(gpu, &saved.down, dy)?;
     let d_gates = down.d_gates.ok_or_else(|| Error::InvalidArgument {
         what: "down projection",
         detail: "the gated projection returned no gate gradient".into(),

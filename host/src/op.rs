@@ -107,6 +107,12 @@ impl Bf16Matrix {
         &self.data
     }
 
+    /// Gives up the matrix and returns its device buffer (e.g. to hand borrowed memory back
+    /// without freeing it, see [`crate::device::Borrowed`]).
+    pub fn into_data(self) -> CudaSlice<u16> {
+        self.data
+    }
+
     /// Downloads as f32 (synchronizes).
     pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let mut v: Vec<f32> = download(gpu, &self.data)?
@@ -183,6 +189,11 @@ impl DenseExperts {
     pub fn shape(&self) -> (usize, usize, usize) {
         (self.experts, self.n, self.k)
     }
+
+    /// Gives up the weights and returns their device buffer (see [`Bf16Matrix::into_data`]).
+    pub fn into_data(self) -> CudaSlice<u16> {
+        self.data
+    }
 }
 
 /// MXFP4 expert weights resident on the device (`packed [E, N, K/2]`, `scales [E, N, K/32]`),
@@ -252,6 +263,12 @@ impl MxExperts {
     /// The container's shape.
     pub fn shape(&self) -> MxShape {
         self.shape
+    }
+
+    /// Gives up the weights and returns their device buffers `(packed, scales)` (see
+    /// [`Bf16Matrix::into_data`]).
+    pub fn into_buffers(self) -> (CudaSlice<u8>, CudaSlice<u8>) {
+        (self.packed, self.scales)
     }
 
     fn operand(&self) -> MxOperand<'_> {
@@ -413,13 +430,36 @@ struct Compact {
 /// for Strategy A its compact state.
 pub struct Saved<'a> {
     layer: ExpertLinear<'a>,
-    x: &'a Bf16Matrix,
+    x: Input<'a>,
     routing: &'a DeviceRouting,
     gates: Option<&'a Bf16Matrix>,
     x_map: RowMap,
     xa: Option<CudaSlice<u16>>,
     expanded: Option<Bf16Matrix>,
     compact: Option<Compact>,
+}
+
+/// The forward's input as [`Saved`] keeps it: borrowed from the caller, or owned when the caller
+/// hands it over ([`ExpertLinear::forward_owned`]).
+enum Input<'a> {
+    Borrowed(&'a Bf16Matrix),
+    Owned(Bf16Matrix),
+}
+
+impl Input<'_> {
+    fn get(&self) -> &Bf16Matrix {
+        match self {
+            Input::Borrowed(x) => x,
+            Input::Owned(x) => x,
+        }
+    }
+}
+
+impl Saved<'_> {
+    /// The forward's input `x`.
+    pub fn input(&self) -> &Bf16Matrix {
+        self.x.get()
+    }
 }
 
 /// Gradients. The frozen base gets none.
@@ -645,6 +685,29 @@ impl<'a> ExpertLinear<'a> {
         routing: &'a DeviceRouting,
         gates: Option<&'a Bf16Matrix>,
     ) -> Result<(Forward, Saved<'a>)> {
+        self.forward_input(gpu, Input::Borrowed(x), routing, gates)
+    }
+
+    /// As [`forward`](Self::forward), taking ownership of `x` so that [`Saved`] keeps it (for an
+    /// input the caller produced and does not keep, such as the MoE block's activation).
+    pub fn forward_owned(
+        &self,
+        gpu: &Gpu,
+        x: Bf16Matrix,
+        routing: &'a DeviceRouting,
+        gates: Option<&'a Bf16Matrix>,
+    ) -> Result<(Forward, Saved<'a>)> {
+        self.forward_input(gpu, Input::Owned(x), routing, gates)
+    }
+
+    fn forward_input(
+        &self,
+        gpu: &Gpu,
+        input: Input<'a>,
+        routing: &'a DeviceRouting,
+        gates: Option<&'a Bf16Matrix>,
+    ) -> Result<(Forward, Saved<'a>)> {
+        let x = input.get();
         let x_map = self.validate(x, routing, gates)?;
         let l = routing.rows();
         let strategy = match (self.weights, self.strategy) {
@@ -698,7 +761,7 @@ impl<'a> ExpertLinear<'a> {
             Forward { out, strategy },
             Saved {
                 layer: *self,
-                x,
+                x: input,
                 routing,
                 gates,
                 x_map,
@@ -1177,7 +1240,7 @@ fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix
             gram(
                 gpu,
                 view,
-                &saved.x.data,
+                &saved.x.get().data,
                 k,
                 saved.x_map,
                 k,
