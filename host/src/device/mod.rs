@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
+mod external;
 mod pool;
+pub use external::{Borrowed, IntoDeviceBuffers, borrow_lora, check_device_tensor};
 pub use pool::PoolWatch;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,460 @@
+"""torch integration: autograd Functions and modules running mxmoe on torch tensors.
+
+Tensors cross into the Rust library by device pointer, shape, strides and dtype; the library
+validates them and raises ``MxmoeError`` with its own message. Every launch is ordered on
+torch's current stream of the tensors' device, in the device's primary context (the one torch
+uses), and no synchronisation is added (except ``strategy="auto"`` / ``"selective"`` with MXFP4
+weights, which read the per-expert row counts back to the host).
+
+Outputs and gradients are computed into mxmoe's own buffers and copied device-to-device into
+tensors allocated by torch (one extra copy per output; zero-copy output is not done yet).
+
+Conventions (as in the Rust library):
+
+* ``x``: ``[T, K]`` bf16 tokens (or ``[T*k, K]`` per slot, or grouped rows with
+  ``input_order="grouped"``); ``ids``: ``[T, k]`` int64/int32 expert ids, ``-1`` drops a slot;
+  ``gates``: ``[T, k]`` bf16.
+* Expert weights ``W [E, N, K]`` (checkpoint layout, ``y = x @ W[e].T``): MXFP4 as
+  ``(packed [E, N, K/2] uint8, scales [E, N, K/32] uint8 or float8_e8m0fnu)`` or dense bf16.
+* LoRA (expert-major): ``A [E*r, K]``, ``B [N, E*r]`` bf16, scaling ``s = lora_alpha / r``:
+  ``y_p = x_p W_e^T + s * bf16(x_p A_e^T) B_e^T``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _native
+from ._native import MxmoeError
+
+__all__ = [
+    "quantize",
+    "dequantize",
+    "ExpertLinearFunction",
+    "MoeBlockFunction",
+    "expert_linear",
+    "moe_block",
+    "MxExpertLinear",
+    "MxMoeBlock",
+    "route_topk",
+]
+
+Weights = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+_DTYPE_NAMES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+    torch.float32: "f32",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPE_NAMES[torch.float8_e8m0fnu] = "e8m0"
+
+
+def _desc(t: torch.Tensor):
+    """The descriptor the native module takes: (data_ptr, shape, strides, dtype, device)."""
+    name = _DTYPE_NAMES.get(t.dtype, str(t.dtype))
+    device = t.device.index if t.device.type == "cuda" else -1
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), name, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: one native Gpu per (device, stream); the PTX module is loaded once per device.
+
+_lock = threading.Lock()
+_base = {}
+_gpus = {}
+
+
+def _gpu(device: torch.device):
+    if device.type != "cuda":
+        raise MxmoeError(f"tensors must be on a CUDA device, got one on {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    key = (index, stream)
+    g = _gpus.get(key)
+    if g is not None:
+        return g
+    with _lock:
+        g = _gpus.get(key)
+        if g is None:
+            base = _base.get(index)
+            if base is None:
+                base = _native.Gpu(index, stream)
+                _base[index] = base
+                g = base
+            else:
+                g = base.on_stream(stream)
+            _gpus[key] = g
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization (CPU, bit-exact torchao FLOOR).
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _from_bytes(b: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
+    if len(b) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(b), dtype=dtype).reshape(shape)
+
+
+def quantize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4-quantizes ``w [E, N, K]`` (float32 or bfloat16; ``[N, K]`` is one expert) on the CPU,
+    bit-identical to torchao 0.17.0 FLOOR mode. Returns ``(packed [E, N, K/2], scales
+    [E, N, K/32])`` as uint8 tensors on ``w``'s device."""
+    if w.dim() == 2:
+        w = w.unsqueeze(0)
+    if w.dim() != 3:
+        raise MxmoeError(f"w: expected rank 3 [E, N, K], got shape {list(w.shape)}")
+    e, n, k = w.shape
+    if w.dtype == torch.bfloat16:
+        data, dtype = _tensor_bytes(w), "bf16"
+    else:
+        data, dtype = _tensor_bytes(w.float()), "f32"
+    packed, scales = _native.quantize_mxfp4_bytes(data, e, n, k, dtype)
+    return (
+        _from_bytes(packed, torch.uint8, (e, n, k // 2)).to(w.device),
+        _from_bytes(scales, torch.uint8, (e, n, k // 32)).to(w.device),
+    )
+
+
+def dequantize(
+    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Dequantizes ``(packed [E, N, K/2], scales [E, N, K/32])`` to ``[E, N, K]`` bfloat16 (or
+    float32) on the CPU, bit-identical to torchao; returned on ``packed``'s device."""
+    if packed.dim() != 3:
+        raise MxmoeError(f"packed: expected rank 3, got shape {list(packed.shape)}")
+    e, n, half = packed.shape
+    k = 2 * half
+    name = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(dtype)
+    if name is None:
+        raise MxmoeError(f"dtype: expected torch.bfloat16 or torch.float32, got {dtype}")
+    out = _native.dequantize_mxfp4_bytes(
+        _tensor_bytes(packed), _tensor_bytes(scales.view(torch.uint8)), e, n, k, name
+    )
+    return _from_bytes(out, dtype, (e, n, k)).to(packed.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert linear.
+
+
+def _weights_arg(w0: torch.Tensor, w1: Optional[torch.Tensor]):
+    if w1 is None:
+        return ("bf16", _desc(w0))
+    return ("mxfp4", _desc(w0), _desc(w1))
+
+
+def _weights_shape(w0: torch.Tensor, w1: Optional[torch.Tensor]) -> Tuple[int, int, int]:
+    if w1 is None:
+        e, n, k = w0.shape
+        return e, n, k
+    e, n, half = w0.shape
+    return e, n, 2 * half
+
+
+def _split_weights(weights: Weights):
+    if isinstance(weights, torch.Tensor):
+        return weights.contiguous(), None
+    packed, scales = weights
+    return packed.contiguous(), scales.contiguous()
+
+
+def _lora_arg(a, b, experts, scaling):
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise MxmoeError("LoRA: give both lora_A and lora_B, or neither")
+    return (_desc(a), _desc(b), a.shape[0] // max(experts, 1), float(scaling))
+
+
+def _empty_like_or_none(t: Optional[torch.Tensor], needed: bool):
+    return torch.empty_like(t) if (t is not None and needed) else None
+
+
+class ExpertLinearFunction(torch.autograd.Function):
+    """``y = ExpertLinearFunction.apply(x, ids, gates, lora_A, lora_B, w0, w1, scaling,
+    input_order, output_order, strategy)``.
+
+    ``w0, w1`` are ``(packed, scales)`` for MXFP4 weights or ``(W, None)`` for bf16 weights.
+    ``gates`` (``[T, k]`` or None) combine the per-slot outputs into ``[T, N]`` (needs
+    ``output_order="scattered"``); without gates the output is ``[T*k, N]``. Gradients flow to
+    ``x``, ``gates``, ``lora_A`` and ``lora_B``; the frozen weights get none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, ids, gates, lora_a, lora_b, w0, w1, scaling, input_order, output_order, strategy):
+        x = x.contiguous()
+        ids = ids.contiguous()
+        gates = gates.contiguous() if gates is not None else None
+        lora_a = lora_a.contiguous() if lora_a is not None else None
+        lora_b = lora_b.contiguous() if lora_b is not None else None
+        e, n, _ = _weights_shape(w0, w1)
+        t, k = (ids.shape[0], ids.shape[1]) if ids.dim() == 2 else (ids.shape[0], 1)
+        rows = t if gates is not None else t * k
+        out = torch.empty((rows, n), dtype=torch.bfloat16, device=x.device)
+        keep = any(ctx.needs_input_grad)
+        state = _native.linear_forward(
+            _gpu(x.device),
+            _desc(x),
+            _desc(ids),
+            _weights_arg(w0, w1),
+            _desc(out),
+            lora=_lora_arg(lora_a, lora_b, e, scaling),
+            gates=_desc(gates) if gates is not None else None,
+            input_order=input_order,
+            output_order=output_order,
+            strategy=strategy,
+            keep_state=keep,
+        )
+        if keep:
+            ctx.state = state
+            # Keeps every borrowed buffer alive (and version-checked) until backward.
+            ctx.save_for_backward(x, ids, gates, lora_a, lora_b, w0, w1)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, _ids, gates, lora_a, lora_b, _w0, _w1 = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16).contiguous()
+        need = ctx.needs_input_grad
+        dx = torch.empty_like(x)
+        d_gates = _empty_like_or_none(gates, True)
+        da = _empty_like_or_none(lora_a, True)
+        db = _empty_like_or_none(lora_b, True)
+        # The native state is consumed (a second backward raises MxmoeError: no retain_graph).
+        _native.linear_backward(
+            _gpu(dy.device),
+            ctx.state,
+            _desc(dy),
+            _desc(dx),
+            da=_desc(da) if da is not None else None,
+            db=_desc(db) if db is not None else None,
+            d_gates=_desc(d_gates) if d_gates is not None else None,
+        )
+        return (
+            dx if need[0] else None,
+            None,
+            d_gates if need[2] else None,
+            da if need[3] else None,
+            db if need[4] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def expert_linear(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: Weights,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    gates: Optional[torch.Tensor] = None,
+    input_order: str = "scattered",
+    output_order: str = "scattered",
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """The LoRA-fused expert linear (one projection). ``weights`` is ``(packed, scales)`` (MXFP4)
+    or a bf16 ``[E, N, K]`` tensor. See ``ExpertLinearFunction``."""
+    w0, w1 = _split_weights(weights)
+    return ExpertLinearFunction.apply(
+        x, ids, gates, lora_A, lora_B, w0, w1, scaling, input_order, output_order, strategy
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The gated MoE block.
+
+
+class MoeBlockFunction(torch.autograd.Function):
+    """``y = MoeBlockFunction.apply(x, ids, gates, gu_A, gu_B, dn_A, dn_B, gu_w0, gu_w1, dn_w0,
+    dn_w1, gu_scaling, dn_scaling, limit, strategy)``: the gated SwiGLU MoE MLP,
+    ``y[t] = sum_j gates[t, j] * down_e(silu(g) * u)`` with ``[g | u] = gate_up_e(x[t])`` (gate
+    half first), ``e = ids[t, j]``. ``gate_up [E, 2I, H]``, ``down [E, H, I]``."""
+
+    @staticmethod
+    def forward(ctx, x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu_w0, gu_w1, dn_w0, dn_w1,
+                gu_scaling, dn_scaling, limit, strategy):
+        x = x.contiguous()
+        ids = ids.contiguous()
+        gates = gates.contiguous()
+        gu_a, gu_b, dn_a, dn_b = (t.contiguous() if t is not None else None for t in (gu_a, gu_b, dn_a, dn_b))
+        e, _, h = _weights_shape(gu_w0, gu_w1)
+        out = torch.empty((x.shape[0], h), dtype=torch.bfloat16, device=x.device)
+        keep = any(ctx.needs_input_grad)
+        state = _native.moe_forward(
+            _gpu(x.device),
+            _desc(x),
+            _desc(ids),
+            _desc(gates),
+            _weights_arg(gu_w0, gu_w1),
+            _weights_arg(dn_w0, dn_w1),
+            _desc(out),
+            lora_gate_up=_lora_arg(gu_a, gu_b, e, gu_scaling),
+            lora_down=_lora_arg(dn_a, dn_b, e, dn_scaling),
+            limit=limit,
+            strategy=strategy,
+            keep_state=keep,
+        )
+        if keep:
+            ctx.state = state
+            ctx.save_for_backward(x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu_w0, gu_w1, dn_w0, dn_w1)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, _ids, gates, gu_a, gu_b, dn_a, dn_b, *_w = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16).contiguous()
+        need = ctx.needs_input_grad
+        dx = torch.empty_like(x)
+        d_gates = torch.empty_like(gates)
+        grads = [_empty_like_or_none(t, True) for t in (gu_a, gu_b, dn_a, dn_b)]
+        _native.moe_backward(
+            _gpu(dy.device),
+            ctx.state,
+            _desc(dy),
+            _desc(dx),
+            _desc(d_gates),
+            gate_up_da=_desc(grads[0]) if grads[0] is not None else None,
+            gate_up_db=_desc(grads[1]) if grads[1] is not None else None,
+            down_da=_desc(grads[2]) if grads[2] is not None else None,
+            down_db=_desc(grads[3]) if grads[3] is not None else None,
+        )
+        return (
+            dx if need[0] else None,
+            None,
+            d_gates if need[2] else None,
+            *(g if need[3 + i] else None for i, g in enumerate(grads)),
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def moe_block(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    gates: torch.Tensor,
+    gate_up: Weights,
+    down: Weights,
+    gate_up_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    down_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    limit: Optional[float] = None,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """The gated MoE MLP block. ``*_lora`` are ``(A, B, scaling)``. See ``MoeBlockFunction``."""
+    gu0, gu1 = _split_weights(gate_up)
+    dn0, dn1 = _split_weights(down)
+    gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 1.0)
+    dn_a, dn_b, dn_s = down_lora if down_lora is not None else (None, None, 1.0)
+    return MoeBlockFunction.apply(
+        x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu0, gu1, dn0, dn1, gu_s, dn_s, limit, strategy
+    )
+
+
+def route_topk(logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router: ``(ids [T, k] int64, gates [T, k] bf16)``, gates renormalised over the
+    chosen experts (differentiable with respect to ``logits``)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    vals, ids = torch.topk(probs, top_k, dim=-1)
+    gates = vals / vals.sum(dim=-1, keepdim=True)
+    return ids, gates.to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+def _lora_params(experts, rank, k, n, device):
+    a = torch.empty((experts * rank, k), dtype=torch.bfloat16, device=device)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    b = torch.zeros((n, experts * rank), dtype=torch.bfloat16, device=device)
+    return torch.nn.Parameter(a), torch.nn.Parameter(b)
+
+
+class MxExpertLinear(torch.nn.Module):
+    """One MoE expert projection with frozen MXFP4 experts ``W [E, N, K]`` (buffers ``packed``,
+    ``scales``) and trainable expert-major LoRA ``lora_A [E*r, K]``, ``lora_B [N, E*r]``
+    (bf16 parameters; B starts at zero as in peft), scaling ``lora_alpha / r``."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int = 8,
+                 lora_alpha: Optional[float] = None, strategy: str = "auto", device=None):
+        super().__init__()
+        e, k, n = num_experts, in_features, out_features
+        if k % 32 != 0:
+            raise MxmoeError(f"K = {k} is not a multiple of the MX block size 32")
+        self.num_experts, self.in_features, self.out_features = e, k, n
+        self.rank, self.strategy = rank, strategy
+        self.scaling = (lora_alpha if lora_alpha is not None else rank) / max(rank, 1)
+        self.register_buffer("packed", torch.zeros((e, n, k // 2), dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.full((e, n, k // 32), 127, dtype=torch.uint8, device=device))
+        if rank > 0:
+            self.lora_A, self.lora_B = _lora_params(e, rank, k, n, device)
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, rank: int = 8, lora_alpha: Optional[float] = None,
+                    strategy: str = "auto") -> "MxExpertLinear":
+        """Quantizes ``w [E, N, K]`` (bit-exact torchao) into a new module on ``w``'s device."""
+        e, n, k = w.shape
+        m = cls(e, k, n, rank, lora_alpha, strategy, device=w.device)
+        m.packed, m.scales = quantize(w)
+        return m
+
+    def forward(self, x, ids, gates=None, input_order="scattered", output_order="scattered"):
+        return expert_linear(x, ids, (self.packed, self.scales), self.lora_A, self.lora_B,
+                             self.scaling, gates, input_order, output_order, self.strategy)
+
+    def extra_repr(self):
+        return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
+                f"rank={self.rank}, scaling={self.scaling}, strategy={self.strategy!r}")
+
+
+class MxMoeBlock(torch.nn.Module):
+    """The gated SwiGLU MoE MLP with frozen MXFP4 experts ``gate_up [E, 2I, H]`` and
+    ``down [E, H, I]`` and LoRA on both projections. ``forward(x, ids, gates)``; the router
+    (e.g. ``route_topk``) is the caller's."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, rank: int = 8,
+                 lora_alpha: Optional[float] = None, limit: Optional[float] = None,
+                 strategy: str = "auto", device=None):
+        super().__init__()
+        self.gate_up = MxExpertLinear(num_experts, hidden, 2 * intermediate, rank, lora_alpha, strategy, device)
+        self.down = MxExpertLinear(num_experts, intermediate, hidden, rank, lora_alpha, strategy, device)
+        self.limit, self.strategy = limit, strategy
+
+    @classmethod
+    def from_weights(cls, gate_up: torch.Tensor, down: torch.Tensor, rank: int = 8,
+                     lora_alpha: Optional[float] = None, limit: Optional[float] = None,
+                     strategy: str = "auto") -> "MxMoeBlock":
+        e, two_i, h = gate_up.shape
+        m = cls(e, h, two_i // 2, rank, lora_alpha, limit, strategy, device=gate_up.device)
+        m.gate_up.packed, m.gate_up.scales = quantize(gate_up)
+        m.down.packed, m.down.scales = quantize(down)
+        return m
+
+    def forward(self, x, ids, gates):
+        gu, dn = self.gate_up, self.down
+        gu_lora = (gu.lora_A, gu.lora_B, gu.scaling) if gu.rank > 0 else None
+        dn_lora = (dn.lora_A, dn.lora_B, dn.scaling) if dn.rank > 0 else None
+        return moe_block(x, ids, gates, (gu.packed, gu.scales), (dn.packed, dn.scales),
+                         gu_lora, dn_lora, self.limit, self.strategy)

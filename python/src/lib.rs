@@ -1,0 +1,832 @@
+//! `mxmoe._native`: the Python extension module behind the `mxmoe` package.
+//!
+//! CPU functions (MXFP4 quantize / dequantize, the safetensors reader) take and return `bytes`.
+//! GPU functions take tensors as descriptors `(data_ptr, shape, strides, dtype, device)` (built
+//! by `mxmoe.autograd` from torch tensors; `device` is the CUDA ordinal, `-1` for host memory),
+//! run on a [`PyGpu`] opened on the caller's stream, and copy their results device-to-device
+//! into output tensors the caller allocated. Every mxmoe error is raised as `MxmoeError` (or
+//! `NoDeviceError` when there is no driver or device) with the library's own message.
+//!
+//! Saved state between forward and backward lives in [`LinearState`] / [`MoeState`]: the
+//! library's `Saved` records borrow the inputs, so each state owns the (borrowed, never freed)
+//! input wrappers in a box and the record that borrows them, dropped record first.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+use pyo3::create_exception;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use mxmoe::Error;
+use mxmoe::checkpoint::Checkpoint;
+use mxmoe::device::{Borrowed, Gpu, borrow_lora, check_device_tensor};
+use mxmoe::kernels::routing::DeviceIds;
+use mxmoe::moe::{self, MoeBlock, MoeSaved};
+use mxmoe::mxfp4::{
+    MxShape, MxWeights, dequantize_bf16, dequantize_f32, quantize_mxfp4, quantize_mxfp4_bf16,
+};
+use mxmoe::op::{
+    self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
+    Saved, Strategy,
+};
+use mxmoe::routing::DeviceRouting;
+use mxmoe::tensor::{DType, DeviceLoc, TensorMeta};
+
+create_exception!(
+    _native,
+    MxmoeError,
+    PyRuntimeError,
+    "An error reported by the mxmoe library (the message is the library's)."
+);
+create_exception!(
+    _native,
+    NoDeviceError,
+    MxmoeError,
+    "No CUDA driver, or no such CUDA device."
+);
+
+fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::NoDriver | Error::NoDevice { .. } => NoDeviceError::new_err(e.to_string()),
+        e => MxmoeError::new_err(e.to_string()),
+    }
+}
+
+fn invalid(what: &'static str, detail: impl Into<String>) -> PyErr {
+    to_py(Error::InvalidArgument {
+        what,
+        detail: detail.into(),
+    })
+}
+
+type PyRes<T> = PyResult<T>;
+
+// ----------------------------------------------------------------------------------------------
+// CPU: quantizer, dequantizer, safetensors reader.
+
+/// Quantizes `[experts, n, k]` values (little-endian `f32` or `bf16` bytes) to MXFP4, bit-exact
+/// with torchao 0.17.0 FLOOR mode. Returns `(packed [E, N, K/2], scales [E, N, K/32])` as bytes.
+#[pyfunction]
+#[pyo3(signature = (data, experts, n, k, dtype = "f32"))]
+fn quantize_mxfp4_bytes<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    experts: usize,
+    n: usize,
+    k: usize,
+    dtype: &str,
+) -> PyRes<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let w = match dtype {
+        "f32" => {
+            if !data.len().is_multiple_of(4) {
+                return Err(invalid(
+                    "values",
+                    format!("{} bytes is not a whole number of f32", data.len()),
+                ));
+            }
+            let v: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            quantize_mxfp4(&v, experts, n, k)
+        }
+        "bf16" => {
+            if !data.len().is_multiple_of(2) {
+                return Err(invalid(
+                    "values",
+                    format!("{} bytes is not a whole number of bf16", data.len()),
+                ));
+            }
+            let v: Vec<u16> = data
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            quantize_mxfp4_bf16(&v, experts, n, k)
+        }
+        other => {
+            return Err(invalid(
+                "dtype",
+                format!("expected \"f32\" or \"bf16\", got {other:?}"),
+            ));
+        }
+    }
+    .map_err(|e| to_py(e.into()))?;
+    Ok((PyBytes::new(py, w.packed()), PyBytes::new(py, w.scales())))
+}
+
+/// Dequantizes MXFP4 bytes `(packed [E, N, K/2], scales [E, N, K/32])` to `[E, N, K]`
+/// little-endian `bf16` (default) or `f32` bytes, bit-exact with torchao.
+#[pyfunction]
+#[pyo3(signature = (packed, scales, experts, n, k, dtype = "bf16"))]
+fn dequantize_mxfp4_bytes<'py>(
+    py: Python<'py>,
+    packed: &[u8],
+    scales: &[u8],
+    experts: usize,
+    n: usize,
+    k: usize,
+    dtype: &str,
+) -> PyRes<Bound<'py, PyBytes>> {
+    let shape = MxShape::new(experts, n, k).map_err(|e| to_py(e.into()))?;
+    let w = MxWeights::from_shape(shape, packed.to_vec(), scales.to_vec())
+        .map_err(|e| to_py(e.into()))?;
+    let bytes: Vec<u8> = match dtype {
+        "bf16" => dequantize_bf16(&w)
+            .into_iter()
+            .flat_map(u16::to_le_bytes)
+            .collect(),
+        "f32" => dequantize_f32(&w)
+            .into_iter()
+            .flat_map(f32::to_le_bytes)
+            .collect(),
+        other => {
+            return Err(invalid(
+                "dtype",
+                format!("expected \"bf16\" or \"f32\", got {other:?}"),
+            ));
+        }
+    };
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// Reads a safetensors file's bytes with mxmoe's reader: `{name: (dtype, shape, data)}` where
+/// `dtype` is the safetensors name (`"BF16"`, `"U8"`, …) and `data` the raw little-endian bytes.
+#[pyfunction]
+fn read_safetensors<'py>(py: Python<'py>, data: &[u8]) -> PyRes<Bound<'py, PyDict>> {
+    let ck = Checkpoint::parse(data).map_err(to_py)?;
+    let out = PyDict::new(py);
+    for name in ck.names() {
+        let v = ck.view(name).map_err(to_py)?;
+        let dtype = format!("{:?}", v.dtype());
+        out.set_item(
+            name,
+            (dtype, v.shape().to_vec(), PyBytes::new(py, v.data())),
+        )?;
+    }
+    Ok(out)
+}
+
+/// Whether libcuda can be loaded.
+#[pyfunction]
+fn driver_present() -> bool {
+    mxmoe::device::driver_present()
+}
+
+/// Number of CUDA devices (raises `NoDeviceError` without a driver).
+#[pyfunction]
+fn device_count() -> PyRes<usize> {
+    mxmoe::device::device_count().map_err(to_py)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tensor descriptors.
+
+/// A tensor as the caller declares it: device address and metadata.
+struct Desc {
+    ptr: u64,
+    meta: TensorMeta,
+}
+
+fn parse_dtype(name: &str) -> PyRes<DType> {
+    Ok(match name {
+        "u8" => DType::U8,
+        "e8m0" => DType::E8M0,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        "i32" => DType::I32,
+        "i64" => DType::I64,
+        other => return Err(invalid("dtype", format!("unsupported dtype {other:?}"))),
+    })
+}
+
+impl<'py> FromPyObject<'py> for Desc {
+    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyRes<Self> {
+        let (ptr, shape, strides, dtype, device): (u64, Vec<usize>, Vec<i64>, String, i64) =
+            ob.extract()?;
+        let strides = strides
+            .iter()
+            .map(|&s| usize::try_from(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| invalid("strides", format!("negative strides {strides:?}")))?;
+        let device = if device < 0 {
+            DeviceLoc::Cpu
+        } else {
+            DeviceLoc::Cuda(device as usize)
+        };
+        Ok(Desc {
+            ptr,
+            meta: TensorMeta {
+                dtype: parse_dtype(&dtype)?,
+                shape,
+                strides,
+                device,
+            },
+        })
+    }
+}
+
+/// Shape of a contiguous bf16 device tensor of rank `rank`.
+fn bf16_shape(tensor: &'static str, d: &Desc, rank: usize, gpu: &Gpu) -> PyRes<Vec<usize>> {
+    let shape = check_device_tensor(tensor, &d.meta, DType::BF16, gpu.ordinal()).map_err(to_py)?;
+    if shape.len() != rank {
+        return Err(to_py(Error::Shape {
+            tensor,
+            expected: format!("rank {rank}"),
+            actual: format!("{shape:?}"),
+        }));
+    }
+    Ok(shape)
+}
+
+/// A borrowed `[rows, cols]` bf16 matrix.
+fn borrow_matrix(tensor: &'static str, d: &Desc, gpu: &Gpu) -> PyRes<Borrowed<Bf16Matrix>> {
+    let s = bf16_shape(tensor, d, 2, gpu)?;
+    // SAFETY: the Python layer passes the data pointer of a live, contiguous torch tensor of this
+    // shape on this device and keeps it alive (ctx.save_for_backward or the call's frame).
+    unsafe { gpu.borrow_bf16_matrix(d.ptr, s[0], s[1]) }.map_err(to_py)
+}
+
+/// Copies `src` (at least `numel(dst)` elements) into the caller's output tensor `dst`, which
+/// must have shape `[rows, cols]`.
+fn copy_out(tensor: &'static str, gpu: &Gpu, src: &Bf16Matrix, dst: &Desc) -> PyRes<()> {
+    let shape = bf16_shape(tensor, dst, 2, gpu)?;
+    if shape != [src.rows(), src.cols()] {
+        return Err(to_py(Error::Shape {
+            tensor,
+            expected: format!("[{}, {}]", src.rows(), src.cols()),
+            actual: format!("{shape:?}"),
+        }));
+    }
+    copy_raw(gpu, src.data(), dst.ptr, src.rows() * src.cols())
+}
+
+fn copy_raw<T: DeviceRepr>(gpu: &Gpu, src: &CudaSlice<T>, dst: u64, len: usize) -> PyRes<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: `dst` is the data pointer of a live contiguous tensor of `len` elements (checked
+    // by the caller); the guard never frees it.
+    let mut out = unsafe { gpu.borrow_slice::<T>(dst, len) };
+    gpu.stream()
+        .memcpy_dtod(&src.slice(0..len), &mut *out)
+        .map_err(|e| to_py(Error::driver("copying an output")(e)))
+}
+
+/// Frozen expert weights: `("mxfp4", packed, scales)` or `("bf16", w)`.
+enum WeightsArg {
+    Mx(Desc, Desc),
+    Dense(Desc),
+}
+
+impl<'py> FromPyObject<'py> for WeightsArg {
+    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyRes<Self> {
+        let kind: String = ob.get_item(0)?.extract()?;
+        match kind.as_str() {
+            "mxfp4" => {
+                let (_, p, s): (String, Desc, Desc) = ob.extract()?;
+                Ok(WeightsArg::Mx(p, s))
+            }
+            "bf16" => {
+                let (_, w): (String, Desc) = ob.extract()?;
+                Ok(WeightsArg::Dense(w))
+            }
+            other => Err(invalid(
+                "expert weights",
+                format!(
+                    "expected (\"mxfp4\", packed, scales) or (\"bf16\", w), got kind {other:?}"
+                ),
+            )),
+        }
+    }
+}
+
+/// Borrowed expert weights.
+enum OwnedWeights {
+    Mx(Borrowed<MxExperts>),
+    Dense(Borrowed<DenseExperts>),
+}
+
+impl OwnedWeights {
+    fn borrow(arg: &WeightsArg, gpu: &Gpu) -> PyRes<Self> {
+        Ok(match arg {
+            WeightsArg::Mx(p, s) => {
+                // SAFETY: live torch tensors whose metadata is validated before wrapping.
+                OwnedWeights::Mx(
+                    unsafe { gpu.borrow_mx_experts(p.ptr, &p.meta, s.ptr, &s.meta) }
+                        .map_err(to_py)?,
+                )
+            }
+            WeightsArg::Dense(w) => {
+                let s = bf16_shape("expert weights", w, 3, gpu)?;
+                // SAFETY: a live contiguous bf16 torch tensor of this shape.
+                OwnedWeights::Dense(
+                    unsafe { gpu.borrow_dense_experts(w.ptr, s[0], s[1], s[2]) }.map_err(to_py)?,
+                )
+            }
+        })
+    }
+
+    fn get(&self) -> ExpertWeights<'_> {
+        match self {
+            OwnedWeights::Mx(w) => ExpertWeights::Mxfp4(w),
+            OwnedWeights::Dense(w) => ExpertWeights::Bf16(w),
+        }
+    }
+
+    fn experts(&self) -> usize {
+        match self {
+            OwnedWeights::Mx(w) => w.shape().experts(),
+            OwnedWeights::Dense(w) => w.shape().0,
+        }
+    }
+}
+
+/// LoRA factors: `(A [E·r, K], B [N, E·r], rank, scaling)`.
+type LoraArg = (Desc, Desc, usize, f32);
+
+fn borrow_lora_arg(arg: &LoraArg, gpu: &Gpu) -> PyRes<Borrowed<LoraWeights>> {
+    let (a, b, rank, scaling) = arg;
+    let sa = bf16_shape("lora_A", a, 2, gpu)?;
+    let sb = bf16_shape("lora_B", b, 2, gpu)?;
+    // SAFETY: live contiguous bf16 torch tensors of these shapes.
+    unsafe {
+        borrow_lora(
+            gpu,
+            a.ptr,
+            (sa[0], sa[1]),
+            b.ptr,
+            (sb[0], sb[1]),
+            *rank,
+            *scaling,
+        )
+    }
+    .map_err(to_py)
+}
+
+/// Routes `ids [T, k]` (i64 or i32, on the device) over `experts` experts.
+fn route(ids: &Desc, experts: usize, gpu: &Gpu) -> PyRes<DeviceRouting> {
+    let dtype = ids.meta.dtype;
+    if dtype != DType::I64 && dtype != DType::I32 {
+        return Err(invalid(
+            "expert ids",
+            format!("expected dtype i64 or i32, got {dtype}"),
+        ));
+    }
+    let shape =
+        check_device_tensor("expert ids", &ids.meta, dtype, gpu.ordinal()).map_err(to_py)?;
+    if shape.len() != 2 {
+        return Err(to_py(Error::Shape {
+            tensor: "expert ids",
+            expected: "[T, top_k]".into(),
+            actual: format!("{shape:?}"),
+        }));
+    }
+    let (t, k) = (shape[0], shape[1]);
+    if t * k == 0 {
+        return DeviceRouting::from_host_ids(gpu, &[], t, k, experts).map_err(to_py);
+    }
+    match dtype {
+        DType::I64 => {
+            // SAFETY: a live contiguous id tensor of `t·k` elements; only read by the routing
+            // kernels, queued on this stream before the tensor can be released.
+            let s = unsafe { gpu.borrow_slice::<i64>(ids.ptr, t * k) };
+            DeviceRouting::from_device_ids(gpu, DeviceIds::I64(&s), t, k, experts)
+        }
+        _ => {
+            // SAFETY: as above, for i32 ids.
+            let s = unsafe { gpu.borrow_slice::<i32>(ids.ptr, t * k) };
+            DeviceRouting::from_device_ids(gpu, DeviceIds::I32(&s), t, k, experts)
+        }
+    }
+    .map_err(to_py)
+}
+
+fn parse_order(name: &str, what: &'static str) -> PyRes<RowOrder> {
+    match name {
+        "scattered" => Ok(RowOrder::Scattered),
+        "grouped" => Ok(RowOrder::Grouped),
+        other => Err(invalid(
+            what,
+            format!("expected \"scattered\" or \"grouped\", got {other:?}"),
+        )),
+    }
+}
+
+fn parse_strategy(name: &str) -> PyRes<Strategy> {
+    match name {
+        "auto" => Ok(Strategy::Auto),
+        "fused" => Ok(Strategy::Fused),
+        "selective" => Ok(Strategy::SelectiveDequant),
+        other => Err(invalid(
+            "strategy",
+            format!("expected \"auto\", \"fused\" or \"selective\", got {other:?}"),
+        )),
+    }
+}
+
+fn strategy_name(s: Strategy) -> &'static str {
+    match s {
+        Strategy::Auto => "auto",
+        Strategy::Fused => "fused",
+        Strategy::SelectiveDequant => "selective",
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The device.
+
+/// A CUDA device opened on the caller's stream (`torch.cuda.current_stream().cuda_stream`), in
+/// the device's primary context (the one PyTorch uses). Launches are ordered on that stream; no
+/// synchronisation is added.
+#[pyclass(name = "Gpu", frozen, module = "mxmoe._native")]
+struct PyGpu {
+    gpu: Gpu,
+    stream: usize,
+}
+
+#[pymethods]
+impl PyGpu {
+    /// Opens device `ordinal` on stream `stream` (a `CUstream` as an integer; 0 = legacy
+    /// default stream). The stream must outlive this object and every state made with it.
+    #[new]
+    fn new(ordinal: usize, stream: usize) -> PyRes<Self> {
+        // SAFETY: the Python layer passes a torch stream of this device, which torch keeps
+        // alive (streams from torch's pool are never destroyed).
+        let gpu = unsafe { Gpu::open_on_stream(ordinal, stream) }.map_err(to_py)?;
+        Ok(Self { gpu, stream })
+    }
+
+    /// The same device and module on another stream (cheap).
+    fn on_stream(&self, stream: usize) -> Self {
+        // SAFETY: as for `new`.
+        let gpu = unsafe { self.gpu.on_stream(stream) };
+        Self { gpu, stream }
+    }
+
+    /// Device ordinal.
+    #[getter]
+    fn ordinal(&self) -> usize {
+        self.gpu.ordinal()
+    }
+
+    /// The stream handle.
+    #[getter]
+    fn stream(&self) -> usize {
+        self.stream
+    }
+
+    /// Device name.
+    #[getter]
+    fn name(&self) -> String {
+        self.gpu.limits().name.clone()
+    }
+
+    /// Waits for all work on the stream.
+    fn synchronize(&self) -> PyRes<()> {
+        self.gpu.synchronize().map_err(to_py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "mxmoe.Gpu(ordinal={}, name={:?}, stream={:#x})",
+            self.gpu.ordinal(),
+            self.gpu.limits().name,
+            self.stream
+        )
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// The expert linear.
+
+/// What a linear's saved record borrows: borrowed inputs and the routing.
+struct LinearInputs {
+    x: Borrowed<Bf16Matrix>,
+    routing: DeviceRouting,
+    gates: Option<Borrowed<Bf16Matrix>>,
+    weights: OwnedWeights,
+    lora: Option<Borrowed<LoraWeights>>,
+}
+
+/// A saved record and what it borrows. Field order matters: `saved` borrows `*inputs` and is
+/// dropped first.
+struct LinearSavedBox {
+    saved: Saved<'static>,
+    /// Never read: kept alive (and dropped after `saved`) because `saved` borrows it.
+    #[allow(dead_code)]
+    inputs: Box<LinearInputs>,
+    has_gates: bool,
+    has_lora: bool,
+}
+
+/// The state one expert-linear forward leaves for its backward (consumed by the backward).
+#[pyclass(frozen, module = "mxmoe._native")]
+struct LinearState {
+    inner: Mutex<Option<LinearSavedBox>>,
+    strategy: Strategy,
+}
+
+#[pymethods]
+impl LinearState {
+    /// The path the forward ran: `"fused"` or `"selective"`.
+    #[getter]
+    fn strategy(&self) -> &'static str {
+        strategy_name(self.strategy)
+    }
+
+    /// Frees the saved intermediates now (idempotent).
+    fn release(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Forward of the LoRA-fused expert linear. Writes the output (`[T, N]` with gates, else
+/// `[T·k, N]`) into `out`; returns the state for [`linear_backward`] when `keep_state`.
+#[pyfunction]
+#[pyo3(signature = (gpu, x, ids, weights, out, *, lora = None, gates = None,
+                    input_order = "scattered", output_order = "scattered",
+                    strategy = "auto", keep_state = true))]
+#[allow(clippy::too_many_arguments)]
+fn linear_forward(
+    gpu: &PyGpu,
+    x: Desc,
+    ids: Desc,
+    weights: WeightsArg,
+    out: Desc,
+    lora: Option<LoraArg>,
+    gates: Option<Desc>,
+    input_order: &str,
+    output_order: &str,
+    strategy: &str,
+    keep_state: bool,
+) -> PyRes<Option<LinearState>> {
+    let g = &gpu.gpu;
+    let input_order = parse_order(input_order, "input_order")?;
+    let output_order = parse_order(output_order, "output_order")?;
+    let strategy = parse_strategy(strategy)?;
+    let weights = OwnedWeights::borrow(&weights, g)?;
+    let inputs = Box::new(LinearInputs {
+        x: borrow_matrix("x", &x, g)?,
+        routing: route(&ids, weights.experts(), g)?,
+        gates: gates
+            .as_ref()
+            .map(|d| borrow_matrix("gates", d, g))
+            .transpose()?,
+        lora: lora.as_ref().map(|l| borrow_lora_arg(l, g)).transpose()?,
+        weights,
+    });
+    // SAFETY: `inputs` is boxed (its address is stable) and kept next to the record in
+    // `LinearSavedBox`, which drops the record first; nothing mutates `*inputs` meanwhile.
+    let r: &'static LinearInputs = unsafe { &*(inputs.as_ref() as *const LinearInputs) };
+    let layer = ExpertLinear::new(
+        r.weights.get(),
+        r.lora.as_deref(),
+        input_order,
+        output_order,
+    )
+    .with_strategy(strategy);
+    let (fwd, saved) = layer
+        .forward(g, &r.x, &r.routing, r.gates.as_deref())
+        .map_err(to_py)?;
+    copy_out("out", g, &fwd.out, &out)?;
+    if !keep_state {
+        return Ok(None);
+    }
+    Ok(Some(LinearState {
+        strategy: fwd.strategy,
+        inner: Mutex::new(Some(LinearSavedBox {
+            has_gates: inputs.gates.is_some(),
+            has_lora: inputs.lora.is_some(),
+            saved,
+            inputs,
+        })),
+    }))
+}
+
+/// Backward of the expert linear: writes `dx` (shape of `x`) and, when the forward had them,
+/// `da`/`db` (shapes of LoRA A/B) and `d_gates` (shape of gates). Consumes the state.
+#[pyfunction]
+#[pyo3(signature = (gpu, state, dy, dx, *, da = None, db = None, d_gates = None))]
+fn linear_backward(
+    gpu: &PyGpu,
+    state: &LinearState,
+    dy: Desc,
+    dx: Desc,
+    da: Option<Desc>,
+    db: Option<Desc>,
+    d_gates: Option<Desc>,
+) -> PyRes<()> {
+    let g = &gpu.gpu;
+    let held = state
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| {
+            invalid(
+                "saved state",
+                "already used by a backward pass or released (retain_graph is not supported)",
+            )
+        })?;
+    let dy = borrow_matrix("dy", &dy, g)?;
+    let grads = op::backward(g, &held.saved, &dy).map_err(to_py)?;
+    copy_out("dx", g, &grads.dx, &dx)?;
+    if held.has_lora {
+        if let (Some(src), Some(dst)) = (&grads.da, &da) {
+            copy_out("da", g, src, dst)?;
+        }
+        if let (Some(src), Some(dst)) = (&grads.db, &db) {
+            copy_out("db", g, src, dst)?;
+        }
+    }
+    if let (true, Some(src), Some(dst)) = (held.has_gates, &grads.d_gates, &d_gates) {
+        copy_out("d_gates", g, src, dst)?;
+    }
+    // The record and the borrowed inputs are released here (the record first); the frees of
+    // mxmoe's own buffers are stream-ordered after the copies above.
+    drop(held);
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------
+// The MoE block.
+
+struct MoeInputs {
+    x: Borrowed<Bf16Matrix>,
+    routing: DeviceRouting,
+    gates: Borrowed<Bf16Matrix>,
+    gate_up: OwnedWeights,
+    down: OwnedWeights,
+    lora_gate_up: Option<Borrowed<LoraWeights>>,
+    lora_down: Option<Borrowed<LoraWeights>>,
+}
+
+/// Field order matters: `saved` borrows `*inputs` and is dropped first.
+struct MoeSavedBox {
+    saved: MoeSaved<'static>,
+    /// Never read: kept alive (and dropped after `saved`) because `saved` borrows it.
+    #[allow(dead_code)]
+    inputs: Box<MoeInputs>,
+}
+
+/// The state one MoE-block forward leaves for its backward (consumed by the backward).
+#[pyclass(frozen, module = "mxmoe._native")]
+struct MoeState {
+    inner: Mutex<Option<MoeSavedBox>>,
+    strategies: (Strategy, Strategy),
+}
+
+#[pymethods]
+impl MoeState {
+    /// The paths the forward ran for `(gate_up, down)`.
+    #[getter]
+    fn strategies(&self) -> (&'static str, &'static str) {
+        (
+            strategy_name(self.strategies.0),
+            strategy_name(self.strategies.1),
+        )
+    }
+
+    /// Frees the saved intermediates now (idempotent).
+    fn release(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// Forward of the gated MoE MLP block (SwiGLU): `y [T, H]` into `out`.
+#[pyfunction]
+#[pyo3(signature = (gpu, x, ids, gates, gate_up, down, out, *, lora_gate_up = None,
+                    lora_down = None, limit = None, strategy = "auto", keep_state = true))]
+#[allow(clippy::too_many_arguments)]
+fn moe_forward(
+    gpu: &PyGpu,
+    x: Desc,
+    ids: Desc,
+    gates: Desc,
+    gate_up: WeightsArg,
+    down: WeightsArg,
+    out: Desc,
+    lora_gate_up: Option<LoraArg>,
+    lora_down: Option<LoraArg>,
+    limit: Option<f32>,
+    strategy: &str,
+    keep_state: bool,
+) -> PyRes<Option<MoeState>> {
+    let g = &gpu.gpu;
+    let strategy = parse_strategy(strategy)?;
+    let gate_up = OwnedWeights::borrow(&gate_up, g)?;
+    let down = OwnedWeights::borrow(&down, g)?;
+    let inputs = Box::new(MoeInputs {
+        x: borrow_matrix("x", &x, g)?,
+        routing: route(&ids, gate_up.experts(), g)?,
+        gates: borrow_matrix("gates", &gates, g)?,
+        lora_gate_up: lora_gate_up
+            .as_ref()
+            .map(|l| borrow_lora_arg(l, g))
+            .transpose()?,
+        lora_down: lora_down
+            .as_ref()
+            .map(|l| borrow_lora_arg(l, g))
+            .transpose()?,
+        gate_up,
+        down,
+    });
+    // SAFETY: as in `linear_forward`: boxed, kept beside the record, dropped after it.
+    let r: &'static MoeInputs = unsafe { &*(inputs.as_ref() as *const MoeInputs) };
+    let block = MoeBlock {
+        gate_up: r.gate_up.get(),
+        down: r.down.get(),
+        lora_gate_up: r.lora_gate_up.as_deref(),
+        lora_down: r.lora_down.as_deref(),
+        limit,
+        strategy,
+    };
+    let (y, saved) = block
+        .forward(g, &r.x, &r.routing, &r.gates)
+        .map_err(to_py)?;
+    copy_out("out", g, &y, &out)?;
+    if !keep_state {
+        return Ok(None);
+    }
+    Ok(Some(MoeState {
+        strategies: saved.strategies(),
+        inner: Mutex::new(Some(MoeSavedBox { saved, inputs })),
+    }))
+}
+
+/// Backward of the MoE block: writes `dx [T, H]`, `d_gates [T, k]` and the LoRA gradients of
+/// the projections that have LoRA. Consumes the state.
+#[pyfunction]
+#[pyo3(signature = (gpu, state, dy, dx, d_gates, *, gate_up_da = None, gate_up_db = None,
+                    down_da = None, down_db = None))]
+#[allow(clippy::too_many_arguments)]
+fn moe_backward(
+    gpu: &PyGpu,
+    state: &MoeState,
+    dy: Desc,
+    dx: Desc,
+    d_gates: Desc,
+    gate_up_da: Option<Desc>,
+    gate_up_db: Option<Desc>,
+    down_da: Option<Desc>,
+    down_db: Option<Desc>,
+) -> PyRes<()> {
+    let g = &gpu.gpu;
+    let held = state
+        .inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| {
+            invalid(
+                "saved state",
+                "already used by a backward pass or released (retain_graph is not supported)",
+            )
+        })?;
+    let dy = borrow_matrix("dy", &dy, g)?;
+    let grads = moe::backward(g, &held.saved, &dy).map_err(to_py)?;
+    copy_out("dx", g, &grads.dx, &dx)?;
+    copy_out("d_gates", g, &grads.d_gates, &d_gates)?;
+    if let Some(l) = &grads.gate_up {
+        if let Some(d) = &gate_up_da {
+            copy_out("gate_up da", g, &l.da, d)?;
+        }
+        if let Some(d) = &gate_up_db {
+            copy_out("gate_up db", g, &l.db, d)?;
+        }
+    }
+    if let Some(l) = &grads.down {
+        if let Some(d) = &down_da {
+            copy_out("down da", g, &l.da, d)?;
+        }
+        if let Some(d) = &down_db {
+            copy_out("down db", g, &l.db, d)?;
+        }
+    }
+    drop(held);
+    Ok(())
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyRes<()> {
+    let py = m.py();
+    m.add("MxmoeError", py.get_type::<MxmoeError>())?;
+    m.add("NoDeviceError", py.get_type::<NoDeviceError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(quantize_mxfp4_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_mxfp4_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(read_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(driver_present, m)?)?;
+    m.add_function(wrap_pyfunction!(device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(moe_backward, m)?)?;
+    m.add_class::<PyGpu>()?;
+    m.add_class::<LinearState>()?;
+    m.add_class::<MoeState>()?;
+    Ok(())
+}
