@@ -752,10 +752,10 @@ impl<'a> ExpertLinear<'a> {
         let (out, xa, expanded) =
             forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
         let mut compact = compact;
-        if self.dequant_buffer == DequantBuffer::Recompute {
-            if let Some(c) = compact.as_mut() {
-                c.weights = None;
-            }
+        if self.dequant_buffer == DequantBuffer::Recompute
+            && let Some(c) = compact.as_mut()
+        {
+            c.weights = None;
         }
         Ok((
             Forward { out, strategy },

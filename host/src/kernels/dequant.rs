@@ -25,7 +25,7 @@ pub fn dequant_mxfp4_bf16(
     k: usize,
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
-    if n == 0 || k == 0 || k % MX_BLOCK != 0 {
+    if n == 0 || k == 0 || !k.is_multiple_of(MX_BLOCK) {
         return Err(Error::InvalidArgument {
             what: "dequant shape",
             detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}"),

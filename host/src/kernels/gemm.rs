@@ -126,7 +126,7 @@ impl MxOperand<'_> {
         } else {
             (k_red, n_out)
         };
-        if self.n != want_n || self.k != want_k || self.k % 32 != 0 {
+        if self.n != want_n || self.k != want_k || !self.k.is_multiple_of(32) {
             return Err(Error::InvalidArgument {
                 what: "MXFP4 weights",
                 detail: format!(
@@ -205,7 +205,11 @@ fn check_common(routing: &RoutingView<'_>) -> Result<()> {
 pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let r = &args.routing;
     check_common(r)?;
-    if args.k_red == 0 || args.k_red % 8 != 0 || args.n_out == 0 || args.n_out % 8 != 0 {
+    if args.k_red == 0
+        || !args.k_red.is_multiple_of(8)
+        || args.n_out == 0
+        || !args.n_out.is_multiple_of(8)
+    {
         return Err(Error::InvalidArgument {
             what: "GEMM shape",
             detail: format!(
@@ -353,7 +357,7 @@ pub fn lora_down(
 ) -> Result<()> {
     check_common(&routing)?;
     let (r_pad, idx) = padded_rank(rank)?;
-    if width == 0 || width % 8 != 0 {
+    if width == 0 || !width.is_multiple_of(8) {
         return Err(Error::InvalidArgument {
             what: "LoRA product width",
             detail: format!("{width} is not a positive multiple of 8"),
@@ -375,7 +379,11 @@ pub fn lora_down(
     // gather it element by element.
     let (layout, name) = if m.stride_k == 1 {
         (BLayout::NkBf16, names::LORA_DOWN_NK[idx])
-    } else if m.stride_n == 1 && rank % 8 == 0 && m.stride_e % 8 == 0 && m.stride_k % 8 == 0 {
+    } else if m.stride_n == 1
+        && rank.is_multiple_of(8)
+        && m.stride_e.is_multiple_of(8)
+        && m.stride_k.is_multiple_of(8)
+    {
         (BLayout::KnBf16, names::LORA_DOWN_KN[idx])
     } else {
         (BLayout::Strided, names::LORA_DOWN[idx])
@@ -438,7 +446,7 @@ pub fn gram(
         return super::fill_bytes(gpu, out, 0);
     }
     let (r_pad, idx) = padded_rank(rank)?;
-    if width == 0 || width % 8 != 0 || rank == 0 {
+    if width == 0 || !width.is_multiple_of(8) || rank == 0 {
         return Err(Error::InvalidArgument {
             what: "Gram shape",
             detail: format!(

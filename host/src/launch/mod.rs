@@ -105,7 +105,7 @@ impl Gpu {
                 limit: limits.max_smem_per_block_optin,
             });
         }
-        if spec.threads == 0 || spec.threads > 1024 || spec.threads % 32 != 0 {
+        if spec.threads == 0 || spec.threads > 1024 || !spec.threads.is_multiple_of(32) {
             return Err(Error::InvalidArgument {
                 what: "block size",
                 detail: format!(

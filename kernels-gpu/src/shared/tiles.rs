@@ -99,12 +99,12 @@ impl TileConfig {
     pub const fn validate(&self) -> Result<(), TileError> {
         if self.warps_m == 0
             || self.warps_n == 0
-            || self.bm % (16 * self.warps_m) != 0
-            || self.bn % (16 * self.warps_n) != 0
+            || !self.bm.is_multiple_of(16 * self.warps_m)
+            || !self.bn.is_multiple_of(16 * self.warps_n)
         {
             return Err(TileError::WarpTile);
         }
-        if self.bk % 32 != 0 || self.bk == 0 || self.bk > 64 {
+        if !self.bk.is_multiple_of(32) || self.bk == 0 || self.bk > 64 {
             return Err(TileError::Bk);
         }
         if self.stages < 2 || self.stages > 4 {
@@ -113,10 +113,10 @@ impl TileConfig {
         // Each thread moves whole 16-byte chunks of both bf16 operand tiles.
         let chunks_a = self.bm * self.bk / 8;
         let chunks_b = self.bn * self.bk / 8;
-        if chunks_a % self.threads() != 0 && self.threads() % chunks_a != 0 {
+        if !chunks_a.is_multiple_of(self.threads()) && !self.threads().is_multiple_of(chunks_a) {
             return Err(TileError::LoaderSplit);
         }
-        if chunks_b % self.threads() != 0 && self.threads() % chunks_b != 0 {
+        if !chunks_b.is_multiple_of(self.threads()) && !self.threads().is_multiple_of(chunks_b) {
             return Err(TileError::LoaderSplit);
         }
         Ok(())
@@ -378,8 +378,12 @@ mod tests {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
                     assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
-                    assert!(p.b_offset % 128 == 0 && p.lora_right_offset % 16 == 0);
-                    assert!(p.decoded_offset % 128 == 0 && p.rows_offset % 128 == 0);
+                    assert!(
+                        p.b_offset.is_multiple_of(128) && p.lora_right_offset.is_multiple_of(16)
+                    );
+                    assert!(
+                        p.decoded_offset.is_multiple_of(128) && p.rows_offset.is_multiple_of(128)
+                    );
                     // Regions are disjoint: the decoded tile sits past the reused main/epilogue bytes.
                     let reused =
                         if p.epilogue_bytes > c.stages * (p.a_stage_bytes + p.b_stage_bytes) {
