@@ -6,8 +6,9 @@ torch's current stream of the tensors' device, in the device's primary context (
 uses), and no synchronisation is added (except ``strategy="auto"`` / ``"selective"`` with MXFP4
 weights, which read the per-expert row counts back to the host).
 
-Outputs and gradients are computed into mxmoe's own buffers and copied device-to-device into
-tensors allocated by torch (one extra copy per output; zero-copy output is not done yet).
+Outputs and gradients are computed into mxmoe's own buffers and handed to torch without a copy
+(DLPack capsules: torch's tensor keeps the buffer, which is freed, stream-ordered, when torch drops
+it).
 
 Conventions (as in the Rust library):
 
@@ -182,8 +183,10 @@ def _lora_arg(a, b, experts, scaling):
     return (_desc(a), _desc(b), a.shape[0] // max(experts, 1), float(scaling))
 
 
-def _empty_like_or_none(t: Optional[torch.Tensor], needed: bool):
-    return torch.empty_like(t) if (t is not None and needed) else None
+def _take(capsule) -> Optional[torch.Tensor]:
+    """A tensor over an output buffer mxmoe allocated (DLPack capsule, no copy), or ``None``.
+    The buffer is freed, ordered on its stream, when torch releases the tensor."""
+    return None if capsule is None else torch.from_dlpack(capsule)
 
 
 class ExpertLinearFunction(torch.autograd.Function):
@@ -203,17 +206,13 @@ class ExpertLinearFunction(torch.autograd.Function):
         gates = gates.contiguous() if gates is not None else None
         lora_a = lora_a.contiguous() if lora_a is not None else None
         lora_b = lora_b.contiguous() if lora_b is not None else None
-        e, n, _ = _weights_shape(w0, w1)
-        t, k = (ids.shape[0], ids.shape[1]) if ids.dim() == 2 else (ids.shape[0], 1)
-        rows = t if gates is not None else t * k
-        out = torch.empty((rows, n), dtype=torch.bfloat16, device=x.device)
+        e, _, _ = _weights_shape(w0, w1)
         keep = any(ctx.needs_input_grad)
-        state = _native.linear_forward(
+        out, state = _native.linear_forward(
             _gpu(x.device),
             _desc(x),
             _desc(ids),
             _weights_arg(w0, w1),
-            _desc(out),
             lora=_lora_arg(lora_a, lora_b, e, scaling),
             gates=_desc(gates) if gates is not None else None,
             input_order=input_order,
@@ -225,26 +224,16 @@ class ExpertLinearFunction(torch.autograd.Function):
             ctx.state = state
             # Keeps every borrowed buffer alive (and version-checked) until backward.
             ctx.save_for_backward(x, ids, gates, lora_a, lora_b, w0, w1)
-        return out
+        return _take(out)
 
     @staticmethod
     def backward(ctx, dy):
         x, _ids, gates, lora_a, lora_b, _w0, _w1 = ctx.saved_tensors
         dy = dy.to(torch.bfloat16).contiguous()
         need = ctx.needs_input_grad
-        dx = torch.empty_like(x)
-        d_gates = _empty_like_or_none(gates, True)
-        da = _empty_like_or_none(lora_a, True)
-        db = _empty_like_or_none(lora_b, True)
         # The native state is consumed (a second backward raises MxmoeError: no retain_graph).
-        _native.linear_backward(
-            _gpu(dy.device),
-            ctx.state,
-            _desc(dy),
-            _desc(dx),
-            da=_desc(da) if da is not None else None,
-            db=_desc(db) if db is not None else None,
-            d_gates=_desc(d_gates) if d_gates is not None else None,
+        dx, da, db, d_gates = (
+            _take(c) for c in _native.linear_backward(_gpu(dy.device), ctx.state, _desc(dy))
         )
         return (
             dx if need[0] else None,
@@ -298,17 +287,15 @@ class MoeBlockFunction(torch.autograd.Function):
         ids = ids.contiguous()
         gates = gates.contiguous()
         gu_a, gu_b, dn_a, dn_b = (t.contiguous() if t is not None else None for t in (gu_a, gu_b, dn_a, dn_b))
-        e, _, h = _weights_shape(gu_w0, gu_w1)
-        out = torch.empty((x.shape[0], h), dtype=torch.bfloat16, device=x.device)
+        e, _, _ = _weights_shape(gu_w0, gu_w1)
         keep = any(ctx.needs_input_grad)
-        state = _native.moe_forward(
+        out, state = _native.moe_forward(
             _gpu(x.device),
             _desc(x),
             _desc(ids),
             _desc(gates),
             _weights_arg(gu_w0, gu_w1),
             _weights_arg(dn_w0, dn_w1),
-            _desc(out),
             lora_gate_up=_lora_arg(gu_a, gu_b, e, gu_scaling),
             lora_down=_lora_arg(dn_a, dn_b, e, dn_scaling),
             limit=limit,
@@ -318,26 +305,15 @@ class MoeBlockFunction(torch.autograd.Function):
         if keep:
             ctx.state = state
             ctx.save_for_backward(x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu_w0, gu_w1, dn_w0, dn_w1)
-        return out
+        return _take(out)
 
     @staticmethod
     def backward(ctx, dy):
         x, _ids, gates, gu_a, gu_b, dn_a, dn_b, *_w = ctx.saved_tensors
         dy = dy.to(torch.bfloat16).contiguous()
         need = ctx.needs_input_grad
-        dx = torch.empty_like(x)
-        d_gates = torch.empty_like(gates)
-        grads = [_empty_like_or_none(t, True) for t in (gu_a, gu_b, dn_a, dn_b)]
-        _native.moe_backward(
-            _gpu(dy.device),
-            ctx.state,
-            _desc(dy),
-            _desc(dx),
-            _desc(d_gates),
-            gate_up_da=_desc(grads[0]) if grads[0] is not None else None,
-            gate_up_db=_desc(grads[1]) if grads[1] is not None else None,
-            down_da=_desc(grads[2]) if grads[2] is not None else None,
-            down_db=_desc(grads[3]) if grads[3] is not None else None,
+        dx, d_gates, *grads = (
+            _take(c) for c in _native.moe_backward(_gpu(dy.device), ctx.state, _desc(dy))
         )
         return (
             dx if need[0] else None,

@@ -3,8 +3,9 @@
 //! CPU functions (MXFP4 quantize / dequantize, the safetensors reader) take and return `bytes`.
 //! GPU functions take tensors as descriptors `(data_ptr, shape, strides, dtype, device)` (built
 //! by `mxmoe.autograd` from torch tensors; `device` is the CUDA ordinal, `-1` for host memory),
-//! run on a [`PyGpu`] opened on the caller's stream, and copy their results device-to-device
-//! into output tensors the caller allocated. Every mxmoe error is raised as `MxmoeError` (or
+//! run on a [`PyGpu`] opened on the caller's stream, and hand their results to torch without a
+//! copy: each output buffer is exported as a DLPack capsule (`torch.from_dlpack`) whose deleter
+//! frees mxmoe's buffer, stream-ordered, when torch drops the tensor. Every mxmoe error is raised as `MxmoeError` (or
 //! `NoDeviceError` when there is no driver or device) with the library's own message.
 //!
 //! Saved state between forward and backward lives in [`LinearState`] / [`MoeState`]: the
@@ -13,7 +14,7 @@
 
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::CudaSlice;
 use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -249,30 +250,141 @@ fn borrow_matrix(tensor: &'static str, d: &Desc, gpu: &Gpu) -> PyRes<Borrowed<Bf
     unsafe { gpu.borrow_bf16_matrix(d.ptr, s[0], s[1]) }.map_err(to_py)
 }
 
-/// Copies `src` (at least `numel(dst)` elements) into the caller's output tensor `dst`, which
-/// must have shape `[rows, cols]`.
-fn copy_out(tensor: &'static str, gpu: &Gpu, src: &Bf16Matrix, dst: &Desc) -> PyRes<()> {
-    let shape = bf16_shape(tensor, dst, 2, gpu)?;
-    if shape != [src.rows(), src.cols()] {
-        return Err(to_py(Error::Shape {
-            tensor,
-            expected: format!("[{}, {}]", src.rows(), src.cols()),
-            actual: format!("{shape:?}"),
-        }));
+/// DLPack (v0.8 ABI, the legacy `"dltensor"` capsule torch accepts): just the structs mxmoe
+/// needs to export a bf16 matrix.
+mod dlpack {
+    use std::ffi::c_void;
+
+    /// `DLDevice`.
+    #[repr(C)]
+    pub struct Device {
+        pub device_type: i32,
+        pub device_id: i32,
     }
-    copy_raw(gpu, src.data(), dst.ptr, src.rows() * src.cols())
+
+    /// `DLDataType`.
+    #[repr(C)]
+    pub struct DataType {
+        pub code: u8,
+        pub bits: u8,
+        pub lanes: u16,
+    }
+
+    /// `DLTensor`.
+    #[repr(C)]
+    pub struct Tensor {
+        pub data: *mut c_void,
+        pub device: Device,
+        pub ndim: i32,
+        pub dtype: DataType,
+        pub shape: *mut i64,
+        pub strides: *mut i64,
+        pub byte_offset: u64,
+    }
+
+    /// `DLManagedTensor`.
+    #[repr(C)]
+    pub struct ManagedTensor {
+        pub dl_tensor: Tensor,
+        pub manager_ctx: *mut c_void,
+        pub deleter: Option<unsafe extern "C" fn(*mut ManagedTensor)>,
+    }
+
+    /// `kDLCUDA`.
+    pub const CUDA: i32 = 2;
+    /// `kDLBfloat`.
+    pub const BFLOAT: u8 = 4;
+    /// The capsule name torch looks for (renamed to `used_dltensor` once consumed).
+    pub const CAPSULE_NAME: &std::ffi::CStr = c"dltensor";
 }
 
-fn copy_raw<T: DeviceRepr>(gpu: &Gpu, src: &CudaSlice<T>, dst: u64, len: usize) -> PyRes<()> {
-    if len == 0 {
-        return Ok(());
+/// What a DLPack capsule owns: mxmoe's device buffer and the shape array the tensor points to.
+struct Exported {
+    _data: CudaSlice<u16>,
+    shape: [i64; 2],
+}
+
+/// The DLPack deleter: frees the buffer (cudarc frees it stream-ordered on the stream that
+/// produced it, torch's) and the descriptor.
+unsafe extern "C" fn dl_deleter(t: *mut dlpack::ManagedTensor) {
+    if t.is_null() {
+        return;
     }
-    // SAFETY: `dst` is the data pointer of a live contiguous tensor of `len` elements (checked
-    // by the caller); the guard never frees it.
-    let mut out = unsafe { gpu.borrow_slice::<T>(dst, len) };
-    gpu.stream()
-        .memcpy_dtod(&src.slice(0..len), &mut *out)
-        .map_err(|e| to_py(Error::driver("copying an output")(e)))
+    // SAFETY: `t` and its `manager_ctx` were created by `Box::into_raw` in `export` and are
+    // released exactly once, here (DLPack calls the deleter once).
+    unsafe {
+        let managed = Box::from_raw(t);
+        drop(Box::from_raw(managed.manager_ctx as *mut Exported));
+    }
+}
+
+/// The capsule destructor: if torch never consumed the capsule (its name is still
+/// `"dltensor"`), the tensor is ours to delete; a consumed capsule belongs to torch.
+unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by CPython with the capsule being destroyed; the name check tells whether
+    // the pointer is still ours.
+    unsafe {
+        if pyo3::ffi::PyCapsule_IsValid(capsule, dlpack::CAPSULE_NAME.as_ptr()) == 1 {
+            let t = pyo3::ffi::PyCapsule_GetPointer(capsule, dlpack::CAPSULE_NAME.as_ptr())
+                as *mut dlpack::ManagedTensor;
+            if let Some(del) = (*t).deleter {
+                del(t);
+            }
+        }
+    }
+}
+
+/// Exports `m` (a `[rows, cols]` bf16 matrix mxmoe allocated on `gpu`) as a DLPack capsule for
+/// `torch.from_dlpack`: no copy; torch's tensor keeps mxmoe's buffer until it is dropped.
+fn export(py: Python<'_>, gpu: &Gpu, m: Bf16Matrix) -> PyRes<PyObject> {
+    use cudarc::driver::DevicePtr;
+    let (rows, cols) = (m.rows(), m.cols());
+    let data = m.into_data();
+    let ptr = {
+        let (p, _sync) = data.device_ptr(gpu.stream());
+        p
+    };
+    let holder = Box::into_raw(Box::new(Exported {
+        _data: data,
+        shape: [rows as i64, cols as i64],
+    }));
+    let managed = Box::into_raw(Box::new(dlpack::ManagedTensor {
+        dl_tensor: dlpack::Tensor {
+            data: ptr as *mut std::ffi::c_void,
+            device: dlpack::Device {
+                device_type: dlpack::CUDA,
+                device_id: gpu.ordinal() as i32,
+            },
+            ndim: 2,
+            dtype: dlpack::DataType {
+                code: dlpack::BFLOAT,
+                bits: 16,
+                lanes: 1,
+            },
+            // SAFETY: `holder` is a live box; its shape array lives as long as the tensor.
+            shape: unsafe { (*holder).shape.as_mut_ptr() },
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        },
+        manager_ctx: holder as *mut std::ffi::c_void,
+        deleter: Some(dl_deleter),
+    }));
+    // SAFETY: `managed` is a valid pointer owned by the capsule from here on; the destructor
+    // releases it unless torch consumed (and renamed) the capsule.
+    let capsule = unsafe {
+        pyo3::ffi::PyCapsule_New(
+            managed as *mut std::ffi::c_void,
+            dlpack::CAPSULE_NAME.as_ptr(),
+            Some(capsule_destructor),
+        )
+    };
+    if capsule.is_null() {
+        // SAFETY: the capsule was not created, so nothing else owns `managed`.
+        unsafe { dl_deleter(managed) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `PyCapsule_New` returned a new (owned) reference.
+    Ok(unsafe { PyObject::from_owned_ptr(py, capsule) })
 }
 
 /// Frozen expert weights: `("mxfp4", packed, scales)` or `("bf16", w)`.
@@ -543,26 +655,26 @@ impl LinearState {
     }
 }
 
-/// Forward of the LoRA-fused expert linear. Writes the output (`[T, N]` with gates, else
-/// `[T·k, N]`) into `out`; returns the state for [`linear_backward`] when `keep_state`.
+/// Forward of the LoRA-fused expert linear. Returns the output (`[T, N]` with gates, else
+/// `[T·k, N]`) as a DLPack capsule and the state for [`linear_backward`] when `keep_state`.
 #[pyfunction]
-#[pyo3(signature = (gpu, x, ids, weights, out, *, lora = None, gates = None,
+#[pyo3(signature = (gpu, x, ids, weights, *, lora = None, gates = None,
                     input_order = "scattered", output_order = "scattered",
                     strategy = "auto", keep_state = true))]
 #[allow(clippy::too_many_arguments)]
 fn linear_forward(
+    py: Python<'_>,
     gpu: &PyGpu,
     x: Desc,
     ids: Desc,
     weights: WeightsArg,
-    out: Desc,
     lora: Option<LoraArg>,
     gates: Option<Desc>,
     input_order: &str,
     output_order: &str,
     strategy: &str,
     keep_state: bool,
-) -> PyRes<Option<LinearState>> {
+) -> PyRes<(PyObject, Option<LinearState>)> {
     let g = &gpu.gpu;
     let input_order = parse_order(input_order, "input_order")?;
     let output_order = parse_order(output_order, "output_order")?;
@@ -591,11 +703,11 @@ fn linear_forward(
     let (fwd, saved) = layer
         .forward(g, &r.x, &r.routing, r.gates.as_deref())
         .map_err(to_py)?;
-    copy_out("out", g, &fwd.out, &out)?;
+    let out = export(py, g, fwd.out)?;
     if !keep_state {
-        return Ok(None);
+        return Ok((out, None));
     }
-    Ok(Some(LinearState {
+    Ok((out, Some(LinearState {
         strategy: fwd.strategy,
         inner: Mutex::new(Some(LinearSavedBox {
             has_gates: inputs.gates.is_some(),
@@ -603,22 +715,21 @@ fn linear_forward(
             saved,
             inputs,
         })),
-    }))
+    })))
 }
 
-/// Backward of the expert linear: writes `dx` (shape of `x`) and, when the forward had them,
-/// `da`/`db` (shapes of LoRA A/B) and `d_gates` (shape of gates). Consumes the state.
+/// Backward of the expert linear: returns DLPack capsules `(dx, da, db, d_gates)` — `dx` has the
+/// shape of `x`; `da`/`db` (shapes of LoRA A/B) and `d_gates` (shape of gates) are `None` when the
+/// forward had no LoRA / no gates. Consumes the state.
 #[pyfunction]
-#[pyo3(signature = (gpu, state, dy, dx, *, da = None, db = None, d_gates = None))]
+#[pyo3(signature = (gpu, state, dy))]
+#[allow(clippy::type_complexity)]
 fn linear_backward(
+    py: Python<'_>,
     gpu: &PyGpu,
     state: &LinearState,
     dy: Desc,
-    dx: Desc,
-    da: Option<Desc>,
-    db: Option<Desc>,
-    d_gates: Option<Desc>,
-) -> PyRes<()> {
+) -> PyRes<(PyObject, Option<PyObject>, Option<PyObject>, Option<PyObject>)> {
     let g = &gpu.gpu;
     let held = state
         .inner
@@ -633,22 +744,19 @@ fn linear_backward(
         })?;
     let dy = borrow_matrix("dy", &dy, g)?;
     let grads = op::backward(g, &held.saved, &dy).map_err(to_py)?;
-    copy_out("dx", g, &grads.dx, &dx)?;
-    if held.has_lora {
-        if let (Some(src), Some(dst)) = (&grads.da, &da) {
-            copy_out("da", g, src, dst)?;
-        }
-        if let (Some(src), Some(dst)) = (&grads.db, &db) {
-            copy_out("db", g, src, dst)?;
-        }
-    }
-    if let (true, Some(src), Some(dst)) = (held.has_gates, &grads.d_gates, &d_gates) {
-        copy_out("d_gates", g, src, dst)?;
-    }
-    // The record and the borrowed inputs are released here (the record first); the frees of
-    // mxmoe's own buffers are stream-ordered after the copies above.
+    let (has_lora, has_gates) = (held.has_lora, held.has_gates);
+    // The record and the borrowed inputs are released here (the record first); mxmoe's own
+    // buffers that are not exported are freed stream-ordered after the kernels that used them.
     drop(held);
-    Ok(())
+    let opt = |m: Option<Bf16Matrix>, keep: bool| -> PyRes<Option<PyObject>> {
+        m.filter(|_| keep).map(|m| export(py, g, m)).transpose()
+    };
+    Ok((
+        export(py, g, grads.dx)?,
+        opt(grads.da, has_lora)?,
+        opt(grads.db, has_lora)?,
+        opt(grads.d_gates, has_gates)?,
+    ))
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -696,25 +804,26 @@ impl MoeState {
     }
 }
 
-/// Forward of the gated MoE MLP block (SwiGLU): `y [T, H]` into `out`.
+/// Forward of the gated MoE MLP block (SwiGLU): returns `y [T, H]` as a DLPack capsule and the
+/// state for [`moe_backward`] when `keep_state`.
 #[pyfunction]
-#[pyo3(signature = (gpu, x, ids, gates, gate_up, down, out, *, lora_gate_up = None,
+#[pyo3(signature = (gpu, x, ids, gates, gate_up, down, *, lora_gate_up = None,
                     lora_down = None, limit = None, strategy = "auto", keep_state = true))]
 #[allow(clippy::too_many_arguments)]
 fn moe_forward(
+    py: Python<'_>,
     gpu: &PyGpu,
     x: Desc,
     ids: Desc,
     gates: Desc,
     gate_up: WeightsArg,
     down: WeightsArg,
-    out: Desc,
     lora_gate_up: Option<LoraArg>,
     lora_down: Option<LoraArg>,
     limit: Option<f32>,
     strategy: &str,
     keep_state: bool,
-) -> PyRes<Option<MoeState>> {
+) -> PyRes<(PyObject, Option<MoeState>)> {
     let g = &gpu.gpu;
     let strategy = parse_strategy(strategy)?;
     let gate_up = OwnedWeights::borrow(&gate_up, g)?;
@@ -747,33 +856,38 @@ fn moe_forward(
     let (y, saved) = block
         .forward(g, &r.x, &r.routing, &r.gates)
         .map_err(to_py)?;
-    copy_out("out", g, &y, &out)?;
+    let out = export(py, g, y)?;
     if !keep_state {
-        return Ok(None);
+        return Ok((out, None));
     }
-    Ok(Some(MoeState {
-        strategies: saved.strategies(),
-        inner: Mutex::new(Some(MoeSavedBox { saved, inputs })),
-    }))
+    Ok((
+        out,
+        Some(MoeState {
+            strategies: saved.strategies(),
+            inner: Mutex::new(Some(MoeSavedBox { saved, inputs })),
+        }),
+    ))
 }
 
-/// Backward of the MoE block: writes `dx [T, H]`, `d_gates [T, k]` and the LoRA gradients of
-/// the projections that have LoRA. Consumes the state.
+/// Backward of the MoE block: returns DLPack capsules `(dx [T, H], d_gates [T, k],
+/// gate_up_da, gate_up_db, down_da, down_db)`, the LoRA ones `None` for a projection without LoRA.
+/// Consumes the state.
 #[pyfunction]
-#[pyo3(signature = (gpu, state, dy, dx, d_gates, *, gate_up_da = None, gate_up_db = None,
-                    down_da = None, down_db = None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (gpu, state, dy))]
+#[allow(clippy::type_complexity)]
 fn moe_backward(
+    py: Python<'_>,
     gpu: &PyGpu,
     state: &MoeState,
     dy: Desc,
-    dx: Desc,
-    d_gates: Desc,
-    gate_up_da: Option<Desc>,
-    gate_up_db: Option<Desc>,
-    down_da: Option<Desc>,
-    down_db: Option<Desc>,
-) -> PyRes<()> {
+) -> PyRes<(
+    PyObject,
+    PyObject,
+    Option<PyObject>,
+    Option<PyObject>,
+    Option<PyObject>,
+    Option<PyObject>,
+)> {
     let g = &gpu.gpu;
     let held = state
         .inner
@@ -788,26 +902,23 @@ fn moe_backward(
         })?;
     let dy = borrow_matrix("dy", &dy, g)?;
     let grads = moe::backward(g, &held.saved, &dy).map_err(to_py)?;
-    copy_out("dx", g, &grads.dx, &dx)?;
-    copy_out("d_gates", g, &grads.d_gates, &d_gates)?;
-    if let Some(l) = &grads.gate_up {
-        if let Some(d) = &gate_up_da {
-            copy_out("gate_up da", g, &l.da, d)?;
-        }
-        if let Some(d) = &gate_up_db {
-            copy_out("gate_up db", g, &l.db, d)?;
-        }
-    }
-    if let Some(l) = &grads.down {
-        if let Some(d) = &down_da {
-            copy_out("down da", g, &l.da, d)?;
-        }
-        if let Some(d) = &down_db {
-            copy_out("down db", g, &l.db, d)?;
-        }
-    }
     drop(held);
-    Ok(())
+    let (gu_da, gu_db) = match grads.gate_up {
+        Some(l) => (Some(export(py, g, l.da)?), Some(export(py, g, l.db)?)),
+        None => (None, None),
+    };
+    let (dn_da, dn_db) = match grads.down {
+        Some(l) => (Some(export(py, g, l.da)?), Some(export(py, g, l.db)?)),
+        None => (None, None),
+    };
+    Ok((
+        export(py, g, grads.dx)?,
+        export(py, g, grads.d_gates)?,
+        gu_da,
+        gu_db,
+        dn_da,
+        dn_db,
+    ))
 }
 
 #[pymodule]
