@@ -707,15 +707,18 @@ fn linear_forward(
     if !keep_state {
         return Ok((out, None));
     }
-    Ok((out, Some(LinearState {
-        strategy: fwd.strategy,
-        inner: Mutex::new(Some(LinearSavedBox {
-            has_gates: inputs.gates.is_some(),
-            has_lora: inputs.lora.is_some(),
-            saved,
-            inputs,
-        })),
-    })))
+    Ok((
+        out,
+        Some(LinearState {
+            strategy: fwd.strategy,
+            inner: Mutex::new(Some(LinearSavedBox {
+                has_gates: inputs.gates.is_some(),
+                has_lora: inputs.lora.is_some(),
+                saved,
+                inputs,
+            })),
+        }),
+    ))
 }
 
 /// Backward of the expert linear: returns DLPack capsules `(dx, da, db, d_gates)` — `dx` has the
@@ -729,7 +732,12 @@ fn linear_backward(
     gpu: &PyGpu,
     state: &LinearState,
     dy: Desc,
-) -> PyRes<(PyObject, Option<PyObject>, Option<PyObject>, Option<PyObject>)> {
+) -> PyRes<(
+    PyObject,
+    Option<PyObject>,
+    Option<PyObject>,
+    Option<PyObject>,
+)> {
     let g = &gpu.gpu;
     let held = state
         .inner
