@@ -520,7 +520,7 @@ fn tuned_gemm(
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|i| candidates.contains(i));
-    let fallback = forced.unwrap_or_else(|| default_config(rows, experts, &candidates));
+    let fallback = forced.unwrap_or_else(|| default_config(layout, rows, experts, &candidates));
     let chosen = gpu.tuner().choose(&key, &candidates, fallback, |i| {
         time_median(gpu, || launch(i))
     })?;

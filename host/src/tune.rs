@@ -127,7 +127,7 @@ pub fn prune(
     let mut report = PruneReport::default();
     let mut keep = Vec::new();
     for (i, c) in GEMM_CONFIGS.iter().enumerate() {
-        if c.validate().is_err() || (layout.is_mx() && c.bk != 32) {
+        if c.validate().is_err() || (layout.is_mx() && c.bk != 32 && c.bk != 64) {
             report.invalid += 1;
         } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin
         {
@@ -141,22 +141,31 @@ pub fn prune(
     (keep, report)
 }
 
-/// The untuned choice (measured on the H100, `docs/BENCHMARKS.md`): 64-row tiles with a
-/// four-stage pipeline when experts get ≥ 40 rows on average, 32-row tiles from 16, 16-row tiles
-/// below, restricted to `candidates` (falls back to the first candidate).
-pub fn default_config(rows: usize, experts: usize, candidates: &[usize]) -> usize {
+/// The untuned choice, measured on the H100 (`docs/BENCHMARKS.md`, "Tile rule"), by the average
+/// rows per expert and the weight format, restricted to `candidates` (falls back to the first):
+///
+/// | rows per expert | bf16 weights | MXFP4 weights |
+/// |---|---|---|
+/// | ≥ 16 | `m64n128k64w2x2s3` | ≥ 40: `m64n128k32w1x4s4` (one warp row decodes each byte once); else `m32n128k32w1x4s4` |
+/// | < 16 | `m32n128k64w1x4s3` | `m16n128k32w1x4s4` |
+pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: &[usize]) -> usize {
     let per_expert = rows / experts.max(1);
-    let want = if per_expert >= 40 {
-        4
+    let name = if layout.is_mx() {
+        if per_expert >= 40 {
+            "m64n128k32w1x4s4"
+        } else if per_expert >= 16 {
+            "m32n128k32w1x4s4"
+        } else {
+            "m16n128k32w1x4s4"
+        }
     } else if per_expert >= 16 {
-        2
+        "m64n128k64w2x2s3"
     } else {
-        5
+        "m32n128k64w1x4s3"
     };
-    if candidates.contains(&want) {
-        want
-    } else {
-        candidates.first().copied().unwrap_or(0)
+    match GEMM_CONFIGS.iter().position(|c| config_name(c) == name) {
+        Some(want) if candidates.contains(&want) => want,
+        _ => candidates.first().copied().unwrap_or(0),
     }
 }
 
@@ -489,20 +498,15 @@ mod tests {
     }
 
     #[test]
-    fn default_rule_picks_by_rows_per_expert() {
+    fn default_rule_picks_by_rows_per_expert_and_format() {
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
-        assert_eq!(
-            config_name(&GEMM_CONFIGS[default_config(32768, 128, &all)]),
-            "m64n128k32w2x2s4"
-        );
-        assert_eq!(
-            config_name(&GEMM_CONFIGS[default_config(2048, 128, &all)]),
-            "m32n128k32w1x4s4"
-        );
-        assert_eq!(
-            config_name(&GEMM_CONFIGS[default_config(2048, 256, &all)]),
-            "m16n128k32w1x4s4"
-        );
-        assert_eq!(default_config(2048, 256, &[1]), 1);
+        let pick =
+            |layout, rows, e| config_name(&GEMM_CONFIGS[default_config(layout, rows, e, &all)]);
+        assert_eq!(pick(BLayout::NkBf16, 32768, 128), "m64n128k64w2x2s3");
+        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k64w1x4s3");
+        assert_eq!(pick(BLayout::NkMxfp4, 32768, 128), "m64n128k32w1x4s4");
+        assert_eq!(pick(BLayout::KnMxfp4, 8192, 256), "m32n128k32w1x4s4");
+        assert_eq!(pick(BLayout::NkMxfp4, 2048, 256), "m16n128k32w1x4s4");
+        assert_eq!(default_config(BLayout::NkBf16, 2048, 256, &[1]), 1);
     }
 }

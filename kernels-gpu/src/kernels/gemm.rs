@@ -94,6 +94,36 @@ gemm_entry!(
     BLayout::NkBf16
 );
 gemm_entry!(
+    mxmoe_gemm_nk_m16n128k64w1x4s4,
+    16,
+    128,
+    64,
+    1,
+    4,
+    4,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m32n128k64w1x4s3,
+    32,
+    128,
+    64,
+    1,
+    4,
+    3,
+    BLayout::NkBf16
+);
+gemm_entry!(
+    mxmoe_gemm_nk_m64n128k64w2x2s3,
+    64,
+    128,
+    64,
+    2,
+    2,
+    3,
+    BLayout::NkBf16
+);
+gemm_entry!(
     mxmoe_gemm_kn_m128n128k32w2x4s3,
     128,
     128,
@@ -161,6 +191,36 @@ gemm_entry!(
     1,
     4,
     4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m16n128k64w1x4s4,
+    16,
+    128,
+    64,
+    1,
+    4,
+    4,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m32n128k64w1x4s3,
+    32,
+    128,
+    64,
+    1,
+    4,
+    3,
+    BLayout::KnBf16
+);
+gemm_entry!(
+    mxmoe_gemm_kn_m64n128k64w2x2s3,
+    64,
+    128,
+    64,
+    2,
+    2,
+    3,
     BLayout::KnBf16
 );
 gemm_entry!(
@@ -234,6 +294,36 @@ gemm_entry!(
     BLayout::NkMxfp4
 );
 gemm_entry!(
+    mxmoe_gemm_nk_mx_m16n128k64w1x4s4,
+    16,
+    128,
+    64,
+    1,
+    4,
+    4,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m32n128k64w1x4s3,
+    32,
+    128,
+    64,
+    1,
+    4,
+    3,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_nk_mx_m64n128k64w2x2s3,
+    64,
+    128,
+    64,
+    2,
+    2,
+    3,
+    BLayout::NkMxfp4
+);
+gemm_entry!(
     mxmoe_gemm_kn_mx_m128n128k32w2x4s3,
     128,
     128,
@@ -301,6 +391,36 @@ gemm_entry!(
     1,
     4,
     4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m16n128k64w1x4s4,
+    16,
+    128,
+    64,
+    1,
+    4,
+    4,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m32n128k64w1x4s3,
+    32,
+    128,
+    64,
+    1,
+    4,
+    3,
+    BLayout::KnMxfp4
+);
+gemm_entry!(
+    mxmoe_gemm_kn_mx_m64n128k64w2x2s3,
+    64,
+    128,
+    64,
+    2,
+    2,
+    3,
     BLayout::KnMxfp4
 );
 // The rank-sized products use `tiles::lora_down_config(r_pad)`: bm 64, bn r_pad, bk 64, 4×1 warps.

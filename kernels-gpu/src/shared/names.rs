@@ -29,7 +29,7 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
 /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK: [&str; 7] = [
+pub const GEMM_NK: [&str; 10] = [
     "mxmoe_gemm_nk_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_m32n128k32w1x4s4",
@@ -37,9 +37,12 @@ pub const GEMM_NK: [&str; 7] = [
     "mxmoe_gemm_nk_m64n128k32w2x2s4",
     "mxmoe_gemm_nk_m16n128k32w1x4s4",
     "mxmoe_gemm_nk_m64n128k32w1x4s4",
+    "mxmoe_gemm_nk_m16n128k64w1x4s4",
+    "mxmoe_gemm_nk_m32n128k64w1x4s3",
+    "mxmoe_gemm_nk_m64n128k64w2x2s3",
 ];
 /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN: [&str; 7] = [
+pub const GEMM_KN: [&str; 10] = [
     "mxmoe_gemm_kn_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_m32n128k32w1x4s4",
@@ -47,9 +50,12 @@ pub const GEMM_KN: [&str; 7] = [
     "mxmoe_gemm_kn_m64n128k32w2x2s4",
     "mxmoe_gemm_kn_m16n128k32w1x4s4",
     "mxmoe_gemm_kn_m64n128k32w1x4s4",
+    "mxmoe_gemm_kn_m16n128k64w1x4s4",
+    "mxmoe_gemm_kn_m32n128k64w1x4s3",
+    "mxmoe_gemm_kn_m64n128k64w2x2s3",
 ];
 /// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK_MX: [&str; 7] = [
+pub const GEMM_NK_MX: [&str; 10] = [
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
@@ -57,9 +63,12 @@ pub const GEMM_NK_MX: [&str; 7] = [
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s4",
     "mxmoe_gemm_nk_mx_m16n128k32w1x4s4",
     "mxmoe_gemm_nk_mx_m64n128k32w1x4s4",
+    "mxmoe_gemm_nk_mx_m16n128k64w1x4s4",
+    "mxmoe_gemm_nk_mx_m32n128k64w1x4s3",
+    "mxmoe_gemm_nk_mx_m64n128k64w2x2s3",
 ];
 /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN_MX: [&str; 7] = [
+pub const GEMM_KN_MX: [&str; 10] = [
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
@@ -67,6 +76,9 @@ pub const GEMM_KN_MX: [&str; 7] = [
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s4",
     "mxmoe_gemm_kn_mx_m16n128k32w1x4s4",
     "mxmoe_gemm_kn_mx_m64n128k32w1x4s4",
+    "mxmoe_gemm_kn_mx_m16n128k64w1x4s4",
+    "mxmoe_gemm_kn_mx_m32n128k64w1x4s3",
+    "mxmoe_gemm_kn_mx_m64n128k64w2x2s3",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = [
@@ -99,6 +111,14 @@ pub const GRAM: [&str; 4] = [
     "mxmoe_gram_r128",
 ];
 
+// Every row of the tile table has its four entry points, and nothing more.
+const _: () = {
+    let n = crate::shared::tiles::GEMM_CONFIGS.len();
+    assert!(
+        GEMM_NK.len() == n && GEMM_KN.len() == n && GEMM_NK_MX.len() == n && GEMM_KN_MX.len() == n
+    );
+};
+
 /// Every entry point of the module.
 pub const ALL: &[&str] = &[
     PROBE_SREG,
@@ -121,6 +141,9 @@ pub const ALL: &[&str] = &[
     GEMM_NK[4],
     GEMM_NK[5],
     GEMM_NK[6],
+    GEMM_NK[7],
+    GEMM_NK[8],
+    GEMM_NK[9],
     GEMM_KN[0],
     GEMM_KN[1],
     GEMM_KN[2],
@@ -128,6 +151,9 @@ pub const ALL: &[&str] = &[
     GEMM_KN[4],
     GEMM_KN[5],
     GEMM_KN[6],
+    GEMM_KN[7],
+    GEMM_KN[8],
+    GEMM_KN[9],
     GEMM_NK_MX[0],
     GEMM_NK_MX[1],
     GEMM_NK_MX[2],
@@ -135,6 +161,9 @@ pub const ALL: &[&str] = &[
     GEMM_NK_MX[4],
     GEMM_NK_MX[5],
     GEMM_NK_MX[6],
+    GEMM_NK_MX[7],
+    GEMM_NK_MX[8],
+    GEMM_NK_MX[9],
     GEMM_KN_MX[0],
     GEMM_KN_MX[1],
     GEMM_KN_MX[2],
@@ -142,6 +171,9 @@ pub const ALL: &[&str] = &[
     GEMM_KN_MX[4],
     GEMM_KN_MX[5],
     GEMM_KN_MX[6],
+    GEMM_KN_MX[7],
+    GEMM_KN_MX[8],
+    GEMM_KN_MX[9],
     LORA_DOWN[0],
     LORA_DOWN[1],
     LORA_DOWN[2],

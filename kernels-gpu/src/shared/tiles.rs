@@ -145,6 +145,12 @@ pub const fn rank_pad(r: u32) -> u32 {
 /// Largest LoRA rank the fused epilogues support.
 pub const MAX_RANK: u32 = 128;
 
+/// Bytes of the forward MXFP4 layout's per-row scale slot: the aligned 4-byte words holding the
+/// `bk/32` scale bytes of one stage (they may start at any byte of a word).
+pub const fn mx_scale_slot_bytes(bk: u32) -> u32 {
+    4 * (3 + bk / 32).div_ceil(4)
+}
+
 /// Byte offsets of the regions of a grouped-GEMM block's dynamic shared memory.
 ///
 /// Main loop: `stages × (A tile + B tile)`. Epilogue (after the main loop, reusing the same
@@ -182,7 +188,10 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         // possibly straddling two words).
         BLayout::NkMxfp4 => {
             let packed = c.bn * c.bk / 2;
-            ((packed + 4 * c.bn).div_ceil(128) * 128, packed)
+            (
+                (packed + mx_scale_slot_bytes(c.bk) * c.bn).div_ceil(128) * 128,
+                packed,
+            )
         }
         BLayout::KnMxfp4 => {
             let packed = c.bk * c.bn / 2;
@@ -300,6 +309,40 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_n: 4,
         stages: 4,
     },
+    // 64 rows in one warp row: each warp decodes its MXFP4 columns once for four m16 tiles.
+    TileConfig {
+        bm: 64,
+        bn: 128,
+        bk: 32,
+        warps_m: 1,
+        warps_n: 4,
+        stages: 4,
+    },
+    // 64-deep K stages (half the barriers per byte streamed).
+    TileConfig {
+        bm: 16,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 4,
+        stages: 4,
+    },
+    TileConfig {
+        bm: 32,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 4,
+        stages: 3,
+    },
+    TileConfig {
+        bm: 64,
+        bn: 128,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 2,
+        stages: 3,
+    },
 ];
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
@@ -399,7 +442,7 @@ mod tests {
                         );
                     }
                     if b.is_mx() {
-                        assert!(c.bk == 32);
+                        assert!(c.bk == 32 || c.bk == 64);
                     }
                 }
             }

@@ -21,7 +21,9 @@ use crate::ptx::smem::{
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::mxfp4::{ScaleFold, byte_to_bf16x2_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
-use crate::shared::tiles::{BLayout, SmemPlan, TileConfig, smem_plan, swizzled_offset};
+use crate::shared::tiles::{
+    BLayout, SmemPlan, TileConfig, mx_scale_slot_bytes, smem_plan, swizzled_offset,
+};
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
 use crate::tile::schedule::find_tile;
@@ -217,20 +219,22 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
             };
             c += threads;
         }
-        // Scales: the word holding byte (e, n0 + n, kt) for each row (BK = 32: one block).
+        // Scales: the aligned word(s) holding bytes (e, n0 + n, kt·BK/32 ..+ BK/32) of each row.
         let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
+        let slot = mx_scale_slot_bytes(BK);
         let mut n = tid;
         while n < BN {
             let ok = n0 + n < p.n_out && k_base < p.k_red;
             let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
-            // SAFETY: a 4-byte slot per row inside the stage; the scale buffer holds `total` bytes.
+            // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total`
+            // bytes.
             unsafe {
                 stage_scale_words(
-                    b_tile.offset(plan.b_scales_in_stage + 4 * n),
+                    b_tile.offset(plan.b_scales_in_stage + slot * n),
                     p.scales_addr,
                     g,
                     total,
-                    1,
+                    slot / 4,
                     ok,
                 )
             };
@@ -313,9 +317,11 @@ pub unsafe fn gemm<
         };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
-        // MXFP4 stages: one 32-k block per stage.
+        // MXFP4 stages: one or two 32-k blocks per stage.
         assert!(
-            !(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) || BK == 32
+            !(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8)
+                || BK == 32
+                || BK == 64
         );
     };
     let cfg = TileConfig {
@@ -437,7 +443,10 @@ pub unsafe fn gemm<
                 // arithmetic keeps them exact).
                 let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
                     .wrapping_mul(blocks_k)
-                    .wrapping_add(kt);
+                    .wrapping_add(kt * (BK / 32));
+                // 32-k blocks of this stage inside K (the last stage of a K that is not a
+                // multiple of BK has fewer; the others' scale bytes belong to another row).
+                let valid_blocks = (p.k_red - kt * BK).div_ceil(32).min(BK / 32);
                 // SAFETY: warp converged (uniform branch); the stage is in place.
                 unsafe {
                     mma_stage_nk_mx::<BK, MI, NI>(
@@ -446,6 +455,7 @@ pub unsafe fn gemm<
                         plan.b_scales_in_stage,
                         g0,
                         blocks_k,
+                        valid_blocks,
                         warp_m0,
                         warp_n0,
                         &mut acc,
@@ -686,9 +696,9 @@ fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
 
 /// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
 ///
-/// Stage layout: packed `[BN][16]` bytes (BK = 32: k pairs 0..16 of each row), then a 4-byte
-/// scale slot per row at `scales_in_stage` holding the row's scale byte at offset
-/// `(g0 + row·blocks_k) % 4`. For the n8 block of rows `nb..nb+8`, lane (g = lane/4,
+/// Stage layout: packed `[BN][BK/2]` bytes, then a scale slot per row
+/// (`mx_scale_slot_bytes(BK)`) at `scales_in_stage` holding the row's scale bytes from offset
+/// `(g0 + row·blocks_k) % 4` (one per 32-k block). For the n8 block of rows `nb..nb+8`, lane (g = lane/4,
 /// t = lane%4) needs the pairs `k = 2t` (byte t) and `k = 2t+8` (byte 4+t) of each 16-k half:
 /// bytes `t`, `4+t`, `8+t`, `12+t` of row `nb+g`, i.e. byte t of each word of that row.
 ///
@@ -701,6 +711,7 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     scales_in_stage: u32,
     g0: u32,
     blocks_k: u32,
+    valid_blocks: u32,
     warp_m0: u32,
     warp_n0: u32,
     acc: &mut [[[f32; 4]; NI]; MI],
@@ -708,34 +719,37 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
     let lane = laneid();
     let g = lane / 4;
     let t = lane % 4;
-    let mut a_fr = [[[0u32; 4]; MI]; 2];
-    for (h, a_h) in a_fr.iter_mut().enumerate() {
-        for (mi, a) in a_h.iter_mut().enumerate() {
-            // SAFETY: warp converged; inside the stage.
-            *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, 16 * h as u32, BK) };
+    let slot = mx_scale_slot_bytes(BK);
+    // One 32-k block (16 packed bytes per row, one scale) at a time, in k order.
+    for q in 0..BK / 32 {
+        let mut a_fr = [[[0u32; 4]; MI]; 2];
+        for (h, a_h) in a_fr.iter_mut().enumerate() {
+            for (mi, a) in a_h.iter_mut().enumerate() {
+                // SAFETY: warp converged; inside the stage.
+                *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, 32 * q + 16 * h as u32, BK) };
+            }
         }
-    }
-    for ni in 0..NI {
-        let row = warp_n0 + 8 * ni as u32 + g;
-        let byte = g0.wrapping_add(row.wrapping_mul(blocks_k)) & 3;
-        // SAFETY: `row < BN`: its 16 packed bytes and its 4-byte scale slot are inside the stage.
-        let (w, sc) = unsafe {
-            (
-                ld_shared_v4_u32(b_tile.offset(16 * row)),
-                ld_shared_u8(b_tile.offset(scales_in_stage + 4 * row + byte)),
-            )
-        };
-        let s2 = scale_fold(sc as u8);
-        for h in 0..2 {
-            // SAFETY: the table is in place.
-            let b = unsafe {
-                [
+        for ni in 0..NI {
+            let row = warp_n0 + 8 * ni as u32 + g;
+            let byte = (g0.wrapping_add(row.wrapping_mul(blocks_k)) & 3) + q;
+            // SAFETY: `row < BN`: its packed bytes and its scale slot are inside the stage.
+            let (w, sc) = unsafe {
+                (
+                    ld_shared_v4_u32(b_tile.offset(row * (BK / 2) + 16 * q)),
+                    ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + byte)),
+                )
+            };
+            // A block past K has zero codes but its slot byte belongs to another row: use 1.0
+            // so a NaN there cannot leak into the sum.
+            let s2 = scale_fold(if q < valid_blocks { sc as u8 } else { 127 });
+            for h in 0..2 {
+                let b = [
                     decode_byte(w[2 * h], t, s2),
                     decode_byte(w[2 * h + 1], t, s2),
-                ]
-            };
-            for mi in 0..MI {
-                acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+                ];
+                for mi in 0..MI {
+                    acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+                }
             }
         }
     }
