@@ -555,11 +555,11 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
 }
 
 /// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
-/// (selective dequantization) once the active experts average at least 256 routed rows each —
-/// its one-off dequantization is then amortised and the bf16 kernels are faster per row than
-/// the in-loop decode — provided its transient `E_a·N·K` bf16 buffer fits in half the free
-/// device memory; Strategy B (fused) otherwise, which always wins when the weight stream
-/// dominates (few rows per expert).
+/// (selective dequantization) once the active experts average at least 512 routed rows each, or
+/// 256 when at most 32 experts are active (then the dequantization is small and B's grid too
+/// small to hide its decode); Strategy B (fused) otherwise — always where the weight stream
+/// dominates (few rows per expert). A also needs its transient `E_a·N·K` bf16 buffer to fit in
+/// half the free device memory.
 pub fn auto_strategy(
     active: usize,
     rows: usize,
@@ -567,7 +567,8 @@ pub fn auto_strategy(
     free_bytes: usize,
 ) -> Strategy {
     let rows_per_active = rows / active.max(1);
-    if rows_per_active >= 256 && transient_bytes <= free_bytes / 2 {
+    let amortised = rows_per_active >= 512 || (active <= 32 && rows_per_active >= 256);
+    if amortised && transient_bytes <= free_bytes / 2 {
         Strategy::SelectiveDequant
     } else {
         Strategy::Fused
