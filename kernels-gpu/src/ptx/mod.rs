@@ -10,7 +10,7 @@
 //! | [`sreg::tid_x`], [`sreg::ctaid_x`], [`sreg::ctaid_y`], [`sreg::nctaid_x`], [`sreg::laneid`] | `mov.u32 %r, %tid.x` … |
 //! | [`barrier::bar_sync_0`] | `bar.sync 0` |
 //! | [`smem::SharedAddr::from_generic`] | `cvta.to.shared.u64` |
-//! | [`smem::ld_shared_u32`], [`smem::st_shared_u32`], [`smem::ld_shared_v4_u32`], [`smem::st_shared_v4_u32`], [`smem::ld_shared_u8`] | `ld.shared` / `st.shared` |
+//! | [`smem::ld_shared_u32`], [`smem::st_shared_u32`], [`smem::ld_shared_v4_u32`], [`smem::st_shared_v4_u32`], [`smem::ld_shared_u8`], [`smem::st_shared_u16`] | `ld.shared` / `st.shared` |
 //! | [`cp_async::cp_async_cg_shared_global_16`], [`cp_async::cp_async_ca_shared_global_4`] | `cp.async.{cg,ca}.shared.global [d], [s], {16,4}, src_size` |
 //! | [`cp_async::cp_async_commit_group`] | `cp.async.commit_group` |
 //! | [`cp_async::cp_async_wait_group`] | `cp.async.wait_group N` |

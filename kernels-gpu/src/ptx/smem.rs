@@ -82,18 +82,6 @@ pub unsafe fn st_shared_u32(a: SharedAddr, v: u32) {
     };
 }
 
-/// `st.shared.u8` (the low byte of `v`).
-///
-/// # Safety
-/// `a` is inside the block's shared memory.
-#[inline(always)]
-pub unsafe fn st_shared_u8(a: SharedAddr, v: u32) {
-    // SAFETY: the caller guarantees bounds.
-    unsafe {
-        asm!("st.shared.u8 [{a}], {v};", a = in(reg32) a.0, v = in(reg32) v, options(nostack))
-    };
-}
-
 /// `st.shared.u16`.
 ///
 /// # Safety
