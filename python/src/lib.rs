@@ -721,6 +721,20 @@ fn linear_forward(
     ))
 }
 
+/// Takes a forward's saved record out of its state (a second backward gets an error).
+fn take_state<T>(inner: &Mutex<Option<T>>) -> PyRes<T> {
+    inner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| {
+            invalid(
+                "saved state",
+                "already used by a backward pass or released (retain_graph is not supported)",
+            )
+        })
+}
+
 /// Backward of the expert linear: returns DLPack capsules `(dx, da, db, d_gates)` — `dx` has the
 /// shape of `x`; `da`/`db` (shapes of LoRA A/B) and `d_gates` (shape of gates) are `None` when the
 /// forward had no LoRA / no gates. Consumes the state.
@@ -739,17 +753,7 @@ fn linear_backward(
     Option<PyObject>,
 )> {
     let g = &gpu.gpu;
-    let held = state
-        .inner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or_else(|| {
-            invalid(
-                "saved state",
-                "already used by a backward pass or released (retain_graph is not supported)",
-            )
-        })?;
+    let held = take_state(&state.inner)?;
     let dy = borrow_matrix("dy", &dy, g)?;
     let grads = op::backward(g, &held.saved, &dy).map_err(to_py)?;
     let (has_lora, has_gates) = (held.has_lora, held.has_gates);
@@ -897,17 +901,7 @@ fn moe_backward(
     Option<PyObject>,
 )> {
     let g = &gpu.gpu;
-    let held = state
-        .inner
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or_else(|| {
-            invalid(
-                "saved state",
-                "already used by a backward pass or released (retain_graph is not supported)",
-            )
-        })?;
+    let held = take_state(&state.inner)?;
     let dy = borrow_matrix("dy", &dy, g)?;
     let grads = moe::backward(g, &held.saved, &dy).map_err(to_py)?;
     drop(held);
