@@ -37,10 +37,21 @@ pub fn table_version() -> String {
 
 /// A configuration's name, e.g. `m64n128k32w2x2s4` (the suffix of its entry points).
 pub fn config_name(c: &TileConfig) -> String {
-    format!(
-        "m{}n{}k{}w{}x{}s{}",
-        c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
-    )
+    if c.wgmma {
+        format!(
+            "m{}n{}k{}wg{}s{}",
+            c.bm,
+            c.bn,
+            c.bk,
+            c.warpgroups(),
+            c.stages
+        )
+    } else {
+        format!(
+            "m{}n{}k{}w{}x{}s{}",
+            c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
+        )
+    }
 }
 
 /// Whether to time candidates.

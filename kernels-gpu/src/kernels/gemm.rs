@@ -6,6 +6,7 @@ use crate::shared::params::{GemmParams, GramParams};
 use crate::shared::tiles::BLayout;
 use crate::tile::gemm::gemm;
 use crate::tile::gram::gram;
+use crate::tile::wg::gemm_wg;
 
 macro_rules! gemm_entry {
     ($name:ident, $bm:literal, $bn:literal, $bk:literal, $wm:literal, $wn:literal, $st:literal, $layout:expr) => {
@@ -423,6 +424,37 @@ gemm_entry!(
     3,
     BLayout::KnMxfp4
 );
+macro_rules! gemm_wg_entry {
+    ($name:ident, $bm:literal, $layout:expr) => {
+        /// Grouped GEMM on `wgmma` (`m{bm}n128k64wg2s4`); see `tile::wg::gemm_wg`.
+        ///
+        /// # Safety
+        /// The launch contract of `tile::wg::gemm_wg` for this configuration.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "ptx-kernel" fn $name(p: GemmParams) {
+            // SAFETY: forwarded launch contract.
+            unsafe { gemm_wg::<$bm, 64, 4, { $bm / 8 }, { $layout as u8 }>(&p) }
+        }
+    };
+}
+
+gemm_wg_entry!(mxmoe_gemm_nk_m16n128k64wg2s4, 16, BLayout::NkBf16);
+gemm_wg_entry!(mxmoe_gemm_nk_m32n128k64wg2s4, 32, BLayout::NkBf16);
+gemm_wg_entry!(mxmoe_gemm_nk_m64n128k64wg2s4, 64, BLayout::NkBf16);
+gemm_wg_entry!(mxmoe_gemm_nk_m128n128k64wg2s4, 128, BLayout::NkBf16);
+gemm_wg_entry!(mxmoe_gemm_kn_m16n128k64wg2s4, 16, BLayout::KnBf16);
+gemm_wg_entry!(mxmoe_gemm_kn_m32n128k64wg2s4, 32, BLayout::KnBf16);
+gemm_wg_entry!(mxmoe_gemm_kn_m64n128k64wg2s4, 64, BLayout::KnBf16);
+gemm_wg_entry!(mxmoe_gemm_kn_m128n128k64wg2s4, 128, BLayout::KnBf16);
+gemm_wg_entry!(mxmoe_gemm_nk_mx_m16n128k64wg2s4, 16, BLayout::NkMxfp4);
+gemm_wg_entry!(mxmoe_gemm_nk_mx_m32n128k64wg2s4, 32, BLayout::NkMxfp4);
+gemm_wg_entry!(mxmoe_gemm_nk_mx_m64n128k64wg2s4, 64, BLayout::NkMxfp4);
+gemm_wg_entry!(mxmoe_gemm_nk_mx_m128n128k64wg2s4, 128, BLayout::NkMxfp4);
+gemm_wg_entry!(mxmoe_gemm_kn_mx_m16n128k64wg2s4, 16, BLayout::KnMxfp4);
+gemm_wg_entry!(mxmoe_gemm_kn_mx_m32n128k64wg2s4, 32, BLayout::KnMxfp4);
+gemm_wg_entry!(mxmoe_gemm_kn_mx_m64n128k64wg2s4, 64, BLayout::KnMxfp4);
+gemm_wg_entry!(mxmoe_gemm_kn_mx_m128n128k64wg2s4, 128, BLayout::KnMxfp4);
+
 // The rank-sized products use `tiles::lora_down_config(r_pad)`: bm 64, bn r_pad, bk 64, 4×1 warps.
 gemm_entry!(mxmoe_lora_down_r16, 64, 16, 64, 4, 1, 3, BLayout::Strided);
 gemm_entry!(mxmoe_lora_down_r32, 64, 32, 64, 4, 1, 3, BLayout::Strided);

@@ -29,7 +29,7 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
 /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK: [&str; 10] = [
+pub const GEMM_NK: [&str; 14] = [
     "mxmoe_gemm_nk_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_m32n128k32w1x4s4",
@@ -40,9 +40,13 @@ pub const GEMM_NK: [&str; 10] = [
     "mxmoe_gemm_nk_m16n128k64w1x4s4",
     "mxmoe_gemm_nk_m32n128k64w1x4s3",
     "mxmoe_gemm_nk_m64n128k64w2x2s3",
+    "mxmoe_gemm_nk_m16n128k64wg2s4",
+    "mxmoe_gemm_nk_m32n128k64wg2s4",
+    "mxmoe_gemm_nk_m64n128k64wg2s4",
+    "mxmoe_gemm_nk_m128n128k64wg2s4",
 ];
 /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN: [&str; 10] = [
+pub const GEMM_KN: [&str; 14] = [
     "mxmoe_gemm_kn_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_m32n128k32w1x4s4",
@@ -53,9 +57,13 @@ pub const GEMM_KN: [&str; 10] = [
     "mxmoe_gemm_kn_m16n128k64w1x4s4",
     "mxmoe_gemm_kn_m32n128k64w1x4s3",
     "mxmoe_gemm_kn_m64n128k64w2x2s3",
+    "mxmoe_gemm_kn_m16n128k64wg2s4",
+    "mxmoe_gemm_kn_m32n128k64wg2s4",
+    "mxmoe_gemm_kn_m64n128k64wg2s4",
+    "mxmoe_gemm_kn_m128n128k64wg2s4",
 ];
 /// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK_MX: [&str; 10] = [
+pub const GEMM_NK_MX: [&str; 14] = [
     "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
@@ -66,9 +74,13 @@ pub const GEMM_NK_MX: [&str; 10] = [
     "mxmoe_gemm_nk_mx_m16n128k64w1x4s4",
     "mxmoe_gemm_nk_mx_m32n128k64w1x4s3",
     "mxmoe_gemm_nk_mx_m64n128k64w2x2s3",
+    "mxmoe_gemm_nk_mx_m16n128k64wg2s4",
+    "mxmoe_gemm_nk_mx_m32n128k64wg2s4",
+    "mxmoe_gemm_nk_mx_m64n128k64wg2s4",
+    "mxmoe_gemm_nk_mx_m128n128k64wg2s4",
 ];
 /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN_MX: [&str; 10] = [
+pub const GEMM_KN_MX: [&str; 14] = [
     "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
     "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
     "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
@@ -79,6 +91,10 @@ pub const GEMM_KN_MX: [&str; 10] = [
     "mxmoe_gemm_kn_mx_m16n128k64w1x4s4",
     "mxmoe_gemm_kn_mx_m32n128k64w1x4s3",
     "mxmoe_gemm_kn_mx_m64n128k64w2x2s3",
+    "mxmoe_gemm_kn_mx_m16n128k64wg2s4",
+    "mxmoe_gemm_kn_mx_m32n128k64wg2s4",
+    "mxmoe_gemm_kn_mx_m64n128k64wg2s4",
+    "mxmoe_gemm_kn_mx_m128n128k64wg2s4",
 ];
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = [
@@ -144,6 +160,10 @@ pub const ALL: &[&str] = &[
     GEMM_NK[7],
     GEMM_NK[8],
     GEMM_NK[9],
+    GEMM_NK[10],
+    GEMM_NK[11],
+    GEMM_NK[12],
+    GEMM_NK[13],
     GEMM_KN[0],
     GEMM_KN[1],
     GEMM_KN[2],
@@ -154,6 +174,10 @@ pub const ALL: &[&str] = &[
     GEMM_KN[7],
     GEMM_KN[8],
     GEMM_KN[9],
+    GEMM_KN[10],
+    GEMM_KN[11],
+    GEMM_KN[12],
+    GEMM_KN[13],
     GEMM_NK_MX[0],
     GEMM_NK_MX[1],
     GEMM_NK_MX[2],
@@ -164,6 +188,10 @@ pub const ALL: &[&str] = &[
     GEMM_NK_MX[7],
     GEMM_NK_MX[8],
     GEMM_NK_MX[9],
+    GEMM_NK_MX[10],
+    GEMM_NK_MX[11],
+    GEMM_NK_MX[12],
+    GEMM_NK_MX[13],
     GEMM_KN_MX[0],
     GEMM_KN_MX[1],
     GEMM_KN_MX[2],
@@ -174,6 +202,10 @@ pub const ALL: &[&str] = &[
     GEMM_KN_MX[7],
     GEMM_KN_MX[8],
     GEMM_KN_MX[9],
+    GEMM_KN_MX[10],
+    GEMM_KN_MX[11],
+    GEMM_KN_MX[12],
+    GEMM_KN_MX[13],
     LORA_DOWN[0],
     LORA_DOWN[1],
     LORA_DOWN[2],
@@ -208,10 +240,21 @@ mod tests {
     #[test]
     fn gemm_names_encode_their_configs() {
         for (i, c) in GEMM_CONFIGS.iter().enumerate() {
-            let tag = format!(
-                "m{}n{}k{}w{}x{}s{}",
-                c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
-            );
+            let tag = if c.wgmma {
+                format!(
+                    "m{}n{}k{}wg{}s{}",
+                    c.bm,
+                    c.bn,
+                    c.bk,
+                    c.warpgroups(),
+                    c.stages
+                )
+            } else {
+                format!(
+                    "m{}n{}k{}w{}x{}s{}",
+                    c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
+                )
+            };
             assert_eq!(GEMM_NK[i], format!("mxmoe_gemm_nk_{tag}"));
             assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
             assert_eq!(GEMM_NK_MX[i], format!("mxmoe_gemm_nk_mx_{tag}"));

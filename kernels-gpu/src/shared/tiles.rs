@@ -48,7 +48,15 @@ pub struct TileConfig {
     pub warps_n: u32,
     /// Pipeline stages.
     pub stages: u32,
+    /// Hopper warpgroup MMA (`wgmma`, see `tile::wg`): the weight tile is the register-sourced A
+    /// operand (`bn/64` warpgroups, 64 weight columns each) and the `bm` routed rows are the
+    /// shared-memory B operand, so the product is computed transposed. Requires
+    /// `warps_m == 1`, `warps_n == 8`, `bn == 128`, `bm ∈ {16, 32, 64, 128}`.
+    pub wgmma: bool,
 }
+
+/// Threads of the producer warpgroup of a `wgmma` block (warps 0–3; the MMA warpgroups follow).
+pub const WG_PRODUCER_THREADS: u32 = 128;
 
 /// Why a configuration is invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,10 +65,12 @@ pub enum TileError {
     WarpTile,
     /// `bk` is not a multiple of 32 (one scale block) or exceeds 64.
     Bk,
-    /// Fewer than two stages, or more than four.
+    /// Fewer than two stages, or more than four (eight for `wgmma`).
     Stages,
     /// The loaders need the stage to split evenly over the block's threads.
     LoaderSplit,
+    /// A `wgmma` configuration outside its supported shapes.
+    Wgmma,
 }
 
 impl TileConfig {
@@ -69,9 +79,18 @@ impl TileConfig {
         self.warps_m * self.warps_n
     }
 
-    /// Threads per block.
+    /// Threads per block: the MMA warps, plus one producer warpgroup for `wgmma`.
     pub const fn threads(&self) -> u32 {
-        32 * self.warps()
+        32 * self.warps() + if self.wgmma { WG_PRODUCER_THREADS } else { 0 }
+    }
+
+    /// Threads that stage operand tiles (all of them, or the producer warpgroup for `wgmma`).
+    pub const fn loader_threads(&self) -> u32 {
+        if self.wgmma {
+            WG_PRODUCER_THREADS
+        } else {
+            self.threads()
+        }
     }
 
     /// Rows of one warp tile.
@@ -107,31 +126,35 @@ impl TileConfig {
         if !self.bk.is_multiple_of(32) || self.bk == 0 || self.bk > 64 {
             return Err(TileError::Bk);
         }
-        if self.stages < 2 || self.stages > 4 {
+        // The `wgmma` pipeline is handed over by mbarriers and may run deeper.
+        let max_stages = if self.wgmma { 8 } else { 4 };
+        if self.stages < 2 || self.stages > max_stages {
             return Err(TileError::Stages);
+        }
+        if self.wgmma
+            && (self.warps_m != 1
+                || self.warps_n != 8
+                || self.bn != 128
+                || !matches!(self.bm, 16 | 32 | 64 | 128))
+        {
+            return Err(TileError::Wgmma);
         }
         // Each thread moves whole 16-byte chunks of both bf16 operand tiles.
         let chunks_a = self.bm * self.bk / 8;
         let chunks_b = self.bn * self.bk / 8;
-        if !chunks_a.is_multiple_of(self.threads()) && !self.threads().is_multiple_of(chunks_a) {
+        let t = self.loader_threads();
+        if !chunks_a.is_multiple_of(t) && !t.is_multiple_of(chunks_a) {
             return Err(TileError::LoaderSplit);
         }
-        if !chunks_b.is_multiple_of(self.threads()) && !self.threads().is_multiple_of(chunks_b) {
+        if !chunks_b.is_multiple_of(t) && !t.is_multiple_of(chunks_b) {
             return Err(TileError::LoaderSplit);
         }
         Ok(())
     }
 
-    /// Short name used in entry-point names, e.g. `m128n128k32w2x4s3`.
-    pub const fn tag(&self) -> (u32, u32, u32, u32, u32, u32) {
-        (
-            self.bm,
-            self.bn,
-            self.bk,
-            self.warps_m,
-            self.warps_n,
-            self.stages,
-        )
+    /// Warpgroups per block (`wgmma` configurations).
+    pub const fn warpgroups(&self) -> u32 {
+        self.warps() / 4
     }
 }
 
@@ -173,6 +196,12 @@ pub struct SmemPlan {
     pub b_scales_in_stage: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
     pub decoded_offset: u32,
+    /// Offset of the `wgmma` epilogue's bf16 `[bm][bn]` output tile (swizzled), after the LoRA
+    /// factors (0 for `mma.sync` configurations, which store from registers).
+    pub out_stage_offset: u32,
+    /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
+    /// bytes each (0 for `mma.sync` configurations).
+    pub barriers_offset: u32,
     /// Total bytes to request at launch.
     pub total_bytes: u32,
 }
@@ -201,7 +230,8 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
-    let epilogue_bytes = left + right;
+    let out_stage_offset = if c.wgmma { left + right } else { 0 };
+    let epilogue_bytes = left + right + if c.wgmma { c.bm * c.bn * 2 } else { 0 };
     let reused = if main > epilogue_bytes {
         main
     } else {
@@ -211,12 +241,16 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let decoded_offset = match b {
         BLayout::KnMxfp4 => {
             let decoded = next;
-            next = decoded + c.bk * c.bn * 2;
+            // `wgmma` consumers alternate two decoded tiles (one warpgroup may decode the next
+            // stage while the other still reads this one).
+            next = decoded + c.bk * c.bn * 2 * if c.wgmma { 2 } else { 1 };
             decoded
         }
         _ => 0,
     };
     let rows_offset = next;
+    let rows_end = rows_offset + 8 * c.bm;
+    let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };
     SmemPlan {
         a_stage_bytes,
         b_stage_bytes,
@@ -226,7 +260,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         rows_offset,
         b_scales_in_stage,
         decoded_offset,
-        total_bytes: rows_offset + 8 * c.bm,
+        out_stage_offset,
+        barriers_offset,
+        total_bytes: if c.wgmma {
+            barriers_offset + 16 * c.stages
+        } else {
+            rows_end
+        },
     }
 }
 
@@ -242,6 +282,26 @@ pub const fn swizzle_chunk(row: u32, chunk: u32, chunks_per_row: u32) -> u32 {
         _ => row % 8,
     };
     chunk ^ f
+}
+
+/// Byte offset of 16-byte chunk `chunk` of row `row` in the `wgmma` no-swizzle K-major layout
+/// of a tile with `chunks_per_row` chunks per row: 8-row × 16-byte core matrices of 128
+/// contiguous bytes, ordered `[row / 8][chunk]`. Its descriptor (`wgmma_desc`) has leading
+/// byte offset 128 (next chunk along K) and stride byte offset `128 · chunks_per_row` (next 8
+/// rows).
+#[inline(always)]
+pub const fn interleaved_offset(row: u32, chunk: u32, chunks_per_row: u32) -> u32 {
+    ((row / 8) * chunks_per_row + chunk) * 128 + (row % 8) * 16
+}
+
+/// A `wgmma` shared-memory matrix descriptor without swizzling (PTX ISA "Matrix Descriptor
+/// Format"): bits 0–13 start address >> 4, 16–29 leading byte offset >> 4, 32–45 stride byte
+/// offset >> 4, base offset 0, layout type 0 (bits 62–63). All three must be multiples of 16.
+#[inline(always)]
+pub const fn wgmma_desc(addr: u32, leading: u32, stride: u32) -> u64 {
+    (((addr & 0x3_FFFF) >> 4) as u64)
+        | ((((leading >> 4) & 0x3FFF) as u64) << 16)
+        | ((((stride >> 4) & 0x3FFF) as u64) << 32)
 }
 
 /// Byte offset of element `(row, col)` (bf16) in a swizzled tile with `row_elems` per row.
@@ -263,6 +323,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 2,
         warps_n: 4,
         stages: 3,
+        wgmma: false,
     },
     // Fewer rows per expert.
     TileConfig {
@@ -272,6 +333,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 2,
         warps_n: 2,
         stages: 3,
+        wgmma: false,
     },
     // Few rows per expert: weight-stream bound, narrow M.
     TileConfig {
@@ -281,6 +343,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 1,
         warps_n: 4,
         stages: 4,
+        wgmma: false,
     },
     // Many rows per expert, deeper pipeline.
     TileConfig {
@@ -290,6 +353,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 2,
         warps_n: 4,
         stages: 4,
+        wgmma: false,
     },
     // Fewer rows per expert, deeper pipeline.
     TileConfig {
@@ -299,6 +363,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 2,
         warps_n: 2,
         stages: 4,
+        wgmma: false,
     },
     // About one MMA tile of rows per expert (balanced routing at small T).
     TileConfig {
@@ -308,6 +373,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 1,
         warps_n: 4,
         stages: 4,
+        wgmma: false,
     },
     // 64 rows in one warp row: each warp decodes its MXFP4 columns once for four m16 tiles.
     TileConfig {
@@ -317,6 +383,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 1,
         warps_n: 4,
         stages: 4,
+        wgmma: false,
     },
     // 64-deep K stages (half the barriers per byte streamed).
     TileConfig {
@@ -326,6 +393,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 1,
         warps_n: 4,
         stages: 4,
+        wgmma: false,
     },
     TileConfig {
         bm: 32,
@@ -334,6 +402,7 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 1,
         warps_n: 4,
         stages: 3,
+        wgmma: false,
     },
     TileConfig {
         bm: 64,
@@ -342,6 +411,44 @@ pub const GEMM_CONFIGS: &[TileConfig] = &[
         warps_m: 2,
         warps_n: 2,
         stages: 3,
+        wgmma: false,
+    },
+    // Hopper `wgmma` (two warpgroups × 64 weight columns; the routed rows are the MMA's N).
+    TileConfig {
+        bm: 16,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 8,
+        stages: 4,
+        wgmma: true,
+    },
+    TileConfig {
+        bm: 32,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 8,
+        stages: 4,
+        wgmma: true,
+    },
+    TileConfig {
+        bm: 64,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 8,
+        stages: 4,
+        wgmma: true,
+    },
+    TileConfig {
+        bm: 128,
+        bn: 128,
+        bk: 64,
+        warps_m: 1,
+        warps_n: 8,
+        stages: 4,
+        wgmma: true,
     },
 ];
 
@@ -354,6 +461,7 @@ pub const fn lora_down_config(r_pad: u32) -> TileConfig {
         warps_m: 4,
         warps_n: 1,
         stages: 3,
+        wgmma: false,
     }
 }
 
@@ -436,9 +544,17 @@ mod tests {
                         };
                     assert!(p.rows_offset >= reused);
                     if b == BLayout::KnMxfp4 {
+                        let tiles = if c.wgmma { 2 } else { 1 };
                         assert!(
                             p.decoded_offset >= reused
-                                && p.rows_offset >= p.decoded_offset + c.bk * c.bn * 2
+                                && p.rows_offset >= p.decoded_offset + tiles * c.bk * c.bn * 2
+                        );
+                    }
+                    if c.wgmma {
+                        assert!(
+                            p.barriers_offset >= p.rows_offset + 8 * c.bm
+                                && p.barriers_offset.is_multiple_of(8)
+                                && p.total_bytes == p.barriers_offset + 16 * c.stages
                         );
                     }
                     if b.is_mx() {
@@ -468,6 +584,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn wgmma_layout_and_descriptor() {
+        // Chunks of a 64-wide row (8 chunks) walk core matrices by 128 bytes; rows by 16.
+        assert_eq!(interleaved_offset(0, 0, 8), 0);
+        assert_eq!(interleaved_offset(1, 0, 8), 16);
+        assert_eq!(interleaved_offset(0, 1, 8), 128);
+        assert_eq!(interleaved_offset(8, 0, 8), 1024);
+        assert_eq!(interleaved_offset(13, 5, 8), 1024 + 5 * 128 + 5 * 16);
+        // Every chunk of a 32-row tile has its own 16 bytes.
+        let mut seen = [false; 32 * 8];
+        for r in 0..32 {
+            for c in 0..8 {
+                let o = interleaved_offset(r, c, 8);
+                assert!(o % 16 == 0 && !seen[(o / 16) as usize]);
+                seen[(o / 16) as usize] = true;
+            }
+        }
+        let d = wgmma_desc(0x1_2340, 128, 1024);
+        assert_eq!(d & 0x3FFF, 0x1234);
+        assert_eq!((d >> 16) & 0x3FFF, 8);
+        assert_eq!((d >> 32) & 0x3FFF, 64);
+        assert_eq!(d >> 46, 0);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::mxfp4::{ScaleFold, byte_to_bf16x2_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, mx_scale_slot_bytes, smem_plan, swizzled_offset,
+    BLayout, SmemPlan, TileConfig, interleaved_offset, mx_scale_slot_bytes, smem_plan,
+    swizzled_offset,
 };
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -91,13 +92,23 @@ unsafe fn stage_scale_words(
 }
 
 /// Stages k-slice `kt` of both operands into pipeline stage `stage`, all as `cp.async` except
-/// the strided layout's element gather (stored directly).
+/// the strided layout's element gather (stored directly). The activation tile is swizzled for
+/// `ldmatrix` (`WG == false`) or in the `wgmma` no-swizzle K-major layout (`WG == true`,
+/// `tiles::interleaved_offset`).
+///
+/// `tid` is this thread's index among the `threads` loader threads.
 ///
 /// # Safety
-/// Called by every thread of the block; `rows_in` holds the block's `BM` input rows.
+/// Called by every loader thread; `rows_in` holds the block's `BM` input rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: u8>(
+pub(crate) unsafe fn load_stage<
+    const BM: u32,
+    const BN: u32,
+    const BK: u32,
+    const LAYOUT: u8,
+    const WG: bool,
+>(
     p: &GemmParams,
     plan: &SmemPlan,
     smem: SharedAddr,
@@ -106,17 +117,27 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
     kt: u32,
     e: u64,
     n0: u32,
+    tid: u32,
     threads: u32,
 ) {
-    let tid = tid_x();
     let k_base = kt * BK;
     // A: [BM][BK], 16-byte chunks gathered by row.
     let a_tile = smem.offset(stage * plan.a_stage_bytes);
     let cpr = BK / 8;
     let mut c = tid;
     while c < BM * cpr {
-        let row = c / cpr;
-        let ch = c % cpr;
+        // wgmma layout: eight consecutive threads fill one core matrix (8 rows × 16 bytes), so
+        // the stores are linear and a warp reads 8 rows × 4 chunks of global memory.
+        let (row, ch) = if WG {
+            (c % 8 + 8 * (c / (8 * cpr)), (c / 8) % cpr)
+        } else {
+            (c / cpr, c % cpr)
+        };
+        let dst = if WG {
+            interleaved_offset(row, ch, cpr)
+        } else {
+            swizzled_offset(row, 8 * ch, BK)
+        };
         // SAFETY: `row < BM`, the index array has BM entries.
         let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
         let kc = k_base + 8 * ch;
@@ -126,7 +147,7 @@ unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: 
         // (row < rows of A, kc + 8 ≤ k_red because k_red % 8 == 0).
         unsafe {
             cp_async_cg_shared_global_16(
-                a_tile.offset(swizzled_offset(row, 8 * ch, BK)),
+                a_tile.offset(dst),
                 if ok { src } else { p.a_addr },
                 if ok { 16 } else { 0 },
             )
@@ -314,6 +335,7 @@ pub unsafe fn gemm<
             warps_m: WM,
             warps_n: WN,
             stages: STAGES,
+            wgmma: false,
         };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
@@ -331,6 +353,7 @@ pub unsafe fn gemm<
         warps_m: WM,
         warps_n: WN,
         stages: STAGES,
+        wgmma: false,
     };
     let layout = if LAYOUT == BLayout::NkBf16 as u8 {
         BLayout::NkBf16
@@ -400,7 +423,9 @@ pub unsafe fn gemm<
             if s < ktiles {
                 // SAFETY: all threads; stage `s` is free.
                 unsafe {
-                    load_stage::<BM, BN, BK, LAYOUT>(p, &plan, smem, rows_in, s, s, e, n0, threads)
+                    load_stage::<BM, BN, BK, LAYOUT, false>(
+                        p, &plan, smem, rows_in, s, s, e, n0, tid, threads,
+                    )
                 };
             }
             // SAFETY: no preconditions.
@@ -419,7 +444,7 @@ pub unsafe fn gemm<
             if next < ktiles {
                 // SAFETY: the stage `next % STAGES` was last read in iteration kt−1 (barrier above).
                 unsafe {
-                    load_stage::<BM, BN, BK, LAYOUT>(
+                    load_stage::<BM, BN, BK, LAYOUT, false>(
                         p,
                         &plan,
                         smem,
@@ -428,6 +453,7 @@ pub unsafe fn gemm<
                         next,
                         e,
                         n0,
+                        tid,
                         threads,
                     )
                 };
@@ -477,6 +503,7 @@ pub unsafe fn gemm<
                             plan.b_scales_in_stage,
                             g0,
                             blocks_k,
+                            tid,
                             threads,
                         );
                         bar_sync_0();
@@ -548,24 +575,21 @@ pub unsafe fn gemm<
     }
 }
 
-/// `acc += s · (left_tile · right_eᵀ)` where `left` is the tile's rows of the `[rows, r_pad]`
-/// LoRA factor and `right_e(n, j)` the expert's right factor, both staged in shared memory.
+/// Stages the LoRA factors of a block's epilogue and waits for them: `left` = the tile's rows of
+/// the `[rows, r_pad]` factor as `[BM][r_pad]` at offset 0, `right` = the expert's right factor
+/// `(n0 + n, j)` as `[BN][r_pad]` at `plan.lora_right_offset` (both swizzled, zero padded).
 ///
 /// # Safety
 /// All threads of the block, after the main loop's shared memory is drained.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI: usize>(
+pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
     p: &GemmParams,
     plan: &SmemPlan,
     smem: SharedAddr,
     tile: &crate::tile::schedule::Tile,
     e: u64,
     n0: u32,
-    warp_m0: u32,
-    warp_n0: u32,
     threads: u32,
-    acc: &mut [[[f32; 4]; NI]; MI],
 ) {
     let tid = tid_x();
     let r_pad = p.r_pad;
@@ -606,6 +630,32 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
     }
     // SAFETY: all threads.
     unsafe { bar_sync_0() };
+}
+
+/// `acc += s · (left_tile · right_eᵀ)` where `left` is the tile's rows of the `[rows, r_pad]`
+/// LoRA factor and `right_e(n, j)` the expert's right factor, both staged in shared memory.
+///
+/// # Safety
+/// All threads of the block, after the main loop's shared memory is drained.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI: usize>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    smem: SharedAddr,
+    tile: &crate::tile::schedule::Tile,
+    e: u64,
+    n0: u32,
+    warp_m0: u32,
+    warp_n0: u32,
+    threads: u32,
+    acc: &mut [[[f32; 4]; NI]; MI],
+) {
+    let r_pad = p.r_pad;
+    let left = smem;
+    let right = smem.offset(plan.lora_right_offset);
+    // SAFETY: forwarded.
+    unsafe { stage_lora_factors::<BM, BN>(p, plan, smem, tile, e, n0, threads) };
     for mi in 0..MI {
         for nj in 0..NI / 2 {
             let mut t0 = [0f32; 4];
@@ -631,7 +681,7 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
 
 /// `acc += s · t` for one accumulator fragment (explicit indices keep it in registers).
 #[inline(always)]
-fn axpy4(acc: &mut [f32; 4], s: f32, t: [f32; 4]) {
+pub(crate) fn axpy4(acc: &mut [f32; 4], s: f32, t: [f32; 4]) {
     acc[0] += s * t[0];
     acc[1] += s * t[1];
     acc[2] += s * t[2];
@@ -684,7 +734,7 @@ unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI
 /// scale bytes ≤ 128, two above). Every product is exact, so the result equals the bf16
 /// dequantization bit for bit (NaN for a NaN scale).
 #[inline(always)]
-fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
+pub(crate) fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
     let placed = byte_to_bf16x2_scaled_down(word >> (8 * byte_idx));
     let v = mul_rn_bf16x2(placed, scale.first);
     if scale.two_step {
@@ -760,20 +810,23 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 /// tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each item is 8 packed bytes: 16
 /// consecutive k of one reduction row, inside one scale block.
 ///
+/// `tid` is this thread's index among the `threads` decoding threads.
+///
 /// # Safety
-/// All threads of the block; the raw stage is visible and the decoded tile is not being read.
+/// All `threads` decoding threads; the raw stage is visible and the decoded tile is not being read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
+pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
     raw: SharedAddr,
     decoded: SharedAddr,
     scales_in_stage: u32,
     g0: u32,
     blocks_k: u32,
+    tid: u32,
     threads: u32,
 ) {
     let per_row = BN / 16;
-    let mut i = tid_x();
+    let mut i = tid;
     while i < BK * per_row {
         let r = i / per_row;
         let c = i % per_row;

@@ -1,8 +1,10 @@
 //! Device building blocks over `ptx/`: global-memory access, the expert-aligned tile schedule,
-//! MMA fragments from swizzled shared tiles, and the grouped GEMM and Gram bodies.
+//! MMA fragments from swizzled shared tiles, and the grouped GEMM (`mma.sync` and Hopper `wgmma`)
+//! and Gram bodies.
 
 pub mod frag;
 pub mod gemm;
 pub mod gmem;
 pub mod gram;
 pub mod schedule;
+pub mod wg;

@@ -33,8 +33,9 @@ pub const PTX_FEATURE: &str = "+ptx80";
 /// for the larger warp tiles.
 pub const UNROLL_THRESHOLD: u32 = 4000;
 
-/// The default GPU architecture.
-pub const DEFAULT_ARCH: &str = "sm_90";
+/// The default GPU architecture: `sm_90a`, Hopper with its architecture-specific instructions
+/// (`wgmma`); such a module loads on compute capability 9.0 devices only (H100, H200).
+pub const DEFAULT_ARCH: &str = "sm_90a";
 
 /// What to build and where.
 #[derive(Clone, Debug)]
