@@ -60,7 +60,7 @@ pub unsafe fn wgmma_wait_group<const N: u32>() {
 /// `wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16` with A from registers:
 /// `acc += A·B` for a 64×16 bf16 A (this warp's 16 rows as an `mma.m16n8k16` A fragment: warp
 /// `w % 4` of the warpgroup owns rows `16·(w % 4)..+16`) and a 16×16 bf16 B in shared memory named by
-/// `desc_b` (K-major, see `shared::wgmma::desc_no_swizzle`). `acc[j]` holds this lane's D
+/// `desc_b` (K-major, see `shared::tiles::wgmma_desc_sw128`). `acc[j]` holds this lane's D
 /// entries of columns `8j..8j+8` in the `mma.m16n8` C layout (rows g, g+8; columns 2t, 2t+1).
 /// `accumulate != 0` adds to `acc` (scale-d true), 0 overwrites it; A and B are not negated, B
 /// is not transposed. Pass `accumulate` from a register defined before [`wgmma_fence`]: ptxas
@@ -99,7 +99,7 @@ pub unsafe fn wgmma_m64n16k16_f32_bf16_rs(
 /// `wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16` with A from registers:
 /// `acc += A·B` for a 64×16 bf16 A (this warp's 16 rows as an `mma.m16n8k16` A fragment: warp
 /// `w % 4` of the warpgroup owns rows `16·(w % 4)..+16`) and a 16×32 bf16 B in shared memory named by
-/// `desc_b` (K-major, see `shared::wgmma::desc_no_swizzle`). `acc[j]` holds this lane's D
+/// `desc_b` (K-major, see `shared::tiles::wgmma_desc_sw128`). `acc[j]` holds this lane's D
 /// entries of columns `8j..8j+8` in the `mma.m16n8` C layout (rows g, g+8; columns 2t, 2t+1).
 /// `accumulate != 0` adds to `acc` (scale-d true), 0 overwrites it; A and B are not negated, B
 /// is not transposed. Pass `accumulate` from a register defined before [`wgmma_fence`]: ptxas
@@ -146,7 +146,7 @@ pub unsafe fn wgmma_m64n32k16_f32_bf16_rs(
 /// `wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16` with A from registers:
 /// `acc += A·B` for a 64×16 bf16 A (this warp's 16 rows as an `mma.m16n8k16` A fragment: warp
 /// `w % 4` of the warpgroup owns rows `16·(w % 4)..+16`) and a 16×64 bf16 B in shared memory named by
-/// `desc_b` (K-major, see `shared::wgmma::desc_no_swizzle`). `acc[j]` holds this lane's D
+/// `desc_b` (K-major, see `shared::tiles::wgmma_desc_sw128`). `acc[j]` holds this lane's D
 /// entries of columns `8j..8j+8` in the `mma.m16n8` C layout (rows g, g+8; columns 2t, 2t+1).
 /// `accumulate != 0` adds to `acc` (scale-d true), 0 overwrites it; A and B are not negated, B
 /// is not transposed. Pass `accumulate` from a register defined before [`wgmma_fence`]: ptxas
@@ -209,7 +209,7 @@ pub unsafe fn wgmma_m64n64k16_f32_bf16_rs(
 /// `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16` with A from registers:
 /// `acc += A·B` for a 64×16 bf16 A (this warp's 16 rows as an `mma.m16n8k16` A fragment: warp
 /// `w % 4` of the warpgroup owns rows `16·(w % 4)..+16`) and a 16×128 bf16 B in shared memory named by
-/// `desc_b` (K-major, see `shared::wgmma::desc_no_swizzle`). `acc[j]` holds this lane's D
+/// `desc_b` (K-major, see `shared::tiles::wgmma_desc_sw128`). `acc[j]` holds this lane's D
 /// entries of columns `8j..8j+8` in the `mma.m16n8` C layout (rows g, g+8; columns 2t, 2t+1).
 /// `accumulate != 0` adds to `acc` (scale-d true), 0 overwrites it; A and B are not negated, B
 /// is not transposed. Pass `accumulate` from a register defined before [`wgmma_fence`]: ptxas

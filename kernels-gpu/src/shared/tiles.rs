@@ -284,24 +284,16 @@ pub const fn swizzle_chunk(row: u32, chunk: u32, chunks_per_row: u32) -> u32 {
     chunk ^ f
 }
 
-/// Byte offset of 16-byte chunk `chunk` of row `row` in the `wgmma` no-swizzle K-major layout
-/// of a tile with `chunks_per_row` chunks per row: 8-row × 16-byte core matrices of 128
-/// contiguous bytes, ordered `[row / 8][chunk]`. Its descriptor (`wgmma_desc`) has leading
-/// byte offset 128 (next chunk along K) and stride byte offset `128 · chunks_per_row` (next 8
-/// rows).
+/// A `wgmma` shared-memory matrix descriptor (PTX ISA "Matrix Descriptor Format") for a K-major
+/// bf16 tile with 64-element (128-byte) rows in the 128-byte swizzle mode — exactly the layout
+/// of [`swizzled_offset`] with `row_elems = 64` (chunk ^= row % 8) on a 1024-byte aligned tile.
+/// Fields: bits 0–13 start address >> 4, 16–29 leading byte offset >> 4 (unused by swizzled
+/// K-major layouts; 1 by convention), 32–45 stride byte offset >> 4 (1024: the next 8 rows),
+/// base offset 0, bits 62–63 layout type 1 (128-byte swizzle). K-step `ks` (16 elements) starts
+/// `32·ks` bytes into the rows, i.e. the start field plus `2·ks`.
 #[inline(always)]
-pub const fn interleaved_offset(row: u32, chunk: u32, chunks_per_row: u32) -> u32 {
-    ((row / 8) * chunks_per_row + chunk) * 128 + (row % 8) * 16
-}
-
-/// A `wgmma` shared-memory matrix descriptor without swizzling (PTX ISA "Matrix Descriptor
-/// Format"): bits 0–13 start address >> 4, 16–29 leading byte offset >> 4, 32–45 stride byte
-/// offset >> 4, base offset 0, layout type 0 (bits 62–63). All three must be multiples of 16.
-#[inline(always)]
-pub const fn wgmma_desc(addr: u32, leading: u32, stride: u32) -> u64 {
-    (((addr & 0x3_FFFF) >> 4) as u64)
-        | ((((leading >> 4) & 0x3FFF) as u64) << 16)
-        | ((((stride >> 4) & 0x3FFF) as u64) << 32)
+pub const fn wgmma_desc_sw128(addr: u32) -> u64 {
+    (((addr & 0x3_FFFF) >> 4) as u64) | (1u64 << 16) | ((1024u64 >> 4) << 32) | (1u64 << 62)
 }
 
 /// Byte offset of element `(row, col)` (bf16) in a swizzled tile with `row_elems` per row.
@@ -587,27 +579,22 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_layout_and_descriptor() {
-        // Chunks of a 64-wide row (8 chunks) walk core matrices by 128 bytes; rows by 16.
-        assert_eq!(interleaved_offset(0, 0, 8), 0);
-        assert_eq!(interleaved_offset(1, 0, 8), 16);
-        assert_eq!(interleaved_offset(0, 1, 8), 128);
-        assert_eq!(interleaved_offset(8, 0, 8), 1024);
-        assert_eq!(interleaved_offset(13, 5, 8), 1024 + 5 * 128 + 5 * 16);
-        // Every chunk of a 32-row tile has its own 16 bytes.
-        let mut seen = [false; 32 * 8];
-        for r in 0..32 {
-            for c in 0..8 {
-                let o = interleaved_offset(r, c, 8);
-                assert!(o % 16 == 0 && !seen[(o / 16) as usize]);
-                seen[(o / 16) as usize] = true;
+    fn wgmma_descriptor_matches_the_128_byte_swizzle() {
+        // The hardware's 128-byte swizzle XORs address bits 4–6 with bits 7–9 inside each
+        // 1024-byte atom; `swizzled_offset` with 64-element rows must be that permutation.
+        for row in 0..32u32 {
+            for col in (0..64u32).step_by(8) {
+                let plain = row * 128 + col * 2;
+                let hw = plain ^ (((plain >> 7) & 7) << 4);
+                assert_eq!(swizzled_offset(row, col, 64), hw, "row {row} col {col}");
             }
         }
-        let d = wgmma_desc(0x1_2340, 128, 1024);
-        assert_eq!(d & 0x3FFF, 0x1234);
-        assert_eq!((d >> 16) & 0x3FFF, 8);
+        let d = wgmma_desc_sw128(0x1_2400);
+        assert_eq!(d & 0x3FFF, 0x1240);
+        assert_eq!((d >> 16) & 0x3FFF, 1);
         assert_eq!((d >> 32) & 0x3FFF, 64);
-        assert_eq!(d >> 46, 0);
+        assert_eq!(d >> 62, 1);
+        assert_eq!((d >> 46) & 0xFFFF, 0);
     }
 
     #[test]

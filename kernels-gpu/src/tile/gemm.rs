@@ -22,8 +22,7 @@ use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::mxfp4::{ScaleFold, byte_to_bf16x2_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, interleaved_offset, mx_scale_slot_bytes, smem_plan,
-    swizzled_offset,
+    BLayout, SmemPlan, TileConfig, mx_scale_slot_bytes, smem_plan, swizzled_offset,
 };
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -57,7 +56,7 @@ pub unsafe fn wait_for_stage<const STAGES: u32>() {
 /// `dst` is a 4-byte aligned shared address with `4·words` bytes; `scales_addr` is the 4-byte
 /// aligned scale buffer of `total` bytes.
 #[inline(always)]
-unsafe fn stage_scale_words(
+pub(crate) unsafe fn stage_scale_words(
     dst: SharedAddr,
     scales_addr: u64,
     g: u64,
@@ -92,9 +91,9 @@ unsafe fn stage_scale_words(
 }
 
 /// Stages k-slice `kt` of both operands into pipeline stage `stage`, all as `cp.async` except
-/// the strided layout's element gather (stored directly). The activation tile is swizzled for
-/// `ldmatrix` (`WG == false`) or in the `wgmma` no-swizzle K-major layout (`WG == true`,
-/// `tiles::interleaved_offset`).
+/// the strided layout's element gather (stored directly). The activation tile is swizzled
+/// (`tiles::swizzled_offset`): read by `ldmatrix`, and with 64-element rows it is also the
+/// `wgmma` 128-byte swizzle layout (`tiles::wgmma_desc_sw128`).
 ///
 /// `tid` is this thread's index among the `threads` loader threads.
 ///
@@ -102,13 +101,7 @@ unsafe fn stage_scale_words(
 /// Called by every loader thread; `rows_in` holds the block's `BM` input rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn load_stage<
-    const BM: u32,
-    const BN: u32,
-    const BK: u32,
-    const LAYOUT: u8,
-    const WG: bool,
->(
+pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, const LAYOUT: u8>(
     p: &GemmParams,
     plan: &SmemPlan,
     smem: SharedAddr,
@@ -126,18 +119,8 @@ pub(crate) unsafe fn load_stage<
     let cpr = BK / 8;
     let mut c = tid;
     while c < BM * cpr {
-        // wgmma layout: eight consecutive threads fill one core matrix (8 rows × 16 bytes), so
-        // the stores are linear and a warp reads 8 rows × 4 chunks of global memory.
-        let (row, ch) = if WG {
-            (c % 8 + 8 * (c / (8 * cpr)), (c / 8) % cpr)
-        } else {
-            (c / cpr, c % cpr)
-        };
-        let dst = if WG {
-            interleaved_offset(row, ch, cpr)
-        } else {
-            swizzled_offset(row, 8 * ch, BK)
-        };
+        let row = c / cpr;
+        let ch = c % cpr;
         // SAFETY: `row < BM`, the index array has BM entries.
         let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
         let kc = k_base + 8 * ch;
@@ -147,7 +130,7 @@ pub(crate) unsafe fn load_stage<
         // (row < rows of A, kc + 8 ≤ k_red because k_red % 8 == 0).
         unsafe {
             cp_async_cg_shared_global_16(
-                a_tile.offset(dst),
+                a_tile.offset(swizzled_offset(row, 8 * ch, BK)),
                 if ok { src } else { p.a_addr },
                 if ok { 16 } else { 0 },
             )
@@ -423,7 +406,7 @@ pub unsafe fn gemm<
             if s < ktiles {
                 // SAFETY: all threads; stage `s` is free.
                 unsafe {
-                    load_stage::<BM, BN, BK, LAYOUT, false>(
+                    load_stage::<BM, BN, BK, LAYOUT>(
                         p, &plan, smem, rows_in, s, s, e, n0, tid, threads,
                     )
                 };
@@ -444,7 +427,7 @@ pub unsafe fn gemm<
             if next < ktiles {
                 // SAFETY: the stage `next % STAGES` was last read in iteration kt−1 (barrier above).
                 unsafe {
-                    load_stage::<BM, BN, BK, LAYOUT, false>(
+                    load_stage::<BM, BN, BK, LAYOUT>(
                         p,
                         &plan,
                         smem,

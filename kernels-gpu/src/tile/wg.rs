@@ -8,8 +8,8 @@
 //! memory. The weights are A — two warpgroups × 64 columns, each warp 16 of them — so a decoded
 //! MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory round trip in the
 //! forward), and the routed rows are the MMA's N (16 to 128), which suits experts with few rows.
-//! The activations are staged by `cp.async` in the no-swizzle K-major layout a descriptor names
-//! (`tiles::interleaved_offset`).
+//! The activations are staged by `cp.async` in the 128-byte swizzled K-major layout a
+//! descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so `BK == 64`).
 //!
 //! Warp specialisation: warpgroup 0 produces, warpgroups 1 and 2 consume. The producer stages
 //! k-tile `kt` into slot `kt % STAGES` with `cp.async` (after the slot's "empty" mbarrier says
@@ -26,7 +26,9 @@
 //! written row by row in 16-byte chunks.
 
 use crate::ptx::barrier::bar_sync_0;
-use crate::ptx::cp_async::{cp_async_commit_group, cp_async_wait_group};
+use crate::ptx::cp_async::{
+    cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group,
+};
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::mbarrier::{
     bar_sync_named, cp_async_mbarrier_arrive_noinc, mbarrier_arrive, mbarrier_init,
@@ -47,13 +49,13 @@ use crate::shared::mxfp4::scale_fold;
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
     BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, smem_plan,
-    swizzled_offset, wgmma_desc,
+    swizzled_offset, wgmma_desc_sw128,
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, load_stage, stage_lora_factors,
+    NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, stage_lora_factors, stage_scale_words,
 };
-use crate::tile::gmem::{load, store};
+use crate::tile::gmem::{load, store, store_16};
 use crate::tile::schedule::find_tile;
 
 /// Weight columns per block: two warpgroups of 64.
@@ -156,7 +158,75 @@ impl Barriers {
     }
 }
 
-/// The producer warpgroup's loop: stage every k-tile into its slot once the slot is free.
+/// At most this many 16-byte chunks of one operand tile per producer thread per k-tile.
+const MAX_CHUNKS: usize = 8;
+
+/// One producer thread's share of an operand tile, planned once per block: chunk `i` is copied
+/// from `src[i] + kt·step` to `dst0 + slot·stage_bytes + i·dst_step` in k-tile `kt`, when
+/// `ok[i]` and its reduction index `kt·BK + kpos[i]` is inside K. Every chunk keeps its place
+/// in the tile across k-tiles, so the k-loop adds instead of recomputing addresses.
+struct Stream {
+    src: [u64; MAX_CHUNKS],
+    ok: [bool; MAX_CHUNKS],
+    kpos: [u32; MAX_CHUNKS],
+    n: usize,
+    step: u64,
+    dst0: u32,
+    dst_step: u32,
+    stage_bytes: u32,
+}
+
+impl Stream {
+    fn empty(step: u64, dst0: u32, dst_step: u32, stage_bytes: u32) -> Self {
+        Stream {
+            src: [0; MAX_CHUNKS],
+            ok: [false; MAX_CHUNKS],
+            kpos: [0; MAX_CHUNKS],
+            n: 0,
+            step,
+            dst0,
+            dst_step,
+            stage_bytes,
+        }
+    }
+
+    /// Copies this thread's chunks of k-tile `kt` into `slot`.
+    ///
+    /// # Safety
+    /// Every planned source lies inside its buffer for each k-tile it is valid in; the slot is
+    /// free.
+    #[inline(always)]
+    unsafe fn issue<const BK: u32>(
+        &self,
+        smem: SharedAddr,
+        slot: u32,
+        kt: u32,
+        k_red: u32,
+        fallback: u64,
+    ) {
+        let off = kt as u64 * self.step;
+        let base = smem.offset(self.dst0 + slot * self.stage_bytes);
+        for i in 0..MAX_CHUNKS {
+            if i < self.n {
+                let go = self.ok[i] && kt * BK + self.kpos[i] < k_red;
+                // SAFETY: the destination chunk lies inside the slot; the source is read only
+                // when `go` (the plan's contract).
+                unsafe {
+                    cp_async_cg_shared_global_16(
+                        base.offset(i as u32 * self.dst_step),
+                        if go { self.src[i] + off } else { fallback },
+                        if go { 16 } else { 0 },
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// The producer warpgroup's loop: plan this thread's chunks of both operand tiles once, then
+/// stage every k-tile into its slot as soon as the slot is free. Same tiles as
+/// `tile::gemm::load_stage`, with the per-chunk address arithmetic hoisted out of the k-loop
+/// (one warp cannot otherwise issue a tile's copies as fast as two warpgroups consume it).
 ///
 /// # Safety
 /// All 128 producer threads, block-uniform arguments; barriers initialized and published.
@@ -173,27 +243,156 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     bars: Barriers,
 ) {
     let tid = tid_x();
+    // Activations: [BM][64] swizzled, chunk (row, ch) with ch = tid % 8 and rows tid/8 + 16i;
+    // the swizzle depends on row % 8 only, so consecutive chunks are 16 rows = 2048 bytes apart.
+    let ch = tid % 8;
+    let mut x = Stream::empty(
+        2 * BK as u64,
+        swizzled_offset(tid / 8, 8 * ch, BK),
+        16 * BK * 2,
+        plan.a_stage_bytes,
+    );
+    // BM ≥ 16: every thread owns at least one chunk.
+    x.n = (BM * BK / 8 / WG_PRODUCER_THREADS) as usize;
+    for i in 0..MAX_CHUNKS {
+        if i < x.n {
+            let row = tid / 8 + 16 * i as u32;
+            // SAFETY: `row < BM` entries of the index array.
+            let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
+            x.ok[i] = r != NO_ROW;
+            x.kpos[i] = 8 * ch;
+            x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * ch as u64);
+        }
+    }
+    let b_expert = p.b_addr + 2 * e * p.b_stride_e;
+    let w = if LAYOUT == BLayout::NkBf16 as u8 {
+        // [BN][64] swizzled: rows n = tid/8 + 16i, chunk tid % 8.
+        let mut w = Stream::empty(
+            2 * BK as u64,
+            plan.b_offset + swizzled_offset(tid / 8, 8 * ch, BK),
+            16 * BK * 2,
+            plan.b_stage_bytes,
+        );
+        w.n = (BN * BK / 8 / WG_PRODUCER_THREADS) as usize;
+        for i in 0..MAX_CHUNKS {
+            if i < w.n {
+                let n = tid / 8 + 16 * i as u32;
+                w.ok[i] = n0 + n < p.b_rows;
+                w.kpos[i] = 8 * ch;
+                w.src[i] = b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + 8 * ch as u64);
+            }
+        }
+        w
+    } else if LAYOUT == BLayout::KnBf16 as u8 {
+        // [64][BN] swizzled: rows kr = tid/16 + 8i, chunk tid % 16 (swizzle by kr % 8, fixed).
+        let cn = tid % 16;
+        let mut w = Stream::empty(
+            2 * BK as u64 * p.b_stride_k,
+            plan.b_offset + swizzled_offset(tid / 16, 8 * cn, BN),
+            8 * BN * 2,
+            plan.b_stage_bytes,
+        );
+        w.n = (BK * BN / 8 / WG_PRODUCER_THREADS) as usize;
+        for i in 0..MAX_CHUNKS {
+            if i < w.n {
+                let kr = tid / 16 + 8 * i as u32;
+                w.ok[i] = n0 + 8 * cn < p.b_rows;
+                w.kpos[i] = kr;
+                w.src[i] = b_expert + 2 * (kr as u64 * p.b_stride_k + (n0 + 8 * cn) as u64);
+            }
+        }
+        w
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
+        // Packed [BN][BK/2]: rows n = tid/2 + 64i, 16-byte chunk tid % 2 (one 32-k block).
+        let half_k = p.k_red as u64 / 2;
+        let packed_e = p.b_addr + e * p.n_out as u64 * half_k;
+        let cb = tid % 2;
+        let mut w = Stream::empty(
+            BK as u64 / 2,
+            plan.b_offset + (tid / 2) * (BK / 2) + 16 * cb,
+            64 * (BK / 2),
+            plan.b_stage_bytes,
+        );
+        w.n = (BN * BK / 32 / WG_PRODUCER_THREADS) as usize;
+        for i in 0..MAX_CHUNKS {
+            if i < w.n {
+                let n = tid / 2 + 64 * i as u32;
+                w.ok[i] = n0 + n < p.n_out;
+                w.kpos[i] = 32 * cb;
+                w.src[i] = packed_e + (n0 + n) as u64 * half_k + 16 * cb as u64;
+            }
+        }
+        w
+    } else {
+        // dX over MXFP4, raw [BK][BN/2]: rows r = tid/4 + 32i, 16-byte chunk tid % 4.
+        let half_k = p.n_out as u64 / 2;
+        let packed_e = p.b_addr + e * p.k_red as u64 * half_k;
+        let cb = tid % 4;
+        let mut w = Stream::empty(
+            BK as u64 * half_k,
+            plan.b_offset + (tid / 4) * (BN / 2) + 16 * cb,
+            32 * (BN / 2),
+            plan.b_stage_bytes,
+        );
+        w.n = (BK * BN / 32 / WG_PRODUCER_THREADS) as usize;
+        for i in 0..MAX_CHUNKS {
+            if i < w.n {
+                let r = tid / 4 + 32 * i as u32;
+                w.ok[i] = n0 + 32 * cb < p.n_out;
+                w.kpos[i] = r;
+                w.src[i] = packed_e + r as u64 * half_k + (n0 / 2 + 16 * cb) as u64;
+            }
+        }
+        w
+    };
     let mut kt = 0;
     while kt < ktiles {
         let slot = kt % STAGES;
         // SAFETY: the slot's previous use (k-tile kt − STAGES) is retired by both consumers
-        // once that use's "empty" phase completes; the copies then hand it over.
+        // once that use's "empty" phase completes; the planned sources are valid whenever
+        // their chunk is (rows from the routing, columns and k inside the weights).
         unsafe {
             if kt >= STAGES {
                 mbarrier_wait_parity(bars.empty(slot), (kt / STAGES - 1) & 1);
             }
-            load_stage::<BM, BN, BK, LAYOUT, true>(
-                p,
-                plan,
-                smem,
-                rows_in,
-                slot,
-                kt,
-                e,
-                n0,
-                tid,
-                WG_PRODUCER_THREADS,
-            );
+            x.issue::<BK>(smem, slot, kt, p.k_red, p.a_addr);
+            w.issue::<BK>(smem, slot, kt, p.k_red, p.b_addr);
+            let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
+            if LAYOUT == BLayout::NkMxfp4 as u8 {
+                // One scale word slot per weight row (thread tid: row tid).
+                let blocks_k = p.k_red as u64 / 32;
+                let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
+                let slot_bytes = mx_scale_slot_bytes(BK);
+                let n = tid;
+                let ok = n0 + n < p.n_out && kt * BK < p.k_red;
+                let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (kt * (BK / 32)) as u64;
+                stage_scale_words(
+                    b_tile.offset(plan.b_scales_in_stage + slot_bytes * n),
+                    p.scales_addr,
+                    g,
+                    total,
+                    slot_bytes / 4,
+                    ok,
+                );
+            } else if LAYOUT == BLayout::KnMxfp4 as u8 {
+                // An 8-byte window per reduction row (threads 0..BK).
+                let blocks_k = p.n_out as u64 / 32;
+                let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
+                let r = tid;
+                if r < BK {
+                    let ok = kt * BK + r < p.k_red;
+                    let g =
+                        (e * p.k_red as u64 + (kt * BK + r) as u64) * blocks_k + (n0 / 32) as u64;
+                    stage_scale_words(
+                        b_tile.offset(plan.b_scales_in_stage + 8 * r),
+                        p.scales_addr,
+                        g,
+                        total,
+                        2,
+                        ok,
+                    );
+                }
+            }
             cp_async_mbarrier_arrive_noinc(bars.full(slot));
         }
         kt += 1;
@@ -292,24 +491,26 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
             frags[ks] = unsafe { a_mk(b_tile, warp_n0, 16 * ks as u32, BK) };
         }
     }
-    // k-step ks starts two core matrices (256 bytes) further along K. The descriptors are
-    // computed before the fence: ptxas serializes wgmma groups whose inputs are defined inside
-    // the group.
-    let mut descs = [0u64; 4];
-    for (ks, d) in descs.iter_mut().enumerate() {
-        *d = wgmma_desc(a_tile.raw() + 256 * ks as u32, 128, 16 * BK);
-    }
+    // k-step ks starts 32 bytes further into the swizzled rows: the descriptor's address field
+    // (bytes >> 4, below 2^14 for any shared address) grows by 2, so every descriptor is the
+    // first plus a constant.
+    let desc0 = wgmma_desc_sw128(a_tile.raw());
     // SAFETY: warpgroup converged; the activation slot stays until this group's "empty"
     // arrival (two iterations later).
     unsafe {
         wgmma_fence();
         for ks in 0..(BK / 16) as usize {
-            acc.mma_async(frags[ks], descs[ks], accumulate);
+            acc.mma_async(frags[ks], desc0 + 2 * ks as u64, accumulate);
         }
         wgmma_commit_group();
-        wgmma_wait_group::<1>();
-        if kt > 0 {
-            mbarrier_arrive(bars.empty((kt - 1) % STAGES));
+        if LAYOUT == BLayout::NkMxfp4 as u8 {
+            wgmma_wait_group::<1>();
+            if kt > 0 {
+                mbarrier_arrive(bars.empty((kt - 1) % STAGES));
+            }
+        } else {
+            wgmma_wait_group::<0>();
+            mbarrier_arrive(bars.empty(slot));
         }
     }
 }
@@ -342,7 +543,8 @@ pub unsafe fn gemm_wg<
             wgmma: true,
         };
         assert!(c.validate().is_ok() && c.threads() == THREADS);
-        assert!(NJ as u32 == BM / 8 && NJ % 2 == 0 && (BK == 32 || BK == 64) && STAGES >= 2);
+        // 64-element activation rows: the 128-byte swizzle atom.
+        assert!(NJ as u32 == BM / 8 && NJ % 2 == 0 && BK == 64 && STAGES >= 2);
     };
     let cfg = TileConfig {
         bm: BM,
@@ -546,6 +748,8 @@ pub unsafe fn gemm_wg<
     }
     // SAFETY: all threads.
     unsafe { bar_sync_0() };
+    // One 16-byte store per chunk when every output row start is 16-byte aligned.
+    let wide = (p.out_addr | 2 * p.out_stride) % 16 == 0;
     let mut c = tid;
     while c < BM * (BN / 8) {
         let row = c / (BN / 8);
@@ -561,12 +765,17 @@ pub unsafe fn gemm_wg<
         if o != NO_ROW && col < p.n_out {
             let at = p.out_addr + 2 * (o as u64 * p.out_stride + col as u64);
             // SAFETY: `o` is a valid output row and `col + 8 ≤ n_out` (n_out % 8 == 0); the
-            // output is 4-byte aligned (even stride and columns), as for the mma.sync kernel.
+            // output is 4-byte aligned (even stride and columns), as for the mma.sync kernel,
+            // and 16-byte aligned when `wide` says so.
             unsafe {
-                store(at, v[0]);
-                store(at + 4, v[1]);
-                store(at + 8, v[2]);
-                store(at + 12, v[3]);
+                if wide {
+                    store_16(at, v);
+                } else {
+                    store(at, v[0]);
+                    store(at + 4, v[1]);
+                    store(at + 8, v[2]);
+                    store(at + 12, v[3]);
+                }
             }
         }
         c += THREADS;
