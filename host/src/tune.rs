@@ -152,27 +152,26 @@ pub fn prune(
     (keep, report)
 }
 
-/// The untuned choice, measured on the H100 (`docs/BENCHMARKS.md`, "Tile rule"), by the average
-/// rows per expert and the weight format, restricted to `candidates` (falls back to the first):
+/// The untuned choice, measured on the H100 (the tuner's picks, `docs/BENCHMARKS.md`, "Tile
+/// rule"), by the average rows per expert and the B layout, restricted to `candidates` (falls
+/// back to the first). `wg` rows are the Hopper `wgmma` kernels:
 ///
-/// | rows per expert | bf16 weights | MXFP4 weights |
-/// |---|---|---|
-/// | ≥ 16 | `m64n128k64w2x2s3` | ≥ 40: `m64n128k32w1x4s4` (one warp row decodes each byte once); else `m32n128k32w1x4s4` |
-/// | < 16 | `m32n128k64w1x4s3` | `m16n128k32w1x4s4` |
+/// | rows per expert | `Nk` bf16 (forward) | `Kn` bf16 (dX) | `Nk` MXFP4 (forward) | `Kn` MXFP4 (dX) |
+/// |---|---|---|---|---|
+/// | ≥ 96 | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` |
+/// | 48 – 95 | `m32n128k64wg2s4` | `m64n128k64w2x2s3` | `m128n128k64wg2s4` | `m64n128k64w2x2s3` |
+/// | 16 – 47 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m32n128k32w1x4s4` | `m32n128k32w1x4s4` |
+/// | < 16 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m16n128k32w1x4s4` | `m16n128k32w1x4s4` |
 pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: &[usize]) -> usize {
     let per_expert = rows / experts.max(1);
-    let name = if layout.is_mx() {
-        if per_expert >= 40 {
-            "m64n128k32w1x4s4"
-        } else if per_expert >= 16 {
-            "m32n128k32w1x4s4"
-        } else {
-            "m16n128k32w1x4s4"
-        }
-    } else if per_expert >= 16 {
-        "m64n128k64w2x2s3"
-    } else {
-        "m32n128k64w1x4s3"
+    let name = match (layout, per_expert) {
+        (_, 96..) => "m128n128k64wg2s4",
+        (BLayout::NkBf16 | BLayout::Strided, _) => "m32n128k64wg2s4",
+        (BLayout::NkMxfp4, 48..) => "m128n128k64wg2s4",
+        (BLayout::KnBf16 | BLayout::KnMxfp4, 48..) => "m64n128k64w2x2s3",
+        (BLayout::KnBf16, _) => "m32n128k32w1x4s4",
+        (_, 16..) => "m32n128k32w1x4s4",
+        _ => "m16n128k32w1x4s4",
     };
     match GEMM_CONFIGS.iter().position(|c| config_name(c) == name) {
         Some(want) if candidates.contains(&want) => want,
@@ -403,7 +402,13 @@ mod tests {
                         p.total_bytes >= main.max(p.epilogue_bytes) + 8 * c.bm,
                         "{c:?} {layout:?} {r_pad}"
                     );
-                    assert_eq!(p.total_bytes, p.rows_offset + 8 * c.bm);
+                    if c.wgmma {
+                        // The pipeline's mbarriers follow the row arrays.
+                        assert!(p.barriers_offset >= p.rows_offset + 8 * c.bm);
+                        assert_eq!(p.total_bytes, p.barriers_offset + 16 * c.stages);
+                    } else {
+                        assert_eq!(p.total_bytes, p.rows_offset + 8 * c.bm);
+                    }
                 }
             }
         }
@@ -513,9 +518,19 @@ mod tests {
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
         let pick =
             |layout, rows, e| config_name(&GEMM_CONFIGS[default_config(layout, rows, e, &all)]);
-        assert_eq!(pick(BLayout::NkBf16, 32768, 128), "m64n128k64w2x2s3");
-        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k64w1x4s3");
-        assert_eq!(pick(BLayout::NkMxfp4, 32768, 128), "m64n128k32w1x4s4");
+        // Dense SPEC shape: 256 rows per expert, wgmma everywhere.
+        for layout in [
+            BLayout::NkBf16,
+            BLayout::KnBf16,
+            BLayout::NkMxfp4,
+            BLayout::KnMxfp4,
+        ] {
+            assert_eq!(pick(layout, 32768, 128), "m128n128k64wg2s4");
+        }
+        assert_eq!(pick(BLayout::NkBf16, 2048, 256), "m32n128k64wg2s4");
+        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k32w1x4s4");
+        assert_eq!(pick(BLayout::KnBf16, 16384, 256), "m64n128k64w2x2s3");
+        assert_eq!(pick(BLayout::NkMxfp4, 16384, 256), "m128n128k64wg2s4");
         assert_eq!(pick(BLayout::KnMxfp4, 8192, 256), "m32n128k32w1x4s4");
         assert_eq!(pick(BLayout::NkMxfp4, 2048, 256), "m16n128k32w1x4s4");
         assert_eq!(default_config(BLayout::NkBf16, 2048, 256, &[1]), 1);

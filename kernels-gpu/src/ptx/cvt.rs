@@ -26,3 +26,16 @@ pub fn mul_rn_bf16x2(a: u32, b: u32) -> u32 {
     };
     d
 }
+
+/// `prmt.b32 d, a, 0, sel;` (PTX ISA §9.7.8.7 "prmt", PTX 2.0+, all SM targets): byte permute
+/// of `a` and zero; with `sel = 0x4440 | i` the result is byte `i` of `a` (0 ≤ i < 4) zero
+/// extended — one instruction where a variable shift and a mask take two. CUDA C: `__byte_perm`.
+#[inline(always)]
+pub fn prmt_b32(a: u32, sel: u32) -> u32 {
+    let d: u32;
+    // SAFETY: register-only permutation with no preconditions.
+    unsafe {
+        asm!("prmt.b32 {d}, {a}, 0, {s};", d = out(reg32) d, a = in(reg32) a, s = in(reg32) sel, options(pure, nomem, nostack))
+    };
+    d
+}

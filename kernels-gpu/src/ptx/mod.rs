@@ -18,6 +18,7 @@
 //! | [`mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32`] | `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` |
 //! | [`cvt::cvt_rn_bf16x2_f32`] | `cvt.rn.bf16x2.f32` |
 //! | [`cvt::mul_rn_bf16x2`] | `mul.rn.bf16x2` |
+//! | [`cvt::prmt_b32`] | `prmt.b32` (byte extraction) |
 //! | [`warp::shfl_sync_up_b32`], [`warp::shfl_sync_idx_b32`], [`warp::shfl_sync_bfly_b32`] | `shfl.sync.{up,idx,bfly}.b32` |
 //! | [`warp::vote_sync_ballot_b32`], [`warp::match_any_sync_b32`], [`warp::lanemask_lt`] | `vote.sync.ballot.b32`, `match.any.sync.b32`, `%lanemask_lt` |
 //! | [`warp::atom_shared_add_u32`], [`warp::bar_warp_sync`] | `atom.shared.add.u32`, `bar.warp.sync` |

@@ -131,12 +131,23 @@ pub const fn byte_to_bf16x2(byte: u8) -> u32 {
 /// The two codes of the low byte of `x` placed straight into bf16 bit fields, scaled by 2^-126:
 /// a code `s|e|m` becomes the bf16 pattern `s << 15 | e << 7 | m << 6` (exponent field `e`,
 /// top mantissa bit `m`), whose value is exactly `e2m1(code) · 2^-126` for every code (`e = 0`
-/// lands on the bf16 subnormal `m · 2^-127`). Even k (low nibble) in the low half. Four logic
-/// operations per byte and no table: the kernels then multiply by [`TWO_POW_126_BF16X2`] (exact)
-/// and by the scale. Only the low 8 bits of `x` are read.
+/// lands on the bf16 subnormal `m · 2^-127`). Even k (low nibble) in the low half. No table:
+/// two multiplies copy the byte to two places at once (`b·(2^6 + 2^18)` puts the low code's
+/// `e|m` at bits 6–8 and the high code's at 22–24; `b·(2^12 + 2^24)` puts the signs at bits 15
+/// and 31; the copies never overlap, so no carries) and two masks keep those fields — five
+/// instructions with the byte extraction, against nine for shift-and-mask per field. The
+/// kernels then multiply by [`TWO_POW_126_BF16X2`] (exact) and by the scale. Only the low 8
+/// bits of `x` are read.
 #[inline]
 pub const fn byte_to_bf16x2_scaled_down(x: u32) -> u32 {
-    ((x & 0x7) << 6) | ((x & 0x8) << 12) | ((x & 0x70) << 18) | ((x & 0x80) << 24)
+    place_byte_scaled_down(x & 0xFF)
+}
+
+/// [`byte_to_bf16x2_scaled_down`] of a byte `b < 256` that is already zero extended (the
+/// kernels extract it with one `prmt`): four instructions.
+#[inline]
+pub const fn place_byte_scaled_down(b: u32) -> u32 {
+    (b.wrapping_mul(0x0004_0040) & 0x01C0_01C0) | (b.wrapping_mul(0x0100_1000) & 0x8000_8000)
 }
 
 /// `2^126` in both halves of a bf16x2 word (exponent field 253).

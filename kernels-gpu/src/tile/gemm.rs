@@ -12,14 +12,14 @@ use crate::ptx::cp_async::{
     cp_async_wait_group,
 };
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
-use crate::ptx::cvt::mul_rn_bf16x2;
+use crate::ptx::cvt::{mul_rn_bf16x2, prmt_b32};
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::ptx::smem::{
     SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u16,
     st_shared_u32, st_shared_v4_u32,
 };
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
-use crate::shared::mxfp4::{ScaleFold, byte_to_bf16x2_scaled_down, scale_fold};
+use crate::shared::mxfp4::{ScaleFold, place_byte_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
     BLayout, SmemPlan, TileConfig, mx_scale_slot_bytes, smem_plan, swizzled_offset,
@@ -486,6 +486,8 @@ pub unsafe fn gemm<
                             plan.b_scales_in_stage,
                             g0,
                             blocks_k,
+                            0,
+                            BN / 16,
                             tid,
                             threads,
                         );
@@ -718,7 +720,7 @@ unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI
 /// dequantization bit for bit (NaN for a NaN scale).
 #[inline(always)]
 pub(crate) fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
-    let placed = byte_to_bf16x2_scaled_down(word >> (8 * byte_idx));
+    let placed = place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx));
     let v = mul_rn_bf16x2(placed, scale.first);
     if scale.two_step {
         mul_rn_bf16x2(v, scale.second)
@@ -793,10 +795,12 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 /// tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each item is 8 packed bytes: 16
 /// consecutive k of one reduction row, inside one scale block.
 ///
+/// Only the items (16-column groups) `c_first .. c_first + c_count` of every row are decoded;
 /// `tid` is this thread's index among the `threads` decoding threads.
 ///
 /// # Safety
-/// All `threads` decoding threads; the raw stage is visible and the decoded tile is not being read.
+/// All `threads` decoding threads; the raw stage is visible and those columns of the decoded
+/// tile are not being read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
@@ -805,14 +809,15 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
     scales_in_stage: u32,
     g0: u32,
     blocks_k: u32,
+    c_first: u32,
+    c_count: u32,
     tid: u32,
     threads: u32,
 ) {
-    let per_row = BN / 16;
     let mut i = tid;
-    while i < BK * per_row {
-        let r = i / per_row;
-        let c = i % per_row;
+    while i < BK * c_count {
+        let r = i / c_count;
+        let c = c_first + i % c_count;
         // SAFETY: inside the raw stage: row r has BN/2 bytes, item c covers bytes 8c..8c+8; the
         // scale byte of (r, block c/2) follows the packed bytes.
         let (w0, w1, sc) = unsafe {

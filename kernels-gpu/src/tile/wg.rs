@@ -455,11 +455,14 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
             )
         };
     } else if LAYOUT == BLayout::KnMxfp4 as u8 {
-        // Two decoded tiles alternate: a warpgroup decoding tile kt + 1 has passed barrier kt,
-        // which the other reaches only after its reads of tile kt − 1.
+        // Each consumer warpgroup decodes only its own 64 columns and syncs only its own four
+        // warps, so the two warpgroups drift apart and one decodes while the other multiplies.
+        // Two decoded tiles alternate: a warp decoding tile kt + 1 has passed its warpgroup's
+        // barrier kt, which the other warps reach only after their reads of tile kt − 1.
         let decoded = smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
-        // SAFETY: all consumer threads decode the raw stage, then the named barrier publishes
-        // the decoded tile to both consumer warpgroups.
+        let wg = warp_n0 / 64;
+        // SAFETY: the warpgroup's 128 threads decode its columns of the raw stage, then its
+        // named barrier (1 + wg) publishes them to its four warps.
         unsafe {
             let blocks_k = p.n_out / 32;
             let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
@@ -471,10 +474,16 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
                 plan.b_scales_in_stage,
                 g0,
                 blocks_k,
-                tid_x() - WG_PRODUCER_THREADS,
-                CONSUMER_THREADS,
+                4 * wg,
+                4,
+                tid_x() % 128,
+                128,
             );
-            bar_sync_named::<1, CONSUMER_THREADS>();
+            if wg == 0 {
+                bar_sync_named::<1, 128>();
+            } else {
+                bar_sync_named::<2, 128>();
+            }
         }
         for ks in 0..(BK / 16) as usize {
             // SAFETY: warp converged; the block lies inside the decoded tile.
