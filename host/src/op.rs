@@ -555,10 +555,11 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
 }
 
 /// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
-/// (selective dequantization) once the active experts average at least 512 routed rows each, or
-/// 256 when at most 32 experts are active (then the dequantization is small and B's grid too
+/// (selective dequantization) once the active experts average at least 2048 routed rows each,
+/// or 256 when at most 32 experts are active (then the dequantization is small and B's grid too
 /// small to hide its decode); Strategy B (fused) otherwise — always where the weight stream
-/// dominates (few rows per expert). A also needs its transient `E_a·N·K` bf16 buffer to fit in
+/// dominates (few rows per expert). With the `wgmma` kernels B costs ~16 % over the bf16 GEMMs
+/// at many rows per expert, so A's fixed dequantization pays off only at large T. A also needs its transient `E_a·N·K` bf16 buffer to fit in
 /// half the free device memory.
 pub fn auto_strategy(
     active: usize,
@@ -567,7 +568,7 @@ pub fn auto_strategy(
     free_bytes: usize,
 ) -> Strategy {
     let rows_per_active = rows / active.max(1);
-    let amortised = rows_per_active >= 512 || (active <= 32 && rows_per_active >= 256);
+    let amortised = rows_per_active >= 2048 || (active <= 32 && rows_per_active >= 256);
     if amortised && transient_bytes <= free_bytes / 2 {
         Strategy::SelectiveDequant
     } else {
@@ -1316,13 +1317,18 @@ mod tests {
             auto_strategy(8, 32768, 8 << 22, 70 * gib),
             Strategy::SelectiveDequant
         );
-        // Balanced T=16384: 512 rows per expert.
+        // Balanced T=16384: 512 rows per expert; B measured 6.03 ms vs A 6.51 ms.
         assert_eq!(
             auto_strategy(256, 131072, 256 << 22, 70 * gib),
+            Strategy::Fused
+        );
+        // Balanced T=65536: 2048 rows per expert.
+        assert_eq!(
+            auto_strategy(256, 524288, 256 << 22, 70 * gib),
             Strategy::SelectiveDequant
         );
         // ... unless the transient buffer would not fit.
-        assert_eq!(auto_strategy(256, 131072, 256 << 22, gib), Strategy::Fused);
+        assert_eq!(auto_strategy(256, 524288, 256 << 22, gib), Strategy::Fused);
     }
 
     #[test]
