@@ -73,3 +73,23 @@ pub unsafe fn ldmatrix_x2_trans_m8n8_shared_b16(row: SharedAddr) -> [u32; 2] {
     };
     [a, b]
 }
+
+/// `stmatrix.sync.aligned.m8n8.x4.trans.shared.b16` (PTX ISA §9.7.14.5.16 "stmatrix", PTX 7.8+,
+/// SM 9.0+): the store counterpart of [`ldmatrix_x4_trans_m8n8_shared_b16`]. Lane `l` supplies
+/// element pair (row `l/4`, columns `2·(l%4)`, `+1`) of matrix `i` in `v[i]` — the `mma` C
+/// fragment layout — and lanes `8i..8i+7` give the 16-byte destination rows of matrix `i`;
+/// `.trans` writes column `c` of matrix `i` to destination row `c`.
+///
+/// # Safety
+/// Whole warp, converged; `row` is this lane's 16-byte aligned destination row in shared
+/// memory, not read or written by others until a barrier.
+#[inline(always)]
+pub unsafe fn stmatrix_x4_trans_m8n8_shared_b16(row: SharedAddr, v: [u32; 4]) {
+    // SAFETY: the caller guarantees convergence and addresses.
+    unsafe {
+        asm!("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [{p}], {{{a}, {b}, {c}, {d}}};",
+            p = in(reg32) row.raw(),
+            a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+            options(nostack))
+    };
+}

@@ -15,6 +15,7 @@
 //! | [`cp_async::cp_async_commit_group`] | `cp.async.commit_group` |
 //! | [`cp_async::cp_async_wait_group`] | `cp.async.wait_group N` |
 //! | [`ldmatrix::ldmatrix_x4_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x4_trans_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_m8n8_shared_b16`], [`ldmatrix::ldmatrix_x2_trans_m8n8_shared_b16`] | `ldmatrix.sync.aligned.m8n8.x{2,4}{.trans}.shared.b16` |
+//! | [`ldmatrix::stmatrix_x4_trans_m8n8_shared_b16`] | `stmatrix.sync.aligned.m8n8.x4.trans.shared.b16` |
 //! | [`mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32`] | `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` |
 //! | [`cvt::cvt_rn_bf16x2_f32`] | `cvt.rn.bf16x2.f32` |
 //! | [`cvt::mul_rn_bf16x2`] | `mul.rn.bf16x2` |

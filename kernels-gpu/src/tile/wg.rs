@@ -30,6 +30,7 @@ use crate::ptx::cp_async::{
     cp_async_cg_shared_global_16, cp_async_commit_group, cp_async_wait_group,
 };
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
+use crate::ptx::ldmatrix::stmatrix_x4_trans_m8n8_shared_b16;
 use crate::ptx::mbarrier::{
     bar_sync_named, cp_async_mbarrier_arrive_noinc, mbarrier_arrive, mbarrier_init,
     mbarrier_wait_parity,
@@ -732,27 +733,31 @@ pub unsafe fn gemm_wg<
         }
     }
 
-    // Round into the shared `[BM][BN]` output tile: lane (g, t) of a consumer warp holds columns
-    // warp_n0 + g (entries 0, 1) and + g + 8 (entries 2, 3) of rows 8j + 2t and 8j + 2t + 1.
+    // Round into the shared `[BM][BN]` output tile. Lane (g, t) of a consumer warp holds, per
+    // n8 block j of rows, columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries 2, 3)
+    // of rows 8j + 2t, +1: two 8×8 matrices (columns × rows) in the `mma` C layout, which
+    // `stmatrix.trans` writes transposed — four matrices (blocks j, j + 1) per instruction,
+    // each destination row one 16-byte chunk of the swizzled tile.
     let out_tile = smem.offset(plan.out_stage_offset);
     if !producer {
         let lane = laneid();
-        let g = lane / 4;
-        let t = lane % 4;
-        for (j, a) in acc.iter().enumerate() {
-            let r = 8 * j as u32 + 2 * t;
-            let c = warp_n0 + g;
-            // SAFETY: rows < BM, columns < BN: inside the output tile (disjoint from the LoRA
-            // factors; the main loop's stages are drained).
+        let m = lane / 8; // the matrix this lane addresses
+        let row_in_m = lane % 8;
+        for jj in 0..NJ / 2 {
+            let j = 2 * jj;
+            let v = [
+                cvt_rn_bf16x2_f32(acc[j][0], acc[j][1]),
+                cvt_rn_bf16x2_f32(acc[j][2], acc[j][3]),
+                cvt_rn_bf16x2_f32(acc[j + 1][0], acc[j + 1][1]),
+                cvt_rn_bf16x2_f32(acc[j + 1][2], acc[j + 1][3]),
+            ];
+            let r = 8 * (j as u32 + m / 2) + row_in_m;
+            let c = warp_n0 + 8 * (m % 2);
+            // SAFETY: warp converged; row r < BM and the chunk at column c < BN lie inside the
+            // output tile (disjoint from the LoRA factors; the main loop's stages are drained).
             unsafe {
-                st_shared_u16(out_tile.offset(swizzled_offset(r, c, BN)), bf16(a[0]));
-                st_shared_u16(out_tile.offset(swizzled_offset(r + 1, c, BN)), bf16(a[1]));
-                st_shared_u16(out_tile.offset(swizzled_offset(r, c + 8, BN)), bf16(a[2]));
-                st_shared_u16(
-                    out_tile.offset(swizzled_offset(r + 1, c + 8, BN)),
-                    bf16(a[3]),
-                );
-            }
+                stmatrix_x4_trans_m8n8_shared_b16(out_tile.offset(swizzled_offset(r, c, BN)), v)
+            };
         }
     }
     // SAFETY: all threads.
@@ -789,10 +794,4 @@ pub unsafe fn gemm_wg<
         }
         c += THREADS;
     }
-}
-
-/// bf16 bits of `x`, rounded to nearest even.
-#[inline(always)]
-fn bf16(x: f32) -> u16 {
-    cvt_rn_bf16x2_f32(x, 0.0) as u16
 }
