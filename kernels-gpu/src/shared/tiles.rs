@@ -186,9 +186,14 @@ pub struct SmemPlan {
     pub b_stage_bytes: u32,
     /// Offset of the first B stage (A stages come first).
     pub b_offset: u32,
-    /// Offset of the epilogue's right LoRA factor (the left one starts at 0).
+    /// Offset of the epilogue's left LoRA factor: 0 (reusing the stages) for `mma.sync`
+    /// configurations; for `wgmma` a region of its own, which the producer warpgroup fills while
+    /// the consumers finish the main loop.
+    pub lora_left_offset: u32,
+    /// Offset of the epilogue's right LoRA factor (right after the left one).
     pub lora_right_offset: u32,
-    /// Bytes of the epilogue's two LoRA factors.
+    /// Bytes of the epilogue's regions that reuse the stages (the LoRA factors for `mma.sync`,
+    /// the output tile for `wgmma`).
     pub epilogue_bytes: u32,
     /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
     pub rows_offset: u32,
@@ -196,8 +201,8 @@ pub struct SmemPlan {
     pub b_scales_in_stage: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
     pub decoded_offset: u32,
-    /// Offset of the `wgmma` epilogue's bf16 `[bm][bn]` output tile (swizzled), after the LoRA
-    /// factors (0 for `mma.sync` configurations, which store from registers).
+    /// Offset of the `wgmma` epilogue's bf16 `[bm][bn]` output tile (swizzled), reusing the
+    /// stages (`mma.sync` configurations store from registers).
     pub out_stage_offset: u32,
     /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
     /// bytes each (0 for `mma.sync` configurations).
@@ -230,8 +235,12 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
-    let out_stage_offset = if c.wgmma { left + right } else { 0 };
-    let epilogue_bytes = left + right + if c.wgmma { c.bm * c.bn * 2 } else { 0 };
+    let out_stage_offset = 0;
+    let epilogue_bytes = if c.wgmma {
+        c.bm * c.bn * 2
+    } else {
+        left + right
+    };
     let reused = if main > epilogue_bytes {
         main
     } else {
@@ -248,6 +257,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         }
         _ => 0,
     };
+    let lora_left_offset = if c.wgmma {
+        let at = next;
+        next = (at + left + right).div_ceil(128) * 128;
+        at
+    } else {
+        0
+    };
     let rows_offset = next;
     let rows_end = rows_offset + 8 * c.bm;
     let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };
@@ -255,7 +271,8 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         a_stage_bytes,
         b_stage_bytes,
         b_offset: c.stages * a_stage_bytes,
-        lora_right_offset: left,
+        lora_left_offset,
+        lora_right_offset: lora_left_offset + left,
         epilogue_bytes,
         rows_offset,
         b_scales_in_stage,

@@ -560,12 +560,13 @@ pub unsafe fn gemm<
     }
 }
 
-/// Stages the LoRA factors of a block's epilogue and waits for them: `left` = the tile's rows of
-/// the `[rows, r_pad]` factor as `[BM][r_pad]` at offset 0, `right` = the expert's right factor
-/// `(n0 + n, j)` as `[BN][r_pad]` at `plan.lora_right_offset` (both swizzled, zero padded).
+/// Stages the LoRA factors of a block's epilogue (the caller publishes them with a barrier):
+/// `left` = the tile's rows of the `[rows, r_pad]` factor as `[BM][r_pad]` at
+/// `plan.lora_left_offset`, `right` = the expert's right factor `(n0 + n, j)` as `[BN][r_pad]` at
+/// `plan.lora_right_offset` (both swizzled, zero padded). `tid_x() < threads` take part.
 ///
 /// # Safety
-/// All threads of the block, after the main loop's shared memory is drained.
+/// All `threads` staging threads (thread ids `0..threads`); the two regions are not in use.
 #[inline(always)]
 pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
     p: &GemmParams,
@@ -578,7 +579,7 @@ pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
 ) {
     let tid = tid_x();
     let r_pad = p.r_pad;
-    let left = smem;
+    let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
     let words = r_pad / 2;
     let mut c = tid;
@@ -613,8 +614,6 @@ pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
         unsafe { st_shared_u16(right.offset(swizzled_offset(n, j, r_pad)), v) };
         c += threads;
     }
-    // SAFETY: all threads.
-    unsafe { bar_sync_0() };
 }
 
 /// `acc += s · (left_tile · right_eᵀ)` where `left` is the tile's rows of the `[rows, r_pad]`
@@ -637,10 +636,13 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
     acc: &mut [[[f32; 4]; NI]; MI],
 ) {
     let r_pad = p.r_pad;
-    let left = smem;
+    let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
-    // SAFETY: forwarded.
-    unsafe { stage_lora_factors::<BM, BN>(p, plan, smem, tile, e, n0, threads) };
+    // SAFETY: forwarded (all threads stage), then publish.
+    unsafe {
+        stage_lora_factors::<BM, BN>(p, plan, smem, tile, e, n0, threads);
+        bar_sync_0();
+    }
     for mi in 0..MI {
         for nj in 0..NI / 2 {
             let mut t0 = [0f32; 4];
