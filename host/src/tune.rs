@@ -160,8 +160,10 @@ pub fn prune(
 /// |---|---|---|---|---|
 /// | ≥ 96 | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` |
 /// | 48 – 95 | `m32n128k64wg2s4` | `m64n128k64w2x2s3` | `m128n128k64wg2s4` | `m64n128k64w2x2s3` |
-/// | 16 – 47 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m32n128k32w1x4s4` | `m32n128k32w1x4s4` |
-/// | < 16 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m16n128k32w1x4s4` | `m16n128k32w1x4s4` |
+/// | 16 – 47 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m64n128k64wg2s4` | `m32n128k64wg2s4` |
+/// | < 16 | `m32n128k64wg2s4` | `m32n128k64wg2s4` | `m16n128k64w1x4s4` | `m16n128k64wg2s4` |
+///
+/// Below 96 rows per expert the candidates are within a few percent of each other.
 pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: &[usize]) -> usize {
     let per_expert = rows / experts.max(1);
     let name = match (layout, per_expert) {
@@ -169,9 +171,12 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
         (BLayout::NkBf16 | BLayout::Strided, _) => "m32n128k64wg2s4",
         (BLayout::NkMxfp4, 48..) => "m128n128k64wg2s4",
         (BLayout::KnBf16 | BLayout::KnMxfp4, 48..) => "m64n128k64w2x2s3",
-        (BLayout::KnBf16, _) => "m32n128k32w1x4s4",
-        (_, 16..) => "m32n128k32w1x4s4",
-        _ => "m16n128k32w1x4s4",
+        (BLayout::KnBf16, 16..) => "m32n128k32w1x4s4",
+        (BLayout::KnBf16, _) => "m32n128k64wg2s4",
+        (BLayout::NkMxfp4, 16..) => "m64n128k64wg2s4",
+        (BLayout::NkMxfp4, _) => "m16n128k64w1x4s4",
+        (BLayout::KnMxfp4, 16..) => "m32n128k64wg2s4",
+        (BLayout::KnMxfp4, _) => "m16n128k64wg2s4",
     };
     match GEMM_CONFIGS.iter().position(|c| config_name(c) == name) {
         Some(want) if candidates.contains(&want) => want,
@@ -528,11 +533,14 @@ mod tests {
             assert_eq!(pick(layout, 32768, 128), "m128n128k64wg2s4");
         }
         assert_eq!(pick(BLayout::NkBf16, 2048, 256), "m32n128k64wg2s4");
-        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k32w1x4s4");
+        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k64wg2s4");
+        assert_eq!(pick(BLayout::KnBf16, 8192, 256), "m32n128k32w1x4s4");
         assert_eq!(pick(BLayout::KnBf16, 16384, 256), "m64n128k64w2x2s3");
         assert_eq!(pick(BLayout::NkMxfp4, 16384, 256), "m128n128k64wg2s4");
-        assert_eq!(pick(BLayout::KnMxfp4, 8192, 256), "m32n128k32w1x4s4");
-        assert_eq!(pick(BLayout::NkMxfp4, 2048, 256), "m16n128k32w1x4s4");
+        assert_eq!(pick(BLayout::NkMxfp4, 8192, 256), "m64n128k64wg2s4");
+        assert_eq!(pick(BLayout::KnMxfp4, 8192, 256), "m32n128k64wg2s4");
+        assert_eq!(pick(BLayout::NkMxfp4, 2048, 256), "m16n128k64w1x4s4");
+        assert_eq!(pick(BLayout::KnMxfp4, 2048, 256), "m16n128k64wg2s4");
         assert_eq!(default_config(BLayout::NkBf16, 2048, 256, &[1]), 1);
     }
 }
