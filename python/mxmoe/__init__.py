@@ -1,6 +1,6 @@
 """mxmoe: ScatterMoE-LoRA over MXFP4 / bf16 expert weights, from Python.
 
-The kernels are written in Rust and embedded as PTX for sm_90 (H100/H200); the CUDA driver is
+The kernels are written in Rust and embedded as PTX for sm_90a (H100/H200); the CUDA driver is
 loaded at run time, so neither installing nor importing this package needs a CUDA toolkit.
 
 Without torch (this module): the bit-exact torchao MXFP4 quantizer and dequantizer on bytes,

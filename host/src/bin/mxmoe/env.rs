@@ -91,9 +91,17 @@ pub fn driver_description() -> String {
     }
 }
 
-/// The source commit: `git rev-parse --short HEAD` (with "+dirty" for local changes) when run
-/// inside a checkout, else the `MXMOE_COMMIT` environment variable, else "unknown".
+/// The source commit: the `MXMOE_COMMIT` environment variable when set (device bundles set it
+/// to the commit the binaries were built from: a checkout on the GPU machine may be stale),
+/// else `git rev-parse --short HEAD` (with "+dirty" for local changes) when run inside a
+/// checkout, else "unknown".
 pub fn commit() -> String {
+    if let Some(c) = std::env::var("MXMOE_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+    {
+        return c.trim().to_owned();
+    }
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
@@ -102,15 +110,14 @@ pub fn commit() -> String {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
-    if let Some(head) = git(&["rev-parse", "--short", "HEAD"]).filter(|h| !h.is_empty()) {
-        let dirty =
-            git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-        return if dirty { format!("{head}+dirty") } else { head };
+    match git(&["rev-parse", "--short", "HEAD"]).filter(|h| !h.is_empty()) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty { format!("{head}+dirty") } else { head }
+        }
+        None => "unknown".into(),
     }
-    std::env::var("MXMOE_COMMIT")
-        .ok()
-        .filter(|c| !c.trim().is_empty())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The current UTC time as "YYYY-MM-DD HH:MM UTC".
