@@ -525,6 +525,98 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     }
 }
 
+/// The consumer loop of dX over MXFP4, software-pipelined so the decode of k-tile `kt` (into
+/// this warpgroup's half of decoded tile `kt % 2`) overlaps the wgmma group of `kt − 1`. The
+/// fragments are loaded by `ldmatrix` only after that group retired: a group kept in flight
+/// while `ldmatrix` defines the next fragments makes ptxas serialize every wgmma (C7513).
+///
+/// # Safety
+/// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    smem: SharedAddr,
+    ktiles: u32,
+    e: u64,
+    n0: u32,
+    warp_n0: u32,
+    bars: Barriers,
+    acc: &mut [[f32; 4]; NJ],
+    accumulate: u32,
+) where
+    [[f32; 4]; NJ]: WgAcc,
+{
+    let wg = warp_n0 / 64;
+    let wg_tid = tid_x() % 128;
+    let blocks_k = p.n_out / 32;
+    let decoded = |kt: u32| smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
+    // Waits for k-tile kt, decodes this warpgroup's 64 columns of it and publishes them to the
+    // warpgroup (named barrier 1 + wg).
+    let decode = |kt: u32| {
+        let slot = kt % STAGES;
+        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
+            .wrapping_mul(blocks_k)
+            .wrapping_add(n0 / 32);
+        // SAFETY: the producer completes "full" after its copies land (acquire), the proxy
+        // fence extends that to this thread's wgmma reads of the activation slot; the decoded
+        // tile kt % 2 was last read (ldmatrix) by this warpgroup before its barrier of kt − 1.
+        unsafe {
+            mbarrier_wait_parity(bars.full(slot), (kt / STAGES) & 1);
+            fence_proxy_async_shared_cta();
+            decode_stage_kn_mx::<BN, BK>(
+                smem.offset(plan.b_offset + slot * plan.b_stage_bytes),
+                decoded(kt),
+                plan.b_scales_in_stage,
+                g0,
+                blocks_k,
+                4 * wg,
+                4,
+                wg_tid,
+                128,
+            );
+            if wg == 0 {
+                bar_sync_named::<1, 128>();
+            } else {
+                bar_sync_named::<2, 128>();
+            }
+        }
+    };
+    // Loads the fragments of decoded k-tile kt and issues its wgmma group.
+    let issue = |kt: u32, acc: &mut [[f32; 4]; NJ]| {
+        let mut frags = [[0u32; 4]; 4];
+        for ks in 0..(BK / 16) as usize {
+            // SAFETY: warp converged; the block lies inside the decoded tile.
+            frags[ks] = unsafe { a_km(decoded(kt), warp_n0, 16 * ks as u32, BN) };
+        }
+        let a_tile = smem.offset((kt % STAGES) * plan.a_stage_bytes);
+        let desc0 = wgmma_desc_sw128(a_tile.raw());
+        // SAFETY: warpgroup converged; no group is pending (retired before this call), the
+        // activation slot stays until this group's "empty" arrival.
+        unsafe {
+            wgmma_fence();
+            for ks in 0..(BK / 16) as usize {
+                acc.mma_async(frags[ks], desc0 + 2 * ks as u64, accumulate);
+            }
+            wgmma_commit_group();
+        }
+    };
+    decode(0);
+    issue(0, acc);
+    let mut kt = 1;
+    while kt < ktiles {
+        decode(kt);
+        // SAFETY: warpgroup converged: retire group kt − 1 and free its slot.
+        unsafe {
+            wgmma_wait_group::<0>();
+            mbarrier_arrive(bars.empty((kt - 1) % STAGES));
+        }
+        issue(kt, acc);
+        kt += 1;
+    }
+}
+
 /// How the producer stages the expert's LoRA right factor `(n0 + n, j)`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum LoraRight {
@@ -786,6 +878,15 @@ pub unsafe fn gemm_wg<
             let mut frags_even = [[0u32; 4]; 4];
             let mut frags_odd = [[0u32; 4]; 4];
             let mut kt = 0;
+            if LAYOUT == BLayout::KnMxfp4 as u8 {
+                // SAFETY: all consumer threads.
+                unsafe {
+                    consume_kn_mx::<BK, STAGES, NJ>(
+                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                    )
+                };
+                kt = ktiles;
+            }
             while kt < ktiles {
                 // SAFETY: all consumer threads, uniform loop.
                 unsafe {
