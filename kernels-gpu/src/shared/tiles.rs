@@ -186,14 +186,12 @@ pub struct SmemPlan {
     pub b_stage_bytes: u32,
     /// Offset of the first B stage (A stages come first).
     pub b_offset: u32,
-    /// Offset of the epilogue's left LoRA factor: 0 (reusing the stages) for `mma.sync`
-    /// configurations; for `wgmma` a region of its own, which the producer warpgroup fills while
-    /// the consumers finish the main loop.
+    /// Offset of the epilogue's left LoRA factor: a region of its own, filled by `cp.async`
+    /// while the main loop runs.
     pub lora_left_offset: u32,
     /// Offset of the epilogue's right LoRA factor (right after the left one).
     pub lora_right_offset: u32,
-    /// Bytes of the epilogue's regions that reuse the stages (the LoRA factors for `mma.sync`,
-    /// the output tile for `wgmma`).
+    /// Bytes of the epilogue's regions that reuse the stages (the `wgmma` output tile).
     pub epilogue_bytes: u32,
     /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
     pub rows_offset: u32,
@@ -236,11 +234,9 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
     let out_stage_offset = 0;
-    let epilogue_bytes = if c.wgmma {
-        c.bm * c.bn * 2
-    } else {
-        left + right
-    };
+    // The LoRA factors have a region of their own (copied while the main loop runs); only the
+    // `wgmma` output tile reuses the stages.
+    let epilogue_bytes = if c.wgmma { c.bm * c.bn * 2 } else { 0 };
     let reused = if main > epilogue_bytes {
         main
     } else {
@@ -257,13 +253,8 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         }
         _ => 0,
     };
-    let lora_left_offset = if c.wgmma {
-        let at = next;
-        next = (at + left + right).div_ceil(128) * 128;
-        at
-    } else {
-        0
-    };
+    let lora_left_offset = next;
+    next = (next + left + right).div_ceil(128) * 128;
     let rows_offset = next;
     let rows_end = rows_offset + 8 * c.bm;
     let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };

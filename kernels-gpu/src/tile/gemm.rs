@@ -289,6 +289,128 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
     }
 }
 
+/// How a grouped GEMM stages the expert's LoRA right factor `(n0 + n, j)`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LoraRight {
+    /// Contiguous along the rank, 16-byte aligned runs: `cp.async` into `[BN][r_pad]`.
+    Nk,
+    /// Contiguous along n, 16-byte aligned runs: `cp.async` into `[r_pad][BN]` (read by
+    /// `ldmatrix.trans`).
+    Kn,
+    /// Anything else: element gathers into `[BN][r_pad]` after the main loop.
+    Gather,
+}
+
+/// The block-uniform staging mode of the LoRA right factor (`GemmParams` strides in elements).
+#[inline(always)]
+pub(crate) fn lora_right_layout(p: &GemmParams) -> LoraRight {
+    let aligned = p.lora_right_addr % 16 == 0 && p.lr_stride_e % 8 == 0;
+    if aligned && p.lr_stride_r == 1 && p.lr_stride_n % 8 == 0 {
+        LoraRight::Nk
+    } else if aligned && p.lr_stride_n == 1 && p.lr_stride_r % 8 == 0 {
+        LoraRight::Kn
+    } else {
+        LoraRight::Gather
+    }
+}
+
+/// `cp.async` copies of the LoRA factors into their own epilogue region, issued before the main
+/// loop: the tile's rows of the `[rows, r_pad]` left factor as `[BM][r_pad]` (zero rows past
+/// the tile) and, in the `Nk`/`Kn` modes, the expert's right factor (zero past the rank and past
+/// `n_out`), all swizzled like the gathered layout. `tid` is this thread's index among the
+/// `threads` copying threads.
+///
+/// # Safety
+/// All `threads` copying threads; the regions are not in use until the block barrier after the
+/// main loop, and the copies are waited for before it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    smem: SharedAddr,
+    tile: &crate::tile::schedule::Tile,
+    e: u64,
+    n0: u32,
+    mode: LoraRight,
+    tid: u32,
+    threads: u32,
+) {
+    let r_pad = p.r_pad;
+    let left = smem.offset(plan.lora_left_offset);
+    let right = smem.offset(plan.lora_right_offset);
+    let cpr = r_pad / 8;
+    let mut c = tid;
+    while c < BM * cpr {
+        let row = c / cpr;
+        let ch = c % cpr;
+        let pr = tile.begin + row;
+        let ok = pr < tile.end;
+        // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor when `ok`; the
+        // destination chunk lies in the left region.
+        unsafe {
+            cp_async_cg_shared_global_16(
+                left.offset(swizzled_offset(row, 8 * ch, r_pad)),
+                if ok {
+                    p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64)
+                } else {
+                    p.lora_left_addr
+                },
+                if ok { 16 } else { 0 },
+            )
+        };
+        c += threads;
+    }
+    let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
+    if mode == LoraRight::Nk {
+        let mut c = tid;
+        while c < BN * cpr {
+            let n = c / cpr;
+            let j0 = 8 * (c % cpr);
+            let bytes = if n0 + n < p.n_out && j0 < p.rank {
+                2 * (p.rank - j0).min(8)
+            } else {
+                0
+            };
+            // SAFETY: `bytes` bytes of row n0 + n from rank index j0 lie inside the factor
+            // (16-byte aligned by the mode's checks); the chunk lies in the right region.
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    right.offset(swizzled_offset(n, j0, r_pad)),
+                    if bytes > 0 {
+                        right_e + 2 * ((n0 + n) as u64 * p.lr_stride_n + j0 as u64)
+                    } else {
+                        p.lora_right_addr
+                    },
+                    bytes,
+                )
+            };
+            c += threads;
+        }
+    } else if mode == LoraRight::Kn {
+        let mut c = tid;
+        while c < r_pad * (BN / 8) {
+            let j = c / (BN / 8);
+            let nc = 8 * (c % (BN / 8));
+            let ok = j < p.rank && n0 + nc < p.n_out;
+            // SAFETY: rank index j < rank and columns n0 + nc .. + 8 ≤ n_out of the factor when
+            // `ok` (n_out % 8 == 0, 16-byte aligned by the mode's checks); inside the region.
+            unsafe {
+                cp_async_cg_shared_global_16(
+                    right.offset(swizzled_offset(j, nc, BN)),
+                    if ok {
+                        right_e + 2 * (j as u64 * p.lr_stride_r + (n0 + nc) as u64)
+                    } else {
+                        p.lora_right_addr
+                    },
+                    if ok { 16 } else { 0 },
+                )
+            };
+            c += threads;
+        }
+    }
+}
+
 /// The grouped GEMM body; see the module docs and `GemmParams`.
 ///
 /// # Safety
@@ -399,7 +521,15 @@ pub unsafe fn gemm<
     let dropped = tile.bucket >= p.num_experts;
     let mut acc = [[[0f32; 4]; NI]; MI];
 
+    let lora_right = lora_right_layout(p);
     if !dropped {
+        if p.rank > 0 {
+            // SAFETY: all threads; the LoRA region is the plan's own, and the copies join the
+            // first stage's group, all waited for before the epilogue's barrier.
+            unsafe {
+                stage_lora_async::<BM, BN>(p, &plan, smem, &tile, e, n0, lora_right, tid, threads)
+            };
+        }
         let ktiles = p.k_red.div_ceil(BK);
         let mut s = 0;
         while s + 1 < STAGES {
@@ -515,7 +645,7 @@ pub unsafe fn gemm<
             // SAFETY: all threads, uniform branch; regions from the plan.
             unsafe {
                 lora_epilogue::<BM, BN, MI, NI>(
-                    p, &plan, smem, &tile, e, n0, warp_m0, warp_n0, threads, &mut acc,
+                    p, &plan, smem, &tile, e, n0, warp_m0, warp_n0, threads, lora_right, &mut acc,
                 )
             };
         }
@@ -617,10 +747,12 @@ pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
 }
 
 /// `acc += s · (left_tile · right_eᵀ)` where `left` is the tile's rows of the `[rows, r_pad]`
-/// LoRA factor and `right_e(n, j)` the expert's right factor, both staged in shared memory.
+/// LoRA factor and `right_e(n, j)` the expert's right factor, both in shared memory: copied by
+/// [`stage_lora_async`] before the main loop, or (right factors without 16-byte runs) gathered
+/// here.
 ///
 /// # Safety
-/// All threads of the block, after the main loop's shared memory is drained.
+/// All threads of the block, after the main loop's copies are waited for and a barrier.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI: usize>(
@@ -633,15 +765,18 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
     warp_m0: u32,
     warp_n0: u32,
     threads: u32,
+    lora_right: LoraRight,
     acc: &mut [[[f32; 4]; NI]; MI],
 ) {
     let r_pad = p.r_pad;
     let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
-    // SAFETY: forwarded (all threads stage), then publish.
-    unsafe {
-        stage_lora_factors::<BM, BN>(p, plan, smem, tile, e, n0, threads);
-        bar_sync_0();
+    if lora_right == LoraRight::Gather {
+        // SAFETY: forwarded (all threads stage), then publish.
+        unsafe {
+            stage_lora_factors::<BM, BN>(p, plan, smem, tile, e, n0, threads);
+            bar_sync_0();
+        }
     }
     for mi in 0..MI {
         for nj in 0..NI / 2 {
@@ -653,7 +788,11 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
                 let (a, b) = unsafe {
                     (
                         a_mk(left, warp_m0 + 16 * mi as u32, kk, r_pad),
-                        b_nk(right, warp_n0 + 16 * nj as u32, kk, r_pad),
+                        if lora_right == LoraRight::Kn {
+                            b_kn(right, warp_n0 + 16 * nj as u32, kk, BN)
+                        } else {
+                            b_nk(right, warp_n0 + 16 * nj as u32, kk, r_pad)
+                        },
                     )
                 };
                 t0 = mma(a, [b[0], b[1]], t0);

@@ -54,7 +54,8 @@ use crate::shared::tiles::{
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, stage_lora_factors, stage_scale_words,
+    LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, lora_right_layout, stage_lora_async,
+    stage_lora_factors, stage_scale_words,
 };
 use crate::tile::gmem::{load, store, store_16};
 use crate::tile::schedule::find_tile;
@@ -617,126 +618,6 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
     }
 }
 
-/// How the producer stages the expert's LoRA right factor `(n0 + n, j)`.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum LoraRight {
-    /// Contiguous along the rank, 16-byte aligned runs: `cp.async` into `[BN][r_pad]`.
-    Nk,
-    /// Contiguous along n, 16-byte aligned runs: `cp.async` into `[r_pad][BN]` (read by
-    /// `ldmatrix.trans`).
-    Kn,
-    /// Anything else: element gathers into `[BN][r_pad]` after the main loop.
-    Gather,
-}
-
-/// The block-uniform staging mode of the LoRA right factor (`GemmParams` strides in elements).
-#[inline(always)]
-fn lora_right_layout(p: &GemmParams) -> LoraRight {
-    let aligned = p.lora_right_addr % 16 == 0 && p.lr_stride_e % 8 == 0;
-    if aligned && p.lr_stride_r == 1 && p.lr_stride_n % 8 == 0 {
-        LoraRight::Nk
-    } else if aligned && p.lr_stride_n == 1 && p.lr_stride_r % 8 == 0 {
-        LoraRight::Kn
-    } else {
-        LoraRight::Gather
-    }
-}
-
-/// The producer's `cp.async` copies of the LoRA factors into their epilogue region: the tile's
-/// rows of the `[rows, r_pad]` left factor as `[BM][r_pad]` (zero rows past the tile) and, in
-/// the `Nk`/`Kn` modes, the expert's right factor (zero past the rank and past `n_out`). All
-/// swizzled like the gathered layout.
-///
-/// # Safety
-/// The 128 producer threads; the regions are not in use until the block barrier after the
-/// main loop, and the copies are waited for before it.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn stage_lora_async<const BM: u32>(
-    p: &GemmParams,
-    plan: &SmemPlan,
-    smem: SharedAddr,
-    tile: &crate::tile::schedule::Tile,
-    e: u64,
-    n0: u32,
-    mode: LoraRight,
-) {
-    let tid = tid_x();
-    let r_pad = p.r_pad;
-    let left = smem.offset(plan.lora_left_offset);
-    let right = smem.offset(plan.lora_right_offset);
-    let cpr = r_pad / 8;
-    let mut c = tid;
-    while c < BM * cpr {
-        let row = c / cpr;
-        let ch = c % cpr;
-        let pr = tile.begin + row;
-        let ok = pr < tile.end;
-        // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor when `ok`; the
-        // destination chunk lies in the left region.
-        unsafe {
-            cp_async_cg_shared_global_16(
-                left.offset(swizzled_offset(row, 8 * ch, r_pad)),
-                if ok {
-                    p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64)
-                } else {
-                    p.lora_left_addr
-                },
-                if ok { 16 } else { 0 },
-            )
-        };
-        c += WG_PRODUCER_THREADS;
-    }
-    let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
-    if mode == LoraRight::Nk {
-        let mut c = tid;
-        while c < BN * cpr {
-            let n = c / cpr;
-            let j0 = 8 * (c % cpr);
-            let bytes = if n0 + n < p.n_out && j0 < p.rank {
-                2 * (p.rank - j0).min(8)
-            } else {
-                0
-            };
-            // SAFETY: `bytes` bytes of row n0 + n from rank index j0 lie inside the factor
-            // (16-byte aligned by the mode's checks); the chunk lies in the right region.
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    right.offset(swizzled_offset(n, j0, r_pad)),
-                    if bytes > 0 {
-                        right_e + 2 * ((n0 + n) as u64 * p.lr_stride_n + j0 as u64)
-                    } else {
-                        p.lora_right_addr
-                    },
-                    bytes,
-                )
-            };
-            c += WG_PRODUCER_THREADS;
-        }
-    } else if mode == LoraRight::Kn {
-        let mut c = tid;
-        while c < r_pad * (BN / 8) {
-            let j = c / (BN / 8);
-            let nc = 8 * (c % (BN / 8));
-            let ok = j < p.rank && n0 + nc < p.n_out;
-            // SAFETY: rank index j < rank and columns n0 + nc .. + 8 ≤ n_out of the factor when
-            // `ok` (n_out % 8 == 0, 16-byte aligned by the mode's checks); inside the region.
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    right.offset(swizzled_offset(j, nc, BN)),
-                    if ok {
-                        right_e + 2 * (j as u64 * p.lr_stride_r + (n0 + nc) as u64)
-                    } else {
-                        p.lora_right_addr
-                    },
-                    if ok { 16 } else { 0 },
-                )
-            };
-            c += WG_PRODUCER_THREADS;
-        }
-    }
-}
-
 /// The `wgmma` grouped GEMM body; see the module docs.
 ///
 /// # Safety
@@ -862,7 +743,17 @@ pub unsafe fn gemm_wg<
             // publishes them. Either way they stay off the consumers' critical path.
             unsafe {
                 if p.rank > 0 {
-                    stage_lora_async::<BM>(p, &plan, smem, &tile, e, n0, lora_right);
+                    stage_lora_async::<BM, BN>(
+                        p,
+                        &plan,
+                        smem,
+                        &tile,
+                        e,
+                        n0,
+                        lora_right,
+                        tid,
+                        WG_PRODUCER_THREADS,
+                    );
                 }
                 produce::<BM, BK, STAGES, LAYOUT>(p, &plan, smem, rows_in, ktiles, e, n0, bars);
                 if p.rank > 0 && lora_right == LoraRight::Gather {
