@@ -19,7 +19,7 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
     let gpu = gpu().expect("checked by the caller");
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
     let mut first: [Option<[Vec<u32>; 4]>; 2] = [None, None];
-    for i in 0..GEMM_CONFIGS.len() {
+    for (i, config) in GEMM_CONFIGS.iter().enumerate() {
         // SAFETY: this binary holds only this test, so no other thread reads the environment.
         unsafe { std::env::set_var("MXMOE_GEMM_CONFIG", i.to_string()) };
         for (slot, base) in [Base::Dense(dense), Base::Mx(mx, Strategy::Fused)]
@@ -38,7 +38,7 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
                 Some(f) => assert!(
                     f == &got,
                     "config {i} ({:?}) differs from config 0 ({}) for {c:?}",
-                    GEMM_CONFIGS[i],
+                    config,
                     if slot == 0 { "bf16" } else { "mxfp4" }
                 ),
             }

@@ -7,7 +7,7 @@
 //!
 //! | wrapper | instruction |
 //! |---|---|
-//! | [`sreg::tid_x`], [`sreg::ctaid_x`], [`sreg::ctaid_y`], [`sreg::nctaid_x`], [`sreg::laneid`] | `mov.u32 %r, %tid.x` … |
+//! | [`sreg::tid_x`], [`sreg::ctaid_x`], [`sreg::nctaid_x`], [`sreg::laneid`] | `mov.u32 %r, %tid.x` … |
 //! | [`barrier::bar_sync_0`] | `bar.sync 0` |
 //! | [`smem::SharedAddr::from_generic`] | `cvta.to.shared.u64` |
 //! | [`smem::ld_shared_u32`], [`smem::st_shared_u32`], [`smem::ld_shared_v4_u32`], [`smem::st_shared_v4_u32`], [`smem::ld_shared_u8`], [`smem::st_shared_u16`] | `ld.shared` / `st.shared` |

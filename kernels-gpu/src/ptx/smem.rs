@@ -11,9 +11,6 @@ use core::arch::asm;
 pub struct SharedAddr(u32);
 
 impl SharedAddr {
-    /// Address 0 of the shared window, a placeholder for "no destination" (never dereferenced).
-    pub const NULL: SharedAddr = SharedAddr(0);
-
     /// `cvta.to.shared.u64` then truncation to 32 bits (the shared window is below 4 GiB).
     /// PTX 2.0+, SM 2.0+.
     ///

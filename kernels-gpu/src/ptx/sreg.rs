@@ -25,10 +25,6 @@ sreg!(
     ctaid_x, "%ctaid.x"
 );
 sreg!(
-    /// `%ctaid.y`: block index along y, `0 .. 65535` (CUDA `blockIdx.y`).
-    ctaid_y, "%ctaid.y"
-);
-sreg!(
     /// `%nctaid.x`: number of blocks along x (CUDA `gridDim.x`).
     nctaid_x, "%nctaid.x"
 );

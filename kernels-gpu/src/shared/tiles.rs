@@ -27,6 +27,18 @@ pub enum BLayout {
 }
 
 impl BLayout {
+    /// The layout whose `as u8` value is `tag` (kernels carry the layout as a const `u8`);
+    /// anything unknown reads as `KnMxfp4`, the last variant.
+    pub const fn from_tag(tag: u8) -> Self {
+        match tag {
+            t if t == BLayout::NkBf16 as u8 => BLayout::NkBf16,
+            t if t == BLayout::KnBf16 as u8 => BLayout::KnBf16,
+            t if t == BLayout::Strided as u8 => BLayout::Strided,
+            t if t == BLayout::NkMxfp4 as u8 => BLayout::NkMxfp4,
+            _ => BLayout::KnMxfp4,
+        }
+    }
+
     /// Whether the operand is MXFP4.
     pub const fn is_mx(self) -> bool {
         matches!(self, BLayout::NkMxfp4 | BLayout::KnMxfp4)
@@ -191,7 +203,8 @@ pub struct SmemPlan {
     pub lora_left_offset: u32,
     /// Offset of the epilogue's right LoRA factor (right after the left one).
     pub lora_right_offset: u32,
-    /// Bytes of the epilogue's regions that reuse the stages (the `wgmma` output tile).
+    /// Bytes of the epilogue's regions that reuse the stages: the `wgmma` output tile, a
+    /// swizzled bf16 `[bm][bn]` at offset 0 (`mma.sync` configurations store from registers).
     pub epilogue_bytes: u32,
     /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
     pub rows_offset: u32,
@@ -199,9 +212,6 @@ pub struct SmemPlan {
     pub b_scales_in_stage: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
     pub decoded_offset: u32,
-    /// Offset of the `wgmma` epilogue's bf16 `[bm][bn]` output tile (swizzled), reusing the
-    /// stages (`mma.sync` configurations store from registers).
-    pub out_stage_offset: u32,
     /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
     /// bytes each (0 for `mma.sync` configurations).
     pub barriers_offset: u32,
@@ -233,7 +243,6 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
     let right = c.bn * r_pad * 2;
-    let out_stage_offset = 0;
     // The LoRA factors have a region of their own (copied while the main loop runs); only the
     // `wgmma` output tile reuses the stages.
     let epilogue_bytes = if c.wgmma { c.bm * c.bn * 2 } else { 0 };
@@ -268,7 +277,6 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         rows_offset,
         b_scales_in_stage,
         decoded_offset,
-        out_stage_offset,
         barriers_offset,
         total_bytes: if c.wgmma {
             barriers_offset + 16 * c.stages
@@ -603,6 +611,19 @@ mod tests {
         assert_eq!((d >> 32) & 0x3FFF, 64);
         assert_eq!(d >> 62, 1);
         assert_eq!((d >> 46) & 0xFFFF, 0);
+    }
+
+    #[test]
+    fn layout_tags_round_trip() {
+        for b in [
+            BLayout::NkBf16,
+            BLayout::KnBf16,
+            BLayout::Strided,
+            BLayout::NkMxfp4,
+            BLayout::KnMxfp4,
+        ] {
+            assert_eq!(BLayout::from_tag(b as u8), b);
+        }
     }
 
     #[test]

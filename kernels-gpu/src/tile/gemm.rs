@@ -411,6 +411,47 @@ pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
     }
 }
 
+/// Writes the block's row indices: `rows_in[i]` = the activation row and `rows_out[i]` = the
+/// output row of tile row `i` (`NO_ROW` past the tile). The caller publishes them with a barrier.
+/// `tid` is this thread's index among the `threads` writing threads.
+///
+/// # Safety
+/// `rows_in` and `rows_out` each hold `BM` u32 in shared memory; the tile's rows are `< rows`.
+#[inline(always)]
+pub(crate) unsafe fn stage_row_indices<const BM: u32>(
+    p: &GemmParams,
+    tile: &crate::tile::schedule::Tile,
+    rows_in: SharedAddr,
+    rows_out: SharedAddr,
+    tid: u32,
+    threads: u32,
+) {
+    let mut i = tid;
+    while i < BM {
+        let row = tile.begin + i;
+        let (ri, ro) = if row < tile.end {
+            // SAFETY: `row < rows`, the length of `ssi`.
+            let slot: u32 = unsafe { load(p.ssi_addr + 4 * row as u64) };
+            (
+                if p.a_fan_out == 0 {
+                    row
+                } else {
+                    slot / p.a_fan_out
+                },
+                if p.out_scattered == 0 { row } else { slot },
+            )
+        } else {
+            (NO_ROW, NO_ROW)
+        };
+        // SAFETY: `i < BM` entries of each index array.
+        unsafe {
+            st_shared_u32(rows_in.offset(4 * i), ri);
+            st_shared_u32(rows_out.offset(4 * i), ro);
+        }
+        i += threads;
+    }
+}
+
 /// The grouped GEMM body; see the module docs and `GemmParams`.
 ///
 /// # Safety
@@ -460,18 +501,7 @@ pub unsafe fn gemm<
         stages: STAGES,
         wgmma: false,
     };
-    let layout = if LAYOUT == BLayout::NkBf16 as u8 {
-        BLayout::NkBf16
-    } else if LAYOUT == BLayout::KnBf16 as u8 {
-        BLayout::KnBf16
-    } else if LAYOUT == BLayout::Strided as u8 {
-        BLayout::Strided
-    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
-        BLayout::NkMxfp4
-    } else {
-        BLayout::KnMxfp4
-    };
-    let is_mx = layout.is_mx();
+    let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
     let threads = 32 * WM * WN;
     let tid = tid_x();
@@ -486,30 +516,8 @@ pub unsafe fn gemm<
     let smem = dynamic_smem();
     let rows_in = smem.offset(plan.rows_offset);
     let rows_out = rows_in.offset(4 * BM);
-    let mut i = tid;
-    while i < BM {
-        let row = tile.begin + i;
-        let (ri, ro) = if row < tile.end {
-            // SAFETY: `row < rows`, the length of `ssi`.
-            let slot: u32 = unsafe { load(p.ssi_addr + 4 * row as u64) };
-            (
-                if p.a_fan_out == 0 {
-                    row
-                } else {
-                    slot / p.a_fan_out
-                },
-                if p.out_scattered == 0 { row } else { slot },
-            )
-        } else {
-            (NO_ROW, NO_ROW)
-        };
-        // SAFETY: `i < BM` entries of each index array.
-        unsafe {
-            st_shared_u32(rows_in.offset(4 * i), ri);
-            st_shared_u32(rows_out.offset(4 * i), ro);
-        }
-        i += threads;
-    }
+    // SAFETY: every thread; the two index arrays are the plan's.
+    unsafe { stage_row_indices::<BM>(p, &tile, rows_in, rows_out, tid, threads) };
     // SAFETY: all threads reach it (no divergent exit above after the uniform one).
     unsafe { bar_sync_0() };
 
@@ -971,24 +979,18 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
             )
         };
         let s2 = scale_fold(sc as u8);
-        // SAFETY: the table is in place.
-        let lo = unsafe {
-            [
-                decode_byte(w0, 0, s2),
-                decode_byte(w0, 1, s2),
-                decode_byte(w0, 2, s2),
-                decode_byte(w0, 3, s2),
-            ]
-        };
-        // SAFETY: as above.
-        let hi = unsafe {
-            [
-                decode_byte(w1, 0, s2),
-                decode_byte(w1, 1, s2),
-                decode_byte(w1, 2, s2),
-                decode_byte(w1, 3, s2),
-            ]
-        };
+        let lo = [
+            decode_byte(w0, 0, s2),
+            decode_byte(w0, 1, s2),
+            decode_byte(w0, 2, s2),
+            decode_byte(w0, 3, s2),
+        ];
+        let hi = [
+            decode_byte(w1, 0, s2),
+            decode_byte(w1, 1, s2),
+            decode_byte(w1, 2, s2),
+            decode_byte(w1, 3, s2),
+        ];
         // SAFETY: two 16-byte chunks of row r of the decoded tile.
         unsafe {
             st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);

@@ -36,10 +36,7 @@ use crate::ptx::mbarrier::{
     mbarrier_wait_parity,
 };
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
-use crate::ptx::smem::{
-    SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32, st_shared_u16,
-    st_shared_u32,
-};
+use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
@@ -55,9 +52,9 @@ use crate::shared::tiles::{
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
     LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, lora_right_layout, stage_lora_async,
-    stage_lora_factors, stage_scale_words,
+    stage_lora_factors, stage_row_indices, stage_scale_words,
 };
-use crate::tile::gmem::{load, store, store_16};
+use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
 
 /// Weight columns per block: two warpgroups of 64.
@@ -406,9 +403,10 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     }
 }
 
-/// One k-tile of a consumer warpgroup: wait for slot `kt % STAGES`, build this warp's A
-/// fragments into `frags`, issue the tile's wgmma group, retire the previous group and free its
-/// slot. On return at most this group is pending.
+/// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 runs
+/// [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
+/// `frags`, issue the tile's wgmma group, retire the previous group (the current one too for
+/// `ldmatrix`-fed fragments, see below) and free its slot.
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; `frags` was last read by a retired group.
@@ -456,41 +454,6 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
                 frags,
             )
         };
-    } else if LAYOUT == BLayout::KnMxfp4 as u8 {
-        // Each consumer warpgroup decodes only its own 64 columns and syncs only its own four
-        // warps, so the two warpgroups drift apart and one decodes while the other multiplies.
-        // Two decoded tiles alternate: a warp decoding tile kt + 1 has passed its warpgroup's
-        // barrier kt, which the other warps reach only after their reads of tile kt − 1.
-        let decoded = smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
-        let wg = warp_n0 / 64;
-        // SAFETY: the warpgroup's 128 threads decode its columns of the raw stage, then its
-        // named barrier (1 + wg) publishes them to its four warps.
-        unsafe {
-            let blocks_k = p.n_out / 32;
-            let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
-                .wrapping_mul(blocks_k)
-                .wrapping_add(n0 / 32);
-            decode_stage_kn_mx::<BN, BK>(
-                b_tile,
-                decoded,
-                plan.b_scales_in_stage,
-                g0,
-                blocks_k,
-                4 * wg,
-                4,
-                tid_x() % 128,
-                128,
-            );
-            if wg == 0 {
-                bar_sync_named::<1, 128>();
-            } else {
-                bar_sync_named::<2, 128>();
-            }
-        }
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the decoded tile.
-            frags[ks] = unsafe { a_km(decoded, warp_n0, 16 * ks as u32, BN) };
-        }
     } else if LAYOUT == BLayout::KnBf16 as u8 {
         for ks in 0..(BK / 16) as usize {
             // SAFETY: warp converged; the block lies inside the `[BK][BN]` stage.
@@ -658,15 +621,7 @@ pub unsafe fn gemm_wg<
         stages: STAGES,
         wgmma: true,
     };
-    let layout = if LAYOUT == BLayout::NkBf16 as u8 {
-        BLayout::NkBf16
-    } else if LAYOUT == BLayout::KnBf16 as u8 {
-        BLayout::KnBf16
-    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
-        BLayout::NkMxfp4
-    } else {
-        BLayout::KnMxfp4
-    };
+    let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
     let tid = tid_x();
     let n_tiles = p.n_out.div_ceil(BN);
@@ -684,30 +639,8 @@ pub unsafe fn gemm_wg<
         base: smem.offset(plan.barriers_offset),
         stages: STAGES,
     };
-    let mut i = tid;
-    while i < BM {
-        let row = tile.begin + i;
-        let (ri, ro) = if row < tile.end {
-            // SAFETY: `row < rows`, the length of `ssi`.
-            let slot: u32 = unsafe { load(p.ssi_addr + 4 * row as u64) };
-            (
-                if p.a_fan_out == 0 {
-                    row
-                } else {
-                    slot / p.a_fan_out
-                },
-                if p.out_scattered == 0 { row } else { slot },
-            )
-        } else {
-            (NO_ROW, NO_ROW)
-        };
-        // SAFETY: `i < BM` entries of each index array.
-        unsafe {
-            st_shared_u32(rows_in.offset(4 * i), ri);
-            st_shared_u32(rows_out.offset(4 * i), ro);
-        }
-        i += THREADS;
-    }
+    // SAFETY: every thread; the two index arrays are the plan's.
+    unsafe { stage_row_indices::<BM>(p, &tile, rows_in, rows_out, tid, THREADS) };
     if tid == 0 {
         let mut s = 0;
         while s < STAGES {
@@ -862,7 +795,7 @@ pub unsafe fn gemm_wg<
     // of rows 8j + 2t, +1: two 8×8 matrices (columns × rows) in the `mma` C layout, which
     // `stmatrix.trans` writes transposed — four matrices (blocks j, j + 1) per instruction,
     // each destination row one 16-byte chunk of the swizzled tile.
-    let out_tile = smem.offset(plan.out_stage_offset);
+    let out_tile = smem; // the plan's epilogue tile, over the drained stages
     if !producer {
         let lane = laneid();
         let m = lane / 8; // the matrix this lane addresses

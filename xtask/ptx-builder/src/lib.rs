@@ -184,7 +184,13 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
             "-C",
             &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}"),
         ])
-        .args(["-A", "unstable-features", "--emit=llvm-bc"]);
+        .args([
+            "-A",
+            "unstable-features",
+            "-D",
+            "warnings",
+            "--emit=llvm-bc",
+        ]);
     let json = run(&mut cmd, "the device build of kernels-gpu")?;
 
     let mut rlibs = Vec::new();
