@@ -90,6 +90,33 @@ pub enum Error {
         detail: String,
     },
 
+    /// A size computed from the input (a file's shapes, a command-line count) does not fit in
+    /// the memory that would hold it; nothing was allocated.
+    #[error(
+        "{what} needs {} ({needed_bytes} bytes), but {memory} has only {} available",
+        human_bytes(*needed_bytes),
+        human_bytes(u128::from(*available_bytes))
+    )]
+    OutOfMemory {
+        /// What would be allocated, with its shape.
+        what: String,
+        /// Bytes it needs.
+        needed_bytes: u128,
+        /// Bytes available in `memory`.
+        available_bytes: u64,
+        /// Which memory: `"host memory (MemAvailable)"` or `"device N"`.
+        memory: String,
+    },
+
+    /// A size computed from the input overflows the integer that must hold it.
+    #[error("{what}: the size overflows ({detail})")]
+    SizeOverflow {
+        /// What was being sized.
+        what: String,
+        /// The factors that overflowed.
+        detail: String,
+    },
+
     /// An argument is outside its valid range.
     #[error("{what}: {detail}")]
     InvalidArgument {
@@ -98,6 +125,22 @@ pub enum Error {
         /// Why it is invalid.
         detail: String,
     },
+}
+
+/// Bytes as a short human size (`"2.0 TiB"`), for error messages.
+pub(crate) fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 impl Error {

@@ -393,6 +393,30 @@ impl MxWeights {
         self.scales.contains(&E8M0_NAN)
     }
 
+    /// The first block (in `[expert, row, block]` order) whose scale byte is 255 (E8M0 NaN), as
+    /// `(expert, row, block)`.
+    pub fn first_nan_scale(&self) -> Option<(usize, usize, usize)> {
+        let at = self.scales.iter().position(|&b| b == E8M0_NAN)?;
+        let per_row = self.shape.blocks_per_row();
+        let per_expert = self.shape.expert_scales_len();
+        Some((at / per_expert, (at % per_expert) / per_row, at % per_row))
+    }
+
+    /// Rejects NaN scales: [`MxError::NanScale`] naming the first block with scale byte 255.
+    ///
+    /// What the other extreme bytes do, for callers deciding what to accept: byte 0 is 2^-127 (a
+    /// bf16 subnormal, kept). Bytes 253 and 254 are the finite scales 2^126 and 2^127, but the
+    /// product code × scale exceeds the largest bf16 (and f32) value, about 3.4e38, and becomes
+    /// ±Inf for codes of magnitude 4 and 6 under byte 253 and of magnitude 2 and more under byte
+    /// 254 (smaller codes stay finite), in the kernels and the CPU dequantizer alike. Those bytes
+    /// are accepted: torchao's quantizer writes them for blocks holding huge or infinite values.
+    pub fn check_no_nan_scales(&self) -> Result<(), MxError> {
+        match self.first_nan_scale() {
+            Some((expert, row, block)) => Err(MxError::NanScale { expert, row, block }),
+            None => Ok(()),
+        }
+    }
+
     /// Takes the container apart: `(shape, packed, scales)`.
     pub fn into_parts(self) -> (MxShape, Vec<u8>, Vec<u8>) {
         (self.shape, self.packed, self.scales)
@@ -938,6 +962,19 @@ mod tests {
         scales[5] = E8M0_NAN;
         let w = MxWeights::from_shape(shape, packed, scales).expect("valid");
         assert!(w.has_nan_scales());
+        let per_expert = w.shape().expert_scales_len();
+        let per_row = w.shape().blocks_per_row();
+        let want = (5 / per_expert, (5 % per_expert) / per_row, 5 % per_row);
+        assert_eq!(w.first_nan_scale(), Some(want));
+        assert_eq!(
+            w.check_no_nan_scales(),
+            Err(MxError::NanScale {
+                expert: want.0,
+                row: want.1,
+                block: want.2
+            })
+        );
+        assert!(sample().check_no_nan_scales().is_ok());
     }
 
     #[test]

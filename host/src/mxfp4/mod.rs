@@ -81,6 +81,22 @@ pub enum MxError {
         /// Experts in the container.
         experts: usize,
     },
+    /// A scale block holds the E8M0 NaN byte (255), which would make all 32 weights of the
+    /// block NaN and carry NaN into every output and gradient that reads them. Rejected unless
+    /// the caller opts in to torchao's propagate behaviour.
+    #[error(
+        "scale byte 255 (E8M0 NaN) at expert {expert}, row {row}, block {block} (weights k = {} to {}); NaN scales are rejected unless explicitly allowed",
+        block * 32,
+        block * 32 + 31
+    )]
+    NanScale {
+        /// Expert index.
+        expert: usize,
+        /// Row (`n`) within the expert.
+        row: usize,
+        /// Scale block along K (`k / 32`).
+        block: usize,
+    },
     /// A shape's element count does not fit in `usize` (no such tensor can exist in memory).
     #[error("{tensor}: shape {shape:?} has more elements than fit in usize")]
     Overflow {

@@ -23,6 +23,8 @@ pub mod routing;
 pub use linear::{LinearProblem, RefForward, RefGrads, RowOrder, linear_backward, linear_forward};
 pub use routing::{DROPPED, Routing, active_experts, flatten_sort_count};
 
+use crate::error::{Error, Result};
+
 /// Where the reference rounds intermediate and final values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rounding {
@@ -49,5 +51,84 @@ impl Rounding {
     }
 }
 
+/// Host memory available for new allocations, in bytes: `MemAvailable` from `/proc/meminfo`
+/// (Linux). `None` where that is unknown (another OS, an unreadable file).
+pub fn available_host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&text)
+}
+
+/// The `MemAvailable:` line of a `/proc/meminfo` text, in bytes.
+fn parse_mem_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line["MemAvailable:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    let unit = match words.next() {
+        Some("kB") => 1024,
+        None => 1,
+        Some(_) => return None,
+    };
+    value.checked_mul(unit)
+}
+
+/// Checks, before allocating, that `bytes` (computed with checked arithmetic; `None` when the
+/// computation overflowed) fit in the host memory available ([`available_host_memory`]).
+///
+/// Errors: [`Error::SizeOverflow`] for `None`, [`Error::OutOfMemory`] naming `what` and both
+/// sizes when `bytes` exceeds `MemAvailable`. Where the available memory is unknown only the
+/// overflow is checked.
+pub fn check_host_memory(what: impl Into<String>, bytes: Option<u128>) -> Result<()> {
+    check_memory_against(what.into(), bytes, available_host_memory())
+}
+
+fn check_memory_against(what: String, bytes: Option<u128>, available: Option<u64>) -> Result<()> {
+    let Some(needed_bytes) = bytes else {
+        return Err(Error::SizeOverflow {
+            what,
+            detail: "the byte count does not fit in 128 bits".into(),
+        });
+    };
+    match available {
+        Some(available_bytes) if needed_bytes > u128::from(available_bytes) => {
+            Err(Error::OutOfMemory {
+                what,
+                needed_bytes,
+                available_bytes,
+                memory: "host memory (MemAvailable)".into(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 pub(crate) use crate::test_rng::XorShift;
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_parsed_in_bytes() {
+        let text = "MemTotal:       16318340 kB\nMemFree:  1 kB\nMemAvailable:   12000000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(12_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: x kB\n"), None);
+    }
+
+    #[test]
+    fn sizes_beyond_the_available_memory_are_typed_errors() {
+        let two_tib = 1u128 << 41;
+        let e = check_memory_against("out [4194304, 65536]".into(), Some(two_tib), Some(1 << 30))
+            .unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory { needed_bytes, .. } if needed_bytes == two_tib));
+        let msg = e.to_string();
+        assert!(msg.contains("out [4194304, 65536]") && msg.contains("2.0 TiB"), "{msg}");
+        assert!(matches!(
+            check_memory_against("x".into(), None, Some(1)),
+            Err(Error::SizeOverflow { .. })
+        ));
+        assert!(check_memory_against("x".into(), Some(10), Some(10)).is_ok());
+        assert!(check_memory_against("x".into(), Some(two_tib), None).is_ok());
+    }
+}
