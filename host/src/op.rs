@@ -584,6 +584,24 @@ struct Resolved<'s> {
 }
 
 impl<'a> ExpertLinear<'a> {
+    /// The shape rule every backend enforces, checked once before a backend is chosen: the
+    /// output features `N` and the reduction `K` of an expert projection must be positive
+    /// multiples of 8 (the GEMM kernels move 16-byte rows of bf16; MXFP4 weights further need
+    /// `K % 32 == 0`, checked by their container). [`ExpertLinear`]'s forward calls it, and
+    /// callers that may run the CPU reference instead (the `mxmoe run` CLI) call it first, so a
+    /// shape the GPU refuses is refused on the CPU with the same error.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (`what` = `"expert weights"`) naming both values.
+    pub fn check_dims(n: usize, k: usize) -> Result<()> {
+        if k == 0 || n == 0 || k % 8 != 0 || n % 8 != 0 {
+            return Err(Error::InvalidArgument {
+                what: "expert weights",
+                detail: format!("K = {k} and N = {n} must be positive multiples of 8"),
+            });
+        }
+        Ok(())
+    }
+
     fn validate(
         &self,
         x: &Bf16Matrix,
@@ -598,12 +616,7 @@ impl<'a> ExpertLinear<'a> {
                 actual: format!("{e} experts"),
             });
         }
-        if k == 0 || n == 0 || k % 8 != 0 || n % 8 != 0 {
-            return Err(Error::InvalidArgument {
-                what: "expert weights",
-                detail: format!("K = {k} and N = {n} must be positive multiples of 8"),
-            });
-        }
+        Self::check_dims(n, k)?;
         if x.cols != k {
             return Err(Error::Shape {
                 tensor: "x",
