@@ -26,15 +26,31 @@
 //! every quantized tensor, its source dtype and `[E, N, K]`, and the two tensors that replaced it,
 //! and, when the caller names it, [`META_SOURCE`] = the input file.
 //!
+//! # NaN and extreme scales
+//!
+//! An E8M0 scale byte of 255 is NaN: all 32 weights of its block dequantize to NaN and carry NaN
+//! into every output and gradient that reads them (`out`, `dx`, `d_gates`, dA, dB). The readers
+//! ([`Checkpoint::read_mx`], [`Checkpoint::read_expert_weights`], [`read_mx`]) reject such
+//! weights by default with [`ERR_NAN_SCALE`], naming the tensor, expert, row and block;
+//! [`Checkpoint::allow_nan_scales`] opts in to torchao's behaviour (accept and propagate).
+//! Bytes 253 and 254 (2^126 and 2^127) are finite and accepted, but code × scale overflows the
+//! bf16 (and f32) range, about 3.4e38, to ±Inf for codes of magnitude 4 and 6 under byte 253 and
+//! of magnitude 2 and more under byte 254, in the kernels and the CPU dequantizer alike; torchao's
+//! quantizer writes byte 253 with saturated codes for a block holding an infinite value, so such
+//! a weight decodes to ±Inf again. Byte 0 is 2^-127, a bf16 subnormal, kept.
+//!
 //! # Errors
 //!
 //! Every malformed input is an [`Error::InvalidArgument`] whose `what` is one of the `ERR_*`
 //! constants of this module (so callers can tell the kinds apart) and whose `detail` names the
 //! tensor, e.g. `tensor dtype: \`x\` is F32, expected BF16`. Truncated files are diagnosed by
 //! reading the header directly, so the message names the first tensor whose bytes are missing.
+//! Names and metadata taken from a file are escaped in messages ([`escape`]): a control
+//! character (a newline, an ANSI escape) is printed as `\n` or `\u{1b}`, so an error stays one
+//! line and cannot restyle the terminal.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -59,6 +75,9 @@ pub const ERR_DTYPE: &str = "tensor dtype";
 pub const ERR_SHAPE: &str = "tensor shape";
 /// `what` of errors for tensor names: duplicates, collisions, ambiguous layouts.
 pub const ERR_NAME: &str = "tensor name";
+/// `what` of errors for MXFP4 weights holding the NaN scale byte 255 (see the module
+/// documentation).
+pub const ERR_NAN_SCALE: &str = "MXFP4 NaN scale";
 
 /// Metadata key: the weight format of quantized tensors (`"mxfp4"`).
 pub const META_FORMAT: &str = "mxmoe.format";
@@ -81,6 +100,21 @@ fn err(what: &'static str, detail: impl Into<String>) -> Error {
         what,
         detail: detail.into(),
     }
+}
+
+/// `s` with every control character escaped (`\n`, `\t`, `\u{1b}`, …), for names and metadata
+/// read from a file and printed in a message: the message stays on one line and cannot carry
+/// terminal escape sequences. Other characters are kept as they are.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A shape as `[a, b, c]`.
@@ -187,7 +221,7 @@ impl<T> Tensor<T> {
             ERR_SHAPE,
             format!(
                 "`{}` has shape {}, expected [{}] {dims}",
-                self.name,
+                escape(&self.name),
                 shape_str(&self.shape),
                 want.join(", ")
             ),
@@ -256,6 +290,7 @@ impl StoredWeights {
 pub struct Checkpoint<'a> {
     st: SafeTensors<'a>,
     metadata: BTreeMap<String, String>,
+    allow_nan_scales: bool,
 }
 
 impl fmt::Debug for Checkpoint<'_> {
@@ -272,6 +307,15 @@ impl<'a> Checkpoint<'a> {
     /// data is cut off (or the header), [`ERR_DTYPE`] / [`ERR_SHAPE`] for a header entry whose
     /// dtype is unknown or whose shape disagrees with its byte range, [`ERR_FORMAT`] otherwise.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
+        if let Some(name) = duplicate_header_key(bytes) {
+            return Err(err(
+                ERR_NAME,
+                format!(
+                    "the header lists tensor `{}` more than once; every name must be unique",
+                    escape(&name)
+                ),
+            ));
+        }
         let st = SafeTensors::deserialize(bytes).map_err(|e| diagnose(bytes, &e))?;
         let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| diagnose(bytes, &e))?;
         let metadata = meta
@@ -279,7 +323,19 @@ impl<'a> Checkpoint<'a> {
             .as_ref()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
-        Ok(Self { st, metadata })
+        Ok(Self {
+            st,
+            metadata,
+            allow_nan_scales: false,
+        })
+    }
+
+    /// Whether MXFP4 reads accept the NaN scale byte 255 (default `false`: rejected with
+    /// [`ERR_NAN_SCALE`]). `true` keeps torchao's behaviour: the blocks dequantize to NaN and
+    /// propagate (see the module documentation).
+    pub fn allow_nan_scales(mut self, allow: bool) -> Self {
+        self.allow_nan_scales = allow;
+        self
     }
 
     /// Tensor names, sorted.
@@ -308,7 +364,11 @@ impl<'a> Checkpoint<'a> {
     pub fn view(&self, name: &str) -> Result<TensorView<'a>> {
         self.st.tensor(name).map_err(|_| {
             let names = self.names();
-            let shown: Vec<String> = names.iter().take(8).map(|n| format!("`{n}`")).collect();
+            let shown: Vec<String> = names
+                .iter()
+                .take(8)
+                .map(|n| format!("`{}`", escape(n)))
+                .collect();
             let more = if names.len() > shown.len() {
                 format!(" and {} more", names.len() - shown.len())
             } else {
@@ -319,7 +379,10 @@ impl<'a> Checkpoint<'a> {
             } else {
                 format!("the file holds {}{more}", shown.join(", "))
             };
-            err(ERR_MISSING, format!("`{name}` is not in the file ({has})"))
+            err(
+                ERR_MISSING,
+                format!("`{}` is not in the file ({has})", escape(name)),
+            )
         })
     }
 
@@ -335,7 +398,7 @@ impl<'a> Checkpoint<'a> {
         if !accept.contains(&view.dtype()) {
             return Err(err(
                 ERR_DTYPE,
-                format!("`{name}` is {}, expected {expected}", view.dtype()),
+                format!("`{}` is {}, expected {expected}", escape(name), view.dtype()),
             ));
         }
         Ok(Tensor {
@@ -430,20 +493,24 @@ impl<'a> Checkpoint<'a> {
         let (g_codes, g_scales) = (first(&["_blocks"]), first(&["_scales"]));
         let torchao = t_codes.is_some() || t_scales.is_some();
         let gpt_oss = g_codes.is_some() || g_scales.is_some();
+        // Names in messages are escaped; the lookups above used the name as given.
+        let name = escape(name);
         let pair = |layout: MxLayoutKind, codes: Option<String>, scales: Option<String>| {
-            let (want_codes, want_scales) = layout.tensor_names(name);
+            let (want_codes, want_scales) = layout.tensor_names(&name);
             match (codes, scales) {
                 (Some(c), Some(s)) => Ok((layout, c, s)),
                 (Some(c), None) => Err(err(
                     ERR_MISSING,
                     format!(
-                        "`{want_scales}` is not in the file (the scales of MXFP4 weight `{name}`, whose codes `{c}` are present)"
+                        "`{want_scales}` is not in the file (the scales of MXFP4 weight `{name}`, whose codes `{}` are present)",
+                        escape(&c)
                     ),
                 )),
                 (None, Some(s)) => Err(err(
                     ERR_MISSING,
                     format!(
-                        "`{want_codes}` is not in the file (the codes of MXFP4 weight `{name}`, whose scales `{s}` are present)"
+                        "`{want_codes}` is not in the file (the codes of MXFP4 weight `{name}`, whose scales `{}` are present)",
+                        escape(&s)
                     ),
                 )),
                 (None, None) => unreachable!("called only when one of the pair exists"),
@@ -471,11 +538,38 @@ impl<'a> Checkpoint<'a> {
     ///
     /// Checks, naming the offending tensor: codes dtype `U8` and scales `U8` or `F8_E8M0`
     /// ([`ERR_DTYPE`]); codes rank 3 `[E, N, K/2]` (torchao) or rank 4 `[E, N, K/32, 16]`
-    /// (gpt-oss), positive extents, `K` a multiple of 32, scales `[E, N, K/32]` ([`ERR_SHAPE`]).
+    /// (gpt-oss), positive extents, `K` a multiple of 32, scales `[E, N, K/32]` ([`ERR_SHAPE`]);
+    /// no scale byte 255 unless [`Checkpoint::allow_nan_scales`] ([`ERR_NAN_SCALE`], naming the
+    /// scales tensor, expert, row and block).
     pub fn read_mx(&self, name: &str) -> Result<(MxWeights, MxLayoutKind)> {
         let (layout, codes_name, scales_name) = self.find_mx(name)?;
-        let codes = self.read_u8(&codes_name)?;
-        let scales = self.read_scales(&scales_name)?;
+        let (w, layout) = self.read_mx_pair(layout, &codes_name, &scales_name)?;
+        if !self.allow_nan_scales
+            && let Some((expert, row, block)) = w.first_nan_scale()
+        {
+            return Err(err(
+                ERR_NAN_SCALE,
+                format!(
+                    "`{}` holds scale byte 255 (E8M0 NaN) at expert {expert}, row {row}, block {block} (k = {} to {}), which makes the block's weights NaN; allow NaN scales explicitly to keep torchao's propagate behaviour",
+                    escape(&scales_name),
+                    block * MX_BLOCK,
+                    block * MX_BLOCK + MX_BLOCK - 1
+                ),
+            ));
+        }
+        Ok((w, layout))
+    }
+
+    /// Reads and validates one MXFP4 pair found by [`Checkpoint::find_mx`] (any scale bytes).
+    fn read_mx_pair(
+        &self,
+        layout: MxLayoutKind,
+        codes_name: &str,
+        scales_name: &str,
+    ) -> Result<(MxWeights, MxLayoutKind)> {
+        let codes = self.read_u8(codes_name)?;
+        let scales = self.read_scales(scales_name)?;
+        let codes_name = escape(codes_name);
         let (e, n, k) = match layout {
             MxLayoutKind::Torchao => {
                 let (e, n, half_k) = codes.dims3("(E, N, K/2)")?;
@@ -555,6 +649,7 @@ impl<'a> Checkpoint<'a> {
                 .iter()
                 .any(|s| self.contains(&format!("{name}{s}")))
         {
+            let name = escape(name);
             return Err(err(
                 ERR_MISSING,
                 format!(
@@ -567,6 +662,7 @@ impl<'a> Checkpoint<'a> {
             return Ok(StoredWeights::Mx { weights, layout });
         }
         if let Ok((layout, codes, _)) = self.find_mx(name) {
+            let (name, codes) = (escape(name), escape(&codes));
             return Err(err(
                 ERR_NAME,
                 format!(
@@ -580,7 +676,8 @@ impl<'a> Checkpoint<'a> {
             return Err(err(
                 ERR_SHAPE,
                 format!(
-                    "`{name}` has shape {}, expected [E, N, K] with positive extents",
+                    "`{}` has shape {}, expected [E, N, K] with positive extents",
+                    escape(name),
                     shape_str(&t.shape)
                 ),
             ));
@@ -605,6 +702,41 @@ fn le_i64(b: &[u8]) -> Vec<i64> {
     b.chunks_exact(8)
         .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect()
+}
+
+/// The first tensor name that the header of a safetensors file lists twice, if any. (A JSON
+/// object with a repeated key parses, keeping one entry; the other entry's byte range is then
+/// unclaimed and safetensors blames a neighbouring tensor.) Files whose header cannot be read are
+/// left to [`Checkpoint::parse`]'s own diagnosis.
+fn duplicate_header_key(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    struct FirstDuplicate;
+    impl<'de> Visitor<'de> for FirstDuplicate {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut duplicate = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if duplicate.is_none() && !seen.insert(key.clone()) {
+                    duplicate = Some(key);
+                }
+            }
+            Ok(duplicate)
+        }
+    }
+
+    let declared = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(declared).ok()?.checked_add(8)?;
+    let header = bytes.get(8..end)?;
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(FirstDuplicate)
+        .ok()
+        .flatten()
 }
 
 /// Turns a safetensors parse failure into an error naming what is wrong, by reading the header
@@ -651,10 +783,11 @@ fn diagnose(bytes: &[u8], error: &safetensors::SafeTensorError) -> Error {
         }
     };
     let mut spans = Vec::new();
-    for (name, entry) in &entries {
-        if name == "__metadata__" {
+    for (raw_name, entry) in &entries {
+        if raw_name == "__metadata__" {
             continue;
         }
+        let name = escape(raw_name);
         let dtype_str = entry.get("dtype").and_then(|d| d.as_str());
         let shape: Option<Vec<usize>> = entry.get("shape").and_then(|s| {
             s.as_array()?
@@ -677,7 +810,10 @@ fn diagnose(bytes: &[u8], error: &safetensors::SafeTensorError) -> Error {
         let Ok(dtype) = serde_json::from_value::<Dtype>(serde_json::Value::from(dtype_str)) else {
             return err(
                 ERR_DTYPE,
-                format!("`{name}` has dtype `{dtype_str}`, which safetensors does not define"),
+                format!(
+                    "`{name}` has dtype `{}`, which safetensors does not define",
+                    escape(dtype_str)
+                ),
             );
         };
         let [start, end] = offsets[..] else {
@@ -702,7 +838,7 @@ fn diagnose(bytes: &[u8], error: &safetensors::SafeTensorError) -> Error {
                 );
             }
         }
-        spans.push((start, end, name.clone()));
+        spans.push((start, end, name));
     }
     spans.sort();
     if let Some((start, end, name)) = spans.iter().find(|(_, end, _)| *end > data_len) {
@@ -772,17 +908,24 @@ impl CheckpointWriter {
         if name.is_empty() || name == "__metadata__" {
             return Err(err(
                 ERR_NAME,
-                format!("`{name}` cannot name a tensor in a safetensors file"),
+                format!(
+                    "`{}` cannot name a tensor in a safetensors file",
+                    escape(&name)
+                ),
             ));
         }
         if self.tensors.contains_key(&name) {
-            return Err(err(ERR_NAME, format!("`{name}` is written twice")));
+            return Err(err(
+                ERR_NAME,
+                format!("`{}` is written twice", escape(&name)),
+            ));
         }
         if checked_bytes(dtype, shape) != Some(data.len()) {
             return Err(err(
                 ERR_SHAPE,
                 format!(
-                    "`{name}`: {} bytes do not make a {dtype} tensor of shape {}",
+                    "`{}`: {} bytes do not make a {dtype} tensor of shape {}",
+                    escape(&name),
                     data.len(),
                     shape_str(shape)
                 ),
@@ -871,7 +1014,10 @@ impl CheckpointWriter {
         let (codes, scales) = layout.tensor_names(name);
         for n in [&codes, &scales] {
             if self.tensors.contains_key(n) {
-                return Err(err(ERR_NAME, format!("`{n}` is written twice")));
+                return Err(err(
+                    ERR_NAME,
+                    format!("`{}` is written twice", escape(n)),
+                ));
             }
         }
         let code_shape: Vec<usize> = match layout {
@@ -968,32 +1114,43 @@ pub struct QuantizeOutput {
     pub bytes: Vec<u8>,
     /// The quantized tensors, sorted by name.
     pub quantized: Vec<QuantizedTensor>,
+    /// MXFP4 weights of the input that were stored in the other layout and were converted to
+    /// `options.layout` (same bytes, renamed and reshaped), as `(name, layout found)`, sorted.
+    pub converted: Vec<(String, MxLayoutKind)>,
     /// The tensors copied unchanged, sorted by name.
     pub copied: Vec<String>,
 }
 
 /// Quantizes the selected rank-3 `BF16`/`F32` tensors of a safetensors file to MXFP4 with the
-/// torchao FLOOR quantizer (SPEC §1.4; experts in parallel) and copies every other tensor
-/// unchanged. A tensor `W` becomes the two tensors of `options.layout` (module documentation);
-/// the metadata records the layout and provenance.
+/// torchao FLOOR quantizer (SPEC §1.4) and copies every other tensor unchanged. A tensor `W`
+/// becomes the two tensors of `options.layout` (module documentation); the metadata records the
+/// layout and provenance.
+///
+/// MXFP4 weights already in the file and stored in the other layout are converted to
+/// `options.layout` (the two layouts hold the same bytes: only the names and the codes tensor's
+/// shape change), so [`META_LAYOUT`] is true of every MXFP4 weight written. Their scale bytes are
+/// moved as they are (NaN scales included: nothing is dequantized here).
+///
+/// Work is linear in the number of tensors. The quantization runs on one pool of at most
+/// `available_parallelism` threads, shared by all tensors (each job one group of experts).
 ///
 /// Errors: parse errors as [`Checkpoint::parse`]; with `options.tensors`, a listed tensor that is
 /// missing ([`ERR_MISSING`]), not `BF16`/`F32` ([`ERR_DTYPE`]) or not `[E, N, K]` with `K % 32 == 0`
-/// ([`ERR_SHAPE`]); [`ERR_NAME`] when an output name is already taken by an input tensor.
+/// ([`ERR_SHAPE`]); a malformed MXFP4 pair that needs converting (as [`Checkpoint::read_mx`]);
+/// [`ERR_NAME`] when an output name is already taken by an input tensor.
 pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<QuantizeOutput> {
     let ck = Checkpoint::parse(input)?;
-    let selected: Vec<String> = match &options.tensors {
+    let names = ck.names();
+    let selected: BTreeSet<String> = match &options.tensors {
         Some(list) => {
-            let mut list = list.clone();
-            list.sort();
-            list.dedup();
-            for name in &list {
+            for name in list {
                 let view = ck.view(name)?;
                 if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
                     return Err(err(
                         ERR_DTYPE,
                         format!(
-                            "`{name}` is {}; only BF16 and F32 tensors can be quantized",
+                            "`{}` is {}; only BF16 and F32 tensors can be quantized",
+                            escape(name),
                             view.dtype()
                         ),
                     ));
@@ -1002,74 +1159,137 @@ pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<Quantize
                     return Err(err(
                         ERR_SHAPE,
                         format!(
-                            "`{name}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {MX_BLOCK} can be quantized",
+                            "`{}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {MX_BLOCK} can be quantized",
+                            escape(name),
                             shape_str(view.shape())
                         ),
                     ));
                 }
             }
-            list
+            list.iter().cloned().collect()
         }
-        None => ck
-            .names()
-            .into_iter()
+        None => names
+            .iter()
             .filter(|n| {
                 ck.view(n)
                     .is_ok_and(|v| is_quantizable(v.dtype(), v.shape()))
             })
-            .map(str::to_string)
+            .map(|n| n.to_string())
             .collect(),
     };
-    for name in &selected {
-        let (codes, scales) = options.layout.tensor_names(name);
+
+    // MXFP4 weights stored in the other layout: their two tensors are replaced by converted ones.
+    let mut conversions = Vec::new();
+    let mut consumed: BTreeSet<String> = selected.clone();
+    for (base, layout) in ck.mx_weights() {
+        if layout == options.layout || selected.contains(&base) {
+            continue;
+        }
+        let (found, codes, scales) = ck.find_mx(&base)?;
+        let (w, _) = ck.read_mx_pair(found, &codes, &scales)?;
+        consumed.insert(codes);
+        consumed.insert(scales);
+        conversions.push((base, found, w));
+    }
+
+    // Every name written must be new, or free because its input tensor is replaced.
+    let outputs = selected
+        .iter()
+        .chain(conversions.iter().map(|(base, _, _)| base))
+        .map(|name| (name, options.layout.tensor_names(name)));
+    let mut written = BTreeSet::new();
+    for (name, (codes, scales)) in outputs {
         for out in [codes, scales] {
-            if ck.contains(&out) && !selected.contains(&out) {
+            if ck.contains(&out) && !consumed.contains(&out) {
                 return Err(err(
                     ERR_NAME,
                     format!(
-                        "quantizing `{name}` would write `{out}`, but the input already holds a tensor of that name"
+                        "quantizing `{}` would write `{}`, but the input already holds a tensor of that name",
+                        escape(name),
+                        escape(&out)
                     ),
+                ));
+            }
+            if !written.insert(out.clone()) {
+                return Err(err(
+                    ERR_NAME,
+                    format!("`{}` would be written twice", escape(&out)),
                 ));
             }
         }
     }
 
+    let jobs: Vec<QuantizeJob<'_>> = selected
+        .iter()
+        .map(|name| {
+            let view = ck.view(name)?;
+            let [e, n, k] = [view.shape()[0], view.shape()[1], view.shape()[2]];
+            Ok(QuantizeJob {
+                dtype: view.dtype(),
+                bytes: view.data(),
+                shape: MxShape::new(e, n, k)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut results = quantize_pool(&jobs).into_iter();
+
     let mut out = CheckpointWriter::new();
     for (k, v) in ck.metadata() {
         out.set_metadata(k.clone(), v.clone());
     }
-    let mut quantized = Vec::new();
+    // The provenance record: an earlier quantization's entries are kept (converted ones renamed).
+    let mut record = ck
+        .metadata_value(META_QUANTIZED)
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .and_then(|v| match v {
+            serde_json::Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let mut quantized = Vec::with_capacity(selected.len());
     let mut copied = Vec::new();
-    let mut record = serde_json::Map::new();
-    for name in ck.names() {
-        let view = ck.view(name)?;
-        if !selected.iter().any(|s| s == name) {
-            out.add_view(name, &view)?;
-            copied.push(name.to_string());
+    for name in &names {
+        if consumed.contains(*name) {
             continue;
         }
-        let [e, n, k] = [view.shape()[0], view.shape()[1], view.shape()[2]];
-        let w = quantize_parallel(view.dtype(), view.data(), e, n, k)?;
+        out.add_view(*name, &ck.view(name)?)?;
+        copied.push(name.to_string());
+    }
+    for (name, job) in selected.iter().zip(&jobs) {
+        let w = results
+            .next()
+            .expect("quantize_pool returns one result per job")?;
         out.add_mx(name, &w, options.layout)?;
         let (codes, scales) = options.layout.tensor_names(name);
+        let [e, n, k] = [job.shape.experts(), job.shape.n(), job.shape.k()];
         record.insert(
-            name.to_string(),
+            name.clone(),
             serde_json::json!({
-                "dtype": view.dtype().to_string(),
+                "dtype": job.dtype.to_string(),
                 "shape": [e, n, k],
                 "packed": codes,
                 "scales": scales,
             }),
         );
         quantized.push(QuantizedTensor {
-            name: name.to_string(),
-            dtype: view.dtype(),
+            name: name.clone(),
+            dtype: job.dtype,
             shape: [e, n, k],
             codes,
             scales,
-            bytes_in: view.data().len(),
+            bytes_in: job.bytes.len(),
             bytes_out: w.shape().bytes(),
         });
+    }
+    let mut converted = Vec::with_capacity(conversions.len());
+    for (base, found, w) in conversions {
+        out.add_mx(&base, &w, options.layout)?;
+        if let Some(serde_json::Value::Object(entry)) = record.get_mut(&base) {
+            let (codes, scales) = options.layout.tensor_names(&base);
+            entry.insert("packed".into(), codes.into());
+            entry.insert("scales".into(), scales.into());
+        }
+        converted.push((base, found));
     }
     out.set_metadata(META_FORMAT, "mxfp4");
     out.set_metadata(META_LAYOUT, options.layout.name());
@@ -1085,56 +1305,112 @@ pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<Quantize
     Ok(QuantizeOutput {
         bytes: out.to_bytes()?,
         quantized,
+        converted,
         copied,
     })
 }
 
-/// Quantizes `[e, n, k]` little-endian `BF16` or `F32` bytes, groups of experts on every core.
-/// Blocks never cross an expert, so the result equals one quantizer call over the whole tensor.
-fn quantize_parallel(
+/// One tensor for [`quantize_pool`]: little-endian `BF16` or `F32` bytes of `shape`.
+struct QuantizeJob<'a> {
     dtype: Dtype,
-    bytes: &[u8],
-    e: usize,
-    n: usize,
-    k: usize,
-) -> Result<MxWeights> {
-    let shape = MxShape::new(e, n, k)?;
-    let elem = if dtype == Dtype::BF16 { 2 } else { 4 };
-    let per_expert = n * k * elem;
+    bytes: &'a [u8],
+    shape: MxShape,
+}
+
+/// Experts per unit of pool work: about 16 MiB of input, at least one expert.
+fn experts_per_chunk(shape: MxShape, elem_bytes: usize) -> usize {
+    const CHUNK_BYTES: usize = 16 << 20;
+    let per_expert = shape.n() * shape.k() * elem_bytes;
+    (CHUNK_BYTES / per_expert.max(1)).clamp(1, shape.experts())
+}
+
+/// Quantizes every job on one bounded pool of threads (at most `available_parallelism`, and no
+/// more than there are chunks). Work is split into chunks of whole experts; blocks never cross an
+/// expert, so each result equals one quantizer call over the whole tensor. Results come back in
+/// job order.
+fn quantize_pool(jobs: &[QuantizeJob<'_>]) -> Vec<Result<MxWeights>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    // (job, first expert, experts) of every chunk.
+    let mut chunks = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let elem = if job.dtype == Dtype::BF16 { 2 } else { 4 };
+        let step = experts_per_chunk(job.shape, elem);
+        let mut first = 0;
+        while first < job.shape.experts() {
+            let count = step.min(job.shape.experts() - first);
+            chunks.push((j, first, count));
+            first += count;
+        }
+    }
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
-        .clamp(1, e);
-    let experts_per_thread = e.div_ceil(threads);
-    let parts: Vec<Result<MxWeights>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = bytes
-            .chunks(experts_per_thread * per_expert)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let experts = chunk.len() / per_expert;
-                    let w = if dtype == Dtype::BF16 {
-                        quantize_mxfp4_bf16(&le_u16(chunk), experts, n, k)
-                    } else {
-                        quantize_mxfp4(&le_f32(chunk), experts, n, k)
+        .min(chunks.len())
+        .max(1);
+    let next = AtomicUsize::new(0);
+    let parts: Vec<Mutex<Option<Result<MxWeights>>>> =
+        chunks.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(j, first, count)) = chunks.get(c) else {
+                        break;
                     };
-                    w.map_err(Error::from)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a quantizer thread panicked"))
-            .collect()
+                    let job = &jobs[j];
+                    let (n, k) = (job.shape.n(), job.shape.k());
+                    let elem = if job.dtype == Dtype::BF16 { 2 } else { 4 };
+                    let per_expert = n * k * elem;
+                    let bytes = &job.bytes[first * per_expert..(first + count) * per_expert];
+                    let w = if job.dtype == Dtype::BF16 {
+                        quantize_mxfp4_bf16(&le_u16(bytes), count, n, k)
+                    } else {
+                        quantize_mxfp4(&le_f32(bytes), count, n, k)
+                    };
+                    *parts[c].lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(w.map_err(Error::from));
+                }
+            });
+        }
     });
-    let (mut packed, mut scales) = (
-        Vec::with_capacity(shape.packed_len()),
-        Vec::with_capacity(shape.scales_len()),
-    );
-    for part in parts {
-        let (_, p, s) = part?.into_parts();
-        packed.extend_from_slice(&p);
-        scales.extend_from_slice(&s);
+    // Chunks are in job order, so one pass over them assembles every job.
+    let mut parts = chunks
+        .iter()
+        .zip(parts)
+        .map(|(&(j, _, _), m)| (j, m.into_inner().unwrap_or_else(|p| p.into_inner())))
+        .peekable();
+    let mut results = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter().enumerate() {
+        let shape = job.shape;
+        let (mut packed, mut scales) = (
+            Vec::with_capacity(shape.packed_len()),
+            Vec::with_capacity(shape.scales_len()),
+        );
+        let mut failed = None;
+        while let Some((_, part)) = parts.next_if(|(cj, _)| *cj == j) {
+            match part {
+                Some(Ok(w)) => {
+                    let (_, p, s) = w.into_parts();
+                    packed.extend_from_slice(&p);
+                    scales.extend_from_slice(&s);
+                }
+                Some(Err(e)) => failed = failed.or(Some(e)),
+                None => {
+                    failed = failed.or(Some(err(
+                        ERR_FORMAT,
+                        "a quantizer thread stopped before finishing its chunk",
+                    )))
+                }
+            }
+        }
+        results.push(match failed {
+            Some(e) => Err(e),
+            None => MxWeights::from_shape(shape, packed, scales).map_err(Error::from),
+        });
     }
-    Ok(MxWeights::from_shape(shape, packed, scales)?)
+    results
 }
 
 #[cfg(test)]
@@ -1538,11 +1814,10 @@ mod tests {
     /// `packed` and `scales` bytes (in both layouts).
     #[test]
     fn quantize_file_matches_torchao_on_the_golden_file() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/data/golden/mxfp4_golden_torchao.safetensors"
-        );
-        let golden = std::fs::read(path).expect("the vendored golden file");
+        // Found as every golden test finds it: `$MXMOE_GOLDEN` first, else the vendored copy.
+        let path = crate::mxfp4::test_support::golden_path();
+        let golden = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("could not read the golden file {}: {e}", path.display()));
         let src = Checkpoint::parse(&golden).unwrap();
         let packed = src.read_u8("packed").unwrap();
         let scales = src.read_u8("scales").unwrap();
@@ -1562,6 +1837,181 @@ mod tests {
             assert_eq!(w.packed(), &packed.data[..], "{layout}");
             assert_eq!(w.scales(), &scales.data[..], "{layout}");
         }
+    }
+
+    /// A header with a repeated tensor name, built by hand (no writer produces one).
+    fn file_with_header(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header.as_bytes());
+        f.extend_from_slice(data);
+        f
+    }
+
+    #[test]
+    fn duplicate_header_names_are_reported_as_duplicates() {
+        let header = r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]},"a":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}}"#;
+        let file = file_with_header(header, &[1, 2, 3, 4, 5, 6]);
+        assert_err(Checkpoint::parse(&file), ERR_NAME, "`a` more than once");
+        // A name with a newline and an ANSI escape is printed escaped, on one line.
+        let header = r#"{"x\n\u001b[31my":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"x\n\u001b[31my":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#;
+        let e = Checkpoint::parse(&file_with_header(header, &[0; 4])).unwrap_err();
+        let msg = e.to_string();
+        assert!(!msg.contains('\n') && !msg.contains('\u{1b}'), "{msg:?}");
+        assert!(msg.contains(r"`x\n\u{1b}[31my`"), "{msg}");
+    }
+
+    #[test]
+    fn names_and_metadata_in_errors_are_escaped() {
+        assert_eq!(escape("plain.name_1"), "plain.name_1");
+        assert_eq!(escape("a\nb\u{1b}[0m\t"), r"a\nb\u{1b}[0m\t");
+        let mut w = CheckpointWriter::new();
+        w.add_u8("bad\nname", &[1], &[0]).unwrap();
+        let bytes = w.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        for e in [
+            ck.read_f32("bad\nname").unwrap_err(),
+            ck.read_f32("gone\u{1b}").unwrap_err(),
+            ck.read_mx("w\r").unwrap_err(),
+            ck.read_expert_weights("w\r").unwrap_err(),
+        ] {
+            let msg = e.to_string();
+            assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        }
+        // The missing-tensor message lists the file's names escaped too.
+        let msg = ck.read_f32("gone").unwrap_err().to_string();
+        assert!(msg.contains(r"`bad\nname`"), "{msg}");
+        // Duplicate names given to the writer.
+        let mut dup = CheckpointWriter::new();
+        dup.add_u8("t\x07", &[1], &[0]).unwrap();
+        let msg = dup.add_u8("t\x07", &[1], &[0]).unwrap_err().to_string();
+        assert!(msg.contains(r"`t\u{7}` is written twice"), "{msg}");
+    }
+
+    #[test]
+    fn nan_scales_are_rejected_unless_allowed() {
+        // Expert 1, row 2, block 1 of a [2, 3, 64] weight holds byte 255.
+        let file = mx_file(|t| {
+            let mut scales = vec![127u8; 2 * 3 * 2];
+            scales[(3 + 2) * 2 + 1] = 255;
+            t.insert("w.scales", (Dtype::U8, vec![2, 3, 2], scales));
+        });
+        let ck = Checkpoint::parse(&file).unwrap();
+        let e = ck.read_mx("w").unwrap_err();
+        assert_eq!(what(&e), ERR_NAN_SCALE);
+        let msg = e.to_string();
+        for needle in ["`w.scales`", "expert 1", "row 2", "block 1", "k = 32 to 63"] {
+            assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+        }
+        assert_err(ck.read_expert_weights("w"), ERR_NAN_SCALE, "expert 1, row 2");
+        assert_err(read_mx(&file, "w"), ERR_NAN_SCALE, "`w.scales`");
+        // The explicit opt-in keeps torchao's behaviour: accepted, and NaN after dequantization.
+        let ck = Checkpoint::parse(&file).unwrap().allow_nan_scales(true);
+        let (w, _) = ck.read_mx("w").unwrap();
+        assert!(w.has_nan_scales());
+        let dense = dequantize_f32(&w);
+        let start = ((3 + 2) * 64) + 32;
+        assert!(dense[start..start + 32].iter().all(|v| v.is_nan()));
+        assert!(dense[..start].iter().all(|v| v.is_finite()));
+        // Bytes 253 and 254 are finite scales and accepted; large codes overflow to infinity.
+        let big = mx_file(|t| {
+            let mut scales = vec![127u8; 2 * 3 * 2];
+            scales[0] = 253;
+            scales[1] = 254;
+            t.insert("w.scales", (Dtype::U8, vec![2, 3, 2], scales));
+            // Codes 0x21: k even = 1 (0.5), k odd = 2 (1.0); 0x76: 6 (4.0) and 7 (6.0).
+            let mut packed = vec![0x21u8; 2 * 3 * 32];
+            packed[0] = 0x76;
+            packed[16] = 0x43; // 1.5 and 2.0
+            packed[17] = 0x21;
+            t.insert("w.packed", (Dtype::U8, vec![2, 3, 32], packed));
+        });
+        let w = read_mx(&big, "w").unwrap();
+        let dense = dequantize_f32(&w);
+        assert_eq!(dense[0], f32::INFINITY, "4 · 2^126 overflows");
+        assert_eq!(dense[1], f32::INFINITY, "6 · 2^126 overflows");
+        assert_eq!(dense[2], 0.5 * 2f32.powi(126));
+        assert_eq!(dense[3], 2f32.powi(126));
+        assert_eq!(dense[32], 1.5 * 2f32.powi(127), "1.5 · 2^127 is finite");
+        assert_eq!(dense[33], f32::INFINITY, "2 · 2^127 overflows");
+        assert_eq!(dense[35], 2f32.powi(127));
+    }
+
+    #[test]
+    fn quantize_converts_mxfp4_weights_stored_in_the_other_layout() {
+        let (e, n, k) = (2, 3, 64);
+        let bits = weights_bf16(e * n * k, 9);
+        let mx = quantize_mxfp4_bf16(&bits, e, n, k).unwrap();
+        let torchao = quantize_file(
+            &bf16_file("w", [e, n, k], &bits),
+            &QuantizeOptions::default(),
+        )
+        .unwrap()
+        .bytes;
+        // Re-quantizing to gpt-oss converts the torchao pair (nothing left to quantize).
+        let out = quantize_file(
+            &torchao,
+            &QuantizeOptions {
+                layout: MxLayoutKind::GptOss,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(out.quantized.is_empty());
+        assert_eq!(out.converted, [("w".to_string(), MxLayoutKind::Torchao)]);
+        assert!(out.copied.is_empty());
+        let ck = Checkpoint::parse(&out.bytes).unwrap();
+        assert_eq!(ck.names(), ["w_blocks", "w_scales"]);
+        assert_eq!(ck.metadata_value(META_LAYOUT), Some("gpt-oss"));
+        assert_eq!(ck.read_mx("w").unwrap(), (mx.clone(), MxLayoutKind::GptOss));
+        let record: serde_json::Value =
+            serde_json::from_str(ck.metadata_value(META_QUANTIZED).unwrap()).unwrap();
+        assert_eq!(record["w"]["packed"], "w_blocks");
+        assert_eq!(record["w"]["dtype"], "BF16");
+        // And back, byte for byte.
+        let back = quantize_file(&out.bytes, &QuantizeOptions::default()).unwrap();
+        assert_eq!(back.converted, [("w".to_string(), MxLayoutKind::GptOss)]);
+        let ck = Checkpoint::parse(&back.bytes).unwrap();
+        assert_eq!(ck.read_mx("w").unwrap(), (mx, MxLayoutKind::Torchao));
+        // The same layout again converts nothing.
+        let same = quantize_file(&torchao, &QuantizeOptions::default()).unwrap();
+        assert!(same.converted.is_empty());
+        assert_eq!(same.copied, ["w.packed", "w.scales"]);
+    }
+
+    #[test]
+    fn quantize_file_handles_many_tensors_on_a_bounded_pool() {
+        // Many small tensors: each is quantized once, in name order, equal to a direct call.
+        let count = 3000;
+        let mut input = CheckpointWriter::new();
+        let mut expected = BTreeMap::new();
+        for i in 0..count {
+            let bits = weights_bf16(32, i as u64 + 100);
+            let name = format!("t{i:05}");
+            input.add_bf16(name.clone(), &[1, 1, 32], &bits).unwrap();
+            expected.insert(name, quantize_mxfp4_bf16(&bits, 1, 1, 32).unwrap());
+        }
+        let started = std::time::Instant::now();
+        let out = quantize_file(&input.to_bytes().unwrap(), &QuantizeOptions::default()).unwrap();
+        let elapsed = started.elapsed();
+        assert_eq!(out.quantized.len(), count);
+        let ck = Checkpoint::parse(&out.bytes).unwrap();
+        for (name, w) in &expected {
+            assert_eq!(&ck.read_mx(name).unwrap().0, w, "{name}");
+        }
+        // Linear work: thousands of tiny tensors take well under a minute even unoptimized.
+        assert!(elapsed.as_secs() < 60, "{elapsed:?}");
+        // Experts of one large tensor are split over the pool and reassembled in order.
+        let (e, n, k) = (9, 64, 64);
+        let bits = weights_bf16(e * n * k, 7);
+        let shape = MxShape::new(e, n, k).unwrap();
+        assert!(experts_per_chunk(shape, 2) >= 1);
+        let jobs = [QuantizeJob {
+            dtype: Dtype::BF16,
+            bytes: &bits.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<_>>(),
+            shape,
+        }];
+        let whole = quantize_mxfp4_bf16(&bits, e, n, k).unwrap();
+        assert_eq!(quantize_pool(&jobs).pop().unwrap().unwrap(), whole);
     }
 
     #[test]
