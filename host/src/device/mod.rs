@@ -12,8 +12,10 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 mod external;
 mod pool;
+mod ptx_source;
 pub use external::{Borrowed, IntoDeviceBuffers, borrow_lora, check_device_tensor};
 pub use pool::PoolWatch;
+pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 
 use crate::error::{Error, Result};
 use crate::tune::{TuneMode, Tuner, default_cache_path};
@@ -101,9 +103,11 @@ impl Gpu {
             .new_stream()
             .map_err(Error::driver("creating a stream"))?;
         let limits = read_limits(&ctx)?;
+        // The embedded PTX, or with the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names.
+        let source = ptx_source::module_text()?;
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
-            .map_err(Error::driver("loading the mxmoe PTX module"))?;
+            .load_module(cudarc::nvrtc::Ptx::from_src(source.text))
+            .map_err(Error::driver(source.load_op()))?;
         let tuner = Tuner::new(&limits.name, TuneMode::from_env(), default_cache_path());
         Ok(Self {
             ctx,
@@ -118,6 +122,12 @@ impl Gpu {
     /// Opens the first device.
     pub fn open_default() -> Result<Self> {
         Self::open(0)
+    }
+
+    /// [`fingerprint`] of the PTX text `Gpu::open` loads in this process: the embedded [`PTX`],
+    /// or, in builds with the `ptx-override` feature, the file named by `MXMOE_PTX_OVERRIDE`.
+    pub fn ptx_fingerprint(&self) -> u64 {
+        ptx_source::loaded().map_or_else(|| fingerprint(PTX), |m| m.fingerprint())
     }
 
     /// The tile-configuration tuner of this device (mode from `MXMOE_TUNE`).
