@@ -23,6 +23,8 @@ mod bench;
 mod env;
 #[path = "mxmoe/info.rs"]
 mod info;
+#[path = "mxmoe/output.rs"]
+mod output;
 #[path = "mxmoe/problem.rs"]
 mod problem;
 #[path = "mxmoe/quantize.rs"]

@@ -14,7 +14,6 @@
 //! after the loop, and the median, minimum and maximum are reported. See `docs/BENCHMARKS.md`
 //! for the FLOP and byte accounting.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -22,7 +21,11 @@ use cudarc::driver::sys::CUevent_flags;
 use mxmoe::device::Gpu;
 use mxmoe::op::{self, RowOrder};
 
-use crate::env::{commit, driver_description, open_gpu, utc_now};
+use crate::env::{
+    check_device_memory, commit, driver_description, open_gpu, sum_bytes, tensor_bytes, utc_now,
+};
+use crate::output::{check_writable, write_atomic};
+use mxmoe::reference::check_host_memory;
 use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
@@ -80,12 +83,14 @@ pub struct BenchArgs {
     /// Strategies to run, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub strategy: Vec<Strategy>,
-    /// Also write the results as JSON to this file.
+    /// Also write the results as JSON to this file (written once, at the end, atomically; an
+    /// existing file is kept until then).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
+    /// CUDA device ordinal (an error if it does not exist). Default: device 0, or the plan only
+    /// when there is no GPU.
+    #[arg(long, value_name = "N")]
+    pub device: Option<usize>,
 }
 
 /// clap parser for a positive integer.
@@ -123,7 +128,8 @@ impl Config {
 }
 
 /// The configurations of SPEC §8, in run order (same expert count adjacent, so one weight
-/// tensor serves consecutive configurations).
+/// tensor serves consecutive configurations). Every size a configuration implies is checked
+/// ([`check_config`]) before anything is allocated.
 fn configs(args: &BenchArgs) -> Vec<Config> {
     let regimes: &[(RoutingKind, usize, &[usize])] = &[
         (RoutingKind::Dense, 128, &[4096]),
@@ -284,23 +290,76 @@ struct Report {
     results: Vec<Row>,
 }
 
-/// Runs the benchmark. Without a device, prints the plan and returns (nothing to time).
+/// Checks with checked arithmetic that a configuration's sizes exist and fit: the routing draw
+/// (logits `[T, E]` f32 and the top-k choice) in host memory always; with a device, the host
+/// problem (`x`, `dy`, the weights, in f32 and bf16) in host memory and the uploaded problem in
+/// the device's free memory. Errors are typed ([`mxmoe::Error::SizeOverflow`],
+/// [`mxmoe::Error::OutOfMemory`]) and name the configuration.
+fn check_config(c: &Config, gpu: Option<&Gpu>) -> anyhow::Result<()> {
+    let (t, e) = (c.tokens, c.experts);
+    let label = format!("{} routing, E = {e}, T = {t}", c.routing.name());
+    let Some(rows) = t.checked_mul(TOP_K) else {
+        return Err(mxmoe::Error::SizeOverflow {
+            what: format!("{label}: the routed rows T·k"),
+            detail: format!("{t} · {TOP_K} overflows usize"),
+        }
+        .into());
+    };
+    let routing = sum_bytes(&[
+        tensor_bytes(&[t, e], 4),
+        tensor_bytes(&[rows], 8 + 4 + 4),
+    ]);
+    check_host_memory(
+        format!("{label}: the routing draw (logits [{t}, {e}] f32, top-{TOP_K} ids and weights)"),
+        routing,
+    )?;
+    let Some(gpu) = gpu else { return Ok(()) };
+    let lora = tensor_bytes(&[e * RANK, K + N], 1);
+    // Host: x [T, K] and dy [T·k, N] as f32 and bf16, W [E, N, K] bf16 and its MXFP4 copy, LoRA.
+    let host = sum_bytes(&[
+        tensor_bytes(&[t, K], 6),
+        tensor_bytes(&[rows, N], 6),
+        tensor_bytes(&[e, N, K], 3),
+        lora.and_then(|l| l.checked_mul(6)),
+    ]);
+    check_host_memory(
+        format!("{label}: the host problem (x [{t}, {K}], dy [{rows}, {N}], W [{e}, {N}, {K}])"),
+        host,
+    )?;
+    // Device, bf16: x, out, dy, dx, the per-slot dX and the routed copies (about 3·L·N + 2·L·K),
+    // the weights, LoRA and its gradients.
+    let device = sum_bytes(&[
+        tensor_bytes(&[t, K], 4),
+        tensor_bytes(&[rows, N], 6),
+        tensor_bytes(&[rows, K], 4),
+        tensor_bytes(&[e, N, K], 2),
+        lora.and_then(|l| l.checked_mul(8)),
+    ]);
+    check_device_memory(
+        gpu,
+        &format!("{label}: the device problem (x [{t}, {K}], out and dy [{rows}, {N}], W [{e}, {N}, {K}])"),
+        device,
+    )
+}
+
+/// Runs the benchmark. Without a device (and no `--device`), prints the plan and returns
+/// (nothing to time). The JSON file is written once, at the end.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let configs = configs(args);
-    // Create the JSON file first, so a bad path fails before minutes of measuring.
-    let json_file = match &args.json {
-        Some(path) => Some(
-            std::fs::File::create(path)
-                .with_context(|| format!("could not create {}", path.display()))?,
-        ),
-        None => None,
-    };
+    // Probe the JSON file's folder first, so a bad path fails before minutes of measuring; the
+    // file itself (if it exists) is untouched until the results are written.
+    if let Some(path) = &args.json {
+        check_writable(path)?;
+    }
     let strategies: Vec<Strategy> = if args.strategy.is_empty() {
         Strategy::ALL.to_vec()
     } else {
         args.strategy.clone()
     };
     let gpu = open_gpu(args.device)?;
+    for c in &configs {
+        check_config(c, gpu.as_ref().ok())?;
+    }
     let header = header(gpu.as_ref().ok())?;
     let notes = notes(args);
 
@@ -314,7 +373,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 routing: c.routing,
                 experts: c.experts,
                 tokens: c.tokens,
-                rows: c.tokens * TOP_K,
+                rows: c.tokens * TOP_K, // checked by check_config
                 active_experts: active_experts(&chosen.ids, c.experts),
                 gflop: flops(&c.shape()) / 1e9,
             }
@@ -333,7 +392,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !results.is_empty() {
         print_results(&results);
     }
-    if let (Some(mut file), Some(path)) = (json_file, &args.json) {
+    if let Some(path) = &args.json {
         let problem = Problem {
             k: K,
             n: N,
@@ -357,8 +416,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let mut text =
             serde_json::to_string_pretty(&report).context("could not serialize the results")?;
         text.push('\n');
-        file.write_all(text.as_bytes())
-            .with_context(|| format!("could not write {}", path.display()))?;
+        write_atomic(path, text.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

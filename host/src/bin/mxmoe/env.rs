@@ -31,20 +31,37 @@ impl std::fmt::Display for NoGpu {
     }
 }
 
-/// Opens device `ordinal`. A missing driver or device is `Ok(Err(NoGpu))` (the caller falls back
-/// to CPU-only work); a device that exists but fails to open is an error.
-pub fn open_gpu(ordinal: usize) -> anyhow::Result<Result<Gpu, NoGpu>> {
+/// Opens the device to run on. With `requested = Some(n)` (the user named `--device n`), a
+/// missing driver or device is an error: the user asked for that device, and falling back to the
+/// CPU would hide it. With `None`, device 0 is used when there is one; a missing driver or device
+/// is `Ok(Err(NoGpu))` (the caller falls back to CPU-only work and says so). A device that exists
+/// but fails to open is an error either way.
+pub fn open_gpu(requested: Option<usize>) -> anyhow::Result<Result<Gpu, NoGpu>> {
     use anyhow::Context as _;
-    if !driver_present() {
-        return Ok(Err(NoGpu::NoDriver));
+    let ordinal = requested.unwrap_or(0);
+    let missing = if !driver_present() {
+        Some(NoGpu::NoDriver)
+    } else {
+        let count = device_count().context("could not count CUDA devices")?;
+        (ordinal >= count).then_some(NoGpu::NoDevice { ordinal, count })
+    };
+    match (missing, requested) {
+        (Some(no), None) => Ok(Err(no)),
+        (Some(no), Some(n)) => {
+            let error = match no {
+                NoGpu::NoDriver => mxmoe::Error::NoDriver,
+                NoGpu::NoDevice { ordinal, count } => mxmoe::Error::NoDevice { ordinal, count },
+            };
+            Err(error).with_context(|| {
+                format!("--device {n} was given, but that device cannot be used (leave --device out to fall back to the CPU)")
+            })
+        }
+        (None, _) => {
+            let gpu = Gpu::open(ordinal)
+                .with_context(|| format!("could not open CUDA device {ordinal}"))?;
+            Ok(Ok(gpu))
+        }
     }
-    let count = device_count().context("could not count CUDA devices")?;
-    if ordinal >= count {
-        return Ok(Err(NoGpu::NoDevice { ordinal, count }));
-    }
-    let gpu =
-        Gpu::open(ordinal).with_context(|| format!("could not open CUDA device {ordinal}"))?;
-    Ok(Ok(gpu))
 }
 
 /// The CUDA driver API version (`cuDriverGetVersion`) as "major.minor", if the driver is present.
@@ -146,6 +163,45 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
+}
+
+/// Bytes of a tensor of `dims` with `elem_bytes` per element, or `None` on overflow.
+pub fn tensor_bytes(dims: &[usize], elem_bytes: usize) -> Option<u128> {
+    dims.iter()
+        .try_fold(elem_bytes as u128, |acc, &d| acc.checked_mul(d as u128))
+}
+
+/// The sum of byte counts, `None` if any is `None` or the sum overflows.
+pub fn sum_bytes(parts: &[Option<u128>]) -> Option<u128> {
+    parts
+        .iter()
+        .try_fold(0u128, |acc, p| p.and_then(|p| acc.checked_add(p)))
+}
+
+/// Checks, before uploading, that `bytes` fit in the device's free memory
+/// ([`mxmoe::Error::OutOfMemory`] / [`mxmoe::Error::SizeOverflow`] naming `what`).
+pub fn check_device_memory(gpu: &Gpu, what: &str, bytes: Option<u128>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let Some(needed_bytes) = bytes else {
+        return Err(mxmoe::Error::SizeOverflow {
+            what: what.to_string(),
+            detail: "the byte count does not fit in 128 bits".into(),
+        }
+        .into());
+    };
+    let (free, _) = gpu
+        .mem_info()
+        .context("could not read the free device memory")?;
+    if needed_bytes > free as u128 {
+        return Err(mxmoe::Error::OutOfMemory {
+            what: what.to_string(),
+            needed_bytes,
+            available_bytes: free as u64,
+            memory: format!("CUDA device {} (free memory)", gpu.ordinal()),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Bytes as MiB with one decimal.

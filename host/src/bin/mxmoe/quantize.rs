@@ -7,14 +7,20 @@
 //! `<name>.packed` u8 `[E, N, K/2]` and `<name>.scales` u8 `[E, N, K/32]`; `--layout gpt-oss`
 //! writes `<name>_blocks` u8 `[E, N, K/32, 16]` and `<name>_scales` u8 `[E, N, K/32]`. The
 //! layout and provenance go into `__metadata__` (`mxmoe.layout`, `mxmoe.quantizer`,
-//! `mxmoe.quantized`, `mxmoe.source`, `mxmoe.version`).
+//! `mxmoe.quantized`, `mxmoe.source`, `mxmoe.version`). MXFP4 weights already in the file and
+//! stored in the other layout are converted to `--layout` (the same bytes, renamed and
+//! reshaped), so the recorded layout holds for every MXFP4 weight in the output.
+//!
+//! The output is written to a temporary file beside it and renamed over it when complete, so
+//! `OUT` may be `IN`, and a failed run leaves `OUT` as it was.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use mxmoe::checkpoint::{MxLayoutKind, QuantizeOptions, quantize_file};
+use mxmoe::checkpoint::{MxLayoutKind, QuantizeOptions, escape, quantize_file};
 
 use crate::env::mib;
+use crate::output::write_atomic;
 
 /// The two MXFP4 checkpoint layouts, as command-line values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,7 +46,7 @@ pub struct QuantizeArgs {
     /// Input safetensors file (bf16 or f32 expert weights `[E, N, K]`, and anything else).
     #[arg(value_name = "IN.safetensors")]
     pub input: PathBuf,
-    /// Output safetensors file (overwritten if it exists; may be the input file).
+    /// Output safetensors file (replaced atomically when complete; may be the input file).
     #[arg(value_name = "OUT.safetensors")]
     pub output: PathBuf,
     /// Layout of the MXFP4 tensors written: `torchao` (`<name>.packed` + `<name>.scales`) or
@@ -67,10 +73,12 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     };
     let out = quantize_file(&input, &options)
         .with_context(|| format!("could not quantize {}", args.input.display()))?;
-    std::fs::write(&args.output, &out.bytes)
-        .with_context(|| format!("could not write {}", args.output.display()))?;
+    write_atomic(&args.output, &out.bytes)?;
 
     let layout = MxLayoutKind::from(args.layout);
+    for (name, from) in &out.converted {
+        println!("{} MXFP4 ({from}) -> {layout} layout", escape(name));
+    }
     if out.quantized.is_empty() {
         println!(
             "no tensor was quantized (none is a bf16 or f32 [E, N, K] tensor with K a multiple of 32); copied {} tensor(s)",
@@ -81,19 +89,20 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         let [e, n, k] = q.shape;
         println!(
             "{} {} [{e}, {n}, {k}] -> {} + {} ({} -> {})",
-            q.name,
+            escape(&q.name),
             q.dtype,
-            q.codes,
-            q.scales,
+            escape(&q.codes),
+            escape(&q.scales),
             mib(q.bytes_in),
             mib(q.bytes_out)
         );
     }
     println!(
-        "wrote {} ({} layout): {} tensor(s) quantized, {} copied, {}",
+        "wrote {} ({} layout): {} tensor(s) quantized, {} converted, {} copied, {}",
         args.output.display(),
         layout,
         out.quantized.len(),
+        out.converted.len(),
         out.copied.len(),
         mib(out.bytes.len())
     );

@@ -23,7 +23,10 @@ use mxmoe::reference::moe::{MoeProblem, RefLora, moe_forward, moe_forward_backwa
 use mxmoe::reference::{self, LinearProblem, Rounding};
 use mxmoe::routing::DeviceRouting;
 
-use crate::env::open_gpu;
+use crate::env::{check_device_memory, open_gpu, sum_bytes, tensor_bytes};
+use crate::output::{same_file, write_atomic};
+use mxmoe::checkpoint::escape;
+use mxmoe::reference::check_host_memory;
 
 /// The file formats of `mxmoe run`, printed after `--help`.
 pub const FORMAT_HELP: &str = "\
@@ -70,8 +73,15 @@ gate and up rows and use another activation: reorder the rows first; this is not
           d_down_lora_a, d_down_lora_b
 Output metadata (both modes): mxmoe.mode, mxmoe.backend (gpu | cpu-reference), mxmoe.strategy,
 mxmoe.weights, mxmoe.device, mxmoe.version, and the inputs' metadata.
-Without a GPU, or with --cpu, the CPU reference computes the result (bf16 rounding at the
-kernels' points, MXFP4 dequantized exactly).";
+Without a GPU (and without --device), or with --cpu, the CPU reference computes the result (bf16
+rounding at the kernels' points, MXFP4 dequantized exactly); --device N for a device that does
+not exist is an error.
+Checks, on every backend alike: N and K of every projection positive multiples of 8 (MXFP4: K a
+multiple of 32), LoRA rank 1 to 128, no MXFP4 scale byte 255 (NaN) unless --allow-nan-scales,
+and every size the file implies must fit in the memory available (host RAM for the CPU
+reference, free device memory for the GPU). Tensors that the call does not read are listed in a
+warning. The output is written to a temporary file beside --out and renamed over it when
+complete; --out may not be the --inputs file.";
 
 /// How the weights are multiplied (GPU only; the CPU reference computes the same math for all).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -114,7 +124,8 @@ pub struct RunArgs {
     /// mode, scaling, input_order, output_order, limit (details below).
     #[arg(long, value_name = "IN.safetensors")]
     pub inputs: PathBuf,
-    /// Output safetensors file (bf16 out and the gradients d_<input name>; overwritten).
+    /// Output safetensors file (bf16 out and the gradients d_<input name>; replaced atomically
+    /// when complete; must not be the input file).
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
     /// How the weights are multiplied on the GPU: auto, fused (MXFP4 decoded in the K-loop),
@@ -122,12 +133,17 @@ pub struct RunArgs {
     /// need MXFP4 weights. Ignored by the CPU reference.
     #[arg(long, value_enum, default_value_t)]
     pub strategy: RunStrategy,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub device: usize,
+    /// CUDA device ordinal (an error if it does not exist). Default: device 0, or the CPU
+    /// reference when there is no GPU.
+    #[arg(long, value_name = "N")]
+    pub device: Option<usize>,
     /// Compute with the CPU reference even when a GPU is present.
     #[arg(long)]
     pub cpu: bool,
+    /// Accept MXFP4 scale byte 255 (E8M0 NaN) and let NaN propagate into out, d_x and d_gates,
+    /// as torchao does. Default: such weights are refused, naming expert, row and block.
+    #[arg(long)]
+    pub allow_nan_scales: bool,
     /// Projection mode: name of the expert weights in the input file: NAME (dense),
     /// NAME.packed + NAME.scales (torchao) or NAME_blocks + NAME_scales (gpt-oss).
     #[arg(long, default_value = "w", value_name = "NAME")]
@@ -140,9 +156,11 @@ pub struct RunOptions {
     /// See [`RunArgs::strategy`].
     pub strategy: RunStrategy,
     /// See [`RunArgs::device`].
-    pub device: usize,
+    pub device: Option<usize>,
     /// See [`RunArgs::cpu`].
     pub force_cpu: bool,
+    /// See [`RunArgs::allow_nan_scales`].
+    pub allow_nan_scales: bool,
     /// See [`RunArgs::weight`].
     pub weight: String,
 }
@@ -207,7 +225,10 @@ fn order(ck: &Checkpoint<'_>, key: &str) -> anyhow::Result<RowOrder> {
     match ck.metadata_value(key) {
         None | Some("scattered") => Ok(RowOrder::Scattered),
         Some("grouped") => Ok(RowOrder::Grouped),
-        Some(other) => bail!("metadata `{key}` is `{other}`, expected `scattered` or `grouped`"),
+        Some(other) => bail!(
+            "metadata `{key}` is `{}`, expected `scattered` or `grouped`",
+            escape(other)
+        ),
     }
 }
 
@@ -228,7 +249,7 @@ fn metadata_f32(ck: &Checkpoint<'_>, key: &str) -> anyhow::Result<Option<f32>> {
         .parse::<f32>()
         .ok()
         .filter(|v| v.is_finite())
-        .with_context(|| format!("metadata `{key}` is `{s}`, not a finite number"))?;
+        .with_context(|| format!("metadata `{key}` is `{}`, not a finite number", escape(s)))?;
     Ok(Some(v))
 }
 
@@ -290,6 +311,16 @@ fn load_lora(
         );
     }
     let rank = a_rows / experts;
+    let max_rank = mxmoe::shared::tiles::MAX_RANK as usize;
+    if rank > max_rank {
+        return Err(mxmoe::Error::InvalidArgument {
+            what: "LoRA rank",
+            detail: format!(
+                "must be in 1..={max_rank} (use no LoRA for rank 0), got {rank} (`{a_name}` has {a_rows} rows for E = {experts})"
+            ),
+        }
+        .into());
+    }
     a.expect_shape(&[Some(experts * rank), Some(k)], "(E*r, K)")?;
     let b = ck.read_float(b_name)?;
     b.expect_shape(&[Some(n), Some(experts * rank)], "(N, E*r)")?;
@@ -392,6 +423,41 @@ fn upload_lora(
 fn download(gpu: &Gpu, m: &Bf16Matrix, what: &str) -> anyhow::Result<Vec<f32>> {
     m.to_f32(gpu)
         .with_context(|| format!("could not download {what}"))
+}
+
+/// The tensors of the file that hold expert weights `name` as read: the dense tensor, or the
+/// MXFP4 codes and scales.
+fn weight_tensors(ck: &Checkpoint<'_>, name: &str, w: &StoredWeights) -> Vec<String> {
+    match w {
+        StoredWeights::Dense(_) => vec![name.to_string()],
+        StoredWeights::Mx { .. } => ck
+            .find_mx(name)
+            .map(|(_, codes, scales)| vec![codes, scales])
+            .unwrap_or_default(),
+    }
+}
+
+/// Bytes the weights take on the device in the form `strategy` uploads.
+fn device_weight_bytes(w: &StoredWeights, strategy: RunStrategy) -> Option<u128> {
+    let (e, n, k) = w.dims();
+    match (w, strategy) {
+        (StoredWeights::Mx { weights, .. }, RunStrategy::Auto | RunStrategy::Fused) => {
+            Some(weights.shape().bytes() as u128)
+        }
+        // Strategy A keeps the packed weights and a bf16 buffer for the active experts.
+        (StoredWeights::Mx { weights, .. }, RunStrategy::Selective) => sum_bytes(&[
+            Some(weights.shape().bytes() as u128),
+            tensor_bytes(&[e, n, k], 2),
+        ]),
+        _ => tensor_bytes(&[e, n, k], 2),
+    }
+}
+
+/// The shape rule of [`ExpertLinear::check_dims`] for the projection `what`, with its context.
+fn check_dims(what: &str, n: usize, k: usize) -> anyhow::Result<()> {
+    ExpertLinear::check_dims(n, k).with_context(|| {
+        format!("{what} cannot run on any backend (the GPU kernels refuse it, so the CPU reference does too)")
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -514,6 +580,86 @@ impl Projection {
             v.push(("d_gates", vec![self.routed.tokens, self.routed.top_k], d));
         }
         v
+    }
+
+    /// Bytes still to be allocated on the host by the call, computed with checked arithmetic
+    /// (`None` on overflow): outputs and gradients as f32, bf16 and serialized bytes, and with
+    /// `cpu` the CPU reference's f64 copies of every input and its f64 intermediates.
+    fn host_bytes(&self, cpu: bool) -> Option<u128> {
+        let (e, n, k) = (self.experts, self.n, self.k);
+        let (t, s) = (self.routed.tokens, self.routed.slots());
+        let x = self.x_rows;
+        let r = self.lora.as_ref().map_or(0, |l| l.rank);
+        let lora = tensor_bytes(&[e, r, k + n], 1);
+        let grads = self.dy.is_some();
+        let outputs = sum_bytes(&[
+            tensor_bytes(&[self.out_rows(), n], 1),
+            if grads {
+                sum_bytes(&[tensor_bytes(&[x, k], 1), lora, tensor_bytes(&[s], 1)])
+            } else {
+                Some(0)
+            },
+        ]);
+        // f32 results, bf16 in the writer, the serialized file.
+        let written = outputs.and_then(|o| o.checked_mul(4 + 2 + 2));
+        if !cpu {
+            return written;
+        }
+        let inputs = sum_bytes(&[
+            tensor_bytes(&[x, k], 1),
+            tensor_bytes(&[e, n, k], 1),
+            lora,
+            tensor_bytes(&[t, self.routed.top_k], 1),
+        ]);
+        sum_bytes(&[
+            written,
+            tensor_bytes(&[e, n, k], 4),              // the weights as f32
+            inputs.and_then(|i| i.checked_mul(8)),    // widened to f64
+            tensor_bytes(&[s, r + 3 * n], 8),         // XA, grouped, slot-ordered outputs
+            tensor_bytes(&[t, n], 8),                 // the gate sum
+            if grads {
+                sum_bytes(&[
+                    tensor_bytes(&[s, n + r + k], 8), // dY grouped, YB, per-row dX
+                    tensor_bytes(&[x, k], 8),         // token sums
+                    lora.and_then(|l| l.checked_mul(8)),
+                ])
+            } else {
+                Some(0)
+            },
+        ])
+    }
+
+    /// Bytes the call allocates on the device (bf16 activations and gradients, routing, the
+    /// weights as uploaded), with checked arithmetic.
+    fn device_bytes(&self, strategy: RunStrategy) -> Option<u128> {
+        let (e, n, k) = (self.experts, self.n, self.k);
+        let s = self.routed.slots();
+        let r = self.lora.as_ref().map_or(0, |l| l.rank);
+        sum_bytes(&[
+            device_weight_bytes(&self.weights, strategy),
+            tensor_bytes(&[self.x_rows, k], 2 * 2), // x, dx
+            tensor_bytes(&[s, n], 2 * 3),           // out (slot rows), dy, the gated copy
+            tensor_bytes(&[s, k], 2),               // per-slot dX
+            tensor_bytes(&[s, r], 2 * 2),           // XA, YB
+            tensor_bytes(&[e, r, k + n], 2 * 3),    // LoRA and its gradients
+            tensor_bytes(&[s], 16),                 // routing
+        ])
+    }
+
+    /// The sizes of this call, for messages.
+    fn size_label(&self) -> String {
+        format!(
+            "out [{}, {}] from T = {}, k = {}, x [{}, {}], weights [{}, {}, {}]",
+            self.out_rows(),
+            self.n,
+            self.routed.tokens,
+            self.routed.top_k,
+            self.x_rows,
+            self.k,
+            self.experts,
+            self.n,
+            self.k
+        )
     }
 
     /// The CPU reference ([`Rounding::Bf16`]).
@@ -792,6 +938,66 @@ impl Block {
         v
     }
 
+    /// As [`Projection::host_bytes`], for the block (both projections and the SwiGLU between).
+    fn host_bytes(&self, cpu: bool) -> Option<u128> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, s) = (self.routed.tokens, self.routed.slots());
+        let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
+        let loras = sum_bytes(&[
+            tensor_bytes(&[e, rank(&self.lora_gate_up), h + 2 * i], 1),
+            tensor_bytes(&[e, rank(&self.lora_down), i + h], 1),
+        ]);
+        let outputs = sum_bytes(&[
+            tensor_bytes(&[t, h], 2), // out, d_x
+            tensor_bytes(&[s], 1),
+            loras,
+        ]);
+        let written = outputs.and_then(|o| o.checked_mul(4 + 2 + 2));
+        if !cpu {
+            return written;
+        }
+        let weights = tensor_bytes(&[e, 3 * i, h], 1);
+        sum_bytes(&[
+            written,
+            weights.and_then(|w| w.checked_mul(4 + 8)), // f32, then f64
+            sum_bytes(&[tensor_bytes(&[t, h], 2), loras]).and_then(|b| b.checked_mul(8)),
+            // Per projection, forward and backward: outputs, gradients and their copies.
+            tensor_bytes(&[s, 2 * i + i + h], 8 * 4),
+        ])
+    }
+
+    /// As [`Projection::device_bytes`], for the block.
+    fn device_bytes(&self, strategy: RunStrategy) -> Option<u128> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, s) = (self.routed.tokens, self.routed.slots());
+        let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
+        sum_bytes(&[
+            device_weight_bytes(&self.gate_up, strategy),
+            device_weight_bytes(&self.down, strategy),
+            tensor_bytes(&[t, h], 2 * 3),
+            tensor_bytes(&[s, 2 * i + i + h + h], 2 * 3),
+            tensor_bytes(&[e, rank(&self.lora_gate_up), h + 2 * i], 2 * 3),
+            tensor_bytes(&[e, rank(&self.lora_down), i + h], 2 * 3),
+            tensor_bytes(&[s], 16),
+        ])
+    }
+
+    fn size_label(&self) -> String {
+        format!(
+            "out [{}, {}] from T = {}, k = {}, gate_up [{}, {}, {}], down [{}, {}, {}]",
+            self.routed.tokens,
+            self.hidden,
+            self.routed.tokens,
+            self.routed.top_k,
+            self.experts,
+            2 * self.inter,
+            self.hidden,
+            self.experts,
+            self.hidden,
+            self.inter
+        )
+    }
+
     /// The CPU reference ([`Rounding::Bf16`]).
     fn cpu(&self) -> anyhow::Result<Vec<Output>> {
         let routing = self.routed.reference(self.experts)?;
@@ -908,6 +1114,8 @@ pub struct RunReport {
     pub written: Vec<(String, Vec<usize>)>,
     /// One line on the problem.
     pub problem: String,
+    /// Tensors of the input file that the call did not read (as stored, unescaped).
+    pub unused: Vec<String>,
 }
 
 /// The loaded call, in either mode.
@@ -917,38 +1125,92 @@ enum Call {
 }
 
 /// Runs one call on the bytes of an input file and returns the bytes of the output file.
+///
+/// Before choosing a backend it checks what every backend needs: the inputs (as the file format
+/// says), the N/K rule of [`ExpertLinear::check_dims`] for every projection, and the host memory
+/// the call will allocate; on the GPU also the free device memory. MXFP4 scale byte 255 is
+/// refused unless `options.allow_nan_scales`.
 pub fn execute(input: &[u8], options: &RunOptions) -> anyhow::Result<(Vec<u8>, RunReport)> {
-    let ck = Checkpoint::parse(input).context("could not parse the input file")?;
-    let call = match ck.metadata_value("mode") {
+    let ck = Checkpoint::parse(input)
+        .context("could not parse the input file")?
+        .allow_nan_scales(options.allow_nan_scales);
+    let (call, mut read) = match ck.metadata_value("mode") {
         None | Some("projection") => {
             let p = Projection::load(&ck, &options.weight)?;
             check_strategy(&p.weights, &options.weight, options.strategy)?;
-            Call::Projection(p)
+            check_dims("the projection", p.n, p.k)?;
+            let read = weight_tensors(&ck, &options.weight, &p.weights);
+            (Call::Projection(p), read)
         }
         Some("block") => {
             let b = Block::load(&ck)?;
             check_strategy(&b.gate_up, "gate_up_proj", options.strategy)?;
             check_strategy(&b.down, "down_proj", options.strategy)?;
-            Call::Block(b)
+            check_dims("the gate/up projection", 2 * b.inter, b.hidden)?;
+            check_dims("the down projection", b.hidden, b.inter)?;
+            let mut read = weight_tensors(&ck, "gate_up_proj", &b.gate_up);
+            read.extend(weight_tensors(&ck, "down_proj", &b.down));
+            (Call::Block(b), read)
         }
-        Some(other) => bail!("metadata `mode` is `{other}`, expected `projection` or `block`"),
+        Some(other) => bail!(
+            "metadata `mode` is `{}`, expected `projection` or `block`",
+            escape(other)
+        ),
     };
+    let inputs: &[&str] = match &call {
+        Call::Projection(_) => &["expert_ids", "x", "lora_a", "lora_b", "gates", "dy"],
+        Call::Block(_) => &[
+            "expert_ids",
+            "x",
+            "gates",
+            "dy",
+            "gate_up_lora_a",
+            "gate_up_lora_b",
+            "down_lora_a",
+            "down_lora_b",
+        ],
+    };
+    read.extend(inputs.iter().map(|n| n.to_string()));
+    let unused: Vec<String> = ck
+        .names()
+        .into_iter()
+        .filter(|n| !read.iter().any(|r| r == n))
+        .map(str::to_string)
+        .collect();
+
     let gpu = if options.force_cpu {
         Err("--cpu was given".to_string())
     } else {
         open_gpu(options.device)?.map_err(|no| no.to_string())
     };
+    let (label, host_bytes) = match &call {
+        Call::Projection(p) => (p.size_label(), p.host_bytes(gpu.is_err())),
+        Call::Block(b) => (b.size_label(), b.host_bytes(gpu.is_err())),
+    };
+    check_host_memory(
+        format!(
+            "the {} ({label})",
+            if gpu.is_err() {
+                "CPU reference"
+            } else {
+                "results"
+            }
+        ),
+        host_bytes,
+    )?;
     let (outputs, backend, strategy_ran, device) = match gpu {
         Ok(gpu) => {
+            let device_bytes = match &call {
+                Call::Projection(p) => p.device_bytes(options.strategy),
+                Call::Block(b) => b.device_bytes(options.strategy),
+            };
+            check_device_memory(&gpu, &format!("the device buffers ({label})"), device_bytes)?;
             let (outputs, ran) = match &call {
                 Call::Projection(p) => p.gpu(&gpu, options.strategy)?,
                 Call::Block(b) => b.gpu(&gpu, options.strategy)?,
             };
             let name = gpu.limits().name.clone();
-            let line = format!(
-                "computed on cuda:{} ({name}), strategy {ran}",
-                options.device
-            );
+            let line = format!("computed on cuda:{} ({name}), strategy {ran}", gpu.ordinal());
             (outputs, line, ran, name)
         }
         Err(why) => {
@@ -1005,12 +1267,19 @@ pub fn execute(input: &[u8], options: &RunOptions) -> anyhow::Result<(Vec<u8>, R
             backend,
             written,
             problem,
+            unused,
         },
     ))
 }
 
 /// Reads the input file, runs the call and writes the output file.
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
+    if args.out == args.inputs || same_file(&args.out, &args.inputs) {
+        bail!(
+            "--out {} is the --inputs file; write the results to another file (the input would be replaced)",
+            args.out.display()
+        );
+    }
     let input = std::fs::read(&args.inputs)
         .with_context(|| format!("could not read {}", args.inputs.display()))?;
     let options = RunOptions {
@@ -1018,11 +1287,24 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         device: args.device,
         force_cpu: args.cpu,
         weight: args.weight.clone(),
+        allow_nan_scales: args.allow_nan_scales,
     };
     let (bytes, report) = execute(&input, &options)
         .with_context(|| format!("could not run {}", args.inputs.display()))?;
-    std::fs::write(&args.out, bytes)
-        .with_context(|| format!("could not write {}", args.out.display()))?;
+    if !report.unused.is_empty() {
+        let names: Vec<String> = report
+            .unused
+            .iter()
+            .map(|n| format!("`{}`", escape(n)))
+            .collect();
+        eprintln!(
+            "warning: the call did not read {} tensor(s) of {}: {} (misnamed? see `mxmoe run --help` for the names it reads)",
+            names.len(),
+            args.inputs.display(),
+            names.join(", ")
+        );
+    }
+    write_atomic(&args.out, &bytes)?;
     println!("{}", report.problem);
     println!("{}", report.backend);
     let list: Vec<String> = report
@@ -1215,9 +1497,10 @@ mod tests {
     fn cpu() -> RunOptions {
         RunOptions {
             strategy: RunStrategy::Auto,
-            device: 0,
+            device: None,
             force_cpu: true,
             weight: "w".into(),
+            allow_nan_scales: false,
         }
     }
 
@@ -1582,9 +1865,10 @@ mod tests {
                 inputs: quantized.clone(),
                 out: out.clone(),
                 strategy: RunStrategy::Auto,
-                device: 0,
+                device: None,
                 cpu: true,
                 weight: "w".into(),
+                allow_nan_scales: false,
             })
             .unwrap();
             check_outputs(&std::fs::read(&out).unwrap(), &want);

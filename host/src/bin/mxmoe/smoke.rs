@@ -41,9 +41,10 @@ pub struct SmokeArgs {
     /// Seed of the random problems (weights, routing, activations, LoRA, output gradient).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
+    /// CUDA device ordinal (an error if it does not exist). Default: device 0, or the CPU
+    /// reference alone when there is no GPU.
+    #[arg(long, value_name = "N")]
+    pub device: Option<usize>,
 }
 
 /// A named smoke case.
@@ -248,7 +249,7 @@ pub fn run(args: &SmokeArgs) -> anyhow::Result<bool> {
     println!();
     println!("seed {}, commit {}, {}", args.seed, commit(), utc_now());
     match &gpu {
-        Ok(g) => println!("device {}: {}", args.device, g.limits().name),
+        Ok(g) => println!("device {}: {}", g.ordinal(), g.limits().name),
         Err(reason) => println!("{reason}: running the CPU reference only"),
     }
     println!();
