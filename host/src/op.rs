@@ -30,7 +30,8 @@ use crate::routing::DeviceRouting;
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::MX_BLOCK;
 use crate::tensor::{DeviceLoc, TensorMeta};
-use crate::tune::{TuneKey, bucket_rows, default_config, prune};
+use crate::tune::{PruneReport, TuneKey, bucket_rows, config_name, default_config, prune};
+use kernels_gpu::shared::tiles::GEMM_CONFIGS;
 
 /// `dims` multiplied, or a typed error naming `tensor` when the product overflows `usize`.
 fn element_count(tensor: &'static str, dims: &[usize]) -> Result<usize> {
@@ -413,6 +414,8 @@ pub struct Forward {
     pub out: Bf16Matrix,
     /// The path that ran: `Fused` or `SelectiveDequant` for MXFP4 weights, `Fused` for bf16.
     pub strategy: Strategy,
+    /// The tile configuration the grouped GEMM ran with (a row of `shared::tiles::GEMM_CONFIGS`).
+    pub gemm_config: usize,
 }
 
 /// Strategy A's compact state: the active experts, their offsets, the gathered LoRA and
@@ -472,11 +475,13 @@ pub struct Grads {
     pub db: Option<Bf16Matrix>,
     /// Gradient of the gates, `[T, k]` (`None` without gates).
     pub d_gates: Option<Bf16Matrix>,
+    /// The tile configuration the dX GEMM ran with (a row of `shared::tiles::GEMM_CONFIGS`).
+    pub gemm_config: usize,
 }
 
 /// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
-/// layout, then launches the cached, timed (in `Tune` mode) or default configuration.
-/// `MXMOE_GEMM_CONFIG=<index>` replaces the default (for tuning experiments).
+/// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
+/// or default one. Returns the row of `GEMM_CONFIGS` that ran.
 #[allow(clippy::too_many_arguments)]
 fn tuned_gemm(
     gpu: &Gpu,
@@ -487,7 +492,7 @@ fn tuned_gemm(
     n_out: usize,
     rows: usize,
     mut launch: impl FnMut(usize) -> Result<()>,
-) -> Result<()> {
+) -> Result<usize> {
     let (kernel, names): (&'static str, &[&'static str]) = match layout {
         BLayout::NkBf16 => ("gemm_nk", &names::GEMM_NK),
         BLayout::KnBf16 => ("gemm_kn", &names::GEMM_KN),
@@ -516,15 +521,40 @@ fn tuned_gemm(
             detail: format!("{report:?}"),
         });
     }
-    let forced = std::env::var("MXMOE_GEMM_CONFIG")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|i| candidates.contains(i));
-    let fallback = forced.unwrap_or_else(|| default_config(layout, rows, experts, &candidates));
+    if let Some(i) = forced_among(gpu.tuner().forced(), &candidates, &key, report)? {
+        launch(i)?;
+        return Ok(i);
+    }
+    let fallback = default_config(layout, rows, experts, &candidates);
     let chosen = gpu.tuner().choose(&key, &candidates, fallback, |i| {
         time_median(gpu, || launch(i))
     })?;
-    launch(chosen)
+    launch(chosen)?;
+    Ok(chosen)
+}
+
+/// The forced configuration, checked against the candidates that survived pruning: `None` when
+/// nothing is forced, an error naming the row and the prune report when it was pruned (a forced
+/// row never silently gives way to another).
+fn forced_among(
+    forced: Option<usize>,
+    candidates: &[usize],
+    key: &TuneKey,
+    report: PruneReport,
+) -> Result<Option<usize>> {
+    match forced {
+        Some(i) if !candidates.contains(&i) => Err(Error::InvalidArgument {
+            what: "forced tile configuration",
+            detail: format!(
+                "{} (row {i} of GEMM_CONFIGS) cannot run {} on this device: pruned ({report:?})",
+                GEMM_CONFIGS
+                    .get(i)
+                    .map_or_else(|| "no such row".into(), config_name),
+                key.to_string_key()
+            ),
+        }),
+        other => Ok(other),
+    }
 }
 
 /// Median of three CUDA-event timings of `f` (after one warm-up run), in milliseconds.
@@ -764,7 +794,7 @@ impl<'a> ExpertLinear<'a> {
                 routing: routing.view(),
             },
         };
-        let (out, xa, expanded) =
+        let (out, xa, expanded, gemm_config) =
             forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
         let mut compact = compact;
         if self.dequant_buffer == DequantBuffer::Recompute
@@ -773,7 +803,11 @@ impl<'a> ExpertLinear<'a> {
             c.weights = None;
         }
         Ok((
-            Forward { out, strategy },
+            Forward {
+                out,
+                strategy,
+                gemm_config,
+            },
             Saved {
                 layer: *self,
                 x: input,
@@ -960,7 +994,12 @@ fn forward_core(
     output_order: RowOrder,
     gates: Option<&Bf16Matrix>,
     routing: &DeviceRouting,
-) -> Result<(Bf16Matrix, Option<CudaSlice<u16>>, Option<Bf16Matrix>)> {
+) -> Result<(
+    Bf16Matrix,
+    Option<CudaSlice<u16>>,
+    Option<Bf16Matrix>,
+    usize,
+)> {
     let (_, n, k) = r.weights.shape();
     let l = routing.rows();
     let xa = match r.lora {
@@ -998,7 +1037,7 @@ fn forward_core(
     };
     let rank = r.lora.map_or(0, |l| l.rank);
     let b = r.weights.forward_operand();
-    tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
+    let gemm_config = tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
         grouped_gemm(
             gpu,
             GemmArgs {
@@ -1040,9 +1079,10 @@ fn forward_core(
                 },
                 xa,
                 Some(out),
+                gemm_config,
             )
         }
-        None => (out, xa, None),
+        None => (out, xa, None, gemm_config),
     })
 }
 
@@ -1215,7 +1255,7 @@ fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix
     };
     let rank = r.lora.map_or(0, |l| l.rank);
     let b = r.weights.dx_operand();
-    tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
+    let gemm_config = tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
         grouped_gemm(
             gpu,
             GemmArgs {
@@ -1300,12 +1340,47 @@ fn backward_core(gpu: &Gpu, saved: &Saved<'_>, r: &Resolved<'_>, dy: &Bf16Matrix
         da,
         db,
         d_gates,
+        gemm_config,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forced_configuration_that_was_pruned_is_an_error_naming_it() {
+        let key = TuneKey {
+            kernel: "gemm_nk_mx",
+            cc: (9, 0),
+            experts: 8,
+            k: 256,
+            n: 128,
+            rank: 128,
+            rows_bucket: 64,
+        };
+        let report = PruneReport {
+            shared_memory: 1,
+            ..PruneReport::default()
+        };
+        assert_eq!(forced_among(None, &[0, 2], &key, report).unwrap(), None);
+        assert_eq!(
+            forced_among(Some(2), &[0, 2], &key, report).unwrap(),
+            Some(2)
+        );
+        let err = forced_among(Some(1), &[0, 2], &key, report).unwrap_err();
+        let Error::InvalidArgument { what, detail } = &err else {
+            panic!("expected InvalidArgument, got {err:?}");
+        };
+        assert_eq!(*what, "forced tile configuration");
+        assert!(
+            detail.contains(&config_name(&GEMM_CONFIGS[1]))
+                && detail.contains("row 1")
+                && detail.contains("gemm_nk_mx/sm90/e8/k256/n128/r128/m64")
+                && detail.contains("shared_memory: 1"),
+            "{detail}"
+        );
+    }
 
     #[test]
     fn auto_prefers_fused_for_few_rows_per_expert_and_selective_for_many() {

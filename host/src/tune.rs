@@ -19,11 +19,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, TileConfig, smem_plan};
 
 use crate::device::DeviceLimits;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Version of the configuration table, stored in the cache file: any change to the table makes
 /// older files stale.
@@ -199,7 +200,12 @@ pub struct Tuner {
     cache: Mutex<BTreeMap<String, usize>>,
     warnings: Mutex<Vec<String>>,
     loaded: Mutex<bool>,
+    /// The forced row of `GEMM_CONFIGS`, [`NOT_FORCED`] when none.
+    forced: AtomicUsize,
 }
+
+/// The value of `Tuner::forced` when no configuration is forced.
+const NOT_FORCED: usize = usize::MAX;
 
 impl std::fmt::Debug for Tuner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -231,7 +237,51 @@ impl Tuner {
             cache: Mutex::new(BTreeMap::new()),
             warnings: Mutex::new(Vec::new()),
             loaded: Mutex::new(false),
+            forced: AtomicUsize::new(NOT_FORCED),
         }
+    }
+
+    /// The tuner the environment asks for: mode from `MXMOE_TUNE`, the cache at
+    /// [`default_cache_path`], and `MXMOE_GEMM_CONFIG=<index>` forcing one row of `GEMM_CONFIGS`
+    /// for every GEMM (read once, here; a value that is not an index of the table is an error).
+    pub fn from_env(device: &str) -> Result<Self> {
+        let forced = match std::env::var("MXMOE_GEMM_CONFIG") {
+            Err(_) => None,
+            Ok(v) => match v.trim().parse::<usize>() {
+                Ok(i) if i < GEMM_CONFIGS.len() => Some(i),
+                _ => {
+                    return Err(Error::InvalidArgument {
+                        what: "MXMOE_GEMM_CONFIG",
+                        detail: format!(
+                            "{v:?} is not an index of the tile configuration table (0..{})",
+                            GEMM_CONFIGS.len()
+                        ),
+                    });
+                }
+            },
+        };
+        Ok(Self::new(device, TuneMode::from_env(), default_cache_path()).with_forced(forced))
+    }
+
+    /// The same tuner, forcing row `forced` of `GEMM_CONFIGS` (when `Some`) for every GEMM:
+    /// neither the cache nor timing nor the default rule is consulted, and a GEMM the forced
+    /// configuration cannot run (pruned for the device, layout or rank) fails with
+    /// [`Error::InvalidArgument`] instead of silently running another one.
+    pub fn with_forced(self, forced: Option<usize>) -> Self {
+        self.force(forced);
+        self
+    }
+
+    /// Forces row `forced` of `GEMM_CONFIGS` from now on (`None`: back to the normal choice), as
+    /// [`with_forced`](Self::with_forced) does, on a tuner in use (e.g. to run every row in turn).
+    pub fn force(&self, forced: Option<usize>) {
+        self.forced
+            .store(forced.unwrap_or(NOT_FORCED), Ordering::Relaxed);
+    }
+
+    /// The forced configuration, if any.
+    pub fn forced(&self) -> Option<usize> {
+        Some(self.forced.load(Ordering::Relaxed)).filter(|&i| i != NOT_FORCED)
     }
 
     /// The mode.
@@ -390,6 +440,18 @@ mod tests {
     }
 
     #[test]
+    fn the_forced_row_can_be_set_and_cleared_on_a_tuner_in_use() {
+        let t = Tuner::new("test", TuneMode::Default, None);
+        assert_eq!(t.forced(), None);
+        let t = t.with_forced(Some(3));
+        assert_eq!(t.forced(), Some(3));
+        t.force(None);
+        assert_eq!(t.forced(), None);
+        t.force(Some(0));
+        assert_eq!(t.forced(), Some(0));
+    }
+
+    #[test]
     fn smem_accounting_is_the_kernels_plan() {
         // The tuner's number is `smem_plan(..).total_bytes`, the same value the launch passes and
         // the kernel carves; check the plan covers every region for every table row.
@@ -517,28 +579,49 @@ mod tests {
     }
 
     #[test]
-    fn default_rule_picks_by_rows_per_expert_and_format() {
+    fn default_rule_picks_a_runnable_candidate_whose_tile_fits_the_rows() {
+        // Behaviour, not the rule's table: for every layout and load, the pick is one of the
+        // candidates, valid for the layout and within an H100's shared memory at every rank; its
+        // tile is at most four times as tall as an expert's rows (or 32), grows with the rows
+        // per expert, and ends at the tallest tile.
+        let h100 = limits(232_448);
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
-        let pick =
-            |layout, rows, e| config_name(&GEMM_CONFIGS[default_config(layout, rows, e, &all)]);
-        // Dense SPEC shape: 256 rows per expert, wgmma everywhere.
         for layout in [
             BLayout::NkBf16,
             BLayout::KnBf16,
             BLayout::NkMxfp4,
             BLayout::KnMxfp4,
         ] {
-            assert_eq!(pick(layout, 32768, 128), "m128n128k64wg2s4");
+            let mut last_bm = 0;
+            for per_expert in [1usize, 3, 8, 15, 16, 31, 47, 48, 64, 95, 96, 200, 4096] {
+                let experts = 64;
+                let i = default_config(layout, per_expert * experts, experts, &all);
+                let c = &GEMM_CONFIGS[i];
+                for r_pad in [0, 16, 64, 128] {
+                    let (ok, _) = prune(&h100, layout, r_pad, |_| None);
+                    assert!(
+                        ok.contains(&i),
+                        "{layout:?} {per_expert}: {c:?} pruned at r {r_pad}"
+                    );
+                }
+                assert!(
+                    c.bm as usize <= (4 * per_expert).max(32),
+                    "{layout:?}: {c:?} for {per_expert} rows per expert"
+                );
+                assert!(
+                    c.bm >= last_bm,
+                    "{layout:?}: tile shrinks at {per_expert} rows"
+                );
+                last_bm = c.bm;
+                // The preferred row unavailable: another candidate, never an absent one.
+                let others: Vec<usize> = all.iter().copied().filter(|&j| j != i).collect();
+                let j = default_config(layout, per_expert * experts, experts, &others);
+                assert!(others.contains(&j));
+            }
+            assert_eq!(
+                last_bm, 128,
+                "{layout:?}: many rows per expert take the tallest tile"
+            );
         }
-        assert_eq!(pick(BLayout::NkBf16, 2048, 256), "m32n128k64wg2s4");
-        assert_eq!(pick(BLayout::KnBf16, 2048, 256), "m32n128k64wg2s4");
-        assert_eq!(pick(BLayout::KnBf16, 8192, 256), "m32n128k32w1x4s4");
-        assert_eq!(pick(BLayout::KnBf16, 16384, 256), "m64n128k64w2x2s3");
-        assert_eq!(pick(BLayout::NkMxfp4, 16384, 256), "m128n128k64wg2s4");
-        assert_eq!(pick(BLayout::NkMxfp4, 8192, 256), "m64n128k64wg2s4");
-        assert_eq!(pick(BLayout::KnMxfp4, 8192, 256), "m32n128k64wg2s4");
-        assert_eq!(pick(BLayout::NkMxfp4, 2048, 256), "m16n128k64w1x4s4");
-        assert_eq!(pick(BLayout::KnMxfp4, 2048, 256), "m16n128k64wg2s4");
-        assert_eq!(default_config(BLayout::NkBf16, 2048, 256, &[1]), 1);
     }
 }

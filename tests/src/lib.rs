@@ -7,12 +7,32 @@
 
 use std::sync::OnceLock;
 
+use mxmoe::Error;
 use mxmoe::device::Gpu;
+use mxmoe::tune::{TuneMode, Tuner};
 
 /// The shared device for this test binary, or `None` (after printing why) when there is none.
+///
+/// Only a machine without a CUDA driver or without a device skips ([`Error::NoDriver`],
+/// [`Error::NoDevice`]); any other failure to open the device (the PTX module does not load, the
+/// architecture is wrong, memory is short) panics, so a GPU run can never pass by skipping. With
+/// `MXMOE_REQUIRE_GPU=1` (set by the device run script) a skip is a failure too.
+///
+/// The device gets an in-memory tuner in `Default` mode, so tests never read or write the user's
+/// tuning cache and never time candidates; `MXMOE_GEMM_CONFIG=<index>` (read here, once) forces
+/// one tile configuration for every GEMM of the binary, and a forced configuration the device
+/// cannot run is an error of every call (see [`forced_config`]).
 pub fn gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
-    let opened = GPU.get_or_init(|| Gpu::open_default().map_err(|e| e.to_string()));
+    let opened = GPU.get_or_init(|| match Gpu::open_default() {
+        Ok(mut g) => {
+            let name = g.limits().name.clone();
+            g.set_tuner(Tuner::new(&name, TuneMode::Default, None).with_forced(forced_config()));
+            Ok(g)
+        }
+        Err(e @ (Error::NoDriver | Error::NoDevice { .. })) => Err(e.to_string()),
+        Err(e) => panic!("the GPU is present but could not be opened: {e}"),
+    });
     match opened {
         Ok(g) => Some(g),
         Err(reason) => {
@@ -22,6 +42,19 @@ pub fn gpu() -> Option<&'static Gpu> {
             println!("skipped: {reason}");
             None
         }
+    }
+}
+
+/// The tile configuration forced for this test binary by `MXMOE_GEMM_CONFIG=<index>` (an index
+/// into `GEMM_CONFIGS`), if any; a value that is not an index of the table panics.
+pub fn forced_config() -> Option<usize> {
+    let v = std::env::var("MXMOE_GEMM_CONFIG").ok()?;
+    match v.parse::<usize>() {
+        Ok(i) if i < mxmoe::shared::tiles::GEMM_CONFIGS.len() => Some(i),
+        _ => panic!(
+            "MXMOE_GEMM_CONFIG={v:?} is not an index of GEMM_CONFIGS (0..{})",
+            mxmoe::shared::tiles::GEMM_CONFIGS.len()
+        ),
     }
 }
 
@@ -131,7 +164,7 @@ pub mod linear_case {
     use mxmoe::reference::{self, LinearProblem, Rounding};
     use mxmoe::routing::DeviceRouting;
 
-    use super::{Rng, assert_close};
+    use super::Rng;
 
     /// Shape and flags of a case.
     #[derive(Clone, Copy, Debug)]
@@ -191,6 +224,7 @@ pub mod linear_case {
     }
 
     /// Host data of a case.
+    #[derive(Clone, Debug)]
     pub struct Data {
         /// Expert ids `[T, k]`.
         pub ids: Vec<i64>,
@@ -210,8 +244,12 @@ pub mod linear_case {
         pub s: f32,
     }
 
-    /// Draws the case's data: `W = randn`, `x = randn`, `A, B = 0.01·randn` (SPEC §7), routing =
-    /// top-k of random scores (distinct experts per token), gates = renormalised softmax weights.
+    /// Draws the case's data so that every term of the result is visible to the tolerance: `x =
+    /// randn`, `W = randn/√K`, `A = randn/√K`, `B = randn/√r` and a scaling `s` in [1.25, 1.75),
+    /// so the base term `x·Wᵀ` and the LoRA term `s·(x·Aᵀ)·Bᵀ` are both of order one (forward,
+    /// and likewise in dX); routing = top-k of random scores (distinct experts per token), gates
+    /// = renormalised random weights. (SPEC §7's `A, B = 0.01·randn` makes the LoRA term about
+    /// 1e-4 of the base term, below any bf16 tolerance.)
     pub fn draw(c: &Case) -> Data {
         let mut rng = Rng::new(c.seed);
         let pool = if c.active == 0 { c.e } else { c.active };
@@ -238,10 +276,12 @@ pub mod linear_case {
             RowOrder::Scattered => c.t,
             RowOrder::Grouped => c.t * c.top_k,
         };
-        let w = rng.normal_bf16(c.e * c.n * c.k, 1.0);
+        let inv_sqrt = |n: usize| 1.0 / (n.max(1) as f32).sqrt();
+        let w = rng.normal_bf16(c.e * c.n * c.k, inv_sqrt(c.k));
         let x = rng.normal_bf16(x_rows * c.k, 1.0);
-        let a = rng.normal_bf16(c.e * c.r * c.k, 0.01);
-        let b = rng.normal_bf16(c.n * c.e * c.r, 0.01);
+        let a = rng.normal_bf16(c.e * c.r * c.k, inv_sqrt(c.k));
+        let b = rng.normal_bf16(c.n * c.e * c.r, inv_sqrt(c.r));
+        let s = 1.25 + 0.5 * rng.uniform();
         Data {
             ids,
             x,
@@ -250,7 +290,25 @@ pub mod linear_case {
             a,
             b,
             gates: c.gates.then_some(gates),
-            s: 0.5,
+            s,
+        }
+    }
+
+    impl Data {
+        /// The same data with `f` applied to every value (ids unchanged): `f32::abs` gives the
+        /// inputs of the magnitude reference.
+        pub fn map(&self, f: impl Fn(f32) -> f32) -> Data {
+            let m = |v: &[f32]| v.iter().map(|&x| f(x)).collect::<Vec<f32>>();
+            Data {
+                ids: self.ids.clone(),
+                x: m(&self.x),
+                x_rows: self.x_rows,
+                w: m(&self.w),
+                a: m(&self.a),
+                b: m(&self.b),
+                gates: self.gates.as_deref().map(m),
+                s: f(self.s),
+            }
         }
     }
 
@@ -266,6 +324,9 @@ pub mod linear_case {
         pub db: Option<Vec<f32>>,
         /// d_gates.
         pub d_gates: Option<Vec<f32>>,
+        /// The tile configurations the forward and the dX GEMM ran with (rows of
+        /// `GEMM_CONFIGS`).
+        pub configs: [usize; 2],
     }
 
     /// Which base weights a GPU run uses.
@@ -326,8 +387,17 @@ pub mod linear_case {
             da,
             db,
             d_gates,
+            gemm_config,
         } = backward(gpu, &saved, &dy_m).unwrap();
+        if let Some(forced) = gpu.tuner().forced() {
+            assert_eq!(
+                [fwd.gemm_config, gemm_config],
+                [forced, forced],
+                "the forced tile configuration did not run"
+            );
+        }
         GpuResult {
+            configs: [fwd.gemm_config, gemm_config],
             out: fwd.out.to_f32(gpu).unwrap(),
             dx: dx.to_f32(gpu).unwrap(),
             da: da.map(|m| m.to_f32(gpu).unwrap()),
@@ -345,8 +415,9 @@ pub mod linear_case {
             num_experts: c.e,
             n: c.n,
             k: c.k,
-            lora_a: &d.a,
-            lora_b: &d.b,
+            // A rank-0 run of a case drawn with factors (the run without LoRA) passes none.
+            lora_a: if c.r > 0 { &d.a } else { &[] },
+            lora_b: if c.r > 0 { &d.b } else { &[] },
             rank: c.r,
             scaling: d.s,
             fan_out: match c.input {
@@ -364,30 +435,38 @@ pub mod linear_case {
         if c.gates { c.t } else { c.t * c.top_k }
     }
 
-    /// Compares a GPU result with the reference (bf16 rounding points), printing max errors.
-    /// Tolerance: `rtol` relative plus `atol_frac·max|ref|` absolute per tensor.
-    pub fn compare(
-        c: &Case,
-        d: &Data,
-        w_ref: &[f32],
-        dy: &[f32],
-        got: &GpuResult,
-        rtol: f32,
-        atol_frac: f32,
-    ) {
+    /// The reference's results for one set of inputs, laid out like the GPU's.
+    pub struct RefRun {
+        /// Forward output as the GPU returns it (`y` with gates; grouped output padded with zero
+        /// rows for dropped slots).
+        pub out: Vec<f32>,
+        /// Per-slot output before the gate combination (`[T·k, N]`, scattered), with gates.
+        pub slots: Option<Vec<f32>>,
+        /// dX in the GPU's layout (grouped input padded with zero rows).
+        pub dx: Vec<f32>,
+        /// dA.
+        pub da: Vec<f32>,
+        /// dB.
+        pub db: Vec<f32>,
+        /// d_gates.
+        pub d_gates: Option<Vec<f32>>,
+    }
+
+    /// Runs the CPU reference on `d` with base weights `w`, shaping results like the GPU's.
+    pub fn reference_run(c: &Case, d: &Data, w: &[f32], dy: &[f32], rounding: Rounding) -> RefRun {
         let routing = reference::flatten_sort_count(&d.ids, c.t, c.top_k, c.e).unwrap();
-        let mut p = problem(c, d, w_ref);
+        let mut p = problem(c, d, w);
         if c.input == RowOrder::Grouped {
             // Grouped input on the GPU has T·k rows with the dropped rows last; the reference
             // takes only the valid rows.
             p.x_rows = routing.sorted_expert_idxs.len();
             p.x = &d.x[..p.x_rows * c.k];
         }
-        let fwd = reference::linear_forward(&p, &routing, Rounding::Bf16).unwrap();
+        let fwd = reference::linear_forward(&p, &routing, rounding).unwrap();
         // The reference's grouped outputs have only the valid rows; the GPU's have T·k rows with
         // dropped rows last (zero).
         let l_valid = routing.sorted_expert_idxs.len();
-        let expect_out: Vec<f32> = match (&fwd.y, c.output) {
+        let out: Vec<f32> = match (&fwd.y, c.output) {
             (Some(y), _) => y.clone(),
             (None, RowOrder::Scattered) => fwd.out.clone(),
             (None, RowOrder::Grouped) => {
@@ -402,51 +481,311 @@ pub mod linear_case {
         } else {
             dy.to_vec()
         };
-        let grads = reference::linear_backward(&p, &routing, &dy_ref, Rounding::Bf16).unwrap();
-        let tol = |v: &[f32]| atol_frac * v.iter().fold(0f32, |m, x| m.max(x.abs())) + 1e-6;
-        let tag = format!("{c:?}");
-        assert_close(
-            &format!("out {tag}"),
-            &got.out,
-            &expect_out,
-            tol(&expect_out),
-            rtol,
-        );
-        let mut expect_dx = grads.dx.clone();
+        let grads = reference::linear_backward(&p, &routing, &dy_ref, rounding).unwrap();
+        let mut dx = grads.dx;
         if c.input == RowOrder::Grouped {
-            expect_dx.resize(c.t * c.top_k * c.k, 0.0);
+            dx.resize(c.t * c.top_k * c.k, 0.0);
         }
-        assert_close(
-            &format!("dx {tag}"),
-            &got.dx,
-            &expect_dx,
-            tol(&expect_dx),
-            rtol,
+        RefRun {
+            slots: fwd.y.is_some().then_some(fwd.out),
+            out,
+            dx,
+            da: grads.da,
+            db: grads.db,
+            d_gates: grads.d_gates,
+        }
+    }
+
+    /// Per-slot dX of a token-ordered input (`[T·k, K]`, slot rows, dropped slots zero): the
+    /// terms the kernels round before the slot sum.
+    fn reference_slot_dx(c: &Case, d: &Data, w: &[f32], dy: &[f32]) -> Vec<f32> {
+        let slot_case = Case {
+            input: RowOrder::Scattered,
+            ..*c
+        };
+        let x: Vec<f32> = (0..c.t * c.top_k)
+            .flat_map(|slot| d.x[slot / c.top_k * c.k..][..c.k].iter().copied())
+            .collect();
+        let slot_data = Data {
+            x,
+            x_rows: c.t * c.top_k,
+            ..d.clone()
+        };
+        let routing = reference::flatten_sort_count(&d.ids, c.t, c.top_k, c.e).unwrap();
+        let mut p = problem(&slot_case, &slot_data, w);
+        p.fan_out = 1;
+        let l_valid = routing.sorted_expert_idxs.len();
+        let dy_ref: Vec<f32> = if !c.gates && c.output == RowOrder::Grouped {
+            dy[..l_valid * c.n].to_vec()
+        } else {
+            dy.to_vec()
+        };
+        reference::linear_backward(&p, &routing, &dy_ref, Rounding::Exact)
+            .unwrap()
+            .dx
+    }
+
+    /// One bf16 rounding step: a result rounded once can differ from the reference's by one
+    /// unit in the last place, `2^-7` of its magnitude, when the two f32/f64 sums straddle a
+    /// rounding boundary.
+    pub const ULP: f32 = 1.0 / 128.0;
+    /// Relative error of an f32 sum per term (`2^-24` unit roundoff, with a factor 16 of
+    /// headroom for the order of the partial sums and the f32 products).
+    pub const ACC: f32 = 16.0 / 16_777_216.0;
+
+    /// Asserts `got ≈ expect` element by element against `tol[i]` (NaN never passes) and, when
+    /// the tensor is large enough for a statistic, `‖got − expect‖₂ ≤ l2·‖expect‖₂`: rounding
+    /// differences are rare single-ulp flips, so their norm is a small fraction of one ulp,
+    /// while a systematic error (a wrong scale, a dropped term) moves every element.
+    pub fn assert_within(what: &str, got: &[f32], expect: &[f32], tol: &[f32]) {
+        assert_eq!(got.len(), expect.len(), "{what}: length mismatch");
+        assert_eq!(tol.len(), expect.len(), "{what}: tolerance length mismatch");
+        let mut worst: Option<(usize, f32)> = None;
+        let (mut err2, mut ref2, mut max_abs) = (0f64, 0f64, 0f32);
+        for (i, ((&a, &e), &t)) in got.iter().zip(expect).zip(tol).enumerate() {
+            let diff = (a - e).abs();
+            let excess = if diff.is_nan() || a.is_nan() != e.is_nan() {
+                f32::INFINITY
+            } else {
+                diff / t.max(f32::MIN_POSITIVE)
+            };
+            if diff.is_finite() {
+                max_abs = max_abs.max(diff);
+                err2 += f64::from(diff) * f64::from(diff);
+                ref2 += f64::from(e) * f64::from(e);
+            }
+            if excess > 1.0 && worst.is_none_or(|(_, w)| excess > w) {
+                worst = Some((i, excess));
+            }
+        }
+        let rel_l2 = (err2 / ref2.max(f64::MIN_POSITIVE)).sqrt() as f32;
+        println!(
+            "{what}: max abs error {max_abs:.3e}, relative L2 {rel_l2:.3e} over {} elements",
+            got.len()
         );
+        if let Some((i, ratio)) = worst {
+            panic!(
+                "{what}: element {i}: actual {} expected {} (|diff| {:.3e} is {ratio:.2}× its bf16 bound {:.3e})",
+                got[i],
+                expect[i],
+                (got[i] - expect[i]).abs(),
+                tol[i]
+            );
+        }
+        let l2_bound = ULP * (2.0 / (got.len().max(1) as f32).sqrt()).max(0.15);
+        assert!(
+            ref2 == 0.0 || rel_l2 <= l2_bound,
+            "{what}: relative L2 error {rel_l2:.3e} over {} elements exceeds {l2_bound:.3e} (systematic error)",
+            got.len()
+        );
+    }
+
+    fn abs(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|x| x.abs()).collect()
+    }
+
+    /// Compares a GPU result with the CPU reference (bf16 rounding points) element by element,
+    /// each against its own bf16 bound:
+    /// `ULP·|ref| + ACC·n_red·mag + ULP·mag_rounded`, where `mag` is the reference run on the
+    /// absolute values of every input (the sum of the magnitudes of all terms), `n_red` the
+    /// length of the reduction, and `mag_rounded` the magnitude of the terms that pass through
+    /// another bf16 rounding first (the LoRA intermediates XA and YB, the per-slot outputs the
+    /// gates combine, the per-slot dX rows of a token-ordered input, the per-slot outputs of
+    /// `d_gates`): each of those can flip by one ulp. Plus the relative L2 check of
+    /// [`assert_within`]. Returns the bounds used for `out` and `dx`.
+    pub fn compare(
+        c: &Case,
+        d: &Data,
+        w_ref: &[f32],
+        dy: &[f32],
+        got: &GpuResult,
+    ) -> [Vec<f32>; 2] {
+        let r = reference_run(c, d, w_ref, dy, Rounding::Bf16);
+        let abs_d = d.map(f32::abs);
+        let (abs_w, abs_dy) = (abs(w_ref), abs(dy));
+        let mag = reference_run(c, &abs_d, &abs_w, &abs_dy, Rounding::Exact);
+        let zero_w = vec![0.0; w_ref.len()];
+        let mag_lora =
+            (c.r > 0).then(|| reference_run(c, &abs_d, &zero_w, &abs_dy, Rounding::Exact));
+        let tag = format!("{c:?}");
+        let bound = |reference: &[f32], mag: &[f32], n_red: usize, rounded: &[f32]| -> Vec<f32> {
+            (0..reference.len())
+                .map(|i| {
+                    let rounded = rounded.get(i).copied().unwrap_or(0.0);
+                    ULP * reference[i].abs() + ACC * n_red as f32 * mag[i] + ULP * rounded + 1e-30
+                })
+                .collect()
+        };
+        let sum2 =
+            |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| x + y).collect() };
+        // out: flips of XA (LoRA) and, with gates, of each gated per-slot output.
+        let mut out_rounded = mag_lora.as_ref().map(|m| m.out.clone()).unwrap_or_default();
+        if let (Some(slots), Some(g)) = (&r.slots, &d.gates) {
+            let per_token: Vec<f32> = (0..c.t * c.n)
+                .map(|i| {
+                    let (t, n) = (i / c.n, i % c.n);
+                    (0..c.top_k)
+                        .map(|j| {
+                            g[t * c.top_k + j].abs() * slots[(t * c.top_k + j) * c.n + n].abs()
+                        })
+                        .sum()
+                })
+                .collect();
+            out_rounded = if out_rounded.is_empty() {
+                per_token
+            } else {
+                sum2(&out_rounded, &per_token)
+            };
+        }
+        let out_bound = bound(&r.out, &mag.out, c.k + c.r, &out_rounded);
+        assert_within(&format!("out {tag}"), &got.out, &r.out, &out_bound);
+        // dx: flips of YB (LoRA) and, with a token-ordered input, of each per-slot dX row.
+        let mut dx_rounded = mag_lora.as_ref().map(|m| m.dx.clone()).unwrap_or_default();
+        if c.input == RowOrder::Scattered && c.top_k > 1 {
+            let slot_dx = reference_slot_dx(c, d, w_ref, dy);
+            let per_token: Vec<f32> = (0..c.t * c.k)
+                .map(|i| {
+                    let (t, kk) = (i / c.k, i % c.k);
+                    (0..c.top_k)
+                        .map(|j| slot_dx[(t * c.top_k + j) * c.k + kk].abs())
+                        .sum()
+                })
+                .collect();
+            dx_rounded = if dx_rounded.is_empty() {
+                per_token
+            } else {
+                sum2(&dx_rounded, &per_token)
+            };
+        }
+        let dx_bound = bound(&r.dx, &mag.dx, c.n + c.r, &dx_rounded);
+        assert_within(&format!("dx {tag}"), &got.dx, &r.dx, &dx_bound);
         if c.r > 0 {
-            assert_close(
+            // Every term of dA (dB) passes through the rounded YB (XA).
+            let rows = c.t * c.top_k;
+            assert_within(
                 &format!("dA {tag}"),
                 got.da.as_ref().unwrap(),
-                &grads.da,
-                tol(&grads.da),
-                rtol,
+                &r.da,
+                &bound(&r.da, &mag.da, rows, &mag.da),
             );
-            assert_close(
+            assert_within(
                 &format!("dB {tag}"),
                 got.db.as_ref().unwrap(),
-                &grads.db,
-                tol(&grads.db),
-                rtol,
+                &r.db,
+                &bound(&r.db, &mag.db, rows, &mag.db),
             );
         } else {
             assert!(got.da.is_none() && got.db.is_none());
         }
-        match (&got.d_gates, &grads.d_gates) {
+        match (&got.d_gates, &r.d_gates) {
             (Some(g), Some(e)) => {
-                assert_close(&format!("d_gates {tag}"), g, e, tol(e), rtol);
+                // d_gates[t, j] = ⟨out_slot, dy_t⟩ over the rounded per-slot output.
+                let slots = r.slots.as_ref().expect("gated reference keeps the slots");
+                let rounded: Vec<f32> = (0..c.t * c.top_k)
+                    .map(|slot| {
+                        let t = slot / c.top_k;
+                        (0..c.n)
+                            .map(|n| (slots[slot * c.n + n] * dy[t * c.n + n]).abs())
+                            .sum()
+                    })
+                    .collect();
+                assert_within(
+                    &format!("d_gates {tag}"),
+                    g,
+                    e,
+                    &bound(e, &rounded, c.n, &rounded),
+                );
             }
             (None, None) => {}
             _ => panic!("d_gates presence differs"),
         }
+        [out_bound, dx_bound]
+    }
+
+    /// The direct check of the LoRA term: `out − out(no LoRA)` and `dx − dx(no LoRA)` from the
+    /// GPU against the reference's LoRA term alone (the reference with zero base weights).
+    /// Per element each difference may carry the error of both GPU results (`bounds`, the
+    /// [`compare`] bounds of the run with LoRA, which cover the run without too) plus the
+    /// rounding of the reference's term; and the least-squares slope of the GPU's term on the
+    /// reference's must be 1 within 0.5 % — a LoRA scaling off by 1 % fails it.
+    pub fn compare_lora_term(
+        c: &Case,
+        d: &Data,
+        dy: &[f32],
+        got: &GpuResult,
+        got_without: &GpuResult,
+        bounds: &[Vec<f32>; 2],
+    ) {
+        assert!(c.r > 0, "the LoRA-term check needs a rank");
+        let zero_w = vec![0.0; c.e * c.n * c.k];
+        let lora = reference_run(c, d, &zero_w, dy, Rounding::Bf16);
+        let tag = format!("{c:?}");
+        for (what, with, without, term, bound) in [
+            ("out", &got.out, &got_without.out, &lora.out, &bounds[0]),
+            ("dx", &got.dx, &got_without.dx, &lora.dx, &bounds[1]),
+        ] {
+            let diff: Vec<f32> = with.iter().zip(without).map(|(a, b)| a - b).collect();
+            let tol: Vec<f32> = (0..diff.len())
+                .map(|i| 2.0 * bound[i] + ULP * term[i].abs() + 1e-30)
+                .collect();
+            let name = format!("LoRA term of {what} {tag}");
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&g, &e) in diff.iter().zip(term) {
+                num += f64::from(g) * f64::from(e);
+                den += f64::from(e) * f64::from(e);
+            }
+            if den > 0.0 {
+                // The fitted slope's standard error comes from the residuals around the fit (a
+                // wrong scaling moves the slope, not the residuals); allow 0.5 % plus four
+                // standard errors, so a scaling error of 2 % fails wherever the term has a few
+                // hundred elements.
+                let slope = num / den;
+                let residual2: f64 = diff
+                    .iter()
+                    .zip(term)
+                    .map(|(&g, &e)| (f64::from(g) - slope * f64::from(e)).powi(2))
+                    .sum();
+                let dof = (diff.len().max(2) - 1) as f64;
+                let std_err = (residual2 / dof / den).sqrt();
+                let allowed = 5e-3 + 4.0 * std_err;
+                println!(
+                    "{name}: least-squares slope {slope:.5} (allowed 1 ± {allowed:.2e}) over {} elements",
+                    diff.len()
+                );
+                assert!(
+                    (slope - 1.0).abs() <= allowed,
+                    "{name}: the GPU's LoRA term is {slope:.5}× the reference's (allowed 1 ± {allowed:.2e})"
+                );
+            }
+            // Elementwise bound only; the rounding of two nearly equal results is not a
+            // statistic the L2 check of `assert_within` is calibrated for.
+            for (i, ((&g, &e), &t)) in diff.iter().zip(term).zip(&tol).enumerate() {
+                assert!(
+                    (g - e).abs() <= t,
+                    "{name}: element {i}: GPU term {g} reference {e} (|diff| {:.3e} > bound {t:.3e})",
+                    (g - e).abs()
+                );
+            }
+        }
+    }
+
+    /// Runs the case on the GPU with and without its LoRA factors and checks everything against
+    /// the reference: [`compare`] on the full result and, with a rank, [`compare_lora_term`].
+    /// Returns the full GPU result.
+    pub fn check_case(
+        gpu: &Gpu,
+        c: &Case,
+        d: &Data,
+        w_ref: &[f32],
+        dy: &[f32],
+        base: Base<'_>,
+    ) -> GpuResult {
+        let got = run_gpu_with(gpu, c, d, dy, base);
+        let bounds = compare(c, d, w_ref, dy, &got);
+        if c.r > 0 {
+            let without = run_gpu_with(gpu, &Case { r: 0, ..*c }, d, dy, base);
+            compare_lora_term(c, d, dy, &got, &without, &bounds);
+        }
+        got
     }
 }

@@ -1,6 +1,8 @@
 //! Every compiled tile configuration computes bit-identical results (they accumulate each output
-//! in the same k order), so tuning changes speed only. One test per binary, because it sets the
-//! process-wide `MXMOE_GEMM_CONFIG` override.
+//! in the same k order), so tuning changes speed only. Each row is forced through the device's
+//! tuner in turn, and every run asserts that the forced row is the one its forward and dX GEMMs
+//! launched ([`run_gpu_with`] checks the reported configurations). One test per binary, because
+//! the forced row is device-wide.
 
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
@@ -20,13 +22,13 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
     let mut first: [Option<[Vec<u32>; 4]>; 2] = [None, None];
     for (i, config) in GEMM_CONFIGS.iter().enumerate() {
-        // SAFETY: this binary holds only this test, so no other thread reads the environment.
-        unsafe { std::env::set_var("MXMOE_GEMM_CONFIG", i.to_string()) };
+        gpu.tuner().force(Some(i));
         for (slot, base) in [Base::Dense(dense), Base::Mx(mx, Strategy::Fused)]
             .into_iter()
             .enumerate()
         {
             let r = run_gpu_with(gpu, c, d, &dy, base);
+            assert_eq!(r.configs, [i, i], "row {i} was forced");
             let got = [
                 bits(&r.out),
                 bits(&r.dx),
@@ -44,12 +46,12 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
             }
         }
     }
-    // SAFETY: as above.
-    unsafe { std::env::remove_var("MXMOE_GEMM_CONFIG") };
+    gpu.tuner().force(None);
 }
 
 #[test]
 fn every_tile_configuration_gives_identical_bits() {
+    // The binary forces its own rows; an outer MXMOE_GEMM_CONFIG would only be overridden.
     if gpu().is_none() {
         return;
     }

@@ -10,11 +10,11 @@
 
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
-use mxmoe_tests::linear_case::{Base, Case, GpuResult, compare, draw, out_rows, run_gpu_with};
+use mxmoe::reference::Rounding;
+use mxmoe_tests::linear_case::{
+    Base, Case, GpuResult, check_case, draw, out_rows, reference_run, run_gpu_with,
+};
 use mxmoe_tests::{Rng, gpu};
-
-const RTOL: f32 = 1e-2;
-const ATOL_FRAC: f32 = 4e-3;
 
 fn quantized(c: &Case, w: &[f32]) -> (MxWeights, Vec<f32>) {
     let mx = quantize_mxfp4(w, c.e, c.n, c.k).unwrap();
@@ -53,10 +53,9 @@ fn check(c: Case) -> Option<GpuResult> {
     let d = draw(&c);
     let (mx, deq) = quantized(&c, &d.w);
     let dy = Rng::new(c.seed ^ 0xD2).normal_bf16(out_rows(&c) * c.n, 1.0);
-    let got_mx = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
+    let got_mx = check_case(gpu, &c, &d, &deq, &dy, Base::Mx(&mx, Strategy::Fused));
     let got_dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
     same_result(&got_mx, &got_dense);
-    compare(&c, &d, &deq, &dy, &got_mx, RTOL, ATOL_FRAC);
     Some(got_mx)
 }
 
@@ -78,14 +77,11 @@ fn spec_representative_shape_with_scale_guard() {
     let d = draw(&c);
     let (mx, deq) = quantized(&c, &d.w);
     let dy = Rng::new(99).normal_bf16(out_rows(&c) * c.n, 1.0);
-    let got = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Fused));
-    compare(&c, &d, &deq, &dy, &got, RTOL, ATOL_FRAC);
+    let got = check_case(gpu, &c, &d, &deq, &dy, Base::Mx(&mx, Strategy::Fused));
     // Scale guard (issue 4): dX_mx / dX_ref over elements above 1e-3·max|dX_ref| must have a
-    // small spread AND a mean within 2 % of 1 (the spread alone misses a uniform factor).
-    let reference = {
-        let dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
-        dense.dx
-    };
+    // small spread AND a mean within 2 % of 1 (the spread alone misses a uniform factor). The
+    // reference is the CPU's on the dequantized weights, not another GPU path.
+    let reference = reference_run(&c, &d, &deq, &dy, Rounding::Bf16).dx;
     let max = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
     let eps = (1e-3 * max).max(1e-6);
     let ratios: Vec<f64> = got
@@ -105,6 +101,20 @@ fn spec_representative_shape_with_scale_guard() {
         std < 0.5 && (mean - 1.0).abs() < 0.02,
         "dX ratio mean {mean}, std {std}"
     );
+}
+
+/// Every LoRA rank class (see gpu_linear's sweep) over MXFP4 weights, forward and dX.
+#[test]
+fn lora_rank_sweep() {
+    for (i, &r) in [1usize, 7, 8, 16, 64, 128].iter().enumerate() {
+        check(Case::new(8, 256, 192, 96, 2, r, 400 + i as u64));
+        check(Case {
+            input: RowOrder::Grouped,
+            output: RowOrder::Scattered,
+            gates: true,
+            ..Case::new(6, 128, 136, 40, 3, r, 410 + i as u64)
+        });
+    }
 }
 
 #[test]

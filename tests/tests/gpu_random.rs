@@ -9,7 +9,9 @@
 //! both row orders of input and output, gates (scattered output only) and the base weights (bf16,
 //! MXFP4 fused, MXFP4 selective with the buffer kept or recomputed in backward). For MXFP4 the
 //! reference weights are `dequantize_f32(quantize_mxfp4(w))`. Every problem runs forward and
-//! backward on the GPU and is checked with [`compare`] (rtol 1e-2, atol 4e-3·max|ref|).
+//! backward on the GPU and is checked with [`compare`] (each element against its own bf16 bound,
+//! plus a relative L2 bound) and, with a LoRA rank, run again without its LoRA factors so that
+//! [`compare_lora_term`] checks the LoRA term on its own.
 //!
 //! Cost is bounded per problem (weights `E·N·K`, LoRA factors, and reference work `T·k·N·K`), and
 //! the host work (drawing, quantizing, the reference) runs on all cores while the GPU runs one
@@ -26,15 +28,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use mxmoe::device::Gpu;
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
+use mxmoe::reference::Rounding;
 use mxmoe_tests::linear_case::{
-    Base, Case, Data, GpuResult, compare, draw, out_rows, run_gpu_with,
+    Base, Case, Data, GpuResult, compare, compare_lora_term, draw, out_rows, reference_run,
+    run_gpu_with,
 };
 use mxmoe_tests::{Rng, gpu};
 
-/// Relative tolerance (about two bf16 ulps), as in the fixed parity suites.
-const RTOL: f32 = 1e-2;
-/// Absolute tolerance as a fraction of each tensor's largest reference magnitude.
-const ATOL_FRAC: f32 = 4e-3;
 /// Master seed when `MXMOE_RANDOM_SEED` is not set.
 const DEFAULT_SEED: u64 = 0x6D78_6D6F_6552_4E44;
 /// Problems when `MXMOE_RANDOM_CASES` is not set.
@@ -46,7 +46,7 @@ const MAX_LORA_ELEMS: usize = 1 << 22;
 /// Bound on the reference's work `T·k·N·K` (each multiply-add runs about four times, in f64).
 const MAX_MACS: usize = 1 << 26;
 /// LoRA ranks drawn from.
-const RANKS: [usize; 5] = [0, 1, 8, 16, 64];
+const RANKS: [usize; 7] = [0, 1, 7, 8, 16, 64, 128];
 
 /// The base weights of a problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,8 +268,9 @@ fn prepare(p: &Problem) -> Prepared {
     }
 }
 
-/// Runs a prepared problem on the GPU (forward and backward).
-fn run(gpu: &Gpu, p: &Problem, prep: &Prepared) -> GpuResult {
+/// Runs a prepared problem on the GPU (forward and backward), and with a LoRA rank once more
+/// without the LoRA factors.
+fn run(gpu: &Gpu, p: &Problem, prep: &Prepared) -> (GpuResult, Option<GpuResult>) {
     let base = match (p.base, &prep.mx) {
         (BaseKind::Bf16, _) => Base::Dense(&prep.data.w),
         (BaseKind::MxFused, Some(mx)) => Base::Mx(mx, Strategy::Fused),
@@ -277,7 +278,12 @@ fn run(gpu: &Gpu, p: &Problem, prep: &Prepared) -> GpuResult {
         (BaseKind::MxSelectiveRecompute, Some(mx)) => Base::MxRecompute(mx),
         (_, None) => unreachable!("MXFP4 problems are prepared with their container"),
     };
-    run_gpu_with(gpu, &p.case, &prep.data, &prep.dy, base)
+    let got = run_gpu_with(gpu, &p.case, &prep.data, &prep.dy, base);
+    let without = (p.case.r > 0).then(|| {
+        let c = Case { r: 0, ..p.case };
+        run_gpu_with(gpu, &c, &prep.data, &prep.dy, base)
+    });
+    (got, without)
 }
 
 /// The message of a caught panic.
@@ -336,7 +342,7 @@ fn run_all(gpu: &Gpu, problems: &[(String, Problem)]) -> Vec<String> {
     let mut failures = Vec::new();
     for (b, batch) in problems.chunks(workers).enumerate() {
         let prepared = par_map(batch.len(), workers, |i| catch(|| prepare(&batch[i].1)));
-        let results: Vec<Result<GpuResult, String>> = batch
+        let results: Vec<Result<(GpuResult, Option<GpuResult>), String>> = batch
             .iter()
             .zip(&prepared)
             .map(|((_, p), prep)| match prep {
@@ -349,16 +355,13 @@ fn run_all(gpu: &Gpu, problems: &[(String, Problem)]) -> Vec<String> {
                 prepared[i].as_ref().map_err(Clone::clone)?,
                 results[i].as_ref().map_err(|e| format!("GPU run: {e}"))?,
             );
+            let c = &batch[i].1.case;
             catch(|| {
-                compare(
-                    &batch[i].1.case,
-                    &prep.data,
-                    prep.w_ref(),
-                    &prep.dy,
-                    got,
-                    RTOL,
-                    ATOL_FRAC,
-                )
+                let (got, without) = got;
+                let bounds = compare(c, &prep.data, prep.w_ref(), &prep.dy, got);
+                if let Some(without) = without {
+                    compare_lora_term(c, &prep.data, &prep.dy, got, without, &bounds);
+                }
             })
         });
         for (i, check) in checks.into_iter().enumerate() {
@@ -616,43 +619,21 @@ fn generator_is_reproducible_within_bounds_and_covers_every_kind() {
 }
 
 /// The CPU reference laid out as the GPU returns it (`T·k` rows for grouped input and output,
-/// dropped rows last and zero).
-fn reference_as_gpu_result(p: &Problem, prep: &Prepared) -> GpuResult {
-    use mxmoe::reference::{self, Rounding};
-    let (c, d) = (&p.case, &prep.data);
-    let routing = reference::flatten_sort_count(&d.ids, c.t, c.top_k, c.e).unwrap();
-    let mut lp = mxmoe_tests::linear_case::problem(c, d, prep.w_ref());
-    let l_valid = routing.sorted_expert_idxs.len();
-    if c.input == RowOrder::Grouped {
-        lp.x_rows = l_valid;
-        lp.x = &d.x[..l_valid * c.k];
-    }
-    let fwd = reference::linear_forward(&lp, &routing, Rounding::Bf16).unwrap();
-    let dy_ref: Vec<f32> = if !c.gates && c.output == RowOrder::Grouped {
-        prep.dy[..l_valid * c.n].to_vec()
-    } else {
-        prep.dy.clone()
-    };
-    let grads = reference::linear_backward(&lp, &routing, &dy_ref, Rounding::Bf16).unwrap();
-    let mut out = fwd.y.clone().unwrap_or(fwd.out);
-    if fwd.y.is_none() && c.output == RowOrder::Grouped {
-        out.resize(c.t * c.top_k * c.n, 0.0);
-    }
-    let mut dx = grads.dx;
-    if c.input == RowOrder::Grouped {
-        dx.resize(c.t * c.top_k * c.k, 0.0);
-    }
+/// dropped rows last and zero), for the problem's case or another one (`c`) on the same data.
+fn reference_as_gpu_result(c: &Case, data: &Data, prep: &Prepared) -> GpuResult {
+    let r = reference_run(c, data, prep.w_ref(), &prep.dy, Rounding::Bf16);
     let (da, db) = if c.r > 0 {
-        (Some(grads.da), Some(grads.db))
+        (Some(r.da), Some(r.db))
     } else {
         (None, None)
     };
     GpuResult {
-        out,
-        dx,
+        out: r.out,
+        dx: r.dx,
         da,
         db,
-        d_gates: grads.d_gates,
+        d_gates: r.d_gates,
+        configs: [0, 0],
     }
 }
 
@@ -681,25 +662,46 @@ fn problems_are_accepted_by_the_reference_harness() {
         let p = &problems[i];
         catch(|| {
             let prep = prepare(p);
-            let as_gpu = reference_as_gpu_result(p, &prep);
-            compare(
-                &p.case,
-                &prep.data,
-                prep.w_ref(),
-                &prep.dy,
-                &as_gpu,
-                RTOL,
-                ATOL_FRAC,
-            );
+            let c = &p.case;
+            let as_gpu = reference_as_gpu_result(c, &prep.data, &prep);
+            let bounds = compare(c, &prep.data, prep.w_ref(), &prep.dy, &as_gpu);
+            if c.r > 0 {
+                let without = reference_as_gpu_result(&Case { r: 0, ..*c }, &prep.data, &prep);
+                compare_lora_term(c, &prep.data, &prep.dy, &as_gpu, &without, &bounds);
+                // The check can fail: a LoRA scaling 2 % too large must not pass it (where
+                // the tensors have enough live elements for the statistic).
+                let live = as_gpu.out.iter().filter(|v| **v != 0.0).count();
+                if live < 512 {
+                    return false;
+                }
+                let off = Data {
+                    s: prep.data.s * 1.02,
+                    ..prep.data.clone()
+                };
+                let wrong = reference_as_gpu_result(c, &off, &prep);
+                let caught =
+                    catch(|| compare_lora_term(c, &prep.data, &prep.dy, &wrong, &without, &bounds));
+                assert!(
+                    caught.is_err(),
+                    "a 2 % LoRA scaling error passed the LoRA check"
+                );
+                return true;
+            }
             if p.case.dropped_permille >= 1000 {
                 assert!(
                     as_gpu.out.iter().chain(&as_gpu.dx).all(|&v| v == 0.0),
                     "all dropped must give zeros"
                 );
             }
+            false
         })
         .map_err(|e| format!("{p:?}: {e}"))
     });
+    let mutants_caught = checks.iter().filter(|c| matches!(c, Ok(true))).count();
+    assert!(
+        mutants_caught > 0,
+        "no problem was large enough to show that the LoRA check catches a 2 % scaling error"
+    );
     let failures: Vec<String> = checks.into_iter().filter_map(Result::err).collect();
     println!(
         "{} problems through the reference harness in {:.1} s on {} threads",

@@ -1,5 +1,6 @@
 //! GPU routing against the CPU reference: stable order, offsets, dropped slots, bad ids.
 
+use mxmoe::Error;
 use mxmoe::reference::flatten_sort_count;
 use mxmoe::routing::DeviceRouting;
 use mxmoe_tests::{Rng, gpu};
@@ -49,13 +50,67 @@ fn routing_matches_reference_on_random_and_edge_inputs() {
 #[test]
 fn routing_rejects_bad_ids_with_typed_errors() {
     let Some(gpu) = gpu() else { return };
-    assert!(DeviceRouting::from_host_ids(gpu, &[0, 8], 1, 2, 8).is_err());
-    assert!(DeviceRouting::from_host_ids(gpu, &[0, -2], 1, 2, 8).is_err());
-    assert!(DeviceRouting::from_host_ids(gpu, &[0, 1, 2], 1, 2, 8).is_err());
-    // Device-side ids: the kernels flag them and `check` reports it.
+    let invalid_id = |r: mxmoe::Result<DeviceRouting>, slot: usize, id: i64| {
+        let err = r.expect_err("a bad id must be refused");
+        match &err {
+            Error::InvalidArgument {
+                what: "expert ids",
+                detail,
+            } => assert!(
+                detail.contains(&format!("slot {slot} has expert id {id}")),
+                "{err}"
+            ),
+            _ => panic!("expected InvalidArgument for expert ids, got {err:?}"),
+        }
+    };
+    invalid_id(DeviceRouting::from_host_ids(gpu, &[0, 8], 1, 2, 8), 1, 8);
+    invalid_id(DeviceRouting::from_host_ids(gpu, &[0, -2], 1, 2, 8), 1, -2);
+    let err = DeviceRouting::from_host_ids(gpu, &[0, 1, 2], 1, 2, 8).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Shape {
+                tensor: "expert ids",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = DeviceRouting::from_host_ids(gpu, &[0, 1], 1, 0, 8).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { what: "top_k", .. }),
+        "{err:?}"
+    );
+    let err = DeviceRouting::from_host_ids(gpu, &[-1, -1], 1, 2, 0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                what: "num_experts",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Device-side ids: the kernels flag them and `check` reports it; good ids pass `check`.
     let ids = mxmoe::kernels::upload(gpu, &[0i32, 9, 1, 2]).unwrap();
     let r =
         DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8)
             .unwrap();
-    assert!(r.check(gpu).is_err());
+    let err = r.check(gpu).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                what: "expert ids",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let ids = mxmoe::kernels::upload(gpu, &[0i32, 7, -1, 2]).unwrap();
+    let r =
+        DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8)
+            .unwrap();
+    r.check(gpu).expect("ids in [-1, E) pass the device check");
 }

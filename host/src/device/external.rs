@@ -51,7 +51,7 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(super::PTX))
             .map_err(Error::driver("loading the mxmoe PTX module"))?;
-        let tuner = Tuner::new(&limits.name, TuneMode::from_env(), default_cache_path());
+        let tuner = Tuner::from_env(&limits.name)?;
         Ok(Self {
             ctx,
             stream,
@@ -82,7 +82,8 @@ impl Gpu {
                 &self.limits.name,
                 TuneMode::from_env(),
                 default_cache_path(),
-            ),
+            )
+            .with_forced(self.tuner.forced()),
         }
     }
 

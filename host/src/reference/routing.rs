@@ -321,7 +321,11 @@ mod tests {
         let err = flatten_sort_count(&[0, 1, 2], 2, 2, 3).unwrap_err();
         assert!(matches!(err, Error::Shape { tensor: "ids", .. }), "{err}");
         // Zero experts: only fully dropped routings are valid.
-        assert!(flatten_sort_count(&[0], 1, 1, 0).is_err());
+        let err = flatten_sort_count(&[0], 1, 1, 0).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { what: "ids", .. }),
+            "{err}"
+        );
         assert_eq!(flatten_sort_count(&[-1], 1, 1, 0).unwrap().num_rows(), 0);
     }
 
@@ -358,20 +362,29 @@ mod tests {
     #[test]
     fn validate_rejects_inconsistent_arrays() {
         let good = route(&[1, 0, 0, 1], 2, 2, 2);
+        let expect = |bad: Routing, field: &str| {
+            let err = bad.validate().unwrap_err();
+            let named = match &err {
+                Error::InvalidArgument { what, .. } => *what,
+                Error::Shape { tensor, .. } => *tensor,
+                other => panic!("{field}: unexpected error {other:?}"),
+            };
+            assert_eq!(named, field, "{err}");
+        };
         let mut bad = good.clone();
         bad.expert_offsets = vec![3, 4];
-        assert!(bad.validate().is_err());
+        expect(bad, "routing.sorted_expert_idxs");
         let mut bad = good.clone();
         bad.sorted_scattered_idxs[0] = bad.sorted_scattered_idxs[1];
-        assert!(bad.validate().is_err());
+        expect(bad, "routing.sorted_scattered_idxs");
         let mut bad = good.clone();
         bad.sorted_scattered_idxs[0] = 4;
-        assert!(bad.validate().is_err());
+        expect(bad, "routing.sorted_scattered_idxs");
         let mut bad = good.clone();
         bad.expert_offsets = vec![2, 3];
-        assert!(bad.validate().is_err());
+        expect(bad, "routing.expert_offsets");
         let mut bad = good;
         bad.sorted_expert_idxs.pop();
-        assert!(bad.validate().is_err());
+        expect(bad, "routing.sorted_scattered_idxs");
     }
 }
