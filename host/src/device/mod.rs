@@ -18,7 +18,7 @@ pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 
 use crate::error::{Error, Result};
-use crate::tune::{TuneMode, Tuner, default_cache_path};
+use crate::tune::Tuner;
 
 /// The PTX module built from `kernels-gpu` by `host/build.rs` (see `xtask/ptx-builder`).
 pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
@@ -108,7 +108,7 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(source.text))
             .map_err(Error::driver(source.load_op()))?;
-        let tuner = Tuner::new(&limits.name, TuneMode::from_env(), default_cache_path());
+        let tuner = Tuner::from_env(&limits.name)?;
         Ok(Self {
             ctx,
             stream,
