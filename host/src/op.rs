@@ -623,7 +623,7 @@ impl<'a> ExpertLinear<'a> {
     ///
     /// Errors: [`Error::InvalidArgument`] (`what` = `"expert weights"`) naming both values.
     pub fn check_dims(n: usize, k: usize) -> Result<()> {
-        if k == 0 || n == 0 || k % 8 != 0 || n % 8 != 0 {
+        if k == 0 || n == 0 || !k.is_multiple_of(8) || !n.is_multiple_of(8) {
             return Err(Error::InvalidArgument {
                 what: "expert weights",
                 detail: format!("K = {k} and N = {n} must be positive multiples of 8"),
