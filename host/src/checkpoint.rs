@@ -398,7 +398,11 @@ impl<'a> Checkpoint<'a> {
         if !accept.contains(&view.dtype()) {
             return Err(err(
                 ERR_DTYPE,
-                format!("`{}` is {}, expected {expected}", escape(name), view.dtype()),
+                format!(
+                    "`{}` is {}, expected {expected}",
+                    escape(name),
+                    view.dtype()
+                ),
             ));
         }
         Ok(Tensor {
@@ -1014,10 +1018,7 @@ impl CheckpointWriter {
         let (codes, scales) = layout.tensor_names(name);
         for n in [&codes, &scales] {
             if self.tensors.contains_key(n) {
-                return Err(err(
-                    ERR_NAME,
-                    format!("`{}` is written twice", escape(n)),
-                ));
+                return Err(err(ERR_NAME, format!("`{}` is written twice", escape(n))));
             }
         }
         let code_shape: Vec<usize> = match layout {
@@ -1902,7 +1903,11 @@ mod tests {
         for needle in ["`w.scales`", "expert 1", "row 2", "block 1", "k = 32 to 63"] {
             assert!(msg.contains(needle), "`{needle}` not in: {msg}");
         }
-        assert_err(ck.read_expert_weights("w"), ERR_NAN_SCALE, "expert 1, row 2");
+        assert_err(
+            ck.read_expert_weights("w"),
+            ERR_NAN_SCALE,
+            "expert 1, row 2",
+        );
         assert_err(read_mx(&file, "w"), ERR_NAN_SCALE, "`w.scales`");
         // The explicit opt-in keeps torchao's behaviour: accepted, and NaN after dequantization.
         let ck = Checkpoint::parse(&file).unwrap().allow_nan_scales(true);
@@ -2007,7 +2012,10 @@ mod tests {
         assert!(experts_per_chunk(shape, 2) >= 1);
         let jobs = [QuantizeJob {
             dtype: Dtype::BF16,
-            bytes: &bits.iter().flat_map(|b| b.to_le_bytes()).collect::<Vec<_>>(),
+            bytes: &bits
+                .iter()
+                .flat_map(|b| b.to_le_bytes())
+                .collect::<Vec<_>>(),
             shape,
         }];
         let whole = quantize_mxfp4_bf16(&bits, e, n, k).unwrap();

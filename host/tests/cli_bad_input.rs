@@ -42,10 +42,7 @@ fn scratch(tag: &str) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!(
-        "mxmoe-cli-{tag}-{}-{nanos}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("mxmoe-cli-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the scratch folder");
     dir
 }
@@ -69,7 +66,12 @@ fn stdout(o: &Output) -> String {
 /// Asserts exit status 2 and an error message holding every needle; returns the message.
 fn fails(o: &Output, needles: &[&str]) -> String {
     let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "stdout: {}\nstderr: {err}", stdout(o));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "stdout: {}\nstderr: {err}",
+        stdout(o)
+    );
     for needle in needles {
         assert!(err.contains(needle), "`{needle}` not in: {err}");
     }
@@ -186,7 +188,11 @@ fn run_refuses_an_output_that_is_its_input() {
     let other = dir.join(".").join("in.safetensors");
     let o = mxmoe(&["run", "--cpu", "--inputs", s(&path), "--out", s(&other)]);
     fails(&o, &["is the --inputs file"]);
-    assert_eq!(std::fs::read(&path).unwrap(), input, "the input is unchanged");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        input,
+        "the input is unchanged"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -258,10 +264,7 @@ fn quantize_to_the_other_layout_converts_the_weights() {
     );
     let (_, meta) = safetensors::SafeTensors::read_metadata(&std::fs::read(&gpt_oss).unwrap())
         .expect("metadata");
-    assert_eq!(
-        meta.metadata().as_ref().unwrap()["mxmoe.layout"],
-        "gpt-oss"
-    );
+    assert_eq!(meta.metadata().as_ref().unwrap()["mxmoe.layout"], "gpt-oss");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -299,8 +302,18 @@ fn a_requested_device_that_does_not_exist_is_an_error() {
     let input = write(&dir, "in.safetensors", &projection(&[]));
     let out = dir.join("out.safetensors");
     for args in [
-        vec!["run", "--inputs", s(&input), "--out", s(&out), "--device", "99"],
-        vec!["bench", "--shape", "dense", "--tokens", "16", "--device", "99"],
+        vec![
+            "run",
+            "--inputs",
+            s(&input),
+            "--out",
+            s(&out),
+            "--device",
+            "99",
+        ],
+        vec![
+            "bench", "--shape", "dense", "--tokens", "16", "--device", "99",
+        ],
         vec!["smoke", "--device", "99"],
     ] {
         fails(&mxmoe(&args), &["--device 99"]);
@@ -311,7 +324,8 @@ fn a_requested_device_that_does_not_exist_is_an_error() {
     succeeds(&o);
     let said = stdout(&o);
     assert!(
-        said.contains("computed on cuda:0") || said.contains("computed with the CPU reference (no CUDA"),
+        said.contains("computed on cuda:0")
+            || said.contains("computed with the CPU reference (no CUDA"),
         "{said}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
@@ -380,10 +394,7 @@ fn nan_scales_are_refused_unless_allowed() {
     let input = write(&dir, "nan.safetensors", &mx_projection(scales));
     let out = dir.join("out.safetensors");
     let o = mxmoe(&["run", "--cpu", "--inputs", s(&input), "--out", s(&out)]);
-    fails(
-        &o,
-        &["`w.scales`", "expert 1", "row 3", "block 1", "NaN"],
-    );
+    fails(&o, &["`w.scales`", "expert 1", "row 3", "block 1", "NaN"]);
     assert!(!out.exists());
     let o = mxmoe(&[
         "run",

@@ -123,7 +123,10 @@ mod memory_tests {
             .unwrap_err();
         assert!(matches!(e, Error::OutOfMemory { needed_bytes, .. } if needed_bytes == two_tib));
         let msg = e.to_string();
-        assert!(msg.contains("out [4194304, 65536]") && msg.contains("2.0 TiB"), "{msg}");
+        assert!(
+            msg.contains("out [4194304, 65536]") && msg.contains("2.0 TiB"),
+            "{msg}"
+        );
         assert!(matches!(
             check_memory_against("x".into(), None, Some(1)),
             Err(Error::SizeOverflow { .. })

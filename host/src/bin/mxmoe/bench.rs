@@ -25,12 +25,12 @@ use crate::env::{
     check_device_memory, commit, driver_description, open_gpu, sum_bytes, tensor_bytes, utc_now,
 };
 use crate::output::{check_writable, write_atomic};
-use mxmoe::reference::check_host_memory;
 use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
 use crate::strategy::{HostWeights, Strategy};
 use mxmoe::device::PoolWatch;
+use mxmoe::reference::check_host_memory;
 
 /// Reduction dimension of the benchmarked projection.
 const K: usize = 2048;
@@ -305,10 +305,7 @@ fn check_config(c: &Config, gpu: Option<&Gpu>) -> anyhow::Result<()> {
         }
         .into());
     };
-    let routing = sum_bytes(&[
-        tensor_bytes(&[t, e], 4),
-        tensor_bytes(&[rows], 8 + 4 + 4),
-    ]);
+    let routing = sum_bytes(&[tensor_bytes(&[t, e], 4), tensor_bytes(&[rows], 8 + 4 + 4)]);
     check_host_memory(
         format!("{label}: the routing draw (logits [{t}, {e}] f32, top-{TOP_K} ids and weights)"),
         routing,
@@ -337,7 +334,9 @@ fn check_config(c: &Config, gpu: Option<&Gpu>) -> anyhow::Result<()> {
     ]);
     check_device_memory(
         gpu,
-        &format!("{label}: the device problem (x [{t}, {K}], out and dy [{rows}, {N}], W [{e}, {N}, {K}])"),
+        &format!(
+            "{label}: the device problem (x [{t}, {K}], out and dy [{rows}, {N}], W [{e}, {N}, {K}])"
+        ),
         device,
     )
 }

@@ -613,10 +613,10 @@ impl Projection {
         ]);
         sum_bytes(&[
             written,
-            tensor_bytes(&[e, n, k], 4),              // the weights as f32
-            inputs.and_then(|i| i.checked_mul(8)),    // widened to f64
-            tensor_bytes(&[s, r + 3 * n], 8),         // XA, grouped, slot-ordered outputs
-            tensor_bytes(&[t, n], 8),                 // the gate sum
+            tensor_bytes(&[e, n, k], 4),           // the weights as f32
+            inputs.and_then(|i| i.checked_mul(8)), // widened to f64
+            tensor_bytes(&[s, r + 3 * n], 8),      // XA, grouped, slot-ordered outputs
+            tensor_bytes(&[t, n], 8),              // the gate sum
             if grads {
                 sum_bytes(&[
                     tensor_bytes(&[s, n + r + k], 8), // dY grouped, YB, per-row dX
@@ -1210,7 +1210,10 @@ pub fn execute(input: &[u8], options: &RunOptions) -> anyhow::Result<(Vec<u8>, R
                 Call::Block(b) => b.gpu(&gpu, options.strategy)?,
             };
             let name = gpu.limits().name.clone();
-            let line = format!("computed on cuda:{} ({name}), strategy {ran}", gpu.ordinal());
+            let line = format!(
+                "computed on cuda:{} ({name}), strategy {ran}",
+                gpu.ordinal()
+            );
             (outputs, line, ran, name)
         }
         Err(why) => {
