@@ -16,6 +16,11 @@
 //!   filter, `--nocapture`, `--test-threads=1`); with `MXMOE_TEST_LOG_DIR` set, each binary's
 //!   output is also kept in `<dir>/<binary>.log`.
 //!
+//! Every binary is built with the `mxmoe/ptx-override` feature: `Gpu::open` then loads the PTX
+//! file named by `MXMOE_PTX_OVERRIDE` instead of the embedded module (unset: the embedded one, as
+//! in any build). With `--mutants`, the bundle also gets `mutants/` and `run-mutants.sh`
+//! ([`crate::mutants`]), which use that to run the suites against deliberately broken modules.
+//!
 //! The host-only tooling packages (`xtask`, `mxmoe-ptx-builder`) are left out: their tests need
 //! no GPU and run in `cargo xtask test`. Doc tests are not binaries and are not bundled.
 
@@ -28,7 +33,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::{flags, shell};
+use crate::{flags, mutants, shell};
 
 /// Packages whose tests are not bundled (host-only tooling).
 const EXCLUDED_PACKAGES: &[&str] = &["xtask", "mxmoe-ptx-builder"];
@@ -43,6 +48,19 @@ const GOLDEN_FILE: &str = "mxfp4_golden_torchao.safetensors";
 const RUN_SCRIPT: &str = "run-tests.sh";
 /// The compute-sanitizer driver written next to it.
 const SANITIZE_SCRIPT: &str = "run-sanitizer.sh";
+
+/// The feature every bundled binary is built with (see the module docs).
+const OVERRIDE_FEATURE: &str = "mxmoe/ptx-override";
+
+/// Names the bundle itself uses; no binary may take one.
+const RESERVED: &[&str] = &[
+    RUN_SCRIPT,
+    SANITIZE_SCRIPT,
+    mutants::RUN_SCRIPT,
+    mutants::BUNDLE_DIR,
+    "golden",
+    "commit.env",
+];
 
 /// One executable that cargo reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +92,8 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
         "--workspace",
         "--release",
         "--no-run",
+        "--features",
+        OVERRIDE_FEATURE,
         "--message-format=json-render-diagnostics",
     ]);
     for p in EXCLUDED_PACKAGES {
@@ -92,6 +112,8 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
                 "--package",
                 CLI_PACKAGE,
                 "--bins",
+                "--features",
+                OVERRIDE_FEATURE,
                 "--message-format=json-render-diagnostics",
             ]),
             false,
@@ -110,12 +132,7 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
         bail!("cargo built no binary of package {CLI_PACKAGE}");
     }
     for name in bin_files.keys() {
-        if test_files.contains_key(name)
-            || name == RUN_SCRIPT
-            || name == SANITIZE_SCRIPT
-            || name == "golden"
-            || name == "commit.env"
-        {
+        if test_files.contains_key(name) || RESERVED.contains(&name.as_str()) {
             bail!("the bundle name `{name}` is used twice; rename the test target");
         }
     }
@@ -195,6 +212,10 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
         test_files.len() + bin_files.len(),
         total_bytes as f64 / (1024.0 * 1024.0)
     );
+    if flags.mutants {
+        mutants::build(root, &out, mxmoe_ptx_builder::DEFAULT_ARCH, &[])
+            .context("building the mutants into the bundle failed")?;
+    }
     Ok(())
 }
 
@@ -321,8 +342,7 @@ fn name_tests<'a>(
     let mut named = BTreeMap::new();
     for a in tests {
         let name = test_file_name(a);
-        if name == RUN_SCRIPT || name == SANITIZE_SCRIPT || name == "golden" || name == "commit.env"
-        {
+        if RESERVED.contains(&name.as_str()) {
             bail!(
                 "test target `{}` of {} clashes with the bundle's `{name}`; rename it",
                 a.target,

@@ -28,6 +28,8 @@ pub enum Command {
     /// Build release test binaries and the CLI into one folder, with a `run-tests.sh` for a GPU
     /// machine.
     DeviceBundle(DeviceBundle),
+    /// The mutation run: deliberate kernel defects built as PTX modules, for `run-mutants.sh`.
+    Mutants(Mutants),
 }
 
 /// Flags of `cargo xtask build-ptx`.
@@ -69,4 +71,42 @@ pub struct DeviceBundle {
     /// Folder holding the golden data (default: `<root>/tests/data/golden`).
     #[arg(long)]
     pub golden: Option<PathBuf>,
+    /// Also build every mutant's PTX into the bundle, with `run-mutants.sh`
+    /// (`cargo xtask mutants build`).
+    #[arg(long)]
+    pub mutants: bool,
+}
+
+/// Flags of `cargo xtask mutants`.
+#[derive(Debug, Args)]
+pub struct Mutants {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: MutantsCommand,
+}
+
+/// The subcommands of `cargo xtask mutants`.
+#[derive(Debug, Subcommand)]
+pub enum MutantsCommand {
+    /// Print every mutant's id and description.
+    List,
+    /// Check that every mutant's edits apply to the current sources (no build).
+    Check,
+    /// Build the clean module and every mutant's PTX into `<out>/mutants/`, and write
+    /// `<out>/run-mutants.sh`.
+    Build(MutantsBuild),
+}
+
+/// Flags of `cargo xtask mutants build`.
+#[derive(Debug, Args)]
+pub struct MutantsBuild {
+    /// The device bundle folder, relative to the workspace root unless absolute.
+    #[arg(long, default_value = ".device-bin")]
+    pub out: PathBuf,
+    /// GPU architecture of the modules.
+    #[arg(long, default_value = DEFAULT_ARCH)]
+    pub arch: String,
+    /// Only these mutants (ids, comma-separated or repeated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }

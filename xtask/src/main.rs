@@ -12,6 +12,7 @@
 //! | `ptx-report` | [`ptx_report`] | lints the PTX, runs `ptxas -v`, prints per-kernel resources, gates spills |
 //! | `test` | [`mod@test`] | the one test command: `ptx-report`, then `cargo test --workspace` |
 //! | `device-bundle` | [`device_bundle`] | release test binaries plus a runner script for a GPU machine |
+//! | `mutants` | [`mutants`] | deliberate kernel defects as PTX modules, and `run-mutants.sh` to prove the suites catch them |
 //!
 //! The device build itself lives in the `mxmoe-ptx-builder` library (`xtask/ptx-builder`), which
 //! `host/build.rs` calls too; it documents the recipe and links rustc's platform page for the
@@ -20,6 +21,7 @@
 mod build_ptx;
 mod device_bundle;
 mod flags;
+mod mutants;
 mod ptx_report;
 mod ptxas;
 mod ptxas_log;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::PtxReport(f) => ptx_report::run(&root, &f),
         Command::Test(f) => test::run(&root, &f),
         Command::DeviceBundle(f) => device_bundle::run(&root, &f),
+        Command::Mutants(f) => mutants::run(&root, &f),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,755 @@
+//! `cargo xtask mutants`: the mutation run of issue #13 ("a test that can't fail is a defect:
+//! prove each suite can fail").
+//!
+//! Each mutant ([`catalog::MUTANTS`]) is a deliberate defect in `kernels-gpu/src`, written as
+//! exact source replacements. `cargo xtask mutants build`:
+//!
+//! 1. copies the workspace's sources (what `git ls-files` lists, tracked or untracked but not
+//!    ignored; no `target/`) to the scratch folder `target/mutants/src`;
+//! 2. builds the unmutated module there (`clean`), then for each mutant applies its edits, builds
+//!    the PTX with the recipe of `cargo xtask build-ptx` (`mxmoe-ptx-builder`, device target dir
+//!    `target/mutants/ptx-target`, kept between runs so `core` is built once) and restores the
+//!    edited files;
+//! 3. fails if an edit does not match exactly once, a mutant does not build, or its PTX equals
+//!    the clean one (a mutant that changes nothing is a defect of this list);
+//! 4. writes `<out>/mutants/ptx.tar.xz` (every module; xz with a 64 MiB window, so the nearly
+//!    identical modules cost little more than one), `<out>/mutants/manifest.tsv`
+//!    (`id  fingerprint  file  description`, the first row `clean`) and `<out>/run-mutants.sh`.
+//!
+//! The bundle's test binaries are built with the `mxmoe/ptx-override` feature
+//! (`cargo xtask device-bundle` does that), so `run-mutants.sh` runs them against each module
+//! without relinking: `MXMOE_PTX_OVERRIDE=<module>` and `MXMOE_EXPECT_PTX_FINGERPRINT=<FNV-1a 64>`
+//! (see `host/src/device/ptx_source.rs`). A mutant is *caught* when its module loaded (the CLI's
+//! `mxmoe info` opens the device with it, fingerprint checked) and at least one suite exited
+//! non-zero without an override error; a suite that hangs past the per-suite limit counts as
+//! caught ("timeout").
+//!
+//! `cargo xtask mutants list` prints the list, `cargo xtask mutants check` checks that every edit
+//! applies to the current sources (also a unit test, so `cargo xtask test` notices a refactor
+//! that disarms a mutant).
+
+mod catalog;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use mxmoe_ptx_builder::PtxBuild;
+
+pub use catalog::{MUTANTS, Mutant};
+
+use crate::flags::{self, MutantsCommand};
+use crate::shell;
+
+/// Name of the generated runner, next to `run-tests.sh`.
+pub const RUN_SCRIPT: &str = "run-mutants.sh";
+/// The bundle's subfolder holding the modules and the manifest.
+pub const BUNDLE_DIR: &str = "mutants";
+/// The archive of every module inside [`BUNDLE_DIR`].
+pub const ARCHIVE: &str = "ptx.tar.xz";
+/// The manifest inside [`BUNDLE_DIR`].
+pub const MANIFEST: &str = "manifest.tsv";
+/// The id of the unmutated module (the manifest's first row, the runner's `--baseline`).
+pub const CLEAN_ID: &str = "clean";
+
+/// The GPU suites `run-mutants.sh` runs by default, in this order (most sensitive first); a
+/// mutant stops at the first suite that fails. `MUTANT_SUITES` overrides the list.
+pub const DEFAULT_SUITES: &[&str] = &[
+    "gpu_linear",
+    "gpu_mxfp4",
+    "gpu_routing",
+    "gpu_configs",
+    "gpu_moe",
+    "gpu_strategy_a",
+    "gpu_dequant",
+    "gpu_random",
+    "gpu_bad_input",
+];
+
+/// Runs `cargo xtask mutants <command>`.
+pub fn run(root: &Path, flags: &flags::Mutants) -> Result<()> {
+    match &flags.command {
+        MutantsCommand::List => {
+            for m in MUTANTS {
+                println!("{:<22} {}", m.id, m.description);
+            }
+            Ok(())
+        }
+        MutantsCommand::Check => {
+            for m in MUTANTS {
+                apply(m, |file| read_source(root, file))
+                    .with_context(|| format!("mutant {}", m.id))?;
+                println!("{:<22} applies", m.id);
+            }
+            Ok(())
+        }
+        MutantsCommand::Build(b) => {
+            let out = if b.out.is_absolute() {
+                b.out.clone()
+            } else {
+                root.join(&b.out)
+            };
+            build(root, &out, &b.arch, &b.only)
+        }
+    }
+}
+
+fn read_source(root: &Path, file: &str) -> Result<String> {
+    let path = root.join(file);
+    fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Applies `m`'s edits to the files `read` returns (paths relative to the workspace root) and
+/// returns each edited file's new text. Every `old` must occur exactly once in its file as
+/// edited so far.
+pub fn apply(
+    m: &Mutant,
+    mut read: impl FnMut(&str) -> Result<String>,
+) -> Result<BTreeMap<&'static str, String>> {
+    let mut files: BTreeMap<&'static str, String> = BTreeMap::new();
+    for (i, e) in m.edits.iter().enumerate() {
+        if !files.contains_key(e.file) {
+            files.insert(e.file, read(e.file)?);
+        }
+        let text = files.get_mut(e.file).expect("inserted above");
+        let n = text.matches(e.old).count();
+        if n != 1 {
+            bail!(
+                "edit {} of mutant {} matches {n} times in {} (it must match exactly once; update \
+                 xtask/src/mutants/catalog.rs to the current source):\n{}",
+                i + 1,
+                m.id,
+                e.file,
+                e.old
+            );
+        }
+        *text = text.replacen(e.old, e.new, 1);
+    }
+    Ok(files)
+}
+
+/// FNV-1a (64-bit) of `text`: the same function as `mxmoe::device::fingerprint`, which checks
+/// `MXMOE_EXPECT_PTX_FINGERPRINT`.
+pub fn fingerprint(text: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    text.bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+/// The mutants named in `only` (all when empty), in catalog order.
+fn select(only: &[String]) -> Result<Vec<&'static Mutant>> {
+    for id in only {
+        if !MUTANTS.iter().any(|m| m.id == id) {
+            bail!(
+                "no mutant `{id}` (see `cargo xtask mutants list`: {})",
+                MUTANTS.iter().map(|m| m.id).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(MUTANTS
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|id| id == m.id))
+        .collect())
+}
+
+/// One built module.
+struct Built {
+    id: &'static str,
+    description: &'static str,
+    file: String,
+    fingerprint: u64,
+    seconds: f64,
+    changed_entries: usize,
+}
+
+/// Builds the clean module and every selected mutant, and writes them, the manifest and the
+/// runner into `out` (see the module docs).
+pub fn build(root: &Path, out: &Path, arch: &str, only: &[String]) -> Result<()> {
+    let selected = select(only)?;
+    let base = root.join("target").join("mutants");
+    let scratch = base.join("src");
+    let target_dir = base.join("ptx-target");
+    let stage = base.join("ptx");
+    let started = Instant::now();
+    copy_sources(root, &scratch)?;
+    recreate_dir(&stage)?;
+
+    eprintln!("== mutants: clean module (the scratch copy as is)");
+    let t = Instant::now();
+    let clean_file = stage.join(format!("{CLEAN_ID}.ptx"));
+    build_module(&scratch, &target_dir, arch, &clean_file).context("the clean module")?;
+    let clean = fs::read_to_string(&clean_file)
+        .with_context(|| format!("cannot read {}", clean_file.display()))?;
+    let mut built = vec![Built {
+        id: CLEAN_ID,
+        description: "the unmutated module (baseline; ./run-mutants.sh --baseline)",
+        file: format!("{CLEAN_ID}.ptx"),
+        fingerprint: fingerprint(&clean),
+        seconds: t.elapsed().as_secs_f64(),
+        changed_entries: 0,
+    }];
+    let clean_entries = entry_bodies(&clean);
+
+    let mut failures = Vec::new();
+    for m in &selected {
+        eprintln!("== mutant {}: {}", m.id, m.description);
+        let t = Instant::now();
+        let file = format!("{}.ptx", m.id);
+        match build_mutant(m, &scratch, &target_dir, arch, &stage.join(&file)) {
+            Err(e) => failures.push(format!("{}: {e:#}", m.id)),
+            Ok(text) if text == clean => failures.push(format!(
+                "{}: the PTX equals the clean module's, so this mutant tests nothing; fix its edits",
+                m.id
+            )),
+            Ok(text) => {
+                let mutated = entry_bodies(&text);
+                let changed_entries = mutated
+                    .iter()
+                    .filter(|(name, body)| clean_entries.get(*name) != Some(body))
+                    .count();
+                built.push(Built {
+                    id: m.id,
+                    description: m.description,
+                    file,
+                    fingerprint: fingerprint(&text),
+                    seconds: t.elapsed().as_secs_f64(),
+                    changed_entries,
+                })
+            }
+        }
+    }
+
+    println!(
+        "{:<22} {:>8}  {:<16}  entries changed",
+        "module", "build s", "fingerprint"
+    );
+    for b in &built {
+        println!(
+            "{:<22} {:>8.1}  {:016x}  {}",
+            b.id, b.seconds, b.fingerprint, b.changed_entries
+        );
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} mutants failed:\n{}",
+            failures.len(),
+            selected.len(),
+            failures.join("\n")
+        );
+    }
+
+    let bundle = out.join(BUNDLE_DIR);
+    if !out.join("run-tests.sh").exists() {
+        eprintln!(
+            "warning: {} holds no device bundle (no run-tests.sh); build one with `cargo xtask \
+             device-bundle --mutants`, which also runs this command",
+            out.display()
+        );
+    }
+    recreate_dir(&bundle)?;
+    let files: Vec<&str> = built.iter().map(|b| b.file.as_str()).collect();
+    write_archive(&stage, &files, &bundle.join(ARCHIVE))?;
+    let mut manifest = String::new();
+    for b in &built {
+        let _ = writeln!(
+            manifest,
+            "{}\t{:016x}\t{}\t{}",
+            b.id, b.fingerprint, b.file, b.description
+        );
+    }
+    fs::write(bundle.join(MANIFEST), manifest)
+        .with_context(|| format!("cannot write {}", bundle.join(MANIFEST).display()))?;
+    let script = out.join(RUN_SCRIPT);
+    fs::write(&script, run_script(DEFAULT_SUITES))
+        .with_context(|| format!("cannot write {}", script.display()))?;
+    make_executable(&script)?;
+    let archive_bytes = fs::metadata(bundle.join(ARCHIVE)).map_or(0, |m| m.len());
+    println!(
+        "{} modules ({} mutants) in {} ({:.2} MiB), {} and {RUN_SCRIPT} written in {:.0} s",
+        built.len(),
+        built.len() - 1,
+        bundle.join(ARCHIVE).display(),
+        archive_bytes as f64 / (1024.0 * 1024.0),
+        bundle.join(MANIFEST).display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Applies `m` in `scratch`, builds its module into `out_file`, restores the edited files (also
+/// on failure) and returns the module's text.
+fn build_mutant(
+    m: &Mutant,
+    scratch: &Path,
+    target_dir: &Path,
+    arch: &str,
+    out_file: &Path,
+) -> Result<String> {
+    let edited = apply(m, |file| read_source(scratch, file))?;
+    let mut originals = Vec::new();
+    for file in edited.keys() {
+        originals.push((scratch.join(file), read_source(scratch, file)?));
+    }
+    let result = (|| {
+        for (file, text) in &edited {
+            let path = scratch.join(file);
+            fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        build_module(scratch, target_dir, arch, out_file)?;
+        fs::read_to_string(out_file).with_context(|| format!("cannot read {}", out_file.display()))
+    })();
+    for (path, text) in originals {
+        fs::write(&path, text).with_context(|| format!("cannot restore {}", path.display()))?;
+    }
+    result
+}
+
+/// The device build of `cargo xtask build-ptx`, on the scratch workspace.
+fn build_module(scratch: &Path, target_dir: &Path, arch: &str, out_file: &Path) -> Result<()> {
+    let b = PtxBuild {
+        workspace_root: scratch.to_path_buf(),
+        target_dir: target_dir.to_path_buf(),
+        arch: arch.to_string(),
+        out_file: out_file.to_path_buf(),
+        cargo: shell::cargo(),
+    };
+    mxmoe_ptx_builder::build_ptx(&b)?;
+    Ok(())
+}
+
+/// Replaces `scratch` with a copy of the files `git ls-files` lists (tracked, and untracked
+/// files that are not ignored), so the scratch build sees the working tree as it is.
+fn copy_sources(root: &Path, scratch: &Path) -> Result<()> {
+    let listed = shell::output(
+        Command::new("git").current_dir(root).args([
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ]),
+        true,
+    )
+    .context("listing the workspace's files with git")?;
+    recreate_dir(scratch)?;
+    let mut copied = 0;
+    for rel in listed.stdout.split(|&b| b == 0).filter(|s| !s.is_empty()) {
+        let rel = Path::new(std::str::from_utf8(rel).context("a file name is not UTF-8")?);
+        let src = root.join(rel);
+        if !src.is_file() {
+            continue; // deleted in the working tree, or a submodule
+        }
+        let dest = scratch.join(rel);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        fs::copy(&src, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+        copied += 1;
+    }
+    if !scratch.join("kernels-gpu/src/lib.rs").is_file() {
+        bail!("the scratch copy has no kernels-gpu/src/lib.rs ({copied} files copied)");
+    }
+    Ok(())
+}
+
+fn recreate_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// `tar` the `files` of `dir` and compress with `xz -9` (64 MiB window: the modules differ in a
+/// few kernels, so each after the first costs little).
+fn write_archive(dir: &Path, files: &[&str], archive: &Path) -> Result<()> {
+    let tar = archive.with_extension(""); // ptx.tar
+    let _ = fs::remove_file(&tar);
+    shell::run(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(dir)
+            .args(files),
+    )
+    .context("tar is needed to pack the modules")?;
+    shell::run(Command::new("xz").args(["-9", "-T1", "-f"]).arg(&tar))
+        .context("xz is needed to compress the modules")?;
+    if !archive.is_file() {
+        bail!("xz did not write {}", archive.display());
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn make_executable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", path.display()))
+}
+
+#[cfg(not(unix))]
+fn make_executable(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// The text of every `.entry` of a PTX module, by name (from its `.entry` line up to the next
+/// `.entry`/`.func` or the end).
+fn entry_bodies(ptx: &str) -> BTreeMap<&str, &str> {
+    let mut starts: Vec<(usize, Option<&str>)> = Vec::new();
+    let mut at = 0;
+    for line in ptx.split_inclusive('\n') {
+        let t = line.trim_start();
+        let t = t.strip_prefix(".visible ").unwrap_or(t);
+        let t = t.strip_prefix(".weak ").unwrap_or(t);
+        if let Some(rest) = t.strip_prefix(".entry ") {
+            let name = rest
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            starts.push((at, Some(name)));
+        } else if t.starts_with(".func ") {
+            starts.push((at, None));
+        }
+        at += line.len();
+    }
+    let mut bodies = BTreeMap::new();
+    for (i, (start, name)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map_or(ptx.len(), |(s, _)| *s);
+        if let Some(name) = name {
+            bodies.insert(*name, &ptx[*start..end]);
+        }
+    }
+    bodies
+}
+
+/// The text of `run-mutants.sh`, with `suites` as the default suite order.
+pub fn run_script(suites: &[&str]) -> String {
+    let suites = suites.join(" ");
+    format!(
+        r#"#!/usr/bin/env bash
+# Generated by `cargo xtask mutants build`: the mutation run (issue #13). Every module of
+# mutants/{ARCHIVE} is a deliberate defect of the kernels (mutants/{MANIFEST}: id, FNV-1a 64
+# fingerprint, file, description). For each, the bundle's test binaries (built with the
+# mxmoe/ptx-override feature) load it through MXMOE_PTX_OVERRIDE, with the fingerprint checked
+# through MXMOE_EXPECT_PTX_FINGERPRINT, and the suites run in order until one fails.
+#
+# caught      the module loaded (`mxmoe info` opened the device with it) and a suite failed;
+#             "timeout" when a suite ran past MUTANT_SUITE_TIMEOUT (a hang counts as caught)
+# SURVIVED    every suite passed: the suites cannot see this defect (it needs a test)
+# LOAD ERROR  the module did not load, or a suite failed on the override itself
+#
+# Usage: ./{RUN_SCRIPT} [--baseline] [mutant-id ...]
+#   --baseline            first run the unmutated module through the same path (it must pass)
+#   mutant-id ...         only these mutants (default: all)
+#   MUTANT_SUITES="..."   suites, in order (default: {suites})
+#   MUTANT_SUITE_TIMEOUT  seconds per suite run (default 180)
+#   MXMOE_TEST_LOG_DIR    keep the logs there (default: a fresh folder under /tmp, printed)
+# Exit status: 0 when every mutant was caught, 1 when one survived or did not load, 2 on a
+# set-up error.
+set -uo pipefail
+here="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+export MXMOE_REQUIRE_GPU=1
+export MXMOE_GOLDEN="$here/golden/mxfp4_golden_torchao.safetensors"
+# The driver JIT-compiles each module once (seconds) and caches it by PTX text; keep them all.
+export CUDA_CACHE_MAXSIZE=4294967296
+unset CUDA_CACHE_DISABLE MXMOE_PTX_OVERRIDE MXMOE_EXPECT_PTX_FINGERPRINT MXMOE_GEMM_CONFIG
+source "$here/commit.env" 2>/dev/null || true
+
+read -r -a suites <<<"${{MUTANT_SUITES:-{suites}}}"
+limit="${{MUTANT_SUITE_TIMEOUT:-180}}"
+baseline=0
+wanted=()
+for a in "$@"; do
+  case "$a" in
+    --baseline) baseline=1 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -*) echo "unknown option $a"; exit 2 ;;
+    *) wanted+=("$a") ;;
+  esac
+done
+
+work="$(mktemp -d "${{TMPDIR:-/tmp}}/mxmoe-mutants.XXXXXX")"
+logs="${{MXMOE_TEST_LOG_DIR:-$work/logs}}"
+mkdir -p "$logs"
+archive="$here/{BUNDLE_DIR}/{ARCHIVE}"
+manifest="$here/{BUNDLE_DIR}/{MANIFEST}"
+if [[ ! -f "$archive" || ! -f "$manifest" ]]; then
+  echo "no $archive or $manifest: run \`cargo xtask device-bundle --mutants\`"; exit 2
+fi
+if command -v xz >/dev/null; then
+  xz -dc "$archive" | tar -xf - -C "$work" || {{ echo "cannot unpack $archive"; exit 2; }}
+elif command -v python3 >/dev/null; then
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+    "$archive" "$work" || {{ echo "cannot unpack $archive"; exit 2; }}
+else
+  echo "need xz or python3 to unpack $archive"; exit 2
+fi
+for b in mxmoe "${{suites[@]}}"; do
+  [[ -x "$here/$b" ]] || {{ echo "missing $here/$b"; exit 2; }}
+done
+if ! "$here/mxmoe" info >"$logs/info.log" 2>&1 || ! grep -q '^devices: [1-9]' "$logs/info.log"; then
+  echo "no usable CUDA device:"; cat "$logs/info.log"; exit 2
+fi
+
+# Every binary must honour MXMOE_PTX_OVERRIDE (built with the ptx-override feature): with a
+# missing module it must fail, naming the variable.
+echo "checking that the binaries honour MXMOE_PTX_OVERRIDE"
+for b in mxmoe "${{suites[@]}}"; do
+  if [[ $b == mxmoe ]]; then args=(info); else args=(); fi
+  if MXMOE_PTX_OVERRIDE="$work/no-such-module.ptx" timeout -k 10 "$limit" "$here/$b" "${{args[@]}}" \
+      >"$logs/canary-$b.log" 2>&1; then
+    echo "$b ignores MXMOE_PTX_OVERRIDE: rebuild the bundle with \`cargo xtask device-bundle --mutants\`"
+    exit 2
+  fi
+  if ! grep -q MXMOE_PTX_OVERRIDE "$logs/canary-$b.log"; then
+    echo "$b failed with a missing module but never named MXMOE_PTX_OVERRIDE (log $logs/canary-$b.log)"
+    exit 2
+  fi
+done
+
+# Is the bundle's embedded module the clean module the mutants were built from?
+clean_fp="$(awk -F '\t' '$1 == "{CLEAN_ID}" {{ print $2 }}' "$manifest")"
+if MXMOE_EXPECT_PTX_FINGERPRINT="$clean_fp" "$here/mxmoe" info >"$logs/embedded.log" 2>&1; then
+  stale=""
+else
+  stale="warning: the binaries' embedded PTX is not the mutants' clean module (sources changed between the bundle and the mutants build?)"
+  echo "$stale"
+fi
+
+ids=(); fps=(); files=(); descs=()
+while IFS=$'\t' read -r id fp file desc; do
+  [[ -z "$id" ]] && continue
+  if [[ $id == {CLEAN_ID} ]]; then
+    (( baseline )) || continue
+  elif (( ${{#wanted[@]}} > 0 )); then
+    hit=0; for w in "${{wanted[@]}}"; do [[ $w == "$id" ]] && hit=1; done
+    (( hit )) || continue
+  fi
+  ids+=("$id"); fps+=("$fp"); files+=("$file"); descs+=("$desc")
+done <"$manifest"
+if (( ${{#wanted[@]}} > 0 )); then
+  for w in "${{wanted[@]}}"; do
+    grep -q "^$w"$'\t' "$manifest" || {{ echo "no mutant $w in $manifest"; exit 2; }}
+  done
+fi
+
+echo "logs: $logs"
+echo "suites: ${{suites[*]}} (limit ${{limit}} s each)"
+results=(); secs=(); bad=0
+for i in "${{!ids[@]}}"; do
+  id="${{ids[$i]}}"
+  echo "=== $id: ${{descs[$i]}}"
+  start=$SECONDS
+  export MXMOE_PTX_OVERRIDE="$work/${{files[$i]}}"
+  export MXMOE_EXPECT_PTX_FINGERPRINT="${{fps[$i]}}"
+  # Load probe: opens the device with the module (the JIT result is cached for the suites).
+  if ! timeout -k 10 600 "$here/mxmoe" info >"$logs/$id.load.log" 2>&1; then
+    result="LOAD ERROR (log $logs/$id.load.log)"
+  else
+    result=""
+    for s in "${{suites[@]}}"; do
+      timeout -k 10 "$limit" "$here/$s" >"$logs/$id.$s.log" 2>&1
+      status=$?
+      if (( status == 0 )); then continue; fi
+      if grep -q -e MXMOE_PTX_OVERRIDE -e MXMOE_EXPECT_PTX_FINGERPRINT "$logs/$id.$s.log"; then
+        result="LOAD ERROR in $s (log $logs/$id.$s.log)"
+      elif (( status == 124 || status == 137 )); then
+        result="$s (timeout)"
+      else
+        result="$s"
+      fi
+      break
+    done
+    [[ -z "$result" ]] && result="SURVIVED"
+  fi
+  unset MXMOE_PTX_OVERRIDE MXMOE_EXPECT_PTX_FINGERPRINT
+  if [[ $id == {CLEAN_ID} ]]; then
+    if [[ $result == SURVIVED ]]; then result="baseline: all suites pass"; else result="BASELINE FAILED: $result"; bad=$((bad + 1)); fi
+  elif [[ $result == SURVIVED || $result == LOAD* ]]; then
+    bad=$((bad + 1))
+  fi
+  results+=("$result"); secs+=($((SECONDS - start)))
+  echo "    -> $result ($((SECONDS - start)) s)"
+done
+
+echo
+printf '| %-22s | %-40s | %7s |\n' mutant "caught by" seconds
+printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {{1..24}})" "$(printf -- '-%.0s' {{1..42}})" "$(printf -- '-%.0s' {{1..9}})"
+for i in "${{!ids[@]}}"; do
+  printf '| %-22s | %-40s | %7s |\n' "${{ids[$i]}}" "${{results[$i]}}" "${{secs[$i]}}"
+done
+[[ -n "$stale" ]] && echo "$stale"
+echo "commit: ${{MXMOE_COMMIT:-unknown}}; logs: $logs"
+if (( bad > 0 )); then
+  echo "$bad module(s) survived, failed to load, or failed the baseline"
+  exit 1
+fi
+echo "every mutant was caught"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::catalog::Edit;
+    use super::*;
+    use crate::project_root;
+
+    #[test]
+    fn every_mutant_applies_exactly_once_to_the_current_sources() {
+        let root = project_root();
+        for m in MUTANTS {
+            let edited =
+                apply(m, |file| read_source(&root, file)).unwrap_or_else(|e| panic!("{e:#}"));
+            for (file, text) in &edited {
+                assert_ne!(
+                    text,
+                    &read_source(&root, file).unwrap(),
+                    "mutant {} leaves {file} unchanged",
+                    m.id
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_unique_file_names_and_descriptions_are_one_line() {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in MUTANTS {
+            assert!(seen.insert(m.id), "mutant id {} is used twice", m.id);
+            assert_ne!(m.id, CLEAN_ID, "`{CLEAN_ID}` names the unmutated module");
+            assert!(
+                !m.id.is_empty()
+                    && m.id
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "mutant id {:?}: lower-case letters, digits and `-` only",
+                m.id
+            );
+            assert!(
+                !m.description.is_empty() && !m.description.contains(['\n', '\t']),
+                "mutant {}: the description is one line without tabs (it goes into a TSV)",
+                m.id
+            );
+            assert!(!m.edits.is_empty(), "mutant {} has no edits", m.id);
+            for e in m.edits {
+                assert!(
+                    e.file.starts_with("kernels-gpu/src/"),
+                    "mutant {} edits {}: mutants live in kernels-gpu/src only (only the PTX is swapped)",
+                    m.id,
+                    e.file
+                );
+                assert_ne!(
+                    e.old, e.new,
+                    "mutant {}: an edit that changes nothing",
+                    m.id
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_issue_13_defects_are_all_listed() {
+        let ids: Vec<&str> = MUTANTS.iter().map(|m| m.id).collect();
+        for id in [
+            "lora-skip-fwd",
+            "lora-skip-dx",
+            "lora-scale-2pct",
+            "nibble-swap",
+            "e8m0-one-scale-off",
+            "last-ktile-dropped",
+            "tail-row-unwritten",
+            "routing-reversed",
+            "gated-dy-without-gate",
+            "dadb-transposed",
+            "stage-mismatch-mma",
+        ] {
+            assert!(ids.contains(&id), "{id} is missing");
+        }
+    }
+
+    #[test]
+    fn apply_rejects_a_snippet_that_is_missing_or_repeated() {
+        const M: Mutant = Mutant {
+            id: "t",
+            description: "t",
+            edits: &[Edit {
+                file: "f.rs",
+                old: "a",
+                new: "b",
+            }],
+        };
+        let err = apply(&M, |_| Ok("xyz".into())).unwrap_err().to_string();
+        assert!(err.contains("matches 0 times"), "{err}");
+        let err = apply(&M, |_| Ok("a a".into())).unwrap_err().to_string();
+        assert!(err.contains("matches 2 times"), "{err}");
+        let done = apply(&M, |_| Ok("xay".into())).unwrap();
+        assert_eq!(done["f.rs"], "xby");
+    }
+
+    #[test]
+    fn edits_of_one_file_apply_in_order() {
+        const M: Mutant = Mutant {
+            id: "t",
+            description: "t",
+            edits: &[
+                Edit {
+                    file: "f.rs",
+                    old: "one",
+                    new: "two",
+                },
+                Edit {
+                    file: "f.rs",
+                    old: "two",
+                    new: "three",
+                },
+            ],
+        };
+        let mut reads = 0;
+        let done = apply(&M, |_| {
+            reads += 1;
+            Ok("one".into())
+        })
+        .unwrap();
+        assert_eq!(done["f.rs"], "three");
+        assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn fingerprint_is_fnv1a_64_as_in_the_library() {
+        assert_eq!(fingerprint(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fingerprint("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fingerprint("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn entry_bodies_split_at_entries_and_functions() {
+        let ptx = ".version 8.0\n.visible .entry a(\n.param .u64 p\n)\n{\nret;\n}\n.func f()\n{\n}\n.visible .entry b(\n)\n{\n}\n";
+        let bodies = entry_bodies(ptx);
+        assert_eq!(bodies.len(), 2);
+        assert!(bodies["a"].starts_with(".visible .entry a(") && bodies["a"].ends_with("}\n"));
+        assert!(!bodies["a"].contains(".func"));
+        assert!(bodies["b"].starts_with(".visible .entry b("));
+    }
+
+    #[test]
+    fn run_script_checks_loading_and_reports_a_table() {
+        let s = run_script(DEFAULT_SUITES);
+        assert!(s.starts_with("#!/usr/bin/env bash\n"));
+        assert!(s.contains("export MXMOE_REQUIRE_GPU=1"));
+        assert!(s.contains("export CUDA_CACHE_MAXSIZE="));
+        assert!(s.contains(r#"export MXMOE_PTX_OVERRIDE="$work/${files[$i]}""#));
+        assert!(s.contains(r#"export MXMOE_EXPECT_PTX_FINGERPRINT="${fps[$i]}""#));
+        assert!(s.contains("MUTANT_SUITES:-gpu_linear gpu_mxfp4"));
+        assert!(s.contains("\"caught by\""));
+        assert!(s.contains("mutants/ptx.tar.xz"));
+        assert!(s.contains("MXMOE_PTX_OVERRIDE=\"$work/no-such-module.ptx\""));
+    }
+}

@@ -1,0 +1,245 @@
+//! The deliberate defects of `cargo xtask mutants` (issue #13: a test that can't fail is a
+//! defect). Each is a set of exact source replacements in `kernels-gpu/src`, applied to a scratch
+//! copy only; every `old` snippet must occur exactly once in its file when the edits before it
+//! have been applied (a unit test checks this against the current sources, so a refactor that
+//! silently disarms a mutant fails `cargo xtask test`).
+//!
+//! A defect in a GEMM body goes into both families (`tile/gemm.rs`, `mma.sync`, and `tile/wg.rs`,
+//! `wgmma`): the default tile rule picks either. Helpers that both families share
+//! (`stage_row_indices`, `axpy4`, `decode_stage_kn_mx`) are mutated once.
+//!
+//! Keep the table in ARCHITECTURE.md ("Testing", mutation run) in step with this list.
+
+/// One exact replacement: `old` must occur exactly once in `file` (relative to the workspace
+/// root) and becomes `new`.
+#[derive(Debug)]
+pub struct Edit {
+    /// The file, relative to the workspace root.
+    pub file: &'static str,
+    /// The exact text to replace (whitespace included).
+    pub old: &'static str,
+    /// Its replacement.
+    pub new: &'static str,
+}
+
+/// One deliberate defect.
+#[derive(Debug)]
+pub struct Mutant {
+    /// Short id (lower-case letters, digits and `-`), used as the file name of its PTX.
+    pub id: &'static str,
+    /// One line: what is broken.
+    pub description: &'static str,
+    /// The replacements, applied in order.
+    pub edits: &'static [Edit],
+}
+
+const GEMM: &str = "kernels-gpu/src/tile/gemm.rs";
+const WG: &str = "kernels-gpu/src/tile/wg.rs";
+const ENTRIES: &str = "kernels-gpu/src/kernels/gemm.rs";
+const MXFP4: &str = "kernels-gpu/src/shared/mxfp4.rs";
+const ROUTING: &str = "kernels-gpu/src/kernels/routing.rs";
+const ELTWISE: &str = "kernels-gpu/src/kernels/eltwise.rs";
+const GRAM: &str = "kernels-gpu/src/tile/gram.rs";
+
+/// Every mutant, in the order the runner tries them.
+pub const MUTANTS: &[Mutant] = &[
+    Mutant {
+        id: "lora-skip-fwd",
+        description: "LoRA epilogue skipped in the forward GEMM ([n][k] weight layouts, bf16 and MXFP4), both families",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "        if p.rank > 0 {
+            // SAFETY: all threads, uniform branch; regions from the plan.",
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::NkBf16 as u8 || LAYOUT == BLayout::NkMxfp4 as u8) {
+            // SAFETY: all threads, uniform branch; regions from the plan.",
+            },
+            Edit {
+                file: WG,
+                old: "        if p.rank > 0 {
+            if !producer {",
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::NkBf16 as u8 || LAYOUT == BLayout::NkMxfp4 as u8) {
+            if !producer {",
+            },
+        ],
+    },
+    Mutant {
+        id: "lora-skip-dx",
+        description: "LoRA epilogue skipped in the dX GEMM ([k][n] weight layouts, bf16 and MXFP4), both families",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "        if p.rank > 0 {
+            // SAFETY: all threads, uniform branch; regions from the plan.",
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) {
+            // SAFETY: all threads, uniform branch; regions from the plan.",
+            },
+            Edit {
+                file: WG,
+                old: "        if p.rank > 0 {
+            if !producer {",
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) {
+            if !producer {",
+            },
+        ],
+    },
+    Mutant {
+        id: "lora-scale-2pct",
+        description: "LoRA term scaled by 1.02·s instead of s in the GEMM epilogue (shared axpy4), forward and dX, both families",
+        edits: &[Edit {
+            file: GEMM,
+            old: "    acc[0] += s * t[0];",
+            new: "    let s = s * 1.02;
+    acc[0] += s * t[0];",
+        }],
+    },
+    Mutant {
+        id: "nibble-swap",
+        description: "MXFP4 nibble order swapped (odd k read from the low nibble) in every device decode: fused K-loop of both families and the dequant kernel",
+        edits: &[
+            Edit {
+                file: MXFP4,
+                old: "    (b.wrapping_mul(0x0004_0040) & 0x01C0_01C0) | (b.wrapping_mul(0x0100_1000) & 0x8000_8000)",
+                new: "    let b = ((b & 0x0F) << 4) | ((b >> 4) & 0x0F);
+    (b.wrapping_mul(0x0004_0040) & 0x01C0_01C0) | (b.wrapping_mul(0x0100_1000) & 0x8000_8000)",
+            },
+            Edit {
+                file: MXFP4,
+                old: "(byte & 0x0F, byte >> 4)",
+                new: "(byte >> 4, byte & 0x0F)",
+            },
+        ],
+    },
+    Mutant {
+        id: "e8m0-one-scale-off",
+        description: "one E8M0 scale off by one: the tensor's first scale byte (expert 0, row 0, block 0) decodes as 2^(b-126) in the fused decode (forward of both families, dX)",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "let s2 = scale_fold(if q < valid_blocks { sc as u8 } else { 127 });",
+                new: "let s2 = scale_fold(if q < valid_blocks { (sc as u8).wrapping_add((g0.wrapping_add(row.wrapping_mul(blocks_k)).wrapping_add(q) == 0) as u8) } else { 127 });",
+            },
+            Edit {
+                file: GEMM,
+                old: "let s2 = scale_fold(sc as u8);",
+                new: "let s2 = scale_fold((sc as u8).wrapping_add((g0.wrapping_add(r.wrapping_mul(blocks_k)).wrapping_add(c / 2) == 0) as u8));",
+            },
+            Edit {
+                file: WG,
+                old: "let f_lo = scale_fold(if valid { s_lo as u8 } else { 127 });",
+                new: "let f_lo = scale_fold(if valid { (s_lo as u8).wrapping_add((g0.wrapping_add(lo.wrapping_mul(blocks_k)).wrapping_add(q as u32) == 0) as u8) } else { 127 });",
+            },
+        ],
+    },
+    Mutant {
+        id: "last-ktile-dropped",
+        description: "the K loop stops one k-tile early whenever there are two or more, both families (also the LoRA down products)",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "let ktiles = p.k_red.div_ceil(BK);",
+                new: "let ktiles = p.k_red.div_ceil(BK).max(2) - 1;",
+            },
+            Edit {
+                file: WG,
+                old: "let ktiles = p.k_red.div_ceil(BK);",
+                new: "let ktiles = p.k_red.div_ceil(BK).max(2) - 1;",
+            },
+        ],
+    },
+    Mutant {
+        id: "tail-row-unwritten",
+        description: "the last row of a partial row tile (an expert's tail) is not stored, both families (shared row-index staging)",
+        edits: &[Edit {
+            file: GEMM,
+            old: "if p.out_scattered == 0 { row } else { slot },",
+            new: "if row + 1 == tile.end && tile.end - tile.begin < BM { NO_ROW } else if p.out_scattered == 0 { row } else { slot },",
+        }],
+    },
+    Mutant {
+        id: "routing-reversed",
+        description: "routing scatter writes each expert's rows in reverse slot order (grouped order reversed within every expert)",
+        edits: &[Edit {
+            file: ROUTING,
+            old: "                store(p.sorted_expert_addr + 4 * pos as u64, bk);
+                store(p.ssi_addr + 4 * pos as u64, i);",
+            new: "                let lo = if bk == 0 { 0 } else { load::<u32>(p.offsets_addr + 4 * (bk as u64 - 1)) };
+                let hi = if bk < p.num_experts { load::<u32>(p.offsets_addr + 4 * bk as u64) } else { p.slots };
+                let pos = lo + hi - 1 - pos;
+                store(p.sorted_expert_addr + 4 * pos as u64, bk);
+                store(p.ssi_addr + 4 * pos as u64, i);",
+        }],
+    },
+    Mutant {
+        id: "gated-dy-without-gate",
+        description: "the gated per-slot output gradient drops its gate (dY[t] instead of dY[t]·g): dX, dA, dB of a gated call",
+        edits: &[Edit {
+            file: ELTWISE,
+            old: "ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot),",
+            new: "ld_bf16(p.in0_addr, (slot / k) * w + n),",
+        }],
+    },
+    Mutant {
+        id: "d-gates-half-sum",
+        description: "d_gates reduction skips the first butterfly step: each gate gradient sums only half its warp's partial dot products",
+        edits: &[Edit {
+            file: ELTWISE,
+            old: "let mut m = 16;",
+            new: "let mut m = 8;",
+        }],
+    },
+    Mutant {
+        id: "dadb-transposed",
+        description: "Gram kernel stores its tile transposed (element (w, j) at (j, w), in bounds): dA and dB",
+        edits: &[
+            Edit {
+                file: GRAM,
+                old: "if w < p.width && j < p.rank {",
+                new: "if j < p.width && w < p.rank {",
+            },
+            Edit {
+                file: GRAM,
+                old: "out_e + 2 * (w as u64 * p.out_stride_w + j as u64 * p.out_stride_r),",
+                new: "out_e + 2 * (j as u64 * p.out_stride_w + w as u64 * p.out_stride_r),",
+            },
+        ],
+    },
+    Mutant {
+        id: "stage-mismatch-mma",
+        description: "kernel mxmoe_gemm_nk_m128n128k32w2x4s3 (GEMM_CONFIGS[0], mma.sync) built with 4 stages while the host plans 3",
+        edits: &[Edit {
+            file: ENTRIES,
+            old: "    mxmoe_gemm_nk_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    3,",
+            new: "    mxmoe_gemm_nk_m128n128k32w2x4s3,
+    128,
+    128,
+    32,
+    2,
+    4,
+    4,",
+        }],
+    },
+    Mutant {
+        id: "stage-mismatch-wg",
+        description: "kernel mxmoe_gemm_nk_m64n128k64wg2s4 (GEMM_CONFIGS[12], wgmma) built with 5 stages while the host plans 4",
+        edits: &[Edit {
+            file: ENTRIES,
+            old: "gemm_wg_entry!(mxmoe_gemm_nk_m64n128k64wg2s4, 64, BLayout::NkBf16);",
+            new: "/// Mutant: five stages where the host plans four.
+///
+/// # Safety
+/// None; a deliberately broken kernel.
+#[unsafe(no_mangle)]
+pub unsafe extern \"ptx-kernel\" fn mxmoe_gemm_nk_m64n128k64wg2s4(p: GemmParams) {
+    // SAFETY: none (mutant).
+    unsafe { gemm_wg::<64, 64, 5, 8, { BLayout::NkBf16 as u8 }>(&p) }
+}",
+        }],
+    },
+];
