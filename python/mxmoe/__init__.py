@@ -33,6 +33,7 @@ __all__ = [
     # lazily from mxmoe.autograd (need torch):
     "quantize",
     "dequantize",
+    "check_scales",
     "ExpertLinearFunction",
     "MoeBlockFunction",
     "expert_linear",
@@ -56,11 +57,23 @@ def quantize_mxfp4_bytes(
 
 
 def dequantize_mxfp4_bytes(
-    packed: bytes, scales: bytes, experts: int, n: int, k: int, dtype: str = "bf16"
+    packed: bytes,
+    scales: bytes,
+    experts: int,
+    n: int,
+    k: int,
+    dtype: str = "bf16",
+    *,
+    allow_nan_scales: bool = False,
 ) -> bytes:
     """Dequantizes MXFP4 bytes to ``[E, N, K]`` little-endian ``bf16`` (or ``f32``) bytes,
-    bit-identical to torchao's ``dequantize``. Raises ``MxmoeError``."""
-    return _native.dequantize_mxfp4_bytes(bytes(packed), bytes(scales), experts, n, k, dtype)
+    bit-identical to torchao's ``dequantize``. Raises ``MxmoeError``, also for a scale byte 255
+    (E8M0 NaN, naming expert, row and block) unless ``allow_nan_scales=True``, which keeps
+    torchao's behaviour (the block's 32 values are NaN). Scale bytes 253 and 254 are accepted;
+    codes of magnitude 4 and 6 under 253, and 2 and more under 254, overflow to infinity."""
+    return _native.dequantize_mxfp4_bytes(
+        bytes(packed), bytes(scales), experts, n, k, dtype, allow_nan_scales=allow_nan_scales
+    )
 
 
 def read_safetensors(
@@ -83,6 +96,7 @@ _TORCH_NAMES = frozenset(
     {
         "quantize",
         "dequantize",
+        "check_scales",
         "ExpertLinearFunction",
         "MoeBlockFunction",
         "expert_linear",

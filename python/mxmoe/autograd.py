@@ -133,10 +133,15 @@ def quantize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(
-    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    allow_nan_scales: bool = False,
 ) -> torch.Tensor:
     """Dequantizes ``(packed [E, N, K/2], scales [E, N, K/32])`` to ``[E, N, K]`` bfloat16 (or
-    float32) on the CPU, bit-identical to torchao; returned on ``packed``'s device."""
+    float32) on the CPU, bit-identical to torchao; returned on ``packed``'s device. A scale byte
+    255 (NaN) raises ``MxmoeError`` unless ``allow_nan_scales=True`` (torchao's behaviour)."""
     if packed.dim() != 3:
         raise MxmoeError(f"packed: expected rank 3, got shape {list(packed.shape)}")
     e, n, half = packed.shape
@@ -145,13 +150,40 @@ def dequantize(
     if name is None:
         raise MxmoeError(f"dtype: expected torch.bfloat16 or torch.float32, got {dtype}")
     out = _native.dequantize_mxfp4_bytes(
-        _tensor_bytes(packed), _tensor_bytes(scales.view(torch.uint8)), e, n, k, name
+        _tensor_bytes(packed),
+        _tensor_bytes(scales.view(torch.uint8)),
+        e,
+        n,
+        k,
+        name,
+        allow_nan_scales=allow_nan_scales,
     )
     return _from_bytes(out, dtype, (e, n, k)).to(packed.device)
 
 
 # ---------------------------------------------------------------------------------------------
 # The expert linear.
+
+
+def check_scales(scales: torch.Tensor, what: str = "scales") -> None:
+    """Raises ``MxmoeError`` if MXFP4 ``scales [E, N, K/32]`` (uint8 or float8_e8m0fnu, any
+    device) hold the E8M0 NaN byte 255, naming the first expert, row and block. Such a block
+    makes its 32 weights NaN and carries NaN into ``out``, ``dx`` and ``d_gates``. Costs one
+    reduction on the scales' device and a host synchronisation."""
+    if scales.dim() != 3:
+        return  # the native layer reports the shape
+    u8 = scales if scales.dtype == torch.uint8 else scales.view(torch.uint8)
+    bad = u8 == 255
+    if not bool(bad.any()):
+        return
+    first = int(bad.reshape(-1).nonzero()[0].item())
+    _, n, blocks = u8.shape
+    expert, row, block = first // (n * blocks), (first // blocks) % n, first % blocks
+    raise MxmoeError(
+        f"{what}: scale byte 255 (E8M0 NaN) at expert {expert}, row {row}, block {block} "
+        f"(k = {32 * block} to {32 * block + 31}); NaN scales are rejected unless "
+        f"allow_nan_scales=True (torchao's propagate behaviour)"
+    )
 
 
 def _weights_arg(w0: torch.Tensor, w1: Optional[torch.Tensor]):
@@ -261,10 +293,15 @@ def expert_linear(
     input_order: str = "scattered",
     output_order: str = "scattered",
     strategy: str = "auto",
+    *,
+    allow_nan_scales: bool = False,
 ) -> torch.Tensor:
     """The LoRA-fused expert linear (one projection). ``weights`` is ``(packed, scales)`` (MXFP4)
-    or a bf16 ``[E, N, K]`` tensor. See ``ExpertLinearFunction``."""
+    or a bf16 ``[E, N, K]`` tensor. See ``ExpertLinearFunction``. MXFP4 scales holding the NaN
+    byte 255 raise ``MxmoeError`` (``check_scales``) unless ``allow_nan_scales=True``."""
     w0, w1 = _split_weights(weights)
+    if w1 is not None and not allow_nan_scales:
+        check_scales(w1)
     return ExpertLinearFunction.apply(
         x, ids, gates, lora_A, lora_B, w0, w1, scaling, input_order, output_order, strategy
     )
@@ -334,10 +371,18 @@ def moe_block(
     down_lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
     limit: Optional[float] = None,
     strategy: str = "auto",
+    *,
+    allow_nan_scales: bool = False,
 ) -> torch.Tensor:
-    """The gated MoE MLP block. ``*_lora`` are ``(A, B, scaling)``. See ``MoeBlockFunction``."""
+    """The gated MoE MLP block. ``*_lora`` are ``(A, B, scaling)``. See ``MoeBlockFunction``.
+    MXFP4 scales holding the NaN byte 255 raise ``MxmoeError`` unless ``allow_nan_scales=True``."""
     gu0, gu1 = _split_weights(gate_up)
     dn0, dn1 = _split_weights(down)
+    if not allow_nan_scales:
+        if gu1 is not None:
+            check_scales(gu1, "gate_up scales")
+        if dn1 is not None:
+            check_scales(dn1, "down scales")
     gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 1.0)
     dn_a, dn_b, dn_s = down_lora if down_lora is not None else (None, None, 1.0)
     return MoeBlockFunction.apply(
@@ -368,11 +413,17 @@ def _lora_params(experts, rank, k, n, device):
 class MxExpertLinear(torch.nn.Module):
     """One MoE expert projection with frozen MXFP4 experts ``W [E, N, K]`` (buffers ``packed``,
     ``scales``) and trainable expert-major LoRA ``lora_A [E*r, K]``, ``lora_B [N, E*r]``
-    (bf16 parameters; B starts at zero as in peft), scaling ``lora_alpha / r``."""
+    (bf16 parameters; B starts at zero as in peft), scaling ``lora_alpha / r``.
+
+    Scales holding the NaN byte 255 raise ``MxmoeError`` on the first forward after they change
+    (checked once per buffer version) unless ``allow_nan_scales=True``."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, rank: int = 8,
-                 lora_alpha: Optional[float] = None, strategy: str = "auto", device=None):
+                 lora_alpha: Optional[float] = None, strategy: str = "auto", device=None,
+                 allow_nan_scales: bool = False):
         super().__init__()
+        self.allow_nan_scales = allow_nan_scales
+        self._checked_scales = None
         e, k, n = num_experts, in_features, out_features
         if k % 32 != 0:
             raise MxmoeError(f"K = {k} is not a multiple of the MX block size 32")
@@ -396,9 +447,20 @@ class MxExpertLinear(torch.nn.Module):
         m.packed, m.scales = quantize(w)
         return m
 
+    def _check_scales_once(self, what: str = "scales") -> None:
+        """``check_scales`` unless allowed or already done for this buffer and version."""
+        if self.allow_nan_scales:
+            return
+        key = (self.scales.data_ptr(), self.scales._version, tuple(self.scales.shape))
+        if key != self._checked_scales:
+            check_scales(self.scales, what)
+            self._checked_scales = key
+
     def forward(self, x, ids, gates=None, input_order="scattered", output_order="scattered"):
+        self._check_scales_once()
         return expert_linear(x, ids, (self.packed, self.scales), self.lora_A, self.lora_B,
-                             self.scaling, gates, input_order, output_order, self.strategy)
+                             self.scaling, gates, input_order, output_order, self.strategy,
+                             allow_nan_scales=True)
 
     def extra_repr(self):
         return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
@@ -412,10 +474,12 @@ class MxMoeBlock(torch.nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, rank: int = 8,
                  lora_alpha: Optional[float] = None, limit: Optional[float] = None,
-                 strategy: str = "auto", device=None):
+                 strategy: str = "auto", device=None, allow_nan_scales: bool = False):
         super().__init__()
-        self.gate_up = MxExpertLinear(num_experts, hidden, 2 * intermediate, rank, lora_alpha, strategy, device)
-        self.down = MxExpertLinear(num_experts, intermediate, hidden, rank, lora_alpha, strategy, device)
+        self.gate_up = MxExpertLinear(num_experts, hidden, 2 * intermediate, rank, lora_alpha,
+                                      strategy, device, allow_nan_scales)
+        self.down = MxExpertLinear(num_experts, intermediate, hidden, rank, lora_alpha, strategy,
+                                   device, allow_nan_scales)
         self.limit, self.strategy = limit, strategy
 
     @classmethod
@@ -430,7 +494,9 @@ class MxMoeBlock(torch.nn.Module):
 
     def forward(self, x, ids, gates):
         gu, dn = self.gate_up, self.down
+        gu._check_scales_once("gate_up scales")
+        dn._check_scales_once("down scales")
         gu_lora = (gu.lora_A, gu.lora_B, gu.scaling) if gu.rank > 0 else None
         dn_lora = (dn.lora_A, dn.lora_B, dn.scaling) if dn.rank > 0 else None
         return moe_block(x, ids, gates, (gu.packed, gu.scales), (dn.packed, dn.scales),
-                         gu_lora, dn_lora, self.limit, self.strategy)
+                         gu_lora, dn_lora, self.limit, self.strategy, allow_nan_scales=True)

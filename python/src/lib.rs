@@ -118,9 +118,12 @@ fn quantize_mxfp4_bytes<'py>(
 }
 
 /// Dequantizes MXFP4 bytes `(packed [E, N, K/2], scales [E, N, K/32])` to `[E, N, K]`
-/// little-endian `bf16` (default) or `f32` bytes, bit-exact with torchao.
+/// little-endian `bf16` (default) or `f32` bytes, bit-exact with torchao. A scale byte 255
+/// (E8M0 NaN) is an error naming expert, row and block unless `allow_nan_scales` (torchao's
+/// behaviour: the block dequantizes to NaN).
 #[pyfunction]
-#[pyo3(signature = (packed, scales, experts, n, k, dtype = "bf16"))]
+#[pyo3(signature = (packed, scales, experts, n, k, dtype = "bf16", *, allow_nan_scales = false))]
+#[allow(clippy::too_many_arguments)]
 fn dequantize_mxfp4_bytes<'py>(
     py: Python<'py>,
     packed: &[u8],
@@ -129,10 +132,14 @@ fn dequantize_mxfp4_bytes<'py>(
     n: usize,
     k: usize,
     dtype: &str,
+    allow_nan_scales: bool,
 ) -> PyRes<Bound<'py, PyBytes>> {
     let shape = MxShape::new(experts, n, k).map_err(|e| to_py(e.into()))?;
     let w = MxWeights::from_shape(shape, packed.to_vec(), scales.to_vec())
         .map_err(|e| to_py(e.into()))?;
+    if !allow_nan_scales {
+        w.check_no_nan_scales().map_err(|e| to_py(e.into()))?;
+    }
     let bytes: Vec<u8> = match dtype {
         "bf16" => dequantize_bf16(&w)
             .into_iter()

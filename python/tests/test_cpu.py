@@ -107,6 +107,26 @@ def test_errors_carry_the_library_message():
     )
 
 
+def test_nan_scales_are_rejected_unless_allowed():
+    # [E=2, N=3, K=64]: expert 1, row 2, block 1 holds the E8M0 NaN byte.
+    e, n, k = 2, 3, 64
+    packed = bytes([0x21]) * (e * n * k // 2)
+    scales = bytearray([127] * (e * n * k // 32))
+    scales[(n + 2) * 2 + 1] = 255
+    with pytest.raises(mxmoe.MxmoeError) as err:
+        mxmoe.dequantize_mxfp4_bytes(packed, bytes(scales), e, n, k)
+    msg = str(err.value)
+    for needle in ("scale byte 255", "expert 1", "row 2", "block 1"):
+        assert needle in msg, msg
+    out = mxmoe.dequantize_mxfp4_bytes(packed, bytes(scales), e, n, k, allow_nan_scales=True)
+    import struct
+
+    bits = struct.unpack(f"<{e * n * k}H", out)
+    start = (n + 2) * k + 32
+    assert all(b & 0x7F80 == 0x7F80 and b & 0x7F for b in bits[start : start + 32])
+    assert not any(b & 0x7F80 == 0x7F80 for b in bits[:start])
+
+
 @pytest.mark.skipif(mxmoe.driver_present(), reason="a CUDA driver is present")
 def test_no_driver_is_a_clear_error():
     with pytest.raises(mxmoe.NoDeviceError) as err:

@@ -148,6 +148,29 @@ def test_cpu_tensors_are_rejected_clearly():
         mxmoe.expert_linear(x, ids, (packed, scales))
 
 
+def test_nan_scales_are_rejected_before_any_launch():
+    packed, scales = mxmoe.quantize(torch.zeros((2, 8, 64)))
+    scales[1, 5, 1] = 255
+    with pytest.raises(mxmoe.MxmoeError, match="expert 1, row 5, block 1"):
+        mxmoe.check_scales(scales)
+    with pytest.raises(mxmoe.MxmoeError, match="allow_nan_scales=True"):
+        mxmoe.dequantize(packed, scales)
+    deq = mxmoe.dequantize(packed, scales, allow_nan_scales=True)
+    assert torch.isnan(deq[1, 5, 32:64].float()).all()
+    assert not torch.isnan(deq[1, 5, :32].float()).any()
+    x = torch.zeros((4, 64), dtype=bf16)
+    ids = torch.zeros((4, 1), dtype=torch.int64)
+    with pytest.raises(mxmoe.MxmoeError, match="expert 1, row 5, block 1"):
+        mxmoe.expert_linear(x, ids, (packed, scales))
+    # The opt-in skips the check (the CPU tensors are then refused by the native layer).
+    with pytest.raises(mxmoe.MxmoeError, match="CUDA device"):
+        mxmoe.expert_linear(x, ids, (packed, scales), allow_nan_scales=True)
+    layer = mxmoe.MxExpertLinear(2, 64, 8, rank=0)
+    layer.scales[0, 0, 0] = 255
+    with pytest.raises(mxmoe.MxmoeError, match="expert 0, row 0, block 0"):
+        layer(x, ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU.
 
