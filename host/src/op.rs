@@ -794,8 +794,12 @@ impl<'a> ExpertLinear<'a> {
                 routing: routing.view(),
             },
         };
-        let (out, xa, expanded, gemm_config) =
-            forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
+        let ForwardParts {
+            out,
+            xa,
+            expanded,
+            gemm_config,
+        } = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
         let mut compact = compact;
         if self.dequant_buffer == DequantBuffer::Recompute
             && let Some(c) = compact.as_mut()
@@ -983,8 +987,20 @@ fn download_clone_u16(gpu: &Gpu, buf: &CudaSlice<u16>) -> Result<CudaSlice<u16>>
         .map_err(Error::driver("copying device memory"))
 }
 
+/// What [`forward_core`] produces.
+struct ForwardParts {
+    /// The output (`y` with gates).
+    out: Bf16Matrix,
+    /// XA, kept for backward (with LoRA).
+    xa: Option<CudaSlice<u16>>,
+    /// The per-slot output before the gate combination (with gates).
+    expanded: Option<Bf16Matrix>,
+    /// The tile configuration the GEMM ran with.
+    gemm_config: usize,
+}
+
 /// The forward kernels on resolved weights: XA, the grouped GEMM with the LoRA epilogue, and the
-/// gate combination. Returns (output, XA, per-slot output when gated).
+/// gate combination.
 #[allow(clippy::too_many_arguments)]
 fn forward_core(
     gpu: &Gpu,
@@ -994,12 +1010,7 @@ fn forward_core(
     output_order: RowOrder,
     gates: Option<&Bf16Matrix>,
     routing: &DeviceRouting,
-) -> Result<(
-    Bf16Matrix,
-    Option<CudaSlice<u16>>,
-    Option<Bf16Matrix>,
-    usize,
-)> {
+) -> Result<ForwardParts> {
     let (_, n, k) = r.weights.shape();
     let l = routing.rows();
     let xa = match r.lora {
@@ -1061,7 +1072,7 @@ fn forward_core(
         rows: l,
         cols: n,
     };
-    Ok(match gates {
+    let (out, expanded) = match gates {
         Some(g) => {
             let y = eltwise::combine_gates(
                 gpu,
@@ -1077,12 +1088,16 @@ fn forward_core(
                     rows: routing.tokens(),
                     cols: n,
                 },
-                xa,
                 Some(out),
-                gemm_config,
             )
         }
-        None => (out, xa, None, gemm_config),
+        None => (out, None),
+    };
+    Ok(ForwardParts {
+        out,
+        xa,
+        expanded,
+        gemm_config,
     })
 }
 
