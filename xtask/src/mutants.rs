@@ -399,9 +399,10 @@ fn make_executable(_path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The text of every `.entry` of a PTX module, by name (from its `.entry` line up to the next
-/// `.entry`/`.func` or the end).
-fn entry_bodies(ptx: &str) -> BTreeMap<&str, &str> {
+/// The code of every `.entry` of a PTX module, by name: from its `.entry` line up to the next
+/// `.entry`/`.func` or the end, without comments and blank lines (llc's comments carry basic
+/// block names and call-sequence numbers that change when an unrelated kernel does).
+fn entry_bodies(ptx: &str) -> BTreeMap<&str, String> {
     let mut starts: Vec<(usize, Option<&str>)> = Vec::new();
     let mut at = 0;
     for line in ptx.split_inclusive('\n') {
@@ -423,7 +424,13 @@ fn entry_bodies(ptx: &str) -> BTreeMap<&str, &str> {
     for (i, (start, name)) in starts.iter().enumerate() {
         let end = starts.get(i + 1).map_or(ptx.len(), |(s, _)| *s);
         if let Some(name) = name {
-            bodies.insert(*name, &ptx[*start..end]);
+            let code: String = ptx[*start..end]
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or("").trim_end())
+                .filter(|l| !l.is_empty())
+                .map(|l| format!("{l}\n"))
+                .collect();
+            bodies.insert(*name, code);
         }
     }
     bodies
@@ -551,7 +558,7 @@ for i in "${{!ids[@]}}"; do
   export MXMOE_EXPECT_PTX_FINGERPRINT="${{fps[$i]}}"
   # Load probe: opens the device with the module (the JIT result is cached for the suites).
   if ! timeout -k 10 600 "$here/mxmoe" info >"$logs/$id.load.log" 2>&1; then
-    result="LOAD ERROR (log $logs/$id.load.log)"
+    result="LOAD ERROR (see $id.load.log)"
   else
     result=""
     for s in "${{suites[@]}}"; do
@@ -559,7 +566,7 @@ for i in "${{!ids[@]}}"; do
       status=$?
       if (( status == 0 )); then continue; fi
       if grep -q -e MXMOE_PTX_OVERRIDE -e MXMOE_EXPECT_PTX_FINGERPRINT "$logs/$id.$s.log"; then
-        result="LOAD ERROR in $s (log $logs/$id.$s.log)"
+        result="LOAD ERROR in $s (see $id.$s.log)"
       elif (( status == 124 || status == 137 )); then
         result="$s (timeout)"
       else
@@ -731,9 +738,10 @@ mod tests {
 
     #[test]
     fn entry_bodies_split_at_entries_and_functions() {
-        let ptx = ".version 8.0\n.visible .entry a(\n.param .u64 p\n)\n{\nret;\n}\n.func f()\n{\n}\n.visible .entry b(\n)\n{\n}\n";
+        let ptx = ".version 8.0\n.visible .entry a(\n.param .u64 p\n)\n{\nret; // done\n\n}\n.func f()\n{\n}\n.visible .entry b(\n)\n{\n}\n";
         let bodies = entry_bodies(ptx);
         assert_eq!(bodies.len(), 2);
+        assert!(bodies["a"].contains("ret;\n}") && !bodies["a"].contains("done"));
         assert!(bodies["a"].starts_with(".visible .entry a(") && bodies["a"].ends_with("}\n"));
         assert!(!bodies["a"].contains(".func"));
         assert!(bodies["b"].starts_with(".visible .entry b("));
