@@ -176,6 +176,7 @@ pub fn build(root: &Path, out: &Path, arch: &str, only: &[String]) -> Result<()>
     let target_dir = base.join("ptx-target");
     let stage = base.join("ptx");
     let started = Instant::now();
+    let _lock = Lock::take(&base)?;
     copy_sources(root, &scratch)?;
     recreate_dir(&stage)?;
 
@@ -279,6 +280,62 @@ pub fn build(root: &Path, out: &Path, arch: &str, only: &[String]) -> Result<()>
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Holds `target/mutants/lock` (this process's id) while a build uses the scratch copy: two
+/// builds at once would edit and wipe each other's files.
+struct Lock(std::path::PathBuf);
+
+impl Lock {
+    fn take(base: &Path) -> Result<Self> {
+        use std::io::Write as _;
+        fs::create_dir_all(base).with_context(|| format!("cannot create {}", base.display()))?;
+        let path = base.join("lock");
+        for _ in 0..2 {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id())
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    return Ok(Lock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = fs::read_to_string(&path).unwrap_or_default();
+                    let Ok(pid) = holder.trim().parse::<u32>() else {
+                        bail!(
+                            "{} exists without a process id; remove it if no `cargo xtask \
+                             mutants build` is running",
+                            path.display()
+                        );
+                    };
+                    if Path::new(&format!("/proc/{pid}")).exists() {
+                        bail!(
+                            "another mutants build (pid {pid}) is using {}; wait for it (builds \
+                             share the scratch copy), or remove {} if that process is not one",
+                            base.display(),
+                            path.display()
+                        );
+                    }
+                    // The holder is gone: a stale lock.
+                    fs::remove_file(&path)
+                        .with_context(|| format!("cannot remove {}", path.display()))?;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()));
+                }
+            }
+        }
+        bail!("cannot take {}", path.display())
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// Applies `m` in `scratch`, builds its module into `out_file`, restores the edited files (also
@@ -730,6 +787,21 @@ mod tests {
         .unwrap();
         assert_eq!(done["f.rs"], "three");
         assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn a_second_build_is_refused_while_the_first_holds_the_lock() {
+        let base = std::env::temp_dir().join(format!("xtask-mutants-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let first = Lock::take(&base).unwrap();
+        let err = Lock::take(&base).err().expect("refused").to_string();
+        assert!(err.contains("another mutants build"), "{err}");
+        drop(first);
+        assert!(!base.join("lock").exists());
+        // A lock whose process is gone is taken over.
+        fs::write(base.join("lock"), u32::MAX.to_string()).unwrap();
+        drop(Lock::take(&base).unwrap());
+        fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
