@@ -549,6 +549,25 @@ manifest="$here/{BUNDLE_DIR}/{MANIFEST}"
 if [[ ! -f "$archive" || ! -f "$manifest" ]]; then
   echo "no $archive or $manifest: run \`cargo xtask device-bundle --mutants\`"; exit 2
 fi
+ids=(); fps=(); files=(); descs=()
+while IFS=$'\t' read -r id fp file desc; do
+  [[ -z "$id" ]] && continue
+  if [[ $id == {CLEAN_ID} ]]; then
+    (( baseline )) || continue
+  elif (( ${{#wanted[@]}} > 0 )); then
+    hit=0; for w in "${{wanted[@]}}"; do [[ $w == "$id" ]] && hit=1; done
+    (( hit )) || continue
+  fi
+  ids+=("$id"); fps+=("$fp"); files+=("$file"); descs+=("$desc")
+done <"$manifest"
+if (( ${{#wanted[@]}} > 0 )); then
+  for w in "${{wanted[@]}}"; do
+    grep -q "^$w"$'\t' "$manifest" || {{ echo "no mutant $w in $manifest"; exit 2; }}
+  done
+fi
+
+# The unpacked modules are large; the logs stay.
+trap 'rm -f "$work"/*.ptx' EXIT
 if command -v xz >/dev/null; then
   xz -dc "$archive" | tar -xf - -C "$work" || {{ echo "cannot unpack $archive"; exit 2; }}
 elif command -v python3 >/dev/null; then
@@ -588,23 +607,6 @@ if MXMOE_EXPECT_PTX_FINGERPRINT="$clean_fp" "$here/mxmoe" info >"$logs/embedded.
 else
   stale="warning: the binaries' embedded PTX is not the mutants' clean module (sources changed between the bundle and the mutants build?)"
   echo "$stale"
-fi
-
-ids=(); fps=(); files=(); descs=()
-while IFS=$'\t' read -r id fp file desc; do
-  [[ -z "$id" ]] && continue
-  if [[ $id == {CLEAN_ID} ]]; then
-    (( baseline )) || continue
-  elif (( ${{#wanted[@]}} > 0 )); then
-    hit=0; for w in "${{wanted[@]}}"; do [[ $w == "$id" ]] && hit=1; done
-    (( hit )) || continue
-  fi
-  ids+=("$id"); fps+=("$fp"); files+=("$file"); descs+=("$desc")
-done <"$manifest"
-if (( ${{#wanted[@]}} > 0 )); then
-  for w in "${{wanted[@]}}"; do
-    grep -q "^$w"$'\t' "$manifest" || {{ echo "no mutant $w in $manifest"; exit 2; }}
-  done
 fi
 
 echo "logs: $logs"
