@@ -223,6 +223,29 @@ pub mod linear_case {
         }
     }
 
+    /// The LoRA rank sweep of the parity suites: every rank class the kernels distinguish (a rank
+    /// of 1, odd ranks whose right factor is gathered element by element, ranks that are a
+    /// multiple of 8 and of the padded width, the largest), each with token-ordered input and
+    /// grouped output, and with grouped input, gates and scattered output. Seeds from `seed`.
+    pub fn rank_sweep(seed: u64) -> Vec<Case> {
+        [1usize, 7, 8, 16, 64, 128]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &r)| {
+                let seed = seed + 2 * i as u64;
+                [
+                    Case::new(8, 256, 192, 96, 2, r, seed),
+                    Case {
+                        input: RowOrder::Grouped,
+                        output: RowOrder::Scattered,
+                        gates: true,
+                        ..Case::new(6, 128, 136, 40, 3, r, seed + 1)
+                    },
+                ]
+            })
+            .collect()
+    }
+
     /// Host data of a case.
     #[derive(Clone, Debug)]
     pub struct Data {

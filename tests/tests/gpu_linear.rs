@@ -2,7 +2,7 @@
 //! reference, on fresh random inputs, at SPEC §7 shapes and ragged cases; plus determinism.
 
 use mxmoe::op::RowOrder;
-use mxmoe_tests::linear_case::{Base, Case, check_case, draw, out_rows, run_gpu};
+use mxmoe_tests::linear_case::{Base, Case, check_case, draw, out_rows, rank_sweep, run_gpu};
 use mxmoe_tests::{Rng, gpu};
 
 /// Checks the case against the CPU reference, each element against its own bf16 bound, and
@@ -15,19 +15,11 @@ fn check(c: Case) {
     check_case(gpu, &c, &d, &d.w, &dy, Base::Dense(&d.w));
 }
 
-/// Every LoRA rank class the kernels distinguish (a rank of 1, odd ranks whose right factor is
-/// gathered element by element, ranks that are a multiple of 8 and of the padded width, the
-/// largest), in forward and dX, with token-ordered and grouped input, gated and not.
+/// Every LoRA rank class ([`rank_sweep`]) in forward and dX.
 #[test]
 fn lora_rank_sweep() {
-    for (i, &r) in [1usize, 7, 8, 16, 64, 128].iter().enumerate() {
-        check(Case::new(8, 256, 192, 96, 2, r, 300 + i as u64));
-        check(Case {
-            input: RowOrder::Grouped,
-            output: RowOrder::Scattered,
-            gates: true,
-            ..Case::new(6, 128, 136, 40, 3, r, 310 + i as u64)
-        });
+    for c in rank_sweep(300) {
+        check(c);
     }
 }
 

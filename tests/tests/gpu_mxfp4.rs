@@ -12,7 +12,7 @@ use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
 use mxmoe::reference::Rounding;
 use mxmoe_tests::linear_case::{
-    Base, Case, GpuResult, check_case, draw, out_rows, reference_run, run_gpu_with,
+    Base, Case, GpuResult, check_case, draw, out_rows, rank_sweep, reference_run, run_gpu_with,
 };
 use mxmoe_tests::{Rng, gpu};
 
@@ -103,17 +103,11 @@ fn spec_representative_shape_with_scale_guard() {
     );
 }
 
-/// Every LoRA rank class (see gpu_linear's sweep) over MXFP4 weights, forward and dX.
+/// Every LoRA rank class ([`rank_sweep`]) over MXFP4 weights, forward and dX.
 #[test]
 fn lora_rank_sweep() {
-    for (i, &r) in [1usize, 7, 8, 16, 64, 128].iter().enumerate() {
-        check(Case::new(8, 256, 192, 96, 2, r, 400 + i as u64));
-        check(Case {
-            input: RowOrder::Grouped,
-            output: RowOrder::Scattered,
-            gates: true,
-            ..Case::new(6, 128, 136, 40, 3, r, 410 + i as u64)
-        });
+    for c in rank_sweep(400) {
+        check(c);
     }
 }
 

@@ -189,11 +189,11 @@ pub fn run(root: &Path, flags: &flags::DeviceBundle) -> Result<()> {
     .with_context(|| format!("cannot write {}", out.join("commit.env").display()))?;
     fs::write(&sanitizer, sanitize_script())
         .with_context(|| format!("cannot write {}", sanitizer.display()))?;
-    make_executable(&sanitizer)?;
+    shell::make_executable(&sanitizer)?;
     let script = out.join(RUN_SCRIPT);
     fs::write(&script, run_script(&names))
         .with_context(|| format!("cannot write {}", script.display()))?;
-    make_executable(&script)?;
+    shell::make_executable(&script)?;
 
     println!("{}", out.display());
     for name in test_files.keys() {
@@ -258,18 +258,6 @@ fn copy_golden(src: &Path, dest: &Path) -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-#[cfg(unix)]
-fn make_executable(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot make {} executable", path.display()))
-}
-
-#[cfg(not(unix))]
-fn make_executable(_path: &Path) -> Result<()> {
-    Ok(())
 }
 
 /// The executables among cargo's JSON messages (one message per line).

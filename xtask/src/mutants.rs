@@ -268,7 +268,7 @@ pub fn build(root: &Path, out: &Path, arch: &str, only: &[String]) -> Result<()>
     let script = out.join(RUN_SCRIPT);
     fs::write(&script, run_script(DEFAULT_SUITES))
         .with_context(|| format!("cannot write {}", script.display()))?;
-    make_executable(&script)?;
+    shell::make_executable(&script)?;
     let archive_bytes = fs::metadata(bundle.join(ARCHIVE)).map_or(0, |m| m.len());
     println!(
         "{} modules ({} mutants) in {} ({:.2} MiB), {} and {RUN_SCRIPT} written in {:.0} s",
@@ -441,18 +441,6 @@ fn write_archive(dir: &Path, files: &[&str], archive: &Path) -> Result<()> {
     if !archive.is_file() {
         bail!("xz did not write {}", archive.display());
     }
-    Ok(())
-}
-
-#[cfg(unix)]
-fn make_executable(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot make {} executable", path.display()))
-}
-
-#[cfg(not(unix))]
-fn make_executable(_path: &Path) -> Result<()> {
     Ok(())
 }
 

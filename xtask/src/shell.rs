@@ -86,3 +86,17 @@ pub fn is_executable(path: &std::path::Path) -> bool {
         path.is_file()
     }
 }
+
+/// Marks a generated script executable (owner, group and others may run it).
+#[cfg(unix)]
+pub fn make_executable(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", path.display()))
+}
+
+/// Marks a generated script executable (nothing to do off Unix).
+#[cfg(not(unix))]
+pub fn make_executable(_path: &std::path::Path) -> Result<()> {
+    Ok(())
+}
