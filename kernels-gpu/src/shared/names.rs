@@ -1,5 +1,8 @@
 //! Exported kernel entry-point names. The host looks functions up only through these constants,
 //! and `cargo xtask ptx-report` checks that the built PTX has exactly [`ALL`] as its entries.
+//! The grouped-GEMM names are generated from the one table, `tiles::gemm_configs!`.
+
+use crate::shared::tiles::{GEMM_CONFIG_COUNT, gemm_configs};
 
 /// Probe: special registers (`%tid`, `%ctaid`, `%laneid`, warp id) written per thread.
 pub const PROBE_SREG: &str = "mxmoe_probe_sreg";
@@ -28,74 +31,76 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 /// Expert-block gather/scatter of LoRA matrices (Strategy A).
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
-/// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK: [&str; 14] = [
-    "mxmoe_gemm_nk_m128n128k32w2x4s3",
-    "mxmoe_gemm_nk_m64n128k32w2x2s3",
-    "mxmoe_gemm_nk_m32n128k32w1x4s4",
-    "mxmoe_gemm_nk_m128n128k32w2x4s4",
-    "mxmoe_gemm_nk_m64n128k32w2x2s4",
-    "mxmoe_gemm_nk_m16n128k32w1x4s4",
-    "mxmoe_gemm_nk_m64n128k32w1x4s4",
-    "mxmoe_gemm_nk_m16n128k64w1x4s4",
-    "mxmoe_gemm_nk_m32n128k64w1x4s3",
-    "mxmoe_gemm_nk_m64n128k64w2x2s3",
-    "mxmoe_gemm_nk_m16n128k64wg2s4",
-    "mxmoe_gemm_nk_m32n128k64wg2s4",
-    "mxmoe_gemm_nk_m64n128k64wg2s4",
-    "mxmoe_gemm_nk_m128n128k64wg2s4",
-];
-/// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN: [&str; 14] = [
-    "mxmoe_gemm_kn_m128n128k32w2x4s3",
-    "mxmoe_gemm_kn_m64n128k32w2x2s3",
-    "mxmoe_gemm_kn_m32n128k32w1x4s4",
-    "mxmoe_gemm_kn_m128n128k32w2x4s4",
-    "mxmoe_gemm_kn_m64n128k32w2x2s4",
-    "mxmoe_gemm_kn_m16n128k32w1x4s4",
-    "mxmoe_gemm_kn_m64n128k32w1x4s4",
-    "mxmoe_gemm_kn_m16n128k64w1x4s4",
-    "mxmoe_gemm_kn_m32n128k64w1x4s3",
-    "mxmoe_gemm_kn_m64n128k64w2x2s3",
-    "mxmoe_gemm_kn_m16n128k64wg2s4",
-    "mxmoe_gemm_kn_m32n128k64wg2s4",
-    "mxmoe_gemm_kn_m64n128k64wg2s4",
-    "mxmoe_gemm_kn_m128n128k64wg2s4",
-];
-/// Grouped GEMM over MXFP4 weights, K reduction (forward), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_NK_MX: [&str; 14] = [
-    "mxmoe_gemm_nk_mx_m128n128k32w2x4s3",
-    "mxmoe_gemm_nk_mx_m64n128k32w2x2s3",
-    "mxmoe_gemm_nk_mx_m32n128k32w1x4s4",
-    "mxmoe_gemm_nk_mx_m128n128k32w2x4s4",
-    "mxmoe_gemm_nk_mx_m64n128k32w2x2s4",
-    "mxmoe_gemm_nk_mx_m16n128k32w1x4s4",
-    "mxmoe_gemm_nk_mx_m64n128k32w1x4s4",
-    "mxmoe_gemm_nk_mx_m16n128k64w1x4s4",
-    "mxmoe_gemm_nk_mx_m32n128k64w1x4s3",
-    "mxmoe_gemm_nk_mx_m64n128k64w2x2s3",
-    "mxmoe_gemm_nk_mx_m16n128k64wg2s4",
-    "mxmoe_gemm_nk_mx_m32n128k64wg2s4",
-    "mxmoe_gemm_nk_mx_m64n128k64wg2s4",
-    "mxmoe_gemm_nk_mx_m128n128k64wg2s4",
-];
-/// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
-pub const GEMM_KN_MX: [&str; 14] = [
-    "mxmoe_gemm_kn_mx_m128n128k32w2x4s3",
-    "mxmoe_gemm_kn_mx_m64n128k32w2x2s3",
-    "mxmoe_gemm_kn_mx_m32n128k32w1x4s4",
-    "mxmoe_gemm_kn_mx_m128n128k32w2x4s4",
-    "mxmoe_gemm_kn_mx_m64n128k32w2x2s4",
-    "mxmoe_gemm_kn_mx_m16n128k32w1x4s4",
-    "mxmoe_gemm_kn_mx_m64n128k32w1x4s4",
-    "mxmoe_gemm_kn_mx_m16n128k64w1x4s4",
-    "mxmoe_gemm_kn_mx_m32n128k64w1x4s3",
-    "mxmoe_gemm_kn_mx_m64n128k64w2x2s3",
-    "mxmoe_gemm_kn_mx_m16n128k64wg2s4",
-    "mxmoe_gemm_kn_mx_m32n128k64wg2s4",
-    "mxmoe_gemm_kn_mx_m64n128k64wg2s4",
-    "mxmoe_gemm_kn_mx_m128n128k64wg2s4",
-];
+/// The entry-point name of the grouped GEMM for B layout `nk`, `kn`, `nk_mx` or `kn_mx` and the
+/// `tiles::gemm_configs!` row `suffix`: `mxmoe_gemm_<layout>_<suffix>`. The names below and the
+/// entry points in `kernels/gemm.rs` are both spelled by this macro.
+macro_rules! gemm_entry_name {
+    ($layout:ident, $suffix:ident) => {
+        concat!("mxmoe_gemm_", stringify!($layout), "_", stringify!($suffix))
+    };
+}
+pub(crate) use gemm_entry_name;
+
+/// `tiles::gemm_configs!` callback: the grouped-GEMM names per layout, one per table row, and
+/// [`ALL`] (which lists them between the element-wise and the rank-sized kernels).
+macro_rules! define_gemm_names {
+    ($($suffix:ident => { $($field:ident: $value:literal),* $(,)? }),* $(,)?) => {
+        /// Grouped GEMM with B stored `[n][k]` (forward), one per `tiles::GEMM_CONFIGS` row.
+        pub const GEMM_NK: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(nk, $suffix)),*];
+        /// Grouped GEMM with B stored `[k][n]` (dX), one per `tiles::GEMM_CONFIGS` row.
+        pub const GEMM_KN: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(kn, $suffix)),*];
+        /// Grouped GEMM over MXFP4 weights, K reduction (forward), one per
+        /// `tiles::GEMM_CONFIGS` row.
+        pub const GEMM_NK_MX: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(nk_mx, $suffix)),*];
+        /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
+        pub const GEMM_KN_MX: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(kn_mx, $suffix)),*];
+
+        /// Every entry point of the module.
+        pub const ALL: &[&str] = &[
+            PROBE_SREG,
+            PROBE_CP_ASYNC,
+            PROBE_MMA,
+            PROBE_CVT,
+            DEQUANT_MXFP4,
+            ROUTE_COUNT,
+            ROUTE_SCAN,
+            ROUTE_SCATTER,
+            COMBINE_GATES,
+            GATE_GRAD,
+            SCALE_SLOTS,
+            SUM_SLOTS,
+            REMAP_BLOCKS,
+            $(self::gemm_entry_name!(nk, $suffix),)*
+            $(self::gemm_entry_name!(kn, $suffix),)*
+            $(self::gemm_entry_name!(nk_mx, $suffix),)*
+            $(self::gemm_entry_name!(kn_mx, $suffix),)*
+            LORA_DOWN[0],
+            LORA_DOWN[1],
+            LORA_DOWN[2],
+            LORA_DOWN[3],
+            LORA_DOWN_NK[0],
+            LORA_DOWN_NK[1],
+            LORA_DOWN_NK[2],
+            LORA_DOWN_NK[3],
+            LORA_DOWN_KN[0],
+            LORA_DOWN_KN[1],
+            LORA_DOWN_KN[2],
+            LORA_DOWN_KN[3],
+            GRAM[0],
+            GRAM[1],
+            GRAM[2],
+            GRAM[3],
+            SWIGLU_FWD,
+            SWIGLU_BWD,
+        ];
+    };
+}
+gemm_configs!(define_gemm_names);
+
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = [
     "mxmoe_lora_down_r16",
@@ -127,105 +132,6 @@ pub const GRAM: [&str; 4] = [
     "mxmoe_gram_r128",
 ];
 
-// Every row of the tile table has its four entry points, and nothing more.
-const _: () = {
-    let n = crate::shared::tiles::GEMM_CONFIGS.len();
-    assert!(
-        GEMM_NK.len() == n && GEMM_KN.len() == n && GEMM_NK_MX.len() == n && GEMM_KN_MX.len() == n
-    );
-};
-
-/// Every entry point of the module.
-pub const ALL: &[&str] = &[
-    PROBE_SREG,
-    PROBE_CP_ASYNC,
-    PROBE_MMA,
-    PROBE_CVT,
-    DEQUANT_MXFP4,
-    ROUTE_COUNT,
-    ROUTE_SCAN,
-    ROUTE_SCATTER,
-    COMBINE_GATES,
-    GATE_GRAD,
-    SCALE_SLOTS,
-    SUM_SLOTS,
-    REMAP_BLOCKS,
-    GEMM_NK[0],
-    GEMM_NK[1],
-    GEMM_NK[2],
-    GEMM_NK[3],
-    GEMM_NK[4],
-    GEMM_NK[5],
-    GEMM_NK[6],
-    GEMM_NK[7],
-    GEMM_NK[8],
-    GEMM_NK[9],
-    GEMM_NK[10],
-    GEMM_NK[11],
-    GEMM_NK[12],
-    GEMM_NK[13],
-    GEMM_KN[0],
-    GEMM_KN[1],
-    GEMM_KN[2],
-    GEMM_KN[3],
-    GEMM_KN[4],
-    GEMM_KN[5],
-    GEMM_KN[6],
-    GEMM_KN[7],
-    GEMM_KN[8],
-    GEMM_KN[9],
-    GEMM_KN[10],
-    GEMM_KN[11],
-    GEMM_KN[12],
-    GEMM_KN[13],
-    GEMM_NK_MX[0],
-    GEMM_NK_MX[1],
-    GEMM_NK_MX[2],
-    GEMM_NK_MX[3],
-    GEMM_NK_MX[4],
-    GEMM_NK_MX[5],
-    GEMM_NK_MX[6],
-    GEMM_NK_MX[7],
-    GEMM_NK_MX[8],
-    GEMM_NK_MX[9],
-    GEMM_NK_MX[10],
-    GEMM_NK_MX[11],
-    GEMM_NK_MX[12],
-    GEMM_NK_MX[13],
-    GEMM_KN_MX[0],
-    GEMM_KN_MX[1],
-    GEMM_KN_MX[2],
-    GEMM_KN_MX[3],
-    GEMM_KN_MX[4],
-    GEMM_KN_MX[5],
-    GEMM_KN_MX[6],
-    GEMM_KN_MX[7],
-    GEMM_KN_MX[8],
-    GEMM_KN_MX[9],
-    GEMM_KN_MX[10],
-    GEMM_KN_MX[11],
-    GEMM_KN_MX[12],
-    GEMM_KN_MX[13],
-    LORA_DOWN[0],
-    LORA_DOWN[1],
-    LORA_DOWN[2],
-    LORA_DOWN[3],
-    LORA_DOWN_NK[0],
-    LORA_DOWN_NK[1],
-    LORA_DOWN_NK[2],
-    LORA_DOWN_NK[3],
-    LORA_DOWN_KN[0],
-    LORA_DOWN_KN[1],
-    LORA_DOWN_KN[2],
-    LORA_DOWN_KN[3],
-    GRAM[0],
-    GRAM[1],
-    GRAM[2],
-    GRAM[3],
-    SWIGLU_FWD,
-    SWIGLU_BWD,
-];
-
 /// Gated-MLP activation: `h = silu(min(gate, lim))·clamp(up, ±lim)` from the grouped
 /// gate/up output (SPEC §6).
 pub const SWIGLU_FWD: &str = "mxmoe_swiglu_fwd_bf16";
@@ -235,10 +141,11 @@ pub const SWIGLU_BWD: &str = "mxmoe_swiglu_bwd_bf16";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::tiles::{GEMM_CONFIGS, RANK_PADS};
+    use crate::shared::tiles::{GEMM_CONFIG_NAMES, GEMM_CONFIGS, RANK_PADS};
 
     #[test]
     fn gemm_names_encode_their_configs() {
+        assert_eq!(GEMM_CONFIG_NAMES.len(), GEMM_CONFIGS.len());
         for (i, c) in GEMM_CONFIGS.iter().enumerate() {
             let tag = if c.wgmma {
                 format!(
@@ -255,6 +162,7 @@ mod tests {
                     c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
                 )
             };
+            assert_eq!(GEMM_CONFIG_NAMES[i], tag);
             assert_eq!(GEMM_NK[i], format!("mxmoe_gemm_nk_{tag}"));
             assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
             assert_eq!(GEMM_NK_MX[i], format!("mxmoe_gemm_nk_mx_{tag}"));
@@ -265,6 +173,19 @@ mod tests {
             assert_eq!(LORA_DOWN_NK[i], format!("mxmoe_lora_down_nk_r{r}"));
             assert_eq!(LORA_DOWN_KN[i], format!("mxmoe_lora_down_kn_r{r}"));
             assert_eq!(GRAM[i], format!("mxmoe_gram_r{r}"));
+        }
+    }
+
+    #[test]
+    fn all_lists_every_gemm_entry_once_per_row_and_layout() {
+        assert_eq!(
+            ALL.len(),
+            13 + 4 * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
+        );
+        for names in [GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX] {
+            for name in names {
+                assert!(ALL.contains(&name), "{name} missing from ALL");
+            }
         }
     }
 

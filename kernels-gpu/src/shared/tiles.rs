@@ -320,145 +320,186 @@ pub const fn swizzled_offset(row: u32, col: u32, row_elems: u32) -> u32 {
     row * row_elems * 2 + chunk * 16 + (col % 8) * 2
 }
 
-/// Grouped-GEMM configurations compiled into the PTX (`names::GEMM_NK[i]` and
-/// `names::GEMM_KN[i]` are built with `GEMM_CONFIGS[i]`).
-pub const GEMM_CONFIGS: &[TileConfig] = &[
-    // Many rows per expert.
-    TileConfig {
-        bm: 128,
-        bn: 128,
-        bk: 32,
-        warps_m: 2,
-        warps_n: 4,
-        stages: 3,
-        wgmma: false,
-    },
-    // Fewer rows per expert.
-    TileConfig {
-        bm: 64,
-        bn: 128,
-        bk: 32,
-        warps_m: 2,
-        warps_n: 2,
-        stages: 3,
-        wgmma: false,
-    },
-    // Few rows per expert: weight-stream bound, narrow M.
-    TileConfig {
-        bm: 32,
-        bn: 128,
-        bk: 32,
-        warps_m: 1,
-        warps_n: 4,
-        stages: 4,
-        wgmma: false,
-    },
-    // Many rows per expert, deeper pipeline.
-    TileConfig {
-        bm: 128,
-        bn: 128,
-        bk: 32,
-        warps_m: 2,
-        warps_n: 4,
-        stages: 4,
-        wgmma: false,
-    },
-    // Fewer rows per expert, deeper pipeline.
-    TileConfig {
-        bm: 64,
-        bn: 128,
-        bk: 32,
-        warps_m: 2,
-        warps_n: 2,
-        stages: 4,
-        wgmma: false,
-    },
-    // About one MMA tile of rows per expert (balanced routing at small T).
-    TileConfig {
-        bm: 16,
-        bn: 128,
-        bk: 32,
-        warps_m: 1,
-        warps_n: 4,
-        stages: 4,
-        wgmma: false,
-    },
-    // 64 rows in one warp row: each warp decodes its MXFP4 columns once for four m16 tiles.
-    TileConfig {
-        bm: 64,
-        bn: 128,
-        bk: 32,
-        warps_m: 1,
-        warps_n: 4,
-        stages: 4,
-        wgmma: false,
-    },
-    // 64-deep K stages (half the barriers per byte streamed).
-    TileConfig {
-        bm: 16,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 4,
-        stages: 4,
-        wgmma: false,
-    },
-    TileConfig {
-        bm: 32,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 4,
-        stages: 3,
-        wgmma: false,
-    },
-    TileConfig {
-        bm: 64,
-        bn: 128,
-        bk: 64,
-        warps_m: 2,
-        warps_n: 2,
-        stages: 3,
-        wgmma: false,
-    },
-    // Hopper `wgmma` (two warpgroups × 64 weight columns; the routed rows are the MMA's N).
-    TileConfig {
-        bm: 16,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 8,
-        stages: 4,
-        wgmma: true,
-    },
-    TileConfig {
-        bm: 32,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 8,
-        stages: 4,
-        wgmma: true,
-    },
-    TileConfig {
-        bm: 64,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 8,
-        stages: 4,
-        wgmma: true,
-    },
-    TileConfig {
-        bm: 128,
-        bn: 128,
-        bk: 64,
-        warps_m: 1,
-        warps_n: 8,
-        stages: 4,
-        wgmma: true,
-    },
-];
+/// The table of compiled grouped-GEMM configurations, the one place they are listed.
+///
+/// `gemm_configs!(callback)` expands to `callback! { rows }`, each row
+/// `suffix => { bm: _, bn: _, bk: _, warps_m: _, warps_n: _, stages: _, wgmma: _ }` (integer and
+/// `bool` literals, in this field order). Every list the table implies is generated from these
+/// rows by a callback: [`GEMM_CONFIGS`] and [`GEMM_CONFIG_NAMES`] here, the entry-point names
+/// and `names::ALL` in `names.rs`, and the entry points in `kernels/gemm.rs`, whose const
+/// generics are the row's literals (so an entry's stage count is its row's). The suffix names
+/// the row (entries `mxmoe_gemm_{nk,kn,nk_mx,kn_mx}_<suffix>`, the tuner's cache); a `const`
+/// assert below fails the build unless it spells the row's numbers ([`suffix_spells`]).
+macro_rules! gemm_configs {
+    ($callback:ident) => {
+        $callback! {
+            // Many rows per expert.
+            m128n128k32w2x4s3 => { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 3, wgmma: false },
+            // Fewer rows per expert.
+            m64n128k32w2x2s3 => { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 3, wgmma: false },
+            // Few rows per expert: weight-stream bound, narrow M.
+            m32n128k32w1x4s4 => { bm: 32, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4, wgmma: false },
+            // Many rows per expert, deeper pipeline.
+            m128n128k32w2x4s4 => { bm: 128, bn: 128, bk: 32, warps_m: 2, warps_n: 4, stages: 4, wgmma: false },
+            // Fewer rows per expert, deeper pipeline.
+            m64n128k32w2x2s4 => { bm: 64, bn: 128, bk: 32, warps_m: 2, warps_n: 2, stages: 4, wgmma: false },
+            // About one MMA tile of rows per expert (balanced routing at small T).
+            m16n128k32w1x4s4 => { bm: 16, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4, wgmma: false },
+            // 64 rows in one warp row: each warp decodes its MXFP4 columns once for four m16 tiles.
+            m64n128k32w1x4s4 => { bm: 64, bn: 128, bk: 32, warps_m: 1, warps_n: 4, stages: 4, wgmma: false },
+            // 64-deep K stages (half the barriers per byte streamed).
+            m16n128k64w1x4s4 => { bm: 16, bn: 128, bk: 64, warps_m: 1, warps_n: 4, stages: 4, wgmma: false },
+            m32n128k64w1x4s3 => { bm: 32, bn: 128, bk: 64, warps_m: 1, warps_n: 4, stages: 3, wgmma: false },
+            m64n128k64w2x2s3 => { bm: 64, bn: 128, bk: 64, warps_m: 2, warps_n: 2, stages: 3, wgmma: false },
+            // Hopper `wgmma` (two warpgroups × 64 weight columns; the routed rows are the MMA's N).
+            m16n128k64wg2s4 => { bm: 16, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
+            m32n128k64wg2s4 => { bm: 32, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
+            m64n128k64wg2s4 => { bm: 64, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
+            m128n128k64wg2s4 => { bm: 128, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
+        }
+    };
+}
+pub(crate) use gemm_configs;
+
+/// `gemm_configs!` callback: the table as [`TileConfig`] values and suffixes, row by row.
+macro_rules! define_gemm_configs {
+    ($($suffix:ident => {
+        bm: $bm:literal, bn: $bn:literal, bk: $bk:literal, warps_m: $wm:literal,
+        warps_n: $wn:literal, stages: $st:literal, wgmma: $wg:literal $(,)?
+    }),* $(,)?) => {
+        /// Grouped-GEMM configurations compiled into the PTX, the rows of `gemm_configs!`:
+        /// `names::GEMM_NK[i]` (and the other layouts) are built with `GEMM_CONFIGS[i]`.
+        pub const GEMM_CONFIGS: &[TileConfig] = &[$(TileConfig {
+            bm: $bm,
+            bn: $bn,
+            bk: $bk,
+            warps_m: $wm,
+            warps_n: $wn,
+            stages: $st,
+            wgmma: $wg,
+        }),*];
+
+        /// The name of each row of [`GEMM_CONFIGS`] (the suffix of its entry points, e.g.
+        /// `m64n128k32w2x2s4`), in table order.
+        pub const GEMM_CONFIG_NAMES: [&str; GEMM_CONFIG_COUNT] = [$(stringify!($suffix)),*];
+    };
+}
+gemm_configs!(define_gemm_configs);
+
+/// Rows of [`GEMM_CONFIGS`].
+pub const GEMM_CONFIG_COUNT: usize = GEMM_CONFIGS.len();
+
+// Every row is valid, its suffix spells its numbers (so `m64…s4` cannot name a 3-stage row), and
+// no two rows share a name (hence no two rows are equal: the name encodes every field).
+const _: () = {
+    let mut i = 0;
+    while i < GEMM_CONFIG_COUNT {
+        assert!(
+            GEMM_CONFIGS[i].validate().is_ok(),
+            "invalid gemm_configs! row"
+        );
+        assert!(
+            suffix_spells(GEMM_CONFIG_NAMES[i], &GEMM_CONFIGS[i]),
+            "a gemm_configs! suffix does not spell its row's numbers"
+        );
+        let mut j = 0;
+        while j < i {
+            assert!(
+                !bytes_eq(
+                    GEMM_CONFIG_NAMES[i].as_bytes(),
+                    GEMM_CONFIG_NAMES[j].as_bytes()
+                ),
+                "two gemm_configs! rows share a suffix"
+            );
+            j += 1;
+        }
+        i += 1;
+    }
+};
+
+/// The row of [`GEMM_CONFIGS`] equal to `c`, if any.
+pub const fn gemm_config_index(c: &TileConfig) -> Option<usize> {
+    let mut i = 0;
+    while i < GEMM_CONFIG_COUNT {
+        let r = &GEMM_CONFIGS[i];
+        if r.bm == c.bm
+            && r.bn == c.bn
+            && r.bk == c.bk
+            && r.warps_m == c.warps_m
+            && r.warps_n == c.warps_n
+            && r.stages == c.stages
+            && r.wgmma == c.wgmma
+        {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether `suffix` is the name of `c`: `m{bm}n{bn}k{bk}w{warps_m}x{warps_n}s{stages}`, or
+/// `m{bm}n{bn}k{bk}wg{warpgroups}s{stages}` for a `wgmma` configuration (decimal, no padding).
+pub const fn suffix_spells(suffix: &str, c: &TileConfig) -> bool {
+    let s = suffix.as_bytes();
+    let mut at = 0;
+    let mut ok = true;
+    (ok, at) = expect_field(s, at, ok, b"m", c.bm);
+    (ok, at) = expect_field(s, at, ok, b"n", c.bn);
+    (ok, at) = expect_field(s, at, ok, b"k", c.bk);
+    if c.wgmma {
+        (ok, at) = expect_field(s, at, ok, b"wg", c.warpgroups());
+    } else {
+        (ok, at) = expect_field(s, at, ok, b"w", c.warps_m);
+        (ok, at) = expect_field(s, at, ok, b"x", c.warps_n);
+    }
+    (ok, at) = expect_field(s, at, ok, b"s", c.stages);
+    ok && at == s.len()
+}
+
+/// Matches `tag` then the decimal digits of `value` in `s` from byte `at`; returns whether
+/// everything so far matched and the position after the field.
+const fn expect_field(s: &[u8], at: usize, ok: bool, tag: &[u8], value: u32) -> (bool, usize) {
+    if !ok {
+        return (false, at);
+    }
+    let mut at = at;
+    let mut i = 0;
+    while i < tag.len() {
+        if at >= s.len() || s[at] != tag[i] {
+            return (false, at);
+        }
+        at += 1;
+        i += 1;
+    }
+    // The most significant power of ten in `value` (1 for 0).
+    let mut pow = 1;
+    while value / pow >= 10 {
+        pow *= 10;
+    }
+    while pow > 0 {
+        if at >= s.len() || s[at] != b'0' + ((value / pow) % 10) as u8 {
+            return (false, at);
+        }
+        at += 1;
+        pow /= 10;
+    }
+    (true, at)
+}
+
+/// Byte-wise equality (`==` on slices is not `const`).
+const fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Configuration of the rank-sized products (XA = x·Aᵀ, YB = dY·B): `bn` is the padded rank.
 pub const fn lora_down_config(r_pad: u32) -> TileConfig {
@@ -574,6 +615,39 @@ mod tests {
         for r in [16, 32, 64, 128] {
             assert_eq!(lora_down_config(r).validate(), Ok(()), "r_pad {r}");
         }
+    }
+
+    #[test]
+    fn suffixes_spell_exactly_their_rows_numbers() {
+        for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+            assert!(suffix_spells(GEMM_CONFIG_NAMES[i], c), "{c:?}");
+            assert_eq!(gemm_config_index(c), Some(i));
+        }
+        let c = GEMM_CONFIGS[0]; // m128n128k32w2x4s3
+        assert!(suffix_spells("m128n128k32w2x4s3", &c));
+        for wrong in [
+            "m128n128k32w2x4s4",
+            "m128n128k32w2x4s",
+            "m128n128k32w2x4s30",
+            "m128n128k32w2x4s3x",
+            "m128n128k32wg2s3",
+            "m0128n128k32w2x4s3",
+            "",
+        ] {
+            assert!(!suffix_spells(wrong, &c), "{wrong}");
+        }
+        let wg = TileConfig {
+            bm: 64,
+            bn: 128,
+            bk: 64,
+            warps_m: 1,
+            warps_n: 8,
+            stages: 4,
+            wgmma: true,
+        };
+        assert!(suffix_spells("m64n128k64wg2s4", &wg));
+        assert!(!suffix_spells("m64n128k64w1x8s4", &wg));
+        assert_eq!(gemm_config_index(&TileConfig { stages: 5, ..wg }), None);
     }
 
     #[test]

@@ -209,20 +209,13 @@ pub const MUTANTS: &[Mutant] = &[
         description: "kernel mxmoe_gemm_nk_m128n128k32w2x4s3 (GEMM_CONFIGS[0], mma.sync) built with 4 stages while the host plans 3",
         edits: &[Edit {
             file: ENTRIES,
-            old: "    mxmoe_gemm_nk_m128n128k32w2x4s3,
-    128,
-    128,
-    32,
-    2,
-    4,
-    3,",
-            new: "    mxmoe_gemm_nk_m128n128k32w2x4s3,
-    128,
-    128,
-    32,
-    2,
-    4,
-    4,",
+            old: "    (
+        $layout:ident, $variant:ident, $suffix:ident, false,",
+            new: "    (nk, NkBf16, m128n128k32w2x4s3, false, $bm:tt, $bn:tt, $bk:tt, $wm:tt, $wn:tt, 3) => {
+        gemm_row_entry!(nk, NkBf16, m128n128k32w2x4s3, false, $bm, $bn, $bk, $wm, $wn, 4);
+    };
+    (
+        $layout:ident, $variant:ident, $suffix:ident, false,",
         }],
     },
     Mutant {
@@ -230,16 +223,13 @@ pub const MUTANTS: &[Mutant] = &[
         description: "kernel mxmoe_gemm_nk_m64n128k64wg2s4 (GEMM_CONFIGS[12], wgmma) built with 5 stages while the host plans 4",
         edits: &[Edit {
             file: ENTRIES,
-            old: "gemm_wg_entry!(mxmoe_gemm_nk_m64n128k64wg2s4, 64, BLayout::NkBf16);",
-            new: "/// Mutant: five stages where the host plans four.
-///
-/// # Safety
-/// None; a deliberately broken kernel.
-#[unsafe(no_mangle)]
-pub unsafe extern \"ptx-kernel\" fn mxmoe_gemm_nk_m64n128k64wg2s4(p: GemmParams) {
-    // SAFETY: none (mutant).
-    unsafe { gemm_wg::<64, 64, 5, 8, { BLayout::NkBf16 as u8 }>(&p) }
-}",
+            old: "    (
+        $layout:ident, $variant:ident, $suffix:ident, true,",
+            new: "    (nk, NkBf16, m64n128k64wg2s4, true, $bm:tt, $bn:tt, $bk:tt, $wm:tt, $wn:tt, 4) => {
+        gemm_row_entry!(nk, NkBf16, m64n128k64wg2s4, true, $bm, $bn, $bk, $wm, $wn, 5);
+    };
+    (
+        $layout:ident, $variant:ident, $suffix:ident, true,",
         }],
     },
 ];
