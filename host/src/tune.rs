@@ -21,7 +21,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, TileConfig, smem_plan};
+use kernels_gpu::shared::tiles::{
+    BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, TileConfig, gemm_config_index, smem_plan,
+};
 
 use crate::device::DeviceLimits;
 use crate::error::{Error, Result};
@@ -29,30 +31,16 @@ use crate::error::{Error, Result};
 /// Version of the configuration table, stored in the cache file: any change to the table makes
 /// older files stale.
 pub fn table_version() -> String {
-    GEMM_CONFIGS
-        .iter()
-        .map(config_name)
-        .collect::<Vec<_>>()
-        .join(",")
+    GEMM_CONFIG_NAMES.join(",")
 }
 
-/// A configuration's name, e.g. `m64n128k32w2x2s4` (the suffix of its entry points).
+/// A configuration's name, e.g. `m64n128k32w2x2s4`: the suffix its row has in the one table
+/// (`tiles::gemm_configs!`), which also names its entry points; `unlisted` for a configuration
+/// that is not a row of [`GEMM_CONFIGS`].
 pub fn config_name(c: &TileConfig) -> String {
-    if c.wgmma {
-        format!(
-            "m{}n{}k{}wg{}s{}",
-            c.bm,
-            c.bn,
-            c.bk,
-            c.warpgroups(),
-            c.stages
-        )
-    } else {
-        format!(
-            "m{}n{}k{}w{}x{}s{}",
-            c.bm, c.bn, c.bk, c.warps_m, c.warps_n, c.stages
-        )
-    }
+    gemm_config_index(c)
+        .map_or("unlisted", |i| GEMM_CONFIG_NAMES[i])
+        .to_owned()
 }
 
 /// Whether to time candidates.
@@ -425,6 +413,28 @@ impl Tuner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_names_are_the_table_suffixes() {
+        for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+            assert_eq!(config_name(c), GEMM_CONFIG_NAMES[i]);
+            assert_eq!(
+                kernels_gpu::shared::names::GEMM_NK[i],
+                format!("mxmoe_gemm_nk_{}", config_name(c))
+            );
+        }
+        assert_eq!(
+            table_version().split(',').collect::<Vec<_>>(),
+            GEMM_CONFIG_NAMES
+        );
+        // The first rows, as cache files written before the table was generated spell them.
+        assert!(table_version().starts_with("m128n128k32w2x4s3,m64n128k32w2x2s3,"));
+        let off_table = TileConfig {
+            stages: 2,
+            ..GEMM_CONFIGS[0]
+        };
+        assert_eq!(config_name(&off_table), "unlisted");
+    }
 
     fn limits(smem: usize) -> DeviceLimits {
         DeviceLimits {
