@@ -2,7 +2,7 @@
 //! forward and backward. `cargo run --release -p mxmoe --example quickstart` (needs a GPU; says
 //! why it stops otherwise).
 
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
 use mxmoe::mxfp4::quantize_mxfp4;
 use mxmoe::op::{
     Bf16Matrix, DequantBuffer, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
@@ -18,21 +18,22 @@ fn main() -> mxmoe::Result<()> {
             .collect()
     };
 
-    let gpu = Gpu::open(0)?; // Error::NoDriver / Error::NoDevice without a GPU
+    // The device and its tile-configuration tuner; Error::NoDriver / Error::NoDevice without a GPU.
+    let rt = Runtime::open(0)?;
 
     // Frozen experts W_store [E, N, K] → MXFP4 on the host (torchao FLOOR, bit-exact) → device.
-    let w = MxExperts::upload(&gpu, &quantize_mxfp4(&data(e * n * k, 0.1), e, n, k)?)?;
+    let w = MxExperts::upload(&rt, &quantize_mxfp4(&data(e * n * k, 0.1), e, n, k)?)?;
 
     // Top-k expert ids [T, k] (i64; -1 drops a slot) → expert-grouped order, on the GPU.
     let ids: Vec<i64> = (0..t)
         .flat_map(|i| [(i % e) as i64, ((i + 3) % e) as i64])
         .collect();
-    let routing = DeviceRouting::from_host_ids(&gpu, &ids, t, top_k, e)?;
+    let routing = DeviceRouting::from_host_ids(&rt, &ids, t, top_k, e)?;
 
-    let x = Bf16Matrix::from_f32(&gpu, &data(t * k, 2.0), t, k)?; // token order [T, K]
+    let x = Bf16Matrix::from_f32(&rt, &data(t * k, 2.0), t, k)?; // token order [T, K]
     let lora = LoraWeights {
-        a: Bf16Matrix::from_f32(&gpu, &data(e * r * k, 0.02), e * r, k)?, // A [E·r, K]
-        b: Bf16Matrix::from_f32(&gpu, &data(n * e * r, 0.02), n, e * r)?, // B [N, E·r]
+        a: Bf16Matrix::from_f32(&rt, &data(e * r * k, 0.02), e * r, k)?, // A [E·r, K]
+        b: Bf16Matrix::from_f32(&rt, &data(n * e * r, 0.02), n, e * r)?, // B [N, E·r]
         rank: r,
         scaling: 2.0, // lora_alpha / r
     };
@@ -45,9 +46,10 @@ fn main() -> mxmoe::Result<()> {
         dequant_buffer: DequantBuffer::Keep, // used by Strategy A only
     };
 
-    let (fwd, saved) = layer.forward(&gpu, &x, &routing, None)?; // None: no gates
-    let dy = Bf16Matrix::from_f32(&gpu, &data(t * top_k * n, 1.0), t * top_k, n)?;
-    let grads = backward(&gpu, &saved, &dy)?; // dx, da, db (d_gates with gates)
+    let (fwd, saved) = layer.forward(&rt, &x, &routing, None)?; // None: no gates
+    drop(x); // `saved` shares what backward reads (x, routing, weights, LoRA): no borrow
+    let dy = Bf16Matrix::from_f32(&rt, &data(t * top_k * n, 1.0), t * top_k, n)?;
+    let grads = backward(&rt, &saved, &dy)?; // dx, da, db (d_gates with gates)
     println!("{:?} {:?} {:?}", fwd.out, grads.dx, grads.da);
     Ok(())
 }

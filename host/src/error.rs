@@ -3,8 +3,107 @@
 //! Every fallible public function returns [`Result`]. Variants carry the context a person needs
 //! to act (the tensor, the expected and actual values, the kernel). Library code never prints
 //! and never panics on bad input.
+//!
+//! This module depends on no other module of the crate; [`MxError`] (the MXFP4 container's
+//! rules) lives here for that reason and is re-exported as `crate::mxfp4::MxError`.
 
-use crate::mxfp4::MxError;
+/// Why an MXFP4 container or quantizer input was rejected (SPEC §1.6).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MxError {
+    /// Only 32-element blocks are supported (16 is reserved for a future NVFP4 mode).
+    #[error("unsupported MX block size {0} (only 32 is supported)")]
+    UnsupportedBlockSize(usize),
+    /// A tensor has the wrong element type; bytes of other types are never reinterpreted.
+    #[error("{tensor}: expected dtype {expected}, got {actual}")]
+    DType {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Accepted dtype(s).
+        expected: &'static str,
+        /// The dtype given.
+        actual: String,
+    },
+    /// A tensor has the wrong rank.
+    #[error("{tensor}: expected rank {expected}, got rank {actual}")]
+    Rank {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Expected rank.
+        expected: usize,
+        /// Given rank.
+        actual: usize,
+    },
+    /// A dimension violates a divisibility or positivity rule (`K % 32 == 0`, `K > 0`, `N > 0`).
+    #[error("{what}")]
+    Divisibility {
+        /// The rule that failed, with the numbers.
+        what: String,
+    },
+    /// Tensor shapes do not agree with each other.
+    #[error("{tensor}: expected shape {expected:?}, got {actual:?}")]
+    Shape {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Given shape.
+        actual: Vec<usize>,
+    },
+    /// The tensors live on different devices.
+    #[error("packed and scales live on different devices ({packed} vs {scales})")]
+    Device {
+        /// Device of `packed`.
+        packed: String,
+        /// Device of `scales`.
+        scales: String,
+    },
+    /// Unsupported memory layout (non-contiguous K, swizzled scales, a layout other than `Fwd`).
+    #[error("unsupported layout: {0}")]
+    Layout(String),
+    /// A buffer's length does not match its declared shape.
+    #[error("{tensor}: buffer holds {actual} elements, shape needs {expected}")]
+    Length {
+        /// Which tensor.
+        tensor: &'static str,
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements present.
+        actual: usize,
+    },
+    /// An expert index is outside `0..experts`.
+    #[error("expert index {index} out of range for {experts} expert(s)")]
+    ExpertIndex {
+        /// The index given.
+        index: usize,
+        /// Experts in the container.
+        experts: usize,
+    },
+    /// A scale block holds the E8M0 NaN byte (255), which would make all 32 weights of the
+    /// block NaN and carry NaN into every output and gradient that reads them. Rejected unless
+    /// the caller opts in to torchao's propagate behaviour.
+    #[error(
+        "scale byte 255 (E8M0 NaN) at expert {expert}, row {row}, block {block} (weights k = {} to {}); NaN scales are rejected unless explicitly allowed",
+        block * 32,
+        block * 32 + 31
+    )]
+    NanScale {
+        /// Expert index.
+        expert: usize,
+        /// Row (`n`) within the expert.
+        row: usize,
+        /// Scale block along K (`k / 32`).
+        block: usize,
+    },
+    /// A shape's element count does not fit in `usize` (no such tensor can exist in memory).
+    #[error("{tensor}: shape {shape:?} has more elements than fit in usize")]
+    Overflow {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The shape given.
+        shape: Vec<usize>,
+    },
+}
 
 /// Library result type.
 pub type Result<T, E = Error> = core::result::Result<T, E>;
@@ -117,6 +216,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// A checkpoint (safetensors file) is malformed or lacks what was asked for.
+    #[error("{kind}: {detail}")]
+    Checkpoint {
+        /// What is wrong.
+        kind: CheckpointErrorKind,
+        /// The tensor or header entry concerned, escaped.
+        detail: String,
+    },
+
     /// An argument is outside its valid range.
     #[error("{what}: {detail}")]
     InvalidArgument {
@@ -148,5 +256,71 @@ impl Error {
     pub fn driver(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
         let op = op.into();
         move |source| Error::Driver { op, source }
+    }
+}
+
+/// Parses one of a public enum's names (the `FromStr` impls of [`crate::routing::RowOrder`],
+/// [`crate::op::Strategy`], …): the value whose name is `s`, else [`Error::InvalidArgument`]
+/// naming `what` and listing every name, e.g. `row order: expected "grouped" or "scattered",
+/// got "rows"`.
+pub(crate) fn parse_name<T: Copy>(
+    what: &'static str,
+    s: &str,
+    names: &[(&'static str, T)],
+) -> Result<T> {
+    if let Some(&(_, v)) = names.iter().find(|(n, _)| *n == s) {
+        return Ok(v);
+    }
+    let quoted: Vec<String> = names.iter().map(|(n, _)| format!("{n:?}")).collect();
+    let list = match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(Error::InvalidArgument {
+        what,
+        detail: format!("expected {list}, got {s:?}"),
+    })
+}
+
+/// What is wrong with a checkpoint: the kind of every [`Error::Checkpoint`] that
+/// `crate::checkpoint` returns, so callers can tell the cases apart without matching text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CheckpointErrorKind {
+    /// The file as a whole (not safetensors, bad header JSON, stray bytes).
+    Format,
+    /// The file ends before its header or a tensor's data does.
+    Truncated,
+    /// A tensor that is not in the file.
+    Missing,
+    /// A tensor with the wrong (or an unknown) dtype.
+    Dtype,
+    /// A tensor with the wrong rank or shape.
+    Shape,
+    /// Tensor names: duplicates, collisions, ambiguous layouts.
+    Name,
+    /// MXFP4 weights holding the NaN scale byte 255.
+    NanScale,
+}
+
+impl CheckpointErrorKind {
+    /// The kind as messages spell it (`"tensor shape"`, …).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Format => "safetensors file",
+            Self::Truncated => "truncated safetensors file",
+            Self::Missing => "missing tensor",
+            Self::Dtype => "tensor dtype",
+            Self::Shape => "tensor shape",
+            Self::Name => "tensor name",
+            Self::NanScale => "MXFP4 NaN scale",
+        }
+    }
+}
+
+impl std::fmt::Display for CheckpointErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }

@@ -2,21 +2,25 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
+pub mod buffers;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
-pub mod mxfp4;
-pub mod reference;
-pub mod tensor;
-
-pub use error::{Error, Result};
-pub use kernels_gpu::shared;
-pub mod checkpoint;
+pub mod external;
 pub mod kernels;
 pub mod launch;
 pub mod moe;
+pub mod mxfp4;
 pub mod op;
+pub mod reference;
 pub mod routing;
+pub mod runtime;
+pub mod tensor;
 pub mod tune;
+
+pub use error::{Error, Result};
+pub use kernels_gpu::shared;
+pub use runtime::Runtime;
 
 #[cfg(test)]
 mod test_rng;

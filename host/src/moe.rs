@@ -21,10 +21,10 @@
 //!
 //! # What is kept between the passes
 //!
-//! [`MoeSaved`] holds the up projection's [`Saved`] state (it borrows the caller's `x` and
-//! routing), `gu` (read by the activation's backward) and the down projection's [`Saved`] state,
-//! which owns `h` (handed over with [`ExpertLinear::forward_owned`]). Nothing is recomputed in
-//! [`backward`].
+//! [`MoeSaved`] holds the up projection's [`Saved`] state (sharing the caller's `x`, routing and
+//! weights through reference-counted handles), `gu` (read by the activation's backward) and the
+//! down projection's [`Saved`] state, which keeps `h`. It borrows nothing. Nothing is recomputed
+//! in [`backward`].
 //!
 //! # Numerics
 //!
@@ -32,13 +32,13 @@
 //! gradients are each rounded once from f32 (the rounding points of
 //! [`crate::reference::moe`], which mirrors this flow on the CPU).
 
-use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::kernels::moe::{swiglu_bwd, swiglu_fwd};
 use crate::op::{
     self, Bf16Matrix, ExpertLinear, ExpertWeights, LoraWeights, RowOrder, Saved, Strategy,
 };
 use crate::routing::DeviceRouting;
+use crate::runtime::Runtime;
 use crate::shared::bf16::round_bf16;
 
 /// One gated MoE MLP block: frozen expert weights in checkpoint layouts, optional LoRA on each
@@ -60,13 +60,14 @@ pub struct MoeBlock<'a> {
     pub strategy: Strategy,
 }
 
-/// What [`backward`] needs: both projections' saved states (the down one owns `h`), `gu`, and
-/// the borrowed routing.
-pub struct MoeSaved<'a> {
-    block: MoeBlock<'a>,
-    routing: &'a DeviceRouting,
-    up: Saved<'a>,
-    down: Saved<'a>,
+/// What [`backward`] needs: both projections' saved states (the down one keeps `h`), `gu`, the
+/// routing and the clamp limit. Owns (shares) everything it reads; borrows nothing.
+pub struct MoeSaved {
+    limit: Option<f32>,
+    hidden: usize,
+    routing: DeviceRouting,
+    up: Saved,
+    down: Saved,
     gu: Bf16Matrix,
     strategies: (Strategy, Strategy),
 }
@@ -242,26 +243,25 @@ impl<'a> MoeBlock<'a> {
     /// `x`, gates or limit (checked before any launch), and whatever the projections report.
     pub fn forward(
         &self,
-        gpu: &Gpu,
-        x: &'a Bf16Matrix,
-        routing: &'a DeviceRouting,
-        gates: &'a Bf16Matrix,
-    ) -> Result<(Bf16Matrix, MoeSaved<'a>)> {
-        let (_, i) = self.validate(x, routing, gates)?;
+        gpu: &Runtime,
+        x: &Bf16Matrix,
+        routing: &DeviceRouting,
+        gates: &Bf16Matrix,
+    ) -> Result<(Bf16Matrix, MoeSaved)> {
+        let (hidden, i) = self.validate(x, routing, gates)?;
         let l = routing.rows();
         let (up, up_saved) = self.up_layer().forward(gpu, x, routing, None)?;
         let gu = up.out;
         let h = Bf16Matrix::from_device(swiglu_fwd(gpu, gu.data(), l, i, self.limit)?, l, i)?;
-        // The down projection's saved state takes `h` over.
-        let (down, down_saved) = self
-            .down_layer()
-            .forward_owned(gpu, h, routing, Some(gates))?;
+        // The down projection's saved state keeps `h`.
+        let (down, down_saved) = self.down_layer().forward(gpu, &h, routing, Some(gates))?;
         let (y, down_strategy) = (down.out, down.strategy);
         Ok((
             y,
             MoeSaved {
-                block: *self,
-                routing,
+                limit: self.limit,
+                hidden,
+                routing: routing.clone(),
                 up: up_saved,
                 down: down_saved,
                 gu,
@@ -271,7 +271,7 @@ impl<'a> MoeBlock<'a> {
     }
 }
 
-impl MoeSaved<'_> {
+impl MoeSaved {
     /// The gate/up projection's output `gu [L, 2I]` (grouped rows; gate half first).
     pub fn gu(&self) -> &Bf16Matrix {
         &self.gu
@@ -299,10 +299,10 @@ fn lora_grads(da: Option<Bf16Matrix>, db: Option<Bf16Matrix>) -> Option<LoraGrad
 /// Backward pass for `dy [T, H]`.
 ///
 /// Errors: [`Error::Shape`] for a `dy` of the wrong shape, and whatever the kernels report.
-pub fn backward(gpu: &Gpu, saved: &MoeSaved<'_>, dy: &Bf16Matrix) -> Result<MoeGrads> {
-    let routing = saved.routing;
+pub fn backward(gpu: &Runtime, saved: &MoeSaved, dy: &Bf16Matrix) -> Result<MoeGrads> {
+    let routing = &saved.routing;
     let (t, l) = (routing.tokens(), routing.rows());
-    let (h, i) = (weights_shape(&saved.block.gate_up).2, saved.h().cols());
+    let (h, i) = (saved.hidden, saved.h().cols());
     if (dy.rows(), dy.cols()) != (t, h) {
         return Err(Error::Shape {
             tensor: "dy",
@@ -318,14 +318,7 @@ pub fn backward(gpu: &Gpu, saved: &MoeSaved<'_>, dy: &Bf16Matrix) -> Result<MoeG
     })?;
     // Activation: d_gu [L, 2I] from gu and dh = the down projection's input gradient [L, I].
     let d_gu = Bf16Matrix::from_device(
-        swiglu_bwd(
-            gpu,
-            saved.gu.data(),
-            down.dx.data(),
-            l,
-            i,
-            saved.block.limit,
-        )?,
+        swiglu_bwd(gpu, saved.gu.data(), down.dx.data(), l, i, saved.limit)?,
         l,
         2 * i,
     )?;

@@ -60,6 +60,27 @@ impl fmt::Display for DType {
     }
 }
 
+impl DType {
+    /// Every element type, in declaration order.
+    pub const ALL: [DType; 7] = [
+        DType::U8,
+        DType::E8M0,
+        DType::BF16,
+        DType::F16,
+        DType::F32,
+        DType::I32,
+        DType::I64,
+    ];
+}
+
+impl core::str::FromStr for DType {
+    type Err = crate::error::Error;
+    /// Parses [`DType::name`]. Errors: [`crate::Error::InvalidArgument`] listing the names.
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        crate::error::parse_name("dtype", s, &DType::ALL.map(|v| (v.name(), v)))
+    }
+}
+
 /// Where a tensor's memory lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceLoc {
@@ -183,6 +204,7 @@ mod tests {
         for (dtype, size, name) in all {
             assert_eq!(dtype.size_bytes(), size);
             assert_eq!(dtype.to_string(), name);
+            assert_eq!(name.parse::<DType>().unwrap(), dtype);
         }
     }
 

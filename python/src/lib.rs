@@ -9,21 +9,19 @@
 //! `NoDeviceError` when there is no driver or device) with the library's own message.
 //!
 //! Saved state between forward and backward lives in [`LinearState`] / [`MoeState`]: the
-//! library's `Saved` records borrow the inputs, so each state owns the (borrowed, never freed)
-//! input wrappers in a box and the record that borrows them, dropped record first.
+//! library's `Saved` / `MoeSaved` records own (share) what backward reads, including the tensors
+//! borrowed from torch (wrapped in borrowed device buffers, never freed by mxmoe).
 
 use std::sync::Mutex;
 
-use cudarc::driver::CudaSlice;
 use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use mxmoe::Error;
 use mxmoe::checkpoint::Checkpoint;
-use mxmoe::device::{Borrowed, Gpu, borrow_lora, check_device_tensor};
-use mxmoe::kernels::routing::DeviceIds;
+use mxmoe::device::Gpu;
+use mxmoe::external::{borrow_lora, check_device_tensor};
 use mxmoe::moe::{self, MoeBlock, MoeSaved};
 use mxmoe::mxfp4::{
     MxShape, MxWeights, dequantize_bf16, dequantize_f32, quantize_mxfp4, quantize_mxfp4_bf16,
@@ -32,8 +30,9 @@ use mxmoe::op::{
     self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
     Saved, Strategy,
 };
-use mxmoe::routing::DeviceRouting;
+use mxmoe::routing::{DeviceIds, DeviceRouting};
 use mxmoe::tensor::{DType, DeviceLoc, TensorMeta};
+use mxmoe::{Error, Runtime};
 
 create_exception!(
     _native,
@@ -197,16 +196,11 @@ struct Desc {
     meta: TensorMeta,
 }
 
-fn parse_dtype(name: &str) -> PyRes<DType> {
-    Ok(match name {
-        "u8" => DType::U8,
-        "e8m0" => DType::E8M0,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        "f32" => DType::F32,
-        "i32" => DType::I32,
-        "i64" => DType::I64,
-        other => return Err(invalid("dtype", format!("unsupported dtype {other:?}"))),
+/// Parses one of the library's enum names (`FromStr`), reporting a bad name against `what`.
+fn parse_arg<T: std::str::FromStr<Err = Error>>(what: &'static str, name: &str) -> PyRes<T> {
+    name.parse().map_err(|e| match e {
+        Error::InvalidArgument { detail, .. } => invalid(what, detail),
+        e => to_py(e),
     })
 }
 
@@ -227,7 +221,7 @@ impl<'py> FromPyObject<'py> for Desc {
         Ok(Desc {
             ptr,
             meta: TensorMeta {
-                dtype: parse_dtype(&dtype)?,
+                dtype: parse_arg("dtype", &dtype)?,
                 shape,
                 strides,
                 device,
@@ -250,7 +244,7 @@ fn bf16_shape(tensor: &'static str, d: &Desc, rank: usize, gpu: &Gpu) -> PyRes<V
 }
 
 /// A borrowed `[rows, cols]` bf16 matrix.
-fn borrow_matrix(tensor: &'static str, d: &Desc, gpu: &Gpu) -> PyRes<Borrowed<Bf16Matrix>> {
+fn borrow_matrix(tensor: &'static str, d: &Desc, gpu: &Gpu) -> PyRes<Bf16Matrix> {
     let s = bf16_shape(tensor, d, 2, gpu)?;
     // SAFETY: the Python layer passes the data pointer of a live, contiguous torch tensor of this
     // shape on this device and keeps it alive (ctx.save_for_backward or the call's frame).
@@ -305,9 +299,10 @@ mod dlpack {
     pub const CAPSULE_NAME: &std::ffi::CStr = c"dltensor";
 }
 
-/// What a DLPack capsule owns: mxmoe's device buffer and the shape array the tensor points to.
+/// What a DLPack capsule owns: mxmoe's matrix (a handle on its device buffer) and the shape
+/// array the tensor points to.
 struct Exported {
-    _data: CudaSlice<u16>,
+    _data: Bf16Matrix,
     shape: [i64; 2],
 }
 
@@ -346,13 +341,12 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
 fn export(py: Python<'_>, gpu: &Gpu, m: Bf16Matrix) -> PyRes<PyObject> {
     use cudarc::driver::DevicePtr;
     let (rows, cols) = (m.rows(), m.cols());
-    let data = m.into_data();
     let ptr = {
-        let (p, _sync) = data.device_ptr(gpu.stream());
+        let (p, _sync) = m.data().device_ptr(gpu.stream());
         p
     };
     let holder = Box::into_raw(Box::new(Exported {
-        _data: data,
+        _data: m,
         shape: [rows as i64, cols as i64],
     }));
     let managed = Box::into_raw(Box::new(dlpack::ManagedTensor {
@@ -424,8 +418,8 @@ impl<'py> FromPyObject<'py> for WeightsArg {
 
 /// Borrowed expert weights.
 enum OwnedWeights {
-    Mx(Borrowed<MxExperts>),
-    Dense(Borrowed<DenseExperts>),
+    Mx(MxExperts),
+    Dense(DenseExperts),
 }
 
 impl OwnedWeights {
@@ -466,7 +460,7 @@ impl OwnedWeights {
 /// LoRA factors: `(A [E·r, K], B [N, E·r], rank, scaling)`.
 type LoraArg = (Desc, Desc, usize, f32);
 
-fn borrow_lora_arg(arg: &LoraArg, gpu: &Gpu) -> PyRes<Borrowed<LoraWeights>> {
+fn borrow_lora_arg(arg: &LoraArg, gpu: &Gpu) -> PyRes<LoraWeights> {
     let (a, b, rank, scaling) = arg;
     let sa = bf16_shape("lora_A", a, 2, gpu)?;
     let sb = bf16_shape("lora_B", b, 2, gpu)?;
@@ -523,37 +517,6 @@ fn route(ids: &Desc, experts: usize, gpu: &Gpu) -> PyRes<DeviceRouting> {
     .map_err(to_py)
 }
 
-fn parse_order(name: &str, what: &'static str) -> PyRes<RowOrder> {
-    match name {
-        "scattered" => Ok(RowOrder::Scattered),
-        "grouped" => Ok(RowOrder::Grouped),
-        other => Err(invalid(
-            what,
-            format!("expected \"scattered\" or \"grouped\", got {other:?}"),
-        )),
-    }
-}
-
-fn parse_strategy(name: &str) -> PyRes<Strategy> {
-    match name {
-        "auto" => Ok(Strategy::Auto),
-        "fused" => Ok(Strategy::Fused),
-        "selective" => Ok(Strategy::SelectiveDequant),
-        other => Err(invalid(
-            "strategy",
-            format!("expected \"auto\", \"fused\" or \"selective\", got {other:?}"),
-        )),
-    }
-}
-
-fn strategy_name(s: Strategy) -> &'static str {
-    match s {
-        Strategy::Auto => "auto",
-        Strategy::Fused => "fused",
-        Strategy::SelectiveDequant => "selective",
-    }
-}
-
 // ----------------------------------------------------------------------------------------------
 // The device.
 
@@ -562,7 +525,7 @@ fn strategy_name(s: Strategy) -> &'static str {
 /// synchronisation is added.
 #[pyclass(name = "Gpu", frozen, module = "mxmoe._native")]
 struct PyGpu {
-    gpu: Gpu,
+    gpu: Runtime,
     stream: usize,
 }
 
@@ -574,7 +537,7 @@ impl PyGpu {
     fn new(ordinal: usize, stream: usize) -> PyRes<Self> {
         // SAFETY: the Python layer passes a torch stream of this device, which torch keeps
         // alive (streams from torch's pool are never destroyed).
-        let gpu = unsafe { Gpu::open_on_stream(ordinal, stream) }.map_err(to_py)?;
+        let gpu = unsafe { Runtime::open_on_stream(ordinal, stream) }.map_err(to_py)?;
         Ok(Self { gpu, stream })
     }
 
@@ -621,22 +584,9 @@ impl PyGpu {
 // ----------------------------------------------------------------------------------------------
 // The expert linear.
 
-/// What a linear's saved record borrows: borrowed inputs and the routing.
-struct LinearInputs {
-    x: Borrowed<Bf16Matrix>,
-    routing: DeviceRouting,
-    gates: Option<Borrowed<Bf16Matrix>>,
-    weights: OwnedWeights,
-    lora: Option<Borrowed<LoraWeights>>,
-}
-
-/// A saved record and what it borrows. Field order matters: `saved` borrows `*inputs` and is
-/// dropped first.
-struct LinearSavedBox {
-    saved: Saved<'static>,
-    /// Never read: kept alive (and dropped after `saved`) because `saved` borrows it.
-    #[allow(dead_code)]
-    inputs: Box<LinearInputs>,
+/// A linear's saved record (it owns what backward reads) and which gradients to return.
+struct LinearHeld {
+    saved: Saved,
     has_gates: bool,
     has_lora: bool,
 }
@@ -644,7 +594,7 @@ struct LinearSavedBox {
 /// The state one expert-linear forward leaves for its backward (consumed by the backward).
 #[pyclass(frozen, module = "mxmoe._native")]
 struct LinearState {
-    inner: Mutex<Option<LinearSavedBox>>,
+    inner: Mutex<Option<LinearHeld>>,
     strategy: Strategy,
 }
 
@@ -653,7 +603,7 @@ impl LinearState {
     /// The path the forward ran: `"fused"` or `"selective"`.
     #[getter]
     fn strategy(&self) -> &'static str {
-        strategy_name(self.strategy)
+        self.strategy.name()
     }
 
     /// Frees the saved intermediates now (idempotent).
@@ -683,32 +633,21 @@ fn linear_forward(
     keep_state: bool,
 ) -> PyRes<(PyObject, Option<LinearState>)> {
     let g = &gpu.gpu;
-    let input_order = parse_order(input_order, "input_order")?;
-    let output_order = parse_order(output_order, "output_order")?;
-    let strategy = parse_strategy(strategy)?;
+    let input_order: RowOrder = parse_arg("input_order", input_order)?;
+    let output_order: RowOrder = parse_arg("output_order", output_order)?;
+    let strategy: Strategy = parse_arg("strategy", strategy)?;
     let weights = OwnedWeights::borrow(&weights, g)?;
-    let inputs = Box::new(LinearInputs {
-        x: borrow_matrix("x", &x, g)?,
-        routing: route(&ids, weights.experts(), g)?,
-        gates: gates
-            .as_ref()
-            .map(|d| borrow_matrix("gates", d, g))
-            .transpose()?,
-        lora: lora.as_ref().map(|l| borrow_lora_arg(l, g)).transpose()?,
-        weights,
-    });
-    // SAFETY: `inputs` is boxed (its address is stable) and kept next to the record in
-    // `LinearSavedBox`, which drops the record first; nothing mutates `*inputs` meanwhile.
-    let r: &'static LinearInputs = unsafe { &*(inputs.as_ref() as *const LinearInputs) };
-    let layer = ExpertLinear::new(
-        r.weights.get(),
-        r.lora.as_deref(),
-        input_order,
-        output_order,
-    )
-    .with_strategy(strategy);
+    let x = borrow_matrix("x", &x, g)?;
+    let routing = route(&ids, weights.experts(), g)?;
+    let gates = gates
+        .as_ref()
+        .map(|d| borrow_matrix("gates", d, g))
+        .transpose()?;
+    let lora = lora.as_ref().map(|l| borrow_lora_arg(l, g)).transpose()?;
+    let layer = ExpertLinear::new(weights.get(), lora.as_ref(), input_order, output_order)
+        .with_strategy(strategy);
     let (fwd, saved) = layer
-        .forward(g, &r.x, &r.routing, r.gates.as_deref())
+        .forward(g, &x, &routing, gates.as_ref())
         .map_err(to_py)?;
     let out = export(py, g, fwd.out)?;
     if !keep_state {
@@ -718,11 +657,10 @@ fn linear_forward(
         out,
         Some(LinearState {
             strategy: fwd.strategy,
-            inner: Mutex::new(Some(LinearSavedBox {
-                has_gates: inputs.gates.is_some(),
-                has_lora: inputs.lora.is_some(),
+            inner: Mutex::new(Some(LinearHeld {
+                has_gates: gates.is_some(),
+                has_lora: lora.is_some(),
                 saved,
-                inputs,
             })),
         }),
     ))
@@ -764,8 +702,8 @@ fn linear_backward(
     let dy = borrow_matrix("dy", &dy, g)?;
     let grads = op::backward(g, &held.saved, &dy).map_err(to_py)?;
     let (has_lora, has_gates) = (held.has_lora, held.has_gates);
-    // The record and the borrowed inputs are released here (the record first); mxmoe's own
-    // buffers that are not exported are freed stream-ordered after the kernels that used them.
+    // The record (with its handles on the borrowed inputs) is released here; mxmoe's own buffers
+    // that are not exported are freed stream-ordered after the kernels that used them.
     drop(held);
     let opt = |m: Option<Bf16Matrix>, keep: bool| -> PyRes<Option<PyObject>> {
         m.filter(|_| keep).map(|m| export(py, g, m)).transpose()
@@ -781,28 +719,10 @@ fn linear_backward(
 // ----------------------------------------------------------------------------------------------
 // The MoE block.
 
-struct MoeInputs {
-    x: Borrowed<Bf16Matrix>,
-    routing: DeviceRouting,
-    gates: Borrowed<Bf16Matrix>,
-    gate_up: OwnedWeights,
-    down: OwnedWeights,
-    lora_gate_up: Option<Borrowed<LoraWeights>>,
-    lora_down: Option<Borrowed<LoraWeights>>,
-}
-
-/// Field order matters: `saved` borrows `*inputs` and is dropped first.
-struct MoeSavedBox {
-    saved: MoeSaved<'static>,
-    /// Never read: kept alive (and dropped after `saved`) because `saved` borrows it.
-    #[allow(dead_code)]
-    inputs: Box<MoeInputs>,
-}
-
 /// The state one MoE-block forward leaves for its backward (consumed by the backward).
 #[pyclass(frozen, module = "mxmoe._native")]
 struct MoeState {
-    inner: Mutex<Option<MoeSavedBox>>,
+    inner: Mutex<Option<MoeSaved>>,
     strategies: (Strategy, Strategy),
 }
 
@@ -811,10 +731,7 @@ impl MoeState {
     /// The paths the forward ran for `(gate_up, down)`.
     #[getter]
     fn strategies(&self) -> (&'static str, &'static str) {
-        (
-            strategy_name(self.strategies.0),
-            strategy_name(self.strategies.1),
-        )
+        (self.strategies.0.name(), self.strategies.1.name())
     }
 
     /// Frees the saved intermediates now (idempotent).
@@ -844,37 +761,29 @@ fn moe_forward(
     keep_state: bool,
 ) -> PyRes<(PyObject, Option<MoeState>)> {
     let g = &gpu.gpu;
-    let strategy = parse_strategy(strategy)?;
+    let strategy: Strategy = parse_arg("strategy", strategy)?;
     let gate_up = OwnedWeights::borrow(&gate_up, g)?;
     let down = OwnedWeights::borrow(&down, g)?;
-    let inputs = Box::new(MoeInputs {
-        x: borrow_matrix("x", &x, g)?,
-        routing: route(&ids, gate_up.experts(), g)?,
-        gates: borrow_matrix("gates", &gates, g)?,
-        lora_gate_up: lora_gate_up
-            .as_ref()
-            .map(|l| borrow_lora_arg(l, g))
-            .transpose()?,
-        lora_down: lora_down
-            .as_ref()
-            .map(|l| borrow_lora_arg(l, g))
-            .transpose()?,
-        gate_up,
-        down,
-    });
-    // SAFETY: as in `linear_forward`: boxed, kept beside the record, dropped after it.
-    let r: &'static MoeInputs = unsafe { &*(inputs.as_ref() as *const MoeInputs) };
+    let x = borrow_matrix("x", &x, g)?;
+    let routing = route(&ids, gate_up.experts(), g)?;
+    let gates = borrow_matrix("gates", &gates, g)?;
+    let lora_gate_up = lora_gate_up
+        .as_ref()
+        .map(|l| borrow_lora_arg(l, g))
+        .transpose()?;
+    let lora_down = lora_down
+        .as_ref()
+        .map(|l| borrow_lora_arg(l, g))
+        .transpose()?;
     let block = MoeBlock {
-        gate_up: r.gate_up.get(),
-        down: r.down.get(),
-        lora_gate_up: r.lora_gate_up.as_deref(),
-        lora_down: r.lora_down.as_deref(),
+        gate_up: gate_up.get(),
+        down: down.get(),
+        lora_gate_up: lora_gate_up.as_ref(),
+        lora_down: lora_down.as_ref(),
         limit,
         strategy,
     };
-    let (y, saved) = block
-        .forward(g, &r.x, &r.routing, &r.gates)
-        .map_err(to_py)?;
+    let (y, saved) = block.forward(g, &x, &routing, &gates).map_err(to_py)?;
     let out = export(py, g, y)?;
     if !keep_state {
         return Ok((out, None));
@@ -883,7 +792,7 @@ fn moe_forward(
         out,
         Some(MoeState {
             strategies: saved.strategies(),
-            inner: Mutex::new(Some(MoeSavedBox { saved, inputs })),
+            inner: Mutex::new(Some(saved)),
         }),
     ))
 }
@@ -910,7 +819,7 @@ fn moe_backward(
     let g = &gpu.gpu;
     let held = take_state(&state.inner)?;
     let dy = borrow_matrix("dy", &dy, g)?;
-    let grads = moe::backward(g, &held.saved, &dy).map_err(to_py)?;
+    let grads = moe::backward(g, &held, &dy).map_err(to_py)?;
     drop(held);
     let (gu_da, gu_db) = match grads.gate_up {
         Some(l) => (Some(export(py, g, l.da)?), Some(export(py, g, l.db)?)),

@@ -7,9 +7,9 @@
 
 use std::sync::OnceLock;
 
-use mxmoe::Error;
 use mxmoe::device::Gpu;
 use mxmoe::tune::{TuneMode, Tuner};
+use mxmoe::{Error, Runtime};
 
 /// The shared device for this test binary, or `None` (after printing why) when there is none.
 ///
@@ -18,18 +18,11 @@ use mxmoe::tune::{TuneMode, Tuner};
 /// architecture is wrong, memory is short) panics, so a GPU run can never pass by skipping. With
 /// `MXMOE_REQUIRE_GPU=1` (set by the device run script) a skip is a failure too.
 ///
-/// The device gets an in-memory tuner in `Default` mode, so tests never read or write the user's
-/// tuning cache and never time candidates; `MXMOE_GEMM_CONFIG=<index>` (read here, once) forces
-/// one tile configuration for every GEMM of the binary, and a forced configuration the device
-/// cannot run is an error of every call (see [`forced_config`]).
-pub fn gpu() -> Option<&'static Gpu> {
-    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+/// The device gets the tests' tuner ([`test_runtime`]).
+pub fn gpu() -> Option<&'static Runtime> {
+    static GPU: OnceLock<Result<Runtime, String>> = OnceLock::new();
     let opened = GPU.get_or_init(|| match Gpu::open_default() {
-        Ok(mut g) => {
-            let name = g.limits().name.clone();
-            g.set_tuner(Tuner::new(&name, TuneMode::Default, None).with_forced(forced_config()));
-            Ok(g)
-        }
+        Ok(g) => Ok(test_runtime(g)),
         Err(e @ (Error::NoDriver | Error::NoDevice { .. })) => Err(e.to_string()),
         Err(e) => panic!("the GPU is present but could not be opened: {e}"),
     });
@@ -43,6 +36,18 @@ pub fn gpu() -> Option<&'static Gpu> {
             None
         }
     }
+}
+
+/// `gpu` with the tests' tuner: in memory, in `Default` mode, so tests never read or write the
+/// user's tuning cache and never time candidates; `MXMOE_GEMM_CONFIG=<index>` (read once per
+/// call) forces one tile configuration for every GEMM of the binary, and a forced configuration
+/// the device cannot run is an error of every call (see [`forced_config`]).
+pub fn test_runtime(gpu: Gpu) -> Runtime {
+    let name = gpu.limits().name.clone();
+    Runtime::new(
+        gpu,
+        Tuner::new(&name, TuneMode::Default, None).with_forced(forced_config()),
+    )
 }
 
 /// The tile configuration forced for this test binary by `MXMOE_GEMM_CONFIG=<index>` (an index
@@ -155,7 +160,7 @@ pub fn f32_to_bf16(values: &[f32]) -> Vec<u16> {
 
 /// One randomly drawn expert-linear problem (SPEC §7 data recipe), with its CPU reference.
 pub mod linear_case {
-    use mxmoe::device::Gpu;
+    use mxmoe::Runtime;
     use mxmoe::mxfp4::MxWeights;
     use mxmoe::op::{
         Bf16Matrix, DenseExperts, DequantBuffer, ExpertLinear, ExpertWeights, Grads, LoraWeights,
@@ -364,12 +369,18 @@ pub mod linear_case {
     }
 
     /// Runs forward and backward on the GPU with dense bf16 weights `d.w`.
-    pub fn run_gpu(gpu: &Gpu, c: &Case, d: &Data, dy: &[f32]) -> GpuResult {
+    pub fn run_gpu(gpu: &Runtime, c: &Case, d: &Data, dy: &[f32]) -> GpuResult {
         run_gpu_with(gpu, c, d, dy, Base::Dense(&d.w))
     }
 
     /// Runs forward and backward on the GPU with the given base weights.
-    pub fn run_gpu_with(gpu: &Gpu, c: &Case, d: &Data, dy: &[f32], base: Base<'_>) -> GpuResult {
+    pub fn run_gpu_with(
+        gpu: &Runtime,
+        c: &Case,
+        d: &Data,
+        dy: &[f32],
+        base: Base<'_>,
+    ) -> GpuResult {
         let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
         let x = Bf16Matrix::from_f32(gpu, &d.x, d.x_rows, c.k).unwrap();
         let dense;
@@ -796,7 +807,7 @@ pub mod linear_case {
     /// the reference: [`compare`] on the full result and, with a rank, [`compare_lora_term`].
     /// Returns the full GPU result.
     pub fn check_case(
-        gpu: &Gpu,
+        gpu: &Runtime,
         c: &Case,
         d: &Data,
         w_ref: &[f32],

@@ -15,15 +15,15 @@
 //! read that row of `x` and leaves every other row bit for bit unchanged.
 
 use mxmoe::Error;
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
+use mxmoe::device::upload;
 use mxmoe::kernels::dequant::dequant_mxfp4_bf16;
-use mxmoe::kernels::routing::DeviceIds;
-use mxmoe::kernels::upload;
 use mxmoe::mxfp4::{MxError, MxLayout, MxWeights, dequantize_bf16, quantize_mxfp4, validate_mx};
 use mxmoe::op::{
     Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
     Strategy, backward,
 };
+use mxmoe::routing::DeviceIds;
 use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::params::MAX_EXPERTS;
 use mxmoe::shared::tiles::MAX_RANK;
@@ -42,7 +42,7 @@ const R: usize = 4;
 
 /// Counts the bad inputs checked; each must give the expected error and leave the stream usable.
 struct Catalog<'g> {
-    gpu: &'g Gpu,
+    gpu: &'g Runtime,
     checked: usize,
 }
 
@@ -80,7 +80,7 @@ impl Catalog<'_> {
 }
 
 /// A matrix of `rows × cols` small values.
-fn matrix(gpu: &Gpu, rows: usize, cols: usize) -> Bf16Matrix {
+fn matrix(gpu: &Runtime, rows: usize, cols: usize) -> Bf16Matrix {
     Bf16Matrix::from_f32(
         gpu,
         &Rng::new((rows * 131 + cols) as u64).normal_bf16(rows * cols, 0.1),
@@ -91,7 +91,13 @@ fn matrix(gpu: &Gpu, rows: usize, cols: usize) -> Bf16Matrix {
 }
 
 /// LoRA factors with the given shapes, rank and scaling.
-fn lora(gpu: &Gpu, a: (usize, usize), b: (usize, usize), rank: usize, scaling: f32) -> LoraWeights {
+fn lora(
+    gpu: &Runtime,
+    a: (usize, usize),
+    b: (usize, usize),
+    rank: usize,
+    scaling: f32,
+) -> LoraWeights {
     LoraWeights {
         a: matrix(gpu, a.0, a.1),
         b: matrix(gpu, b.0, b.1),
@@ -485,7 +491,7 @@ fn routing_rules(cat: &mut Catalog<'_>) {
 
 /// An out-of-range device id routes its slot like a dropped one: zero output row, no effect on
 /// the other rows (bitwise equal to the same routing with −1 in that slot).
-fn bad_device_id_acts_as_dropped(gpu: &Gpu) {
+fn bad_device_id_acts_as_dropped(gpu: &Runtime) {
     let c = Case::new(E, K, N, T, TOP_K, R, 0xBAD1D);
     let d = draw(&c);
     let w = DenseExperts::from_f32(gpu, &d.w, E, N, K).unwrap();
@@ -1049,7 +1055,7 @@ fn every_bad_input_returns_its_typed_error_and_leaves_the_device_usable() {
 
 /// Forward output (f32) of a case with the given x, output order, gates flag and base.
 fn forward_out(
-    gpu: &Gpu,
+    gpu: &Runtime,
     c: &Case,
     d: &Data,
     x: &[f32],

@@ -1,7 +1,7 @@
 //! Concurrency: the same forward + backward (bf16, MXFP4 fused, MXFP4 selective) run from two
 //! host threads at once gives results bitwise equal to a serial run, both
 //! - with a `Gpu` per thread (`Gpu::open(0)` twice: the same device, one stream each), and
-//! - with one `Gpu` shared by both threads through `&Gpu` (`Gpu` is `Sync`, checked at compile
+//! - with one `Gpu` shared by both threads through `&Runtime` (`Gpu` is `Sync`, checked at compile
 //!   time below; both threads then enqueue onto its one stream).
 //!
 //! The kernels use no atomics and every tile configuration sums in the same order, so any
@@ -11,16 +11,17 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Barrier;
 
+use mxmoe::Runtime;
 use mxmoe::device::Gpu;
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
 use mxmoe_tests::linear_case::{Base, Case, Data, GpuResult, draw, out_rows, run_gpu_with};
-use mxmoe_tests::{Rng, gpu};
+use mxmoe_tests::{Rng, gpu, test_runtime};
 
-/// `Gpu` can be shared between threads by reference (the second test relies on it).
+/// `Runtime` can be shared between threads by reference (the second test relies on it).
 const _: () = {
     const fn shareable<T: Send + Sync>() {}
-    shareable::<Gpu>();
+    shareable::<Runtime>();
 };
 
 /// Rounds of all three bases each thread runs.
@@ -64,7 +65,7 @@ impl Inputs {
         ]
     }
 
-    fn run(&self, gpu: &Gpu, base: Base<'_>) -> GpuResult {
+    fn run(&self, gpu: &Runtime, base: Base<'_>) -> GpuResult {
         run_gpu_with(gpu, &self.case, &self.data, &self.dy, base)
     }
 }
@@ -97,7 +98,7 @@ fn bitwise_equal(a: &GpuResult, b: &GpuResult) -> Result<(), String> {
 /// so that different kernels overlap), each result checked bitwise against the serial one.
 /// Failures (including panics of a run) are collected, so neither thread can leave the other
 /// waiting at the barrier.
-fn concurrent_matches_serial(serial: &Gpu, gpus: [&Gpu; 2]) {
+fn concurrent_matches_serial(serial: &Runtime, gpus: [&Runtime; 2]) {
     let inputs = Inputs::new();
     let expected: Vec<GpuResult> = inputs
         .bases()
@@ -159,8 +160,8 @@ fn concurrent_matches_serial(serial: &Gpu, gpus: [&Gpu; 2]) {
 #[test]
 fn two_gpus_on_one_device_running_concurrently_match_a_serial_run_bitwise() {
     let Some(serial) = gpu() else { return };
-    let first = Gpu::open(0).expect("opening device 0 a second time");
-    let second = Gpu::open(0).expect("opening device 0 a third time");
+    let first = test_runtime(Gpu::open(0).expect("opening device 0 a second time"));
+    let second = test_runtime(Gpu::open(0).expect("opening device 0 a third time"));
     assert!(
         !std::sync::Arc::ptr_eq(first.stream(), second.stream()),
         "each Gpu has its own stream"

@@ -1,7 +1,8 @@
 //! GPU dequantization against the shared decode: exhaustive codes × scale bytes, and fresh
 //! random experts with a selected subset, bit for bit.
 
-use mxmoe::kernels::{dequant::dequant_mxfp4_bf16, download, upload};
+use mxmoe::device::{download, upload};
+use mxmoe::kernels::dequant::dequant_mxfp4_bf16;
 use mxmoe::shared::mxfp4::{MX_BLOCK, dequant_bf16_bits, unpack_pair};
 use mxmoe_tests::{Rng, gpu};
 

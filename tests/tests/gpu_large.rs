@@ -16,9 +16,9 @@
 
 use std::sync::Mutex;
 
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
+use mxmoe::device::upload;
 use mxmoe::kernels::dequant::dequant_mxfp4_bf16;
-use mxmoe::kernels::upload;
 use mxmoe::mxfp4::{
     MxWeights, dequantize_experts_bf16, dequantize_experts_f32, dequantize_f32, quantize_mxfp4,
 };
@@ -45,7 +45,7 @@ fn atol(expected: &[f32]) -> f32 {
 }
 
 /// Downloads the listed rows of a device matrix as f32 (row-major, in the listed order).
-fn download_rows(gpu: &Gpu, m: &Bf16Matrix, rows: &[usize]) -> Vec<f32> {
+fn download_rows(gpu: &Runtime, m: &Bf16Matrix, rows: &[usize]) -> Vec<f32> {
     let cols = m.cols();
     let mut out = Vec::with_capacity(rows.len() * cols);
     for &r in rows {

@@ -17,7 +17,7 @@
 //! only has to run the subset. The GPU still computes every row, and the comparison covers the
 //! whole `dx` and `d_gates` (zeros off the subset) and the full LoRA gradients.
 
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
 use mxmoe::moe::{MoeBlock, MoeGrads, backward, route_softmax_topk};
 use mxmoe::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4_bf16};
 use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertWeights, LoraWeights, MxExperts, Strategy};
@@ -248,7 +248,7 @@ struct Results {
 
 /// Runs forward and backward on the GPU.
 fn run_gpu(
-    gpu: &Gpu,
+    gpu: &Runtime,
     b: &Block,
     d: &Data,
     path: Path,

@@ -25,7 +25,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
 use mxmoe::reference::Rounding;
@@ -270,7 +270,7 @@ fn prepare(p: &Problem) -> Prepared {
 
 /// Runs a prepared problem on the GPU (forward and backward), and with a LoRA rank once more
 /// without the LoRA factors.
-fn run(gpu: &Gpu, p: &Problem, prep: &Prepared) -> (GpuResult, Option<GpuResult>) {
+fn run(gpu: &Runtime, p: &Problem, prep: &Prepared) -> (GpuResult, Option<GpuResult>) {
     let base = match (p.base, &prep.mx) {
         (BaseKind::Bf16, _) => Base::Dense(&prep.data.w),
         (BaseKind::MxFused, Some(mx)) => Base::Mx(mx, Strategy::Fused),
@@ -337,7 +337,7 @@ fn workers() -> usize {
 /// Runs and checks every `(label, problem)`; returns one line per failure, naming the label (how
 /// to rerun it) and the whole problem. Host work runs in parallel batches; the GPU runs the
 /// problems of a batch one at a time.
-fn run_all(gpu: &Gpu, problems: &[(String, Problem)]) -> Vec<String> {
+fn run_all(gpu: &Runtime, problems: &[(String, Problem)]) -> Vec<String> {
     let workers = workers();
     let mut failures = Vec::new();
     for (b, batch) in problems.chunks(workers).enumerate() {

@@ -93,10 +93,9 @@ fn routing_rejects_bad_ids_with_typed_errors() {
         "{err:?}"
     );
     // Device-side ids: the kernels flag them and `check` reports it; good ids pass `check`.
-    let ids = mxmoe::kernels::upload(gpu, &[0i32, 9, 1, 2]).unwrap();
+    let ids = mxmoe::device::upload(gpu, &[0i32, 9, 1, 2]).unwrap();
     let r =
-        DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8)
-            .unwrap();
+        DeviceRouting::from_device_ids(gpu, mxmoe::routing::DeviceIds::I32(&ids), 2, 2, 8).unwrap();
     let err = r.check(gpu).unwrap_err();
     assert!(
         matches!(
@@ -108,9 +107,8 @@ fn routing_rejects_bad_ids_with_typed_errors() {
         ),
         "{err:?}"
     );
-    let ids = mxmoe::kernels::upload(gpu, &[0i32, 7, -1, 2]).unwrap();
+    let ids = mxmoe::device::upload(gpu, &[0i32, 7, -1, 2]).unwrap();
     let r =
-        DeviceRouting::from_device_ids(gpu, mxmoe::kernels::routing::DeviceIds::I32(&ids), 2, 2, 8)
-            .unwrap();
+        DeviceRouting::from_device_ids(gpu, mxmoe::routing::DeviceIds::I32(&ids), 2, 2, 8).unwrap();
     r.check(gpu).expect("ids in [-1, E) pass the device check");
 }

@@ -1,6 +1,8 @@
-//! The GPU runtime: driver discovery, context and stream, the embedded PTX module, device limits.
+//! The device core: driver discovery, context and stream, the embedded PTX module, device limits,
+//! and device memory ([`DeviceBuffer`], copies, poisoned allocations).
 //!
-//! [`Gpu::open`] is the only way to get a device. A machine without a CUDA driver or without a
+//! [`Gpu::open`] (a new stream) and [`Gpu::open_on_stream`] (a stream another framework owns)
+//! are the ways to get a device; both go through one builder. A machine without a CUDA driver or without a
 //! device is a normal outcome ([`Error::NoDriver`], [`Error::NoDevice`]), never a panic: the
 //! driver library is probed with `is_culib_present` before cudarc touches it.
 
@@ -10,15 +12,14 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
-mod external;
+mod memory;
 mod pool;
 mod ptx_source;
-pub use external::{Borrowed, IntoDeviceBuffers, borrow_lora, check_device_tensor};
+pub use memory::{DeviceBuffer, alloc_poisoned, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 
 use crate::error::{Error, Result};
-use crate::tune::Tuner;
 
 /// The PTX module built from `kernels-gpu` by `host/build.rs` (see `xtask/ptx-builder`).
 pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
@@ -64,7 +65,14 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     limits: DeviceLimits,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    tuner: Tuner,
+}
+
+/// Where a [`Gpu`]'s stream comes from.
+enum StreamSource {
+    /// A new stream of the context, owned by the `Gpu`.
+    New,
+    /// A `CUstream` handle (as an integer) owned by the caller.
+    Borrowed(usize),
 }
 
 impl std::fmt::Debug for Gpu {
@@ -94,29 +102,91 @@ pub fn device_count() -> Result<usize> {
 impl Gpu {
     /// Opens device `ordinal` (its primary context), creates a stream and loads the PTX module.
     pub fn open(ordinal: usize) -> Result<Self> {
+        // SAFETY: a new stream has no precondition.
+        unsafe { Self::build(ordinal, StreamSource::New) }
+    }
+
+    /// Opens device `ordinal` (its primary context, shared with the CUDA runtime and so with
+    /// PyTorch) with every launch and copy ordered on the caller's stream `cu_stream` (a
+    /// `CUstream` handle as an integer, e.g. `torch.cuda.current_stream().cuda_stream`; `0` is
+    /// the legacy default stream). Loads the PTX module.
+    ///
+    /// The context's cudarc event tracking is disabled: all mxmoe work of this `Gpu` runs on the
+    /// one stream, and ordering against the caller's other streams is the caller's business.
+    ///
+    /// # Safety
+    ///
+    /// `cu_stream` must be a valid stream of device `ordinal`'s primary context (or 0), and the
+    /// caller must keep it alive for as long as this `Gpu`, or any buffer allocated through it,
+    /// exists.
+    pub unsafe fn open_on_stream(ordinal: usize, cu_stream: usize) -> Result<Self> {
+        // SAFETY: forwarded to the caller.
+        unsafe { Self::build(ordinal, StreamSource::Borrowed(cu_stream)) }
+    }
+
+    /// The one builder behind [`open`](Self::open) and [`open_on_stream`](Self::open_on_stream):
+    /// device check, primary context, stream, limits, PTX module (the embedded [`PTX`], or with
+    /// the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names).
+    ///
+    /// # Safety
+    ///
+    /// For [`StreamSource::Borrowed`], as for [`Gpu::open_on_stream`]; none for
+    /// [`StreamSource::New`].
+    unsafe fn build(ordinal: usize, source: StreamSource) -> Result<Self> {
         let count = device_count()?;
         if ordinal >= count {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating the CUDA context"))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(Error::driver("creating a stream"))?;
+        let stream = match source {
+            StreamSource::New => ctx
+                .new_stream()
+                .map_err(Error::driver("creating a stream"))?,
+            StreamSource::Borrowed(cu_stream) => {
+                // SAFETY: this `Gpu` uses only the one stream (the caller orders it against
+                // others), so cudarc's per-buffer events are not needed.
+                unsafe { ctx.disable_event_tracking() };
+                // SAFETY: the caller guarantees the stream is valid in this (primary) context
+                // and outlives everything that retains the wrapper.
+                unsafe { ctx.wrap_borrowed_stream(cu_stream as _) }
+            }
+        };
         let limits = read_limits(&ctx)?;
-        // The embedded PTX, or with the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names.
         let source = ptx_source::module_text()?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(source.text))
             .map_err(Error::driver(source.load_op()))?;
-        let tuner = Tuner::from_env(&limits.name)?;
         Ok(Self {
             ctx,
             stream,
             module,
             limits,
             functions: Mutex::new(HashMap::new()),
-            tuner,
         })
+    }
+
+    /// The same device and loaded module with launches ordered on another borrowed stream
+    /// (cheap: nothing is loaded again).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Gpu::open_on_stream`]: `cu_stream` must be a valid stream of this context and
+    /// outlive the returned `Gpu` and everything allocated through it.
+    pub unsafe fn on_stream(&self, cu_stream: usize) -> Self {
+        // SAFETY: forwarded to the caller.
+        let stream = unsafe { self.ctx.wrap_borrowed_stream(cu_stream as _) };
+        Self {
+            ctx: self.ctx.clone(),
+            stream,
+            module: self.module.clone(),
+            limits: self.limits.clone(),
+            functions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
     }
 
     /// Opens the first device.
@@ -128,16 +198,6 @@ impl Gpu {
     /// or, in builds with the `ptx-override` feature, the file named by `MXMOE_PTX_OVERRIDE`.
     pub fn ptx_fingerprint(&self) -> u64 {
         ptx_source::loaded().map_or_else(|| fingerprint(PTX), |m| m.fingerprint())
-    }
-
-    /// The tile-configuration tuner of this device (mode from `MXMOE_TUNE`).
-    pub fn tuner(&self) -> &Tuner {
-        &self.tuner
-    }
-
-    /// Replaces the tuner (e.g. to force a mode or a cache location).
-    pub fn set_tuner(&mut self, tuner: Tuner) {
-        self.tuner = tuner;
     }
 
     /// The device's limits.
@@ -223,4 +283,18 @@ fn read_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
             .total_mem()
             .map_err(Error::driver("reading the memory size"))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_on_stream_reports_a_missing_driver_or_device_as_a_typed_error() {
+        // SAFETY: stream 0 (the legacy default stream) is valid in every context.
+        match unsafe { Gpu::open_on_stream(usize::MAX, 0) } {
+            Err(Error::NoDriver) | Err(Error::NoDevice { .. }) => {}
+            other => panic!("expected NoDriver or NoDevice, got {other:?}"),
+        }
+    }
 }

@@ -5,8 +5,8 @@ use kernels_gpu::shared::mxfp4::MX_BLOCK;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::DequantParams;
 
-use super::{MIN_CC, alloc_poisoned, check_len, upload};
-use crate::device::Gpu;
+use super::{MIN_CC, check_len};
+use crate::device::{Gpu, alloc_poisoned, upload};
 use crate::error::{Error, Result};
 use crate::launch::{LaunchSpec, addr, addr_mut};
 

@@ -1,6 +1,8 @@
 //! Host side of the grouped GEMM, the rank-sized LoRA products and the Gram kernels
 //! (`kernels-gpu/src/tile/{gemm,gram}.rs`). Every function checks that each buffer covers the
-//! largest element its strides address before launching.
+//! largest element its strides address before launching; the contents of the routing arrays
+//! cannot be checked without a read-back, so they come only as a [`RoutingView`] (built from the
+//! routing kernels' outputs), and this module is crate-internal.
 
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
@@ -10,22 +12,70 @@ use kernels_gpu::shared::tiles::{
     rank_pad_index, smem_plan,
 };
 
+use super::routing::RouteBuffers;
 use super::{MIN_CC, check_len};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::launch::{LaunchSpec, addr, addr_mut};
 
-/// The routing arrays every grouped kernel reads.
+/// The routing arrays every grouped kernel reads. The kernels index activations and outputs
+/// through them without bounds checks, so a view is built only from arrays the routing kernels
+/// produced ([`RoutingView::of_route`]) or from a compact subset of their offsets computed on
+/// the host ([`RoutingView::compact`]); the fields are private.
+///
+/// Invariants: `ssi` holds `rows` flat slots, each `< rows`; `offsets` holds `num_experts`
+/// non-decreasing inclusive row ends, each `≤ rows`.
 #[derive(Clone, Copy)]
-pub struct RoutingView<'a> {
+pub(crate) struct RoutingView<'a> {
     /// u32 `[rows]` flat slot per grouped row.
-    pub ssi: &'a CudaSlice<u32>,
+    ssi: &'a CudaSlice<u32>,
     /// u32 `[num_experts]` inclusive row ends.
-    pub offsets: &'a CudaSlice<u32>,
+    offsets: &'a CudaSlice<u32>,
     /// Routed rows `L = T·k` (dropped rows sort last).
-    pub rows: usize,
+    rows: usize,
     /// Experts `E`.
-    pub num_experts: usize,
+    num_experts: usize,
+}
+
+impl<'a> RoutingView<'a> {
+    /// The view of the routing kernels' outputs for `rows` slots and `num_experts` experts
+    /// (the arguments `route` was called with).
+    pub(crate) fn of_route(bufs: &'a RouteBuffers, rows: usize, num_experts: usize) -> Self {
+        Self {
+            ssi: &bufs.ssi,
+            offsets: &bufs.offsets,
+            rows,
+            num_experts,
+        }
+    }
+
+    /// `full`'s rows seen through the inclusive row ends `offsets` of `count` of its experts, in
+    /// order (Strategy A's compact problem). `offsets` must be taken from `full`'s own offsets
+    /// (a subsequence, so still non-decreasing and `≤ rows`); its length is checked here.
+    pub(crate) fn compact(
+        full: RoutingView<'a>,
+        offsets: &'a CudaSlice<u32>,
+        count: usize,
+    ) -> Result<Self> {
+        if count > full.num_experts {
+            return Err(Error::InvalidArgument {
+                what: "compact routing",
+                detail: format!("{count} experts of {}", full.num_experts),
+            });
+        }
+        check_len("compact expert offsets", offsets, count)?;
+        Ok(Self {
+            ssi: full.ssi,
+            offsets,
+            rows: full.rows,
+            num_experts: count,
+        })
+    }
+
+    /// Experts.
+    pub(crate) fn num_experts(&self) -> usize {
+        self.num_experts
+    }
 }
 
 /// How a kernel finds the activation row of grouped row `p`.
@@ -202,7 +252,7 @@ fn check_common(routing: &RoutingView<'_>) -> Result<()> {
 }
 
 /// Launches the grouped GEMM (forward or dX).
-pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let r = &args.routing;
     check_common(r)?;
     if args.k_red == 0
@@ -344,7 +394,7 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
 /// `left[p, j] = round(Σ_d act[row(p), d] · m_e(j, d))` for `j < rank`, zero for
 /// `rank ≤ j < r_pad`: XA (`m = A_e`) or YB (`m = B_eᵀ`). Output bf16 `[rows, r_pad]`, grouped.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_down(
+pub(crate) fn lora_down(
     gpu: &Gpu,
     routing: RoutingView<'_>,
     act: &CudaSlice<u16>,
@@ -427,7 +477,7 @@ pub fn lora_down(
 /// (zeros for experts without rows), `j < rank`, `w < width`, stored at
 /// `e·out.stride_e + w·out.stride_n + j·out.stride_k`.
 #[allow(clippy::too_many_arguments)]
-pub fn gram(
+pub(crate) fn gram(
     gpu: &Gpu,
     routing: RoutingView<'_>,
     wide: &CudaSlice<u16>,
@@ -443,7 +493,7 @@ pub fn gram(
     check_common(&routing)?;
     if routing.num_experts == 0 {
         // No expert owns a row: the gradient is all zeros.
-        return super::fill_bytes(gpu, out, 0);
+        return crate::device::fill_bytes(gpu, out, 0);
     }
     let (r_pad, idx) = padded_rank(rank)?;
     if width == 0 || !width.is_multiple_of(8) || rank == 0 {

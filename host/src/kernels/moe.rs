@@ -5,8 +5,8 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::SwigluParams;
 
-use super::{MIN_CC, alloc_poisoned, check_len};
-use crate::device::Gpu;
+use super::{MIN_CC, check_len};
+use crate::device::{Gpu, alloc_poisoned};
 use crate::error::{Error, Result};
 use crate::launch::{LaunchSpec, addr, addr_mut};
 
@@ -68,7 +68,7 @@ fn check_aligned(tensor: &'static str, address: u64) -> Result<()> {
 ///
 /// Errors: `width` not a positive multiple of 8, a non-finite or non-positive limit, a `gu`
 /// shorter than `rows·2·width`.
-pub fn swiglu_fwd(
+pub(crate) fn swiglu_fwd(
     gpu: &Gpu,
     gu: &CudaSlice<u16>,
     rows: usize,
@@ -115,7 +115,7 @@ pub fn swiglu_fwd(
 /// `torch.clamp`'s backward does). f32 math, each element rounded to bf16 once.
 ///
 /// Errors as [`swiglu_fwd`], plus a `dh` shorter than `rows·width`.
-pub fn swiglu_bwd(
+pub(crate) fn swiglu_bwd(
     gpu: &Gpu,
     gu: &CudaSlice<u16>,
     dh: &CudaSlice<u16>,

@@ -4,8 +4,8 @@
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::ProbeParams;
 
-use super::{MIN_CC, alloc_poisoned, download, upload};
-use crate::device::Gpu;
+use super::MIN_CC;
+use crate::device::{Gpu, alloc_poisoned, download, upload};
 use crate::error::{Error, Result};
 use crate::launch::{LaunchSpec, addr, addr_mut};
 

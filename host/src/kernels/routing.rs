@@ -4,8 +4,8 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
 
-use super::{MIN_CC, alloc_poisoned};
-use crate::device::Gpu;
+use super::MIN_CC;
+use crate::device::{Gpu, alloc_poisoned};
 use crate::error::{Error, Result};
 use crate::launch::{LaunchSpec, addr, addr_mut};
 
@@ -28,20 +28,20 @@ impl DeviceIds<'_> {
 }
 
 /// The routing kernels' outputs.
-pub struct RouteBuffers {
+pub(crate) struct RouteBuffers {
     /// u32 `[slots]` bucket per grouped row (E for dropped).
-    pub sorted_expert: CudaSlice<u32>,
+    pub(crate) sorted_expert: CudaSlice<u32>,
     /// u32 `[slots]` flat slot per grouped row.
-    pub ssi: CudaSlice<u32>,
+    pub(crate) ssi: CudaSlice<u32>,
     /// u32 `[E]` inclusive row ends.
-    pub offsets: CudaSlice<u32>,
+    pub(crate) offsets: CudaSlice<u32>,
     /// u32 `[1]`: 1 if an id was outside `[-1, E)`.
-    pub error: CudaSlice<u32>,
+    pub(crate) error: CudaSlice<u32>,
 }
 
 /// Sorts `slots` routed slots into expert-contiguous order on the GPU (stable; dropped slots
 /// last). Ids outside `[-1, E)` set the error word and are treated as dropped.
-pub fn route(
+pub(crate) fn route(
     gpu: &Gpu,
     ids: DeviceIds<'_>,
     slots: usize,

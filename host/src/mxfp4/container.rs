@@ -24,6 +24,44 @@ pub enum MxLayout {
     Fwd,
 }
 
+impl MxLayout {
+    /// Every layout.
+    pub const ALL: [MxLayout; 1] = [MxLayout::Fwd];
+
+    /// `fwd`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MxLayout::Fwd => "fwd",
+        }
+    }
+}
+
+impl core::fmt::Display for MxLayout {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for MxLayout {
+    type Err = MxError;
+    /// Parses [`MxLayout::name`]. Errors: [`MxError::Layout`] naming the accepted names.
+    fn from_str(s: &str) -> Result<Self, MxError> {
+        MxLayout::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = MxLayout::ALL
+                    .iter()
+                    .map(|l| format!("{:?}", l.name()))
+                    .collect();
+                MxError::Layout(format!(
+                    "unknown MX layout {s:?} (expected {})",
+                    names.join(" or ")
+                ))
+            })
+    }
+}
+
 /// Validated dimensions of an MXFP4 weight `[experts, n, k]` (SPEC §1.3).
 ///
 /// Invariants (checked by [`MxShape::new`]): `experts ≥ 1`, `n ≥ 1`, `k ≥ 32`, `k % 32 == 0`,

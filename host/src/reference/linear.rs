@@ -42,16 +42,7 @@
 use crate::error::{Error, Result};
 
 use super::Rounding;
-use super::routing::Routing;
-
-/// How the rows of an input or output tensor are ordered (SPEC §2.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RowOrder {
-    /// Expert-contiguous: row `p` is grouped row `p` (`grouped_in` / `grouped_out` = true).
-    Grouped,
-    /// Slot (token) order, addressed through `sorted_scattered_idxs` (`grouped_* = false`).
-    Scattered,
-}
+use crate::routing::{Routing, RowOrder};
 
 /// One expert-linear problem: inputs, weights, LoRA factors and layout flags. All tensors are
 /// row-major `f32` slices; in [`Rounding::Bf16`] mode they are rounded to bf16 before use.
@@ -531,7 +522,8 @@ fn backward64(
 mod tests {
     use super::*;
     use crate::reference::XorShift;
-    use crate::reference::routing::{DROPPED, flatten_sort_count};
+    use crate::reference::routing::flatten_sort_count;
+    use crate::routing::DROPPED;
     use crate::shared::bf16::round_bf16;
 
     /// One test configuration.

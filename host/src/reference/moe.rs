@@ -41,8 +41,8 @@
 use crate::error::{Error, Result};
 
 use super::Rounding;
-use super::linear::{LinearProblem, RowOrder, linear_backward, linear_forward};
-use super::routing::Routing;
+use super::linear::{LinearProblem, linear_backward, linear_forward};
+use crate::routing::{Routing, RowOrder};
 
 /// LoRA factors of one projection, expert-major (SPEC §3.1): `a [E·r, K]`, `b [N, E·r]`.
 #[derive(Debug, Clone, Copy)]

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use cudarc::driver::sys::CUevent_flags;
+use mxmoe::Runtime;
 use mxmoe::device::Gpu;
 use mxmoe::op::{self, RowOrder};
 
@@ -357,9 +358,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let gpu = open_gpu(args.device)?;
     for c in &configs {
-        check_config(c, gpu.as_ref().ok())?;
+        check_config(c, gpu.as_ref().ok().map(|rt| rt.gpu()))?;
     }
-    let header = header(gpu.as_ref().ok())?;
+    let header = header(gpu.as_ref().ok().map(|rt| rt.gpu()))?;
     let notes = notes(args);
 
     // The routing alone is cheap, so the plan (with active-expert counts) is known up front.
@@ -470,7 +471,7 @@ fn notes(args: &BenchArgs) -> Vec<String> {
 
 /// Runs every configuration for every strategy. Weights are generated once per expert count.
 fn measure_all(
-    gpu: &Gpu,
+    gpu: &Runtime,
     args: &BenchArgs,
     configs: &[Config],
     strategies: &[Strategy],
@@ -538,7 +539,7 @@ fn used_bytes(gpu: &Gpu) -> anyhow::Result<usize> {
 }
 
 fn measure(
-    gpu: &Gpu,
+    gpu: &Runtime,
     args: &BenchArgs,
     strategy: Strategy,
     c: &Config,

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use mxmoe::Runtime;
 use mxmoe::device::{Gpu, device_count, driver_present};
 
 /// Why no device could be used, when that is a normal outcome (no driver, no device).
@@ -36,7 +37,7 @@ impl std::fmt::Display for NoGpu {
 /// CPU would hide it. With `None`, device 0 is used when there is one; a missing driver or device
 /// is `Ok(Err(NoGpu))` (the caller falls back to CPU-only work and says so). A device that exists
 /// but fails to open is an error either way.
-pub fn open_gpu(requested: Option<usize>) -> anyhow::Result<Result<Gpu, NoGpu>> {
+pub fn open_gpu(requested: Option<usize>) -> anyhow::Result<Result<Runtime, NoGpu>> {
     use anyhow::Context as _;
     let ordinal = requested.unwrap_or(0);
     let missing = if !driver_present() {
@@ -57,7 +58,7 @@ pub fn open_gpu(requested: Option<usize>) -> anyhow::Result<Result<Gpu, NoGpu>> 
             })
         }
         (None, _) => {
-            let gpu = Gpu::open(ordinal)
+            let gpu = Runtime::open(ordinal)
                 .with_context(|| format!("could not open CUDA device {ordinal}"))?;
             Ok(Ok(gpu))
         }

@@ -7,6 +7,7 @@
 //! each [`Strategy`] turns it into its own device format.
 
 use anyhow::{Context as _, bail};
+use mxmoe::Runtime;
 use mxmoe::device::Gpu;
 use mxmoe::op::{Bf16Matrix, ExpertLinear, Forward, Grads, LoraWeights, RowOrder, backward};
 use mxmoe::reference::{self, LinearProblem, Rounding};
@@ -297,7 +298,7 @@ impl DeviceProblem {
     /// forward has been enqueued and before the backward (for timing or memory probes).
     pub fn forward_backward(
         &self,
-        gpu: &Gpu,
+        gpu: &Runtime,
         between: impl FnOnce() -> anyhow::Result<()>,
     ) -> anyhow::Result<(Forward, Grads)> {
         let layer = ExpertLinear::new(

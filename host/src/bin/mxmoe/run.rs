@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
+use mxmoe::Runtime;
 use mxmoe::checkpoint::{Checkpoint, CheckpointWriter, StoredWeights};
 use mxmoe::device::Gpu;
 use mxmoe::moe::{self, MoeBlock};
@@ -708,7 +709,7 @@ impl Projection {
     }
 
     /// [`mxmoe::op`] on the device; returns the outputs and the path that ran.
-    fn gpu(&self, gpu: &Gpu, strategy: RunStrategy) -> anyhow::Result<(Vec<Output>, String)> {
+    fn gpu(&self, gpu: &Runtime, strategy: RunStrategy) -> anyhow::Result<(Vec<Output>, String)> {
         let (e, n, k) = (self.experts, self.n, self.k);
         let weights = DeviceWeights::upload(gpu, &self.weights, strategy, "the expert weights")?;
         let routing = self.routed.device(gpu, e)?;
@@ -1031,7 +1032,7 @@ impl Block {
     }
 
     /// [`mxmoe::moe`] on the device; returns the outputs and the paths that ran.
-    fn gpu(&self, gpu: &Gpu, strategy: RunStrategy) -> anyhow::Result<(Vec<Output>, String)> {
+    fn gpu(&self, gpu: &Runtime, strategy: RunStrategy) -> anyhow::Result<(Vec<Output>, String)> {
         let (e, h, i) = (self.experts, self.hidden, self.inter);
         let (t, top_k) = (self.routed.tokens, self.routed.top_k);
         let gate_up = DeviceWeights::upload(gpu, &self.gate_up, strategy, "gate_up_proj")?;

@@ -19,7 +19,7 @@
 //! intermediates one more) and `atol = 4e-3·max|ref|` (cancellation in long sums).
 
 use anyhow::Context as _;
-use mxmoe::device::Gpu;
+use mxmoe::Runtime;
 use mxmoe::mxfp4::{dequantize_f32, quantize_mxfp4_bf16};
 use mxmoe::op::RowOrder;
 use mxmoe::shared::bf16::bf16_bits_to_f32;
@@ -347,7 +347,7 @@ pub fn run(args: &SmokeArgs) -> anyhow::Result<bool> {
 
 /// Uploads, runs forward and backward once (synchronized wall clock each), downloads.
 fn run_gpu(
-    gpu: &Gpu,
+    gpu: &Runtime,
     strategy: Strategy,
     problem: &HostProblem,
     weights: &HostWeights,
@@ -654,7 +654,11 @@ fn moe_reference(
 
 /// Uploads the block for `strategy`, runs forward and backward once (synchronized wall clock
 /// each), downloads.
-fn moe_gpu(gpu: &Gpu, strategy: Strategy, d: &MoeData) -> anyhow::Result<(MoeTensors, f64, f64)> {
+fn moe_gpu(
+    gpu: &Runtime,
+    strategy: Strategy,
+    d: &MoeData,
+) -> anyhow::Result<(MoeTensors, f64, f64)> {
     use moe_shape::*;
     use mxmoe::moe::{MoeBlock, MoeGrads, backward};
     use mxmoe::op::{Bf16Matrix, LoraWeights};
@@ -732,7 +736,7 @@ const MOE_PATHS: [Strategy; 3] = [Strategy::Bf16, Strategy::Mxfp4B, Strategy::Mx
 
 /// Runs the tiny MoE block: the CPU block reference always, every GPU path when there is a
 /// device.
-fn moe_block(seed: u64, gpu: &Result<Gpu, NoGpu>) -> anyhow::Result<MoeSmoke> {
+fn moe_block(seed: u64, gpu: &Result<Runtime, NoGpu>) -> anyhow::Result<MoeSmoke> {
     const CASE: &str = "moe block";
     let d = draw_moe(seed)?;
     let dense = (

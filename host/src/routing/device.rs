@@ -1,27 +1,25 @@
-//! Expert routing on the GPU (SPEC §2.1): from top-k expert ids to the expert-contiguous row
-//! order every grouped kernel iterates.
-//!
-//! Conventions (ours, documented in `ARCHITECTURE.md`): ids are i32 or i64 in `[-1, E)`; `-1`
-//! ([`DROPPED`]) marks a slot dropped by expert parallelism: it sorts after every expert, its
-//! forward output row and its gradients are zero. The order is stable (ties by flat slot index
-//! `t·k + j`), so results are deterministic. Indices are u32 (`T·k < 2^32`); every element
-//! offset computed from them on the device is 64-bit.
+//! [`DeviceRouting`]: the routing kernels' outputs, resident on the device (see the parent
+//! module for the conventions).
+
+use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
+use super::{DROPPED, Routing};
 use crate::device::Gpu;
+use crate::device::{download, upload};
 use crate::error::{Error, Result};
 use crate::kernels::gemm::RoutingView;
 use crate::kernels::routing::{DeviceIds, RouteBuffers, route};
-use crate::kernels::{download, upload};
-pub use crate::reference::DROPPED;
 
-/// The routing of one MoE layer call, resident on the device.
+/// The routing of one MoE layer call, resident on the device. `Clone` shares the arrays (a
+/// forward's saved state keeps the routing this way).
+#[derive(Clone)]
 pub struct DeviceRouting {
     tokens: usize,
     top_k: usize,
     num_experts: usize,
-    bufs: RouteBuffers,
+    bufs: Arc<RouteBuffers>,
 }
 
 impl std::fmt::Debug for DeviceRouting {
@@ -130,7 +128,7 @@ impl DeviceRouting {
             tokens,
             top_k,
             num_experts,
-            bufs,
+            bufs: Arc::new(bufs),
         })
     }
 
@@ -185,23 +183,18 @@ impl DeviceRouting {
     }
 
     pub(crate) fn view(&self) -> RoutingView<'_> {
-        RoutingView {
-            ssi: &self.bufs.ssi,
-            offsets: &self.bufs.offsets,
-            rows: self.rows(),
-            num_experts: self.num_experts,
-        }
+        RoutingView::of_route(&self.bufs, self.rows(), self.num_experts)
     }
 
     /// Downloads the routing in the CPU reference's form (dropped rows omitted).
-    pub fn to_host(&self, gpu: &Gpu) -> Result<crate::reference::Routing> {
+    pub fn to_host(&self, gpu: &Gpu) -> Result<Routing> {
         let offsets = download(gpu, &self.bufs.offsets)?;
         let valid = offsets.last().copied().unwrap_or(0) as usize;
         let mut sorted = download(gpu, &self.bufs.sorted_expert)?;
         let mut ssi = download(gpu, &self.bufs.ssi)?;
         sorted.truncate(valid);
         ssi.truncate(valid);
-        Ok(crate::reference::Routing {
+        Ok(Routing {
             sorted_expert_idxs: sorted,
             sorted_scattered_idxs: ssi,
             expert_offsets: offsets,

@@ -1,0 +1,128 @@
+//! Device memory: host↔device copies, poisoned allocations, and [`DeviceBuffer`], an allocation
+//! that mxmoe either owns (freed on drop, stream-ordered) or borrows from another framework
+//! (never freed: handed back with cudarc's `CudaSlice::leak`).
+//!
+//! Whether a buffer is borrowed travels with the buffer itself, so a tensor built on borrowed
+//! memory can be shared (reference-counted) like any other: whichever handle drops last hands
+//! the memory back instead of freeing it.
+
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+
+use cudarc::driver::{CudaSlice, DeviceRepr};
+
+use super::Gpu;
+use crate::error::{Error, Result};
+
+/// A device allocation, owned or borrowed. Derefs to cudarc's [`CudaSlice`].
+pub struct DeviceBuffer<T> {
+    slice: ManuallyDrop<CudaSlice<T>>,
+    borrowed: bool,
+}
+
+impl<T> DeviceBuffer<T> {
+    /// An allocation mxmoe owns: freed (stream-ordered) when dropped.
+    pub fn owned(slice: CudaSlice<T>) -> Self {
+        Self {
+            slice: ManuallyDrop::new(slice),
+            borrowed: false,
+        }
+    }
+
+    /// Whether the memory belongs to someone else (see [`Gpu::borrow_slice`]).
+    pub fn is_borrowed(&self) -> bool {
+        self.borrowed
+    }
+}
+
+impl<T> Deref for DeviceBuffer<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> DerefMut for DeviceBuffer<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: `drop` runs once and `slice` is not used afterwards.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        if self.borrowed {
+            // The owner frees it; cudarc's `leak` releases the wrapper without `cuMemFree`.
+            let _ = slice.leak();
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for DeviceBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuffer")
+            .field("len", &self.slice.len())
+            .field("borrowed", &self.borrowed)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Wraps `len` elements at device address `ptr` as a borrowed [`DeviceBuffer`] on this
+    /// `Gpu`'s stream; it is never freed by mxmoe.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must address at least `len` valid, suitably aligned `T` in this context, kept alive
+    /// (and not reused) by its owner for as long as the buffer, or any tensor sharing it,
+    /// exists and work queued on it runs.
+    pub unsafe fn borrow_slice<T: DeviceRepr>(&self, ptr: u64, len: usize) -> DeviceBuffer<T> {
+        // SAFETY: forwarded to the caller; the slice goes straight into a borrowed buffer,
+        // which never frees it.
+        let slice = unsafe { self.stream().upgrade_device_ptr::<T>(ptr, len) };
+        DeviceBuffer {
+            slice: ManuallyDrop::new(slice),
+            borrowed: true,
+        }
+    }
+}
+
+/// Uploads a host slice.
+pub fn upload<T: DeviceRepr>(gpu: &Gpu, data: &[T]) -> Result<CudaSlice<T>> {
+    gpu.stream()
+        .clone_htod(data)
+        .map_err(Error::driver("copying to the device"))
+}
+
+/// Downloads a device buffer (synchronizes the stream).
+pub fn download<T: DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+    gpu.stream()
+        .clone_dtoh(buf)
+        .map_err(Error::driver("copying from the device"))
+}
+
+/// Allocates `len` elements and fills every byte with `byte` (outputs are poisoned so that an
+/// element a kernel fails to write is caught by the tests: 0xFF is NaN in bf16 and f32).
+pub fn alloc_poisoned<T: DeviceRepr>(gpu: &Gpu, len: usize, byte: u8) -> Result<CudaSlice<T>> {
+    // SAFETY: the memory is fully initialised by the memset below, ordered before any later
+    // use on the same stream.
+    let mut buf = unsafe { gpu.stream().alloc::<T>(len) }
+        .map_err(Error::driver("allocating device memory"))?;
+    fill_bytes(gpu, &mut buf, byte)?;
+    Ok(buf)
+}
+
+/// Sets every byte of `buf` to `byte`, in stream order.
+pub fn fill_bytes<T>(gpu: &Gpu, buf: &mut CudaSlice<T>, byte: u8) -> Result<()> {
+    use cudarc::driver::DevicePtrMut;
+    let bytes = buf.num_bytes();
+    if bytes == 0 {
+        return Ok(());
+    }
+    let (ptr, _sync) = buf.device_ptr_mut(gpu.stream());
+    // SAFETY: `ptr` addresses `bytes` bytes of a live allocation owned by `buf`, and the memset
+    // is ordered on the stream that owns it.
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, gpu.stream().cu_stream()) }
+        .map_err(Error::driver("filling device memory"))
+}

@@ -1,0 +1,492 @@
+//! The LoRA-fused expert linear (`ScatterMoELoRA`, SPEC §3) as an autograd-style pair:
+//! [`ExpertLinear::forward`] returns the output and a [`Saved`] record, and [`backward`] turns
+//! that record and the output gradient into [`Grads`].
+//!
+//! For grouped row `p` of expert `e`: `y_p = x_p·W_eᵀ + s·round_bf16(x_p·A_eᵀ)·B_eᵀ` with
+//! `W_store[e]` of shape `[N, K]`, `A [E·r, K]`, `B [N, E·r]` (expert-major LoRA). The frozen base
+//! gets no gradient; `x`, `A`, `B` and (when given) the gates do.
+//!
+//! Launch sequence. Forward: XA (rank-sized product) → grouped GEMM with the LoRA epilogue →
+//! gate combination (down projection only). Backward: gate gradient and gated per-slot dY
+//! (gates only) → YB → dX GEMM with the LoRA epilogue → slot sum (token-ordered input with
+//! `k > 1`) → dA and dB by the Gram kernel (deterministic, no atomics). No host synchronisation.
+//!
+//! Layout of this module: the API (this file: weights, strategies, [`ExpertLinear`], [`Saved`],
+//! [`Grads`], [`backward`]); `core` (the launch sequences on resolved weights); `strategy_a`
+//! (selective dequantization of MXFP4 weights); `plan` (tile configurations through the
+//! runtime's tuner, the `Auto` rule). The device tensors live in [`crate::buffers`] and
+//! [`RowOrder`] in [`crate::routing`]; both are re-exported here.
+
+mod core;
+mod plan;
+mod strategy_a;
+
+use std::fmt;
+use std::str::FromStr;
+
+use cudarc::driver::CudaSlice;
+
+pub use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights, MxExperts};
+use crate::error::{Error, Result, parse_name};
+use crate::kernels::gemm::RowMap;
+use crate::routing::DeviceRouting;
+pub use crate::routing::RowOrder;
+use crate::runtime::Runtime;
+use core::{ForwardParts, Resolved, backward_core, forward_core};
+pub use plan::auto_strategy;
+use strategy_a::Compact;
+pub use strategy_a::active_experts;
+
+/// The frozen base weights of an expert linear: dense bf16 or MXFP4 (Strategy B, dequantized
+/// inside the tensor-core K-loop).
+#[derive(Clone, Copy)]
+pub enum ExpertWeights<'a> {
+    /// Dense bf16 experts.
+    Bf16(&'a DenseExperts),
+    /// MXFP4 experts, decoded in the kernels.
+    Mxfp4(&'a MxExperts),
+}
+
+/// How MXFP4 weights are multiplied (ignored for bf16 weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Pick per call from the active-expert fraction and rows per active expert (reads the
+    /// expert offsets back to the host: one small synchronisation).
+    #[default]
+    Auto,
+    /// Strategy A: dequantize only the active experts into a compact bf16 buffer
+    /// (`E_a·N·K` elements) and run the bf16 kernels on it.
+    SelectiveDequant,
+    /// Strategy B: decode the MXFP4 tiles inside the tensor-core K-loop; no bf16 copy, no host
+    /// synchronisation.
+    Fused,
+}
+
+/// Whether Strategy A keeps its compact bf16 buffer from forward to backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DequantBuffer {
+    /// Keep it in [`Saved`] (fastest; holds `E_a·N·K` bf16 until backward).
+    #[default]
+    Keep,
+    /// Free it after forward and dequantize again in backward (less memory between passes).
+    Recompute,
+}
+
+impl Strategy {
+    /// Every strategy, in declaration order.
+    pub const ALL: [Strategy; 3] = [Strategy::Auto, Strategy::SelectiveDequant, Strategy::Fused];
+
+    /// The name the CLI and the Python package use: `auto`, `selective`, `fused`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Strategy::Auto => "auto",
+            Strategy::SelectiveDequant => "selective",
+            Strategy::Fused => "fused",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = Error;
+    /// Parses [`Strategy::name`]. Errors: [`Error::InvalidArgument`] listing the names.
+    fn from_str(s: &str) -> Result<Self> {
+        parse_name("strategy", s, &Strategy::ALL.map(|v| (v.name(), v)))
+    }
+}
+
+impl DequantBuffer {
+    /// Every policy, in declaration order.
+    pub const ALL: [DequantBuffer; 2] = [DequantBuffer::Keep, DequantBuffer::Recompute];
+
+    /// `keep` or `recompute`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DequantBuffer::Keep => "keep",
+            DequantBuffer::Recompute => "recompute",
+        }
+    }
+}
+
+impl fmt::Display for DequantBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DequantBuffer {
+    type Err = Error;
+    /// Parses [`DequantBuffer::name`]. Errors: [`Error::InvalidArgument`] listing the names.
+    fn from_str(s: &str) -> Result<Self> {
+        parse_name(
+            "dequant buffer",
+            s,
+            &DequantBuffer::ALL.map(|v| (v.name(), v)),
+        )
+    }
+}
+
+/// One LoRA-fused expert projection: the frozen weights, the optional LoRA, where input and
+/// output rows live, and (for MXFP4 weights) the strategy.
+#[derive(Clone, Copy)]
+pub struct ExpertLinear<'a> {
+    /// Frozen base weights.
+    pub weights: ExpertWeights<'a>,
+    /// LoRA factors (`None`: rank 0, no LoRA term).
+    pub lora: Option<&'a LoraWeights>,
+    /// `Scattered`: `x` is in token order (`[T, K]`, each row feeding its k slots) or slot order
+    /// (`[T·k, K]`); `Grouped`: `x` is `[L, K]` in the routing's grouped order.
+    pub input_order: RowOrder,
+    /// `Scattered`: output row per slot `t·k + j`; `Grouped`: output row per grouped row.
+    pub output_order: RowOrder,
+    /// Strategy for MXFP4 weights.
+    pub strategy: Strategy,
+    /// Strategy A's buffer policy.
+    pub dequant_buffer: DequantBuffer,
+}
+
+impl<'a> ExpertLinear<'a> {
+    /// A projection with the default strategy (`Auto`) and buffer policy (`Keep`).
+    pub fn new(
+        weights: ExpertWeights<'a>,
+        lora: Option<&'a LoraWeights>,
+        input_order: RowOrder,
+        output_order: RowOrder,
+    ) -> Self {
+        Self {
+            weights,
+            lora,
+            input_order,
+            output_order,
+            strategy: Strategy::Auto,
+            dequant_buffer: DequantBuffer::Keep,
+        }
+    }
+
+    /// The same projection with another strategy.
+    pub fn with_strategy(self, strategy: Strategy) -> Self {
+        Self { strategy, ..self }
+    }
+}
+
+/// The forward result.
+pub struct Forward {
+    /// `[T, N]` when gates were given (the gate-weighted sum over slots), otherwise `[L, N]` in
+    /// the output order (dropped slots give zero rows).
+    pub out: Bf16Matrix,
+    /// The path that ran: `Fused` or `SelectiveDequant` for MXFP4 weights, `Fused` for bf16.
+    pub strategy: Strategy,
+    /// The tile configuration the grouped GEMM ran with (a row of `shared::tiles::GEMM_CONFIGS`).
+    pub gemm_config: usize,
+}
+
+/// What backward needs, and nothing else (SPEC §3.4): the inputs (shared handles of the
+/// caller's `x`, routing, gates, weights and LoRA — reference-counted, never copied), the
+/// forward's XA (`[L, r_pad]`, kept instead of recomputed), with gates the unreduced per-slot
+/// output, and for Strategy A its compact state. It borrows nothing, so it can outlive the
+/// caller's handles.
+pub struct Saved {
+    weights: OwnedWeights,
+    lora: Option<LoraWeights>,
+    output_order: RowOrder,
+    x: Bf16Matrix,
+    routing: DeviceRouting,
+    gates: Option<Bf16Matrix>,
+    x_map: RowMap,
+    xa: Option<CudaSlice<u16>>,
+    expanded: Option<Bf16Matrix>,
+    compact: Option<Compact>,
+}
+
+/// The base weights as [`Saved`] keeps them (shared handles).
+enum OwnedWeights {
+    Bf16(DenseExperts),
+    Mxfp4(MxExperts),
+}
+
+impl OwnedWeights {
+    fn of(w: ExpertWeights<'_>) -> Self {
+        match w {
+            ExpertWeights::Bf16(d) => OwnedWeights::Bf16(d.clone()),
+            ExpertWeights::Mxfp4(m) => OwnedWeights::Mxfp4(m.clone()),
+        }
+    }
+
+    fn get(&self) -> ExpertWeights<'_> {
+        match self {
+            OwnedWeights::Bf16(d) => ExpertWeights::Bf16(d),
+            OwnedWeights::Mxfp4(m) => ExpertWeights::Mxfp4(m),
+        }
+    }
+}
+
+impl Saved {
+    /// The forward's input `x`.
+    pub fn input(&self) -> &Bf16Matrix {
+        &self.x
+    }
+}
+
+/// Gradients. The frozen base gets none.
+pub struct Grads {
+    /// Gradient of `x`, same shape as `x`.
+    pub dx: Bf16Matrix,
+    /// Gradient of `A`, `[E·r, K]` (`None` without LoRA; zero rows for experts without tokens).
+    pub da: Option<Bf16Matrix>,
+    /// Gradient of `B`, `[N, E·r]` (`None` without LoRA; zero columns for experts without tokens).
+    pub db: Option<Bf16Matrix>,
+    /// Gradient of the gates, `[T, k]` (`None` without gates).
+    pub d_gates: Option<Bf16Matrix>,
+    /// The tile configuration the dX GEMM ran with (a row of `shared::tiles::GEMM_CONFIGS`).
+    pub gemm_config: usize,
+}
+
+impl<'a> ExpertLinear<'a> {
+    /// The shape rule every backend enforces, checked once before a backend is chosen: the
+    /// output features `N` and the reduction `K` of an expert projection must be positive
+    /// multiples of 8 (the GEMM kernels move 16-byte rows of bf16; MXFP4 weights further need
+    /// `K % 32 == 0`, checked by their container). [`ExpertLinear`]'s forward calls it, and
+    /// callers that may run the CPU reference instead (the `mxmoe run` CLI) call it first, so a
+    /// shape the GPU refuses is refused on the CPU with the same error.
+    ///
+    /// Errors: [`Error::InvalidArgument`] (`what` = `"expert weights"`) naming both values.
+    pub fn check_dims(n: usize, k: usize) -> Result<()> {
+        if k == 0 || n == 0 || !k.is_multiple_of(8) || !n.is_multiple_of(8) {
+            return Err(Error::InvalidArgument {
+                what: "expert weights",
+                detail: format!("K = {k} and N = {n} must be positive multiples of 8"),
+            });
+        }
+        Ok(())
+    }
+
+    fn validate(
+        &self,
+        x: &Bf16Matrix,
+        routing: &DeviceRouting,
+        gates: Option<&Bf16Matrix>,
+    ) -> Result<RowMap> {
+        let (e, n, k) = self.weights.shape();
+        if e != routing.num_experts() {
+            return Err(Error::Shape {
+                tensor: "expert weights",
+                expected: format!("{} experts (the routing's)", routing.num_experts()),
+                actual: format!("{e} experts"),
+            });
+        }
+        Self::check_dims(n, k)?;
+        if x.cols() != k {
+            return Err(Error::Shape {
+                tensor: "x",
+                expected: format!("{k} columns (K)"),
+                actual: format!("{} columns", x.cols()),
+            });
+        }
+        let (t, top_k, l) = (routing.tokens(), routing.top_k(), routing.rows());
+        let map = match self.input_order {
+            RowOrder::Grouped if x.rows() == l => RowMap::Grouped,
+            RowOrder::Scattered if x.rows() == t => RowMap::Scattered {
+                fan_out: top_k as u32,
+            },
+            RowOrder::Scattered if x.rows() == l => RowMap::Scattered { fan_out: 1 },
+            _ => {
+                return Err(Error::Shape {
+                    tensor: "x",
+                    expected: match self.input_order {
+                        RowOrder::Grouped => format!("{l} rows (T·k, grouped)"),
+                        RowOrder::Scattered => format!("{t} rows (T) or {l} rows (T·k)"),
+                    },
+                    actual: format!("{} rows", x.rows()),
+                });
+            }
+        };
+        if let Some(lora) = self.lora {
+            let r = lora.rank;
+            if r == 0 || r > kernels_gpu::shared::tiles::MAX_RANK as usize {
+                return Err(Error::InvalidArgument {
+                    what: "LoRA rank",
+                    detail: format!(
+                        "must be in 1..={} (use no LoRA for rank 0), got {r}",
+                        kernels_gpu::shared::tiles::MAX_RANK
+                    ),
+                });
+            }
+            if lora.a.rows() != e * r || lora.a.cols() != k {
+                return Err(Error::Shape {
+                    tensor: "lora_A",
+                    expected: format!("[{}, {k}] (E·r, K)", e * r),
+                    actual: format!("[{}, {}]", lora.a.rows(), lora.a.cols()),
+                });
+            }
+            if lora.b.rows() != n || lora.b.cols() != e * r {
+                return Err(Error::Shape {
+                    tensor: "lora_B",
+                    expected: format!("[{n}, {}] (N, E·r)", e * r),
+                    actual: format!("[{}, {}]", lora.b.rows(), lora.b.cols()),
+                });
+            }
+            if !lora.scaling.is_finite() {
+                return Err(Error::InvalidArgument {
+                    what: "LoRA scaling",
+                    detail: format!("must be finite, got {}", lora.scaling),
+                });
+            }
+        }
+        if let Some(g) = gates {
+            if self.output_order != RowOrder::Scattered {
+                return Err(Error::InvalidArgument {
+                    what: "gates",
+                    detail: "gates need scattered (slot-ordered) output".into(),
+                });
+            }
+            if g.rows() != t || g.cols() != top_k {
+                return Err(Error::Shape {
+                    tensor: "gates",
+                    expected: format!("[{t}, {top_k}]"),
+                    actual: format!("[{}, {}]", g.rows(), g.cols()),
+                });
+            }
+        }
+        Ok(map)
+    }
+
+    /// Forward pass. `gates [T, k]` (down projection) combine the per-slot outputs into `[T, N]`.
+    ///
+    /// The returned [`Saved`] owns what backward reads: it shares `x`, the routing, the gates,
+    /// the weights and the LoRA factors with the caller (reference-counted handles, no copies)
+    /// and holds the forward's intermediates.
+    pub fn forward(
+        &self,
+        gpu: &Runtime,
+        x: &Bf16Matrix,
+        routing: &DeviceRouting,
+        gates: Option<&Bf16Matrix>,
+    ) -> Result<(Forward, Saved)> {
+        let x_map = self.validate(x, routing, gates)?;
+        let strategy = plan::resolve_strategy(gpu, self.weights, self.strategy, routing)?;
+        let compact = match (self.weights, strategy) {
+            (ExpertWeights::Mxfp4(w), Strategy::SelectiveDequant) => {
+                Some(Compact::build(gpu, w, self.lora, routing)?)
+            }
+            _ => None,
+        };
+        let resolved = match &compact {
+            Some(c) => c.resolve(
+                c.weights
+                    .as_ref()
+                    .expect("a fresh compact state holds its weights"),
+                self.lora,
+                routing,
+            )?,
+            None => Resolved {
+                weights: self.weights,
+                lora: self.lora,
+                routing: routing.view(),
+            },
+        };
+        let ForwardParts {
+            out,
+            xa,
+            expanded,
+            gemm_config,
+        } = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
+        let mut compact = compact;
+        if self.dequant_buffer == DequantBuffer::Recompute
+            && let Some(c) = compact.as_mut()
+        {
+            c.weights = None;
+        }
+        Ok((
+            Forward {
+                out,
+                strategy,
+                gemm_config,
+            },
+            Saved {
+                weights: OwnedWeights::of(self.weights),
+                lora: self.lora.cloned(),
+                output_order: self.output_order,
+                x: x.clone(),
+                routing: routing.clone(),
+                gates: gates.cloned(),
+                x_map,
+                xa,
+                expanded,
+                compact,
+            },
+        ))
+    }
+}
+
+/// Backward pass: `dy` has the shape of [`Forward::out`].
+pub fn backward(gpu: &Runtime, saved: &Saved, dy: &Bf16Matrix) -> Result<Grads> {
+    let routing = &saved.routing;
+    let weights = saved.weights.get();
+    let (e, n, _) = weights.shape();
+    let expected_rows = if saved.gates.is_some() {
+        routing.tokens()
+    } else {
+        routing.rows()
+    };
+    if dy.rows() != expected_rows || dy.cols() != n {
+        return Err(Error::Shape {
+            tensor: "dy",
+            expected: format!("[{expected_rows}, {n}]"),
+            actual: format!("[{}, {}]", dy.rows(), dy.cols()),
+        });
+    }
+    let Some(c) = &saved.compact else {
+        let resolved = Resolved {
+            weights,
+            lora: saved.lora.as_ref(),
+            routing: routing.view(),
+        };
+        return backward_core(gpu, saved, &resolved, dy);
+    };
+    // Strategy A: the compact weights (kept or dequantized again), compact LoRA and offsets.
+    let ExpertWeights::Mxfp4(w) = weights else {
+        return Err(Error::InvalidArgument {
+            what: "saved state",
+            detail: "Strategy A state without MXFP4 weights".into(),
+        });
+    };
+    let recomputed;
+    let compact_weights = match &c.weights {
+        Some(d) => d,
+        None => {
+            recomputed = strategy_a::dequant_active(gpu, w, c.active.ids())?;
+            &recomputed
+        }
+    };
+    let resolved = c.resolve(compact_weights, saved.lora.as_ref(), routing)?;
+    let mut grads = backward_core(gpu, saved, &resolved, dy)?;
+    // Scatter the compact LoRA gradients back to full size (zeros for inactive experts).
+    c.scatter_grads(gpu, saved.lora.as_ref(), (e, n), &mut grads)?;
+    Ok(grads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_parse_the_names_they_display() {
+        for s in Strategy::ALL {
+            assert_eq!(s.to_string().parse::<Strategy>().unwrap(), s);
+        }
+        for b in DequantBuffer::ALL {
+            assert_eq!(b.to_string().parse::<DequantBuffer>().unwrap(), b);
+        }
+        assert_eq!(Strategy::SelectiveDequant.to_string(), "selective");
+        let err = "greedy".parse::<Strategy>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"strategy: expected "auto", "selective" or "fused", got "greedy""#
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! Planning a call: which tile configuration each grouped GEMM runs with (through the
+//! runtime's [`Tuner`](crate::tune::Tuner): forced, cached, timed or the default rule) and
+//! which MXFP4 strategy `Auto` picks.
+
+use kernels_gpu::shared::names;
+use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, rank_pad};
+
+use super::{ExpertWeights, Strategy};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::routing::DeviceRouting;
+use crate::runtime::Runtime;
+use crate::tune::{PruneReport, TuneKey, bucket_rows, config_name, default_config, prune};
+
+/// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
+/// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
+/// or default one. Returns the row of `GEMM_CONFIGS` that ran.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tuned_gemm(
+    gpu: &Runtime,
+    layout: BLayout,
+    rank: usize,
+    experts: usize,
+    k_red: usize,
+    n_out: usize,
+    rows: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<usize> {
+    let (kernel, names): (&'static str, &[&'static str]) = match layout {
+        BLayout::NkBf16 => ("gemm_nk", &names::GEMM_NK),
+        BLayout::KnBf16 => ("gemm_kn", &names::GEMM_KN),
+        BLayout::NkMxfp4 => ("gemm_nk_mx", &names::GEMM_NK_MX),
+        BLayout::KnMxfp4 => ("gemm_kn_mx", &names::GEMM_KN_MX),
+        BLayout::Strided => ("gemm_strided", &names::GEMM_NK),
+    };
+    let r_pad = if rank > 0 { rank_pad(rank as u32) } else { 0 };
+    let (candidates, report) = prune(gpu.limits(), layout, r_pad, |i| {
+        gpu.function_resources(names[i])
+            .ok()
+            .map(|r| r.registers.max(0) as u32)
+    });
+    let key = TuneKey {
+        kernel,
+        cc: gpu.limits().compute_capability,
+        experts,
+        k: k_red,
+        n: n_out,
+        rank,
+        rows_bucket: bucket_rows(rows),
+    };
+    if candidates.is_empty() {
+        return Err(Error::NoValidConfig {
+            key: key.to_string_key(),
+            detail: format!("{report:?}"),
+        });
+    }
+    if let Some(i) = forced_among(gpu.tuner().forced(), &candidates, &key, report)? {
+        launch(i)?;
+        return Ok(i);
+    }
+    let fallback = default_config(layout, rows, experts, &candidates);
+    let chosen = gpu.tuner().choose(&key, &candidates, fallback, |i| {
+        time_median(gpu, || launch(i))
+    })?;
+    launch(chosen)?;
+    Ok(chosen)
+}
+
+/// The forced configuration, checked against the candidates that survived pruning: `None` when
+/// nothing is forced, an error naming the row and the prune report when it was pruned (a forced
+/// row never silently gives way to another).
+fn forced_among(
+    forced: Option<usize>,
+    candidates: &[usize],
+    key: &TuneKey,
+    report: PruneReport,
+) -> Result<Option<usize>> {
+    match forced {
+        Some(i) if !candidates.contains(&i) => Err(Error::InvalidArgument {
+            what: "forced tile configuration",
+            detail: format!(
+                "{} (row {i} of GEMM_CONFIGS) cannot run {} on this device: pruned ({report:?})",
+                GEMM_CONFIGS
+                    .get(i)
+                    .map_or_else(|| "no such row".into(), config_name),
+                key.to_string_key()
+            ),
+        }),
+        other => Ok(other),
+    }
+}
+
+/// Median of three CUDA-event timings of `f` (after one warm-up run), in milliseconds.
+fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+    use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+    f()?;
+    let mut times = Vec::with_capacity(3);
+    for _ in 0..3 {
+        let start = gpu
+            .stream()
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .map_err(Error::driver("recording a timing event"))?;
+        f()?;
+        let end = gpu
+            .stream()
+            .record_event(Some(CU_EVENT_DEFAULT))
+            .map_err(Error::driver("recording a timing event"))?;
+        end.synchronize()
+            .map_err(Error::driver("waiting for a timing event"))?;
+        times.push(
+            start
+                .elapsed_ms(&end)
+                .map_err(Error::driver("reading a timing event"))?,
+        );
+    }
+    times.sort_by(f32::total_cmp);
+    Ok(times[1])
+}
+
+/// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
+/// (selective dequantization) once the active experts average at least 2048 routed rows each,
+/// or 256 when at most 32 experts are active (then the dequantization is small and B's grid too
+/// small to hide its decode); Strategy B (fused) otherwise — always where the weight stream
+/// dominates (few rows per expert). With the `wgmma` kernels B costs ~16 % over the bf16 GEMMs
+/// at many rows per expert, so A's fixed dequantization pays off only at large T. A also needs its transient `E_a·N·K` bf16 buffer to fit in
+/// half the free device memory.
+pub fn auto_strategy(
+    active: usize,
+    rows: usize,
+    transient_bytes: usize,
+    free_bytes: usize,
+) -> Strategy {
+    let rows_per_active = rows / active.max(1);
+    let amortised = rows_per_active >= 2048 || (active <= 32 && rows_per_active >= 256);
+    if amortised && transient_bytes <= free_bytes / 2 {
+        Strategy::SelectiveDequant
+    } else {
+        Strategy::Fused
+    }
+}
+
+/// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 weights,
+/// and for `Auto` the [`auto_strategy`] rule on the active experts (one read-back of the expert
+/// offsets) and the free device memory.
+pub(super) fn resolve_strategy(
+    gpu: &Gpu,
+    weights: ExpertWeights<'_>,
+    requested: Strategy,
+    routing: &DeviceRouting,
+) -> Result<Strategy> {
+    let l = routing.rows();
+    Ok(match (weights, requested) {
+        (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => Strategy::Fused,
+        (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
+        (ExpertWeights::Mxfp4(w), Strategy::Auto) => {
+            let active = super::strategy_a::active_experts(gpu, routing)?.len();
+            let transient = active * w.shape().n() * w.shape().k() * 2;
+            let (free, _) = gpu.mem_info()?;
+            auto_strategy(active, l, transient, free)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_configuration_that_was_pruned_is_an_error_naming_it() {
+        let key = TuneKey {
+            kernel: "gemm_nk_mx",
+            cc: (9, 0),
+            experts: 8,
+            k: 256,
+            n: 128,
+            rank: 128,
+            rows_bucket: 64,
+        };
+        let report = PruneReport {
+            shared_memory: 1,
+            ..PruneReport::default()
+        };
+        assert_eq!(forced_among(None, &[0, 2], &key, report).unwrap(), None);
+        assert_eq!(
+            forced_among(Some(2), &[0, 2], &key, report).unwrap(),
+            Some(2)
+        );
+        let err = forced_among(Some(1), &[0, 2], &key, report).unwrap_err();
+        let Error::InvalidArgument { what, detail } = &err else {
+            panic!("expected InvalidArgument, got {err:?}");
+        };
+        assert_eq!(*what, "forced tile configuration");
+        assert!(
+            detail.contains(&config_name(&GEMM_CONFIGS[1]))
+                && detail.contains("row 1")
+                && detail.contains("gemm_nk_mx/sm90/e8/k256/n128/r128/m64")
+                && detail.contains("shared_memory: 1"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn auto_prefers_fused_for_few_rows_per_expert_and_selective_for_many() {
+        let gib = 1usize << 30;
+        // Balanced E=256, T=256, top-8: 2048 rows over ~229 experts.
+        assert_eq!(
+            auto_strategy(229, 2048, 229 << 22, 70 * gib),
+            Strategy::Fused
+        );
+        // Balanced T=4096: ~129 rows per expert.
+        assert_eq!(
+            auto_strategy(254, 32768, 254 << 22, 70 * gib),
+            Strategy::Fused
+        );
+        // Sparse T=256: 8 experts share 2048 rows (256 each): A measured 0.36 ms vs B 0.47 ms.
+        assert_eq!(
+            auto_strategy(8, 2048, 8 << 22, 70 * gib),
+            Strategy::SelectiveDequant
+        );
+        // Sparse: 8 experts share 32768 rows.
+        assert_eq!(
+            auto_strategy(8, 32768, 8 << 22, 70 * gib),
+            Strategy::SelectiveDequant
+        );
+        // Balanced T=16384: 512 rows per expert; B measured 6.03 ms vs A 6.51 ms.
+        assert_eq!(
+            auto_strategy(256, 131072, 256 << 22, 70 * gib),
+            Strategy::Fused
+        );
+        // Balanced T=65536: 2048 rows per expert.
+        assert_eq!(
+            auto_strategy(256, 524288, 256 << 22, 70 * gib),
+            Strategy::SelectiveDequant
+        );
+        // ... unless the transient buffer would not fit.
+        assert_eq!(auto_strategy(256, 524288, 256 << 22, gib), Strategy::Fused);
+    }
+}
