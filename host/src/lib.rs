@@ -23,4 +23,6 @@ pub use kernels_gpu::shared;
 pub use runtime::Runtime;
 
 #[cfg(test)]
+mod layering;
+#[cfg(test)]
 mod test_rng;

@@ -31,19 +31,31 @@ pub fn dequant_mxfp4_bf16(
             detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}"),
         });
     }
-    check_len("packed", packed, num_experts * n * k / 2)?;
-    check_len("scales", scales, num_experts * n * k / MX_BLOCK)?;
+    // Overflow-checked: a product that wraps could pass a length check it should fail.
+    let elems = |count: usize| -> Result<usize> {
+        count
+            .checked_mul(n)
+            .and_then(|v| v.checked_mul(k))
+            .ok_or_else(|| Error::SizeOverflow {
+                what: format!("MXFP4 experts [{count}, {n}, {k}]"),
+                detail: "the element count does not fit in usize".into(),
+            })
+    };
+    let full = elems(num_experts)?;
+    check_len("packed", packed, full / 2)?;
+    check_len("scales", scales, full / MX_BLOCK)?;
     if let Some(bad) = experts.iter().find(|&&e| e as usize >= num_experts) {
         return Err(Error::InvalidArgument {
             what: "experts",
             detail: format!("expert {bad} is out of range for {num_experts} experts"),
         });
     }
-    let mut out = alloc_poisoned::<u16>(gpu, experts.len() * n * k, 0xFF)?;
+    let mut out = alloc_poisoned::<u16>(gpu, elems(experts.len())?, 0xFF)?;
     if experts.is_empty() {
         return Ok(out);
     }
     let ids = upload(gpu, experts)?;
+    // ≤ the output's element count, which fits (checked above).
     let items = (experts.len() * n * (k / MX_BLOCK)) as u64;
     let max_blocks = gpu.limits().sm_count.max(1) as u64 * 16;
     let blocks = items.div_ceil(THREADS as u64).min(max_blocks).max(1) as u32;
