@@ -46,10 +46,7 @@ pub struct Shape {
 }
 
 fn row_order_name<S: serde::Serializer>(order: &RowOrder, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(match order {
-        RowOrder::Grouped => "grouped",
-        RowOrder::Scattered => "scattered",
-    })
+    s.serialize_str(order.name())
 }
 
 impl Shape {

@@ -224,20 +224,19 @@ type Output = (&'static str, Vec<usize>, Vec<f32>);
 
 fn order(ck: &Checkpoint<'_>, key: &str) -> anyhow::Result<RowOrder> {
     match ck.metadata_value(key) {
-        None | Some("scattered") => Ok(RowOrder::Scattered),
-        Some("grouped") => Ok(RowOrder::Grouped),
-        Some(other) => bail!(
-            "metadata `{key}` is `{}`, expected `scattered` or `grouped`",
-            escape(other)
-        ),
+        None => Ok(RowOrder::Scattered),
+        Some(name) => match name.parse() {
+            Ok(order) => Ok(order),
+            Err(_) => bail!(
+                "metadata `{key}` is `{}`, expected `scattered` or `grouped`",
+                escape(name)
+            ),
+        },
     }
 }
 
 fn order_name(o: RowOrder) -> &'static str {
-    match o {
-        RowOrder::Scattered => "scattered",
-        RowOrder::Grouped => "grouped",
-    }
+    o.name()
 }
 
 /// A metadata value parsed as a finite f32.
@@ -396,8 +395,10 @@ impl DeviceWeights {
     fn ran(&self, strategy: op::Strategy) -> &'static str {
         match (self, strategy) {
             (DeviceWeights::Dense(_), _) => "bf16",
-            (DeviceWeights::Mx(_), op::Strategy::SelectiveDequant) => "selective",
-            (DeviceWeights::Mx(_), _) => "fused",
+            (DeviceWeights::Mx(_), op::Strategy::SelectiveDequant) => {
+                op::Strategy::SelectiveDequant.name()
+            }
+            (DeviceWeights::Mx(_), _) => op::Strategy::Fused.name(),
         }
     }
 }

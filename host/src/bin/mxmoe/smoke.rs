@@ -374,10 +374,7 @@ fn print_cases() {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
     for c in cases() {
         let s = c.shape;
-        let order = |o: RowOrder| match o {
-            RowOrder::Grouped => "grouped",
-            RowOrder::Scattered => "scattered",
-        };
+        let order = RowOrder::name;
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             c.name,
