@@ -7,14 +7,16 @@
 //! the memory back instead of freeing it.
 
 use std::mem::ManuallyDrop;
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::Gpu;
 use crate::error::{Error, Result};
 
-/// A device allocation, owned or borrowed. Derefs to cudarc's [`CudaSlice`].
+/// A device allocation, owned or borrowed. Derefs to cudarc's [`CudaSlice`] for reading only:
+/// there is no `DerefMut`, since replacing the slice inside a borrowed buffer would free memory
+/// mxmoe does not own.
 pub struct DeviceBuffer<T> {
     slice: ManuallyDrop<CudaSlice<T>>,
     borrowed: bool,
@@ -39,12 +41,6 @@ impl<T> Deref for DeviceBuffer<T> {
     type Target = CudaSlice<T>;
     fn deref(&self) -> &CudaSlice<T> {
         &self.slice
-    }
-}
-
-impl<T> DerefMut for DeviceBuffer<T> {
-    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.slice
     }
 }
 
