@@ -5,10 +5,10 @@ use kernels_gpu::shared::mxfp4::MX_BLOCK;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::DequantParams;
 
-use super::{MIN_CC, check_len};
+use super::{check_expert_ids, check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_poisoned, upload};
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
 
 /// Threads per block of the dequant kernel.
 const THREADS: u32 = 256;
@@ -44,12 +44,7 @@ pub fn dequant_mxfp4_bf16(
     let full = elems(num_experts)?;
     check_len("packed", packed, full / 2)?;
     check_len("scales", scales, full / MX_BLOCK)?;
-    if let Some(bad) = experts.iter().find(|&&e| e as usize >= num_experts) {
-        return Err(Error::InvalidArgument {
-            what: "experts",
-            detail: format!("expert {bad} is out of range for {num_experts} experts"),
-        });
-    }
+    check_expert_ids("experts", experts, num_experts)?;
     let mut out = alloc_poisoned::<u16>(gpu, elems(experts.len())?, 0xFF)?;
     if experts.is_empty() {
         return Ok(out);
@@ -57,14 +52,8 @@ pub fn dequant_mxfp4_bf16(
     let ids = upload(gpu, experts)?;
     // ≤ the output's element count, which fits (checked above).
     let items = (experts.len() * n * (k / MX_BLOCK)) as u64;
-    let max_blocks = gpu.limits().sm_count.max(1) as u64 * 16;
-    let blocks = items.div_ceil(THREADS as u64).min(max_blocks).max(1) as u32;
-    let spec = LaunchSpec {
-        name: names::DEQUANT_MXFP4,
-        threads: THREADS,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
+    let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
+    let spec = spec(names::DEQUANT_MXFP4, THREADS, 0);
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
         scales_addr: addr(gpu, scales),

@@ -6,27 +6,50 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{EltwiseParams, RemapParams};
 
-use super::{MIN_CC, check_len};
+use super::{check_count, check_expert_ids, check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_poisoned, upload};
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
 
 const THREADS: u32 = 256;
 
 fn grid(gpu: &Gpu, items: u64) -> u32 {
-    let max = gpu.limits().sm_count.max(1) as u64 * 32;
-    items.div_ceil(THREADS as u64).clamp(1, max) as u32
+    grid_stride_blocks(gpu, items, THREADS, 32)
 }
 
-fn run(gpu: &Gpu, name: &'static str, items: u64, params: EltwiseParams) -> Result<()> {
-    let spec = LaunchSpec {
-        name,
-        threads: THREADS,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
+/// One element-wise launch: checks each input against the element count listed with it,
+/// allocates the bf16 output (`out_elems`, at least one element) and launches `name` over
+/// `items` threads for `tokens` tokens of `top_k` slots, rows of `width` elements.
+///
+/// # Safety
+///
+/// `inputs` are the kernel's `in0` and, when it reads one, `in1`, each listed with the element
+/// count `name`'s launch contract requires; `out_elems` is the count the kernel writes.
+unsafe fn run(
+    gpu: &Gpu,
+    name: &'static str,
+    inputs: &[(&'static str, &CudaSlice<u16>, usize)],
+    (tokens, top_k, width): (usize, usize, usize),
+    out_elems: usize,
+    items: usize,
+) -> Result<CudaSlice<u16>> {
+    for &(tensor, buf, needed) in inputs {
+        check_len(tensor, buf, needed)?;
+    }
+    let mut out = alloc_poisoned::<u16>(gpu, out_elems.max(1), 0xFF)?;
+    let params = EltwiseParams {
+        in0_addr: inputs.first().map_or(0, |&(_, buf, _)| addr(gpu, buf)),
+        in1_addr: inputs.get(1).map_or(0, |&(_, buf, _)| addr(gpu, buf)),
+        out_addr: addr_mut(gpu, &mut out),
+        tokens: tokens as u64,
+        width: width as u32,
+        top_k: top_k as u32,
     };
-    // SAFETY: each caller checked the buffer lengths its kernel's contract lists.
-    unsafe { gpu.launch(&spec, (grid(gpu, items), 1, 1), params) }
+    let spec = spec(name, THREADS, 0);
+    // SAFETY: the inputs hold what the kernel's contract lists (checked above, with the counts
+    // the caller vouches for) and the output was just allocated with the count it writes.
+    unsafe { gpu.launch(&spec, (grid(gpu, items as u64), 1, 1), params)? };
+    Ok(out)
 }
 
 /// `y[t] = Σ_j gates[t, j] · out[t·k + j]` (bf16 `[T, width]`).
@@ -38,19 +61,15 @@ pub(crate) fn combine_gates(
     top_k: usize,
     width: usize,
 ) -> Result<CudaSlice<u16>> {
-    check_len("out", out, tokens * top_k * width)?;
-    check_len("gates", gates, tokens * top_k)?;
-    let mut y = alloc_poisoned::<u16>(gpu, (tokens * width).max(1), 0xFF)?;
-    let params = EltwiseParams {
-        in0_addr: addr(gpu, out),
-        in1_addr: addr(gpu, gates),
-        out_addr: addr_mut(gpu, &mut y),
-        tokens: tokens as u64,
-        width: width as u32,
-        top_k: top_k as u32,
-    };
-    run(gpu, names::COMBINE_GATES, (tokens * width) as u64, params)?;
-    Ok(y)
+    let inputs = [
+        ("out", out, tokens * top_k * width),
+        ("gates", gates, tokens * top_k),
+    ];
+    let elems = tokens * width;
+    let dims = (tokens, top_k, width);
+    // SAFETY: the combine kernel reads `out [T·k, width]` and `gates [T·k]` and writes
+    // `y [T, width]`, one thread per output element.
+    unsafe { run(gpu, names::COMBINE_GATES, &inputs, dims, elems, elems) }
 }
 
 /// `d_gates[t·k + j] = ⟨out[t·k + j], dy[t]⟩` (bf16 `[T·k]`).
@@ -62,20 +81,15 @@ pub(crate) fn gate_grad(
     top_k: usize,
     width: usize,
 ) -> Result<CudaSlice<u16>> {
-    check_len("out", out, tokens * top_k * width)?;
-    check_len("dy", dy, tokens * width)?;
-    let mut dg = alloc_poisoned::<u16>(gpu, (tokens * top_k).max(1), 0xFF)?;
-    let params = EltwiseParams {
-        in0_addr: addr(gpu, out),
-        in1_addr: addr(gpu, dy),
-        out_addr: addr_mut(gpu, &mut dg),
-        tokens: tokens as u64,
-        width: width as u32,
-        top_k: top_k as u32,
-    };
-    // One warp per slot: slots·32 threads.
-    run(gpu, names::GATE_GRAD, (tokens * top_k * 32) as u64, params)?;
-    Ok(dg)
+    let inputs = [
+        ("out", out, tokens * top_k * width),
+        ("dy", dy, tokens * width),
+    ];
+    let dims = (tokens, top_k, width);
+    let slots = tokens * top_k;
+    // SAFETY: the gate-gradient kernel reads `out [T·k, width]` and `dy [T, width]` and writes
+    // `d_gates [T·k]`, one warp per slot: slots·32 threads.
+    unsafe { run(gpu, names::GATE_GRAD, &inputs, dims, slots, slots * 32) }
 }
 
 /// `dys[t·k + j] = dy[t] · gates[t, j]` (bf16 `[T·k, width]`).
@@ -87,24 +101,12 @@ pub(crate) fn scale_slots(
     top_k: usize,
     width: usize,
 ) -> Result<CudaSlice<u16>> {
-    check_len("dy", dy, tokens * width)?;
-    check_len("gates", gates, tokens * top_k)?;
-    let mut dys = alloc_poisoned::<u16>(gpu, (tokens * top_k * width).max(1), 0xFF)?;
-    let params = EltwiseParams {
-        in0_addr: addr(gpu, dy),
-        in1_addr: addr(gpu, gates),
-        out_addr: addr_mut(gpu, &mut dys),
-        tokens: tokens as u64,
-        width: width as u32,
-        top_k: top_k as u32,
-    };
-    run(
-        gpu,
-        names::SCALE_SLOTS,
-        (tokens * top_k * width) as u64,
-        params,
-    )?;
-    Ok(dys)
+    let inputs = [("dy", dy, tokens * width), ("gates", gates, tokens * top_k)];
+    let elems = tokens * top_k * width;
+    let dims = (tokens, top_k, width);
+    // SAFETY: the scaling kernel reads `dy [T, width]` and `gates [T·k]` and writes
+    // `dys [T·k, width]`, one thread per output element.
+    unsafe { run(gpu, names::SCALE_SLOTS, &inputs, dims, elems, elems) }
 }
 
 /// `dx[t] = Σ_j dxs[t·k + j]` (bf16 `[T, width]`).
@@ -115,18 +117,12 @@ pub(crate) fn sum_slots(
     top_k: usize,
     width: usize,
 ) -> Result<CudaSlice<u16>> {
-    check_len("dx slots", dxs, tokens * top_k * width)?;
-    let mut dx = alloc_poisoned::<u16>(gpu, (tokens * width).max(1), 0xFF)?;
-    let params = EltwiseParams {
-        in0_addr: addr(gpu, dxs),
-        in1_addr: 0,
-        out_addr: addr_mut(gpu, &mut dx),
-        tokens: tokens as u64,
-        width: width as u32,
-        top_k: top_k as u32,
-    };
-    run(gpu, names::SUM_SLOTS, (tokens * width) as u64, params)?;
-    Ok(dx)
+    let inputs = [("dx slots", dxs, tokens * top_k * width)];
+    let elems = tokens * width;
+    let dims = (tokens, top_k, width);
+    // SAFETY: the slot-sum kernel reads `dxs [T·k, width]` (no second input) and writes
+    // `dx [T, width]`, one thread per output element.
+    unsafe { run(gpu, names::SUM_SLOTS, &inputs, dims, elems, elems) }
 }
 
 /// A list of experts that the remap kernel may index with: every entry is checked on the host to
@@ -145,12 +141,7 @@ impl ExpertMap {
     ///
     /// Errors: [`Error::InvalidArgument`] naming the first id out of range.
     pub(crate) fn new(gpu: &Gpu, ids: &[u32], num_experts: usize) -> Result<Self> {
-        if let Some(bad) = ids.iter().find(|&&e| e as usize >= num_experts) {
-            return Err(Error::InvalidArgument {
-                what: "expert map",
-                detail: format!("expert {bad} is out of range for {num_experts} experts"),
-            });
-        }
+        check_expert_ids("expert map", ids, num_experts)?;
         let dev = upload(gpu, if ids.is_empty() { &[0u32][..] } else { ids })?;
         Ok(Self {
             dev,
@@ -189,16 +180,14 @@ pub(crate) fn gather_blocks(
     block: usize,
     rows_blocked: bool,
 ) -> Result<()> {
-    let (full_addr, compact_addr) = (addr(gpu, full), addr_mut(gpu, compact));
-    let lens = (full.len(), compact.len());
+    let full = (addr(gpu, full), full.len());
+    let compact = (addr_mut(gpu, compact), compact.len());
     remap(
         gpu,
-        (full_addr, compact_addr),
-        lens,
-        (full_rows, full_cols),
+        full,
+        compact,
+        (full_rows, full_cols, block, rows_blocked),
         map,
-        block,
-        rows_blocked,
         false,
     )
 }
@@ -215,31 +204,26 @@ pub(crate) fn scatter_blocks(
     block: usize,
     rows_blocked: bool,
 ) -> Result<()> {
-    let (full_addr, compact_addr) = (addr_mut(gpu, full), addr(gpu, compact));
-    let lens = (full.len(), compact.len());
+    let full = (addr_mut(gpu, full), full.len());
+    let compact = (addr(gpu, compact), compact.len());
     remap(
         gpu,
-        (full_addr, compact_addr),
-        lens,
-        (full_rows, full_cols),
+        full,
+        compact,
+        (full_rows, full_cols, block, rows_blocked),
         map,
-        block,
-        rows_blocked,
         true,
     )
 }
 
-/// The remap launch behind [`gather_blocks`] and [`scatter_blocks`]: `(full, compact)` device
-/// addresses and element counts.
-#[allow(clippy::too_many_arguments)]
+/// The remap launch behind [`gather_blocks`] and [`scatter_blocks`]: the full and the compact
+/// matrix as (device address, element count), the full matrix's shape and blocking.
 fn remap(
     gpu: &Gpu,
-    (full_addr, compact_addr): (u64, u64),
-    (full_len, compact_len): (usize, usize),
-    (full_rows, full_cols): (usize, usize),
+    (full_addr, full_len): (u64, usize),
+    (compact_addr, compact_len): (u64, usize),
+    (full_rows, full_cols, block, rows_blocked): (usize, usize, usize, bool),
     map: &ExpertMap,
-    block: usize,
-    rows_blocked: bool,
     scatter: bool,
 ) -> Result<()> {
     let num_experts = map.num_experts;
@@ -283,27 +267,10 @@ fn remap(
         scatter: scatter as u32,
         _pad: 0,
     };
-    let spec = LaunchSpec {
-        name: names::REMAP_BLOCKS,
-        threads: THREADS,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
+    let spec = spec(names::REMAP_BLOCKS, THREADS, 0);
     // SAFETY: the compact matrix holds rows·cols elements and the full matrix
     // full_rows·full_cols (checked above); every map entry is < num_experts (an `ExpertMap`
     // invariant, checked on the host by `ExpertMap::new`) and the full matrix has
     // num_experts·block blocked rows/columns, so every block the kernel copies lies in both.
     unsafe { gpu.launch(&spec, (grid(gpu, (rows * cols) as u64), 1, 1), params) }
-}
-
-/// `check_len` on an element count already read from the buffer.
-fn check_count(tensor: &'static str, have: usize, needed: usize) -> Result<()> {
-    if have < needed {
-        return Err(Error::Shape {
-            tensor,
-            expected: format!("at least {needed} elements"),
-            actual: format!("{have} elements"),
-        });
-    }
-    Ok(())
 }

@@ -13,10 +13,10 @@ use kernels_gpu::shared::tiles::{
 };
 
 use super::routing::RouteBuffers;
-use super::{MIN_CC, check_len};
+use super::{check_len, spec};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
 
 /// The routing arrays every grouped kernel reads. The kernels index activations and outputs
 /// through them without bounds checks, so a view is built only from arrays the routing kernels
@@ -104,6 +104,23 @@ impl RowMap {
             RowMap::Grouped => rows,
             RowMap::Scattered { fan_out } => rows.div_ceil(fan_out.max(1) as usize),
         }
+    }
+
+    /// Checks that `buf`, rows of `stride` elements addressed through this map, holds the
+    /// `width` leading elements of every source row that `rows` grouped rows read.
+    fn check_source(
+        self,
+        tensor: &'static str,
+        buf: &CudaSlice<u16>,
+        rows: usize,
+        stride: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_len(
+            tensor,
+            buf,
+            self.source_rows(rows).saturating_sub(1) * stride + width,
+        )
     }
 }
 
@@ -274,11 +291,8 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
             what: "tile config",
             detail: format!("no config {}", args.config),
         })?;
-    check_len(
-        "activations",
-        args.a,
-        args.a_map.source_rows(r.rows).saturating_sub(1) * args.a_stride + args.k_red,
-    )?;
+    args.a_map
+        .check_source("activations", args.a, r.rows, args.a_stride, args.k_red)?;
     check_len(
         "output",
         args.out,
@@ -379,12 +393,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
     let blocks = n_tiles * m_tiles;
-    let spec = LaunchSpec {
-        name,
-        threads: cfg.threads(),
-        dynamic_smem_bytes: plan.total_bytes as usize,
-        min_cc: MIN_CC,
-    };
+    let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: every buffer was checked to cover the largest element its strides address; the
     // grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
     // of 8; r_pad is a multiple of 16 ≥ rank and the left factor is [rows, r_pad].
@@ -413,11 +422,7 @@ pub(crate) fn lora_down(
             detail: format!("{width} is not a positive multiple of 8"),
         });
     }
-    check_len(
-        "activations",
-        act,
-        act_map.source_rows(routing.rows).saturating_sub(1) * act_stride + width,
-    )?;
+    act_map.check_source("activations", act, routing.rows, act_stride, width)?;
     m.check("LoRA factor", routing.num_experts, rank, width)?;
     check_len("LoRA product output", out, routing.rows * r_pad as usize)?;
     if routing.rows == 0 {
@@ -462,12 +467,7 @@ pub(crate) fn lora_down(
         ..GemmParams::default()
     };
     let blocks = routing.rows.div_ceil(cfg.bm as usize) + routing.num_experts + 1;
-    let spec = LaunchSpec {
-        name,
-        threads: cfg.threads(),
-        dynamic_smem_bytes: plan.total_bytes as usize,
-        min_cc: MIN_CC,
-    };
+    let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: buffers checked against the strides and row counts above; one n tile (bn =
     // r_pad); grid = row tiles + E + 1; width % 8 == 0.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
@@ -504,11 +504,7 @@ pub(crate) fn gram(
             ),
         });
     }
-    check_len(
-        "wide operand",
-        wide,
-        wide_map.source_rows(routing.rows).saturating_sub(1) * wide_stride + width,
-    )?;
+    wide_map.check_source("wide operand", wide, routing.rows, wide_stride, width)?;
     check_len("narrow operand", narrow, routing.rows * r_pad as usize)?;
     let (se, sw, sr) = out_strides;
     check_len(
@@ -535,12 +531,11 @@ pub(crate) fn gram(
         scaling,
     };
     let blocks = routing.num_experts * width.div_ceil(cfg.bw as usize);
-    let spec = LaunchSpec {
-        name: names::GRAM[idx],
-        threads: 32 * cfg.warps,
-        dynamic_smem_bytes: gram_smem_bytes(&cfg, r_pad) as usize,
-        min_cc: MIN_CC,
-    };
+    let spec = spec(
+        names::GRAM[idx],
+        32 * cfg.warps,
+        gram_smem_bytes(&cfg, r_pad) as usize,
+    );
     // SAFETY: buffers checked above against rows, widths and output strides; grid is
     // E·⌈width/bw⌉; the narrow operand is [rows, r_pad].
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }

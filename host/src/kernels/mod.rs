@@ -21,18 +21,55 @@ pub(crate) mod routing;
 
 use cudarc::driver::CudaSlice;
 
+use crate::device::Gpu;
 use crate::error::{Error, Result};
+use crate::launch::LaunchSpec;
 
 /// Hopper (sm_90) is the minimum for every mxmoe kernel (the module is built for sm_90).
 pub const MIN_CC: (i32, i32) = (9, 0);
 
+/// The launch spec of one of the module's kernels: `threads` per block, `dynamic_smem_bytes` of
+/// dynamic shared memory, compute capability [`MIN_CC`].
+fn spec(name: &'static str, threads: u32, dynamic_smem_bytes: usize) -> LaunchSpec {
+    LaunchSpec {
+        name,
+        threads,
+        dynamic_smem_bytes,
+        min_cc: MIN_CC,
+    }
+}
+
+/// Blocks of a 1-D grid-stride launch over `items` (one per thread): enough to cover them, at
+/// least one and at most `blocks_per_sm` per SM (the kernels' loops cover the rest).
+fn grid_stride_blocks(gpu: &Gpu, items: u64, threads: u32, blocks_per_sm: u64) -> u32 {
+    let max = gpu.limits().sm_count.max(1) as u64 * blocks_per_sm;
+    items.div_ceil(u64::from(threads)).clamp(1, max) as u32
+}
+
 /// Checks that a device buffer holds at least `needed` elements.
 pub(crate) fn check_len<T>(tensor: &'static str, buf: &CudaSlice<T>, needed: usize) -> Result<()> {
-    if buf.len() < needed {
+    check_count(tensor, buf.len(), needed)
+}
+
+/// [`check_len`] on an element count already read from the buffer.
+fn check_count(tensor: &'static str, have: usize, needed: usize) -> Result<()> {
+    if have < needed {
         return Err(Error::Shape {
             tensor,
             expected: format!("at least {needed} elements"),
-            actual: format!("{} elements", buf.len()),
+            actual: format!("{have} elements"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that every expert id is `< num_experts` (the kernels index the experts' blocks with
+/// them unchecked). Errors: [`Error::InvalidArgument`] `what`, naming the first id out of range.
+fn check_expert_ids(what: &'static str, ids: &[u32], num_experts: usize) -> Result<()> {
+    if let Some(bad) = ids.iter().find(|&&e| e as usize >= num_experts) {
+        return Err(Error::InvalidArgument {
+            what,
+            detail: format!("expert {bad} is out of range for {num_experts} experts"),
         });
     }
     Ok(())

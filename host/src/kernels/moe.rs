@@ -5,22 +5,15 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::SwigluParams;
 
-use super::{MIN_CC, check_len};
+use super::{check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_poisoned};
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
 
 /// Threads per block.
 const THREADS: u32 = 256;
 /// bf16 elements each thread moves per step (one 16-byte vector).
 const VEC: usize = 8;
-
-/// A 1-D grid covering `vectors` one-per-thread, capped at 32 blocks per SM (grid-stride loops
-/// cover the rest).
-fn grid(gpu: &Gpu, vectors: usize) -> u32 {
-    let max = gpu.limits().sm_count.max(1) as u64 * 32;
-    (vectors as u64).div_ceil(u64::from(THREADS)).clamp(1, max) as u32
-}
 
 /// Checks the activation's shape and limit: `width` (the expert intermediate size `I`) a
 /// positive multiple of 8 (the kernels move 8-element vectors) and, when given, a finite positive
@@ -75,37 +68,7 @@ pub(crate) fn swiglu_fwd(
     width: usize,
     limit: Option<f32>,
 ) -> Result<CudaSlice<u16>> {
-    let (clamp, limit) = check_args(rows, width, limit)?;
-    check_len("gu", gu, rows * 2 * width)?;
-    let mut h = alloc_poisoned::<u16>(gpu, (rows * width).max(1), 0xFF)?;
-    if rows == 0 {
-        return Ok(h);
-    }
-    let params = SwigluParams {
-        gu_addr: addr(gpu, gu),
-        h_addr: addr_mut(gpu, &mut h),
-        d_gu_addr: 0,
-        rows: rows as u64,
-        width: width as u32,
-        clamp,
-        limit,
-        _pad: 0,
-    };
-    check_aligned("gu", params.gu_addr)?;
-    check_aligned("h", params.h_addr)?;
-    let spec = LaunchSpec {
-        name: names::SWIGLU_FWD,
-        threads: THREADS,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
-    // SAFETY: the contract of `mxmoe_swiglu_fwd_bf16`: 1-D grid and blocks; `width` is a positive
-    // multiple of 8 and the limit finite and positive when clamping (`check_args`); `gu` holds
-    // `rows·2·width` bf16 (`check_len`) and `h` was just allocated with `rows·width`; both
-    // addresses are 16-byte aligned (checked above); the buffers outlive the launch in stream
-    // order (they are freed on the same stream).
-    unsafe { gpu.launch(&spec, (grid(gpu, rows * width / VEC), 1, 1), params)? };
-    Ok(h)
+    swiglu(gpu, gu, None, rows, width, limit)
 }
 
 /// Backward activation: `d_gu [rows, 2·width]` (bf16; gate gradients in the first half of each
@@ -123,17 +86,42 @@ pub(crate) fn swiglu_bwd(
     width: usize,
     limit: Option<f32>,
 ) -> Result<CudaSlice<u16>> {
+    swiglu(gpu, gu, Some(dh), rows, width, limit)
+}
+
+/// Both directions: the forward without `dh` (output `h [rows, width]`), the backward with it
+/// (output `d_gu [rows, 2·width]`).
+fn swiglu(
+    gpu: &Gpu,
+    gu: &CudaSlice<u16>,
+    dh: Option<&CudaSlice<u16>>,
+    rows: usize,
+    width: usize,
+    limit: Option<f32>,
+) -> Result<CudaSlice<u16>> {
     let (clamp, limit) = check_args(rows, width, limit)?;
     check_len("gu", gu, rows * 2 * width)?;
-    check_len("dh", dh, rows * width)?;
-    let mut d_gu = alloc_poisoned::<u16>(gpu, (rows * 2 * width).max(1), 0xFF)?;
-    if rows == 0 {
-        return Ok(d_gu);
+    if let Some(dh) = dh {
+        check_len("dh", dh, rows * width)?;
     }
+    let (name, out_elems) = match dh {
+        None => (names::SWIGLU_FWD, rows * width),
+        Some(_) => (names::SWIGLU_BWD, rows * 2 * width),
+    };
+    let mut out = alloc_poisoned::<u16>(gpu, out_elems.max(1), 0xFF)?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    let out_addr = addr_mut(gpu, &mut out);
+    // The forward writes `h` through `h_addr`; the backward reads `dh` there and writes `d_gu`.
+    let (h_addr, d_gu_addr) = match dh {
+        None => (out_addr, 0),
+        Some(dh) => (addr(gpu, dh), out_addr),
+    };
     let params = SwigluParams {
         gu_addr: addr(gpu, gu),
-        h_addr: addr(gpu, dh),
-        d_gu_addr: addr_mut(gpu, &mut d_gu),
+        h_addr,
+        d_gu_addr,
         rows: rows as u64,
         width: width as u32,
         clamp,
@@ -141,21 +129,19 @@ pub(crate) fn swiglu_bwd(
         _pad: 0,
     };
     check_aligned("gu", params.gu_addr)?;
-    check_aligned("dh", params.h_addr)?;
-    check_aligned("d_gu", params.d_gu_addr)?;
-    let spec = LaunchSpec {
-        name: names::SWIGLU_BWD,
-        threads: THREADS,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
-    // SAFETY: the contract of `mxmoe_swiglu_bwd_bf16`: 1-D grid and blocks; `width` and the
-    // limit as checked by `check_args`; `gu` holds `rows·2·width` and `dh` `rows·width` bf16
-    // (`check_len`); `d_gu` was just allocated with `rows·2·width`, so it overlaps neither input;
-    // all three addresses are 16-byte aligned (checked above); the buffers outlive the launch in
-    // stream order.
-    unsafe { gpu.launch(&spec, (grid(gpu, rows * width / VEC), 1, 1), params)? };
-    Ok(d_gu)
+    check_aligned(if dh.is_some() { "dh" } else { "h" }, params.h_addr)?;
+    if dh.is_some() {
+        check_aligned("d_gu", params.d_gu_addr)?;
+    }
+    let grid = grid_stride_blocks(gpu, (rows * width / VEC) as u64, THREADS, 32);
+    // SAFETY: the contracts of `mxmoe_swiglu_fwd_bf16` and `mxmoe_swiglu_bwd_bf16`: 1-D grid and
+    // blocks; `width` is a positive multiple of 8 and the limit finite and positive when
+    // clamping (`check_args`); `gu` holds `rows·2·width` bf16 and `dh` (backward) `rows·width`
+    // (`check_len`); the output was just allocated with `rows·width` (`h`) or `rows·2·width`
+    // (`d_gu`) elements, so it overlaps no input; every address is 16-byte aligned (checked
+    // above); the buffers outlive the launch in stream order (they are freed on the same stream).
+    unsafe { gpu.launch(&spec(name, THREADS, 0), (grid, 1, 1), params)? };
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -4,31 +4,58 @@
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::ProbeParams;
 
-use super::MIN_CC;
+use cudarc::driver::DeviceRepr;
+
+use super::spec;
 use crate::device::{Gpu, alloc_poisoned, download, upload};
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
+
+/// Launches probe `name` on `blocks` blocks of `threads` threads with `smem_bytes` of dynamic
+/// shared memory, reading `count` items at `in_addr` (0: no input) and writing a fresh output of
+/// `out_elems` elements (poisoned first), which it returns.
+///
+/// # Safety
+///
+/// `(blocks, threads)`, `smem_bytes` and `count` are what `name`'s launch contract asks for,
+/// `in_addr` is a live device allocation holding what the probe reads for `count` (or 0 when it
+/// reads nothing) and `out_elems` is what it writes.
+unsafe fn run<T: DeviceRepr + Default + Clone>(
+    gpu: &Gpu,
+    name: &'static str,
+    (blocks, threads): (u32, u32),
+    smem_bytes: usize,
+    (in_addr, count): (u64, u32),
+    out_elems: usize,
+) -> Result<Vec<T>> {
+    let mut out = alloc_poisoned::<T>(gpu, out_elems, 0xFF)?;
+    let params = ProbeParams {
+        in_addr,
+        out_addr: addr_mut(gpu, &mut out),
+        count,
+        _pad: 0,
+    };
+    // SAFETY: the launch shape, input and count are the caller's (see `# Safety`); `out` was
+    // just allocated with the element count the probe writes.
+    unsafe { gpu.launch(&spec(name, threads, smem_bytes), (blocks, 1, 1), params)? };
+    download(gpu, &out)
+}
 
 /// Runs the special-register probe on `blocks × threads` threads; returns
 /// `[tid.x, ctaid.x, laneid, warp id]` per global thread.
 pub fn sreg(gpu: &Gpu, blocks: u32, threads: u32) -> Result<Vec<[u32; 4]>> {
     let count = blocks * threads;
-    let mut out = alloc_poisoned::<u32>(gpu, 4 * count as usize, 0xFF)?;
-    let spec = LaunchSpec {
-        name: names::PROBE_SREG,
-        threads,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
-    let params = ProbeParams {
-        in_addr: 0,
-        out_addr: addr_mut(gpu, &mut out),
-        count,
-        _pad: 0,
-    };
     // SAFETY: `out` holds 4·count u32 as the kernel's contract requires; no input is read.
-    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
-    let flat = download(gpu, &out)?;
+    let flat: Vec<u32> = unsafe {
+        run(
+            gpu,
+            names::PROBE_SREG,
+            (blocks, threads),
+            0,
+            (0, count),
+            4 * count as usize,
+        )?
+    };
     Ok(flat
         .chunks_exact(4)
         .map(|c| [c[0], c[1], c[2], c[3]])
@@ -50,23 +77,10 @@ pub fn cp_async(gpu: &Gpu, input: &[u8]) -> Result<Vec<u8>> {
     let mut padded = input.to_vec();
     padded.resize(512, 0xAB);
     let inp = upload(gpu, &padded)?;
-    let mut out = alloc_poisoned::<u8>(gpu, 512, 0xFF)?;
-    let spec = LaunchSpec {
-        name: names::PROBE_CP_ASYNC,
-        threads: 32,
-        dynamic_smem_bytes: 512,
-        min_cc: MIN_CC,
-    };
-    let params = ProbeParams {
-        in_addr: addr(gpu, &inp),
-        out_addr: addr_mut(gpu, &mut out),
-        count: input.len() as u32,
-        _pad: 0,
-    };
+    let input_arg = (addr(gpu, &inp), input.len() as u32);
     // SAFETY: one block of 32 threads with 512 bytes of shared memory; `in` holds 512 ≥ count
     // bytes (16-aligned allocation), `out` 512 bytes.
-    unsafe { gpu.launch(&spec, (1, 1, 1), params)? };
-    download(gpu, &out)
+    unsafe { run(gpu, names::PROBE_CP_ASYNC, (1, 32), 512, input_arg, 512) }
 }
 
 /// Result of the MMA probe: `A·B` computed from both fragment-loading paths.
@@ -85,23 +99,18 @@ pub fn mma(gpu: &Gpu, a: &[u16; 256], b: &[u16; 128]) -> Result<MmaProbe> {
     input.extend_from_slice(a);
     input.extend_from_slice(b);
     let inp = upload(gpu, &input)?;
-    let mut out = alloc_poisoned::<f32>(gpu, 256, 0xFF)?;
-    let spec = LaunchSpec {
-        name: names::PROBE_MMA,
-        threads: 32,
-        dynamic_smem_bytes: 2048,
-        min_cc: MIN_CC,
-    };
-    let params = ProbeParams {
-        in_addr: addr(gpu, &inp),
-        out_addr: addr_mut(gpu, &mut out),
-        count: 384,
-        _pad: 0,
-    };
     // SAFETY: one block of 32 threads, 2048 bytes of shared memory, `in` holds 384 bf16 and
     // `out` 256 f32 as the contract requires.
-    unsafe { gpu.launch(&spec, (1, 1, 1), params)? };
-    let d = download(gpu, &out)?;
+    let d: Vec<f32> = unsafe {
+        run(
+            gpu,
+            names::PROBE_MMA,
+            (1, 32),
+            2048,
+            (addr(gpu, &inp), 384),
+            256,
+        )?
+    };
     Ok(MmaProbe {
         non_trans: d[..128].to_vec(),
         trans: d[128..].to_vec(),
@@ -116,23 +125,19 @@ pub fn cvt(gpu: &Gpu, pairs: &[(f32, f32)]) -> Result<Vec<(u32, u32)>> {
     }
     let flat: Vec<f32> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
     let inp = upload(gpu, &flat)?;
-    let mut out = alloc_poisoned::<u32>(gpu, flat.len(), 0xFF)?;
     let count = pairs.len() as u32;
     let threads = 128;
-    let spec = LaunchSpec {
-        name: names::PROBE_CVT,
-        threads,
-        dynamic_smem_bytes: 0,
-        min_cc: MIN_CC,
-    };
-    let params = ProbeParams {
-        in_addr: addr(gpu, &inp),
-        out_addr: addr_mut(gpu, &mut out),
-        count,
-        _pad: 0,
-    };
+    let shape = (count.div_ceil(threads), threads);
     // SAFETY: `in` holds 2·count f32 and `out` 2·count u32.
-    unsafe { gpu.launch(&spec, (count.div_ceil(threads), 1, 1), params)? };
-    let d = download(gpu, &out)?;
+    let d: Vec<u32> = unsafe {
+        run(
+            gpu,
+            names::PROBE_CVT,
+            shape,
+            0,
+            (addr(gpu, &inp), count),
+            flat.len(),
+        )?
+    };
     Ok(d.chunks_exact(2).map(|c| (c[0], c[1])).collect())
 }

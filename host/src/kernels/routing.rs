@@ -4,10 +4,10 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
 
-use super::MIN_CC;
+use super::spec;
 use crate::device::{Gpu, alloc_poisoned};
 use crate::error::{Error, Result};
-use crate::launch::{LaunchSpec, addr, addr_mut};
+use crate::launch::{addr, addr_mut};
 
 /// Device ids of the routed slots, as the router produced them.
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +19,8 @@ pub enum DeviceIds<'a> {
 }
 
 impl DeviceIds<'_> {
-    fn len(&self) -> usize {
+    /// Ids in the buffer.
+    pub(crate) fn len(&self) -> usize {
         match self {
             DeviceIds::I32(s) => s.len(),
             DeviceIds::I64(s) => s.len(),
@@ -89,24 +90,9 @@ pub(crate) fn route(
         _pad: 0,
     };
     let hist_bytes = 4 * (num_experts + 1);
-    let count = LaunchSpec {
-        name: names::ROUTE_COUNT,
-        threads: 256,
-        dynamic_smem_bytes: hist_bytes,
-        min_cc: MIN_CC,
-    };
-    let scan = LaunchSpec {
-        name: names::ROUTE_SCAN,
-        threads: 1024,
-        dynamic_smem_bytes: 4 * 1024,
-        min_cc: MIN_CC,
-    };
-    let scatter = LaunchSpec {
-        name: names::ROUTE_SCATTER,
-        threads: 32,
-        dynamic_smem_bytes: hist_bytes,
-        min_cc: MIN_CC,
-    };
+    let count = spec(names::ROUTE_COUNT, 256, hist_bytes);
+    let scan = spec(names::ROUTE_SCAN, 1024, 4 * 1024);
+    let scatter = spec(names::ROUTE_SCATTER, 32, hist_bytes);
     // SAFETY: `ids` holds `slots` ids of the declared width; `counts` holds chunks·(E+1) words;
     // the outputs hold `slots`, `slots`, `E` and 1 words; grids and shared memory follow the
     // kernels' contracts (one chunk per block, one block for the scan).

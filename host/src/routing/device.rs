@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DeviceRepr};
 
 use super::{DROPPED, Routing};
 use crate::device::Gpu;
@@ -79,10 +79,13 @@ impl DeviceRouting {
         top_k: usize,
         num_experts: usize,
     ) -> Result<Self> {
-        check_dims(ids.len(), tokens, top_k, num_experts)?;
-        check_host_ids(ids.iter().copied(), num_experts)?;
-        let dev = upload(gpu, if ids.is_empty() { &[DROPPED][..] } else { ids })?;
-        Self::launch(gpu, DeviceIds::I64(&dev), tokens, top_k, num_experts)
+        Self::from_host(
+            gpu,
+            ids,
+            DROPPED,
+            |d| DeviceIds::I64(d),
+            (tokens, top_k, num_experts),
+        )
     }
 
     /// As [`from_host_ids`](Self::from_host_ids) for i32 ids.
@@ -93,10 +96,30 @@ impl DeviceRouting {
         top_k: usize,
         num_experts: usize,
     ) -> Result<Self> {
+        let dropped = DROPPED as i32;
+        Self::from_host(
+            gpu,
+            ids,
+            dropped,
+            |d| DeviceIds::I32(d),
+            (tokens, top_k, num_experts),
+        )
+    }
+
+    /// Both host paths: checks the ids, uploads them (one `dropped` id when there are none, so
+    /// the buffer is valid) and routes them as `as_ids` presents the upload to the kernels.
+    fn from_host<T: DeviceRepr + Copy + Into<i64>>(
+        gpu: &Gpu,
+        ids: &[T],
+        dropped: T,
+        as_ids: impl FnOnce(&CudaSlice<T>) -> DeviceIds<'_>,
+        (tokens, top_k, num_experts): (usize, usize, usize),
+    ) -> Result<Self> {
         check_dims(ids.len(), tokens, top_k, num_experts)?;
-        check_host_ids(ids.iter().map(|&v| v as i64), num_experts)?;
-        let dev = upload(gpu, if ids.is_empty() { &[-1i32][..] } else { ids })?;
-        Self::launch(gpu, DeviceIds::I32(&dev), tokens, top_k, num_experts)
+        check_host_ids(ids.iter().map(|&v| v.into()), num_experts)?;
+        let placeholder = [dropped];
+        let dev = upload(gpu, if ids.is_empty() { &placeholder } else { ids })?;
+        Self::launch(gpu, as_ids(&dev), tokens, top_k, num_experts)
     }
 
     /// Routes ids already on the device. Out-of-range ids are detected by the kernels and
@@ -108,11 +131,7 @@ impl DeviceRouting {
         top_k: usize,
         num_experts: usize,
     ) -> Result<Self> {
-        let len = match ids {
-            DeviceIds::I32(s) => s.len(),
-            DeviceIds::I64(s) => s.len(),
-        };
-        check_dims(len, tokens, top_k, num_experts)?;
+        check_dims(ids.len(), tokens, top_k, num_experts)?;
         Self::launch(gpu, ids, tokens, top_k, num_experts)
     }
 
