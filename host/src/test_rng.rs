@@ -1,11 +1,13 @@
-//! The unit tests' deterministic PRNG (xorshift64*), shared by every module's tests.
+//! The tests' deterministic PRNG (xorshift64*), shared by every module's unit tests and, through
+//! a `#[path]` module, by the integration tests' `mxmoe_tests::Rng` (one generator, one source).
 
 /// A tiny deterministic xorshift64* generator for the tests (no `rand` dependency).
-pub(crate) struct XorShift(u64);
+#[derive(Clone, Debug)]
+pub struct XorShift(u64);
 
 impl XorShift {
     /// Seeds the generator (a zero seed is replaced by a fixed non-zero constant).
-    pub(crate) fn new(seed: u64) -> Self {
+    pub fn new(seed: u64) -> Self {
         XorShift(if seed == 0 {
             0x9E37_79B9_7F4A_7C15
         } else {
@@ -14,7 +16,7 @@ impl XorShift {
     }
 
     /// Next raw 64-bit value.
-    pub(crate) fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -24,22 +26,22 @@ impl XorShift {
     }
 
     /// Uniform in `[0, n)` (n > 0; the modulo bias is irrelevant for tests).
-    pub(crate) fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
 
     /// Uniform in `[-1, 1)`.
-    pub(crate) fn uniform(&mut self) -> f32 {
+    pub fn uniform(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     /// Uniform in `[0, 1)`.
-    pub(crate) fn unit_f32(&mut self) -> f32 {
+    pub fn unit_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// `len` values uniform in `[-scale, scale)`.
-    pub(crate) fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+    pub fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
         (0..len).map(|_| self.uniform() * scale).collect()
     }
 }

@@ -63,34 +63,37 @@ pub fn forced_config() -> Option<usize> {
     }
 }
 
-/// A small deterministic PRNG (xorshift64*), so tests draw fresh but reproducible inputs.
+/// The host crate's test generator, compiled here from the same source.
+#[path = "../../host/src/test_rng.rs"]
+#[allow(dead_code)] // the host's unit tests use every method, this crate a few.
+mod test_rng;
+
+use test_rng::XorShift;
+
+/// A small deterministic PRNG (the host tests' xorshift64*, seeded through a multiplicative
+/// hash), so tests draw fresh but reproducible inputs.
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(XorShift);
 
 impl Rng {
-    /// Seeds the generator (any seed; zero is remapped).
+    /// Seeds the generator (any seed; the state is never zero).
     pub fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Self(XorShift::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1))
     }
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
 
     /// Uniform in `[0, n)`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
+        self.0.below(n)
     }
 
     /// Uniform in `[0, 1)`.
     pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+        self.0.unit_f32()
     }
 
     /// Approximately standard normal (Box–Muller).
@@ -105,6 +108,30 @@ impl Rng {
         (0..n)
             .map(|_| mxmoe::shared::bf16::round_bf16(scale * self.normal()))
             .collect()
+    }
+}
+
+/// Asserts that `result` failed with [`Error::Shape`] naming `tensor`.
+#[track_caller]
+pub fn assert_shape_error<T>(result: mxmoe::Result<T>, tensor: &str) {
+    match result {
+        Ok(_) => panic!("expected a shape error naming {tensor}, got success"),
+        Err(e) => assert!(
+            matches!(&e, Error::Shape { tensor: t, .. } if *t == tensor),
+            "expected a shape error naming {tensor}: {e}"
+        ),
+    }
+}
+
+/// Asserts that `result` failed with [`Error::InvalidArgument`] about `what`.
+#[track_caller]
+pub fn assert_invalid_argument<T>(result: mxmoe::Result<T>, what: &str) {
+    match result {
+        Ok(_) => panic!("expected an invalid {what}, got success"),
+        Err(e) => assert!(
+            matches!(&e, Error::InvalidArgument { what: w, .. } if *w == what),
+            "expected an invalid {what}: {e}"
+        ),
     }
 }
 
@@ -228,6 +255,36 @@ pub mod linear_case {
         }
     }
 
+    /// SPEC §7's small shape (E 8, K 128, N 256, T 16, top-2, rank 8) with token-ordered input
+    /// and grouped output (seed 0).
+    pub fn spec_small() -> Case {
+        Case::new(8, 128, 256, 16, 2, 8, 0)
+    }
+
+    /// SPEC §7's small shape with grouped input, gates and scattered output (seed 7).
+    pub fn spec_small_gated() -> Case {
+        Case {
+            input: RowOrder::Grouped,
+            output: RowOrder::Scattered,
+            gates: true,
+            ..Case::new(8, 128, 256, 16, 2, 8, 7)
+        }
+    }
+
+    /// SPEC §7's representative shape (E 32, K 2048, N 1024, T 64, top-4, rank 16; seed 1).
+    pub fn spec_representative() -> Case {
+        Case::new(32, 2048, 1024, 64, 4, 16, 1)
+    }
+
+    /// Ragged token counts and ranks on one small shape (E 6, K 96, N 64): a case per
+    /// `(tokens, top_k, rank)`, seeds from `seed` up.
+    pub fn ragged_tokens(seed: u64, cases: &[(usize, usize, usize)]) -> Vec<Case> {
+        (0..)
+            .zip(cases)
+            .map(|(i, &(t, top_k, r))| Case::new(6, 96, 64, t, top_k, r, seed + i))
+            .collect()
+    }
+
     /// The LoRA rank sweep of the parity suites: every rank class the kernels distinguish (a rank
     /// of 1, odd ranks whose right factor is gathered element by element, ranks that are a
     /// multiple of 8 and of the padded width, the largest), each with token-ordered input and
@@ -270,6 +327,16 @@ pub mod linear_case {
         pub gates: Option<Vec<f32>>,
         /// Scaling.
         pub s: f32,
+    }
+
+    /// The case's LoRA factors on the device: `A [E·r, K]`, `B [N, E·r]`, scaling `s`.
+    pub fn upload_lora(gpu: &Runtime, c: &Case, d: &Data) -> LoraWeights {
+        LoraWeights {
+            a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
+            b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
+            rank: c.r,
+            scaling: d.s,
+        }
     }
 
     /// Draws the case's data so that every term of the result is visible to the tolerance: `x =
@@ -395,12 +462,7 @@ pub mod linear_case {
                 ExpertWeights::Mxfp4(&mx)
             }
         };
-        let lora = (c.r > 0).then(|| LoraWeights {
-            a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
-            b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
-            rank: c.r,
-            scaling: d.s,
-        });
+        let lora = (c.r > 0).then(|| upload_lora(gpu, c, d));
         let gates = d
             .gates
             .as_ref()
@@ -821,5 +883,26 @@ pub mod linear_case {
             compare_lora_term(c, d, dy, &got, &without, &bounds);
         }
         got
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    /// The GPU suites' inputs depend on this exact sequence (the values of the generator before
+    /// it shared the host's source), so a change to the generator fails here, not on a GPU.
+    #[test]
+    fn rng_sequence_is_pinned() {
+        let mut rng = Rng::new(42);
+        let drawn = [rng.next_u64(), rng.next_u64(), rng.next_u64()];
+        assert_eq!(
+            drawn,
+            [
+                0x7c3d_3da7_30e9_fd2b,
+                0xbc66_74d0_9f2b_33fc,
+                0xc1cd_cc7e_2428_8d6f
+            ]
+        );
     }
 }

@@ -28,7 +28,9 @@ use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::params::MAX_EXPERTS;
 use mxmoe::shared::tiles::MAX_RANK;
 use mxmoe::tensor::{DType, DeviceLoc, TensorMeta};
-use mxmoe_tests::linear_case::{Base, Case, Data, compare, draw, out_rows, run_gpu_with};
+use mxmoe_tests::linear_case::{
+    Base, Case, Data, compare, draw, out_rows, run_gpu_with, upload_lora,
+};
 use mxmoe_tests::{Rng, gpu};
 
 /// Experts, output dim, reduction dim, tokens, top-k and LoRA rank of the catalog's fixture.
@@ -496,12 +498,7 @@ fn bad_device_id_acts_as_dropped(gpu: &Runtime) {
     let d = draw(&c);
     let w = DenseExperts::from_f32(gpu, &d.w, E, N, K).unwrap();
     let x = Bf16Matrix::from_f32(gpu, &d.x, T, K).unwrap();
-    let lw = LoraWeights {
-        a: Bf16Matrix::from_f32(gpu, &d.a, E * R, K).unwrap(),
-        b: Bf16Matrix::from_f32(gpu, &d.b, N, E * R).unwrap(),
-        rank: R,
-        scaling: d.s,
-    };
+    let lw = upload_lora(gpu, &c, &d);
     let layer = ExpertLinear::new(
         ExpertWeights::Bf16(&w),
         Some(&lw),
@@ -1077,12 +1074,7 @@ fn forward_out(
         }
         Base::MxRecompute(_) => unreachable!("forward only"),
     };
-    let lw = LoraWeights {
-        a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
-        b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
-        rank: c.r,
-        scaling: d.s,
-    };
+    let lw = upload_lora(gpu, c, d);
     let g = gates.then(|| {
         Bf16Matrix::from_f32(
             gpu,

@@ -30,7 +30,7 @@ use mxmoe::reference::{self, LinearProblem, Rounding};
 use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::bf16::bf16_bits_to_f32;
 use mxmoe::tensor::{DType, DeviceLoc, TensorMeta};
-use mxmoe_tests::linear_case::{Case, draw};
+use mxmoe_tests::linear_case::{Case, draw, upload_lora};
 use mxmoe_tests::{Rng, assert_close, gpu};
 
 const RTOL: f32 = 1e-2;
@@ -150,12 +150,7 @@ fn outputs_past_2_pow_31_elements_match_the_reference_on_sampled_rows() {
     let d = draw(&c);
     let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
     let x = Bf16Matrix::from_f32(gpu, &d.x, c.t, c.k).unwrap();
-    let lora = LoraWeights {
-        a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
-        b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
-        rank: c.r,
-        scaling: d.s,
-    };
+    let lora = upload_lora(gpu, &c, &d);
     let dense = DenseExperts::from_f32(gpu, &d.w, c.e, c.n, c.k).unwrap();
     let mx_host = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
     let deq = dequantize_f32(&mx_host);

@@ -2,7 +2,10 @@
 //! reference, on fresh random inputs, at SPEC §7 shapes and ragged cases; plus determinism.
 
 use mxmoe::op::RowOrder;
-use mxmoe_tests::linear_case::{Base, Case, check_case, draw, out_rows, rank_sweep, run_gpu};
+use mxmoe_tests::linear_case::{
+    Base, Case, check_case, draw, out_rows, ragged_tokens, rank_sweep, run_gpu,
+    spec_representative, spec_small, spec_small_gated,
+};
 use mxmoe_tests::{Rng, gpu};
 
 /// Checks the case against the CPU reference, each element against its own bf16 bound, and
@@ -25,22 +28,17 @@ fn lora_rank_sweep() {
 
 #[test]
 fn spec_small_shape_scattered_in_grouped_out() {
-    check(Case::new(8, 128, 256, 16, 2, 8, 0));
+    check(spec_small());
 }
 
 #[test]
 fn spec_small_shape_grouped_in_scattered_out_with_gates() {
-    check(Case {
-        input: RowOrder::Grouped,
-        output: RowOrder::Scattered,
-        gates: true,
-        ..Case::new(8, 128, 256, 16, 2, 8, 7)
-    });
+    check(spec_small_gated());
 }
 
 #[test]
 fn spec_representative_shape() {
-    check(Case::new(32, 2048, 1024, 64, 4, 16, 1));
+    check(spec_representative());
 }
 
 #[test]
@@ -55,18 +53,16 @@ fn representative_shape_with_gates() {
 
 #[test]
 fn ragged_token_counts_and_ranks() {
-    for (i, &(t, top_k, r)) in [
-        (1usize, 1usize, 8usize),
+    let cases = [
+        (1, 1, 8),
         (1, 4, 16),
         (37, 3, 0),
         (37, 2, 64),
         (129, 4, 8),
         (300, 1, 16),
-    ]
-    .iter()
-    .enumerate()
-    {
-        check(Case::new(6, 96, 64, t, top_k, r, 100 + i as u64));
+    ];
+    for c in ragged_tokens(100, &cases) {
+        check(c);
     }
 }
 

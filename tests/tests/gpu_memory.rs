@@ -4,12 +4,12 @@
 
 use mxmoe::mxfp4::quantize_mxfp4;
 use mxmoe::op::Strategy;
-use mxmoe_tests::linear_case::{Case, draw, out_rows};
+use mxmoe_tests::linear_case::{Case, draw, out_rows, upload_lora};
 use mxmoe_tests::{Rng, gpu};
 
 #[test]
 fn fused_path_allocates_no_bf16_copy_of_the_experts() {
-    use mxmoe::op::{Bf16Matrix, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, backward};
+    use mxmoe::op::{Bf16Matrix, ExpertLinear, ExpertWeights, MxExperts, backward};
     use mxmoe::routing::DeviceRouting;
     let Some(gpu) = gpu() else { return };
     // 64 experts of 1024×2048: a bf16 copy would be 256 MiB; the MXFP4 container is 68 MiB.
@@ -20,12 +20,7 @@ fn fused_path_allocates_no_bf16_copy_of_the_experts() {
     let weights = MxExperts::upload(gpu, &mx).unwrap();
     let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
     let x = Bf16Matrix::from_f32(gpu, &d.x, d.x_rows, c.k).unwrap();
-    let lora = LoraWeights {
-        a: Bf16Matrix::from_f32(gpu, &d.a, c.e * c.r, c.k).unwrap(),
-        b: Bf16Matrix::from_f32(gpu, &d.b, c.n, c.e * c.r).unwrap(),
-        rank: c.r,
-        scaling: d.s,
-    };
+    let lora = upload_lora(gpu, &c, &d);
     let dy = Bf16Matrix::from_f32(
         gpu,
         &Rng::new(401).normal_bf16(out_rows(&c) * c.n, 1.0),

@@ -25,7 +25,7 @@ use mxmoe::reference::moe::{MoeProblem, RefLora, moe_forward_backward};
 use mxmoe::reference::{DROPPED, Rounding, flatten_sort_count};
 use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
-use mxmoe_tests::{Rng, assert_close, gpu};
+use mxmoe_tests::{Rng, assert_close, assert_invalid_argument, assert_shape_error, gpu};
 
 /// Relative tolerance: about two bf16 ulps. Every tensor is rounded once from an f32 sum whose
 /// order differs from the reference's exact sum, so a value can land one ulp away; the rounded
@@ -430,55 +430,31 @@ fn check(b: Block, paths: &[Path]) {
     }
 }
 
-#[test]
-fn tiny_block_bf16_matches_reference() {
-    check(tiny(None, 42), &[Path::Bf16]);
+/// One parity test per row, `name: block, [paths];` ([`check`] on every path).
+macro_rules! parity_tests {
+    ($($name:ident: $block:expr, [$($path:ident),+];)+) => {
+        $(
+            #[test]
+            fn $name() {
+                check($block, &[$(Path::$path),+]);
+            }
+        )+
+    };
 }
 
-#[test]
-fn tiny_block_bf16_with_clamp_limit_matches_reference() {
-    check(tiny(Some(LIMIT), 43), &[Path::Bf16]);
-}
-
-#[test]
-fn tiny_block_mxfp4_fused_matches_reference() {
-    check(tiny(None, 44), &[Path::MxFused]);
-}
-
-#[test]
-fn tiny_block_mxfp4_fused_with_clamp_limit_matches_reference() {
-    check(tiny(Some(LIMIT), 45), &[Path::MxFused]);
-}
-
-#[test]
-fn tiny_block_mxfp4_selective_matches_reference() {
-    check(tiny(None, 46), &[Path::MxSelective]);
-}
-
-#[test]
-fn tiny_block_mxfp4_selective_with_clamp_limit_matches_reference() {
-    check(tiny(Some(LIMIT), 47), &[Path::MxSelective]);
-}
-
-#[test]
-fn tiny_block_with_dropped_slots_matches_reference() {
-    check(
-        Block {
-            dropped_permille: 200,
-            ..tiny(Some(LIMIT), 48)
-        },
-        &[Path::Bf16, Path::MxFused],
-    );
-}
-
-#[test]
-fn large_block_bf16_matches_reference() {
-    check(large(50), &[Path::Bf16]);
-}
-
-#[test]
-fn large_block_mxfp4_fused_and_selective_match_reference() {
-    check(large(51), &[Path::MxFused, Path::MxSelective]);
+parity_tests! {
+    tiny_block_bf16_matches_reference: tiny(None, 42), [Bf16];
+    tiny_block_bf16_with_clamp_limit_matches_reference: tiny(Some(LIMIT), 43), [Bf16];
+    tiny_block_mxfp4_fused_matches_reference: tiny(None, 44), [MxFused];
+    tiny_block_mxfp4_fused_with_clamp_limit_matches_reference: tiny(Some(LIMIT), 45), [MxFused];
+    tiny_block_mxfp4_selective_matches_reference: tiny(None, 46), [MxSelective];
+    tiny_block_mxfp4_selective_with_clamp_limit_matches_reference:
+        tiny(Some(LIMIT), 47), [MxSelective];
+    tiny_block_with_dropped_slots_matches_reference:
+        Block { dropped_permille: 200, ..tiny(Some(LIMIT), 48) }, [Bf16, MxFused];
+    large_block_bf16_matches_reference: large(50), [Bf16];
+    large_block_mxfp4_fused_and_selective_match_reference:
+        large(51), [MxFused, MxSelective];
 }
 
 #[test]
@@ -556,52 +532,24 @@ fn bad_shapes_are_typed_errors_before_any_launch() {
     let dn_t = DenseExperts::from_bits(gpu, &d.down, b.e, b.i, b.h).unwrap();
     let ok = MoeBlock::new(ExpertWeights::Bf16(&gu), ExpertWeights::Bf16(&dn));
     assert!(ok.forward(gpu, &x, &routing, &gates).is_ok());
-    let err = |r: mxmoe::Result<_>| match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e,
-    };
-    let e = err(MoeBlock {
-        down: ExpertWeights::Bf16(&dn_t),
-        ..ok
-    }
-    .forward(gpu, &x, &routing, &gates)
-    .map(|_| ()));
-    assert!(
-        matches!(
-            e,
-            mxmoe::Error::Shape {
-                tensor: "down_proj",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let x_bad = Bf16Matrix::from_f32(gpu, &d.x, b.t * 2, b.h / 2).unwrap();
-    let e = err(ok.forward(gpu, &x_bad, &routing, &gates).map(|_| ()));
-    assert!(matches!(e, mxmoe::Error::Shape { tensor: "x", .. }), "{e}");
-    let gates_bad = Bf16Matrix::from_f32(gpu, &d.gates, b.top_k, b.t).unwrap();
-    let e = err(ok.forward(gpu, &x, &routing, &gates_bad).map(|_| ()));
-    assert!(
-        matches!(
-            e,
-            mxmoe::Error::Shape {
-                tensor: "gates",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    for lim in [0.0, f32::NAN, f32::INFINITY] {
-        let e = err(MoeBlock {
-            limit: Some(lim),
+    assert_shape_error(
+        MoeBlock {
+            down: ExpertWeights::Bf16(&dn_t),
             ..ok
         }
-        .forward(gpu, &x, &routing, &gates)
-        .map(|_| ()));
-        assert!(
-            matches!(e, mxmoe::Error::InvalidArgument { what: "limit", .. }),
-            "{e}"
-        );
+        .forward(gpu, &x, &routing, &gates),
+        "down_proj",
+    );
+    let x_bad = Bf16Matrix::from_f32(gpu, &d.x, b.t * 2, b.h / 2).unwrap();
+    assert_shape_error(ok.forward(gpu, &x_bad, &routing, &gates), "x");
+    let gates_bad = Bf16Matrix::from_f32(gpu, &d.gates, b.top_k, b.t).unwrap();
+    assert_shape_error(ok.forward(gpu, &x, &routing, &gates_bad), "gates");
+    for lim in [0.0, f32::NAN, f32::INFINITY] {
+        let clamped = MoeBlock {
+            limit: Some(lim),
+            ..ok
+        };
+        assert_invalid_argument(clamped.forward(gpu, &x, &routing, &gates), "limit");
     }
     // LoRA of the down projection given to the gate/up projection.
     let lora_down = LoraWeights {
@@ -610,38 +558,18 @@ fn bad_shapes_are_typed_errors_before_any_launch() {
         rank: b.r,
         scaling: SCALING,
     };
-    let e = err(MoeBlock {
+    let misplaced = MoeBlock {
         lora_gate_up: Some(&lora_down),
         ..ok
-    }
-    .forward(gpu, &x, &routing, &gates)
-    .map(|_| ()));
-    assert!(
-        matches!(
-            e,
-            mxmoe::Error::Shape {
-                tensor: "gate_up LoRA A",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    };
+    let result = misplaced.forward(gpu, &x, &routing, &gates);
+    assert_shape_error(result, "gate_up LoRA A");
     // A dy of the wrong shape.
     let (_, saved) = ok.forward(gpu, &x, &routing, &gates).unwrap();
     let dy_bad = Bf16Matrix::from_f32(gpu, &d.dy, b.h, b.t).unwrap();
-    let e = err(backward(gpu, &saved, &dy_bad).map(|_| ()));
-    assert!(matches!(e, mxmoe::Error::Shape { tensor: "dy", .. }), "{e}");
+    assert_shape_error(backward(gpu, &saved, &dy_bad), "dy");
     // The routing must have as many experts as the weights.
     let routing_more = DeviceRouting::from_host_ids(gpu, &d.ids, b.t, b.top_k, b.e + 1).unwrap();
-    let e = err(ok.forward(gpu, &x, &routing_more, &gates).map(|_| ()));
-    assert!(
-        matches!(
-            e,
-            mxmoe::Error::Shape {
-                tensor: "gate_up_proj",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let result = ok.forward(gpu, &x, &routing_more, &gates);
+    assert_shape_error(result, "gate_up_proj");
 }

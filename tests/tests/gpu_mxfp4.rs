@@ -12,7 +12,8 @@ use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
 use mxmoe::reference::Rounding;
 use mxmoe_tests::linear_case::{
-    Base, Case, GpuResult, check_case, draw, out_rows, rank_sweep, reference_run, run_gpu_with,
+    Base, Case, GpuResult, check_case, draw, out_rows, ragged_tokens, rank_sweep, reference_run,
+    run_gpu_with, spec_representative, spec_small, spec_small_gated,
 };
 use mxmoe_tests::{Rng, gpu};
 
@@ -61,19 +62,14 @@ fn check(c: Case) -> Option<GpuResult> {
 
 #[test]
 fn spec_small_shape_matches_dense_path_bitwise() {
-    check(Case::new(8, 128, 256, 16, 2, 8, 0));
-    check(Case {
-        input: RowOrder::Grouped,
-        output: RowOrder::Scattered,
-        gates: true,
-        ..Case::new(8, 128, 256, 16, 2, 8, 7)
-    });
+    check(spec_small());
+    check(spec_small_gated());
 }
 
 #[test]
 fn spec_representative_shape_with_scale_guard() {
     let Some(gpu) = gpu() else { return };
-    let c = Case::new(32, 2048, 1024, 64, 4, 16, 1);
+    let c = spec_representative();
     let d = draw(&c);
     let (mx, deq) = quantized(&c, &d.w);
     let dy = Rng::new(99).normal_bf16(out_rows(&c) * c.n, 1.0);
@@ -113,16 +109,8 @@ fn lora_rank_sweep() {
 
 #[test]
 fn ragged_cases_match_dense_path_bitwise() {
-    for (i, &(t, top_k, r)) in [
-        (1usize, 1usize, 8usize),
-        (37, 3, 0),
-        (37, 2, 64),
-        (129, 4, 1),
-    ]
-    .iter()
-    .enumerate()
-    {
-        check(Case::new(6, 96, 64, t, top_k, r, 200 + i as u64));
+    for c in ragged_tokens(200, &[(1, 1, 8), (37, 3, 0), (37, 2, 64), (129, 4, 1)]) {
+        check(c);
     }
     check(Case::new(4, 32, 48, 23, 2, 16, 211));
     check(Case {

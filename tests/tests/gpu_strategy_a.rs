@@ -4,8 +4,11 @@
 //! and when every slot is dropped.
 
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
-use mxmoe::op::{RowOrder, Strategy};
-use mxmoe_tests::linear_case::{Base, Case, GpuResult, draw, out_rows, run_gpu_with};
+use mxmoe::op::Strategy;
+use mxmoe_tests::linear_case::{
+    Base, Case, GpuResult, draw, out_rows, run_gpu_with, spec_representative, spec_small,
+    spec_small_gated,
+};
 use mxmoe_tests::{Rng, gpu};
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -53,14 +56,9 @@ fn check(c: Case) {
 
 #[test]
 fn spec_shapes_are_bitwise_equal_to_the_dense_path() {
-    check(Case::new(8, 128, 256, 16, 2, 8, 0));
-    check(Case {
-        input: RowOrder::Grouped,
-        output: RowOrder::Scattered,
-        gates: true,
-        ..Case::new(8, 128, 256, 16, 2, 8, 7)
-    });
-    check(Case::new(32, 2048, 1024, 64, 4, 16, 1));
+    check(spec_small());
+    check(spec_small_gated());
+    check(spec_representative());
 }
 
 #[test]
