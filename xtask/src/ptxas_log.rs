@@ -323,6 +323,13 @@ ptxas info    : Used 99 registers
         assert_eq!(parse(log).unwrap()[0].registers, 10);
     }
 
+    /// Asserts that `log` does not parse and that the error mentions `needle`.
+    #[track_caller]
+    fn assert_rejected(log: &str, needle: &str) {
+        let err = parse(log).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+
     #[test]
     fn an_entry_without_its_used_line_is_an_error() {
         let log = "\
@@ -330,8 +337,7 @@ ptxas info    : Compiling entry function 'k' for 'sm_90'
 ptxas info    : Function properties for k
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ";
-        let err = parse(log).unwrap_err();
-        assert!(err.to_string().contains("entry k"), "{err}");
+        assert_rejected(log, "entry k");
     }
 
     #[test]
@@ -340,8 +346,7 @@ ptxas info    : Function properties for k
 ptxas info    : Compiling entry function 'k' for 'sm_90'
 ptxas info    : Used 10 registers, used 0 barriers
 ";
-        let err = parse(log).unwrap_err();
-        assert!(err.to_string().contains("Function properties"), "{err}");
+        assert_rejected(log, "Function properties");
     }
 
     #[test]

@@ -82,6 +82,23 @@ fn mx_operand(w: &MxExperts) -> MxOperand<'_> {
     }
 }
 
+/// The rank-sized product XA (`m = A_e`) or YB (`m = B_eᵀ`) of [`lora_down`] into a new bf16
+/// `[rows, r_pad]` buffer; the activations are rows of `width` elements addressed through
+/// `act_map`.
+fn lora_product(
+    gpu: &Runtime,
+    routing: RoutingView<'_>,
+    rows: usize,
+    (act, act_map, width): (&CudaSlice<u16>, RowMap, usize),
+    m: Strided<'_>,
+    rank: usize,
+) -> Result<CudaSlice<u16>> {
+    let r_pad = rank_pad(rank as u32) as usize;
+    let mut out = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
+    lora_down(gpu, routing, act, width, act_map, width, m, rank, &mut out)?;
+    Ok(out)
+}
+
 /// What [`forward_core`] produces.
 pub(super) struct ForwardParts {
     /// The output (`y` with gates).
@@ -110,8 +127,6 @@ pub(super) fn forward_core(
     let l = routing.rows();
     let xa = match r.lora {
         Some(lora) => {
-            let r_pad = rank_pad(lora.rank as u32) as usize;
-            let mut xa = alloc_poisoned::<u16>(gpu, (l * r_pad).max(1), 0xFF)?;
             // XA[p, j] = x_p · A_e[j, :]: A_e(j, d) = A[(e·r + j)·K + d].
             let m = Strided {
                 buf: lora.a.data(),
@@ -119,7 +134,7 @@ pub(super) fn forward_core(
                 stride_n: k,
                 stride_k: 1,
             };
-            lora_down(gpu, r.routing, x.data(), k, x_map, k, m, lora.rank, &mut xa)?;
+            let xa = lora_product(gpu, r.routing, l, (x.data(), x_map, k), m, lora.rank)?;
             Some(xa)
         }
         None => None,
@@ -212,8 +227,6 @@ pub(super) fn backward_core(
     };
     let yb = match r.lora {
         Some(lora) => {
-            let r_pad = rank_pad(lora.rank as u32) as usize;
-            let mut yb = alloc_poisoned::<u16>(gpu, (l * r_pad).max(1), 0xFF)?;
             // YB[p, j] = Σ_n dY[p, n] · B[n, e·r + j]: m_e(j, n) with stride_n(j) = 1, stride_k(n) = E·r.
             let m = Strided {
                 buf: lora.b.data(),
@@ -221,8 +234,14 @@ pub(super) fn backward_core(
                 stride_n: 1,
                 stride_k: e * lora.rank,
             };
-            lora_down(gpu, view, dy_buf, n, dy_map, n, m, lora.rank, &mut yb)?;
-            Some(yb)
+            Some(lora_product(
+                gpu,
+                view,
+                l,
+                (dy_buf, dy_map, n),
+                m,
+                lora.rank,
+            )?)
         }
         None => None,
     };

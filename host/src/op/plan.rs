@@ -202,37 +202,31 @@ mod tests {
     #[test]
     fn auto_prefers_fused_for_few_rows_per_expert_and_selective_for_many() {
         let gib = 1usize << 30;
-        // Balanced E=256, T=256, top-8: 2048 rows over ~229 experts.
-        assert_eq!(
-            auto_strategy(229, 2048, 229 << 22, 70 * gib),
-            Strategy::Fused
-        );
-        // Balanced T=4096: ~129 rows per expert.
-        assert_eq!(
-            auto_strategy(254, 32768, 254 << 22, 70 * gib),
-            Strategy::Fused
-        );
-        // Sparse T=256: 8 experts share 2048 rows (256 each): A measured 0.36 ms vs B 0.47 ms.
-        assert_eq!(
-            auto_strategy(8, 2048, 8 << 22, 70 * gib),
-            Strategy::SelectiveDequant
-        );
-        // Sparse: 8 experts share 32768 rows.
-        assert_eq!(
-            auto_strategy(8, 32768, 8 << 22, 70 * gib),
-            Strategy::SelectiveDequant
-        );
-        // Balanced T=16384: 512 rows per expert; B measured 6.03 ms vs A 6.51 ms.
-        assert_eq!(
-            auto_strategy(256, 131072, 256 << 22, 70 * gib),
-            Strategy::Fused
-        );
-        // Balanced T=65536: 2048 rows per expert.
-        assert_eq!(
-            auto_strategy(256, 524288, 256 << 22, 70 * gib),
-            Strategy::SelectiveDequant
-        );
-        // ... unless the transient buffer would not fit.
-        assert_eq!(auto_strategy(256, 524288, 256 << 22, gib), Strategy::Fused);
+        use Strategy::{Fused, SelectiveDequant};
+        // (active experts, routed rows, free bytes, expected); the transient buffer of the
+        // active experts is `active · 4 MiB`.
+        let cases = [
+            // Balanced E=256, T=256, top-8: 2048 rows over ~229 experts.
+            (229, 2048, 70 * gib, Fused),
+            // Balanced T=4096: ~129 rows per expert.
+            (254, 32768, 70 * gib, Fused),
+            // Sparse T=256: 8 experts share 2048 rows (256 each): A measured 0.36 ms vs B 0.47 ms.
+            (8, 2048, 70 * gib, SelectiveDequant),
+            // Sparse: 8 experts share 32768 rows.
+            (8, 32768, 70 * gib, SelectiveDequant),
+            // Balanced T=16384: 512 rows per expert; B measured 6.03 ms vs A 6.51 ms.
+            (256, 131072, 70 * gib, Fused),
+            // Balanced T=65536: 2048 rows per expert.
+            (256, 524288, 70 * gib, SelectiveDequant),
+            // ... unless the transient buffer would not fit.
+            (256, 524288, gib, Fused),
+        ];
+        for (active, rows, free, want) in cases {
+            assert_eq!(
+                auto_strategy(active, rows, active << 22, free),
+                want,
+                "{active} active experts, {rows} rows, {free} bytes free"
+            );
+        }
     }
 }

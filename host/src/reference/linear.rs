@@ -518,13 +518,38 @@ fn backward64(
     })
 }
 
+/// The reference's unit tests; the error assertions are shared with the block's tests.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::reference::XorShift;
     use crate::reference::routing::flatten_sort_count;
     use crate::routing::DROPPED;
     use crate::shared::bf16::round_bf16;
+
+    /// Asserts that `result` failed with [`Error::Shape`] naming `tensor`.
+    #[track_caller]
+    pub(in crate::reference) fn assert_shape_error<T>(result: Result<T>, tensor: &str) {
+        match result {
+            Ok(_) => panic!("expected a shape error naming {tensor}, got success"),
+            Err(e) => assert!(
+                matches!(&e, Error::Shape { tensor: t, .. } if *t == tensor),
+                "expected a shape error naming {tensor}: {e}"
+            ),
+        }
+    }
+
+    /// Asserts that `result` failed with [`Error::InvalidArgument`] about `what`.
+    #[track_caller]
+    pub(in crate::reference) fn assert_invalid_argument<T>(result: Result<T>, what: &str) {
+        match result {
+            Ok(_) => panic!("expected an invalid {what}, got success"),
+            Err(e) => assert!(
+                matches!(&e, Error::InvalidArgument { what: w, .. } if *w == what),
+                "expected an invalid {what}: {e}"
+            ),
+        }
+    }
 
     /// One test configuration.
     #[derive(Debug, Clone, Copy)]
@@ -985,22 +1010,13 @@ mod tests {
         assert!(fwd(&base).is_ok());
 
         let short_x = &d.x[1..];
-        let err = fwd(&LinearProblem { x: short_x, ..base }).unwrap_err();
-        assert!(matches!(err, Error::Shape { tensor: "x", .. }), "{err}");
-        let err = fwd(&LinearProblem {
-            lora_b: &d.b[1..],
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "lora_b",
-                    ..
-                }
-            ),
-            "{err}"
+        assert_shape_error(fwd(&LinearProblem { x: short_x, ..base }), "x");
+        assert_shape_error(
+            fwd(&LinearProblem {
+                lora_b: &d.b[1..],
+                ..base
+            }),
+            "lora_b",
         );
         let err = fwd(&LinearProblem {
             num_experts: 2,
@@ -1008,59 +1024,33 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
-        let err = fwd(&LinearProblem {
-            output_order: RowOrder::Grouped,
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(err, Error::InvalidArgument { what: "gates", .. }),
-            "{err}"
+        assert_invalid_argument(
+            fwd(&LinearProblem {
+                output_order: RowOrder::Grouped,
+                ..base
+            }),
+            "gates",
         );
-        let err = fwd(&LinearProblem {
-            input_order: RowOrder::Grouped,
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::InvalidArgument {
-                    what: "fan_out",
-                    ..
-                }
-            ),
-            "{err}"
+        assert_invalid_argument(
+            fwd(&LinearProblem {
+                input_order: RowOrder::Grouped,
+                ..base
+            }),
+            "fan_out",
         );
-        let err = fwd(&LinearProblem { fan_out: 0, ..base }).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "x_rows",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = fwd(&LinearProblem {
-            gates: Some(&d.gates.as_ref().unwrap()[1..]),
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "gates",
-                    ..
-                }
-            ),
-            "{err}"
+        assert_shape_error(fwd(&LinearProblem { fan_out: 0, ..base }), "x_rows");
+        assert_shape_error(
+            fwd(&LinearProblem {
+                gates: Some(&d.gates.as_ref().unwrap()[1..]),
+                ..base
+            }),
+            "gates",
         );
 
-        let err = linear_backward(&base, &d.routing, &d.dy[1..], Rounding::Bf16).unwrap_err();
-        assert!(matches!(err, Error::Shape { tensor: "dy", .. }), "{err}");
+        assert_shape_error(
+            linear_backward(&base, &d.routing, &d.dy[1..], Rounding::Bf16),
+            "dy",
+        );
 
         let mut broken = d.routing.clone();
         broken.expert_offsets[0] += 1;

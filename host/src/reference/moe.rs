@@ -385,6 +385,7 @@ fn check(p: &MoeProblem<'_>, routing: &Routing) -> Result<()> {
 mod tests {
     use super::*;
     use crate::reference::XorShift;
+    use crate::reference::linear::tests::{assert_invalid_argument, assert_shape_error};
     use crate::reference::routing::flatten_sort_count;
     use crate::shared::bf16::round_bf16;
 
@@ -811,91 +812,59 @@ mod tests {
         let base = d.problem();
         let fwd = |p: &MoeProblem<'_>| moe_forward(p, &d.routing, Rounding::Bf16);
         assert!(fwd(&base).is_ok());
-        let err = fwd(&MoeProblem {
-            x: &d.x[1..],
-            ..base
-        })
-        .unwrap_err();
-        assert!(matches!(err, Error::Shape { tensor: "x", .. }), "{err}");
-        let err = fwd(&MoeProblem {
-            intermediate: 3,
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "gate_up",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = fwd(&MoeProblem {
-            down: &d.down[1..],
-            ..base
-        })
-        .unwrap_err();
-        assert!(matches!(err, Error::Shape { tensor: "down", .. }), "{err}");
-        let err = fwd(&MoeProblem {
-            gates: &d.gates[1..],
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "gates",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let err = fwd(&MoeProblem { hidden: 0, ..base }).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::InvalidArgument {
-                    what: "MoE block",
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        for lim in [0.0, -1.0, f32::NAN, f32::INFINITY] {
-            let err = fwd(&MoeProblem {
-                limit: Some(lim),
+        assert_shape_error(
+            fwd(&MoeProblem {
+                x: &d.x[1..],
                 ..base
-            })
-            .unwrap_err();
-            assert!(
-                matches!(err, Error::InvalidArgument { what: "limit", .. }),
-                "{err}"
+            }),
+            "x",
+        );
+        assert_shape_error(
+            fwd(&MoeProblem {
+                intermediate: 3,
+                ..base
+            }),
+            "gate_up",
+        );
+        assert_shape_error(
+            fwd(&MoeProblem {
+                down: &d.down[1..],
+                ..base
+            }),
+            "down",
+        );
+        assert_shape_error(
+            fwd(&MoeProblem {
+                gates: &d.gates[1..],
+                ..base
+            }),
+            "gates",
+        );
+        assert_invalid_argument(fwd(&MoeProblem { hidden: 0, ..base }), "MoE block");
+        for lim in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert_invalid_argument(
+                fwd(&MoeProblem {
+                    limit: Some(lim),
+                    ..base
+                }),
+                "limit",
             );
         }
         let short = RefLora {
             b: &d.b_down[1..],
             ..base.lora_down.unwrap()
         };
-        let err = fwd(&MoeProblem {
-            lora_down: Some(short),
-            ..base
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Shape {
-                    tensor: "down LoRA B",
-                    ..
-                }
-            ),
-            "{err}"
+        assert_shape_error(
+            fwd(&MoeProblem {
+                lora_down: Some(short),
+                ..base
+            }),
+            "down LoRA B",
         );
-        let err = moe_backward(&base, &d.routing, &d.dy[1..], Rounding::Bf16).unwrap_err();
-        assert!(matches!(err, Error::Shape { tensor: "dy", .. }), "{err}");
+        assert_shape_error(
+            moe_backward(&base, &d.routing, &d.dy[1..], Rounding::Bf16),
+            "dy",
+        );
         let mut broken = d.routing.clone();
         broken.expert_offsets[0] += 1;
         assert!(moe_forward(&base, &broken, Rounding::Exact).is_err());
