@@ -1,5 +1,9 @@
-//! The tests' deterministic PRNG (xorshift64*), shared by every module's unit tests and, through
-//! a `#[path]` module, by the integration tests' `mxmoe_tests::Rng` (one generator, one source).
+//! What the tests share: the deterministic PRNG (xorshift64*) and the typed-error assertions.
+//! Every module's unit tests use it, and the integration tests compile the same file through a
+//! `#[path]` module (`mxmoe_tests::Rng` wraps the generator), so there is one source of each.
+//! It names only the crate root's `Error` (`super::Error`, which both crates provide).
+
+use super::Error;
 
 /// A tiny deterministic xorshift64* generator for the tests (no `rand` dependency).
 #[derive(Clone, Debug)]
@@ -43,5 +47,29 @@ impl XorShift {
     /// `len` values uniform in `[-scale, scale)`.
     pub fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
         (0..len).map(|_| self.uniform() * scale).collect()
+    }
+}
+
+/// Asserts that `result` failed with [`Error::Shape`] naming `tensor`.
+#[track_caller]
+pub fn assert_shape_error<T>(result: Result<T, Error>, tensor: &str) {
+    match result {
+        Ok(_) => panic!("expected a shape error naming {tensor}, got success"),
+        Err(e) => assert!(
+            matches!(&e, Error::Shape { tensor: t, .. } if *t == tensor),
+            "expected a shape error naming {tensor}: {e}"
+        ),
+    }
+}
+
+/// Asserts that `result` failed with [`Error::InvalidArgument`] about `what`.
+#[track_caller]
+pub fn assert_invalid_argument<T>(result: Result<T, Error>, what: &str) {
+    match result {
+        Ok(_) => panic!("expected an invalid {what}, got success"),
+        Err(e) => assert!(
+            matches!(&e, Error::InvalidArgument { what: w, .. } if *w == what),
+            "expected an invalid {what}: {e}"
+        ),
     }
 }

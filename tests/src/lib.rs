@@ -69,6 +69,7 @@ pub fn forced_config() -> Option<usize> {
 mod test_rng;
 
 use test_rng::XorShift;
+pub use test_rng::{assert_invalid_argument, assert_shape_error};
 
 /// A small deterministic PRNG (the host tests' xorshift64*, seeded through a multiplicative
 /// hash), so tests draw fresh but reproducible inputs.
@@ -108,30 +109,6 @@ impl Rng {
         (0..n)
             .map(|_| mxmoe::shared::bf16::round_bf16(scale * self.normal()))
             .collect()
-    }
-}
-
-/// Asserts that `result` failed with [`Error::Shape`] naming `tensor`.
-#[track_caller]
-pub fn assert_shape_error<T>(result: mxmoe::Result<T>, tensor: &str) {
-    match result {
-        Ok(_) => panic!("expected a shape error naming {tensor}, got success"),
-        Err(e) => assert!(
-            matches!(&e, Error::Shape { tensor: t, .. } if *t == tensor),
-            "expected a shape error naming {tensor}: {e}"
-        ),
-    }
-}
-
-/// Asserts that `result` failed with [`Error::InvalidArgument`] about `what`.
-#[track_caller]
-pub fn assert_invalid_argument<T>(result: mxmoe::Result<T>, what: &str) {
-    match result {
-        Ok(_) => panic!("expected an invalid {what}, got success"),
-        Err(e) => assert!(
-            matches!(&e, Error::InvalidArgument { what: w, .. } if *w == what),
-            "expected an invalid {what}: {e}"
-        ),
     }
 }
 

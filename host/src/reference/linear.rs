@@ -518,38 +518,14 @@ fn backward64(
     })
 }
 
-/// The reference's unit tests; the error assertions are shared with the block's tests.
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
     use crate::reference::XorShift;
     use crate::reference::routing::flatten_sort_count;
     use crate::routing::DROPPED;
     use crate::shared::bf16::round_bf16;
-
-    /// Asserts that `result` failed with [`Error::Shape`] naming `tensor`.
-    #[track_caller]
-    pub(in crate::reference) fn assert_shape_error<T>(result: Result<T>, tensor: &str) {
-        match result {
-            Ok(_) => panic!("expected a shape error naming {tensor}, got success"),
-            Err(e) => assert!(
-                matches!(&e, Error::Shape { tensor: t, .. } if *t == tensor),
-                "expected a shape error naming {tensor}: {e}"
-            ),
-        }
-    }
-
-    /// Asserts that `result` failed with [`Error::InvalidArgument`] about `what`.
-    #[track_caller]
-    pub(in crate::reference) fn assert_invalid_argument<T>(result: Result<T>, what: &str) {
-        match result {
-            Ok(_) => panic!("expected an invalid {what}, got success"),
-            Err(e) => assert!(
-                matches!(&e, Error::InvalidArgument { what: w, .. } if *w == what),
-                "expected an invalid {what}: {e}"
-            ),
-        }
-    }
+    use crate::test_rng::{assert_invalid_argument, assert_shape_error};
 
     /// One test configuration.
     #[derive(Debug, Clone, Copy)]

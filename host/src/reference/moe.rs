@@ -385,9 +385,9 @@ fn check(p: &MoeProblem<'_>, routing: &Routing) -> Result<()> {
 mod tests {
     use super::*;
     use crate::reference::XorShift;
-    use crate::reference::linear::tests::{assert_invalid_argument, assert_shape_error};
     use crate::reference::routing::flatten_sort_count;
     use crate::shared::bf16::round_bf16;
+    use crate::test_rng::{assert_invalid_argument, assert_shape_error};
 
     /// A tiny block configuration.
     #[derive(Debug, Clone, Copy)]
