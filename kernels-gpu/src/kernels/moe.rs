@@ -19,23 +19,12 @@
 //! relative error about 2^-22, far below a bf16 ulp).
 
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
-use crate::ptx::sreg::{ctaid_x, nctaid_x, ntid_x, tid_x};
 use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::params::SwigluParams;
-use crate::tile::gmem::{load_16, store_16};
+use crate::tile::gmem::{grid_stride, load_16, store_16};
 
 /// bf16 elements per 16-byte vector.
 const VEC: u64 = 8;
-
-/// Global thread index and grid stride.
-#[inline(always)]
-fn grid_stride() -> (u64, u64) {
-    let nt = ntid_x() as u64;
-    (
-        ctaid_x() as u64 * nt + tid_x() as u64,
-        nctaid_x() as u64 * nt,
-    )
-}
 
 /// Widens 8 packed bf16 (element `2i` in the low half of word `i`) to f32.
 #[inline(always)]
@@ -97,6 +86,34 @@ fn vector_offsets(p: &SwigluParams, v: u64) -> (u64, u64) {
     (row * 2 * w + col, row * w + col)
 }
 
+/// The grid-stride loop of both kernels: for every vector `v < rows·width/8`, binds the element
+/// offsets of [`vector_offsets`] and the vector's gate and up halves loaded from `gu`, then runs
+/// the body. A macro, not a closure, so each kernel compiles exactly as if written out.
+///
+/// Safety: the kernels' common launch contract (`width` a positive multiple of 8, `gu_addr`
+/// 16-byte aligned with `rows·2·width` bf16) makes the loads valid.
+macro_rules! for_each_vector {
+    ($p:ident, |$gu_idx:ident, $h_idx:ident, $gate:ident, $up:ident| $body:block) => {{
+        let (mut v, stride) = grid_stride();
+        let vectors = $p.rows * ($p.width as u64 / VEC);
+        while v < vectors {
+            let ($gu_idx, $h_idx) = vector_offsets(&$p, v);
+            let w = $p.width as u64;
+            // SAFETY: `v < rows·width/8`, so the vector lies inside its row of `gu` (both halves,
+            // the up half `width` columns after the gate); 16-byte alignment follows from an
+            // aligned base, `width % 8 == 0` and column offsets that are multiples of 8.
+            let ($gate, $up) = unsafe {
+                (
+                    unpack8(load_16($p.gu_addr + 2 * $gu_idx)),
+                    unpack8(load_16($p.gu_addr + 2 * ($gu_idx + w))),
+                )
+            };
+            $body
+            v += stride;
+        }
+    }};
+}
+
 /// Forward: `h = silu(g)·u` (bf16 `[rows, width]`) from `gu` (bf16 `[rows, 2·width]`).
 ///
 /// # Safety
@@ -105,20 +122,7 @@ fn vector_offsets(p: &SwigluParams, v: u64) -> (u64, u64) {
 /// (`h` writable); with `clamp == 1`, `limit` is finite and positive.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_swiglu_fwd_bf16(p: SwigluParams) {
-    let (mut v, stride) = grid_stride();
-    let vectors = p.rows * (p.width as u64 / VEC);
-    while v < vectors {
-        let (gu_idx, h_idx) = vector_offsets(&p, v);
-        let w = p.width as u64;
-        // SAFETY: `v < rows·width/8`, so the vector lies inside its row of `gu` (both halves, the
-        // up half `width` columns after the gate) and of `h`; 16-byte alignment follows from
-        // aligned bases, `width % 8 == 0` and column offsets that are multiples of 8 (contract).
-        let (gate, up) = unsafe {
-            (
-                unpack8(load_16(p.gu_addr + 2 * gu_idx)),
-                unpack8(load_16(p.gu_addr + 2 * (gu_idx + w))),
-            )
-        };
+    for_each_vector!(p, |_gu_idx, h_idx, gate, up| {
         let mut h = [0f32; 8];
         let mut i = 0;
         while i < 8 {
@@ -126,10 +130,9 @@ pub unsafe extern "ptx-kernel" fn mxmoe_swiglu_fwd_bf16(p: SwigluParams) {
             h[i] = g * sigmoid(g) * u;
             i += 1;
         }
-        // SAFETY: as above for `h`.
+        // SAFETY: the vector lies inside its row of `h`, 16-byte aligned as in `gu`.
         unsafe { store_16(p.h_addr + 2 * h_idx, pack8(h)) };
-        v += stride;
-    }
+    });
 }
 
 /// Backward: `d_gu` (bf16 `[rows, 2·width]`: `d_gate` then `d_up` per row) from `gu` (bf16
@@ -142,19 +145,9 @@ pub unsafe extern "ptx-kernel" fn mxmoe_swiglu_fwd_bf16(p: SwigluParams) {
 /// `clamp == 1`, `limit` is finite and positive.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_swiglu_bwd_bf16(p: SwigluParams) {
-    let (mut v, stride) = grid_stride();
-    let vectors = p.rows * (p.width as u64 / VEC);
-    while v < vectors {
-        let (gu_idx, h_idx) = vector_offsets(&p, v);
-        let w = p.width as u64;
-        // SAFETY: as in the forward: the vectors lie inside their rows of `gu` and `dh`, aligned.
-        let (gate, up, dh) = unsafe {
-            (
-                unpack8(load_16(p.gu_addr + 2 * gu_idx)),
-                unpack8(load_16(p.gu_addr + 2 * (gu_idx + w))),
-                unpack8(load_16(p.h_addr + 2 * h_idx)),
-            )
-        };
+    for_each_vector!(p, |gu_idx, h_idx, gate, up| {
+        // SAFETY: as in the forward: the vector lies inside its row of `dh`, aligned.
+        let dh = unpack8(unsafe { load_16(p.h_addr + 2 * h_idx) });
         let (mut d_gate, mut d_up) = ([0f32; 8], [0f32; 8]);
         let mut i = 0;
         while i < 8 {
@@ -171,12 +164,11 @@ pub unsafe extern "ptx-kernel" fn mxmoe_swiglu_bwd_bf16(p: SwigluParams) {
             d_up[i] = if up_passes { dh[i] * silu } else { 0.0 };
             i += 1;
         }
-        // SAFETY: `d_gu` has `gu`'s shape and alignment (contract), so the same element offsets
-        // are inside it and 16-byte aligned.
+        // SAFETY: `d_gu` has `gu`'s shape and alignment (contract), so the same element
+        // offsets are inside it and 16-byte aligned.
         unsafe {
             store_16(p.d_gu_addr + 2 * gu_idx, pack8(d_gate));
-            store_16(p.d_gu_addr + 2 * (gu_idx + w), pack8(d_up));
+            store_16(p.d_gu_addr + 2 * (gu_idx + p.width as u64), pack8(d_up));
         }
-        v += stride;
-    }
+    });
 }

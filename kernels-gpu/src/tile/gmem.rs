@@ -1,6 +1,8 @@
 //! Global-memory access with explicit widths. Plain Rust pointer reads and writes: LLVM emits
 //! `ld.global`/`st.global` (`.v4` for the 16-byte aligned vector type).
 
+use crate::ptx::sreg::{ctaid_x, nctaid_x, ntid_x, tid_x};
+
 /// A 16-byte aligned vector of four words; reads and writes of it become `.v4.u32` accesses.
 #[repr(C, align(16))]
 #[derive(Clone, Copy)]
@@ -44,4 +46,15 @@ pub unsafe fn load<T: Copy>(addr: u64) -> T {
 pub unsafe fn store<T: Copy>(addr: u64, v: T) {
     // SAFETY: the caller guarantees validity and alignment.
     unsafe { *(addr as *mut T) = v };
+}
+
+/// The global thread index and the grid stride of a 1-D launch, for grid-stride loops over
+/// global arrays.
+#[inline(always)]
+pub fn grid_stride() -> (u64, u64) {
+    let nt = ntid_x() as u64;
+    (
+        ctaid_x() as u64 * nt + tid_x() as u64,
+        nctaid_x() as u64 * nt,
+    )
 }
