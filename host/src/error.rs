@@ -302,6 +302,10 @@ pub enum CheckpointErrorKind {
     Name,
     /// MXFP4 weights holding the NaN scale byte 255.
     NanScale,
+    /// A metadata entry that is missing, unknown or malformed (e.g. `scaling`, `mode`).
+    Metadata,
+    /// A tensor whose values break a rule of the file format (e.g. an expert id out of range).
+    Value,
 }
 
 impl CheckpointErrorKind {
@@ -315,6 +319,8 @@ impl CheckpointErrorKind {
             Self::Shape => "tensor shape",
             Self::Name => "tensor name",
             Self::NanScale => "MXFP4 NaN scale",
+            Self::Metadata => "metadata",
+            Self::Value => "tensor value",
         }
     }
 }

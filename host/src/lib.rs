@@ -14,6 +14,7 @@ pub mod mxfp4;
 pub mod op;
 pub mod reference;
 pub mod routing;
+pub mod run_file;
 pub mod runtime;
 pub mod tensor;
 pub mod tune;

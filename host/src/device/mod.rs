@@ -222,6 +222,29 @@ impl Gpu {
             .map_err(Error::driver("cuMemGetInfo"))
     }
 
+    /// Checks, before allocating, that `bytes` (computed with checked arithmetic; `None` when the
+    /// computation overflowed) fit in the device's free memory: [`Error::SizeOverflow`] for
+    /// `None`, [`Error::OutOfMemory`] naming `what` and both sizes otherwise. The device-side
+    /// twin of `reference::check_host_memory`.
+    pub fn check_free_memory(&self, what: impl Into<String>, bytes: Option<u128>) -> Result<()> {
+        let Some(needed_bytes) = bytes else {
+            return Err(Error::SizeOverflow {
+                what: what.into(),
+                detail: "the byte count does not fit in 128 bits".into(),
+            });
+        };
+        let (free, _) = self.mem_info()?;
+        if needed_bytes > free as u128 {
+            return Err(Error::OutOfMemory {
+                what: what.into(),
+                needed_bytes,
+                available_bytes: free as u64,
+                memory: format!("CUDA device {} (free memory)", self.ordinal()),
+            });
+        }
+        Ok(())
+    }
+
     /// Waits for all work on the stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

@@ -73,6 +73,20 @@ fn parse_mem_available(text: &str) -> Option<u64> {
     value.checked_mul(unit)
 }
 
+/// Bytes of a tensor of `dims` with `elem_bytes` per element, or `None` on overflow: the sizes
+/// that [`check_host_memory`] and `Gpu::check_free_memory` compare.
+pub fn tensor_bytes(dims: &[usize], elem_bytes: usize) -> Option<u128> {
+    dims.iter()
+        .try_fold(elem_bytes as u128, |acc, &d| acc.checked_mul(d as u128))
+}
+
+/// The sum of byte counts, `None` if any is `None` or the sum overflows.
+pub fn sum_bytes(parts: &[Option<u128>]) -> Option<u128> {
+    parts
+        .iter()
+        .try_fold(0u128, |acc, p| p.and_then(|p| acc.checked_add(p)))
+}
+
 /// Checks, before allocating, that `bytes` (computed with checked arithmetic; `None` when the
 /// computation overflowed) fit in the host memory available ([`available_host_memory`]).
 ///

@@ -1,0 +1,312 @@
+//! Block mode: the gated MoE MLP block ([`MoeBlock`]) read from a file, on the device or the CPU
+//! reference.
+
+use crate::Runtime;
+use crate::checkpoint::{Checkpoint, CheckpointErrorKind, StoredWeights};
+use crate::error::Result;
+use crate::moe::{self, MoeBlock};
+use crate::op::Bf16Matrix;
+use crate::reference::moe::{MoeProblem, moe_forward, moe_forward_backward};
+use crate::reference::{sum_bytes, tensor_bytes};
+
+use super::{
+    DeviceWeights, Lora, OutputTensor, ROUNDING, Routed, RunStrategy, file_error, load_ids,
+    load_lora, metadata_f32, output, upload_lora,
+};
+
+/// The tensors besides the weights that block mode reads.
+pub(super) const INPUTS: &[&str] = &[
+    "expert_ids",
+    "x",
+    "gates",
+    "dy",
+    "gate_up_lora_a",
+    "gate_up_lora_b",
+    "down_lora_a",
+    "down_lora_b",
+];
+
+/// The validated inputs of one MoE block call.
+pub(super) struct Block {
+    pub(super) gate_up: StoredWeights,
+    pub(super) down: StoredWeights,
+    experts: usize,
+    pub(super) hidden: usize,
+    pub(super) inter: usize,
+    routed: Routed,
+    x: Vec<f32>,
+    gates: Vec<f32>,
+    lora_gate_up: Option<Lora>,
+    lora_down: Option<Lora>,
+    limit: Option<f32>,
+    dy: Option<Vec<f32>>,
+}
+
+impl Block {
+    /// Reads and checks everything the call needs (see [`super::FORMAT_HELP`]).
+    pub(super) fn load(ck: &Checkpoint<'_>) -> Result<Self> {
+        let gate_up = ck.read_expert_weights("gate_up_proj")?;
+        let down = ck.read_expert_weights("down_proj")?;
+        let (experts, two_i, hidden) = gate_up.dims();
+        if !two_i.is_multiple_of(2) {
+            return Err(file_error(
+                CheckpointErrorKind::Shape,
+                format!(
+                    "`gate_up_proj` has {two_i} rows per expert; it needs 2*I (an even number)"
+                ),
+            ));
+        }
+        let inter = two_i / 2;
+        if down.dims() != (experts, hidden, inter) {
+            let (a, b, c) = down.dims();
+            return Err(file_error(
+                CheckpointErrorKind::Shape,
+                format!(
+                    "`down_proj` is [{a}, {b}, {c}], expected [{experts}, {hidden}, {inter}] ([E, H, I] for gate_up_proj [{experts}, {two_i}, {hidden}])"
+                ),
+            ));
+        }
+        let routed = load_ids(ck, experts)?;
+        let (tokens, top_k) = (routed.tokens, routed.top_k);
+        let x = ck.read_float("x")?;
+        x.expect_shape(&[Some(tokens), Some(hidden)], "(T, H)")?;
+        let gates = ck.read_float("gates")?;
+        gates.expect_shape(&[Some(tokens), Some(top_k)], "(T, k)")?;
+        let lora_gate_up = load_lora(
+            ck,
+            ["gate_up_lora_a", "gate_up_lora_b"],
+            &["gate_up_scaling", "scaling"],
+            experts,
+            hidden,
+            two_i,
+        )?;
+        let lora_down = load_lora(
+            ck,
+            ["down_lora_a", "down_lora_b"],
+            &["down_scaling", "scaling"],
+            experts,
+            inter,
+            hidden,
+        )?;
+        let limit = metadata_f32(ck, "limit")?;
+        if let Some(l) = limit
+            && l <= 0.0
+        {
+            return Err(file_error(
+                CheckpointErrorKind::Metadata,
+                format!("`limit` is {l}; the clamp limit must be positive"),
+            ));
+        }
+        let dy = if ck.contains("dy") {
+            let d = ck.read_float("dy")?;
+            d.expect_shape(&[Some(tokens), Some(hidden)], "(T, H): the output's shape")?;
+            Some(d.data)
+        } else {
+            None
+        };
+        Ok(Self {
+            gate_up,
+            down,
+            experts,
+            hidden,
+            inter,
+            routed,
+            x: x.data,
+            gates: gates.data,
+            lora_gate_up,
+            lora_down,
+            limit,
+            dy,
+        })
+    }
+
+    fn outputs(
+        &self,
+        out: Vec<f32>,
+        d_x: Option<Vec<f32>>,
+        d_gate_up: Option<(Vec<f32>, Vec<f32>)>,
+        d_down: Option<(Vec<f32>, Vec<f32>)>,
+        d_gates: Option<Vec<f32>>,
+    ) -> Vec<OutputTensor> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, top_k) = (self.routed.tokens, self.routed.top_k);
+        let mut v = vec![output("out", vec![t, h], out)];
+        if let Some(d) = d_x {
+            v.push(output("d_x", vec![t, h], d));
+        }
+        if let Some(d) = d_gates {
+            v.push(output("d_gates", vec![t, top_k], d));
+        }
+        if let (Some((da, db)), Some(l)) = (d_gate_up, &self.lora_gate_up) {
+            v.push(output("d_gate_up_lora_a", vec![e * l.rank, h], da));
+            v.push(output("d_gate_up_lora_b", vec![2 * i, e * l.rank], db));
+        }
+        if let (Some((da, db)), Some(l)) = (d_down, &self.lora_down) {
+            v.push(output("d_down_lora_a", vec![e * l.rank, i], da));
+            v.push(output("d_down_lora_b", vec![h, e * l.rank], db));
+        }
+        v
+    }
+
+    /// As `Projection::host_bytes`, for the block (both projections and the SwiGLU between).
+    pub(super) fn host_bytes(&self, cpu: bool) -> Option<u128> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, s) = (self.routed.tokens, self.routed.slots());
+        let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
+        let loras = sum_bytes(&[
+            tensor_bytes(&[e, rank(&self.lora_gate_up), h + 2 * i], 1),
+            tensor_bytes(&[e, rank(&self.lora_down), i + h], 1),
+        ]);
+        let outputs = sum_bytes(&[
+            tensor_bytes(&[t, h], 2), // out, d_x
+            tensor_bytes(&[s], 1),
+            loras,
+        ]);
+        let written = outputs.and_then(|o| o.checked_mul(4 + 2 + 2));
+        if !cpu {
+            return written;
+        }
+        let weights = tensor_bytes(&[e, 3 * i, h], 1);
+        sum_bytes(&[
+            written,
+            weights.and_then(|w| w.checked_mul(4 + 8)), // f32, then f64
+            sum_bytes(&[tensor_bytes(&[t, h], 2), loras]).and_then(|b| b.checked_mul(8)),
+            // Per projection, forward and backward: outputs, gradients and their copies.
+            tensor_bytes(&[s, 2 * i + i + h], 8 * 4),
+        ])
+    }
+
+    /// As `Projection::device_bytes`, for the block.
+    pub(super) fn device_bytes(&self, strategy: RunStrategy) -> Option<u128> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, s) = (self.routed.tokens, self.routed.slots());
+        let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
+        sum_bytes(&[
+            super::device_weight_bytes(&self.gate_up, strategy),
+            super::device_weight_bytes(&self.down, strategy),
+            tensor_bytes(&[t, h], 2 * 3),
+            tensor_bytes(&[s, 2 * i + i + h + h], 2 * 3),
+            tensor_bytes(&[e, rank(&self.lora_gate_up), h + 2 * i], 2 * 3),
+            tensor_bytes(&[e, rank(&self.lora_down), i + h], 2 * 3),
+            tensor_bytes(&[s], 16),
+        ])
+    }
+
+    pub(super) fn size_label(&self) -> String {
+        format!(
+            "out [{}, {}] from T = {}, k = {}, gate_up [{}, {}, {}], down [{}, {}, {}]",
+            self.routed.tokens,
+            self.hidden,
+            self.routed.tokens,
+            self.routed.top_k,
+            self.experts,
+            2 * self.inter,
+            self.hidden,
+            self.experts,
+            self.hidden,
+            self.inter
+        )
+    }
+
+    /// The CPU reference ([`super::ROUNDING`]).
+    pub(super) fn cpu(&self) -> Result<Vec<OutputTensor>> {
+        let routing = self.routed.reference(self.experts)?;
+        let (gu, dn) = (self.gate_up.to_f32(), self.down.to_f32());
+        let p = MoeProblem {
+            x: &self.x,
+            num_experts: self.experts,
+            hidden: self.hidden,
+            intermediate: self.inter,
+            gate_up: &gu,
+            down: &dn,
+            lora_gate_up: self.lora_gate_up.as_ref().map(Lora::reference),
+            lora_down: self.lora_down.as_ref().map(Lora::reference),
+            gates: &self.gates,
+            limit: self.limit,
+        };
+        let Some(dy) = &self.dy else {
+            let fwd = moe_forward(&p, &routing, ROUNDING)?;
+            return Ok(self.outputs(fwd.y, None, None, None, None));
+        };
+        let (fwd, g) = moe_forward_backward(&p, &routing, dy, ROUNDING)?;
+        Ok(self.outputs(
+            fwd.y,
+            Some(g.dx),
+            g.gate_up.map(|l| (l.da, l.db)),
+            g.down.map(|l| (l.da, l.db)),
+            Some(g.d_gates),
+        ))
+    }
+
+    /// [`crate::moe`] on the device; returns the outputs and the paths that ran.
+    pub(super) fn gpu(
+        &self,
+        rt: &Runtime,
+        strategy: RunStrategy,
+    ) -> Result<(Vec<OutputTensor>, String)> {
+        let (e, h, i) = (self.experts, self.hidden, self.inter);
+        let (t, top_k) = (self.routed.tokens, self.routed.top_k);
+        let gate_up = DeviceWeights::upload(rt, &self.gate_up, strategy)?;
+        let down = DeviceWeights::upload(rt, &self.down, strategy)?;
+        let routing = self.routed.device(rt, e)?;
+        let x = Bf16Matrix::from_f32(rt, &self.x, t, h)?;
+        let gates = Bf16Matrix::from_f32(rt, &self.gates, t, top_k)?;
+        let lora_gate_up = upload_lora(rt, self.lora_gate_up.as_ref(), e, h, 2 * i)?;
+        let lora_down = upload_lora(rt, self.lora_down.as_ref(), e, i, h)?;
+        let block = MoeBlock {
+            gate_up: gate_up.as_op(),
+            down: down.as_op(),
+            lora_gate_up: lora_gate_up.as_ref(),
+            lora_down: lora_down.as_ref(),
+            limit: self.limit,
+            strategy: strategy.op(),
+        };
+        let (y, saved) = block.forward(rt, &x, &routing, &gates)?;
+        let (s_up, s_down) = saved.strategies();
+        let ran = format!("gate_up {}, down {}", gate_up.ran(s_up), down.ran(s_down));
+        let out = y.to_f32(rt)?;
+        let Some(dy) = &self.dy else {
+            return Ok((self.outputs(out, None, None, None, None), ran));
+        };
+        let dy = Bf16Matrix::from_f32(rt, dy, t, h)?;
+        let g = moe::backward(rt, &saved, &dy)?;
+        let pair = |l: &Option<moe::LoraGrads>| -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+            l.as_ref()
+                .map(|l| Ok((l.da.to_f32(rt)?, l.db.to_f32(rt)?)))
+                .transpose()
+        };
+        let mut d_gates = g.d_gates.to_f32(rt)?;
+        for slot in self.routed.dropped() {
+            d_gates[slot] = 0.0;
+        }
+        Ok((
+            self.outputs(
+                out,
+                Some(g.dx.to_f32(rt)?),
+                pair(&g.gate_up)?,
+                pair(&g.down)?,
+                Some(d_gates),
+            ),
+            ran,
+        ))
+    }
+
+    pub(super) fn describe(&self) -> String {
+        let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
+        format!(
+            "one MoE block: gate_up {}, down {}, T = {}, k = {}, LoRA ranks {}/{}{}{}",
+            self.gate_up.describe(),
+            self.down.describe(),
+            self.routed.tokens,
+            self.routed.top_k,
+            rank(&self.lora_gate_up),
+            rank(&self.lora_down),
+            self.limit.map_or(String::new(), |l| format!(", limit {l}")),
+            if self.dy.is_some() {
+                ""
+            } else {
+                ", forward only (no dy)"
+            },
+        )
+    }
+}
