@@ -7,8 +7,8 @@
 //! - `mxmoe bench`: SPEC §8's single-projection benchmark, timed with CUDA events;
 //! - `mxmoe quantize`: MXFP4-quantize the expert weights of a safetensors file (torchao or gpt-oss
 //!   layout);
-//! - `mxmoe run`: one expert projection on tensors from a safetensors file, outputs and gradients
-//!   written to another (CPU reference without a GPU).
+//! - `mxmoe run`: one expert projection or MoE block on tensors from a safetensors file
+//!   (`mxmoe::run_file`), outputs and gradients written to another (CPU reference without a GPU).
 //!
 //! Exit status: 0 on success (also when there is no GPU: that is reported, not an error), 1 when
 //! `smoke` finds a mismatch, 2 when a command fails (the reason is printed as one sentence).
@@ -71,9 +71,9 @@ enum Command {
     /// MXFP4-quantize the bf16/f32 expert weights of a safetensors file (torchao or gpt-oss
     /// layout); other tensors are copied unchanged.
     Quantize(quantize::QuantizeArgs),
-    /// Run one expert projection (forward + backward) on tensors from a safetensors file and
-    /// write the output and gradients; on the CPU reference without a GPU.
-    #[command(after_long_help = run::FORMAT_HELP)]
+    /// Run one expert projection or MoE block (forward + backward) on tensors from a safetensors
+    /// file and write the output and gradients; on the CPU reference without a GPU.
+    #[command(after_long_help = run::format_help())]
     Run(run::RunArgs),
 }
 

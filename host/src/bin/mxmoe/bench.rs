@@ -22,16 +22,14 @@ use mxmoe::Runtime;
 use mxmoe::device::Gpu;
 use mxmoe::op::{self, RowOrder};
 
-use crate::env::{
-    check_device_memory, commit, driver_description, open_gpu, sum_bytes, tensor_bytes, utc_now,
-};
+use crate::env::{commit, driver_description, open_gpu, utc_now};
 use crate::output::{check_writable, write_atomic};
 use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
 use crate::strategy::{HostWeights, Strategy};
 use mxmoe::device::PoolWatch;
-use mxmoe::reference::check_host_memory;
+use mxmoe::reference::{check_host_memory, sum_bytes, tensor_bytes};
 
 /// Reduction dimension of the benchmarked projection.
 const K: usize = 2048;
@@ -333,13 +331,13 @@ fn check_config(c: &Config, gpu: Option<&Gpu>) -> anyhow::Result<()> {
         tensor_bytes(&[e, N, K], 2),
         lora.and_then(|l| l.checked_mul(8)),
     ]);
-    check_device_memory(
-        gpu,
-        &format!(
+    gpu.check_free_memory(
+        format!(
             "{label}: the device problem (x [{t}, {K}], out and dy [{rows}, {N}], W [{e}, {N}, {K}])"
         ),
         device,
-    )
+    )?;
+    Ok(())
 }
 
 /// Runs the benchmark. Without a device (and no `--device`), prints the plan and returns

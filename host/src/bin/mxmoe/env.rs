@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use mxmoe::Runtime;
-use mxmoe::device::{Gpu, device_count, driver_present};
+use mxmoe::device::{device_count, driver_present};
 
 /// Why no device could be used, when that is a normal outcome (no driver, no device).
 #[derive(Clone, Debug)]
@@ -164,45 +164,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
-}
-
-/// Bytes of a tensor of `dims` with `elem_bytes` per element, or `None` on overflow.
-pub fn tensor_bytes(dims: &[usize], elem_bytes: usize) -> Option<u128> {
-    dims.iter()
-        .try_fold(elem_bytes as u128, |acc, &d| acc.checked_mul(d as u128))
-}
-
-/// The sum of byte counts, `None` if any is `None` or the sum overflows.
-pub fn sum_bytes(parts: &[Option<u128>]) -> Option<u128> {
-    parts
-        .iter()
-        .try_fold(0u128, |acc, p| p.and_then(|p| acc.checked_add(p)))
-}
-
-/// Checks, before uploading, that `bytes` fit in the device's free memory
-/// ([`mxmoe::Error::OutOfMemory`] / [`mxmoe::Error::SizeOverflow`] naming `what`).
-pub fn check_device_memory(gpu: &Gpu, what: &str, bytes: Option<u128>) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let Some(needed_bytes) = bytes else {
-        return Err(mxmoe::Error::SizeOverflow {
-            what: what.to_string(),
-            detail: "the byte count does not fit in 128 bits".into(),
-        }
-        .into());
-    };
-    let (free, _) = gpu
-        .mem_info()
-        .context("could not read the free device memory")?;
-    if needed_bytes > free as u128 {
-        return Err(mxmoe::Error::OutOfMemory {
-            what: what.to_string(),
-            needed_bytes,
-            available_bytes: free as u64,
-            memory: format!("CUDA device {} (free memory)", gpu.ordinal()),
-        }
-        .into());
-    }
-    Ok(())
 }
 
 /// Bytes as MiB with one decimal.
