@@ -4,7 +4,8 @@ The kernels are written in Rust and embedded as PTX for sm_90a (H100/H200); the 
 loaded at run time, so neither installing nor importing this package needs a CUDA toolkit.
 
 Without torch (this module): the bit-exact torchao MXFP4 quantizer and dequantizer on bytes,
-mxmoe's safetensors reader, and the error types.
+mxmoe's safetensors reader, ``run_file`` (one call described by a safetensors file, the format of
+``mxmoe run``; on the GPU or the CPU reference), and the error types.
 
 With torch (imported lazily on first use of one of these names; see ``mxmoe.autograd``):
 ``quantize``/``dequantize`` on tensors, the autograd Functions ``ExpertLinearFunction`` and
@@ -15,7 +16,9 @@ With torch (imported lazily on first use of one of these names; see ``mxmoe.auto
 from __future__ import annotations
 
 import os
-from typing import Dict, Tuple, Union
+import tempfile
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 from . import _native
 from ._native import MxmoeError, NoDeviceError, device_count, driver_present
@@ -30,6 +33,8 @@ __all__ = [
     "quantize_mxfp4_bytes",
     "dequantize_mxfp4_bytes",
     "read_safetensors",
+    "run_file",
+    "RunResult",
     # lazily from mxmoe.autograd (need torch):
     "quantize",
     "dequantize",
@@ -90,6 +95,110 @@ def read_safetensors(
         with open(os.fspath(source), "rb") as f:
             data = f.read()
     return _native.read_safetensors(data)
+
+
+class RunResult(NamedTuple):
+    """What ``run_file`` computed (the output file's content and how it was made)."""
+
+    tensors: Dict[str, Tuple[str, list, bytes]]
+    """``{name: ("BF16", shape, data)}``: ``out`` and the gradients ``d_<input name>``."""
+    metadata: Dict[str, str]
+    """The output file's metadata: the inputs' and ``mxmoe.mode``, ``mxmoe.backend``, ..."""
+    data: bytes
+    """The output file (safetensors)."""
+    problem: str
+    """One line on the problem."""
+    backend: str
+    """``gpu`` or ``cpu-reference``."""
+    device: str
+    """The device's name, or ``cpu``."""
+    strategy: str
+    """The path that multiplied the weights (``reference`` on the CPU)."""
+    fallback: Optional[str]
+    """Why the CPU reference ran although ``cpu=True`` was not given (no driver or device)."""
+    warnings: List[str]
+    """Messages for the user, e.g. tensors of the input that the call did not read."""
+
+
+def run_file(
+    inputs: Union[str, "os.PathLike[str]", bytes],
+    out: Union[str, "os.PathLike[str]", None] = None,
+    *,
+    cpu: bool = False,
+    device: Optional[int] = None,
+    strategy: str = "auto",
+    weight: str = "w",
+    allow_nan_scales: bool = False,
+) -> RunResult:
+    """Runs one operator call described by a safetensors file, as ``mxmoe run`` does (the same
+    library code; ``mxmoe run --help`` documents the format): a projection (``w``, ``x``,
+    ``expert_ids``, optional LoRA, ``gates``, ``dy``) or, with metadata ``mode = block``, the
+    gated MoE block.
+
+    ``inputs`` is a path or the file's bytes. ``cpu=True`` computes with the CPU reference (bf16
+    rounding at the kernels' points; needs no GPU); ``device=N`` runs on that CUDA device; with
+    neither, device 0 is used when there is one, else the CPU reference (``fallback`` says why).
+    ``strategy`` is ``auto``, ``fused``, ``selective`` or ``bf16`` (GPU only; ``fused`` and
+    ``selective`` need MXFP4 weights). MXFP4 scale byte 255 is refused unless
+    ``allow_nan_scales=True``. With ``out``, the output file is written there atomically (a
+    temporary file renamed over it); ``out`` may not be the ``inputs`` file.
+
+    Tensors of the input that the call does not read are reported with ``warnings.warn`` (and in
+    ``RunResult.warnings``). Raises ``MxmoeError`` (``NoDeviceError`` for a missing ``device``)
+    with the library's message, ``ValueError`` when ``out`` is the input file.
+    """
+    in_path = None
+    if isinstance(inputs, (bytes, bytearray, memoryview)):
+        data = bytes(inputs)
+    else:
+        in_path = os.fspath(inputs)
+        with open(in_path, "rb") as f:
+            data = f.read()
+    if out is not None and in_path is not None and _same_file(os.fspath(out), in_path):
+        raise ValueError(
+            f"out {os.fspath(out)!r} is the inputs file; write the results to another file "
+            "(the input would be replaced)"
+        )
+    r = _native.run_file(
+        data,
+        cpu=cpu,
+        device=device,
+        strategy=strategy,
+        weight=weight,
+        allow_nan_scales=allow_nan_scales,
+    )
+    for message in r["warnings"]:
+        warnings.warn(message, stacklevel=2)
+    if out is not None:
+        _write_atomic(os.fspath(out), r["data"])
+    return RunResult(**r)
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".mxmoe-tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 _TORCH_NAMES = frozenset(

@@ -1,6 +1,7 @@
 //! `mxmoe._native`: the Python extension module behind the `mxmoe` package.
 //!
-//! CPU functions (MXFP4 quantize / dequantize, the safetensors reader) take and return `bytes`.
+//! CPU functions (MXFP4 quantize / dequantize, the safetensors reader, `run_file` on the CPU
+//! reference) take and return `bytes`.
 //! GPU functions take tensors as descriptors `(data_ptr, shape, strides, dtype, device)` (built
 //! by `mxmoe.autograd` from torch tensors; `device` is the CUDA ordinal, `-1` for host memory),
 //! run on a [`PyGpu`] opened on the caller's stream, and hand their results to torch without a
@@ -173,6 +174,92 @@ fn read_safetensors<'py>(py: Python<'py>, data: &[u8]) -> PyRes<Bound<'py, PyDic
         )?;
     }
     Ok(out)
+}
+
+/// Runs one operator call described by the bytes of a safetensors file, in the format of
+/// `mxmoe run` (`mxmoe::run_file::FORMAT_HELP`; projection or block mode), through the library's
+/// `run_file` module, the very code the CLI runs.
+///
+/// The file is checked first (the same typed errors as the CLI). Then the backend: `cpu=True`
+/// runs the CPU reference (bf16 rounding at the kernels' points; needs no GPU); `device=N` opens
+/// that device (`NoDeviceError` if it does not exist); with neither, device 0 is used when there
+/// is one, else the CPU reference, and `fallback` says why. The GIL is released while the call
+/// runs.
+///
+/// Returns a dict: `data` (the output file's bytes), `tensors` (`{name: ("BF16", shape,
+/// bytes)}`), `metadata` (the output file's, `mxmoe.*` keys included), `problem` (one line),
+/// `backend` (`gpu` | `cpu-reference`), `device`, `strategy` (the path that ran), `fallback`
+/// (why the CPU reference ran without `cpu=True`, else `None`) and `warnings` (messages, e.g.
+/// tensors the call did not read).
+#[pyfunction]
+#[pyo3(signature = (data, *, cpu = false, device = None, strategy = "auto", weight = "w",
+                    allow_nan_scales = false))]
+#[allow(clippy::too_many_arguments)]
+fn run_file<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    cpu: bool,
+    device: Option<usize>,
+    strategy: &str,
+    weight: &str,
+    allow_nan_scales: bool,
+) -> PyRes<Bound<'py, PyDict>> {
+    use mxmoe::run_file::{Backend, Problem, RunOptions};
+    let options = RunOptions {
+        strategy: parse_arg("strategy", strategy)?,
+        allow_nan_scales,
+        weight: weight.to_string(),
+    };
+    let problem = py
+        .allow_threads(|| Problem::parse(data, &options))
+        .map_err(to_py)?;
+    // The backend, as the CLI chooses it: a named device must exist; otherwise no driver or no
+    // device falls back to the CPU reference, and says so.
+    let (runtime, fallback) = if cpu {
+        (None, None)
+    } else {
+        match device {
+            Some(n) => (Some(Runtime::open(n).map_err(to_py)?), None),
+            None if !mxmoe::device::driver_present() => {
+                (None, Some("no CUDA driver found".to_string()))
+            }
+            None if mxmoe::device::device_count().map_err(to_py)? == 0 => {
+                (None, Some("no CUDA device found".to_string()))
+            }
+            None => (Some(Runtime::open(0).map_err(to_py)?), None),
+        }
+    };
+    let backend = match &runtime {
+        Some(rt) => Backend::Gpu(rt),
+        None => Backend::CpuReference,
+    };
+    let output = py.allow_threads(|| problem.run(backend)).map_err(to_py)?;
+    let bytes = output.to_bytes().map_err(to_py)?;
+    let result = PyDict::new(py);
+    result.set_item("data", PyBytes::new(py, &bytes))?;
+    let tensors = PyDict::new(py);
+    for t in &output.tensors {
+        let raw: Vec<u8> = t
+            .values
+            .iter()
+            .flat_map(|&v| mxmoe::shared::bf16::f32_to_bf16_bits(v).to_le_bytes())
+            .collect();
+        tensors.set_item(t.name, ("BF16", t.shape.clone(), PyBytes::new(py, &raw)))?;
+    }
+    result.set_item("tensors", tensors)?;
+    let metadata = PyDict::new(py);
+    for (k, v) in &output.metadata {
+        metadata.set_item(k, v)?;
+    }
+    result.set_item("metadata", metadata)?;
+    result.set_item("problem", &output.problem)?;
+    result.set_item("backend", output.ran.backend_name())?;
+    result.set_item("device", output.ran.device())?;
+    result.set_item("strategy", output.ran.strategy())?;
+    result.set_item("fallback", fallback)?;
+    let warnings: Vec<String> = output.warnings.iter().map(ToString::to_string).collect();
+    result.set_item("warnings", warnings)?;
+    Ok(result)
 }
 
 /// Whether libcuda can be loaded.
@@ -848,6 +935,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyRes<()> {
     m.add_function(wrap_pyfunction!(quantize_mxfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_mxfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(run_file, m)?)?;
     m.add_function(wrap_pyfunction!(driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
     m.add_function(wrap_pyfunction!(linear_forward, m)?)?;

@@ -1,4 +1,5 @@
-"""CPU tests: import, the quantizer/dequantizer against torchao's golden file, clear errors.
+"""CPU tests: import, the quantizer/dequantizer against torchao's golden file, clear errors,
+``run_file`` on the CPU reference.
 
 Need neither torch nor a GPU.
 """
@@ -31,7 +32,7 @@ def test_import_exposes_the_api():
     assert isinstance(mxmoe.driver_present(), bool)
     assert issubclass(mxmoe.NoDeviceError, mxmoe.MxmoeError)
     assert issubclass(mxmoe.MxmoeError, RuntimeError)
-    for name in ("quantize_mxfp4_bytes", "dequantize_mxfp4_bytes", "read_safetensors"):
+    for name in ("quantize_mxfp4_bytes", "dequantize_mxfp4_bytes", "read_safetensors", "run_file"):
         assert callable(getattr(mxmoe, name))
 
 
@@ -146,3 +147,226 @@ def test_torch_names_need_torch():
         assert mxmoe.MxExpertLinear is not None
     with pytest.raises(AttributeError):
         mxmoe.no_such_name
+
+
+# ------------------------------------------------------------------------------------------------
+# run_file: one call described by a safetensors file (the format of `mxmoe run`), on the CPU
+# reference. The input files are written here in pure Python (struct + json), and the results are
+# checked against a plain f64 computation of the same formulas.
+
+
+def _bf16_bits(v):
+    """The bf16 bits of `v` (round to nearest even, as the library rounds)."""
+    import struct
+
+    b = struct.unpack("<I", struct.pack("<f", v))[0]
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _bf16(v):
+    """`v` rounded to a bf16 value."""
+    import struct
+
+    return struct.unpack("<f", struct.pack("<I", _bf16_bits(v) << 16))[0]
+
+
+def _values(n, seed, scale=1.0):
+    """`n` deterministic bf16 values in [-scale, scale)."""
+    out, s = [], seed * 2654435761 % 2**32 | 1
+    for _ in range(n):
+        s = (s * 1103515245 + 12345) % 2**31
+        out.append(_bf16((s / 2**30 - 1.0) * scale))
+    return out
+
+
+def _safetensors(tensors, metadata=None):
+    """A safetensors file: `tensors` is {name: (dtype, shape, values)}, dtype BF16 or I32."""
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, shape, values) in tensors.items():
+        if dtype == "BF16":
+            blob = struct.pack(f"<{len(values)}H", *(_bf16_bits(v) for v in values))
+        else:
+            blob = struct.pack(f"<{len(values)}i", *values)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def _floats(tensor):
+    """The values of a ("BF16", shape, bytes) result."""
+    import struct
+
+    dtype, shape, data = tensor
+    assert dtype == "BF16"
+    bits = struct.unpack(f"<{len(data) // 2}H", data)
+    return [struct.unpack("<f", struct.pack("<I", b << 16))[0] for b in bits]
+
+
+def _assert_close(got, want, what, rel=2**-6):
+    """bf16 results against an unrounded f64 computation: a few bf16 ulps of the largest value."""
+    assert len(got) == len(want), what
+    tol = rel * max(abs(w) for w in want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert abs(g - w) <= tol, f"{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+
+
+def _matvec(rows, v):
+    """[sum_k rows[n][k] * v[k] for n]."""
+    return [sum(a * b for a, b in zip(row, v)) for row in rows]
+
+
+# T = 3 tokens, top-2; token 2's second slot is dropped (-1).
+IDS = [0, 1, 1, 0, 0, -1]
+T, TOP_K = 3, 2
+
+
+def test_run_file_projection_on_the_cpu_reference(tmp_path):
+    e, n, k = 2, 16, 64
+    w = _values(e * n * k, 1, 0.5)
+    x = _values(T * k, 2)
+    dy = _values(T * TOP_K * n, 3)
+    inputs = tmp_path / "in.safetensors"
+    inputs.write_bytes(
+        _safetensors(
+            {
+                "w": ("BF16", [e, n, k], w),
+                "expert_ids": ("I32", [T, TOP_K], IDS),
+                "x": ("BF16", [T, k], x),  # token order
+                "dy": ("BF16", [T * TOP_K, n], dy),
+                "gate": ("BF16", [T, TOP_K], [0.0] * 6),  # a misspelt `gates`: not read
+            },
+            {"origin": "pytest"},
+        )
+    )
+    out = tmp_path / "out.safetensors"
+    with pytest.warns(UserWarning, match="`gate`"):
+        r = mxmoe.run_file(inputs, out, cpu=True)
+    assert r.backend == "cpu-reference" and r.device == "cpu" and r.fallback is None
+    assert "one expert projection" in r.problem
+    assert r.metadata["mxmoe.mode"] == "projection"
+    assert r.metadata["mxmoe.backend"] == "cpu-reference"
+    assert r.metadata["origin"] == "pytest"
+    assert sorted(r.tensors) == ["d_x", "out"]
+    assert r.tensors["out"][1] == [T * TOP_K, n]
+    assert r.tensors["d_x"][1] == [T, k]
+    # The file written is the result.
+    assert out.read_bytes() == r.data
+    assert mxmoe.read_safetensors(out) == r.tensors
+
+    # out[p] = x[t] W_e^T for slot p = t*k + j (zero for the dropped slot);
+    # d_x[t] = sum over t's slots of dy[p] W_e.
+    experts = [[w[(ex * n + i) * k : (ex * n + i + 1) * k] for i in range(n)] for ex in range(e)]
+    want_out, want_dx = [], [0.0] * (T * k)
+    for p, ex in enumerate(IDS):
+        t = p // TOP_K
+        if ex < 0:
+            want_out += [0.0] * n
+            continue
+        want_out += _matvec(experts[ex], x[t * k : (t + 1) * k])
+        for c in range(k):
+            want_dx[t * k + c] += sum(dy[p * n + i] * experts[ex][i][c] for i in range(n))
+    _assert_close(_floats(r.tensors["out"]), want_out, "out")
+    _assert_close(_floats(r.tensors["d_x"]), want_dx, "d_x")
+    assert _floats(r.tensors["out"])[5 * n : 6 * n] == [0.0] * n
+
+    # Bytes in work as well, and the same file gives the same bits.
+    with pytest.warns(UserWarning):
+        again = mxmoe.run_file(inputs.read_bytes(), cpu=True)
+    assert again.tensors == r.tensors and again.metadata == r.metadata
+
+
+def test_run_file_block_on_the_cpu_reference():
+    import math
+
+    e, h, i, r_ = 2, 16, 8, 1
+    gu = _values(e * 2 * i * h, 11, 0.3)
+    dn = _values(e * h * i, 12, 0.3)
+    x = _values(T * h, 13)
+    gates = _values(T * TOP_K, 14)
+    dy = _values(T * h, 15)
+    # LoRA terms of the same order as the base terms, so a wrong scaling shows.
+    gua, gub = _values(e * r_ * h, 16, 0.5), _values(2 * i * e * r_, 17, 0.5)
+    dna, dnb = _values(e * r_ * i, 18, 1.0), _values(h * e * r_, 19, 1.0)
+    data = _safetensors(
+        {
+            "gate_up_proj": ("BF16", [e, 2 * i, h], gu),
+            "down_proj": ("BF16", [e, h, i], dn),
+            "expert_ids": ("I32", [T, TOP_K], IDS),
+            "x": ("BF16", [T, h], x),
+            "gates": ("BF16", [T, TOP_K], gates),
+            "dy": ("BF16", [T, h], dy),
+            "gate_up_lora_a": ("BF16", [e * r_, h], gua),
+            "gate_up_lora_b": ("BF16", [2 * i, e * r_], gub),
+            "down_lora_a": ("BF16", [e * r_, i], dna),
+            "down_lora_b": ("BF16", [h, e * r_], dnb),
+        },
+        {"mode": "block", "scaling": "0.5", "down_scaling": "1.5"},
+    )
+    r = mxmoe.run_file(data, cpu=True)
+    assert r.warnings == []
+    assert r.metadata["mxmoe.mode"] == "block"
+    assert "one MoE block" in r.problem
+    shapes = {name: t[1] for name, t in r.tensors.items()}
+    assert shapes == {
+        "out": [T, h],
+        "d_x": [T, h],
+        "d_gates": [T, TOP_K],
+        "d_gate_up_lora_a": [e * r_, h],
+        "d_gate_up_lora_b": [2 * i, e * r_],
+        "d_down_lora_a": [e * r_, i],
+        "d_down_lora_b": [h, e * r_],
+    }
+    assert _floats(r.tensors["d_gates"])[5] == 0.0  # the dropped slot
+
+    # The forward in f64: [g | u] = x W_gu^T + 0.5 (x A^T) B^T, out[t] = sum_j gates * down(silu(g) u).
+    def linear(wts, rows, cols, a, b, s, ex, v):
+        y = _matvec([wts[(ex * rows + q) * cols : (ex * rows + q + 1) * cols] for q in range(rows)], v)
+        xa = sum(a[ex * cols + c] * v[c] for c in range(cols))  # rank 1: row ex of A
+        return [y[q] + s * xa * b[q * e + ex] for q in range(rows)]
+
+    want = [0.0] * (T * h)
+    for p, ex in enumerate(IDS):
+        t = p // TOP_K
+        if ex < 0:
+            continue
+        g_u = linear(gu, 2 * i, h, gua, gub, 0.5, ex, x[t * h : (t + 1) * h])
+        act = [g_u[q] / (1 + math.exp(-g_u[q])) * g_u[i + q] for q in range(i)]
+        y = linear(dn, h, i, dna, dnb, 1.5, ex, act)
+        for c in range(h):
+            want[t * h + c] += gates[p] * y[c]
+    _assert_close(_floats(r.tensors["out"]), want, "out", rel=2**-5)
+
+
+def test_run_file_errors(tmp_path):
+    good = {
+        "w": ("BF16", [2, 16, 64], _values(2 * 16 * 64, 1)),
+        "expert_ids": ("I32", [T, TOP_K], IDS),
+        "x": ("BF16", [T, 64], _values(T * 64, 2)),
+    }
+    with pytest.raises(mxmoe.MxmoeError) as err:
+        mxmoe.run_file(_safetensors(good, {"mode": "layer"}), cpu=True)
+    assert "`mode` is `layer`" in str(err.value)
+    with pytest.raises(mxmoe.MxmoeError) as err:
+        mxmoe.run_file(_safetensors(good), cpu=True, strategy="fused")
+    assert "needs MXFP4 weights" in str(err.value)
+    with pytest.raises(mxmoe.MxmoeError) as err:
+        mxmoe.run_file(_safetensors(good), cpu=True, strategy="fast")
+    assert str(err.value).startswith("strategy:")
+    bad = dict(good, w=("BF16", [2, 1, 64], _values(2 * 64, 1)))
+    with pytest.raises(mxmoe.MxmoeError) as err:
+        mxmoe.run_file(_safetensors(bad), cpu=True)
+    assert "K = 64 and N = 1 must be positive multiples of 8" in str(err.value)
+    # The output may not replace the input.
+    path = tmp_path / "in.safetensors"
+    path.write_bytes(_safetensors(good))
+    with pytest.raises(ValueError, match="is the inputs file"):
+        mxmoe.run_file(path, tmp_path / "." / "in.safetensors", cpu=True)
+    assert path.read_bytes() == _safetensors(good)
