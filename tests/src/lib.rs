@@ -500,6 +500,7 @@ pub mod linear_case {
             input_order: c.input,
             output_order: c.output,
             gates: d.gates.as_deref(),
+            bias: None,
         }
     }
 

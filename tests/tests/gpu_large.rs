@@ -115,6 +115,7 @@ fn reference_for_tokens(
         input_order: RowOrder::Scattered,
         output_order: RowOrder::Scattered,
         gates: None,
+        bias: None,
     };
     let out = reference::linear_forward(&p, &routing, Rounding::Bf16)
         .unwrap()
@@ -473,6 +474,7 @@ fn expert_stack_past_2_pow_31_elements_matches_the_reference_for_the_highest_exp
         input_order: RowOrder::Scattered,
         output_order: RowOrder::Scattered,
         gates: Some(&gates),
+        bias: None,
     };
     let fwd = reference::linear_forward(&p, &routing_sub, Rounding::Bf16).unwrap();
     let grads = reference::linear_backward(&p, &routing_sub, &dy, Rounding::Bf16).unwrap();

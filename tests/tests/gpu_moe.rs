@@ -21,7 +21,7 @@ use mxmoe::Runtime;
 use mxmoe::moe::{MoeBlock, MoeGrads, backward, route_softmax_topk};
 use mxmoe::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4_bf16};
 use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertWeights, LoraWeights, MxExperts, Strategy};
-use mxmoe::reference::moe::{MoeProblem, RefLora, moe_forward_backward};
+use mxmoe::reference::moe::{Activation, GateUpLayout, MoeProblem, RefLora, moe_forward_backward};
 use mxmoe::reference::{DROPPED, Rounding, flatten_sort_count};
 use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
@@ -358,7 +358,10 @@ fn reference(b: &Block, d: &Data, w_gu: &[f32], w_dn: &[f32]) -> (Results, Vec<u
             scaling: SCALING,
         }),
         gates: &gates,
-        limit: b.limit,
+        activation: Activation::SwiGlu { limit: b.limit },
+        layout: GateUpLayout::Split,
+        gate_up_bias: None,
+        down_bias: None,
     };
     let (f, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
     let scatter = |v: &[f32], width: usize| -> Vec<f32> {

@@ -20,8 +20,10 @@
 //!
 //! Forward, per grouped row `p` with input row `x_p`:
 //! - `XA[p] = rnd(x_p · A_eᵀ)` (`[r]`, the kernels' rounded `xa`);
-//! - `out_p = rnd(x_p · W_eᵀ + s · (XA[p] · B_eᵀ))` (`[N]`);
-//! - with gates (`[T, top_k]`, scattered output only): `y[t] = rnd(Σ_j gates[t, j] · out[t·top_k + j])`.
+//! - `out_p = rnd(x_p · W_eᵀ + s · (XA[p] · B_eᵀ) + b[e])` (`[N]`), where `b [E, N]` is the
+//!   optional frozen per-expert bias (zero without one), added before the single output rounding;
+//! - with gates (`[T, top_k]`, scattered output only): `y[t] = rnd(Σ_j gates[t, j] · out[t·top_k + j])`,
+//!   so the bias is scaled by the gate like the rest of the row (gpt-oss's down projection).
 //!
 //! Backward, with `dy` the gradient of `y` (`[T, N]`) when gates are given, else the gradient of
 //! `out` in `out`'s own layout:
@@ -33,10 +35,12 @@
 //!   slot reads;
 //! - `dA_e = rnd(s · Σ_{p∈e} YB[p]ᵀ ⊗ x_p)` (`[r, K]`), `dB_e = rnd(s · Σ_{p∈e} dY_g[p]ᵀ ⊗ XA[p])`
 //!   (`[N, r]`); experts that own no rows get exact (positive) zeros;
-//! - `d_gates[t, j] = rnd(⟨out[t·top_k + j], dy[t]⟩)` with the (rounded) forward `out`; zero for a
-//!   dropped slot.
+//! - `d_gates[t, j] = rnd(⟨out[t·top_k + j], dy[t]⟩)` with the (rounded) forward `out`, bias
+//!   included; zero for a dropped slot (whose row, bias included, is absent).
 //!
-//! In [`Rounding::Bf16`] mode every input (`x`, `w`, LoRA weights, gates, `dy`) is rounded to bf16
+//! The bias is frozen: it gets no gradient, and it changes no gradient but `d_gates`.
+//!
+//! In [`Rounding::Bf16`] mode every input (`x`, `w`, bias, LoRA weights, gates, `dy`) is rounded to bf16
 //! before use, as the upload in the activation dtype would; the scaling stays `f32`.
 
 use crate::error::{Error, Result};
@@ -78,6 +82,9 @@ pub struct LinearProblem<'a> {
     pub output_order: RowOrder,
     /// Routing weights `[T, top_k]`; only with [`RowOrder::Scattered`] output (SPEC §2.3).
     pub gates: Option<&'a [f32]>,
+    /// Frozen per-expert bias `[num_experts, n]`, added to every grouped row of its expert before
+    /// the output rounding (and before the gates); `None` for no bias.
+    pub bias: Option<&'a [f32]>,
 }
 
 /// The reference forward's results.
@@ -95,7 +102,7 @@ pub struct RefForward {
     pub xa: Vec<f32>,
 }
 
-/// The reference backward's results (no weight or bias gradient: `W` is frozen).
+/// The reference backward's results (no weight or bias gradient: `W` and the bias are frozen).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RefGrads {
     /// Gradient of `x`, same shape and layout as `x` (`[x_rows, k]`).
@@ -171,6 +178,8 @@ struct Inputs {
     a: Vec<f64>,
     b: Vec<f64>,
     gates: Option<Vec<f64>>,
+    /// `[E, N]`.
+    bias: Option<Vec<f64>>,
     s: f64,
 }
 
@@ -182,6 +191,7 @@ impl Inputs {
             a: widen(p.lora_a, rounding),
             b: widen(p.lora_b, rounding),
             gates: p.gates.map(|g| widen(g, rounding)),
+            bias: p.bias.map(|b| widen(b, rounding)),
             s: f64::from(p.scaling),
         }
     }
@@ -287,6 +297,9 @@ fn check(p: &LinearProblem<'_>, routing: &Routing) -> Result<Geometry> {
     expect_len("w", p.w.len(), &[p.num_experts, p.n, p.k])?;
     expect_len("lora_a", p.lora_a.len(), &[er, p.k])?;
     expect_len("lora_b", p.lora_b.len(), &[p.n, er])?;
+    if let Some(bias) = p.bias {
+        expect_len("bias", bias.len(), &[p.num_experts, p.n])?;
+    }
     if let Some(gates) = p.gates {
         if p.output_order != RowOrder::Scattered {
             return Err(Error::InvalidArgument {
@@ -353,7 +366,8 @@ fn forward64(
             for i in 0..r {
                 lora += xa[row * r + i] * inp.b[nn * er + e * r + i];
             }
-            grouped_out[row * n + nn] = rounding.apply(acc + inp.s * lora);
+            let bias = inp.bias.as_ref().map_or(0.0, |b| b[e * n + nn]);
+            grouped_out[row * n + nn] = rounding.apply(acc + inp.s * lora + bias);
         }
     }
 
@@ -494,7 +508,8 @@ fn backward64(
         }
     }
 
-    // d_gates[t, j] = rnd(⟨out[t·k + j], dy[t]⟩) with the saved (rounded) per-slot output.
+    // d_gates[t, j] = rnd(⟨out[t·k + j], dy[t]⟩) with the saved (rounded) per-slot output, whose
+    // rows include the bias.
     let d_gates = p.gates.map(|_| {
         let mut dg = vec![0.0f64; geo.slots];
         for t in 0..geo.tokens {
@@ -547,6 +562,8 @@ mod tests {
         gates: bool,
         /// Probability (in 1/8) that a slot is dropped.
         drop_eighths: u64,
+        /// A per-expert bias `[E, N]`.
+        bias: bool,
     }
 
     /// Owned tensors for a [`Case`].
@@ -561,6 +578,7 @@ mod tests {
         b: Vec<f32>,
         gates: Option<Vec<f32>>,
         dy: Vec<f32>,
+        bias: Option<Vec<f32>>,
         case: Case,
     }
 
@@ -597,6 +615,8 @@ mod tests {
             let gates = c.gates.then(|| rng.vec(slots, 1.0));
             let dy_rows = if c.gates { c.tokens } else { out_rows };
             let dy = rng.vec(dy_rows * c.n, 1.0);
+            // Drawn last, so the other tensors of a case do not depend on it.
+            let bias = c.bias.then(|| rng.vec(c.num_experts * c.n, 2.0));
             Data {
                 routing,
                 x,
@@ -607,6 +627,7 @@ mod tests {
                 b,
                 gates,
                 dy,
+                bias,
                 case: c,
             }
         }
@@ -627,6 +648,7 @@ mod tests {
                 input_order: self.case.input_order,
                 output_order: self.case.output_order,
                 gates: self.gates.as_deref(),
+                bias: self.bias.as_deref(),
             }
         }
 
@@ -710,6 +732,7 @@ mod tests {
             output_order: RowOrder::Grouped,
             gates: false,
             drop_eighths: 0,
+            bias: false,
         }
     }
 
@@ -765,6 +788,24 @@ mod tests {
                 top_k: 3,
                 input_order: RowOrder::Grouped,
                 drop_eighths: 2,
+                ..b
+            },
+            // gpt-oss's gate_up: token-ordered input, grouped output, a bias.
+            Case {
+                seed: 8,
+                bias: true,
+                ..b
+            },
+            // gpt-oss's down: grouped input, scattered output, gates, a bias (in d_gates), an
+            // empty expert and dropped slots.
+            Case {
+                seed: 9,
+                num_experts: 4,
+                input_order: RowOrder::Grouped,
+                output_order: RowOrder::Scattered,
+                gates: true,
+                drop_eighths: 2,
+                bias: true,
                 ..b
             },
         ]
@@ -832,47 +873,119 @@ mod tests {
 
     #[test]
     fn empty_experts_and_dropped_slots_are_exact_zeros() {
-        let c = Case {
-            seed: 11,
-            num_experts: 4,
-            used_experts: 3,
-            output_order: RowOrder::Scattered,
-            gates: true,
-            drop_eighths: 3,
-            scaling: -0.5,
-            ..base_case()
-        };
-        let d = Data::new(c);
-        let p = d.problem();
-        assert!(
-            d.routing.num_rows() < d.routing.num_slots(),
-            "seed must drop a slot"
-        );
-        let valid: Vec<bool> = {
-            let mut v = vec![false; d.routing.num_slots()];
-            for &slot in &d.routing.sorted_scattered_idxs {
-                v[slot as usize] = true;
-            }
-            v
-        };
-        for rounding in [Rounding::Bf16, Rounding::Exact] {
-            let f = linear_forward(&p, &d.routing, rounding).unwrap();
-            let g = linear_backward(&p, &d.routing, &d.dy, rounding).unwrap();
-            let (n, k, r, er) = (c.n, c.k, c.rank, c.num_experts * c.rank);
-            for i in 0..r {
-                let row = &g.da[(3 * r + i) * k..][..k];
-                assert!(row.iter().all(|v| v.to_bits() == 0), "dA of empty expert");
-                for nn in 0..n {
-                    assert_eq!(g.db[nn * er + 3 * r + i].to_bits(), 0, "dB of empty expert");
+        for bias in [false, true] {
+            let c = Case {
+                seed: 11,
+                num_experts: 4,
+                used_experts: 3,
+                output_order: RowOrder::Scattered,
+                gates: true,
+                drop_eighths: 3,
+                scaling: -0.5,
+                bias,
+                ..base_case()
+            };
+            let d = Data::new(c);
+            let p = d.problem();
+            assert!(
+                d.routing.num_rows() < d.routing.num_slots(),
+                "seed must drop a slot"
+            );
+            let valid: Vec<bool> = {
+                let mut v = vec![false; d.routing.num_slots()];
+                for &slot in &d.routing.sorted_scattered_idxs {
+                    v[slot as usize] = true;
                 }
+                v
+            };
+            // The empty expert's bias and the dropped slots' gates reach nothing.
+            let mut moved = d.clone();
+            if let Some(b) = moved.bias.as_mut() {
+                b[3 * c.n..][..c.n].iter_mut().for_each(|v| *v += 1.0);
             }
-            let dg = g.d_gates.as_ref().unwrap();
             for (slot, &ok) in valid.iter().enumerate() {
                 if !ok {
-                    assert!(f.out[slot * n..][..n].iter().all(|&v| v == 0.0));
-                    assert_eq!(dg[slot], 0.0);
+                    moved.gates.as_mut().unwrap()[slot] += 1.0;
                 }
             }
+            for rounding in [Rounding::Bf16, Rounding::Exact] {
+                let f = linear_forward(&p, &d.routing, rounding).unwrap();
+                let g = linear_backward(&p, &d.routing, &d.dy, rounding).unwrap();
+                let (n, k, r, er) = (c.n, c.k, c.rank, c.num_experts * c.rank);
+                for i in 0..r {
+                    let row = &g.da[(3 * r + i) * k..][..k];
+                    assert!(row.iter().all(|v| v.to_bits() == 0), "dA of empty expert");
+                    for nn in 0..n {
+                        assert_eq!(g.db[nn * er + 3 * r + i].to_bits(), 0, "dB of empty expert");
+                    }
+                }
+                let dg = g.d_gates.as_ref().unwrap();
+                for (slot, &ok) in valid.iter().enumerate() {
+                    if !ok {
+                        assert!(f.out[slot * n..][..n].iter().all(|&v| v == 0.0));
+                        assert_eq!(dg[slot], 0.0);
+                    }
+                }
+                let fm = linear_forward(&moved.problem(), &d.routing, rounding).unwrap();
+                assert_eq!(fm.y, f.y, "bias {bias}");
+            }
+        }
+    }
+
+    #[test]
+    fn bias_is_added_before_the_single_output_rounding() {
+        // x·w = 1 + 2^-8 (a bf16 tie that rounds to 1) and b = 2^-8: the sum 1 + 2^-7 is bf16.
+        // Rounding before adding would give 1 (or the unrounded 1 + 2^-8).
+        let x = [1.0, 2f32.powi(-8)];
+        let bias = [2f32.powi(-8)];
+        let routing = flatten_sort_count(&[0], 1, 1, 1).unwrap();
+        let p = LinearProblem {
+            bias: Some(&bias),
+            ..scalar_problem(&x, &[1.0, 1.0], &[], &[], 2, 0, 1)
+        };
+        let bf = linear_forward(&p, &routing, Rounding::Bf16).unwrap();
+        assert_eq!(bf.out, [1.0 + 2f32.powi(-7)]);
+        let ex = linear_forward(&p, &routing, Rounding::Exact).unwrap();
+        assert_eq!(ex.out, [1.0 + 2.0 * 2f32.powi(-8)]);
+    }
+
+    #[test]
+    fn gate_gradient_includes_the_bias() {
+        // Zero weights and no LoRA: every valid slot's row is its expert's bias, so
+        // y[t] = Σ_j gates[t, j] · b[e(t, j)] and d_gates[t, j] = ⟨dy[t], b[e(t, j)]⟩.
+        let mut d = Data::new(Case {
+            seed: 12,
+            num_experts: 4,
+            input_order: RowOrder::Grouped,
+            output_order: RowOrder::Scattered,
+            gates: true,
+            drop_eighths: 2,
+            rank: 0,
+            bias: true,
+            ..base_case()
+        });
+        d.w.iter_mut().for_each(|v| *v = 0.0);
+        let g = linear_backward(&d.problem(), &d.routing, &d.dy, Rounding::Exact).unwrap();
+        let (n, top_k) = (d.case.n, d.case.top_k);
+        let bias = d.bias.as_ref().unwrap();
+        let mut expert_of = vec![None; d.routing.num_slots()];
+        for (row, &slot) in d.routing.sorted_scattered_idxs.iter().enumerate() {
+            expert_of[slot as usize] = Some(d.routing.sorted_expert_idxs[row] as usize);
+        }
+        assert!(
+            expert_of.iter().any(Option::is_none),
+            "seed must drop a slot"
+        );
+        let dg = g.d_gates.unwrap();
+        for (slot, e) in expert_of.iter().enumerate() {
+            let expected = e.map_or(0.0, |e| {
+                (0..n)
+                    .map(|nn| {
+                        f64::from(d.dy[(slot / top_k) * n + nn]) * f64::from(bias[e * n + nn])
+                    })
+                    .sum::<f64>()
+            });
+            assert_eq!(dg[slot], expected as f32, "slot {slot}");
         }
     }
 
@@ -939,6 +1052,7 @@ mod tests {
             input_order: RowOrder::Scattered,
             output_order: RowOrder::Scattered,
             gates: None,
+            bias: None,
         }
     }
 
@@ -1026,6 +1140,14 @@ mod tests {
         assert_shape_error(
             linear_backward(&base, &d.routing, &d.dy[1..], Rounding::Bf16),
             "dy",
+        );
+        let bias = vec![0.0; d.case.num_experts * d.case.n - 1];
+        assert_shape_error(
+            fwd(&LinearProblem {
+                bias: Some(&bias),
+                ..base
+            }),
+            "bias",
         );
 
         let mut broken = d.routing.clone();

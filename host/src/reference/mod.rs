@@ -13,8 +13,9 @@
 //! - [`Rounding::Exact`] rounds nowhere and keeps `f64` end to end internally; it is the mode the
 //!   finite-difference gradient checks use.
 //!
-//! Modules: [`routing`] (`flatten_sort_count`, active experts) and
-//! [`linear`] (the expert linear's forward and backward).
+//! Modules: [`routing`] (`flatten_sort_count`, active experts), [`linear`] (the expert linear's
+//! forward and backward, with an optional frozen bias) and [`moe`] (the whole gated block:
+//! SwiGLU, or gpt-oss's interleaved, biased, clamped α-sigmoid block).
 
 pub mod linear;
 pub mod moe;

@@ -6,7 +6,9 @@ use crate::checkpoint::{Checkpoint, CheckpointErrorKind, StoredWeights};
 use crate::error::Result;
 use crate::moe::{self, MoeBlock};
 use crate::op::Bf16Matrix;
-use crate::reference::moe::{MoeProblem, moe_forward, moe_forward_backward};
+use crate::reference::moe::{
+    Activation, GateUpLayout, MoeProblem, moe_forward, moe_forward_backward,
+};
 use crate::reference::{sum_bytes, tensor_bytes};
 
 use super::{
@@ -222,7 +224,10 @@ impl Block {
             lora_gate_up: self.lora_gate_up.as_ref().map(Lora::reference),
             lora_down: self.lora_down.as_ref().map(Lora::reference),
             gates: &self.gates,
-            limit: self.limit,
+            activation: Activation::SwiGlu { limit: self.limit },
+            layout: GateUpLayout::Split,
+            gate_up_bias: None,
+            down_bias: None,
         };
         let Some(dy) = &self.dy else {
             let fwd = moe_forward(&p, &routing, ROUNDING)?;

@@ -252,6 +252,7 @@ impl Projection {
             input_order: self.input_order,
             output_order: self.output_order,
             gates: self.gates.as_deref(),
+            bias: None,
         };
         let fwd = reference::linear_forward(&problem, &routing, ROUNDING)?;
         let out = pad_rows(fwd.y.unwrap_or(fwd.out), self.out_rows(), n);

@@ -6,7 +6,7 @@ use super::*;
 use crate::checkpoint::MxLayoutKind;
 use crate::mxfp4::{dequantize_f32, quantize_mxfp4_bf16};
 use crate::reference::LinearProblem;
-use crate::reference::moe::{MoeProblem, RefLora, moe_forward_backward};
+use crate::reference::moe::{Activation, GateUpLayout, MoeProblem, RefLora, moe_forward_backward};
 use crate::shared::bf16::{f32_to_bf16_bits, round_bf16};
 
 /// Parses `input`, runs it on the CPU reference and serializes the result.
@@ -154,6 +154,7 @@ impl Case {
             input_order: self.input,
             output_order: self.output,
             gates: self.gates.then_some(&gates[..]),
+            bias: None,
         };
         let fwd = reference::linear_forward(&p, &routing, Rounding::Bf16).unwrap();
         let grouped_out = !self.gates && self.output == RowOrder::Grouped;
@@ -433,7 +434,10 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
             scaling: 1.5,
         }),
         gates: &gates,
-        limit: Some(0.75),
+        activation: Activation::SwiGlu { limit: Some(0.75) },
+        layout: GateUpLayout::Split,
+        gate_up_bias: None,
+        down_bias: None,
     };
     let (fwd, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
     let bits = |v: Vec<f32>| v.iter().map(|&x| f32_to_bf16_bits(x)).collect::<Vec<u16>>();

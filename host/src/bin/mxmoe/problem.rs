@@ -200,6 +200,7 @@ impl HostProblem {
             input_order: s.input,
             output_order: s.output,
             gates: self.gates.as_deref(),
+            bias: None,
         };
         let (fwd, fwd_ms) = timed(|| reference::linear_forward(&problem, &routing, Rounding::Bf16));
         let fwd = fwd.context("the CPU reference forward failed")?;

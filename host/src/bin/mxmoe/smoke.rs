@@ -604,7 +604,9 @@ fn moe_reference(
 ) -> anyhow::Result<(MoeTensors, f64, f64)> {
     use moe_shape::*;
     use mxmoe::reference::Rounding;
-    use mxmoe::reference::moe::{MoeProblem, RefLora, moe_backward, moe_forward};
+    use mxmoe::reference::moe::{
+        Activation, GateUpLayout, MoeProblem, RefLora, moe_backward, moe_forward,
+    };
     let routing = mxmoe::reference::flatten_sort_count(&d.ids, TOKENS, TOP_K, EXPERTS)
         .context("the CPU reference rejected the routing")?;
     let p = MoeProblem {
@@ -627,7 +629,10 @@ fn moe_reference(
             scaling: SCALING,
         }),
         gates: &d.gates,
-        limit: Some(LIMIT),
+        activation: Activation::SwiGlu { limit: Some(LIMIT) },
+        layout: GateUpLayout::Split,
+        gate_up_bias: None,
+        down_bias: None,
     };
     let (fwd, fwd_ms) = timed(|| moe_forward(&p, &routing, Rounding::Bf16));
     let fwd = fwd.context("the CPU block reference forward failed")?;
