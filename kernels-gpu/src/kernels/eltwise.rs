@@ -7,7 +7,7 @@ use crate::ptx::sreg::{ctaid_x, laneid, nctaid_x, ntid_x, tid_x};
 use crate::ptx::warp::shfl_sync_bfly_b32;
 use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::params::EltwiseParams;
-use crate::tile::gmem::{load, store};
+use crate::tile::gmem::{grid_stride, load, store};
 
 /// Loads the bf16 at element `i` of `base` as f32.
 ///
@@ -29,14 +29,25 @@ unsafe fn st_bf16(base: u64, i: u64, v: f32) {
     unsafe { store::<u16>(base + 2 * i, cvt_rn_bf16x2_f32(v, 0.0) as u16) };
 }
 
-/// Global thread index and grid stride.
-#[inline(always)]
-fn grid_stride() -> (u64, u64) {
-    let nt = ntid_x() as u64;
-    (
-        ctaid_x() as u64 * nt + tid_x() as u64,
-        nctaid_x() as u64 * nt,
-    )
+/// The grid-stride loop over the elements `i` of the row-major `[rows, width]` bf16 output `out`:
+/// binds `w = width`, `k = top_k` (usable in `rows`), then `(row, n) = (i / w, i % w)`, and
+/// stores the value rounded to bf16 at element `i`. A macro, not a closure, so each kernel
+/// compiles exactly as if written out.
+///
+/// Safety: the caller's launch contract makes `out` hold `rows·width` writable bf16.
+macro_rules! store_rows {
+    ($p:ident, |$w:ident, $k:ident| rows: $rows:expr, |$row:ident, $n:ident| $value:expr) => {{
+        let (mut i, stride) = grid_stride();
+        let $w = $p.width as u64;
+        let $k = $p.top_k as u64;
+        while i < $rows * $w {
+            let ($row, $n) = (i / $w, i % $w);
+            let v = $value;
+            // SAFETY: `i < rows·width`.
+            unsafe { st_bf16($p.out_addr, i, v) };
+            i += stride;
+        }
+    }};
 }
 
 /// `y[t, n] = Σ_j gates[t, j] · out[t·k + j, n]`: `in0 = out [T·k, width]`,
@@ -46,11 +57,7 @@ fn grid_stride() -> (u64, u64) {
 /// Launch contract: 1-D grid and block; buffers sized as listed.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_combine_gates(p: EltwiseParams) {
-    let (mut i, stride) = grid_stride();
-    let w = p.width as u64;
-    let k = p.top_k as u64;
-    while i < p.tokens * w {
-        let (t, n) = (i / w, i % w);
+    store_rows!(p, |w, k| rows: p.tokens, |t, n| {
         let mut acc = 0f32;
         let mut j = 0;
         while j < k {
@@ -60,10 +67,8 @@ pub unsafe extern "ptx-kernel" fn mxmoe_combine_gates(p: EltwiseParams) {
             };
             j += 1;
         }
-        // SAFETY: `i < T·width`.
-        unsafe { st_bf16(p.out_addr, i, acc) };
-        i += stride;
-    }
+        acc
+    });
 }
 
 /// `d_gates[i] = Σ_n out[i, n] · dy[i / k, n]`: `in0 = out [T·k, width]`, `in1 = dy [T, width]`,
@@ -109,21 +114,10 @@ pub unsafe extern "ptx-kernel" fn mxmoe_gate_grad(p: EltwiseParams) {
 /// Launch contract: 1-D grid and block; buffers sized as listed.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_scale_slots(p: EltwiseParams) {
-    let (mut i, stride) = grid_stride();
-    let w = p.width as u64;
-    let k = p.top_k as u64;
-    while i < p.tokens * k * w {
-        let (slot, n) = (i / w, i % w);
+    store_rows!(p, |w, k| rows: p.tokens * k, |slot, n| {
         // SAFETY: `slot < T·k`, `n < width`.
-        unsafe {
-            st_bf16(
-                p.out_addr,
-                i,
-                ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot),
-            )
-        };
-        i += stride;
-    }
+        unsafe { ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot) }
+    });
 }
 
 /// `dx[t, n] = Σ_j dxs[t·k + j, n]`: `in0 = dxs [T·k, width]`, `out = dx [T, width]`.
@@ -132,11 +126,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_scale_slots(p: EltwiseParams) {
 /// Launch contract: 1-D grid and block; buffers sized as listed.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_sum_slots(p: EltwiseParams) {
-    let (mut i, stride) = grid_stride();
-    let w = p.width as u64;
-    let k = p.top_k as u64;
-    while i < p.tokens * w {
-        let (t, n) = (i / w, i % w);
+    store_rows!(p, |w, k| rows: p.tokens, |t, n| {
         let mut acc = 0f32;
         let mut j = 0;
         while j < k {
@@ -144,10 +134,8 @@ pub unsafe extern "ptx-kernel" fn mxmoe_sum_slots(p: EltwiseParams) {
             acc += unsafe { ld_bf16(p.in0_addr, (t * k + j) * w + n) };
             j += 1;
         }
-        // SAFETY: `i < T·width`.
-        unsafe { st_bf16(p.out_addr, i, acc) };
-        i += stride;
-    }
+        acc
+    });
 }
 
 /// Expert-block gather/scatter between a full and a compact LoRA matrix; see

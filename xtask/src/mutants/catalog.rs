@@ -175,8 +175,8 @@ pub const MUTANTS: &[Mutant] = &[
         description: "the gated per-slot output gradient drops its gate (dY[t] instead of dY[t]·g): dX, dA, dB of a gated call",
         edits: &[Edit {
             file: ELTWISE,
-            old: "ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot),",
-            new: "ld_bf16(p.in0_addr, (slot / k) * w + n),",
+            old: "unsafe { ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot) }",
+            new: "unsafe { ld_bf16(p.in0_addr, (slot / k) * w + n) }",
         }],
     },
     Mutant {
