@@ -48,6 +48,36 @@ pub unsafe fn wait_for_stage<const STAGES: u32>() {
     }
 }
 
+/// Copies a `rows × cpr` grid of 16-byte chunks into shared memory with `cp.async`, this thread
+/// taking chunks `tid, tid + threads, …`: for chunk `(row, ch)` the body gives
+/// `(dst, ok, src)`, and the chunk is copied from `src` when `ok`, else zero-filled (0 bytes
+/// from `fallback`). A macro, not a closure, so every caller compiles exactly as if written out.
+///
+/// Safety (the caller's `unsafe` block): for every chunk, `dst` is a 16-byte aligned shared
+/// address inside its tile and, when `ok`, `src` a 16-byte aligned global address with 16
+/// readable bytes.
+macro_rules! copy_chunks {
+    (
+        $rows:expr, $cpr:expr, $tid:expr, $threads:expr, $fallback:expr,
+        |$row:ident, $ch:ident| $chunk:block
+    ) => {{
+        let cpr = $cpr;
+        let mut c = $tid;
+        while c < $rows * cpr {
+            let $row = c / cpr;
+            let $ch = c % cpr;
+            let (dst, ok, src) = $chunk;
+            $crate::ptx::cp_async::cp_async_cg_shared_global_16(
+                dst,
+                if ok { src } else { $fallback },
+                if ok { 16 } else { 0 },
+            );
+            c += $threads;
+        }
+    }};
+}
+pub(crate) use copy_chunks;
+
 /// Stages the 4-byte-aligned scale word(s) holding global scale byte `g` into `dst` with
 /// `cp.async` (4 bytes each, `words` of them), clipped to the `total`-byte scale buffer; the
 /// reader finds byte `g` at `dst + (g % 4)`. Nothing is read when `valid` is false.
@@ -117,68 +147,43 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
     // A: [BM][BK], 16-byte chunks gathered by row.
     let a_tile = smem.offset(stage * plan.a_stage_bytes);
     let cpr = BK / 8;
-    let mut c = tid;
-    while c < BM * cpr {
-        let row = c / cpr;
-        let ch = c % cpr;
-        // SAFETY: `row < BM`, the index array has BM entries.
-        let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
-        let kc = k_base + 8 * ch;
-        let ok = r != NO_ROW && kc < p.k_red;
-        let src = p.a_addr + 2 * (r as u64 * p.a_stride + kc as u64);
-        // SAFETY: the destination chunk is inside the stage; the source is read only when valid
-        // (row < rows of A, kc + 8 ≤ k_red because k_red % 8 == 0).
-        unsafe {
-            cp_async_cg_shared_global_16(
-                a_tile.offset(swizzled_offset(row, 8 * ch, BK)),
-                if ok { src } else { p.a_addr },
-                if ok { 16 } else { 0 },
-            )
-        };
-        c += threads;
-    }
+    // SAFETY: `row < BM` entries of the index array; the destination chunk is inside the stage;
+    // the source is read only when valid (row < rows of A, kc + 8 ≤ k_red because
+    // k_red % 8 == 0).
+    unsafe {
+        copy_chunks!(BM, cpr, tid, threads, p.a_addr, |row, ch| {
+            let r = ld_shared_u32(rows_in.offset(4 * row));
+            let kc = k_base + 8 * ch;
+            let ok = r != NO_ROW && kc < p.k_red;
+            let src = p.a_addr + 2 * (r as u64 * p.a_stride + kc as u64);
+            (a_tile.offset(swizzled_offset(row, 8 * ch, BK)), ok, src)
+        })
+    };
     let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
     let b_expert = p.b_addr + 2 * e * p.b_stride_e;
     if LAYOUT == BLayout::NkBf16 as u8 {
         // B: [BN][BK] rows n, k contiguous.
-        let mut c = tid;
-        while c < BN * cpr {
-            let n = c / cpr;
-            let ch = c % cpr;
-            let kc = k_base + 8 * ch;
-            let ok = n0 + n < p.b_rows && kc < p.k_red;
-            let src = b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + kc as u64);
-            // SAFETY: as for A.
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    b_tile.offset(swizzled_offset(n, 8 * ch, BK)),
-                    if ok { src } else { p.b_addr },
-                    if ok { 16 } else { 0 },
-                )
-            };
-            c += threads;
-        }
+        // SAFETY: as for A.
+        unsafe {
+            copy_chunks!(BN, cpr, tid, threads, p.b_addr, |n, ch| {
+                let kc = k_base + 8 * ch;
+                let ok = n0 + n < p.b_rows && kc < p.k_red;
+                let src = b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + kc as u64);
+                (b_tile.offset(swizzled_offset(n, 8 * ch, BK)), ok, src)
+            })
+        };
     } else if LAYOUT == BLayout::KnBf16 as u8 {
         // B: [BK][BN] rows k, n contiguous.
-        let cprb = BN / 8;
-        let mut c = tid;
-        while c < BK * cprb {
-            let kr = c / cprb;
-            let ch = c % cprb;
-            let kk = k_base + kr;
-            let nc = n0 + 8 * ch;
-            let ok = kk < p.k_red && nc < p.b_rows;
-            let src = b_expert + 2 * (kk as u64 * p.b_stride_k + nc as u64);
-            // SAFETY: as for A (b_rows % 8 == 0).
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    b_tile.offset(swizzled_offset(kr, 8 * ch, BN)),
-                    if ok { src } else { p.b_addr },
-                    if ok { 16 } else { 0 },
-                )
-            };
-            c += threads;
-        }
+        // SAFETY: as for A (b_rows % 8 == 0).
+        unsafe {
+            copy_chunks!(BK, BN / 8, tid, threads, p.b_addr, |kr, ch| {
+                let kk = k_base + kr;
+                let nc = n0 + 8 * ch;
+                let ok = kk < p.k_red && nc < p.b_rows;
+                let src = b_expert + 2 * (kk as u64 * p.b_stride_k + nc as u64);
+                (b_tile.offset(swizzled_offset(kr, 8 * ch, BN)), ok, src)
+            })
+        };
     } else if LAYOUT == BLayout::Strided as u8 {
         // Strided: element gather into [BN][BK].
         let mut c = tid;
@@ -205,24 +210,16 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
         let blocks_k = p.k_red as u64 / 32;
         let packed_e = p.b_addr + e * p.n_out as u64 * half_k;
         // Packed: [BN][BK/2] bytes, one 16-byte chunk per 32 k per row.
-        let cpr = BK / 32;
-        let mut c = tid;
-        while c < BN * cpr {
-            let n = c / cpr;
-            let ch = c % cpr;
-            let ok = n0 + n < p.n_out && k_base + 32 * ch < p.k_red;
-            let src = packed_e + (n0 + n) as u64 * half_k + (k_base / 2) as u64 + 16 * ch as u64;
-            // SAFETY: destination inside the stage; source read only when valid (K % 32 == 0, so
-            // a chunk is whole); packed rows are 16-byte aligned because K/2 % 16 == 0.
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    b_tile.offset(n * (BK / 2) + 16 * ch),
-                    if ok { src } else { p.b_addr },
-                    if ok { 16 } else { 0 },
-                )
-            };
-            c += threads;
-        }
+        // SAFETY: destination inside the stage; source read only when valid (K % 32 == 0, so a
+        // chunk is whole); packed rows are 16-byte aligned because K/2 % 16 == 0.
+        unsafe {
+            copy_chunks!(BN, BK / 32, tid, threads, p.b_addr, |n, ch| {
+                let ok = n0 + n < p.n_out && k_base + 32 * ch < p.k_red;
+                let src =
+                    packed_e + (n0 + n) as u64 * half_k + (k_base / 2) as u64 + 16 * ch as u64;
+                (b_tile.offset(n * (BK / 2) + 16 * ch), ok, src)
+            })
+        };
         // Scales: the aligned word(s) holding bytes (e, n0 + n, kt·BK/32 ..+ BK/32) of each row.
         let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
         let slot = mx_scale_slot_bytes(BK);
@@ -250,23 +247,15 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
         let half_k = p.n_out as u64 / 2;
         let blocks_k = p.n_out as u64 / 32;
         let packed_e = p.b_addr + e * p.k_red as u64 * half_k;
-        let cpr = BN / 32; // 16-byte chunks per raw row
-        let mut c = tid;
-        while c < BK * cpr {
-            let r = c / cpr;
-            let ch = c % cpr;
-            let ok = k_base + r < p.k_red && n0 + 32 * ch < p.n_out;
-            let src = packed_e + (k_base + r) as u64 * half_k + (n0 / 2) as u64 + 16 * ch as u64;
-            // SAFETY: as for the forward layout.
-            unsafe {
-                cp_async_cg_shared_global_16(
-                    b_tile.offset(r * (BN / 2) + 16 * ch),
-                    if ok { src } else { p.b_addr },
-                    if ok { 16 } else { 0 },
-                )
-            };
-            c += threads;
-        }
+        // SAFETY: as for the forward layout (BN/32 16-byte chunks per raw row).
+        unsafe {
+            copy_chunks!(BK, BN / 32, tid, threads, p.b_addr, |r, ch| {
+                let ok = k_base + r < p.k_red && n0 + 32 * ch < p.n_out;
+                let src =
+                    packed_e + (k_base + r) as u64 * half_k + (n0 / 2) as u64 + 16 * ch as u64;
+                (b_tile.offset(r * (BN / 2) + 16 * ch), ok, src)
+            })
+        };
         // Scales: the 8-byte window holding bytes (e, kt·BK + r, n0/32 ..+ BN/32) per row.
         let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
         let mut r = tid;
@@ -340,27 +329,17 @@ pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
     let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
     let cpr = r_pad / 8;
-    let mut c = tid;
-    while c < BM * cpr {
-        let row = c / cpr;
-        let ch = c % cpr;
-        let pr = tile.begin + row;
-        let ok = pr < tile.end;
-        // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor when `ok`; the
-        // destination chunk lies in the left region.
-        unsafe {
-            cp_async_cg_shared_global_16(
-                left.offset(swizzled_offset(row, 8 * ch, r_pad)),
-                if ok {
-                    p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64)
-                } else {
-                    p.lora_left_addr
-                },
-                if ok { 16 } else { 0 },
-            )
-        };
-        c += threads;
-    }
+    // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor when `ok`; the
+    // destination chunk lies in the left region.
+    unsafe {
+        copy_chunks!(BM, cpr, tid, threads, p.lora_left_addr, |row, ch| {
+            let pr = tile.begin + row;
+            let ok = pr < tile.end;
+            let dst = left.offset(swizzled_offset(row, 8 * ch, r_pad));
+            let src = p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64);
+            (dst, ok, src)
+        })
+    };
     let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
     if mode == LoraRight::Nk {
         let mut c = tid;

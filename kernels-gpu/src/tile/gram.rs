@@ -14,7 +14,7 @@ use crate::shared::bf16::f32_to_bf16_bits;
 use crate::shared::params::GramParams;
 use crate::shared::tiles::{GramConfig, gram_narrow_offset, swizzled_offset};
 use crate::tile::frag::{a_km, b_kn};
-use crate::tile::gemm::wait_for_stage;
+use crate::tile::gemm::{copy_chunks, wait_for_stage};
 use crate::tile::gmem::{load, store};
 
 /// Stages rows `p0 .. p0+BK` (clipped at `end`) of both operands.
@@ -65,24 +65,15 @@ unsafe fn load_stage<const BW: u32, const BK: u32, const RP: u32>(
         c += threads;
     }
     let narrow_tile = narrow_base.offset(stage * BK * RP * 2);
-    let cprn = RP / 8;
-    let mut c = tid;
-    while c < BK * cprn {
-        let r = c / cprn;
-        let ch = c % cprn;
-        let row = p0 + r;
-        let ok = row < end;
-        let src = p.narrow_addr + 2 * (row as u64 * RP as u64 + 8 * ch as u64);
-        // SAFETY: as above; the narrow operand is `[rows, RP]`.
-        unsafe {
-            cp_async_cg_shared_global_16(
-                narrow_tile.offset(swizzled_offset(r, 8 * ch, RP)),
-                if ok { src } else { p.narrow_addr },
-                if ok { 16 } else { 0 },
-            )
-        };
-        c += threads;
-    }
+    // SAFETY: as above; the narrow operand is `[rows, RP]`.
+    unsafe {
+        copy_chunks!(BK, RP / 8, tid, threads, p.narrow_addr, |r, ch| {
+            let row = p0 + r;
+            let ok = row < end;
+            let src = p.narrow_addr + 2 * (row as u64 * RP as u64 + 8 * ch as u64);
+            (narrow_tile.offset(swizzled_offset(r, 8 * ch, RP)), ok, src)
+        })
+    };
 }
 
 /// The Gram body.
