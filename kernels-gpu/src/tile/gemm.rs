@@ -565,11 +565,8 @@ pub unsafe fn gemm<
             let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
             if LAYOUT == BLayout::NkMxfp4 as u8 {
                 let blocks_k = p.k_red / 32;
-                // Low two bits of the global scale index of row 0 of this tile (wrapping u32
-                // arithmetic keeps them exact).
-                let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
-                    .wrapping_mul(blocks_k)
-                    .wrapping_add(kt * (BK / 32));
+                // Low two bits of the global scale index of row 0 of this tile.
+                let g0 = nk_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
                 // 32-k blocks of this stage inside K (the last stage of a K that is not a
                 // multiple of BK has fewer; the others' scale bytes belong to another row).
                 let valid_blocks = (p.k_red - kt * BK).div_ceil(32).min(BK / 32);
@@ -594,9 +591,7 @@ pub unsafe fn gemm<
                     // the decoded tile was last read before that barrier), then make it visible.
                     unsafe {
                         let blocks_k = p.n_out / 32;
-                        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
-                            .wrapping_mul(blocks_k)
-                            .wrapping_add(n0 / 32);
+                        let g0 = kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
                         decode_stage_kn_mx::<BN, BK>(
                             b_tile,
                             decoded,
@@ -839,6 +834,38 @@ unsafe fn mma_stage_bf16<const BN: u32, const BK: u32, const MI: usize, const NI
         }
         kk += 16;
     }
+}
+
+/// The low bits of the global scale index of weight row `n0` of forward MXFP4 k-tile `kt` at
+/// its first 32-k block (`blocks_k = k_red/32` scales per weight row; wrapping u32 arithmetic
+/// keeps them exact).
+#[inline(always)]
+pub(crate) fn nk_mx_stage_g0<const BK: u32>(
+    p: &GemmParams,
+    e: u64,
+    n0: u32,
+    kt: u32,
+    blocks_k: u32,
+) -> u32 {
+    ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
+        .wrapping_mul(blocks_k)
+        .wrapping_add(kt * (BK / 32))
+}
+
+/// The low bits of the global scale index of reduction row `kt·BK` of dX MXFP4 k-tile `kt` at
+/// output column `n0` (`blocks_k = n_out/32` scales per container row; wrapping u32 arithmetic
+/// keeps them exact).
+#[inline(always)]
+pub(crate) fn kn_mx_stage_g0<const BK: u32>(
+    p: &GemmParams,
+    e: u64,
+    n0: u32,
+    kt: u32,
+    blocks_k: u32,
+) -> u32 {
+    ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
+        .wrapping_mul(blocks_k)
+        .wrapping_add(n0 / 32)
 }
 
 /// Decodes packed byte `byte_idx` (0..4) of `word` into one B fragment register (even k in the

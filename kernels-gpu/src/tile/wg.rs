@@ -51,8 +51,8 @@ use crate::shared::tiles::{
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, lora_right_layout, stage_lora_async,
-    stage_lora_factors, stage_row_indices, stage_scale_words,
+    LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0, lora_right_layout,
+    nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices, stage_scale_words,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
@@ -403,6 +403,33 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     }
 }
 
+/// Issues and commits one wgmma group: `acc += A·B` over the k-tile's `BK/16` k-steps, with
+/// this warp's A fragments `frags` and B the activation stage `a_tile`. k-step ks starts 32
+/// bytes further into the swizzled rows: the descriptor's address field (bytes >> 4, below 2^14
+/// for any shared address) grows by 2, so every descriptor is the first plus a constant.
+///
+/// # Safety
+/// Warpgroup converged; the stage stays in place until the group has retired.
+#[inline(always)]
+unsafe fn issue_group<const BK: u32, const NJ: usize>(
+    acc: &mut [[f32; 4]; NJ],
+    frags: &[[u32; 4]; 4],
+    a_tile: SharedAddr,
+    accumulate: u32,
+) where
+    [[f32; 4]; NJ]: WgAcc,
+{
+    let desc0 = wgmma_desc_sw128(a_tile.raw());
+    // SAFETY: forwarded.
+    unsafe {
+        wgmma_fence();
+        for ks in 0..(BK / 16) as usize {
+            acc.mma_async(frags[ks], desc0 + 2 * ks as u64, accumulate);
+        }
+        wgmma_commit_group();
+    }
+}
+
 /// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 runs
 /// [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
 /// `frags`, issue the tile's wgmma group, retire the previous group (the current one too for
@@ -438,9 +465,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
     if LAYOUT == BLayout::NkMxfp4 as u8 {
         let blocks_k = p.k_red / 32;
-        let g0 = ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
-            .wrapping_mul(blocks_k)
-            .wrapping_add(kt * (BK / 32));
+        let g0 = nk_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
         let valid_blocks = (p.k_red - kt * BK).div_ceil(32).min(BK / 32);
         // SAFETY: warp converged; the stage is in place.
         unsafe {
@@ -465,18 +490,10 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
             frags[ks] = unsafe { a_mk(b_tile, warp_n0, 16 * ks as u32, BK) };
         }
     }
-    // k-step ks starts 32 bytes further into the swizzled rows: the descriptor's address field
-    // (bytes >> 4, below 2^14 for any shared address) grows by 2, so every descriptor is the
-    // first plus a constant.
-    let desc0 = wgmma_desc_sw128(a_tile.raw());
     // SAFETY: warpgroup converged; the activation slot stays until this group's "empty"
     // arrival (two iterations later).
     unsafe {
-        wgmma_fence();
-        for ks in 0..(BK / 16) as usize {
-            acc.mma_async(frags[ks], desc0 + 2 * ks as u64, accumulate);
-        }
-        wgmma_commit_group();
+        issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
         if LAYOUT == BLayout::NkMxfp4 as u8 {
             wgmma_wait_group::<1>();
             if kt > 0 {
@@ -520,9 +537,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
     // warpgroup (named barrier 1 + wg).
     let decode = |kt: u32| {
         let slot = kt % STAGES;
-        let g0 = ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
-            .wrapping_mul(blocks_k)
-            .wrapping_add(n0 / 32);
+        let g0 = kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
         // SAFETY: the producer completes "full" after its copies land (acquire), the proxy
         // fence extends that to this thread's wgmma reads of the activation slot; the decoded
         // tile kt % 2 was last read (ldmatrix) by this warpgroup before its barrier of kt − 1.
@@ -555,16 +570,9 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
             frags[ks] = unsafe { a_km(decoded(kt), warp_n0, 16 * ks as u32, BN) };
         }
         let a_tile = smem.offset((kt % STAGES) * plan.a_stage_bytes);
-        let desc0 = wgmma_desc_sw128(a_tile.raw());
         // SAFETY: warpgroup converged; no group is pending (retired before this call), the
         // activation slot stays until this group's "empty" arrival.
-        unsafe {
-            wgmma_fence();
-            for ks in 0..(BK / 16) as usize {
-                acc.mma_async(frags[ks], desc0 + 2 * ks as u64, accumulate);
-            }
-            wgmma_commit_group();
-        }
+        unsafe { issue_group::<BK, NJ>(acc, &frags, a_tile, accumulate) };
     };
     decode(0);
     issue(0, acc);
