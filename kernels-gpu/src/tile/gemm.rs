@@ -120,6 +120,76 @@ pub(crate) unsafe fn stage_scale_words(
     }
 }
 
+/// Stages the scale word(s) of weight row `n0 + n` of a forward MXFP4 k-tile starting at
+/// reduction index `k_base` into row `n`'s slot of stage `b_tile`: the aligned word(s) holding
+/// bytes `(e, n0 + n, k_base/32 ..+ BK/32)` of the `total`-byte scales
+/// (`blocks_k` per weight row).
+///
+/// # Safety
+/// `n < BN` of a forward MXFP4 stage of the plan; the scale buffer holds `total` bytes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stage_scales_nk_mx_row<const BK: u32>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    b_tile: SharedAddr,
+    e: u64,
+    n0: u32,
+    n: u32,
+    k_base: u32,
+    blocks_k: u64,
+    total: u64,
+) {
+    let slot = mx_scale_slot_bytes(BK);
+    let ok = n0 + n < p.n_out && k_base < p.k_red;
+    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
+    // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total` bytes.
+    unsafe {
+        stage_scale_words(
+            b_tile.offset(plan.b_scales_in_stage + slot * n),
+            p.scales_addr,
+            g,
+            total,
+            slot / 4,
+            ok,
+        )
+    };
+}
+
+/// Stages the 8-byte scale window of reduction row `k_base + r` of a dX MXFP4 k-tile into row
+/// `r`'s slot of stage `b_tile`: the aligned words holding bytes `(e, k_base + r, n0/32 ..+
+/// BN/32)` of the `total`-byte scales (`blocks_k` per container row).
+///
+/// # Safety
+/// `r < BK` of a dX MXFP4 stage of the plan; the scale buffer holds `total` bytes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stage_scales_kn_mx_row(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    b_tile: SharedAddr,
+    e: u64,
+    n0: u32,
+    r: u32,
+    k_base: u32,
+    blocks_k: u64,
+    total: u64,
+) {
+    let ok = k_base + r < p.k_red;
+    let g = (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64;
+    // SAFETY: an 8-byte slot per row inside the stage; the buffer holds `total` bytes.
+    unsafe {
+        stage_scale_words(
+            b_tile.offset(plan.b_scales_in_stage + 8 * r),
+            p.scales_addr,
+            g,
+            total,
+            2,
+            ok,
+        )
+    };
+}
+
 /// Stages k-slice `kt` of both operands into pipeline stage `stage`, all as `cp.async` except
 /// the strided layout's element gather (stored directly). The activation tile is swizzled
 /// (`tiles::swizzled_offset`): read by `ldmatrix`, and with 64-element rows it is also the
@@ -222,22 +292,11 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
         };
         // Scales: the aligned word(s) holding bytes (e, n0 + n, kt·BK/32 ..+ BK/32) of each row.
         let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
-        let slot = mx_scale_slot_bytes(BK);
         let mut n = tid;
         while n < BN {
-            let ok = n0 + n < p.n_out && k_base < p.k_red;
-            let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
-            // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total`
-            // bytes.
+            // SAFETY: row `n < BN` of the stage.
             unsafe {
-                stage_scale_words(
-                    b_tile.offset(plan.b_scales_in_stage + slot * n),
-                    p.scales_addr,
-                    g,
-                    total,
-                    slot / 4,
-                    ok,
-                )
+                stage_scales_nk_mx_row::<BK>(p, plan, b_tile, e, n0, n, k_base, blocks_k, total)
             };
             n += threads;
         }
@@ -260,19 +319,8 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
         let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
         let mut r = tid;
         while r < BK {
-            let ok = k_base + r < p.k_red;
-            let g = (e * p.k_red as u64 + (k_base + r) as u64) * blocks_k + (n0 / 32) as u64;
-            // SAFETY: an 8-byte slot per row inside the stage; the buffer holds `total` bytes.
-            unsafe {
-                stage_scale_words(
-                    b_tile.offset(plan.b_scales_in_stage + 8 * r),
-                    p.scales_addr,
-                    g,
-                    total,
-                    2,
-                    ok,
-                )
-            };
+            // SAFETY: row `r < BK` of the stage.
+            unsafe { stage_scales_kn_mx_row(p, plan, b_tile, e, n0, r, k_base, blocks_k, total) };
             r += threads;
         }
     }

@@ -52,7 +52,8 @@ use crate::shared::tiles::{
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
     LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0, lora_right_layout,
-    nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices, stage_scale_words,
+    nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices,
+    stage_scales_kn_mx_row, stage_scales_nk_mx_row,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
@@ -361,35 +362,13 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 // One scale word slot per weight row (thread tid: row tid).
                 let blocks_k = p.k_red as u64 / 32;
                 let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
-                let slot_bytes = mx_scale_slot_bytes(BK);
-                let n = tid;
-                let ok = n0 + n < p.n_out && kt * BK < p.k_red;
-                let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (kt * (BK / 32)) as u64;
-                stage_scale_words(
-                    b_tile.offset(plan.b_scales_in_stage + slot_bytes * n),
-                    p.scales_addr,
-                    g,
-                    total,
-                    slot_bytes / 4,
-                    ok,
-                );
+                stage_scales_nk_mx_row::<BK>(p, plan, b_tile, e, n0, tid, kt * BK, blocks_k, total);
             } else if LAYOUT == BLayout::KnMxfp4 as u8 {
                 // An 8-byte window per reduction row (threads 0..BK).
                 let blocks_k = p.n_out as u64 / 32;
                 let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
-                let r = tid;
-                if r < BK {
-                    let ok = kt * BK + r < p.k_red;
-                    let g =
-                        (e * p.k_red as u64 + (kt * BK + r) as u64) * blocks_k + (n0 / 32) as u64;
-                    stage_scale_words(
-                        b_tile.offset(plan.b_scales_in_stage + 8 * r),
-                        p.scales_addr,
-                        g,
-                        total,
-                        2,
-                        ok,
-                    );
+                if tid < BK {
+                    stage_scales_kn_mx_row(p, plan, b_tile, e, n0, tid, kt * BK, blocks_k, total);
                 }
             }
             cp_async_mbarrier_arrive_noinc(bars.full(slot));
