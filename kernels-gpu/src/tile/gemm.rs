@@ -500,7 +500,7 @@ pub unsafe fn gemm<
 >(
     p: &GemmParams,
 ) {
-    const {
+    let cfg = const {
         let c = TileConfig {
             bm: BM,
             bn: BN,
@@ -518,15 +518,7 @@ pub unsafe fn gemm<
                 || BK == 32
                 || BK == 64
         );
-    };
-    let cfg = TileConfig {
-        bm: BM,
-        bn: BN,
-        bk: BK,
-        warps_m: WM,
-        warps_n: WN,
-        stages: STAGES,
-        wgmma: false,
+        c
     };
     let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });

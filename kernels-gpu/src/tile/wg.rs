@@ -585,7 +585,7 @@ pub unsafe fn gemm_wg<
 ) where
     [[f32; 4]; NJ]: WgAcc,
 {
-    const {
+    let cfg = const {
         let c = TileConfig {
             bm: BM,
             bn: BN,
@@ -598,15 +598,7 @@ pub unsafe fn gemm_wg<
         assert!(c.validate().is_ok() && c.threads() == THREADS);
         // 64-element activation rows: the 128-byte swizzle atom.
         assert!(NJ as u32 == BM / 8 && NJ % 2 == 0 && BK == 64 && STAGES >= 2);
-    };
-    let cfg = TileConfig {
-        bm: BM,
-        bn: BN,
-        bk: BK,
-        warps_m: 1,
-        warps_n: 8,
-        stages: STAGES,
-        wgmma: true,
+        c
     };
     let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
