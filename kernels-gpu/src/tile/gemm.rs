@@ -121,8 +121,9 @@ pub(crate) unsafe fn stage_scale_words(
 }
 
 /// Stages the scale word(s) of weight row `n0 + n` of a forward MXFP4 k-tile starting at
-/// reduction index `k_base` into row `n`'s slot of stage `b_tile`: the aligned word(s) holding
-/// bytes `(e, n0 + n, k_base/32 ..+ BK/32)` of the `total`-byte scales
+/// reduction index `k_base` (32-k block `k_block = k_base/32`) into row `n`'s slot of stage
+/// `b_tile`: the aligned word(s) holding bytes `(e, n0 + n, k_block ..+ BK/32)` of the
+/// `total`-byte scales
 /// (`blocks_k` per weight row).
 ///
 /// # Safety
@@ -137,12 +138,13 @@ pub(crate) unsafe fn stage_scales_nk_mx_row<const BK: u32>(
     n0: u32,
     n: u32,
     k_base: u32,
+    k_block: u32,
     blocks_k: u64,
     total: u64,
 ) {
     let slot = mx_scale_slot_bytes(BK);
     let ok = n0 + n < p.n_out && k_base < p.k_red;
-    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / 32) as u64;
+    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + k_block as u64;
     // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total` bytes.
     unsafe {
         stage_scale_words(
@@ -296,7 +298,18 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
         while n < BN {
             // SAFETY: row `n < BN` of the stage.
             unsafe {
-                stage_scales_nk_mx_row::<BK>(p, plan, b_tile, e, n0, n, k_base, blocks_k, total)
+                stage_scales_nk_mx_row::<BK>(
+                    p,
+                    plan,
+                    b_tile,
+                    e,
+                    n0,
+                    n,
+                    k_base,
+                    k_base / 32,
+                    blocks_k,
+                    total,
+                )
             };
             n += threads;
         }

@@ -362,7 +362,18 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 // One scale word slot per weight row (thread tid: row tid).
                 let blocks_k = p.k_red as u64 / 32;
                 let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
-                stage_scales_nk_mx_row::<BK>(p, plan, b_tile, e, n0, tid, kt * BK, blocks_k, total);
+                stage_scales_nk_mx_row::<BK>(
+                    p,
+                    plan,
+                    b_tile,
+                    e,
+                    n0,
+                    tid,
+                    kt * BK,
+                    kt * (BK / 32),
+                    blocks_k,
+                    total,
+                );
             } else if LAYOUT == BLayout::KnMxfp4 as u8 {
                 // An 8-byte window per reduction row (threads 0..BK).
                 let blocks_k = p.n_out as u64 / 32;
