@@ -306,6 +306,9 @@ pub enum CheckpointErrorKind {
     Metadata,
     /// A tensor whose values break a rule of the file format (e.g. an expert id out of range).
     Value,
+    /// A sharded checkpoint's shard: missing or unreadable, or named by the index with a path
+    /// outside the checkpoint folder.
+    Shard,
 }
 
 impl CheckpointErrorKind {
@@ -321,6 +324,7 @@ impl CheckpointErrorKind {
             Self::NanScale => "MXFP4 NaN scale",
             Self::Metadata => "metadata",
             Self::Value => "tensor value",
+            Self::Shard => "checkpoint shard",
         }
     }
 }

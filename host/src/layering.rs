@@ -222,6 +222,24 @@ fn the_lower_layers_do_not_reach_up() {
                 "device", "kernels", "launch", "op", "moe", "buffers", "runtime",
             ],
         ),
+        // The gpt-oss checkpoint loader reads files into host containers only.
+        (
+            "gpt_oss",
+            &[
+                "device",
+                "buffers",
+                "kernels",
+                "launch",
+                "op",
+                "moe",
+                "routing",
+                "runtime",
+                "tune",
+                "external",
+                "reference",
+                "tensor",
+            ],
+        ),
         // The file front end runs the public ops; it launches nothing itself.
         ("run_file", &["kernels", "launch", "external", "tune"]),
     ];

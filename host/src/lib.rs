@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod external;
+pub mod gpt_oss;
 pub mod kernels;
 pub mod launch;
 pub mod moe;
