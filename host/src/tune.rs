@@ -204,6 +204,24 @@ impl std::fmt::Debug for Tuner {
     }
 }
 
+/// The row of `GEMM_CONFIGS` that `MXMOE_GEMM_CONFIG=<index>` forces, if the variable is set; a
+/// value that is not an index of the table is [`Error::InvalidArgument`].
+pub fn forced_from_env() -> Result<Option<usize>> {
+    let Ok(v) = std::env::var("MXMOE_GEMM_CONFIG") else {
+        return Ok(None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(i) if i < GEMM_CONFIGS.len() => Ok(Some(i)),
+        _ => Err(Error::InvalidArgument {
+            what: "MXMOE_GEMM_CONFIG",
+            detail: format!(
+                "{v:?} is not an index of the tile configuration table (0..{})",
+                GEMM_CONFIGS.len()
+            ),
+        }),
+    }
+}
+
 /// The default cache path (see the module docs), or `None` when no home is known.
 pub fn default_cache_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("MXMOE_TUNE_CACHE") {
@@ -233,22 +251,10 @@ impl Tuner {
     /// [`default_cache_path`], and `MXMOE_GEMM_CONFIG=<index>` forcing one row of `GEMM_CONFIGS`
     /// for every GEMM (read once, here; a value that is not an index of the table is an error).
     pub fn from_env(device: &str) -> Result<Self> {
-        let forced = match std::env::var("MXMOE_GEMM_CONFIG") {
-            Err(_) => None,
-            Ok(v) => match v.trim().parse::<usize>() {
-                Ok(i) if i < GEMM_CONFIGS.len() => Some(i),
-                _ => {
-                    return Err(Error::InvalidArgument {
-                        what: "MXMOE_GEMM_CONFIG",
-                        detail: format!(
-                            "{v:?} is not an index of the tile configuration table (0..{})",
-                            GEMM_CONFIGS.len()
-                        ),
-                    });
-                }
-            },
-        };
-        Ok(Self::new(device, TuneMode::from_env(), default_cache_path()).with_forced(forced))
+        Ok(
+            Self::new(device, TuneMode::from_env(), default_cache_path())
+                .with_forced(forced_from_env()?),
+        )
     }
 
     /// The same tuner, forcing row `forced` of `GEMM_CONFIGS` (when `Some`) for every GEMM:

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use mxmoe::device::Gpu;
-use mxmoe::tune::{TuneMode, Tuner};
+use mxmoe::tune::{TuneMode, Tuner, forced_from_env};
 use mxmoe::{Error, Runtime};
 
 /// The shared device for this test binary, or `None` (after printing why) when there is none.
@@ -41,26 +41,14 @@ pub fn gpu() -> Option<&'static Runtime> {
 /// `gpu` with the tests' tuner: in memory, in `Default` mode, so tests never read or write the
 /// user's tuning cache and never time candidates; `MXMOE_GEMM_CONFIG=<index>` (read once per
 /// call) forces one tile configuration for every GEMM of the binary, and a forced configuration
-/// the device cannot run is an error of every call (see [`forced_config`]).
+/// the device cannot run is an error of every call; an invalid value panics.
 pub fn test_runtime(gpu: Gpu) -> Runtime {
     let name = gpu.limits().name.clone();
     Runtime::new(
         gpu,
-        Tuner::new(&name, TuneMode::Default, None).with_forced(forced_config()),
+        Tuner::new(&name, TuneMode::Default, None)
+            .with_forced(forced_from_env().unwrap_or_else(|e| panic!("{e}"))),
     )
-}
-
-/// The tile configuration forced for this test binary by `MXMOE_GEMM_CONFIG=<index>` (an index
-/// into `GEMM_CONFIGS`), if any; a value that is not an index of the table panics.
-pub fn forced_config() -> Option<usize> {
-    let v = std::env::var("MXMOE_GEMM_CONFIG").ok()?;
-    match v.parse::<usize>() {
-        Ok(i) if i < mxmoe::shared::tiles::GEMM_CONFIGS.len() => Some(i),
-        _ => panic!(
-            "MXMOE_GEMM_CONFIG={v:?} is not an index of GEMM_CONFIGS (0..{})",
-            mxmoe::shared::tiles::GEMM_CONFIGS.len()
-        ),
-    }
 }
 
 /// The host crate's test generator, compiled here from the same source.
