@@ -44,6 +44,7 @@ fn main() -> mxmoe::Result<()> {
         output_order: RowOrder::Grouped,     // out rows are slots, grouped by expert: [T·k, N]
         strategy: Strategy::Fused,           // Strategy B; Strategy::Auto chooses per call
         dequant_buffer: DequantBuffer::Keep, // used by Strategy A only
+        bias: None,                          // optional frozen per-expert bias [E, N]
     };
 
     let (fwd, saved) = layer.forward(&rt, &x, &routing, None)?; // None: no gates

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
+pub mod activation;
 pub mod buffers;
 pub mod checkpoint;
 pub mod device;

@@ -1,23 +1,30 @@
-//! The gated MoE MLP block (SPEC §6) on the GPU: two LoRA-fused expert linears
-//! ([`crate::op::ExpertLinear`]) around the SwiGLU activation, forward and backward, plus the
-//! router's CPU helper [`route_softmax_topk`].
+//! The gated MoE MLP block (SPEC §6, and gpt-oss's block of `GPT_OSS.md` §1) on the GPU: two
+//! LoRA-fused expert linears ([`crate::op::ExpertLinear`]) around a gated activation
+//! ([`Activation`]), forward and backward, plus the router's CPU helper [`route_softmax_topk`].
 //!
 //! # Flow
 //!
 //! With `x [T, H]`, a [`DeviceRouting`] of `T` tokens and `top_k` slots (`L = T·top_k` rows) and
 //! the gates `[T, top_k]`:
 //!
-//! 1. `gu = gate_up(x)`: token-ordered input, grouped output, `[L, 2I]` (bf16);
-//! 2. `h = silu(g)·u`, `[L, I]` (bf16), where `g = gu[:, :I]` (the *first* half is the gate) and
-//!    `u = gu[:, I:]`, clamped first when a limit is set (DeepSeek-V4: `g = min(g, lim)`,
-//!    `u = clamp(u, −lim, lim)`): the `mxmoe_swiglu_fwd_bf16` kernel, f32 math;
-//! 3. `y = down(h)`: grouped input, scattered output combined by the gates, `[T, H]`.
+//! 1. `gu = gate_up(x) + b_gu[e]`: token-ordered input, grouped output, `[L, 2I]` (bf16; the
+//!    optional frozen bias is added in the GEMM's epilogue before the rounding);
+//! 2. `h = act(gate, up)`, `[L, I]` (bf16), with each unit's gate and up in the columns of the
+//!    block's [`GateUpLayout`] (split halves, or interleaved as in gpt-oss's checkpoint) and the
+//!    activation SwiGLU (DeepSeek-V4's clamp optional) or gpt-oss's
+//!    `(clamp(u, −L, L) + 1)·g·σ(α·g)`, `g = min(gate, L)`: the `mxmoe_glu_fwd_bf16` kernel,
+//!    f32 math;
+//! 3. `y = Σ_j gate_j·(down(h) + b_d[e])`: grouped input, scattered per-slot rows (the optional
+//!    frozen down bias added in the epilogue, so the gates scale it), combined by the gates,
+//!    `[T, H]`.
 //!
 //! Backward (`dy [T, H]`): the down projection's backward gives `dh [L, I]`, the down LoRA
-//! gradients and `d_gates`; `mxmoe_swiglu_bwd_bf16` turns `gu` and `dh` into `d_gu [L, 2I]`
-//! (zero where the clamp cut: `gate > lim`, `|up| > lim`); the up projection's backward gives
-//! `dx [T, H]` and the gate/up LoRA gradients. The frozen base weights (bf16 or MXFP4) get no
-//! gradient. No host synchronisation unless a projection runs Strategy A or `Auto`.
+//! gradients and `d_gates = ⟨dy, o + b_d⟩` (from the stored per-slot rows, bias included);
+//! `mxmoe_glu_bwd_bf16` turns `gu` and `dh` into `d_gu [L, 2I]` (zero where the clamp cut; at
+//! exactly `±L` as the activation's [`crate::activation::ClampBoundary`] says); the up
+//! projection's backward gives `dx [T, H]` and the gate/up LoRA gradients. The frozen base
+//! weights (bf16 or MXFP4) and biases get no gradient. No host synchronisation unless a
+//! projection runs Strategy A or `Auto`.
 //!
 //! # What is kept between the passes
 //!
@@ -32,8 +39,9 @@
 //! gradients are each rounded once from f32 (the rounding points of
 //! [`crate::reference::moe`], which mirrors this flow on the CPU).
 
+use crate::activation::{Activation, GateUpLayout};
 use crate::error::{Error, Result};
-use crate::kernels::moe::{swiglu_bwd, swiglu_fwd};
+use crate::kernels::moe::{glu_bwd, glu_fwd};
 use crate::op::{
     self, Bf16Matrix, ExpertLinear, ExpertWeights, LoraWeights, RowOrder, Saved, Strategy,
 };
@@ -41,29 +49,38 @@ use crate::routing::DeviceRouting;
 use crate::runtime::Runtime;
 use crate::shared::bf16::round_bf16;
 
-/// One gated MoE MLP block: frozen expert weights in checkpoint layouts, optional LoRA on each
-/// projection, the optional clamp limit and the MXFP4 strategy of both projections.
+/// One gated MoE MLP block: frozen expert weights in checkpoint layouts and optional frozen
+/// biases, optional LoRA on each projection, the activation and its gate/up layout, and the
+/// MXFP4 strategy of both projections.
 #[derive(Clone, Copy)]
 pub struct MoeBlock<'a> {
-    /// `gate_up_proj [E, 2I, H]`: rows `[0, I)` of each expert produce the gate, `[I, 2I)` the up
-    /// half.
+    /// `gate_up_proj [E, 2I, H]`: each expert's rows hold the gates and ups in
+    /// [`MoeBlock::layout`]'s order (split: rows `[0, I)` gates, `[I, 2I)` ups; interleaved:
+    /// row `2i` gate `i`, `2i + 1` up `i`).
     pub gate_up: ExpertWeights<'a>,
     /// `down_proj [E, H, I]`.
     pub down: ExpertWeights<'a>,
-    /// LoRA of the gate/up projection (`A [E·r, H]`, `B [2I, E·r]`).
+    /// LoRA of the gate/up projection (`A [E·r, H]`, `B [2I, E·r]`, B's rows in the layout's
+    /// order).
     pub lora_gate_up: Option<&'a LoraWeights>,
     /// LoRA of the down projection (`A [E·r, I]`, `B [H, E·r]`).
     pub lora_down: Option<&'a LoraWeights>,
-    /// DeepSeek-V4's clamp limit (finite, positive; the model uses 10), or `None`.
-    pub limit: Option<f32>,
+    /// The gated activation (SwiGLU with an optional clamp limit, or gpt-oss's).
+    pub activation: Activation,
+    /// Where each unit's gate and up sit in a gate/up row.
+    pub layout: GateUpLayout,
+    /// Frozen gate/up bias `[E, 2I]` (in the layout's order), added before the activation.
+    pub gate_up_bias: Option<&'a Bf16Matrix>,
+    /// Frozen down bias `[E, H]`, added to each slot's row before the gates scale it.
+    pub down_bias: Option<&'a Bf16Matrix>,
     /// How MXFP4 weights are multiplied (both projections; ignored for bf16 weights).
     pub strategy: Strategy,
 }
 
 /// What [`backward`] needs: both projections' saved states (the down one keeps `h`), `gu`, the
-/// routing and the clamp limit. Owns (shares) everything it reads; borrows nothing.
+/// routing and the activation. Owns (shares) everything it reads; borrows nothing.
 pub struct MoeSaved {
-    limit: Option<f32>,
+    activation: (Activation, GateUpLayout),
     hidden: usize,
     routing: DeviceRouting,
     up: Saved,
@@ -131,15 +148,38 @@ fn check_lora(
 }
 
 impl<'a> MoeBlock<'a> {
-    /// A block without LoRA, without a clamp limit, with [`Strategy::Auto`].
+    /// A SwiGLU block (split gate/up halves) without LoRA, biases or clamp limit, with
+    /// [`Strategy::Auto`].
     pub fn new(gate_up: ExpertWeights<'a>, down: ExpertWeights<'a>) -> Self {
         Self {
             gate_up,
             down,
             lora_gate_up: None,
             lora_down: None,
-            limit: None,
+            activation: Activation::SwiGlu { limit: None },
+            layout: GateUpLayout::Split,
+            gate_up_bias: None,
+            down_bias: None,
             strategy: Strategy::Auto,
+        }
+    }
+
+    /// gpt-oss's block (`GPT_OSS.md` §1): interleaved gate/up rows, [`Activation::GPT_OSS`]
+    /// (α = 1.702, L = 7, strict clamp boundary; set [`MoeBlock::activation`] for a config's
+    /// own values), the frozen biases `gate_up_bias [E, 2I]` and `down_bias [E, H]`, no LoRA,
+    /// [`Strategy::Auto`].
+    pub fn gpt_oss(
+        gate_up: ExpertWeights<'a>,
+        down: ExpertWeights<'a>,
+        gate_up_bias: &'a Bf16Matrix,
+        down_bias: &'a Bf16Matrix,
+    ) -> Self {
+        Self {
+            activation: Activation::GPT_OSS,
+            layout: GateUpLayout::Interleaved,
+            gate_up_bias: Some(gate_up_bias),
+            down_bias: Some(down_bias),
+            ..Self::new(gate_up, down)
         }
     }
 
@@ -196,13 +236,20 @@ impl<'a> MoeBlock<'a> {
                 actual: format!("[{}, {}]", gates.rows(), gates.cols()),
             });
         }
-        if let Some(lim) = self.limit
-            && !(lim.is_finite() && lim > 0.0)
-        {
-            return Err(Error::InvalidArgument {
-                what: "limit",
-                detail: format!("must be finite and positive, got {lim}"),
-            });
+        self.activation.check()?;
+        for (bias, name, n) in [
+            (self.gate_up_bias, "gate_up bias", 2 * i),
+            (self.down_bias, "down bias", h),
+        ] {
+            if let Some(b) = bias
+                && (b.rows(), b.cols()) != (e, n)
+            {
+                return Err(Error::Shape {
+                    tensor: name,
+                    expected: format!("[{e}, {n}] (E, {})", if n == h { "H" } else { "2I" }),
+                    actual: format!("[{}, {}]", b.rows(), b.cols()),
+                });
+            }
         }
         check_lora(
             self.lora_gate_up,
@@ -224,6 +271,7 @@ impl<'a> MoeBlock<'a> {
             RowOrder::Grouped,
         )
         .with_strategy(self.strategy)
+        .with_bias(self.gate_up_bias)
     }
 
     /// The down projection: grouped input, scattered output (combined by the gates).
@@ -235,6 +283,7 @@ impl<'a> MoeBlock<'a> {
             RowOrder::Scattered,
         )
         .with_strategy(self.strategy)
+        .with_bias(self.down_bias)
     }
 
     /// Forward pass: `y [T, H]` and the state [`backward`] needs.
@@ -252,14 +301,15 @@ impl<'a> MoeBlock<'a> {
         let l = routing.rows();
         let (up, up_saved) = self.up_layer().forward(gpu, x, routing, None)?;
         let gu = up.out;
-        let h = Bf16Matrix::from_device(swiglu_fwd(gpu, gu.data(), l, i, self.limit)?, l, i)?;
+        let act = (self.activation, self.layout);
+        let h = Bf16Matrix::from_device(glu_fwd(gpu, gu.data(), l, i, act)?, l, i)?;
         // The down projection's saved state keeps `h`.
         let (down, down_saved) = self.down_layer().forward(gpu, &h, routing, Some(gates))?;
         let (y, down_strategy) = (down.out, down.strategy);
         Ok((
             y,
             MoeSaved {
-                limit: self.limit,
+                activation: act,
                 hidden,
                 routing: routing.clone(),
                 up: up_saved,
@@ -272,7 +322,8 @@ impl<'a> MoeBlock<'a> {
 }
 
 impl MoeSaved {
-    /// The gate/up projection's output `gu [L, 2I]` (grouped rows; gate half first).
+    /// The gate/up projection's output `gu [L, 2I]` (grouped rows, the layout's columns, bias
+    /// included).
     pub fn gu(&self) -> &Bf16Matrix {
         &self.gu
     }
@@ -318,7 +369,7 @@ pub fn backward(gpu: &Runtime, saved: &MoeSaved, dy: &Bf16Matrix) -> Result<MoeG
     })?;
     // Activation: d_gu [L, 2I] from gu and dh = the down projection's input gradient [L, I].
     let d_gu = Bf16Matrix::from_device(
-        swiglu_bwd(gpu, saved.gu.data(), down.dx.data(), l, i, saved.limit)?,
+        glu_bwd(gpu, saved.gu.data(), down.dx.data(), l, i, saved.activation)?,
         l,
         2 * i,
     )?;

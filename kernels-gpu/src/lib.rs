@@ -12,18 +12,19 @@
 //! - `tile/` (device only): fragments, stage loaders and warp-level MMA built from `ptx/`.
 //! - `kernels/` (device only): thin `extern "ptx-kernel"` entry points.
 #![cfg_attr(not(test), no_std)]
+// `core::intrinsics::exp2f32` in `shared::glu` (the activations' sigmoid), on every target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![cfg_attr(
     target_arch = "nvptx64",
     feature(
         abi_ptx,
         stdarch_nvptx,
         asm_experimental_arch,
-        core_intrinsics,
         gpu_intrinsics,
         gpu_launch_sized_workgroup_mem
     )
 )]
-#![cfg_attr(target_arch = "nvptx64", allow(internal_features))]
 
 pub mod shared;
 

@@ -313,18 +313,31 @@ def expert_linear(
 
 class MoeBlockFunction(torch.autograd.Function):
     """``y = MoeBlockFunction.apply(x, ids, gates, gu_A, gu_B, dn_A, dn_B, gu_w0, gu_w1, dn_w0,
-    dn_w1, gu_scaling, dn_scaling, limit, strategy)``: the gated SwiGLU MoE MLP,
-    ``y[t] = sum_j gates[t, j] * down_e(silu(g) * u)`` with ``[g | u] = gate_up_e(x[t])`` (gate
-    half first), ``e = ids[t, j]``. ``gate_up [E, 2I, H]``, ``down [E, H, I]``."""
+    dn_w1, gu_scaling, dn_scaling, limit, strategy, activation, alpha, clamp_boundary,
+    gate_up_bias, down_bias)``: the gated MoE MLP. ``gate_up [E, 2I, H]``, ``down [E, H, I]``.
+
+    - ``activation="swiglu"``: ``y[t] = sum_j gates[t, j] * down_e(silu(g) * u)`` with
+      ``[g | u] = gate_up_e(x[t])`` (gate half first), ``e = ids[t, j]``; ``limit`` is
+      DeepSeek-V4's optional clamp.
+    - ``activation="gpt_oss"``: gpt-oss's block: ``z = gate_up_e(x[t]) + gate_up_bias[e]`` with
+      gate ``i`` in column ``2i`` and up ``i`` in ``2i + 1`` (the checkpoint's order),
+      ``h = (clamp(u, -L, L) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, L)``,
+      ``y[t] = sum_j gates[t, j] * (down_e(h) + down_bias[e])``. ``alpha`` defaults to 1.702,
+      ``limit`` (L) to 7.0; ``clamp_boundary`` "strict" gives a zero gradient at exactly ±L
+      (current torch), "inclusive" passes it. The biases are frozen (no gradient)."""
 
     @staticmethod
     def forward(ctx, x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu_w0, gu_w1, dn_w0, dn_w1,
-                gu_scaling, dn_scaling, limit, strategy):
+                gu_scaling, dn_scaling, limit, strategy, activation="swiglu", alpha=None,
+                clamp_boundary="strict", gate_up_bias=None, down_bias=None):
         x = x.contiguous()
         ids = ids.contiguous()
         gates = gates.contiguous()
         gu_a, gu_b, dn_a, dn_b = (t.contiguous() if t is not None else None for t in (gu_a, gu_b, dn_a, dn_b))
         e, _, _ = _weights_shape(gu_w0, gu_w1)
+        # Held until the native call returns (a converted copy must outlive the launch).
+        gu_bias = _bias(gate_up_bias) if gate_up_bias is not None else None
+        dn_bias = _bias(down_bias) if down_bias is not None else None
         keep = any(ctx.needs_input_grad)
         out, state = _native.moe_forward(
             _gpu(x.device),
@@ -338,6 +351,11 @@ class MoeBlockFunction(torch.autograd.Function):
             limit=limit,
             strategy=strategy,
             keep_state=keep,
+            activation=activation,
+            alpha=alpha,
+            clamp_boundary=clamp_boundary,
+            gate_up_bias=_desc(gu_bias) if gu_bias is not None else None,
+            down_bias=_desc(dn_bias) if dn_bias is not None else None,
         )
         if keep:
             ctx.state = state
@@ -358,6 +376,7 @@ class MoeBlockFunction(torch.autograd.Function):
             d_gates if need[2] else None,
             *(g if need[3 + i] else None for i, g in enumerate(grads)),
             None, None, None, None, None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -372,10 +391,19 @@ def moe_block(
     limit: Optional[float] = None,
     strategy: str = "auto",
     *,
+    activation: str = "swiglu",
+    alpha: Optional[float] = None,
+    clamp_boundary: str = "strict",
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
     allow_nan_scales: bool = False,
 ) -> torch.Tensor:
-    """The gated MoE MLP block. ``*_lora`` are ``(A, B, scaling)``. See ``MoeBlockFunction``.
-    MXFP4 scales holding the NaN byte 255 raise ``MxmoeError`` unless ``allow_nan_scales=True``."""
+    """The gated MoE MLP block. ``*_lora`` are ``(A, B, scaling)`` with ``A [E*r, K]`` and
+    ``B [N, E*r]`` expert-major (column ``e*r + j``; PEFT's B is rank-major, see
+    ``mxmoe.gpt_oss``). ``activation`` is ``"swiglu"`` or ``"gpt_oss"`` (interleaved gate/up,
+    frozen ``gate_up_bias [E, 2I]`` and ``down_bias [E, H]``, ``alpha``, ``limit`` and
+    ``clamp_boundary``). See ``MoeBlockFunction``. MXFP4 scales holding the NaN byte 255 raise
+    ``MxmoeError`` unless ``allow_nan_scales=True``."""
     gu0, gu1 = _split_weights(gate_up)
     dn0, dn1 = _split_weights(down)
     if not allow_nan_scales:
@@ -386,8 +414,14 @@ def moe_block(
     gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 1.0)
     dn_a, dn_b, dn_s = down_lora if down_lora is not None else (None, None, 1.0)
     return MoeBlockFunction.apply(
-        x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu0, gu1, dn0, dn1, gu_s, dn_s, limit, strategy
+        x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu0, gu1, dn0, dn1, gu_s, dn_s, limit, strategy,
+        activation, alpha, clamp_boundary, gate_up_bias, down_bias,
     )
+
+
+def _bias(b: torch.Tensor) -> torch.Tensor:
+    """A frozen bias as the kernels read it: bf16, contiguous, detached (no gradient flows)."""
+    return b.detach().to(torch.bfloat16).contiguous()
 
 
 def route_topk(logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:

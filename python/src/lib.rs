@@ -20,6 +20,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use mxmoe::activation::{Activation, GateUpLayout};
 use mxmoe::checkpoint::Checkpoint;
 use mxmoe::device::Gpu;
 use mxmoe::external::{borrow_lora, check_device_tensor};
@@ -827,11 +828,47 @@ impl MoeState {
     }
 }
 
-/// Forward of the gated MoE MLP block (SwiGLU): returns `y [T, H]` as a DLPack capsule and the
-/// state for [`moe_backward`] when `keep_state`.
+/// The block's activation from the Python arguments: `"swiglu"` (split gate/up halves, the
+/// optional clamp `limit`) or `"gpt_oss"` (interleaved gate/up, `alpha` default 1.702, `limit`
+/// default 7.0, `clamp_boundary` `"strict"` or `"inclusive"`).
+fn block_activation(
+    activation: &str,
+    alpha: Option<f32>,
+    limit: Option<f32>,
+    clamp_boundary: &str,
+) -> PyRes<(Activation, GateUpLayout)> {
+    match activation {
+        "swiglu" => {
+            if alpha.is_some() {
+                return Err(invalid(
+                    "alpha",
+                    "only the gpt_oss activation takes it (SwiGLU's slope is 1)",
+                ));
+            }
+            Ok((Activation::SwiGlu { limit }, GateUpLayout::Split))
+        }
+        "gpt_oss" => Ok((
+            Activation::GptOss {
+                alpha: alpha.unwrap_or(1.702),
+                limit: limit.unwrap_or(7.0),
+                boundary: parse_arg("clamp_boundary", clamp_boundary)?,
+            },
+            GateUpLayout::Interleaved,
+        )),
+        other => Err(invalid(
+            "activation",
+            format!("expected \"swiglu\" or \"gpt_oss\", got {other:?}"),
+        )),
+    }
+}
+
+/// Forward of the gated MoE MLP block (SwiGLU, or gpt-oss's block with its biases): returns
+/// `y [T, H]` as a DLPack capsule and the state for [`moe_backward`] when `keep_state`.
 #[pyfunction]
 #[pyo3(signature = (gpu, x, ids, gates, gate_up, down, *, lora_gate_up = None,
-                    lora_down = None, limit = None, strategy = "auto", keep_state = true))]
+                    lora_down = None, limit = None, strategy = "auto", keep_state = true,
+                    activation = "swiglu", alpha = None, clamp_boundary = "strict",
+                    gate_up_bias = None, down_bias = None))]
 #[allow(clippy::too_many_arguments)]
 fn moe_forward(
     py: Python<'_>,
@@ -846,9 +883,23 @@ fn moe_forward(
     limit: Option<f32>,
     strategy: &str,
     keep_state: bool,
+    activation: &str,
+    alpha: Option<f32>,
+    clamp_boundary: &str,
+    gate_up_bias: Option<Desc>,
+    down_bias: Option<Desc>,
 ) -> PyRes<(PyObject, Option<MoeState>)> {
     let g = &gpu.gpu;
     let strategy: Strategy = parse_arg("strategy", strategy)?;
+    let (activation, layout) = block_activation(activation, alpha, limit, clamp_boundary)?;
+    let gate_up_bias = gate_up_bias
+        .as_ref()
+        .map(|b| borrow_matrix("gate_up_bias", b, g))
+        .transpose()?;
+    let down_bias = down_bias
+        .as_ref()
+        .map(|b| borrow_matrix("down_bias", b, g))
+        .transpose()?;
     let gate_up = OwnedWeights::borrow(&gate_up, g)?;
     let down = OwnedWeights::borrow(&down, g)?;
     let x = borrow_matrix("x", &x, g)?;
@@ -867,7 +918,10 @@ fn moe_forward(
         down: down.get(),
         lora_gate_up: lora_gate_up.as_ref(),
         lora_down: lora_down.as_ref(),
-        limit,
+        activation,
+        layout,
+        gate_up_bias: gate_up_bias.as_ref(),
+        down_bias: down_bias.as_ref(),
         strategy,
     };
     let (y, saved) = block.forward(g, &x, &routing, &gates).map_err(to_py)?;

@@ -48,10 +48,11 @@ def rel_err(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
 
 
-def ref_linear(x, ids, w, lora=None, gates=None):
+def ref_linear(x, ids, w, lora=None, gates=None, bias=None):
     """Reference expert linear. x: [T, K] (fan-out over k slots) or [T*k, K] (per slot);
-    w: [E, N, K] f32; lora: (A [E*r, K], B [N, E*r], s). Output [T*k, N], or [T, N] with gates.
-    Rounding points as in mxmoe: bf16(x A^T), per-slot output, gated sum."""
+    w: [E, N, K] f32; lora: (A [E*r, K], B [N, E*r], s); bias [E, N] (added before the per-slot
+    rounding). Output [T*k, N], or [T, N] with gates. Rounding points as in mxmoe: bf16(x A^T),
+    per-slot output, gated sum."""
     t, k = ids.shape
     e_count, n, _ = w.shape
     xs = x.float()
@@ -70,6 +71,8 @@ def ref_linear(x, ids, w, lora=None, gates=None):
             r = a.shape[0] // e_count
             xa = (xe @ a[e * r:(e + 1) * r].float().T).to(bf16).float()
             y = y + s * (xa @ b[:, e * r:(e + 1) * r].float().T)
+        if bias is not None:
+            y = y + bias[e].float()
         out[m] = y
     out = out.to(bf16).float()
     if gates is None:
@@ -86,6 +89,16 @@ def ref_moe(x, ids, gates, w_gu, w_dn, gu_lora, dn_lora, limit=None):
         u = u.clamp(-limit, limit)
     h = (F.silu(g) * u).to(bf16).float()
     return ref_linear(h, ids, w_dn, dn_lora, gates)
+
+
+def ref_gpt_oss_moe(x, ids, gates, w_gu, w_dn, gu_lora, dn_lora, b_gu, b_dn, alpha, limit):
+    """gpt-oss's block (GPT_OSS.md §1) at mxmoe's rounding points: interleaved gate/up (gate
+    2i, up 2i+1), the gate/up bias before the activation, the down bias before the gates."""
+    gu = ref_linear(x, ids, w_gu, gu_lora, bias=b_gu)
+    g = gu[:, 0::2].clamp(max=limit)
+    u = gu[:, 1::2].clamp(-limit, limit)
+    h = ((u + 1) * g * torch.sigmoid(alpha * g)).to(bf16).float()
+    return ref_linear(h, ids, w_dn, dn_lora, gates, bias=b_dn)
 
 
 def random_ids(t, e, k, gen, device, drop_one=False):
@@ -350,6 +363,66 @@ def test_moe_block_forward_backward_match_reference(shape, limit):
     yr.backward(dy.float())
     for got, want in zip(leaves, refs):
         assert rel_err(got.grad, want.grad) < 5e-2
+
+
+GPT_OSS_SHAPES = [
+    # E, H, I, T, top_k, r
+    pytest.param((8, 64, 96, 32, 4, 8), id="E8-H64-I96-T32-k4-r8"),
+    pytest.param((8, 192, 160, 24, 4, 1), id="E8-H192-I160-T24-k4-r1-tails"),
+]
+
+
+@cuda
+@pytest.mark.parametrize("shape", GPT_OSS_SHAPES)
+@pytest.mark.parametrize("strategy", ["fused", "selective"])
+def test_gpt_oss_block_forward_backward_match_reference(shape, strategy):
+    e, h, i, t, top_k, r = shape
+    alpha, limit = 1.702, 2.0  # a limit that clamps a few percent of these N(0, 1)-ish values
+    gen = torch.Generator().manual_seed(11)
+    w_gu = torch.randn((e, 2 * i, h), generator=gen) / h**0.5
+    w_dn = torch.randn((e, h, i), generator=gen) / i**0.5
+    gu_p, gu_s = (z.cuda() for z in mxmoe.quantize(w_gu))
+    dn_p, dn_s = (z.cuda() for z in mxmoe.quantize(w_dn))
+    wq_gu, wq_dn = torch_dequantize(gu_p, gu_s), torch_dequantize(dn_p, dn_s)
+    b_gu = (torch.randn((e, 2 * i), generator=gen) * 0.5).to(bf16).cuda()
+    b_dn = (torch.randn((e, h), generator=gen) * 0.5).to(bf16).cuda()
+
+    def lora(k_dim, n):
+        a = (torch.randn((e * r, k_dim), generator=gen) / k_dim**0.5).to(bf16).cuda()
+        b = (torch.randn((n, e * r), generator=gen) * 0.3).to(bf16).cuda()
+        return a, b
+
+    gua, gub = lora(h, 2 * i)
+    dna, dnb = lora(i, h)
+    x0 = torch.randn((t, h), generator=gen).to(bf16).cuda()
+    ids = random_ids(t, e, top_k, gen, "cuda", drop_one=True)
+    g0 = torch.rand((t, top_k), generator=gen).to(bf16).cuda()
+
+    leaves = [z.clone().requires_grad_() for z in (x0, g0, gua, gub, dna, dnb)]
+    x, g, a1, b1, a2, b2 = leaves
+    y = mxmoe.moe_block(x, ids, g, (gu_p, gu_s), (dn_p, dn_s), (a1, b1, 2.0), (a2, b2, 2.0),
+                        limit=limit, strategy=strategy, activation="gpt_oss", alpha=alpha,
+                        gate_up_bias=b_gu, down_bias=b_dn)
+    refs = [z.float().requires_grad_() for z in (x0, g0, gua, gub, dna, dnb)]
+    xr, gr, a1r, b1r, a2r, b2r = refs
+    yr = ref_gpt_oss_moe(xr, ids, gr, wq_gu, wq_dn, (a1r, b1r, 2.0), (a2r, b2r, 2.0),
+                         b_gu, b_dn, alpha, limit)
+    assert y.shape == (t, h)
+    assert rel_err(y, yr) < 3e-2
+    # The biases and the gpt-oss form matter: the SwiGLU block on the same inputs is far off.
+    y_swiglu = mxmoe.moe_block(x0, ids, g0, (gu_p, gu_s), (dn_p, dn_s), (gua, gub, 2.0),
+                               (dna, dnb, 2.0), limit=limit, strategy=strategy)
+    assert rel_err(y_swiglu, yr) > 0.2
+    dy = torch.randn(y.shape, generator=gen).to(bf16).cuda()
+    y.backward(dy)
+    yr.backward(dy.float())
+    for got, want in zip(leaves, refs):
+        assert rel_err(got.grad, want.grad) < 5e-2
+    with pytest.raises(mxmoe.MxmoeError, match="activation"):
+        mxmoe.moe_block(x0, ids, g0, (gu_p, gu_s), (dn_p, dn_s), activation="geglu")
+    with pytest.raises(mxmoe.MxmoeError, match="gate_up bias"):
+        mxmoe.moe_block(x0, ids, g0, (gu_p, gu_s), (dn_p, dn_s), activation="gpt_oss",
+                        gate_up_bias=b_dn, down_bias=b_dn)
 
 
 @cuda

@@ -190,6 +190,8 @@ pub mod linear_case {
         pub dropped_permille: u64,
         /// Route only to the first `active` experts (0: all).
         pub active: usize,
+        /// A frozen per-expert bias `[E, N]` (`randn`) in the forward.
+        pub bias: bool,
     }
 
     impl Case {
@@ -216,6 +218,7 @@ pub mod linear_case {
                 gates: false,
                 dropped_permille: 0,
                 active: 0,
+                bias: false,
             }
         }
     }
@@ -292,6 +295,8 @@ pub mod linear_case {
         pub gates: Option<Vec<f32>>,
         /// Scaling.
         pub s: f32,
+        /// The bias `[E, N]` (cases with `bias`).
+        pub bias: Option<Vec<f32>>,
     }
 
     /// The case's LoRA factors on the device: `A [E·r, K]`, `B [N, E·r]`, scaling `s`.
@@ -342,6 +347,8 @@ pub mod linear_case {
         let a = rng.normal_bf16(c.e * c.r * c.k, inv_sqrt(c.k));
         let b = rng.normal_bf16(c.n * c.e * c.r, inv_sqrt(c.r));
         let s = 1.25 + 0.5 * rng.uniform();
+        // Drawn last, so a case without a bias draws exactly what it drew before biases existed.
+        let bias = c.bias.then(|| rng.normal_bf16(c.e * c.n, 1.0));
         Data {
             ids,
             x,
@@ -351,6 +358,7 @@ pub mod linear_case {
             b,
             gates: c.gates.then_some(gates),
             s,
+            bias,
         }
     }
 
@@ -368,6 +376,7 @@ pub mod linear_case {
                 b: m(&self.b),
                 gates: self.gates.as_deref().map(m),
                 s: f(self.s),
+                bias: self.bias.as_deref().map(m),
             }
         }
     }
@@ -437,9 +446,15 @@ pub mod linear_case {
             Base::MxRecompute(_) => (Strategy::SelectiveDequant, DequantBuffer::Recompute),
             Base::Dense(_) => (Strategy::Fused, DequantBuffer::Keep),
         };
+        let bias = d
+            .bias
+            .as_ref()
+            .map(|b| Bf16Matrix::from_f32(gpu, b, c.e, c.n).unwrap());
         let layer = ExpertLinear {
             dequant_buffer: buffer,
-            ..ExpertLinear::new(weights, lora.as_ref(), c.input, c.output).with_strategy(strategy)
+            ..ExpertLinear::new(weights, lora.as_ref(), c.input, c.output)
+                .with_strategy(strategy)
+                .with_bias(bias.as_ref())
         };
         let (fwd, saved) = layer.forward(gpu, &x, &routing, gates.as_ref()).unwrap();
         let dy_m = Bf16Matrix::from_f32(gpu, dy, fwd.out.rows(), fwd.out.cols()).unwrap();
@@ -488,7 +503,7 @@ pub mod linear_case {
             input_order: c.input,
             output_order: c.output,
             gates: d.gates.as_deref(),
-            bias: None,
+            bias: d.bias.as_deref(),
         }
     }
 

@@ -37,6 +37,21 @@ fn spec_small_shape_grouped_in_scattered_out_with_gates() {
 }
 
 #[test]
+fn frozen_bias_in_both_output_orders() {
+    // Grouped output; scattered output with gates (the bias is in each slot's row, so the gates
+    // scale it and `d_gates` sees it) and dropped slots (which get no bias).
+    check(Case {
+        bias: true,
+        ..spec_small()
+    });
+    check(Case {
+        bias: true,
+        dropped_permille: 150,
+        ..spec_small_gated()
+    });
+}
+
+#[test]
 fn spec_representative_shape() {
     check(spec_representative());
 }

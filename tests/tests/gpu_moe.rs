@@ -1,8 +1,16 @@
 //! GPU parity of the gated MoE MLP block (SPEC §6: gate/up projection → SwiGLU with the optional
-//! DeepSeek-V4 clamp → gated down projection) against the CPU block reference
-//! (`mxmoe::reference::moe`, bf16 rounding points), forward and backward, with LoRA on both
-//! projections and `s ≠ 0`, for bf16 weights, MXFP4 Strategy B (fused) and MXFP4 Strategy A
+//! DeepSeek-V4 clamp → gated down projection; and gpt-oss's block of `GPT_OSS.md` §1:
+//! interleaved gate/up, frozen biases, `(clamp(u) + 1)·g·σ(α g)`) against the CPU block
+//! reference (`mxmoe::reference::moe`, bf16 rounding points), forward and backward, with LoRA on
+//! both projections and `s ≠ 0`, for bf16 weights, MXFP4 Strategy B (fused) and MXFP4 Strategy A
 //! (selective dequant).
+//!
+//! The gpt-oss cases draw biases `0.5·randn` (large enough that a missing or misplaced bias
+//! fails every tensor's tolerance) and use the clamp limit of the SwiGLU cases (2.5, so a few
+//! percent of the ~N(0, 1) gates and ups are clamped; the model's 7 would clamp none of them).
+//! The boundary cases zero every fourth token's `x`, so those rows of `gu` are exactly the
+//! bias, and set a tenth of the bias entries to exactly `±L`: the clamp's gradient at exactly
+//! the limit is then exercised under both rules.
 //!
 //! Data (SPEC §6's integration test, scaled as §8): `gate_up = randn(E, 2I, H)/√H`,
 //! `down = randn(E, H, I)/√I` (bf16, then MXFP4-quantized for the MXFP4 paths, whose reference
@@ -21,7 +29,9 @@ use mxmoe::Runtime;
 use mxmoe::moe::{MoeBlock, MoeGrads, backward, route_softmax_topk};
 use mxmoe::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4_bf16};
 use mxmoe::op::{Bf16Matrix, DenseExperts, ExpertWeights, LoraWeights, MxExperts, Strategy};
-use mxmoe::reference::moe::{Activation, GateUpLayout, MoeProblem, RefLora, moe_forward_backward};
+use mxmoe::reference::moe::{
+    Activation, ClampBoundary, GateUpLayout, MoeProblem, RefLora, moe_forward_backward,
+};
 use mxmoe::reference::{DROPPED, Rounding, flatten_sort_count};
 use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
@@ -65,6 +75,40 @@ struct Block {
     stride: usize,
     /// Per mille of slots dropped (expert id −1).
     dropped_permille: u64,
+    /// gpt-oss's block (interleaved gate/up, biases, its activation with this clamp boundary and
+    /// the case's limit), or `None` for SwiGLU (split halves, no biases).
+    gpt_oss: Option<ClampBoundary>,
+    /// Boundary data: every fourth token's `x` is zero and a tenth of the gate/up bias entries
+    /// are exactly `±limit` (gpt-oss cases only).
+    at_limit: bool,
+}
+
+impl Block {
+    /// The block's activation and gate/up layout.
+    fn activation(&self) -> (Activation, GateUpLayout) {
+        match self.gpt_oss {
+            None => (
+                Activation::SwiGlu { limit: self.limit },
+                GateUpLayout::Split,
+            ),
+            Some(boundary) => (
+                Activation::GptOss {
+                    alpha: 1.702,
+                    limit: self.limit.expect("gpt-oss cases set a limit"),
+                    boundary,
+                },
+                GateUpLayout::Interleaved,
+            ),
+        }
+    }
+}
+
+/// gpt-oss's block on the tiny shape, with the SwiGLU cases' limit and `boundary`.
+fn tiny_gpt_oss(boundary: ClampBoundary, seed: u64) -> Block {
+    Block {
+        gpt_oss: Some(boundary),
+        ..tiny(Some(LIMIT), seed)
+    }
 }
 
 /// SPEC §6's DeepSeek-V4-style tiny block.
@@ -80,6 +124,8 @@ fn tiny(limit: Option<f32>, seed: u64) -> Block {
         seed,
         stride: 1,
         dropped_permille: 0,
+        gpt_oss: None,
+        at_limit: false,
     }
 }
 
@@ -101,6 +147,8 @@ fn large(seed: u64) -> Block {
         seed,
         stride: 128,
         dropped_permille: 0,
+        gpt_oss: None,
+        at_limit: false,
     }
 }
 
@@ -143,6 +191,8 @@ struct Data {
     dy: Vec<f32>,
     /// Tokens whose `dy` row is non-zero, ascending.
     checked: Vec<usize>,
+    /// gpt-oss cases: the gate/up bias `[E, 2I]` and the down bias `[E, H]`.
+    biases: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// `experts·per_expert` values `scale·N(0, 1)` as bf16 bits: one generator per expert, experts
@@ -175,7 +225,12 @@ fn draw(b: &Block) -> Data {
             *id = DROPPED;
         }
     }
-    let x = rng.normal_bf16(b.t * b.h, 1.0);
+    let mut x = rng.normal_bf16(b.t * b.h, 1.0);
+    if b.at_limit {
+        for row in x.chunks_exact_mut(b.h).step_by(4) {
+            row.fill(0.0);
+        }
+    }
     let er = b.e * b.r;
     let a_up = rng.normal_bf16(er * b.h, 0.05);
     let b_up = rng.normal_bf16(2 * b.i * er, 0.05);
@@ -190,6 +245,16 @@ fn draw(b: &Block) -> Data {
     }
     let gate_up = normal_bits(b.e, 2 * b.i * b.h, 1.0 / (b.h as f32).sqrt(), b.seed ^ 0x6A);
     let down = normal_bits(b.e, b.h * b.i, 1.0 / (b.i as f32).sqrt(), b.seed ^ 0xD0);
+    let biases = b.gpt_oss.map(|_| {
+        let mut gu = rng.normal_bf16(b.e * 2 * b.i, 0.5);
+        if b.at_limit {
+            let lim = b.limit.expect("gpt-oss cases set a limit");
+            for (j, v) in gu.iter_mut().enumerate().filter(|(j, _)| j % 10 == 3) {
+                *v = if j % 20 == 3 { lim } else { -lim };
+            }
+        }
+        (gu, rng.normal_bf16(b.e * b.h, 0.5))
+    });
     Data {
         ids,
         gates,
@@ -202,6 +267,7 @@ fn draw(b: &Block) -> Data {
         b_down,
         dy,
         checked,
+        biases,
     }
 }
 
@@ -283,13 +349,22 @@ fn run_gpu(
         }
         (_, None) => panic!("the MXFP4 paths need quantized weights"),
     };
+    let biases = d.biases.as_ref().map(|(gu, dn)| {
+        (
+            Bf16Matrix::from_f32(gpu, gu, b.e, 2 * b.i).unwrap(),
+            Bf16Matrix::from_f32(gpu, dn, b.e, b.h).unwrap(),
+        )
+    });
+    let (activation, layout) = b.activation();
     let block = MoeBlock {
-        gate_up: w_gu,
-        down: w_dn,
         lora_gate_up: Some(&lora_up),
         lora_down: Some(&lora_down),
-        limit: b.limit,
+        activation,
+        layout,
+        gate_up_bias: biases.as_ref().map(|(gu, _)| gu),
+        down_bias: biases.as_ref().map(|(_, dn)| dn),
         strategy: path.strategy(),
+        ..MoeBlock::new(w_gu, w_dn)
     };
     let (y, saved) = block.forward(gpu, &x, &routing, &gates).unwrap();
     assert_eq!((y.rows(), y.cols()), (b.t, b.h));
@@ -358,10 +433,10 @@ fn reference(b: &Block, d: &Data, w_gu: &[f32], w_dn: &[f32]) -> (Results, Vec<u
             scaling: SCALING,
         }),
         gates: &gates,
-        activation: Activation::SwiGlu { limit: b.limit },
-        layout: GateUpLayout::Split,
-        gate_up_bias: None,
-        down_bias: None,
+        activation: b.activation().0,
+        layout: b.activation().1,
+        gate_up_bias: d.biases.as_ref().map(|(gu, _)| gu.as_slice()),
+        down_bias: d.biases.as_ref().map(|(_, dn)| dn.as_slice()),
     };
     let (f, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
     let scatter = |v: &[f32], width: usize| -> Vec<f32> {
@@ -458,6 +533,49 @@ parity_tests! {
     large_block_bf16_matches_reference: large(50), [Bf16];
     large_block_mxfp4_fused_and_selective_match_reference:
         large(51), [MxFused, MxSelective];
+    tiny_gpt_oss_block_matches_reference_on_every_path:
+        tiny_gpt_oss(ClampBoundary::Strict, 80), [Bf16, MxFused, MxSelective];
+    tiny_gpt_oss_block_with_dropped_slots_matches_reference:
+        Block { dropped_permille: 200, ..tiny_gpt_oss(ClampBoundary::Strict, 81) },
+        [Bf16, MxFused, MxSelective];
+    gpt_oss_strict_boundary_at_exactly_the_limit_matches_reference:
+        Block { at_limit: true, ..tiny_gpt_oss(ClampBoundary::Strict, 82) },
+        [Bf16, MxFused, MxSelective];
+    gpt_oss_inclusive_boundary_at_exactly_the_limit_matches_reference:
+        Block { at_limit: true, ..tiny_gpt_oss(ClampBoundary::Inclusive, 83) }, [Bf16, MxFused];
+    gpt_oss_block_with_k_and_n_tails_matches_reference:
+        Block { h: 192, i: 160, e: 8, top_k: 4, t: 24, ..tiny_gpt_oss(ClampBoundary::Strict, 84) },
+        [Bf16, MxFused, MxSelective];
+}
+
+#[test]
+fn the_boundary_rule_and_the_biases_change_the_results() {
+    // With gate/up values exactly at ±L, the strict and inclusive rules give different
+    // gradients; without the biases, different outputs. The parity tests above see each rule
+    // and the biases only through the reference, so this pins that both are real inputs.
+    let Some(gpu) = gpu() else { return };
+    let strict = Block {
+        at_limit: true,
+        ..tiny_gpt_oss(ClampBoundary::Strict, 85)
+    };
+    let inclusive = Block {
+        gpt_oss: Some(ClampBoundary::Inclusive),
+        ..strict
+    };
+    let d = draw(&strict);
+    let a = run_gpu(gpu, &strict, &d, Path::Bf16, None);
+    let b = run_gpu(gpu, &inclusive, &d, Path::Bf16, None);
+    assert_eq!(a.y, b.y, "the rule changes only gradients");
+    assert_ne!(a.dx, b.dx, "exact ±L values must see the boundary rule");
+    let no_bias = Data {
+        biases: d
+            .biases
+            .as_ref()
+            .map(|(gu, dn)| (vec![0.0; gu.len()], vec![0.0; dn.len()])),
+        ..draw(&strict)
+    };
+    let c = run_gpu(gpu, &strict, &no_bias, Path::Bf16, None);
+    assert_ne!(a.y, c.y);
 }
 
 #[test]
@@ -524,6 +642,8 @@ fn bad_shapes_are_typed_errors_before_any_launch() {
         seed: 70,
         stride: 1,
         dropped_permille: 0,
+        gpt_oss: None,
+        at_limit: false,
     };
     let d = draw(&b);
     let routing = DeviceRouting::from_host_ids(gpu, &d.ids, b.t, b.top_k, b.e).unwrap();
@@ -549,11 +669,32 @@ fn bad_shapes_are_typed_errors_before_any_launch() {
     assert_shape_error(ok.forward(gpu, &x, &routing, &gates_bad), "gates");
     for lim in [0.0, f32::NAN, f32::INFINITY] {
         let clamped = MoeBlock {
-            limit: Some(lim),
+            activation: Activation::SwiGlu { limit: Some(lim) },
             ..ok
         };
         assert_invalid_argument(clamped.forward(gpu, &x, &routing, &gates), "limit");
+        let alpha = MoeBlock {
+            activation: Activation::GptOss {
+                alpha: lim,
+                limit: 7.0,
+                boundary: ClampBoundary::Strict,
+            },
+            ..ok
+        };
+        assert_invalid_argument(alpha.forward(gpu, &x, &routing, &gates), "alpha");
     }
+    // Biases of the wrong shapes: [E, H] as the gate/up bias, [E, 2I] as the down bias.
+    let bias_h = Bf16Matrix::from_f32(gpu, &vec![0.0; b.e * b.h], b.e, b.h).unwrap();
+    let bias_2i = Bf16Matrix::from_f32(gpu, &vec![0.0; b.e * 2 * b.i], b.e, 2 * b.i).unwrap();
+    let result = MoeBlock::gpt_oss(ok.gate_up, ok.down, &bias_2i, &bias_h)
+        .forward(gpu, &x, &routing, &gates);
+    assert!(result.is_ok(), "the right bias shapes run");
+    let result =
+        MoeBlock::gpt_oss(ok.gate_up, ok.down, &bias_h, &bias_h).forward(gpu, &x, &routing, &gates);
+    assert_shape_error(result, "gate_up bias");
+    let result = MoeBlock::gpt_oss(ok.gate_up, ok.down, &bias_2i, &bias_2i)
+        .forward(gpu, &x, &routing, &gates);
+    assert_shape_error(result, "down bias");
     // LoRA of the down projection given to the gate/up projection.
     let lora_down = LoraWeights {
         a: Bf16Matrix::from_f32(gpu, &d.a_down, b.e * b.r, b.i).unwrap(),

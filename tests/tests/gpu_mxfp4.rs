@@ -64,6 +64,10 @@ fn check(c: Case) -> Option<GpuResult> {
 fn spec_small_shape_matches_dense_path_bitwise() {
     check(spec_small());
     check(spec_small_gated());
+    check(Case {
+        bias: true,
+        ..spec_small_gated()
+    });
 }
 
 #[test]

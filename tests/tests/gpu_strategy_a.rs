@@ -1,12 +1,12 @@
 //! Strategy A (selective dequantization): bitwise equal to the bf16 path on the fully
 //! dequantized weights — forward, dX, dA, dB, d_gates — at SPEC §7 shapes, with 10 of 256
 //! experts active, with every expert active (no gather), with the buffer recomputed in backward,
-//! and when every slot is dropped.
+//! when every slot is dropped, and with a frozen bias gathered for spread-out active experts.
 
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
-use mxmoe::op::Strategy;
+use mxmoe::op::{RowOrder, Strategy};
 use mxmoe_tests::linear_case::{
-    Base, Case, GpuResult, draw, out_rows, run_gpu_with, spec_representative, spec_small,
+    Base, Case, Data, GpuResult, draw, out_rows, run_gpu_with, spec_representative, spec_small,
     spec_small_gated,
 };
 use mxmoe_tests::{Rng, gpu};
@@ -28,8 +28,11 @@ fn assert_bitwise(a: &GpuResult, b: &GpuResult) {
 }
 
 fn check(c: Case) {
+    check_data(c, draw(&c));
+}
+
+fn check_data(c: Case, d: Data) {
     let Some(gpu) = gpu() else { return };
-    let d = draw(&c);
     let mx: MxWeights = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
     let deq = dequantize_f32(&mx);
     let dy = Rng::new(c.seed ^ 0xA5).normal_bf16(out_rows(&c) * c.n, 1.0);
@@ -85,4 +88,24 @@ fn dropped_slots_and_zero_rank() {
         active: 3,
         ..Case::new(12, 64, 64, 50, 2, 0, 6)
     });
+}
+
+#[test]
+fn the_bias_rows_of_spread_out_active_experts_are_gathered() {
+    // Six active experts spread over 24 (ids 1, 5, 9, …), so compact and full expert indices
+    // differ: a bias read with the compact index would add another expert's row. Scattered
+    // output with gates, so `d_gates` sees the bias too.
+    let c = Case {
+        active: 6,
+        bias: true,
+        input: RowOrder::Grouped,
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(24, 128, 64, 20, 2, 8, 91)
+    };
+    let mut d = draw(&c);
+    for id in d.ids.iter_mut().filter(|i| **i >= 0) {
+        *id = *id * 4 + 1;
+    }
+    check_data(c, d);
 }

@@ -244,6 +244,9 @@ pub struct GemmArgs<'a> {
     pub out_scattered: bool,
     /// Optional LoRA epilogue.
     pub lora: Option<LoraEpilogue<'a>>,
+    /// Optional frozen bf16 bias `[E, n_out]`, added to every row of its expert before the
+    /// output is rounded.
+    pub bias: Option<&'a CudaSlice<u16>>,
     /// Index into `tiles::GEMM_CONFIGS`.
     pub config: usize,
 }
@@ -358,6 +361,13 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         }
         _ => (0, 16, 0, none, 0.0),
     };
+    let bias_addr = match args.bias {
+        Some(bias) => {
+            check_len("bias", bias, r.num_experts * args.n_out)?;
+            addr(gpu, bias)
+        }
+        None => 0,
+    };
     if r.rows == 0 {
         return Ok(());
     }
@@ -379,6 +389,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         lr_stride_e: right.stride_e as u64,
         lr_stride_n: right.stride_n as u64,
         lr_stride_r: right.stride_k as u64,
+        bias_addr,
         rows: r.rows as u32,
         k_red: args.k_red as u32,
         n_out: args.n_out as u32,
@@ -394,8 +405,8 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
     let blocks = n_tiles * m_tiles;
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
-    // SAFETY: every buffer was checked to cover the largest element its strides address; the
-    // grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
+    // SAFETY: every buffer was checked to cover the largest element its strides address (the
+    // bias its `[E, n_out]`); the grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
     // of 8; r_pad is a multiple of 16 ≥ rank and the left factor is [rows, r_pad].
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
 }

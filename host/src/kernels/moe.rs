@@ -1,11 +1,13 @@
 //! Host side of the gated-MLP activation kernels (`kernels-gpu/src/kernels/moe.rs`): SwiGLU
-//! with DeepSeek-V4's optional clamp limit, forward and backward (SPEC §6).
+//! with DeepSeek-V4's optional clamp limit or gpt-oss's activation, split or interleaved
+//! gate/up columns, forward and backward (SPEC §6, `GPT_OSS.md` §1).
 
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
-use kernels_gpu::shared::params::SwigluParams;
+use kernels_gpu::shared::params::GluParams;
 
 use super::{check_len, grid_stride_blocks, spec};
+use crate::activation::{Activation, GateUpLayout};
 use crate::device::{Gpu, alloc_poisoned};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
@@ -15,13 +17,19 @@ const THREADS: u32 = 256;
 /// bf16 elements each thread moves per step (one 16-byte vector).
 const VEC: usize = 8;
 
-/// Checks the activation's shape and limit: `width` (the expert intermediate size `I`) a
-/// positive multiple of 8 (the kernels move 8-element vectors) and, when given, a finite positive
-/// limit. Returns the `(clamp, limit)` pair of the parameter struct.
-fn check_args(rows: usize, width: usize, limit: Option<f32>) -> Result<(u32, f32)> {
+/// Checks the activation's shape and parameters: `width` (the expert intermediate size `I`) a
+/// positive multiple of 8 (the kernels move 8-unit vectors), `rows·2·width` representable, and
+/// the activation's `α` and limit ([`Activation::check`]). Returns the kernels' parameters
+/// (addresses, rows and width still to fill).
+fn check_args(
+    rows: usize,
+    width: usize,
+    activation: Activation,
+    layout: GateUpLayout,
+) -> Result<GluParams> {
     if width == 0 || !width.is_multiple_of(VEC) {
         return Err(Error::InvalidArgument {
-            what: "SwiGLU width",
+            what: "activation width",
             detail: format!(
                 "the intermediate size I = {width} must be a positive multiple of {VEC}"
             ),
@@ -29,18 +37,12 @@ fn check_args(rows: usize, width: usize, limit: Option<f32>) -> Result<(u32, f32
     }
     if rows.checked_mul(2 * width).is_none() {
         return Err(Error::InvalidArgument {
-            what: "SwiGLU rows",
+            what: "activation rows",
             detail: format!("{rows} rows of {} elements overflow", 2 * width),
         });
     }
-    match limit {
-        None => Ok((0, 0.0)),
-        Some(lim) if lim.is_finite() && lim > 0.0 => Ok((1, lim)),
-        Some(lim) => Err(Error::InvalidArgument {
-            what: "SwiGLU limit",
-            detail: format!("must be finite and positive, got {lim}"),
-        }),
-    }
+    activation.check()?;
+    Ok(activation.glu_params(layout))
 }
 
 /// Checks that a device address is 16-byte aligned (the kernels' vector accesses need it;
@@ -55,58 +57,57 @@ fn check_aligned(tensor: &'static str, address: u64) -> Result<()> {
     Ok(())
 }
 
-/// Forward activation: `h [rows, width] = silu(g)·u` with `g = min(gate, lim)`,
-/// `u = clamp(up, −lim, lim)` (no clamp without a limit), where `gate` and `up` are the first and
-/// second halves of each row of `gu [rows, 2·width]` (bf16). f32 math, `h` rounded to bf16 once.
+/// Forward activation: `h [rows, width]` from `gu [rows, 2·width]` (bf16), per unit
+/// `h = act(gate, up)` with the gate and up columns of `layout` (see [`crate::activation`] and
+/// `kernels_gpu::shared::glu`). f32 math, `h` rounded to bf16 once.
 ///
-/// Errors: `width` not a positive multiple of 8, a non-finite or non-positive limit, a `gu`
-/// shorter than `rows·2·width`.
-pub(crate) fn swiglu_fwd(
+/// Errors: `width` not a positive multiple of 8, bad activation parameters, a `gu` shorter than
+/// `rows·2·width`.
+pub(crate) fn glu_fwd(
     gpu: &Gpu,
     gu: &CudaSlice<u16>,
     rows: usize,
     width: usize,
-    limit: Option<f32>,
+    act: (Activation, GateUpLayout),
 ) -> Result<CudaSlice<u16>> {
-    swiglu(gpu, gu, None, rows, width, limit)
+    glu(gpu, gu, None, rows, width, act)
 }
 
-/// Backward activation: `d_gu [rows, 2·width]` (bf16; gate gradients in the first half of each
-/// row, up gradients in the second) from the forward's input `gu` and the output gradient
-/// `dh [rows, width]`. `d_gate = dh·u·σ(g)·(1 + g·(1 − σ(g)))`, zero where `gate > lim`;
-/// `d_up = dh·silu(g)`, zero where `|up| > lim` (the boundary passes the gradient, as
-/// `torch.clamp`'s backward does). f32 math, each element rounded to bf16 once.
+/// Backward activation: `d_gu [rows, 2·width]` (bf16; gate and up gradients in `layout`'s
+/// columns) from the forward's input `gu` and the output gradient `dh [rows, width]`, the clamp
+/// masks at exactly `±L` as the activation's boundary says. f32 math, each element rounded to
+/// bf16 once.
 ///
-/// Errors as [`swiglu_fwd`], plus a `dh` shorter than `rows·width`.
-pub(crate) fn swiglu_bwd(
+/// Errors as [`glu_fwd`], plus a `dh` shorter than `rows·width`.
+pub(crate) fn glu_bwd(
     gpu: &Gpu,
     gu: &CudaSlice<u16>,
     dh: &CudaSlice<u16>,
     rows: usize,
     width: usize,
-    limit: Option<f32>,
+    act: (Activation, GateUpLayout),
 ) -> Result<CudaSlice<u16>> {
-    swiglu(gpu, gu, Some(dh), rows, width, limit)
+    glu(gpu, gu, Some(dh), rows, width, act)
 }
 
 /// Both directions: the forward without `dh` (output `h [rows, width]`), the backward with it
 /// (output `d_gu [rows, 2·width]`).
-fn swiglu(
+fn glu(
     gpu: &Gpu,
     gu: &CudaSlice<u16>,
     dh: Option<&CudaSlice<u16>>,
     rows: usize,
     width: usize,
-    limit: Option<f32>,
+    (activation, layout): (Activation, GateUpLayout),
 ) -> Result<CudaSlice<u16>> {
-    let (clamp, limit) = check_args(rows, width, limit)?;
+    let shape = check_args(rows, width, activation, layout)?;
     check_len("gu", gu, rows * 2 * width)?;
     if let Some(dh) = dh {
         check_len("dh", dh, rows * width)?;
     }
     let (name, out_elems) = match dh {
-        None => (names::SWIGLU_FWD, rows * width),
-        Some(_) => (names::SWIGLU_BWD, rows * 2 * width),
+        None => (names::GLU_FWD, rows * width),
+        Some(_) => (names::GLU_BWD, rows * 2 * width),
     };
     let mut out = alloc_poisoned::<u16>(gpu, out_elems.max(1), 0xFF)?;
     if rows == 0 {
@@ -118,15 +119,13 @@ fn swiglu(
         None => (out_addr, 0),
         Some(dh) => (addr(gpu, dh), out_addr),
     };
-    let params = SwigluParams {
+    let params = GluParams {
         gu_addr: addr(gpu, gu),
         h_addr,
         d_gu_addr,
         rows: rows as u64,
         width: width as u32,
-        clamp,
-        limit,
-        _pad: 0,
+        ..shape
     };
     check_aligned("gu", params.gu_addr)?;
     check_aligned(if dh.is_some() { "dh" } else { "h" }, params.h_addr)?;
@@ -134,12 +133,13 @@ fn swiglu(
         check_aligned("d_gu", params.d_gu_addr)?;
     }
     let grid = grid_stride_blocks(gpu, (rows * width / VEC) as u64, THREADS, 32);
-    // SAFETY: the contracts of `mxmoe_swiglu_fwd_bf16` and `mxmoe_swiglu_bwd_bf16`: 1-D grid and
-    // blocks; `width` is a positive multiple of 8 and the limit finite and positive when
-    // clamping (`check_args`); `gu` holds `rows·2·width` bf16 and `dh` (backward) `rows·width`
-    // (`check_len`); the output was just allocated with `rows·width` (`h`) or `rows·2·width`
-    // (`d_gu`) elements, so it overlaps no input; every address is 16-byte aligned (checked
-    // above); the buffers outlive the launch in stream order (they are freed on the same stream).
+    // SAFETY: the contracts of `mxmoe_glu_fwd_bf16` and `mxmoe_glu_bwd_bf16`: 1-D grid and
+    // blocks; `width` is a positive multiple of 8, `alpha` finite and positive and the limit
+    // finite and positive when clamping (`check_args`); `gu` holds `rows·2·width` bf16 and `dh`
+    // (backward) `rows·width` (`check_len`); the output was just allocated with `rows·width`
+    // (`h`) or `rows·2·width` (`d_gu`) elements, so it overlaps no input; every address is
+    // 16-byte aligned (checked above); the buffers outlive the launch in stream order (they are
+    // freed on the same stream).
     unsafe { gpu.launch(&spec(name, THREADS, 0), (grid, 1, 1), params)? };
     Ok(out)
 }
@@ -147,33 +147,43 @@ fn swiglu(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::activation::ClampBoundary;
 
     #[test]
     fn arguments_are_validated() {
-        assert_eq!(check_args(4, 8, None).unwrap(), (0, 0.0));
-        assert_eq!(check_args(0, 256, Some(10.0)).unwrap(), (1, 10.0));
+        let swiglu = |limit| Activation::SwiGlu { limit };
+        let split = GateUpLayout::Split;
+        assert_eq!(check_args(4, 8, swiglu(None), split).unwrap().clamp, 0);
+        let p = check_args(0, 256, swiglu(Some(10.0)), split).unwrap();
+        assert_eq!((p.clamp, p.limit), (1, 10.0));
         for width in [0, 4, 12] {
             assert!(matches!(
-                check_args(4, width, None),
+                check_args(4, width, swiglu(None), split),
                 Err(Error::InvalidArgument {
-                    what: "SwiGLU width",
+                    what: "activation width",
                     ..
                 })
             ));
         }
         for lim in [0.0, -1.0, f32::NAN, f32::INFINITY] {
             assert!(matches!(
-                check_args(4, 8, Some(lim)),
-                Err(Error::InvalidArgument {
-                    what: "SwiGLU limit",
-                    ..
-                })
+                check_args(4, 8, swiglu(Some(lim)), split),
+                Err(Error::InvalidArgument { what: "limit", .. })
+            ));
+            let bad_alpha = Activation::GptOss {
+                alpha: lim,
+                limit: 7.0,
+                boundary: ClampBoundary::Strict,
+            };
+            assert!(matches!(
+                check_args(4, 8, bad_alpha, GateUpLayout::Interleaved),
+                Err(Error::InvalidArgument { what: "alpha", .. })
             ));
         }
         assert!(matches!(
-            check_args(usize::MAX / 2, 8, None),
+            check_args(usize::MAX / 2, 8, swiglu(None), split),
             Err(Error::InvalidArgument {
-                what: "SwiGLU rows",
+                what: "activation rows",
                 ..
             })
         ));

@@ -48,7 +48,7 @@ unsafe impl KernelParams for params::EltwiseParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for params::RemapParams {}
 // SAFETY: as above (u64/u32/f32 fields; `f32` is plain 4-byte data).
-unsafe impl KernelParams for params::SwigluParams {}
+unsafe impl KernelParams for params::GluParams {}
 
 /// The by-value argument handed to cudarc.
 #[repr(transparent)]

@@ -24,6 +24,8 @@ use crate::runtime::Runtime;
 pub(super) struct Resolved<'s> {
     pub(super) weights: ExpertWeights<'s>,
     pub(super) lora: Option<&'s LoraWeights>,
+    /// The bias `[E, N]` of the forward GEMM (E of the resolved, possibly compact, weights).
+    pub(super) bias: Option<&'s CudaSlice<u16>>,
     pub(super) routing: RoutingView<'s>,
 }
 
@@ -173,6 +175,7 @@ pub(super) fn forward_core(
                 out_stride: n,
                 out_scattered: output_order == RowOrder::Scattered,
                 lora: lora_epi,
+                bias: r.bias,
                 config,
             },
         )
@@ -284,6 +287,7 @@ pub(super) fn backward_core(
                 out_stride: k,
                 out_scattered: dx_scattered,
                 lora: lora_epi,
+                bias: None,
                 config,
             },
         )

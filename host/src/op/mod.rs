@@ -148,6 +148,10 @@ pub struct ExpertLinear<'a> {
     pub strategy: Strategy,
     /// Strategy A's buffer policy.
     pub dequant_buffer: DequantBuffer,
+    /// Optional frozen bf16 bias `[E, N]`: `b[e]` is added to each output row of expert `e`
+    /// before the output is rounded (and before gates combine the slots). It gets no gradient;
+    /// with gates, `d_gates` sees it (it is part of each slot's output).
+    pub bias: Option<&'a Bf16Matrix>,
 }
 
 impl<'a> ExpertLinear<'a> {
@@ -165,12 +169,18 @@ impl<'a> ExpertLinear<'a> {
             output_order,
             strategy: Strategy::Auto,
             dequant_buffer: DequantBuffer::Keep,
+            bias: None,
         }
     }
 
     /// The same projection with another strategy.
     pub fn with_strategy(self, strategy: Strategy) -> Self {
         Self { strategy, ..self }
+    }
+
+    /// The same projection with a frozen bias `[E, N]` (or none).
+    pub fn with_bias(self, bias: Option<&'a Bf16Matrix>) -> Self {
+        Self { bias, ..self }
     }
 }
 
@@ -337,6 +347,15 @@ impl<'a> ExpertLinear<'a> {
                 });
             }
         }
+        if let Some(b) = self.bias
+            && (b.rows(), b.cols()) != (e, n)
+        {
+            return Err(Error::Shape {
+                tensor: "bias",
+                expected: format!("[{e}, {n}] (E, N)"),
+                actual: format!("[{}, {}]", b.rows(), b.cols()),
+            });
+        }
         if let Some(g) = gates {
             if self.output_order != RowOrder::Scattered {
                 return Err(Error::InvalidArgument {
@@ -371,7 +390,7 @@ impl<'a> ExpertLinear<'a> {
         let strategy = plan::resolve_strategy(gpu, self.weights, self.strategy, routing)?;
         let compact = match (self.weights, strategy) {
             (ExpertWeights::Mxfp4(w), Strategy::SelectiveDequant) => {
-                Some(Compact::build(gpu, w, self.lora, routing)?)
+                Some(Compact::build(gpu, w, self.lora, self.bias, routing)?)
             }
             _ => None,
         };
@@ -381,11 +400,13 @@ impl<'a> ExpertLinear<'a> {
                     .as_ref()
                     .expect("a fresh compact state holds its weights"),
                 self.lora,
+                self.bias,
                 routing,
             )?,
             None => Resolved {
                 weights: self.weights,
                 lora: self.lora,
+                bias: self.bias.map(Bf16Matrix::data),
                 routing: routing.view(),
             },
         };
@@ -444,6 +465,7 @@ pub fn backward(gpu: &Runtime, saved: &Saved, dy: &Bf16Matrix) -> Result<Grads> 
         let resolved = Resolved {
             weights,
             lora: saved.lora.as_ref(),
+            bias: None,
             routing: routing.view(),
         };
         return backward_core(gpu, saved, &resolved, dy);
@@ -463,7 +485,8 @@ pub fn backward(gpu: &Runtime, saved: &Saved, dy: &Bf16Matrix) -> Result<Grads> 
             &recomputed
         }
     };
-    let resolved = c.resolve(compact_weights, saved.lora.as_ref(), routing)?;
+    // The backward reads no bias (the dX GEMM has none).
+    let resolved = c.resolve(compact_weights, saved.lora.as_ref(), None, routing)?;
     let mut grads = backward_core(gpu, saved, &resolved, dy)?;
     // Scatter the compact LoRA gradients back to full size (zeros for inactive experts).
     c.scatter_grads(gpu, saved.lora.as_ref(), (e, n), &mut grads)?;

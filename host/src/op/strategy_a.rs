@@ -25,6 +25,9 @@ pub(super) struct Compact {
     pub(super) lora: Option<LoraWeights>,
     /// The dequantized active experts (`None` after forward with `DequantBuffer::Recompute`).
     pub(super) weights: Option<DenseExperts>,
+    /// The active experts' bias rows `[active, N]` (`None` without a bias or when every expert
+    /// is active: the full bias).
+    pub(super) bias: Option<CudaSlice<u16>>,
 }
 
 impl Compact {
@@ -34,6 +37,7 @@ impl Compact {
         gpu: &Gpu,
         w: &MxExperts,
         lora: Option<&LoraWeights>,
+        bias: Option<&Bf16Matrix>,
         routing: &DeviceRouting,
     ) -> Result<Self> {
         let offsets = download(gpu, routing.expert_offsets())?;
@@ -58,25 +62,48 @@ impl Compact {
             Some(lora) if !all => Some(gather_lora(gpu, lora, &active_map)?),
             _ => None,
         };
+        let bias = match bias {
+            Some(b) if !all => {
+                let mut out = alloc_poisoned::<u16>(gpu, active.len().max(1) * b.cols(), 0xFF)?;
+                eltwise::gather_blocks(
+                    gpu,
+                    b.data(),
+                    b.rows(),
+                    b.cols(),
+                    &mut out,
+                    &active_map,
+                    1,
+                    true,
+                )?;
+                Some(out)
+            }
+            _ => None,
+        };
         Ok(Compact {
             active: active_map,
             offsets: offsets_dev,
             lora,
             weights: Some(weights),
+            bias,
         })
     }
 
     /// What the kernels see: the compact weights (`weights`, kept or dequantized again), the
-    /// compact LoRA (or the full one) and the routing with the compact offsets.
+    /// compact LoRA and bias (or the full ones) and the routing with the compact offsets.
     pub(super) fn resolve<'s>(
         &'s self,
         weights: &'s DenseExperts,
         lora: Option<&'s LoraWeights>,
+        bias: Option<&'s Bf16Matrix>,
         routing: &'s DeviceRouting,
     ) -> Result<Resolved<'s>> {
         Ok(Resolved {
             weights: ExpertWeights::Bf16(weights),
             lora: self.lora.as_ref().or(lora),
+            bias: match bias {
+                Some(full) => Some(self.bias.as_ref().unwrap_or(full.data())),
+                None => None,
+            },
             routing: RoutingView::compact(routing.view(), &self.offsets, self.active.len())?,
         })
     }

@@ -59,6 +59,7 @@ use crate::error::{Error, Result};
 
 use super::Rounding;
 use super::linear::{LinearProblem, linear_backward, linear_forward};
+pub use crate::activation::{Activation, ClampBoundary, GateUpLayout};
 use crate::routing::{Routing, RowOrder};
 
 /// LoRA factors of one projection, expert-major (SPEC §3.1): `a [E·r, K]`, `b [N, E·r]`.
@@ -74,69 +75,8 @@ pub struct RefLora<'a> {
     pub scaling: f32,
 }
 
-/// What the gradient of a clamp does at exactly the limit (GPT_OSS.md §1: the rule changed
-/// between torch versions, and `±7.0` is exactly reachable in bf16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClampBoundary {
-    /// The gradient passes only strictly inside: `v < L` for `min(v, L)`, `−L < v < L` for
-    /// `clamp(v, −L, L)`; zero at exactly `±L` (torch 2.15, after torch issue #184574).
-    Strict,
-    /// The gradient also passes at exactly `±L`: `v ≤ L`, `−L ≤ v ≤ L` (torch from PR #7049
-    /// until the strict rule; mxmoe's SwiGLU clamp).
-    Inclusive,
-}
-
-impl ClampBoundary {
-    /// Whether the gradient passes `min(v, limit)` at `v`.
-    pub fn passes_min(self, v: f64, limit: f64) -> bool {
-        match self {
-            ClampBoundary::Strict => v < limit,
-            ClampBoundary::Inclusive => v <= limit,
-        }
-    }
-
-    /// Whether the gradient passes `clamp(v, −limit, limit)` at `v`.
-    pub fn passes_clamp(self, v: f64, limit: f64) -> bool {
-        self.passes_min(v, limit) && self.passes_min(-v, limit)
-    }
-}
-
-/// The block's gated activation `h = act(gate, up)` (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Activation {
-    /// `silu(min(gate, lim)) · clamp(up, −lim, lim)`, with DeepSeek-V4's clamp limit (finite,
-    /// positive) or none; the clamp boundary passes the gradient ([`ClampBoundary::Inclusive`]).
-    SwiGlu {
-        /// The clamp limit, or `None` for plain SwiGLU.
-        limit: Option<f32>,
-    },
-    /// gpt-oss: `(clamp(up, −L, L) + 1) · g · σ(α·g)` with `g = min(gate, L)`.
-    GptOss {
-        /// `α` (`config.swiglu_alpha`, 1.702), finite and positive.
-        alpha: f32,
-        /// `L` (`config.swiglu_limit`, 7.0), finite and positive.
-        limit: f32,
-        /// The clamps' gradient at exactly `±L`.
-        boundary: ClampBoundary,
-    },
-}
-
+/// The reference math of [`Activation`] (in `f64`), beside the type in [`crate::activation`].
 impl Activation {
-    /// gpt-oss's constants (α = 1.702, L = 7.0) with current torch's strict clamp boundary.
-    pub const GPT_OSS: Activation = Activation::GptOss {
-        alpha: 1.702,
-        limit: 7.0,
-        boundary: ClampBoundary::Strict,
-    };
-
-    /// The clamp limit, if there is one.
-    pub fn limit(self) -> Option<f32> {
-        match self {
-            Activation::SwiGlu { limit } => limit,
-            Activation::GptOss { limit, .. } => Some(limit),
-        }
-    }
-
     /// `h` of one element, in `f64`.
     pub fn value(self, gate: f64, up: f64) -> f64 {
         match self {
@@ -156,48 +96,6 @@ impl Activation {
                 limit,
                 boundary,
             } => gpt_oss_glu_grad(gate, up, dh, f64::from(alpha), f64::from(limit), boundary),
-        }
-    }
-
-    /// Checks the parameters: limits and `α` finite and positive.
-    fn check(self) -> Result<()> {
-        let positive = |what: &'static str, v: f32| {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(Error::InvalidArgument {
-                    what,
-                    detail: format!("must be finite and positive, got {v}"),
-                })
-            }
-        };
-        match self {
-            Activation::SwiGlu { limit: None } => Ok(()),
-            Activation::SwiGlu { limit: Some(lim) } => positive("limit", lim),
-            Activation::GptOss { alpha, limit, .. } => {
-                positive("alpha", alpha)?;
-                positive("limit", limit)
-            }
-        }
-    }
-}
-
-/// Where the gate and the up of unit `i` sit in a gate/up row of `2I` columns (and in the rows of
-/// `gate_up`, its bias and its LoRA B).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GateUpLayout {
-    /// Gate `i` in column `i`, up `i` in column `I + i` (mxmoe's SwiGLU block).
-    Split,
-    /// Gate `i` in column `2i`, up `i` in column `2i + 1` (gpt-oss's checkpoint).
-    Interleaved,
-}
-
-impl GateUpLayout {
-    /// `(gate column, up column)` of unit `i` in a row of `2·width` columns.
-    pub fn columns(self, i: usize, width: usize) -> (usize, usize) {
-        match self {
-            GateUpLayout::Split => (i, width + i),
-            GateUpLayout::Interleaved => (2 * i, 2 * i + 1),
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Block mode: the gated MoE MLP block ([`MoeBlock`]) read from a file, on the device or the CPU
-//! reference.
+//! reference: SwiGLU (split gate/up halves, optional clamp limit) or gpt-oss's block (interleaved
+//! gate/up rows, its clamped α-sigmoid GLU), either with optional frozen biases.
 
 use crate::Runtime;
 use crate::checkpoint::{Checkpoint, CheckpointErrorKind, StoredWeights};
 use crate::error::Result;
 use crate::moe::{self, MoeBlock};
 use crate::op::Bf16Matrix;
+use crate::checkpoint::escape;
 use crate::reference::moe::{
-    Activation, GateUpLayout, MoeProblem, moe_forward, moe_forward_backward,
+    Activation, ClampBoundary, GateUpLayout, MoeProblem, moe_forward, moe_forward_backward,
 };
 use crate::reference::{sum_bytes, tensor_bytes};
 
@@ -26,7 +28,17 @@ pub(super) const INPUTS: &[&str] = &[
     "gate_up_lora_b",
     "down_lora_a",
     "down_lora_b",
+    "gate_up_bias",
+    "down_bias",
 ];
+
+/// Metadata `activation`: SwiGLU (the default).
+const SWIGLU: &str = "swiglu";
+/// Metadata `activation`: gpt-oss's block.
+const GPT_OSS: &str = "gpt_oss";
+/// gpt-oss's defaults (`config.swiglu_alpha`, `config.swiglu_limit`).
+const GPT_OSS_ALPHA: f32 = 1.702;
+const GPT_OSS_LIMIT: f32 = 7.0;
 
 /// The validated inputs of one MoE block call.
 pub(super) struct Block {
@@ -40,8 +52,89 @@ pub(super) struct Block {
     gates: Vec<f32>,
     lora_gate_up: Option<Lora>,
     lora_down: Option<Lora>,
-    limit: Option<f32>,
+    activation: Activation,
+    layout: GateUpLayout,
+    /// `[E, 2I]`, in the layout's order.
+    gate_up_bias: Option<Vec<f32>>,
+    /// `[E, H]`.
+    down_bias: Option<Vec<f32>>,
     dy: Option<Vec<f32>>,
+}
+
+/// A metadata error about the block's activation keys.
+fn metadata_error(detail: String) -> crate::error::Error {
+    file_error(CheckpointErrorKind::Metadata, detail)
+}
+
+/// A metadata value that must be finite and positive, or `default` when absent.
+fn positive(ck: &Checkpoint<'_>, key: &str, what: &str) -> Result<Option<f32>> {
+    let v = metadata_f32(ck, key)?;
+    if let Some(v) = v
+        && v <= 0.0
+    {
+        return Err(metadata_error(format!(
+            "`{key}` is {v}; {what} must be positive"
+        )));
+    }
+    Ok(v)
+}
+
+/// The activation and gate/up layout from metadata `activation`, `limit`, `alpha` and
+/// `clamp_boundary` (see [`super::FORMAT_HELP`]).
+fn load_activation(ck: &Checkpoint<'_>) -> Result<(Activation, GateUpLayout)> {
+    let limit = positive(ck, "limit", "the clamp limit")?;
+    match ck.metadata_value("activation") {
+        None | Some(SWIGLU) => {
+            for key in ["alpha", "clamp_boundary"] {
+                if ck.metadata_value(key).is_some() {
+                    return Err(metadata_error(format!(
+                        "`{key}` applies to activation = {GPT_OSS} only (the file's activation is {SWIGLU})"
+                    )));
+                }
+            }
+            Ok((Activation::SwiGlu { limit }, GateUpLayout::Split))
+        }
+        Some(GPT_OSS) => {
+            let alpha = positive(ck, "alpha", "the sigmoid's alpha")?.unwrap_or(GPT_OSS_ALPHA);
+            let boundary = match ck.metadata_value("clamp_boundary") {
+                None => ClampBoundary::Strict,
+                Some(name) => name.parse().map_err(|_| {
+                    metadata_error(format!(
+                        "`clamp_boundary` is `{}`, expected `{}` or `{}`",
+                        escape(name),
+                        ClampBoundary::Strict,
+                        ClampBoundary::Inclusive
+                    ))
+                })?,
+            };
+            let activation = Activation::GptOss {
+                alpha,
+                limit: limit.unwrap_or(GPT_OSS_LIMIT),
+                boundary,
+            };
+            Ok((activation, GateUpLayout::Interleaved))
+        }
+        Some(other) => Err(metadata_error(format!(
+            "`activation` is `{}`, expected `{SWIGLU}` or `{GPT_OSS}`",
+            escape(other)
+        ))),
+    }
+}
+
+/// The optional frozen bias `name` of shape `[experts, n]` (`dims` names the dimensions).
+fn load_bias(
+    ck: &Checkpoint<'_>,
+    name: &str,
+    experts: usize,
+    n: usize,
+    dims: &str,
+) -> Result<Option<Vec<f32>>> {
+    if !ck.contains(name) {
+        return Ok(None);
+    }
+    let b = ck.read_float(name)?;
+    b.expect_shape(&[Some(experts), Some(n)], dims)?;
+    Ok(Some(b.data))
 }
 
 impl Block {
@@ -90,15 +183,9 @@ impl Block {
             inter,
             hidden,
         )?;
-        let limit = metadata_f32(ck, "limit")?;
-        if let Some(l) = limit
-            && l <= 0.0
-        {
-            return Err(file_error(
-                CheckpointErrorKind::Metadata,
-                format!("`limit` is {l}; the clamp limit must be positive"),
-            ));
-        }
+        let (activation, layout) = load_activation(ck)?;
+        let gate_up_bias = load_bias(ck, "gate_up_bias", experts, two_i, "(E, 2I)")?;
+        let down_bias = load_bias(ck, "down_bias", experts, hidden, "(E, H)")?;
         let dy = if ck.contains("dy") {
             let d = ck.read_float("dy")?;
             d.expect_shape(&[Some(tokens), Some(hidden)], "(T, H): the output's shape")?;
@@ -117,7 +204,10 @@ impl Block {
             gates: gates.data,
             lora_gate_up,
             lora_down,
-            limit,
+            activation,
+            layout,
+            gate_up_bias,
+            down_bias,
             dy,
         })
     }
@@ -259,12 +349,11 @@ impl Block {
         let lora_gate_up = upload_lora(rt, self.lora_gate_up.as_ref(), e, h, 2 * i)?;
         let lora_down = upload_lora(rt, self.lora_down.as_ref(), e, i, h)?;
         let block = MoeBlock {
-            gate_up: gate_up.as_op(),
-            down: down.as_op(),
             lora_gate_up: lora_gate_up.as_ref(),
             lora_down: lora_down.as_ref(),
-            limit: self.limit,
             strategy: strategy.op(),
+            activation: Activation::SwiGlu { limit: self.limit },
+            ..MoeBlock::new(gate_up.as_op(), down.as_op())
         };
         let (y, saved) = block.forward(rt, &x, &routing, &gates)?;
         let (s_up, s_down) = saved.strategies();

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bf16;
+pub mod glu;
 pub mod mxfp4;
 pub mod names;
 pub mod params;

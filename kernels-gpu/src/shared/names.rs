@@ -94,8 +94,8 @@ macro_rules! define_gemm_names {
             GRAM[1],
             GRAM[2],
             GRAM[3],
-            SWIGLU_FWD,
-            SWIGLU_BWD,
+            GLU_FWD,
+            GLU_BWD,
         ];
     };
 }
@@ -132,11 +132,11 @@ pub const GRAM: [&str; 4] = [
     "mxmoe_gram_r128",
 ];
 
-/// Gated-MLP activation: `h = silu(min(gate, lim))·clamp(up, ±lim)` from the grouped
+/// Gated-MLP activation (SwiGLU or gpt-oss's, `shared::glu`): `h [L, I]` from the grouped
 /// gate/up output (SPEC §6).
-pub const SWIGLU_FWD: &str = "mxmoe_swiglu_fwd_bf16";
+pub const GLU_FWD: &str = "mxmoe_glu_fwd_bf16";
 /// Gradient of the gated-MLP activation: `d_gu [L, 2I]` from `gu` and `dh`.
-pub const SWIGLU_BWD: &str = "mxmoe_swiglu_bwd_bf16";
+pub const GLU_BWD: &str = "mxmoe_glu_bwd_bf16";
 
 #[cfg(test)]
 mod tests {

@@ -100,8 +100,9 @@ const _: () = {
 ///
 /// with `row_in(p) = p` if `a_fan_out == 0` else `ssi[p] / a_fan_out`, `row_out(p) = p` if
 /// `out_scattered == 0` else `ssi[p]`, `B_e(n, k) = b[e·b_stride_e + n·b_stride_n + k·b_stride_k]`,
-/// `right_e(n, j) = lr[e·lr_stride_e + n·lr_stride_n + j·lr_stride_r]` (j < rank). Rows of the
-/// dropped bucket (`e = E`) are written as zeros. All strides are in elements.
+/// `right_e(n, j) = lr[e·lr_stride_e + n·lr_stride_n + j·lr_stride_r]` (j < rank), plus the
+/// optional bias `bias[e·n_out + n]` (`bias_addr != 0`). Rows of the dropped bucket (`e = E`) are
+/// written as zeros. All strides are in elements.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GemmParams {
@@ -139,6 +140,10 @@ pub struct GemmParams {
     pub lr_stride_n: u64,
     /// Elements between rank indices of the right factor.
     pub lr_stride_r: u64,
+    /// bf16 `[E, n_out]` frozen per-expert bias added to every row of expert `e` before the
+    /// output is rounded (`out[row_out(p), n] += bias[e·n_out + n]`); 0: none. Never added to
+    /// the dropped bucket's rows.
+    pub bias_addr: u64,
     /// Routed rows `L` (including dropped rows, which sort last).
     pub rows: u32,
     /// Reduction length (multiple of 8).
@@ -163,9 +168,10 @@ pub struct GemmParams {
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 168);
-    assert!(offset_of!(GemmParams, rows) == 128);
-    assert!(offset_of!(GemmParams, scaling) == 160);
+    assert!(size_of::<GemmParams>() == 176);
+    assert!(offset_of!(GemmParams, bias_addr) == 128);
+    assert!(offset_of!(GemmParams, rows) == 136);
+    assert!(offset_of!(GemmParams, scaling) == 168);
 };
 
 /// Parameters of the grouped Gram kernel (dA, dB): for each expert `e` and wide column `w`,
@@ -273,17 +279,18 @@ const _: () = {
     assert!(size_of::<RemapParams>() == 64);
 };
 
-/// Parameters of the SwiGLU kernels of the gated MoE MLP (SPEC §6):
-/// [`crate::shared::names::SWIGLU_FWD`] and [`crate::shared::names::SWIGLU_BWD`].
+/// Parameters of the gated-activation kernels of the MoE MLP (SPEC §6, `GPT_OSS.md` §1):
+/// [`crate::shared::names::GLU_FWD`] and [`crate::shared::names::GLU_BWD`].
 ///
-/// Row `p` of `gu [rows, 2·width]` holds the gate in columns `[0, width)` and the up half in
-/// `[width, 2·width)`. With `clamp == 1`: `g = min(gate, limit)`, `u = clamp(up, −limit, limit)`;
-/// otherwise `g = gate`, `u = up`. Forward: `h = silu(g)·u`. Backward: `d_gate = dh·u·silu'(g)`
-/// (zero where `gate > limit`), `d_up = dh·silu(g)` (zero where `|up| > limit`). f32 math, one
+/// Row `p` of `gu [rows, 2·width]` holds, for unit `i < width`, the gate and the up either in
+/// columns `i` and `width + i` (`interleaved == 0`, mxmoe's SwiGLU block) or in `2i` and `2i + 1`
+/// (`interleaved == 1`, gpt-oss's checkpoint order). The per-element math is
+/// [`crate::shared::glu`]: `h = (u + up_offset)·g·σ(alpha·g)` with the optional clamp at
+/// `limit` (gradient cut strictly or inclusively at `±limit` as `strict` says). f32 math, one
 /// bf16 rounding per output.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct SwigluParams {
+pub struct GluParams {
     /// bf16 `[rows, 2·width]`: the gate/up projection's grouped output (both kernels read it).
     pub gu_addr: u64,
     /// bf16 `[rows, width]`: the forward's output `h`, or the backward's input `dh`.
@@ -298,13 +305,22 @@ pub struct SwigluParams {
     pub clamp: u32,
     /// The clamp limit (finite, positive) when `clamp == 1`.
     pub limit: f32,
+    /// The sigmoid's slope `α` (1 for SwiGLU; finite, positive).
+    pub alpha: f32,
+    /// Added to the clamped up before it multiplies (0 for SwiGLU, 1 for gpt-oss).
+    pub up_offset: f32,
+    /// 1: gate and up interleaved (`2i`, `2i + 1`); 0: split halves (`i`, `width + i`).
+    pub interleaved: u32,
+    /// 1: zero gradient at exactly `±limit` (current torch); 0: the boundary passes it.
+    pub strict: u32,
     /// Padding; must be 0.
     pub _pad: u32,
 }
 
 const _: () = {
-    assert!(size_of::<SwigluParams>() == 48);
-    assert!(offset_of!(SwigluParams, rows) == 24);
-    assert!(offset_of!(SwigluParams, width) == 32);
-    assert!(offset_of!(SwigluParams, limit) == 40);
+    assert!(size_of::<GluParams>() == 64);
+    assert!(offset_of!(GluParams, rows) == 24);
+    assert!(offset_of!(GluParams, width) == 32);
+    assert!(offset_of!(GluParams, limit) == 40);
+    assert!(offset_of!(GluParams, interleaved) == 52);
 };

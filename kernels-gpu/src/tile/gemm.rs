@@ -19,6 +19,7 @@ use crate::ptx::smem::{
     st_shared_u32, st_shared_v4_u32,
 };
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
+use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::mxfp4::{ScaleFold, place_byte_scaled_down, scale_fold};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
@@ -692,6 +693,20 @@ pub unsafe fn gemm<
     let lane = laneid();
     let g = lane / 4;
     let t = lane % 4;
+    if p.bias_addr != 0 && !dropped {
+        // The bias of this lane's column pair of each n8 block, added to every row.
+        for ni in 0..NI {
+            let col = n0 + warp_n0 + 8 * ni as u32 + 2 * t;
+            // SAFETY: a bias is `[E, n_out]` bf16 (contract) and `e < E` (not dropped).
+            let (b0, b1) = unsafe { (bias_at(p, e, col), bias_at(p, e, col + 1)) };
+            for acc_m in acc.iter_mut() {
+                acc_m[ni][0] += b0;
+                acc_m[ni][1] += b1;
+                acc_m[ni][2] += b0;
+                acc_m[ni][3] += b1;
+            }
+        }
+    }
     for (mi, acc_m) in acc.iter().enumerate() {
         let r0 = warp_m0 + 16 * mi as u32 + g;
         // SAFETY: `r0 + 8 < BM`.
@@ -722,6 +737,22 @@ pub unsafe fn gemm<
                 }
             }
         }
+    }
+}
+
+/// The frozen bias `bias[e·n_out + col]` as f32, or 0 for a column past `n_out` (an N tail).
+///
+/// # Safety
+/// `p.bias_addr` holds `[E, n_out]` bf16 and `e < E`.
+#[inline(always)]
+pub(crate) unsafe fn bias_at(p: &GemmParams, e: u64, col: u32) -> f32 {
+    if col < p.n_out {
+        // SAFETY: `e < E` and `col < n_out`, inside the `[E, n_out]` bias (caller's contract).
+        bf16_bits_to_f32(unsafe {
+            load::<u16>(p.bias_addr + 2 * (e * p.n_out as u64 + col as u64))
+        })
+    } else {
+        0.0
     }
 }
 

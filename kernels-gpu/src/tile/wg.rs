@@ -51,8 +51,8 @@ use crate::shared::tiles::{
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    LoraRight, NO_ROW, axpy4, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0, lora_right_layout,
-    nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices,
+    LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0,
+    lora_right_layout, nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices,
     stage_scales_kn_mx_row, stage_scales_nk_mx_row,
 };
 use crate::tile::gmem::{store, store_16};
@@ -776,6 +776,19 @@ pub unsafe fn gemm_wg<
                     axpy4(&mut acc[2 * nj], p.scaling, t0);
                     axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
                 }
+            }
+        }
+        if p.bias_addr != 0 && !producer {
+            // Lane (g, t) holds columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries
+            // 2, 3) of every row pair: one bias value each, added to every row.
+            let c0 = n0 + warp_n0 + laneid() / 4;
+            // SAFETY: a bias is `[E, n_out]` bf16 (contract) and `e < E` (not dropped).
+            let (b0, b1) = unsafe { (bias_at(p, e, c0), bias_at(p, e, c0 + 8)) };
+            for a in acc.iter_mut() {
+                a[0] += b0;
+                a[1] += b0;
+                a[2] += b1;
+                a[3] += b1;
             }
         }
     }

@@ -40,6 +40,7 @@ const MXFP4: &str = "kernels-gpu/src/shared/mxfp4.rs";
 const ROUTING: &str = "kernels-gpu/src/kernels/routing.rs";
 const ELTWISE: &str = "kernels-gpu/src/kernels/eltwise.rs";
 const GRAM: &str = "kernels-gpu/src/tile/gram.rs";
+const GLU: &str = "kernels-gpu/src/shared/glu.rs";
 
 /// Every mutant, in the order the runner tries them.
 pub const MUTANTS: &[Mutant] = &[
@@ -203,6 +204,44 @@ pub const MUTANTS: &[Mutant] = &[
                 new: "out_e + 2 * (j as u64 * p.out_stride_w + w as u64 * p.out_stride_r),",
             },
         ],
+    },
+    Mutant {
+        id: "bias-pair-swapped",
+        description: "the GEMM epilogue's frozen bias reads column n^1 (each even/odd pair swapped), both families (shared bias load)",
+        edits: &[Edit {
+            file: GEMM,
+            old: "load::<u16>(p.bias_addr + 2 * (e * p.n_out as u64 + col as u64))",
+            new: "load::<u16>(p.bias_addr + 2 * (e * p.n_out as u64 + (col ^ 1) as u64))",
+        }],
+    },
+    Mutant {
+        id: "bias-skipped-wg",
+        description: "the wgmma family adds no frozen bias (the mma.sync family still does)",
+        edits: &[Edit {
+            file: WG,
+            old: "if p.bias_addr != 0 && !producer {",
+            new: "if p.bias_addr != 0 && !producer && p.rows == u32::MAX {",
+        }],
+    },
+    Mutant {
+        id: "glu-boundary-inclusive",
+        description: "the strict clamp boundary passes the gradient at exactly ±L (the inclusive rule): gpt-oss's activation backward",
+        edits: &[Edit {
+            file: GLU,
+            old: "(gate < p.limit, up > -p.limit && up < p.limit)",
+            new: "(gate <= p.limit, up >= -p.limit && up <= p.limit)",
+        }],
+    },
+    Mutant {
+        id: "glu-interleave-swapped",
+        description: "interleaved gate/up read swapped for the first four units of each vector (gate from column 2i + 1, up from 2i)",
+        edits: &[Edit {
+            file: GLU,
+            old: "        gate[i] = first[2 * i];
+        up[i] = first[2 * i + 1];",
+            new: "        gate[i] = first[2 * i + 1];
+        up[i] = first[2 * i];",
+        }],
     },
     Mutant {
         id: "stage-mismatch-mma",

@@ -688,12 +688,11 @@ fn moe_gpu(
         scaling: SCALING,
     };
     let block = MoeBlock {
-        gate_up: w_gu.as_expert_weights(),
-        down: w_dn.as_expert_weights(),
         lora_gate_up: Some(&lora_up),
         lora_down: Some(&lora_down),
-        limit: Some(LIMIT),
+        activation: mxmoe::activation::Activation::SwiGlu { limit: Some(LIMIT) },
         strategy: strategy.op_strategy(),
+        ..MoeBlock::new(w_gu.as_expert_weights(), w_dn.as_expert_weights())
     };
     gpu.synchronize().context("the uploads did not complete")?;
     let start = std::time::Instant::now();
