@@ -80,6 +80,7 @@ __all__ = [
     "mxmoe_experts_forward",
     "from_pretrained",
     "convert",
+    "enable_gradient_checkpointing",
     "get_peft_model",
     "add_adapter",
     "load_adapter",
@@ -652,6 +653,27 @@ def convert(model: nn.Module, *, require_exact: bool = True, strategy: str = "au
         setattr(parent, attr, MxGptOssExperts.from_dense(dense, require_exact=require_exact, strategy=strategy))
         del dense
     _set_experts_implementation(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: nn.Module, *, use_reentrant: bool = False) -> nn.Module:
+    """Turns on transformers' gradient (activation) checkpointing of the decoder layers of
+    ``model`` (a transformers model or a ``PeftModel`` around one), under either name transformers
+    5.x uses (``activation_checkpointing_enable`` from 5.25, ``gradient_checkpointing_enable``
+    before). With ``use_reentrant=True`` the inputs are made to require grad (PEFT needs that).
+    The expert block then runs twice per step (forward, and again in backward). Returns ``model``."""
+    base = model
+    while not hasattr(base, "gradient_checkpointing_enable") and hasattr(base, "base_model"):
+        base = base.base_model
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        base = getattr(base, "model", base)
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        base.enable_input_require_grads()
     return model
 
 

@@ -584,9 +584,8 @@ def test_gradient_checkpointing(reentrant, monkeypatch):
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     mx.train()
     l0, g0 = loss_and_grads(mx, ids)
-    mx.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if reentrant:
-        mx.base_model.model.enable_input_require_grads()
+    assert mg.enable_gradient_checkpointing(mx, use_reentrant=reentrant) is mx
+    assert all(layer.gradient_checkpointing for layer in mx.base_model.model.model.layers)
     calls = []
     inner = mg.experts_forward
 
