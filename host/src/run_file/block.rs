@@ -3,11 +3,10 @@
 //! gate/up rows, its clamped α-sigmoid GLU), either with optional frozen biases.
 
 use crate::Runtime;
-use crate::checkpoint::{Checkpoint, CheckpointErrorKind, StoredWeights};
+use crate::checkpoint::{Checkpoint, CheckpointErrorKind, StoredWeights, escape};
 use crate::error::Result;
 use crate::moe::{self, MoeBlock};
 use crate::op::Bf16Matrix;
-use crate::checkpoint::escape;
 use crate::reference::moe::{
     Activation, ClampBoundary, GateUpLayout, MoeProblem, moe_forward, moe_forward_backward,
 };
@@ -66,7 +65,8 @@ fn metadata_error(detail: String) -> crate::error::Error {
     file_error(CheckpointErrorKind::Metadata, detail)
 }
 
-/// A metadata value that must be finite and positive, or `default` when absent.
+/// A metadata value that must be finite and positive (`None` when absent; `what` names it in
+/// the message).
 fn positive(ck: &Checkpoint<'_>, key: &str, what: &str) -> Result<Option<f32>> {
     let v = metadata_f32(ck, key)?;
     if let Some(v) = v
@@ -240,7 +240,13 @@ impl Block {
         v
     }
 
-    /// As `Projection::host_bytes`, for the block (both projections and the SwiGLU between).
+    /// Elements of the biases present (`E·2I` and `E·H`).
+    fn bias_elems(&self) -> Option<usize> {
+        let len = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, Vec::len);
+        len(&self.gate_up_bias).checked_add(len(&self.down_bias))
+    }
+
+    /// As `Projection::host_bytes`, for the block (both projections and the activation between).
     pub(super) fn host_bytes(&self, cpu: bool) -> Option<u128> {
         let (e, h, i) = (self.experts, self.hidden, self.inter);
         let (t, s) = (self.routed.tokens, self.routed.slots());
@@ -265,6 +271,8 @@ impl Block {
             sum_bytes(&[tensor_bytes(&[t, h], 2), loras]).and_then(|b| b.checked_mul(8)),
             // Per projection, forward and backward: outputs, gradients and their copies.
             tensor_bytes(&[s, 2 * i + i + h], 8 * 4),
+            // The biases' bf16-rounded f64 copies, one per linear pass (two live at most).
+            self.bias_elems().and_then(|n| tensor_bytes(&[n], 8 * 2)),
         ])
     }
 
@@ -281,6 +289,7 @@ impl Block {
             tensor_bytes(&[e, rank(&self.lora_gate_up), h + 2 * i], 2 * 3),
             tensor_bytes(&[e, rank(&self.lora_down), i + h], 2 * 3),
             tensor_bytes(&[s], 16),
+            self.bias_elems().and_then(|n| tensor_bytes(&[n], 2)),
         ])
     }
 
@@ -314,10 +323,10 @@ impl Block {
             lora_gate_up: self.lora_gate_up.as_ref().map(Lora::reference),
             lora_down: self.lora_down.as_ref().map(Lora::reference),
             gates: &self.gates,
-            activation: Activation::SwiGlu { limit: self.limit },
-            layout: GateUpLayout::Split,
-            gate_up_bias: None,
-            down_bias: None,
+            activation: self.activation,
+            layout: self.layout,
+            gate_up_bias: self.gate_up_bias.as_deref(),
+            down_bias: self.down_bias.as_deref(),
         };
         let Some(dy) = &self.dy else {
             let fwd = moe_forward(&p, &routing, ROUNDING)?;
@@ -348,11 +357,21 @@ impl Block {
         let gates = Bf16Matrix::from_f32(rt, &self.gates, t, top_k)?;
         let lora_gate_up = upload_lora(rt, self.lora_gate_up.as_ref(), e, h, 2 * i)?;
         let lora_down = upload_lora(rt, self.lora_down.as_ref(), e, i, h)?;
+        let bias = |b: &Option<Vec<f32>>, n: usize| {
+            b.as_ref()
+                .map(|b| Bf16Matrix::from_f32(rt, b, e, n))
+                .transpose()
+        };
+        let (gate_up_bias, down_bias) =
+            (bias(&self.gate_up_bias, 2 * i)?, bias(&self.down_bias, h)?);
         let block = MoeBlock {
             lora_gate_up: lora_gate_up.as_ref(),
             lora_down: lora_down.as_ref(),
             strategy: strategy.op(),
-            activation: Activation::SwiGlu { limit: self.limit },
+            activation: self.activation,
+            layout: self.layout,
+            gate_up_bias: gate_up_bias.as_ref(),
+            down_bias: down_bias.as_ref(),
             ..MoeBlock::new(gate_up.as_op(), down.as_op())
         };
         let (y, saved) = block.forward(rt, &x, &routing, &gates)?;
@@ -385,6 +404,46 @@ impl Block {
         ))
     }
 
+    /// The activation's part of [`Self::describe`]: `, limit L` for SwiGLU with a clamp, the
+    /// gpt-oss parameters, and the biases present.
+    fn describe_activation(&self) -> String {
+        let mut s = match self.activation {
+            Activation::SwiGlu { limit } => limit.map_or(String::new(), |l| format!(", limit {l}")),
+            Activation::GptOss {
+                alpha,
+                limit,
+                boundary,
+            } => format!(
+                ", gpt-oss activation (alpha {alpha}, limit {limit}, {boundary} clamp boundary, interleaved gate/up rows)"
+            ),
+        };
+        match (&self.gate_up_bias, &self.down_bias) {
+            (None, None) => {}
+            (Some(_), None) => s.push_str(", gate_up bias"),
+            (None, Some(_)) => s.push_str(", down bias"),
+            (Some(_), Some(_)) => s.push_str(", gate_up and down biases"),
+        }
+        s
+    }
+
+    /// Output metadata of the resolved activation (defaults filled in) for `activation =
+    /// gpt_oss`; none for SwiGLU, whose output metadata is the input's.
+    pub(super) fn metadata(&self) -> Vec<(&'static str, String)> {
+        match self.activation {
+            Activation::SwiGlu { .. } => Vec::new(),
+            Activation::GptOss {
+                alpha,
+                limit,
+                boundary,
+            } => vec![
+                (super::META_ACTIVATION, GPT_OSS.to_string()),
+                (super::META_ALPHA, alpha.to_string()),
+                (super::META_LIMIT, limit.to_string()),
+                (super::META_CLAMP_BOUNDARY, boundary.to_string()),
+            ],
+        }
+    }
+
     pub(super) fn describe(&self) -> String {
         let rank = |l: &Option<Lora>| l.as_ref().map_or(0, |l| l.rank);
         format!(
@@ -395,7 +454,7 @@ impl Block {
             self.routed.top_k,
             rank(&self.lora_gate_up),
             rank(&self.lora_down),
-            self.limit.map_or(String::new(), |l| format!(", limit {l}")),
+            self.describe_activation(),
             if self.dy.is_some() {
                 ""
             } else {

@@ -73,20 +73,35 @@ Output file, all BF16; the gradient of input NAME is d_NAME:
   d_lora_a  [E*r, K], d_lora_b [N, E*r]  (with LoRA)
   d_gates   [T, k]                    (with gates)
 
-Block mode (metadata mode = block): the gated MoE MLP block, H hidden, I expert intermediate:
-    [g | u] = gate_up(x)   (gate = the first I rows of each expert, up = the last I)
-    h = silu(g) * u        (with metadata limit: g = min(g, limit), u = clamp(u, -limit, limit))
-    out[t] = sum_j gates[t, j] * down(h)[t*k + j]
-Each projection is the expert linear above (with its own LoRA). gpt-oss checkpoints interleave
-gate and up rows and use another activation: reorder the rows first; this is not gpt-oss's block.
+Block mode (metadata mode = block): the gated MoE MLP block, H hidden, I expert intermediate,
+activation = swiglu (the default) or gpt_oss (metadata activation):
+    z = gate_up(x) + gate_up_bias[e]          (2I values per slot; the bias is optional)
+  swiglu:  gate = z[0..I], up = z[I..2I]       (the first I rows of each expert are the gates)
+           h = silu(g) * u  with g = min(gate, limit), u = clamp(up, -limit, limit) when limit is
+           given, else g = gate, u = up
+  gpt_oss: gate = z[2i], up = z[2i+1]          (interleaved rows, gpt-oss's checkpoint order)
+           h = (u + 1) * g * sigmoid(alpha * g), g = min(gate, limit), u = clamp(up, -limit, limit)
+    out[t] = sum_j gates[t, j] * (down(h) + down_bias[e])[t*k + j]   (the gates scale the bias)
+Each projection is the expert linear above (with its own LoRA). The rows of gate_up_proj, of
+gate_up_bias and of gate_up_lora_b are in the activation's order (gpt_oss: interleaved, as the
+checkpoint stores them; nothing is reordered). The biases are frozen: they get no gradient.
   expert_ids [T, k]; x [T, H]; gates [T, k] (required); dy [T, H] (optional)
   gate_up_proj [E, 2I, H] and down_proj [E, H, I], each dense or MXFP4 (names as for w)
+  gate_up_bias [E, 2I], down_bias [E, H]   optional, BF16/F16/F32, with either activation
   gate_up_lora_a [E*r, H] + gate_up_lora_b [2I, E*r], down_lora_a [E*r, I] + down_lora_b [H, E*r]
-  metadata: scaling (both LoRAs; gate_up_scaling / down_scaling override it), limit (optional)
+  metadata: scaling (both LoRAs; gate_up_scaling / down_scaling override it)
+            activation      swiglu (default) | gpt_oss
+            limit           clamp limit, positive; swiglu: optional (no clamp without it),
+                            gpt_oss: default 7.0
+            alpha           gpt_oss only: the sigmoid's alpha, positive, default 1.702
+            clamp_boundary  gpt_oss only: the clamps' gradient at exactly +-limit: strict
+                            (default; zero there, current torch) | inclusive (passes, older torch)
   output: out [T, H], d_x [T, H], d_gates [T, k], d_gate_up_lora_a, d_gate_up_lora_b,
           d_down_lora_a, d_down_lora_b
 Output metadata (both modes): mxmoe.mode, mxmoe.backend (gpu | cpu-reference), mxmoe.strategy,
-mxmoe.weights, mxmoe.device, mxmoe.version, and the inputs' metadata.
+mxmoe.weights, mxmoe.device, mxmoe.version, and the inputs' metadata; with activation = gpt_oss
+also the values used, defaults filled in: mxmoe.activation, mxmoe.alpha, mxmoe.limit,
+mxmoe.clamp_boundary.
 Checks, on every backend alike: N and K of every projection positive multiples of 8 (MXFP4: K a
 multiple of 32), LoRA rank 1 to 128, no MXFP4 scale byte 255 (NaN) unless NaN scales are allowed
 (--allow-nan-scales), and every size the file implies must fit in the memory available (host RAM
@@ -103,6 +118,14 @@ pub const META_STRATEGY: &str = "mxmoe.strategy";
 pub const META_WEIGHTS: &str = "mxmoe.weights";
 /// Output metadata key: the device's name, or `cpu`.
 pub const META_DEVICE: &str = "mxmoe.device";
+/// Output metadata key (block mode with `activation = gpt_oss`): `gpt_oss`.
+pub const META_ACTIVATION: &str = "mxmoe.activation";
+/// Output metadata key (block mode with `activation = gpt_oss`): the `alpha` used.
+pub const META_ALPHA: &str = "mxmoe.alpha";
+/// Output metadata key (block mode with `activation = gpt_oss`): the clamp `limit` used.
+pub const META_LIMIT: &str = "mxmoe.limit";
+/// Output metadata key (block mode with `activation = gpt_oss`): the `clamp_boundary` used.
+pub const META_CLAMP_BOUNDARY: &str = "mxmoe.clamp_boundary";
 
 /// How the weights are multiplied (GPU only; the CPU reference computes the same math for all).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -301,7 +324,8 @@ pub struct RunOutput {
     pub tensors: Vec<OutputTensor>,
     /// The output file's metadata: the inputs' metadata and the `mxmoe.*` keys
     /// ([`META_MODE`], [`META_BACKEND`], [`META_STRATEGY`], [`META_WEIGHTS`], [`META_DEVICE`],
-    /// `mxmoe.version`).
+    /// `mxmoe.version`; for a gpt-oss block also [`META_ACTIVATION`], [`META_ALPHA`],
+    /// [`META_LIMIT`], [`META_CLAMP_BOUNDARY`]).
     pub metadata: BTreeMap<String, String>,
     /// Where it ran.
     pub ran: Ran,
@@ -502,6 +526,11 @@ impl Problem {
             (META_VERSION, env!("CARGO_PKG_VERSION").to_string()),
         ] {
             metadata.insert(key.to_string(), value);
+        }
+        if let Call::Block(b) = &self.call {
+            for (key, value) in b.metadata() {
+                metadata.insert(key.to_string(), value);
+            }
         }
         Ok(RunOutput {
             tensors,

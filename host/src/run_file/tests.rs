@@ -6,7 +6,9 @@ use super::*;
 use crate::checkpoint::MxLayoutKind;
 use crate::mxfp4::{dequantize_f32, quantize_mxfp4_bf16};
 use crate::reference::LinearProblem;
-use crate::reference::moe::{Activation, GateUpLayout, MoeProblem, RefLora, moe_forward_backward};
+use crate::reference::moe::{
+    Activation, ClampBoundary, GateUpLayout, MoeProblem, RefLora, moe_forward, moe_forward_backward,
+};
 use crate::shared::bf16::{f32_to_bf16_bits, round_bf16};
 
 /// Parses `input`, runs it on the CPU reference and serializes the result.
@@ -364,11 +366,62 @@ fn bad_inputs_give_one_sentence_naming_the_problem() {
     fails(&good[..good.len() - 7], &cpu(), "`x`");
 }
 
+/// What a block-mode test file holds besides the tensors every block file has, and what the
+/// reference called directly runs.
+struct BlockSpec {
+    /// Metadata besides `mode` and the scalings.
+    meta: Vec<(&'static str, String)>,
+    /// The activation and layout of the direct reference call.
+    activation: Activation,
+    layout: GateUpLayout,
+    /// `gate_up_bias [E, 2I]` and `down_bias [E, H]`.
+    biases: bool,
+    /// `dy` (else the file is forward only).
+    dy: bool,
+}
+
+impl BlockSpec {
+    /// SwiGLU with a clamp limit, no biases (the block mode from before gpt-oss).
+    fn swiglu() -> Self {
+        BlockSpec {
+            meta: vec![("limit", "0.75".into())],
+            activation: Activation::SwiGlu { limit: Some(0.75) },
+            layout: GateUpLayout::Split,
+            biases: false,
+            dy: true,
+        }
+    }
+
+    /// gpt-oss's block with its defaults (only `activation = gpt_oss` in the metadata) and both
+    /// biases.
+    fn gpt_oss() -> Self {
+        BlockSpec {
+            meta: vec![("activation", "gpt_oss".into())],
+            activation: Activation::GPT_OSS,
+            layout: GateUpLayout::Interleaved,
+            biases: true,
+            dy: true,
+        }
+    }
+}
+
+/// A block-mode test file and the reference block called directly on the same values.
+struct BlockCase {
+    file: Vec<u8>,
+    /// The outputs the file run must give: (name, bf16 bits).
+    want: Vec<(&'static str, Vec<u16>)>,
+    /// The reference's gate/up output `[L_valid, 2I]` (independent of the activation).
+    gu: Vec<f32>,
+}
+
+/// Block dimensions of the test files: E, H, I, T, k, r.
+const BLOCK_DIMS: (usize, usize, usize, usize, usize, usize) = (4, 64, 32, 5, 2, 2);
+
 /// A block-mode input file: `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]` (dense, or
-/// quantized in `layout`), LoRA on both projections with different scalings, a clamp limit,
-/// a dropped slot; and the reference block called directly on the same values.
-fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<u16>)>) {
-    let (e, h, i, t, top_k, r) = (4, 64, 32, 5, 2, 2);
+/// quantized in `layout`), LoRA on both projections with different scalings, a dropped slot, and
+/// what `spec` adds; and the reference block called directly on the same values.
+fn block_file(layout: Option<MxLayoutKind>, spec: &BlockSpec) -> BlockCase {
+    let (e, h, i, t, top_k, r) = BLOCK_DIMS;
     let ids: Vec<i64> = vec![0, 1, 2, 0, 1, -1, 2, 1, 0, 3];
     let gu = values(e * 2 * i * h, 11, 0.3);
     let dn = values(e * h * i, 12, 0.3);
@@ -377,6 +430,7 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
     let dy = values(t * h, 15, 1.0);
     let (gua, gub) = (values(e * r * h, 16, 0.2), values(2 * i * e * r, 17, 0.2));
     let (dna, dnb) = (values(e * r * i, 18, 0.2), values(h * e * r, 19, 0.2));
+    let (gu_bias, dn_bias) = (values(e * 2 * i, 20, 0.5), values(e * h, 21, 0.5));
     let mut f = CheckpointWriter::new();
     let (gu_ref, dn_ref) = match layout {
         None => {
@@ -399,7 +453,9 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
     f.add_i64("expert_ids", &[t, top_k], &ids).unwrap();
     f.add_bf16_from_f32("x", &[t, h], &x).unwrap();
     f.add_bf16_from_f32("gates", &[t, top_k], &gates).unwrap();
-    f.add_bf16_from_f32("dy", &[t, h], &dy).unwrap();
+    if spec.dy {
+        f.add_bf16_from_f32("dy", &[t, h], &dy).unwrap();
+    }
     f.add_bf16_from_f32("gate_up_lora_a", &[e * r, h], &gua)
         .unwrap();
     f.add_bf16_from_f32("gate_up_lora_b", &[2 * i, e * r], &gub)
@@ -408,10 +464,17 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
         .unwrap();
     f.add_bf16_from_f32("down_lora_b", &[h, e * r], &dnb)
         .unwrap();
+    if spec.biases {
+        // One in f32, one in bf16: both are read as floats.
+        f.add_f32("gate_up_bias", &[e, 2 * i], &gu_bias).unwrap();
+        f.add_bf16_from_f32("down_bias", &[e, h], &dn_bias).unwrap();
+    }
     f.set_metadata("mode", "block");
     f.set_metadata("scaling", "0.5");
     f.set_metadata("down_scaling", "1.5");
-    f.set_metadata("limit", "0.75");
+    for (key, value) in &spec.meta {
+        f.set_metadata(*key, value.clone());
+    }
 
     let routing = reference::flatten_sort_count(&ids, t, top_k, e).unwrap();
     let p = MoeProblem {
@@ -434,13 +497,21 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
             scaling: 1.5,
         }),
         gates: &gates,
-        activation: Activation::SwiGlu { limit: Some(0.75) },
-        layout: GateUpLayout::Split,
-        gate_up_bias: None,
-        down_bias: None,
+        activation: spec.activation,
+        layout: spec.layout,
+        gate_up_bias: spec.biases.then_some(&gu_bias[..]),
+        down_bias: spec.biases.then_some(&dn_bias[..]),
     };
-    let (fwd, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
     let bits = |v: Vec<f32>| v.iter().map(|&x| f32_to_bf16_bits(x)).collect::<Vec<u16>>();
+    if !spec.dy {
+        let fwd = moe_forward(&p, &routing, Rounding::Bf16).unwrap();
+        return BlockCase {
+            file: f.to_bytes().unwrap(),
+            want: vec![("out", bits(fwd.y))],
+            gu: fwd.gu,
+        };
+    }
+    let (fwd, g) = moe_forward_backward(&p, &routing, &dy, Rounding::Bf16).unwrap();
     let (gul, dnl) = (g.gate_up.unwrap(), g.down.unwrap());
     let want = vec![
         ("out", bits(fwd.y)),
@@ -451,7 +522,44 @@ fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<
         ("d_down_lora_a", bits(dnl.da)),
         ("d_down_lora_b", bits(dnl.db)),
     ];
-    (f.to_bytes().unwrap(), want)
+    BlockCase {
+        file: f.to_bytes().unwrap(),
+        want,
+        gu: fwd.gu,
+    }
+}
+
+/// The SwiGLU block file of [`BlockSpec::swiglu`] and its expected outputs.
+fn block_case(layout: Option<MxLayoutKind>) -> (Vec<u8>, Vec<(&'static str, Vec<u16>)>) {
+    let c = block_file(layout, &BlockSpec::swiglu());
+    (c.file, c.want)
+}
+
+/// `file` with the tensors and metadata keys in `drop` left out, then `add` applied.
+fn rewrite(file: &[u8], drop: &[&str], add: &dyn Fn(&mut CheckpointWriter)) -> Vec<u8> {
+    let ck = Checkpoint::parse(file).unwrap();
+    let mut out = CheckpointWriter::new();
+    for name in ck.names() {
+        if !drop.contains(&name) {
+            out.add_view(name, &ck.view(name).unwrap()).unwrap();
+        }
+    }
+    for (k, v) in ck.metadata() {
+        if !drop.contains(&k.as_str()) {
+            out.set_metadata(k.clone(), v.clone());
+        }
+    }
+    add(&mut out);
+    out.to_bytes().unwrap()
+}
+
+/// The kind and message of the checkpoint error `Problem::parse` gives for `file`.
+fn file_error_of(file: &[u8]) -> (CheckpointErrorKind, String) {
+    match Problem::parse(file, &cpu()) {
+        Err(e @ Error::Checkpoint { kind, .. }) => (kind, e.to_string()),
+        Err(other) => panic!("expected a checkpoint error, got {other}"),
+        Ok(p) => panic!("expected a checkpoint error, parsed {}", p.describe()),
+    }
 }
 
 #[test]
@@ -506,6 +614,309 @@ fn bad_block_inputs_name_the_tensor() {
     .unwrap_err()
     .to_string();
     assert!(msg.contains("`gate_up_proj` is dense"), "{msg}");
+}
+
+/// gpt-oss's block (`activation = gpt_oss`, defaults, both biases) through the file on the CPU
+/// equals `moe_forward_backward` called directly with `Activation::GPT_OSS`, interleaved rows
+/// and the biases: dense weights and MXFP4 in both layouts, forward + backward and forward only.
+/// SwiGLU takes the biases too.
+#[test]
+fn cpu_gpt_oss_block_run_matches_the_reference_block() {
+    for layout in [
+        None,
+        Some(MxLayoutKind::Torchao),
+        Some(MxLayoutKind::GptOss),
+    ] {
+        let case = block_file(layout, &BlockSpec::gpt_oss());
+        let (bytes, report) = execute(&case.file, &cpu()).unwrap();
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        for needle in [
+            "one MoE block",
+            "gpt-oss activation (alpha 1.702, limit 7, strict clamp boundary, interleaved gate/up rows)",
+            "gate_up and down biases",
+        ] {
+            assert!(report.problem.contains(needle), "{}", report.problem);
+        }
+        check_outputs(&bytes, &case.want);
+    }
+    // The gpt-oss activation really ran: the SwiGLU reading of the same file differs.
+    let gpt = block_file(None, &BlockSpec::gpt_oss());
+    let swiglu_reading = BlockSpec {
+        activation: Activation::SwiGlu { limit: None },
+        layout: GateUpLayout::Split,
+        ..BlockSpec::gpt_oss()
+    };
+    assert_ne!(gpt.want[0], block_file(None, &swiglu_reading).want[0]);
+
+    let forward_only = block_file(
+        Some(MxLayoutKind::GptOss),
+        &BlockSpec {
+            dy: false,
+            ..BlockSpec::gpt_oss()
+        },
+    );
+    let (bytes, report) = execute(&forward_only.file, &cpu()).unwrap();
+    assert!(
+        report.problem.contains("forward only"),
+        "{}",
+        report.problem
+    );
+    check_outputs(&bytes, &forward_only.want);
+
+    let swiglu_biases = block_file(
+        None,
+        &BlockSpec {
+            biases: true,
+            ..BlockSpec::swiglu()
+        },
+    );
+    let (bytes, report) = execute(&swiglu_biases.file, &cpu()).unwrap();
+    assert!(
+        report
+            .problem
+            .contains(", limit 0.75, gate_up and down biases"),
+        "{}",
+        report.problem
+    );
+    check_outputs(&bytes, &swiglu_biases.want);
+}
+
+/// Explicit `alpha`, `limit` and `clamp_boundary` reach the activation. The limit is a value
+/// the gate/up output takes exactly at a gate column, so the boundary rule decides a gradient:
+/// `strict` and `inclusive` give different `d_x`, each the reference's with that rule.
+#[test]
+fn gpt_oss_parameters_and_clamp_boundary_reach_the_activation() {
+    let (_, _, i, ..) = BLOCK_DIMS;
+    let gu = block_file(None, &BlockSpec::gpt_oss()).gu;
+    // Gate columns are the even ones; the reference's `gu` is bf16, so the value is exact.
+    let tie = gu
+        .chunks_exact(2 * i)
+        .flat_map(|row| row.iter().step_by(2))
+        .copied()
+        .find(|&g| g > 0.25)
+        .expect("a positive gate value");
+    let mut d_x = Vec::new();
+    for boundary in ClampBoundary::ALL {
+        let spec = BlockSpec {
+            meta: vec![
+                ("activation", "gpt_oss".into()),
+                ("alpha", "1.25".into()),
+                ("limit", tie.to_string()),
+                ("clamp_boundary", boundary.to_string()),
+            ],
+            activation: Activation::GptOss {
+                alpha: 1.25,
+                limit: tie,
+                boundary,
+            },
+            ..BlockSpec::gpt_oss()
+        };
+        let case = block_file(None, &spec);
+        let (bytes, out) = execute(&case.file, &cpu()).unwrap();
+        check_outputs(&bytes, &case.want);
+        let want_describe = format!(
+            "(alpha 1.25, limit {tie}, {boundary} clamp boundary, interleaved gate/up rows)"
+        );
+        assert!(out.problem.contains(&want_describe), "{}", out.problem);
+        assert_eq!(
+            out.metadata.get(META_CLAMP_BOUNDARY).map(String::as_str),
+            Some(boundary.name())
+        );
+        d_x.push(case.want[1].1.clone());
+    }
+    assert_ne!(d_x[0], d_x[1], "the tie at the limit must change d_x");
+}
+
+/// With `activation = gpt_oss` the output records the activation's values, defaults filled in;
+/// a SwiGLU block's output metadata is unchanged (no such keys).
+#[test]
+fn gpt_oss_block_output_metadata_records_the_activation() {
+    let case = block_file(None, &BlockSpec::gpt_oss());
+    let (bytes, _) = execute(&case.file, &cpu()).unwrap();
+    let ck = Checkpoint::parse(&bytes).unwrap();
+    for (key, value) in [
+        ("activation", "gpt_oss"),
+        (META_MODE, "block"),
+        (META_BACKEND, "cpu-reference"),
+        (META_STRATEGY, "reference"),
+        (
+            META_WEIGHTS,
+            "gate_up BF16 [4, 64, 64], down F32 [4, 64, 32]",
+        ),
+        (META_ACTIVATION, "gpt_oss"),
+        (META_ALPHA, "1.702"),
+        (META_LIMIT, "7"),
+        (META_CLAMP_BOUNDARY, "strict"),
+    ] {
+        assert_eq!(ck.metadata_value(key), Some(value), "{key}");
+    }
+    let (swiglu, _) = block_case(None);
+    let (bytes, out) = execute(&swiglu, &cpu()).unwrap();
+    let ck = Checkpoint::parse(&bytes).unwrap();
+    for key in [META_ACTIVATION, META_ALPHA, META_LIMIT, META_CLAMP_BOUNDARY] {
+        assert_eq!(ck.metadata_value(key), None, "{key}");
+    }
+    let mut keys: Vec<&str> = out.metadata.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "down_scaling",
+            "limit",
+            "mode",
+            META_BACKEND,
+            META_DEVICE,
+            META_MODE,
+            META_STRATEGY,
+            META_VERSION,
+            META_WEIGHTS,
+            "scaling"
+        ]
+    );
+    assert!(FORMAT_HELP.contains("clamp_boundary") && !FORMAT_HELP.contains("not gpt-oss"));
+}
+
+/// Bad biases and bad activation metadata are typed checkpoint errors naming the tensor or key.
+#[test]
+fn bad_gpt_oss_block_inputs_are_typed_errors() {
+    let (e, h, i, ..) = BLOCK_DIMS;
+    let good = block_file(None, &BlockSpec::gpt_oss()).file;
+    let swiglu = block_case(None).0;
+    let shape = CheckpointErrorKind::Shape;
+    let metadata = CheckpointErrorKind::Metadata;
+    let bias = |name: &'static str, dims: Vec<usize>| {
+        let len = dims.iter().product();
+        rewrite(&good, &[name], &move |f| {
+            f.add_bf16_from_f32(name, &dims, &values(len, 30, 0.5))
+                .unwrap()
+        })
+    };
+    let meta = |file: &[u8], key: &'static str, value: &'static str| {
+        rewrite(file, &[key], &move |f| f.set_metadata(key, value))
+    };
+    let cases: Vec<(Vec<u8>, CheckpointErrorKind, &str)> = vec![
+        (
+            bias("gate_up_bias", vec![e, i]),
+            shape,
+            "`gate_up_bias` has shape [4, 32], expected [4, 64] (E, 2I)",
+        ),
+        (
+            bias("gate_up_bias", vec![e * 2 * i]),
+            shape,
+            "`gate_up_bias`",
+        ),
+        (
+            bias("down_bias", vec![e, 2 * i + 1]),
+            shape,
+            "`down_bias` has shape [4, 65], expected [4, 64] (E, H)",
+        ),
+        (bias("down_bias", vec![e + 1, h]), shape, "`down_bias`"),
+        (
+            meta(&good, "alpha", "0"),
+            metadata,
+            "`alpha` is 0; the sigmoid's alpha must be positive",
+        ),
+        (meta(&good, "alpha", "-1.5"), metadata, "`alpha` is -1.5"),
+        (
+            meta(&good, "alpha", "nan"),
+            metadata,
+            "`alpha` is `nan`, not a finite number",
+        ),
+        (
+            meta(&good, "alpha", "inf"),
+            metadata,
+            "`alpha` is `inf`, not a finite number",
+        ),
+        (
+            meta(&good, "limit", "0"),
+            metadata,
+            "`limit` is 0; the clamp limit must be positive",
+        ),
+        (
+            meta(&good, "activation", "geglu"),
+            metadata,
+            "`activation` is `geglu`, expected `swiglu` or `gpt_oss`",
+        ),
+        (
+            meta(&good, "activation", "gpt-oss"),
+            metadata,
+            "`activation` is `gpt-oss`",
+        ),
+        (
+            meta(&good, "clamp_boundary", "exclusive"),
+            metadata,
+            "`clamp_boundary` is `exclusive`, expected `strict` or `inclusive`",
+        ),
+        (
+            meta(&swiglu, "alpha", "1.702"),
+            metadata,
+            "`alpha` applies to activation = gpt_oss only",
+        ),
+        (
+            meta(&swiglu, "clamp_boundary", "strict"),
+            metadata,
+            "`clamp_boundary` applies to activation = gpt_oss only",
+        ),
+    ];
+    for (file, kind, needle) in cases {
+        let (got, msg) = file_error_of(&file);
+        assert_eq!(got, kind, "{msg}");
+        assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+    }
+    // The names parse exactly: `activation = swiglu` is the default spelled out.
+    let explicit = meta(&swiglu, "activation", "swiglu");
+    let (a, _) = execute(&explicit, &cpu()).unwrap();
+    let (b, _) = execute(&swiglu, &cpu()).unwrap();
+    assert_eq!(
+        Checkpoint::parse(&a)
+            .unwrap()
+            .read_bf16("d_x")
+            .unwrap()
+            .data,
+        Checkpoint::parse(&b)
+            .unwrap()
+            .read_bf16("d_x")
+            .unwrap()
+            .data
+    );
+    // A misspelt bias is not read, and the warning says so.
+    let misspelt = rewrite(&good, &["down_bias"], &|f| {
+        f.add_bf16_from_f32("down_biases", &[e, h], &values(e * h, 31, 0.5))
+            .unwrap()
+    });
+    let p = Problem::parse(&misspelt, &cpu()).unwrap();
+    assert_eq!(
+        p.warnings(),
+        [Warning::UnreadTensors(vec!["down_biases".into()])]
+    );
+}
+
+/// The memory estimates count the biases: `E·(2I + H)` bf16 elements on the device, their f64
+/// copies on the CPU reference.
+#[test]
+fn block_memory_estimates_count_the_biases() {
+    let (e, h, i, ..) = BLOCK_DIMS;
+    let with = Problem::parse(&block_file(None, &BlockSpec::gpt_oss()).file, &cpu()).unwrap();
+    let without = BlockSpec {
+        biases: false,
+        ..BlockSpec::gpt_oss()
+    };
+    let without = Problem::parse(&block_file(None, &without).file, &cpu()).unwrap();
+    let (Call::Block(a), Call::Block(b)) = (&with.call, &without.call) else {
+        panic!("block mode expected");
+    };
+    let elems = (e * (2 * i + h)) as u128;
+    for strategy in [RunStrategy::Auto, RunStrategy::Bf16] {
+        assert_eq!(
+            a.device_bytes(strategy).unwrap() - b.device_bytes(strategy).unwrap(),
+            2 * elems
+        );
+    }
+    assert_eq!(
+        a.host_bytes(true).unwrap() - b.host_bytes(true).unwrap(),
+        16 * elems
+    );
+    assert_eq!(a.host_bytes(false), b.host_bytes(false));
 }
 
 /// Tensors the call does not read come back as a warning (names unescaped, in file order);
