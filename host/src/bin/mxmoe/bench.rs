@@ -13,21 +13,32 @@
 //! iteration is bracketed by its own pair of CUDA events on the op stream; the events are read
 //! after the loop, and the median, minimum and maximum are reported. See `docs/BENCHMARKS.md`
 //! for the FLOP and byte accounting.
+//!
+//! The gpt-oss layer shapes (`--shape gpt-oss-20b`, `gpt-oss-120b`; run only when named) time
+//! gpt-oss's whole MoE block instead ([`MoeBlock::gpt_oss`]: `H = I = 2880`, `top_k = 4`, E = 32
+//! or 128, interleaved gate/up rows, [`Activation::GPT_OSS`], random frozen biases) with PEFT-style
+//! LoRA of rank 16 on both projections, `x [T, H]`, the gates of the routing and `dy [T, H]`:
+//! forward alone and forward + backward, each with its own events, for every strategy (the bf16
+//! path for comparison, MXFP4 fused, selective and auto on both projections).
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use cudarc::driver::sys::CUevent_flags;
 use mxmoe::Runtime;
+use mxmoe::activation::Activation;
 use mxmoe::device::Gpu;
-use mxmoe::op::{self, RowOrder};
+use mxmoe::moe::{self, MoeBlock, MoeGrads, MoeSaved};
+use mxmoe::op::{self, Bf16Matrix, LoraWeights, RowOrder};
+use mxmoe::routing::DeviceRouting;
+use mxmoe::shared::bf16::round_bf16;
 
 use crate::env::{commit, driver_description, open_gpu, utc_now};
 use crate::output::{check_writable, write_atomic};
 use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
-use crate::strategy::{HostWeights, Strategy};
+use crate::strategy::{DeviceWeights, HostWeights, Strategy};
 use mxmoe::device::PoolWatch;
 use mxmoe::reference::{check_host_memory, sum_bytes, tensor_bytes};
 
@@ -51,26 +62,59 @@ const SEEDS: Seeds = Seeds {
 };
 const MIB: f64 = (1u64 << 20) as f64;
 
-/// Which routing regimes to run.
+/// gpt-oss's hidden size `H` (both layers).
+const GPT_OSS_HIDDEN: usize = 2880;
+/// gpt-oss's expert intermediate size `I` (both layers).
+const GPT_OSS_INTER: usize = 2880;
+/// gpt-oss's experts per token.
+const GPT_OSS_TOP_K: usize = 4;
+/// Default token counts of the gpt-oss layer shapes.
+const LAYER_TOKENS: &[usize] = &[4096];
+/// The routing regime of the gpt-oss layer shapes: near-uniform load with a mild per-expert bias,
+/// like a trained router's.
+const LAYER_ROUTING: RoutingKind = RoutingKind::Balanced;
+/// Seed and scale of the gpt-oss layers' frozen biases (`0.1·randn`, stream 0 gate_up, 1 down).
+const BIAS_SEED: u64 = 5;
+const BIAS_SCALE: f32 = 0.1;
+
+/// Which configurations to run (comma-separated; several may be given).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ShapeArg {
-    /// Dense routing, E = 128, T = 4096.
+    /// Dense routing, E = 128, T = 4096 (one projection, SPEC §8).
     Dense,
-    /// Sparse routing, E = 256, T = 4096.
+    /// Sparse routing, E = 256, T = 4096 (one projection, SPEC §8).
     Sparse,
-    /// Balanced routing, E = 256, T ∈ {256, 1024, 4096, 16384}.
+    /// Balanced routing, E = 256, T ∈ {256, 1024, 4096, 16384} (one projection, SPEC §8).
     Balanced,
-    /// All of the above.
+    /// The three projection regimes above (the default; the gpt-oss layers run only when named).
     All,
+    /// gpt-oss-20b's MoE layer: the whole block, E = 32, H = I = 2880, top_k = 4, T = 4096.
+    #[value(name = "gpt-oss-20b")]
+    GptOss20b,
+    /// gpt-oss-120b's MoE layer: the whole block, E = 128, H = I = 2880, top_k = 4, T = 4096.
+    #[value(name = "gpt-oss-120b")]
+    GptOss120b,
 }
+
+/// Help text after the options: what the shapes run.
+const SHAPES_HELP: &str = "\
+Shapes: dense, sparse and balanced (all, the default) time one LoRA-fused expert projection
+(K = 2048, N = 1024, top_k = 8, r = 16) per routing regime, forward + backward.
+gpt-oss-20b (E = 32) and gpt-oss-120b (E = 128) time gpt-oss's whole MoE block (H = I = 2880,
+top_k = 4, T = 4096 unless --tokens, balanced routing): interleaved gate/up rows, alpha 1.702,
+limit 7, random frozen biases, LoRA r = 16 on both projections; forward alone and forward +
+backward, with bf16 weights (for comparison) and MXFP4 (fused, selective, auto).
+Example: mxmoe bench --shape gpt-oss-20b,gpt-oss-120b --strategy bf16,mxfp4-b";
 
 /// Options of `mxmoe bench`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = SHAPES_HELP)]
 pub struct BenchArgs {
-    /// Routing regime(s).
-    #[arg(long, value_enum, default_value_t = ShapeArg::All)]
-    pub shape: ShapeArg,
-    /// Token counts, comma-separated; replaces every selected regime's default list.
+    /// Shapes to run, comma-separated: routing regimes of the projection benchmark, gpt-oss
+    /// layers.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
+    pub shape: Vec<ShapeArg>,
+    /// Token counts, comma-separated; replaces every selected shape's default list.
     #[arg(long, value_delimiter = ',', value_parser = positive)]
     pub tokens: Vec<usize>,
     /// Timed iterations per configuration.
@@ -135,11 +179,14 @@ fn configs(args: &BenchArgs) -> Vec<Config> {
         (RoutingKind::Sparse, 256, &[4096]),
         (RoutingKind::Balanced, 256, &[256, 1024, 4096, 16384]),
     ];
-    let selected = |kind: RoutingKind| match args.shape {
-        ShapeArg::All => true,
-        ShapeArg::Dense => kind == RoutingKind::Dense,
-        ShapeArg::Sparse => kind == RoutingKind::Sparse,
-        ShapeArg::Balanced => kind == RoutingKind::Balanced,
+    let selected = |kind: RoutingKind| {
+        args.shape.iter().any(|s| match s {
+            ShapeArg::All => true,
+            ShapeArg::Dense => kind == RoutingKind::Dense,
+            ShapeArg::Sparse => kind == RoutingKind::Sparse,
+            ShapeArg::Balanced => kind == RoutingKind::Balanced,
+            ShapeArg::GptOss20b | ShapeArg::GptOss120b => false,
+        })
     };
     let mut out = Vec::new();
     for &(routing, experts, default_tokens) in regimes {
@@ -160,13 +207,20 @@ fn configs(args: &BenchArgs) -> Vec<Config> {
     out
 }
 
-/// Useful floating-point operations of one forward + backward (LoRA at rank `r`, not the padded
-/// rank): forward `2LKN + 2LKr + 2LrN`; backward dX `2LNK + 2LrK`, YB `2LNr`, dA `2LrK`, dB `2LNr`.
-fn flops(s: &Shape) -> f64 {
-    let (l, k, n, r) = (s.rows() as f64, s.k as f64, s.n as f64, s.rank as f64);
+/// Useful floating-point operations of one projection over `l` rows, `(forward, backward)`
+/// (LoRA at rank `r`, not the padded rank): forward `2LKN + 2LKr + 2LrN`; backward dX
+/// `2LNK + 2LrK`, YB `2LNr`, dA `2LrK`, dB `2LNr`.
+fn projection_flops(l: f64, k: f64, n: f64, r: f64) -> (f64, f64) {
     let forward = 2.0 * l * k * n + 2.0 * l * k * r + 2.0 * l * r * n;
     let backward =
         2.0 * l * n * k + 2.0 * l * r * k + 2.0 * l * n * r + 2.0 * l * r * k + 2.0 * l * n * r;
+    (forward, backward)
+}
+
+/// Useful floating-point operations of one forward + backward of the benchmarked projection.
+fn flops(s: &Shape) -> f64 {
+    let (forward, backward) =
+        projection_flops(s.rows() as f64, s.k as f64, s.n as f64, s.rank as f64);
     forward + backward
 }
 
@@ -184,6 +238,487 @@ fn bytes(strategy: Strategy, s: &Shape, active: usize) -> f64 {
 /// SPEC §8's byte count (REF's "HBM GB/s"): the active weights once plus `x`, nothing else.
 fn spec_bytes(strategy: Strategy, s: &Shape, active: usize) -> f64 {
     (strategy.spec_weight_bytes(s.n, s.k, active) + s.tokens * s.k * 2) as f64
+}
+
+/// [`Activation::GPT_OSS`] in words.
+fn gpt_oss_activation() -> String {
+    match Activation::GPT_OSS {
+        Activation::GptOss {
+            alpha,
+            limit,
+            boundary,
+        } => format!(
+            "gpt-oss (u + 1)·g·σ(αg), g = min(gate, L), u = clamp(up, −L, L), α = {alpha}, L = {limit}, {boundary} clamp boundary"
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A gpt-oss MoE layer shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+enum Layer {
+    /// gpt-oss-20b: 32 experts.
+    #[serde(rename = "gpt-oss-20b")]
+    GptOss20b,
+    /// gpt-oss-120b: 128 experts.
+    #[serde(rename = "gpt-oss-120b")]
+    GptOss120b,
+}
+
+impl Layer {
+    /// Both layers, in run order.
+    const ALL: [Layer; 2] = [Layer::GptOss20b, Layer::GptOss120b];
+
+    /// The name of `--shape` and the tables.
+    fn name(self) -> &'static str {
+        match self {
+            Layer::GptOss20b => "gpt-oss-20b",
+            Layer::GptOss120b => "gpt-oss-120b",
+        }
+    }
+
+    /// Experts `E`.
+    fn experts(self) -> usize {
+        match self {
+            Layer::GptOss20b => 32,
+            Layer::GptOss120b => 128,
+        }
+    }
+
+    fn arg(self) -> ShapeArg {
+        match self {
+            Layer::GptOss20b => ShapeArg::GptOss20b,
+            Layer::GptOss120b => ShapeArg::GptOss120b,
+        }
+    }
+}
+
+/// One gpt-oss layer configuration.
+#[derive(Clone, Copy, Debug)]
+struct LayerConfig {
+    layer: Layer,
+    tokens: usize,
+}
+
+impl LayerConfig {
+    fn experts(&self) -> usize {
+        self.layer.experts()
+    }
+
+    /// `(forward, backward)` useful FLOPs of the block: both projections as
+    /// [`projection_flops`] (gate_up `K = H`, `N = 2I`; down `K = I`, `N = H`) over
+    /// `L = T·top_k` rows; the activation's element-wise work is not counted.
+    fn flops(&self) -> (f64, f64) {
+        let l = (self.tokens * GPT_OSS_TOP_K) as f64; // checked by check_layer_config
+        let (h, i, r) = (GPT_OSS_HIDDEN as f64, GPT_OSS_INTER as f64, RANK as f64);
+        let (up_f, up_b) = projection_flops(l, h, 2.0 * i, r);
+        let (down_f, down_b) = projection_flops(l, i, h, r);
+        (up_f + down_f, up_b + down_b)
+    }
+}
+
+/// The gpt-oss layer configurations selected, in run order (one layer's configurations
+/// adjacent, so its weights serve them all).
+fn layer_configs(args: &BenchArgs) -> Vec<LayerConfig> {
+    let tokens: &[usize] = if args.tokens.is_empty() {
+        LAYER_TOKENS
+    } else {
+        &args.tokens
+    };
+    Layer::ALL
+        .into_iter()
+        .filter(|layer| args.shape.contains(&layer.arg()))
+        .flat_map(|layer| {
+            tokens
+                .iter()
+                .map(move |&tokens| LayerConfig { layer, tokens })
+        })
+        .collect()
+}
+
+/// The product of `dims` as a `usize`, or [`mxmoe::Error::SizeOverflow`] naming `what`.
+fn elements(what: &str, dims: &[usize]) -> anyhow::Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            mxmoe::Error::SizeOverflow {
+                what: what.to_string(),
+                detail: format!("the element count of {dims:?} overflows usize"),
+            }
+            .into()
+        })
+}
+
+/// As [`check_config`], for a gpt-oss layer: every size the configuration implies exists (checked
+/// arithmetic) and fits. The routing draw in host memory always; with a device, the host problem
+/// (both weight tensors as bf16 and MXFP4, `x`, `dy`, LoRA, biases) in host memory and, for the
+/// selected strategy that needs the most (they run one at a time), the uploaded problem in the
+/// device's free memory.
+fn check_layer_config(
+    c: &LayerConfig,
+    strategies: &[Strategy],
+    gpu: Option<&Gpu>,
+) -> anyhow::Result<()> {
+    let (t, e, h, i, k) = (
+        c.tokens,
+        c.experts(),
+        GPT_OSS_HIDDEN,
+        GPT_OSS_INTER,
+        GPT_OSS_TOP_K,
+    );
+    let label = format!("the {} layer, T = {t}", c.layer.name());
+    let rows = elements(&format!("{label}: the routed rows T·k"), &[t, k])?;
+    elements(&format!("{label}: the router logits [T, E]"), &[t, e])?;
+    elements(&format!("{label}: x and dy [T, H]"), &[t, h])?;
+    let routing = sum_bytes(&[tensor_bytes(&[t, e], 4), tensor_bytes(&[rows], 8 + 4 + 4)]);
+    check_host_memory(
+        format!("{label}: the routing draw (logits [{t}, {e}] f32, top-{k} ids and weights)"),
+        routing,
+    )?;
+    let Some(gpu) = gpu else { return Ok(()) };
+    // Elements of both projections' weights, of the four LoRA factors and of both biases.
+    let weights = tensor_bytes(&[e, 3 * i, h], 1);
+    let lora = tensor_bytes(&[e * RANK, 2 * h + 3 * i], 1);
+    let biases = tensor_bytes(&[e, 2 * i + h], 1);
+    // Host: the weights as bf16 bits and their MXFP4 copy (17/32 byte per element, twice while
+    // the parallel quantizer concatenates its parts), x and dy, LoRA and biases as bf16 bits.
+    let host = sum_bytes(&[
+        weights.and_then(|w| w.checked_mul(4)),
+        tensor_bytes(&[t, h], 2 * 2),
+        lora.and_then(|l| l.checked_mul(2)),
+        biases.and_then(|b| b.checked_mul(2)),
+    ]);
+    check_host_memory(
+        format!(
+            "{label}: the host problem (gate_up [{e}, {}, {h}] and down [{e}, {h}, {i}] as bf16 and MXFP4, x and dy [{t}, {h}])",
+            2 * i
+        ),
+        host,
+    )?;
+    // Device bytes per weight element: bf16 2; MXFP4 17/32 (counted as 1); Strategy A (and
+    // Auto, which may choose it) adds a compact bf16 copy of the active experts (at most E).
+    let per_weight = strategies
+        .iter()
+        .map(|s| match s {
+            Strategy::Bf16 => 2,
+            Strategy::Mxfp4B => 1,
+            Strategy::Mxfp4A | Strategy::Mxfp4Auto => 3,
+        })
+        .max()
+        .unwrap_or(0);
+    // Activations, bf16: x, y, dy, dx [T, H]; per routed row gu and d_gu [2I], h and dh [I], the
+    // down projection's per-slot rows, gated dY and the up projection's per-slot dX [H], with
+    // half again for the routed copies and the LoRA intermediates; LoRA, its gradients and
+    // padded copies; the biases; the routing.
+    let device = sum_bytes(&[
+        weights.and_then(|w| w.checked_mul(per_weight)),
+        tensor_bytes(&[t, h], 2 * 4),
+        tensor_bytes(&[rows, 6 * i + 3 * h], 3),
+        lora.and_then(|l| l.checked_mul(2 * 4)),
+        biases.and_then(|b| b.checked_mul(2)),
+        tensor_bytes(&[rows], 16),
+    ]);
+    gpu.check_free_memory(
+        format!(
+            "{label}: the device problem (weights [{e}, {}, {h}], rows [{rows}, ...])",
+            3 * i
+        ),
+        device,
+    )?;
+    Ok(())
+}
+
+/// The frozen weights of one gpt-oss layer: both projections (each with its MXFP4
+/// quantization made on first use) and both biases, as bf16 bits.
+struct LayerWeights {
+    layer: Layer,
+    /// `gate_up_proj [E, 2I, H]`, `randn/√H`, rows interleaved (which changes no timing).
+    gate_up: HostWeights,
+    /// `down_proj [E, H, I]`, `randn/√I`.
+    down: HostWeights,
+    /// `[E, 2I]`.
+    gate_up_bias: Vec<u16>,
+    /// `[E, H]`.
+    down_bias: Vec<u16>,
+}
+
+impl LayerWeights {
+    /// Draws the weights (seed [`WEIGHT_SEED`], streams 0 and 1) and biases ([`BIAS_SEED`]).
+    fn draw(layer: Layer) -> Self {
+        let (e, h, i) = (layer.experts(), GPT_OSS_HIDDEN, GPT_OSS_INTER);
+        eprintln!(
+            "generating {} weights: gate_up [{e}, {}, {h}], down [{e}, {h}, {i}] bf16",
+            layer.name(),
+            2 * i
+        );
+        let gate_up = normal_bf16_bits(e * 2 * i * h, 1.0 / (h as f32).sqrt(), WEIGHT_SEED, 0);
+        let down = normal_bf16_bits(e * h * i, 1.0 / (i as f32).sqrt(), WEIGHT_SEED, 1);
+        Self {
+            layer,
+            gate_up: HostWeights::new(gate_up, e, 2 * i, h),
+            down: HostWeights::new(down, e, h, i),
+            gate_up_bias: normal_bf16_bits(e * 2 * i, BIAS_SCALE, BIAS_SEED, 0),
+            down_bias: normal_bf16_bits(e * h, BIAS_SCALE, BIAS_SEED, 1),
+        }
+    }
+}
+
+/// Host data of one gpt-oss layer configuration besides the weights, as bf16 bits.
+struct LayerHost {
+    config: LayerConfig,
+    /// Expert ids `[T, top_k]`.
+    ids: Vec<i64>,
+    /// Routing weights `[T, top_k]` (bf16-rounded).
+    gates: Vec<f32>,
+    /// `x [T, H]`.
+    x: Vec<u16>,
+    /// `dy [T, H]`.
+    dy: Vec<u16>,
+    /// LoRA A and B of gate_up (`[E·r, H]`, `[2I, E·r]`) and of down (`[E·r, I]`, `[H, E·r]`).
+    lora: [Vec<u16>; 4],
+}
+
+impl LayerHost {
+    /// Draws the routing (top-k of softmax of [`LAYER_ROUTING`] logits, renormalised: gpt-oss's
+    /// softmax over the chosen logits), `x` and `dy` (`randn`) and LoRA (`0.01·randn`, streams
+    /// 0–3) from [`SEEDS`]. The sizes were checked by [`check_layer_config`].
+    fn draw(config: LayerConfig) -> Self {
+        let (t, e, h, i, r) = (
+            config.tokens,
+            config.experts(),
+            GPT_OSS_HIDDEN,
+            GPT_OSS_INTER,
+            RANK,
+        );
+        let logits = LAYER_ROUTING.logits(t, e, SEEDS.routing);
+        let chosen = top_k(&logits, t, e, GPT_OSS_TOP_K);
+        let lora = |len: usize, stream: u32| normal_bf16_bits(len, 0.01, SEEDS.lora, stream);
+        Self {
+            config,
+            ids: chosen.ids,
+            gates: chosen.gates.iter().map(|&g| round_bf16(g)).collect(),
+            x: normal_bf16_bits(t * h, 1.0, SEEDS.x, 0),
+            dy: normal_bf16_bits(t * h, 1.0, SEEDS.dy, 0),
+            lora: [
+                lora(e * r * h, 0),
+                lora(2 * i * e * r, 1),
+                lora(e * r * i, 2),
+                lora(h * e * r, 3),
+            ],
+        }
+    }
+}
+
+/// One gpt-oss layer configuration resident on the device in one strategy's format.
+struct LayerDevice {
+    gate_up: DeviceWeights,
+    down: DeviceWeights,
+    gate_up_bias: Bf16Matrix,
+    down_bias: Bf16Matrix,
+    lora_gate_up: LoraWeights,
+    lora_down: LoraWeights,
+    routing: DeviceRouting,
+    x: Bf16Matrix,
+    gates: Bf16Matrix,
+    dy: Bf16Matrix,
+    strategy: Strategy,
+}
+
+impl LayerDevice {
+    /// Uploads everything and routes the ids on the device; returns once that has finished.
+    fn upload(
+        gpu: &Gpu,
+        strategy: Strategy,
+        p: &LayerHost,
+        w: &LayerWeights,
+    ) -> anyhow::Result<Self> {
+        let c = &p.config;
+        if w.layer != c.layer {
+            bail!(
+                "the weights are {}'s but the problem is {}'s",
+                w.layer.name(),
+                c.layer.name()
+            );
+        }
+        let (t, e, h, i, r) = (c.tokens, c.experts(), GPT_OSS_HIDDEN, GPT_OSS_INTER, RANK);
+        let matrix = |bits: &[u16], rows: usize, cols: usize, what: &str| {
+            Bf16Matrix::from_bits(gpu, bits, rows, cols)
+                .with_context(|| format!("could not upload {what}"))
+        };
+        let lora = |a: &[u16], b: &[u16], k: usize, n: usize, what: &str| {
+            Ok::<_, anyhow::Error>(LoraWeights {
+                a: matrix(a, e * r, k, &format!("the {what} LoRA A"))?,
+                b: matrix(b, n, e * r, &format!("the {what} LoRA B"))?,
+                rank: r,
+                scaling: SCALING,
+            })
+        };
+        let gate_up = strategy.upload(gpu, &w.gate_up)?;
+        let down = strategy.upload(gpu, &w.down)?;
+        let routing = DeviceRouting::from_host_ids(gpu, &p.ids, t, GPT_OSS_TOP_K, e)
+            .context("could not route the expert ids on the device")?;
+        let d = Self {
+            gate_up,
+            down,
+            gate_up_bias: matrix(&w.gate_up_bias, e, 2 * i, "the gate_up bias")?,
+            down_bias: matrix(&w.down_bias, e, h, "the down bias")?,
+            lora_gate_up: lora(&p.lora[0], &p.lora[1], h, 2 * i, "gate_up")?,
+            lora_down: lora(&p.lora[2], &p.lora[3], i, h, "down")?,
+            routing,
+            x: matrix(&p.x, t, h, "x")?,
+            gates: Bf16Matrix::from_f32(gpu, &p.gates, t, GPT_OSS_TOP_K)
+                .context("could not upload the gates")?,
+            dy: matrix(&p.dy, t, h, "dy")?,
+            strategy,
+        };
+        d.routing
+            .check(gpu)
+            .context("the device routing rejected the expert ids")?;
+        gpu.synchronize().context("the uploads did not complete")?;
+        Ok(d)
+    }
+
+    /// gpt-oss's block over these buffers: [`MoeBlock::gpt_oss`] with LoRA on both projections
+    /// and the strategy's op-layer strategy.
+    fn block(&self) -> MoeBlock<'_> {
+        MoeBlock {
+            lora_gate_up: Some(&self.lora_gate_up),
+            lora_down: Some(&self.lora_down),
+            strategy: self.strategy.op_strategy(),
+            ..MoeBlock::gpt_oss(
+                self.gate_up.as_expert_weights(),
+                self.down.as_expert_weights(),
+                &self.gate_up_bias,
+                &self.down_bias,
+            )
+        }
+    }
+
+    /// One forward, enqueued without host synchronisation (unless a projection runs Strategy A
+    /// or Auto, which read the expert offsets back).
+    fn forward(&self, gpu: &Runtime) -> anyhow::Result<(Bf16Matrix, MoeSaved)> {
+        self.block()
+            .forward(gpu, &self.x, &self.routing, &self.gates)
+            .context("the block's forward pass failed")
+    }
+
+    /// One forward and backward; `between` runs after the forward has been enqueued and before
+    /// the backward.
+    fn forward_backward(
+        &self,
+        gpu: &Runtime,
+        between: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<(Bf16Matrix, MoeSaved, MoeGrads)> {
+        let (y, saved) = self.forward(gpu)?;
+        between()?;
+        let grads =
+            moe::backward(gpu, &saved, &self.dy).context("the block's backward pass failed")?;
+        Ok((y, saved, grads))
+    }
+}
+
+/// What ran for a gpt-oss layer: `bf16`, or per projection `A` (selective) / `B` (fused), one
+/// letter when both projections ran the same path, else `gate_up/down`.
+fn layer_ran(strategy: Strategy, (up, down): (op::Strategy, op::Strategy)) -> String {
+    let letter = |s: op::Strategy| match s {
+        op::Strategy::SelectiveDequant => "A",
+        op::Strategy::Fused => "B",
+        op::Strategy::Auto => "auto",
+    };
+    match strategy {
+        Strategy::Bf16 => "bf16".into(),
+        _ if up == down => letter(up).into(),
+        _ => format!("{}/{}", letter(up), letter(down)),
+    }
+}
+
+/// The timed pass of a gpt-oss layer row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+enum Pass {
+    /// The forward alone.
+    #[serde(rename = "forward")]
+    Forward,
+    /// Forward and backward.
+    #[serde(rename = "forward+backward")]
+    ForwardBackward,
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::ForwardBackward => "forward+backward",
+        }
+    }
+}
+
+/// A gpt-oss layer configuration before timing.
+#[derive(Debug, serde::Serialize)]
+struct LayerPlanRow {
+    layer: Layer,
+    experts: usize,
+    tokens: usize,
+    rows: usize,
+    active_experts: usize,
+    gflop_forward: f64,
+    gflop_forward_backward: f64,
+}
+
+/// One measured gpt-oss layer configuration and pass.
+#[derive(Debug, serde::Serialize)]
+struct LayerRow {
+    strategy: Strategy,
+    /// What the op layer ran ([`layer_ran`]).
+    ran: String,
+    layer: Layer,
+    pass: Pass,
+    experts: usize,
+    tokens: usize,
+    rows: usize,
+    active_experts: usize,
+    warmup: usize,
+    iters: usize,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    /// Host wall clock of the whole timed loop (synchronized) divided by the iterations.
+    wall_ms_per_iter: f64,
+    tokens_per_s: f64,
+    flops: f64,
+    tflops: f64,
+    /// Device memory used after the uploads, above the configuration's baseline.
+    resident_mib: f64,
+    /// Largest `cuMemGetInfo` used-memory sample (after forward, after backward), above baseline.
+    peak_sampled_mib: f64,
+    /// Memory pool high-water mark above baseline, over both passes.
+    peak_pool_mib: Option<f64>,
+    /// Every timed iteration, in order.
+    times_ms: Vec<f64>,
+}
+
+impl LayerRow {
+    /// As [`Row::peak_mib`].
+    fn peak_mib(&self) -> f64 {
+        self.peak_pool_mib.unwrap_or(self.peak_sampled_mib)
+    }
+}
+
+/// The fixed part of the gpt-oss layer problem, for the JSON document.
+#[derive(Debug, serde::Serialize)]
+struct LayerProblem {
+    hidden: usize,
+    intermediate: usize,
+    top_k: usize,
+    rank: usize,
+    scaling: f32,
+    routing: RoutingKind,
+    activation: String,
+    gate_up_layout: &'static str,
+    weight_seed: u64,
+    bias_seed: u64,
+    bias_scale: f32,
+    seeds: Seeds,
 }
 
 /// A configuration before timing.
@@ -278,7 +813,7 @@ struct Problem {
     seeds: Seeds,
 }
 
-/// The JSON document.
+/// The JSON document (the `layer_*` keys only when gpt-oss layers were selected).
 #[derive(Debug, serde::Serialize)]
 struct Report {
     tool: &'static str,
@@ -287,6 +822,12 @@ struct Report {
     notes: Vec<String>,
     plan: Vec<PlanRow>,
     results: Vec<Row>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layer_problem: Option<LayerProblem>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layer_plan: Vec<LayerPlanRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layer_results: Vec<LayerRow>,
 }
 
 /// Checks with checked arithmetic that a configuration's sizes exist and fit: the routing draw
@@ -344,6 +885,7 @@ fn check_config(c: &Config, gpu: Option<&Gpu>) -> anyhow::Result<()> {
 /// (nothing to time). The JSON file is written once, at the end.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let configs = configs(args);
+    let layers = layer_configs(args);
     // Probe the JSON file's folder first, so a bad path fails before minutes of measuring; the
     // file itself (if it exists) is untouched until the results are written.
     if let Some(path) = &args.json {
@@ -358,8 +900,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for c in &configs {
         check_config(c, gpu.as_ref().ok().map(|rt| rt.gpu()))?;
     }
+    for c in &layers {
+        check_layer_config(c, &strategies, gpu.as_ref().ok().map(|rt| rt.gpu()))?;
+    }
     let header = header(gpu.as_ref().ok().map(|rt| rt.gpu()))?;
-    let notes = notes(args);
+    let notes = notes(args, !configs.is_empty(), !layers.is_empty());
 
     // The routing alone is cheap, so the plan (with active-expert counts) is known up front.
     let plan: Vec<PlanRow> = configs
@@ -377,18 +922,46 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
+    let layer_plan: Vec<LayerPlanRow> = layers
+        .iter()
+        .map(|c| {
+            let logits = LAYER_ROUTING.logits(c.tokens, c.experts(), SEEDS.routing);
+            let chosen = top_k(&logits, c.tokens, c.experts(), GPT_OSS_TOP_K);
+            let (forward, backward) = c.flops();
+            LayerPlanRow {
+                layer: c.layer,
+                experts: c.experts(),
+                tokens: c.tokens,
+                rows: c.tokens * GPT_OSS_TOP_K, // checked by check_layer_config
+                active_experts: active_experts(&chosen.ids, c.experts()),
+                gflop_forward: forward / 1e9,
+                gflop_forward_backward: (forward + backward) / 1e9,
+            }
+        })
+        .collect();
 
     print_header(&header, &notes);
-    let results = match &gpu {
-        Ok(gpu) => measure_all(gpu, args, &configs, &strategies)?,
+    let (results, layer_results) = match &gpu {
+        Ok(gpu) => (
+            measure_all(gpu, args, &configs, &strategies)?,
+            measure_layers(gpu, args, &layers, &strategies)?,
+        ),
         Err(reason) => {
-            print_plan(&plan);
+            if !plan.is_empty() {
+                print_plan(&plan);
+            }
+            if !layer_plan.is_empty() {
+                print_layer_plan(&layer_plan);
+            }
             println!("{reason}: no GPU available, nothing to time.");
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
     if !results.is_empty() {
         print_results(&results);
+    }
+    if !layer_results.is_empty() {
+        print_layer_results(&layer_results);
     }
     if let Some(path) = &args.json {
         let problem = Problem {
@@ -403,6 +976,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             weight_seed: WEIGHT_SEED,
             seeds: SEEDS,
         };
+        let layer_problem = (!layers.is_empty()).then(|| LayerProblem {
+            hidden: GPT_OSS_HIDDEN,
+            intermediate: GPT_OSS_INTER,
+            top_k: GPT_OSS_TOP_K,
+            rank: RANK,
+            scaling: SCALING,
+            routing: LAYER_ROUTING,
+            activation: gpt_oss_activation(),
+            gate_up_layout: "interleaved",
+            weight_seed: WEIGHT_SEED,
+            bias_seed: BIAS_SEED,
+            bias_scale: BIAS_SCALE,
+            seeds: SEEDS,
+        });
         let report = Report {
             tool: "mxmoe bench",
             header,
@@ -410,6 +997,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             notes,
             plan,
             results,
+            layer_problem,
+            layer_plan,
+            layer_results,
         };
         let mut text =
             serde_json::to_string_pretty(&report).context("could not serialize the results")?;
@@ -455,7 +1045,27 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
     Ok(h)
 }
 
-fn notes(args: &BenchArgs) -> Vec<String> {
+/// The notes of the header: the projection benchmark's when `projection`, the gpt-oss layers'
+/// when `layers`.
+fn notes(args: &BenchArgs, projection: bool, layers: bool) -> Vec<String> {
+    let mut notes = if projection {
+        projection_notes(args)
+    } else {
+        Vec::new()
+    };
+    if layers {
+        notes.extend([
+            format!("gpt-oss layers: the whole MoE block (MoeBlock::gpt_oss): H = I = {GPT_OSS_HIDDEN}, top_k = {GPT_OSS_TOP_K}, E = 32 (gpt-oss-20b) or 128 (gpt-oss-120b); gate_up [E, 2I, H] with interleaved gate/up rows, down [E, H, I]; activation {}; frozen biases gate_up [E, 2I] and down [E, H]; LoRA r = {RANK}, s = {SCALING} on both projections; x [T, H] in token order, the routing's gates, dy [T, H].", gpt_oss_activation()),
+            format!("gpt-oss data: W = randn/√K bf16 (seed {WEIGHT_SEED}, stream 0 gate_up, 1 down), biases {BIAS_SCALE}·randn (seed {BIAS_SEED}), LoRA A, B = 0.01·randn (seed 2), {} routing top-{GPT_OSS_TOP_K} of softmax(logits) renormalised (seed 1), x = randn (seed 3), dy = randn (seed 4).", LAYER_ROUTING.name()),
+            format!("gpt-oss timing: per strategy, {} warm-up forward + backward iterations, then {} timed forward passes and {} timed forward + backward passes, one pair of CUDA events around each; the strategy applies to both projections (ran: A selective, B fused, gate_up/down when they differ).", args.warmup, args.iters, args.iters),
+            "gpt-oss FLOPs: both projections' forward (2LKN + 2LKr + 2LrN) and backward terms as above, gate_up K = H, N = 2I, down K = I, N = H, L = T·top_k; the activation is not counted. Peak MiB covers both passes.".into(),
+        ]);
+    }
+    notes
+}
+
+/// The projection benchmark's notes (SPEC §8).
+fn projection_notes(args: &BenchArgs) -> Vec<String> {
     vec![
         format!("Problem (SPEC §8): K={K}, N={N}, top_k={TOP_K}, r={RANK}, s={SCALING}; x [T, K] in token order, scattered output [T·k, N], no gates."),
         "Data: W_store = randn(E, N, K)/√K bf16 (seed 0), LoRA A, B = 0.01·randn (seed 2), routing top-k of softmax(logits) (seed 1), x = randn (seed 3); our own generator, not torch's stream.".into(),
@@ -588,37 +1198,8 @@ fn measure(
     };
     drop(result);
 
-    let new_event = || {
-        gpu.context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .context("could not create a CUDA event")
-    };
-    let events = (0..args.iters)
-        .map(|_| Ok((new_event()?, new_event()?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    gpu.synchronize()
-        .context("the device did not become idle")?;
-    let wall = std::time::Instant::now();
-    for (start, end) in &events {
-        start
-            .record(gpu.stream())
-            .context("could not record a CUDA event")?;
-        let result = device.forward_backward(gpu, || Ok(()))?;
-        end.record(gpu.stream())
-            .context("could not record a CUDA event")?;
-        drop(result);
-    }
-    gpu.synchronize()
-        .context("the timed iterations did not complete")?;
-    let wall_ms_per_iter = wall.elapsed().as_secs_f64() * 1e3 / args.iters as f64;
-    let times_ms = events
-        .iter()
-        .map(|(s, e)| {
-            s.elapsed_ms(e)
-                .map(f64::from)
-                .context("could not read a CUDA event time")
-        })
-        .collect::<anyhow::Result<Vec<f64>>>()?;
+    let (times_ms, wall_ms_per_iter) =
+        time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
 
     let peak_pool = match (&pool, pool_baseline) {
         (Some(p), Some(base)) => Some(p.peak()?.saturating_sub(base) as f64 / MIB),
@@ -626,13 +1207,12 @@ fn measure(
     };
     drop(device);
 
-    let mut sorted = times_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median_ms = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        0.5 * (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2])
-    };
+    let Stats {
+        median_ms,
+        min_ms,
+        max_ms,
+        mean_ms,
+    } = stats(&times_ms);
     let seconds = median_ms / 1e3;
     let (flops, bytes, spec_bytes) = (
         flops(&shape),
@@ -650,9 +1230,9 @@ fn measure(
         warmup: args.warmup,
         iters: args.iters,
         median_ms,
-        min_ms: sorted[0],
-        max_ms: sorted[sorted.len() - 1],
-        mean_ms: sorted.iter().sum::<f64>() / sorted.len() as f64,
+        min_ms,
+        max_ms,
+        mean_ms,
         wall_ms_per_iter,
         tokens_per_s: c.tokens as f64 / seconds,
         slots_per_s: shape.rows() as f64 / seconds,
@@ -667,6 +1247,234 @@ fn measure(
         peak_pool_mib: peak_pool,
         times_ms,
     })
+}
+
+/// Times `iters` runs of `body`, each bracketed by its own pair of CUDA events on the op stream
+/// (what `body` returns is dropped after the end event is recorded; the events are read after
+/// the loop). Returns the per-iteration times in ms and the host wall clock of the whole
+/// synchronized loop per iteration.
+fn time_iterations<T>(
+    gpu: &Runtime,
+    iters: usize,
+    mut body: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let new_event = || {
+        gpu.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .context("could not create a CUDA event")
+    };
+    let events = (0..iters)
+        .map(|_| Ok((new_event()?, new_event()?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    gpu.synchronize()
+        .context("the device did not become idle")?;
+    let wall = std::time::Instant::now();
+    for (start, end) in &events {
+        start
+            .record(gpu.stream())
+            .context("could not record a CUDA event")?;
+        let result = body()?;
+        end.record(gpu.stream())
+            .context("could not record a CUDA event")?;
+        drop(result);
+    }
+    gpu.synchronize()
+        .context("the timed iterations did not complete")?;
+    let wall_ms_per_iter = wall.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    let times_ms = events
+        .iter()
+        .map(|(s, e)| {
+            s.elapsed_ms(e)
+                .map(f64::from)
+                .context("could not read a CUDA event time")
+        })
+        .collect::<anyhow::Result<Vec<f64>>>()?;
+    Ok((times_ms, wall_ms_per_iter))
+}
+
+/// Summary of the timed iterations.
+struct Stats {
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+}
+
+/// Median (the mean of the middle two for an even count), minimum, maximum and mean of `times`
+/// (at least one: `--iters` is positive).
+fn stats(times: &[f64]) -> Stats {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median_ms = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    };
+    Stats {
+        median_ms,
+        min_ms: sorted[0],
+        max_ms: sorted[n - 1],
+        mean_ms: sorted.iter().sum::<f64>() / n as f64,
+    }
+}
+
+/// Runs every gpt-oss layer configuration for every strategy. Weights are drawn once per layer.
+fn measure_layers(
+    gpu: &Runtime,
+    args: &BenchArgs,
+    configs: &[LayerConfig],
+    strategies: &[Strategy],
+) -> anyhow::Result<Vec<LayerRow>> {
+    let mut weights: Option<LayerWeights> = None;
+    let mut rows = Vec::new();
+    let total = configs.len() * strategies.len();
+    let mut done = 0;
+    for c in configs {
+        let w: &LayerWeights = match &mut weights {
+            Some(w) if w.layer == c.layer => w,
+            slot => {
+                // Free the previous layer's weights (up to 8 GB with their MXFP4 copy) first.
+                *slot = None;
+                slot.insert(LayerWeights::draw(c.layer))
+            }
+        };
+        let problem = LayerHost::draw(*c);
+        let active = active_experts(&problem.ids, c.experts());
+        for &strategy in strategies {
+            done += 1;
+            let what = format!(
+                "{} {} T={} (active {active}/{})",
+                strategy.label(),
+                c.layer.name(),
+                c.tokens,
+                c.experts()
+            );
+            eprintln!("[{done}/{total}] {what}: measuring");
+            let [fwd, fwd_bwd] = measure_layer(gpu, args, strategy, &problem, w, active)
+                .with_context(|| {
+                    format!(
+                        "the {} benchmark failed at the {} layer, T = {}",
+                        strategy.label(),
+                        c.layer.name(),
+                        c.tokens
+                    )
+                })?;
+            eprintln!(
+                "[{done}/{total}] {what}: forward median {:.3} ms, forward + backward median {:.3} ms ({:.3}–{:.3}), peak {:.1} MiB",
+                fwd.median_ms,
+                fwd_bwd.median_ms,
+                fwd_bwd.min_ms,
+                fwd_bwd.max_ms,
+                fwd_bwd.peak_mib()
+            );
+            rows.extend([fwd, fwd_bwd]);
+        }
+    }
+    Ok(rows)
+}
+
+/// Measures one gpt-oss layer configuration in one strategy: the forward alone and forward +
+/// backward, each `args.iters` times after `args.warmup` forward + backward warm-ups.
+fn measure_layer(
+    gpu: &Runtime,
+    args: &BenchArgs,
+    strategy: Strategy,
+    problem: &LayerHost,
+    w: &LayerWeights,
+    active: usize,
+) -> anyhow::Result<[LayerRow; 2]> {
+    let c = problem.config;
+    let pool = PoolWatch::new(gpu)?;
+    gpu.synchronize()
+        .context("the device did not become idle")?;
+    let baseline = used_bytes(gpu)?;
+    let pool_baseline = match &pool {
+        Some(p) => {
+            p.reset_peak()?;
+            Some(p.used()?)
+        }
+        None => None,
+    };
+
+    if strategy != Strategy::Bf16 {
+        // Quantize (once per weight tensor) before the memory baseline is taken.
+        w.gate_up.mx()?;
+        w.down.mx()?;
+    }
+    let device = LayerDevice::upload(gpu, strategy, problem, w)?;
+    let resident = used_bytes(gpu)?.saturating_sub(baseline);
+
+    for _ in 0..args.warmup {
+        drop(device.forward_backward(gpu, || Ok(()))?);
+    }
+    // One untimed iteration with used-memory samples after the forward and the backward.
+    gpu.synchronize().context("the warm-up did not complete")?;
+    let mut peak_sampled = used_bytes(gpu)?;
+    let result = device.forward_backward(gpu, || {
+        gpu.synchronize()
+            .context("the forward pass did not complete")?;
+        peak_sampled = peak_sampled.max(used_bytes(gpu)?);
+        Ok(())
+    })?;
+    gpu.synchronize()
+        .context("the backward pass did not complete")?;
+    peak_sampled = peak_sampled.max(used_bytes(gpu)?);
+    let ran = layer_ran(strategy, result.1.strategies());
+    drop(result);
+
+    let forward = time_iterations(gpu, args.iters, || device.forward(gpu))?;
+    let forward_backward =
+        time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
+
+    let peak_pool = match (&pool, pool_baseline) {
+        (Some(p), Some(base)) => Some(p.peak()?.saturating_sub(base) as f64 / MIB),
+        _ => None,
+    };
+    drop(device);
+
+    let (flops_forward, flops_backward) = c.flops();
+    let row = |pass: Pass, (times_ms, wall_ms_per_iter): (Vec<f64>, f64), flops: f64| {
+        let Stats {
+            median_ms,
+            min_ms,
+            max_ms,
+            mean_ms,
+        } = stats(&times_ms);
+        let seconds = median_ms / 1e3;
+        LayerRow {
+            strategy,
+            ran: ran.clone(),
+            layer: c.layer,
+            pass,
+            experts: c.experts(),
+            tokens: c.tokens,
+            rows: c.tokens * GPT_OSS_TOP_K, // checked by check_layer_config
+            active_experts: active,
+            warmup: args.warmup,
+            iters: args.iters,
+            median_ms,
+            min_ms,
+            max_ms,
+            mean_ms,
+            wall_ms_per_iter,
+            tokens_per_s: c.tokens as f64 / seconds,
+            flops,
+            tflops: flops / seconds / 1e12,
+            resident_mib: resident as f64 / MIB,
+            peak_sampled_mib: peak_sampled.saturating_sub(baseline) as f64 / MIB,
+            peak_pool_mib: peak_pool,
+            times_ms,
+        }
+    };
+    Ok([
+        row(Pass::Forward, forward, flops_forward),
+        row(
+            Pass::ForwardBackward,
+            forward_backward,
+            flops_forward + flops_backward,
+        ),
+    ])
 }
 
 fn print_header(h: &Header, notes: &[String]) {
@@ -738,9 +1546,59 @@ fn print_results(rows: &[Row]) {
     println!();
 }
 
+fn print_layer_plan(plan: &[LayerPlanRow]) {
+    println!(
+        "| layer | E | H = I | top_k | T | L = T·k | active/E | GFLOP forward | GFLOP forward + backward |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for p in plan {
+        println!(
+            "| {} | {} | {GPT_OSS_HIDDEN} | {GPT_OSS_TOP_K} | {} | {} | {}/{} | {:.1} | {:.1} |",
+            p.layer.name(),
+            p.experts,
+            p.tokens,
+            p.rows,
+            p.active_experts,
+            p.experts,
+            p.gflop_forward,
+            p.gflop_forward_backward
+        );
+    }
+    println!();
+}
+
+fn print_layer_results(rows: &[LayerRow]) {
+    println!(
+        "| strategy (ran) | layer | pass | E | T | active/E | median ms | min ms | max ms | tokens/s | TFLOP/s | resident MiB | peak MiB |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} ({}) | {} | {} | {} | {} | {}/{} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            r.strategy.label(),
+            r.ran,
+            r.layer.name(),
+            r.pass.name(),
+            r.experts,
+            r.tokens,
+            r.active_experts,
+            r.experts,
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.tokens_per_s,
+            r.tflops,
+            r.resident_mib,
+            r.peak_mib()
+        );
+    }
+    println!();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Args as _;
 
     #[test]
     fn flop_count_matches_the_spec_terms() {
@@ -768,5 +1626,137 @@ mod tests {
             spec_bytes(Strategy::Bf16, &s, 128),
             (128 * 2048 * 1024 * 2 + 4096 * 2048 * 2) as f64
         );
+    }
+
+    /// Parses `mxmoe bench` arguments (everything after the subcommand name).
+    fn parse(argv: &[&str]) -> BenchArgs {
+        use clap::FromArgMatches as _;
+        let cmd = BenchArgs::augment_args(clap::Command::new("bench"));
+        let matches = cmd
+            .try_get_matches_from(std::iter::once("bench").chain(argv.iter().copied()))
+            .unwrap();
+        BenchArgs::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn shapes_select_projection_regimes_and_gpt_oss_layers() {
+        // The default is the projection benchmark alone, as before the layers existed.
+        let default = parse(&[]);
+        assert_eq!(default.shape, [ShapeArg::All]);
+        assert_eq!(configs(&default).len(), 6);
+        assert!(layer_configs(&default).is_empty());
+
+        let both = parse(&["--shape", "gpt-oss-120b,gpt-oss-20b"]);
+        let layers: Vec<(Layer, usize)> = layer_configs(&both)
+            .iter()
+            .map(|c| (c.layer, c.tokens))
+            .collect();
+        assert_eq!(
+            layers,
+            [(Layer::GptOss20b, 4096), (Layer::GptOss120b, 4096)]
+        );
+        assert!(configs(&both).is_empty());
+        assert_eq!(
+            (Layer::GptOss20b.experts(), Layer::GptOss120b.experts()),
+            (32, 128)
+        );
+
+        let mixed = parse(&["--shape", "dense,gpt-oss-20b", "--tokens", "128,512"]);
+        let projection: Vec<(RoutingKind, usize)> = configs(&mixed)
+            .iter()
+            .map(|c| (c.routing, c.tokens))
+            .collect();
+        assert_eq!(
+            projection,
+            [(RoutingKind::Dense, 128), (RoutingKind::Dense, 512)]
+        );
+        let tokens: Vec<usize> = layer_configs(&mixed).iter().map(|c| c.tokens).collect();
+        assert_eq!(tokens, [128, 512]);
+
+        let help = BenchArgs::augment_args(clap::Command::new("bench"))
+            .render_long_help()
+            .to_string();
+        for needle in [
+            "gpt-oss-20b",
+            "gpt-oss-120b",
+            "E = 128, H = I = 2880, top_k = 4",
+        ] {
+            assert!(help.contains(needle), "`{needle}` not in:\n{help}");
+        }
+    }
+
+    #[test]
+    fn layer_flops_count_both_projections_with_lora() {
+        let c = LayerConfig {
+            layer: Layer::GptOss120b,
+            tokens: 4096,
+        };
+        let (l, h, i, r) = (4096.0 * 4.0, 2880.0, 2880.0, 16.0);
+        let forward = 2.0 * l * h * (2.0 * i)
+            + 2.0 * l * h * r
+            + 2.0 * l * r * (2.0 * i)
+            + 2.0 * l * i * h
+            + 2.0 * l * i * r
+            + 2.0 * l * r * h;
+        let (f, b) = c.flops();
+        assert!((f - forward).abs() <= 1e-9 * forward, "{f} vs {forward}");
+        // The backward's dX GEMMs match the forward's base GEMMs; LoRA adds 4 rank terms each.
+        let base = 2.0 * l * h * (2.0 * i) + 2.0 * l * i * h;
+        let lora_bwd =
+            4.0 * l * r * h + 4.0 * l * (2.0 * i) * r + 4.0 * l * r * i + 4.0 * l * h * r;
+        assert!((b - (base + lora_bwd)).abs() <= 1e-9 * b, "{b}");
+        // Same numbers for either layer at the same T: the experts only change the weights.
+        let small = LayerConfig {
+            layer: Layer::GptOss20b,
+            ..c
+        };
+        assert_eq!(small.flops(), c.flops());
+    }
+
+    #[test]
+    fn layer_sizes_are_checked_before_anything_is_drawn() {
+        let c = LayerConfig {
+            layer: Layer::GptOss120b,
+            tokens: usize::MAX / 2,
+        };
+        let e = check_layer_config(&c, Strategy::ALL, None).unwrap_err();
+        assert!(
+            matches!(
+                e.downcast_ref::<mxmoe::Error>(),
+                Some(mxmoe::Error::SizeOverflow { .. })
+            ),
+            "{e:#}"
+        );
+        assert!(e.to_string().contains("gpt-oss-120b"), "{e:#}");
+        let fine = LayerConfig {
+            layer: Layer::GptOss20b,
+            tokens: 4096,
+        };
+        check_layer_config(&fine, Strategy::ALL, None).unwrap();
+    }
+
+    #[test]
+    fn layer_ran_names_each_projection_path() {
+        use op::Strategy::{Fused, SelectiveDequant};
+        assert_eq!(layer_ran(Strategy::Bf16, (Fused, Fused)), "bf16");
+        assert_eq!(layer_ran(Strategy::Mxfp4B, (Fused, Fused)), "B");
+        assert_eq!(
+            layer_ran(Strategy::Mxfp4A, (SelectiveDequant, SelectiveDequant)),
+            "A"
+        );
+        assert_eq!(
+            layer_ran(Strategy::Mxfp4Auto, (SelectiveDequant, Fused)),
+            "A/B"
+        );
+    }
+
+    #[test]
+    fn stats_take_the_middle_of_the_sorted_times() {
+        let s = stats(&[3.0, 1.0, 2.0, 10.0]);
+        assert_eq!(
+            (s.median_ms, s.min_ms, s.max_ms, s.mean_ms),
+            (2.5, 1.0, 10.0, 4.0)
+        );
+        assert_eq!(stats(&[5.0, 1.0, 4.0]).median_ms, 4.0);
     }
 }
