@@ -203,9 +203,10 @@ def torch_clamp_boundary() -> str:
     """The installed torch's clamp gradient at exactly the bound: ``"strict"`` (0, current torch)
     or ``"inclusive"`` (1, torch before the 2026 change). mxmoe's kernel is told this rule so that
     it matches transformers' eager module under the same torch."""
-    x = torch.tensor([DEFAULT_LIMIT, -DEFAULT_LIMIT, DEFAULT_LIMIT], requires_grad=True)
-    y = torch.cat([x[:2].clamp(min=-DEFAULT_LIMIT, max=DEFAULT_LIMIT), x[2:].clamp(max=DEFAULT_LIMIT)])
-    y.sum().backward()
+    with torch.enable_grad():  # first called, maybe, under no_grad (inference, checkpointing)
+        x = torch.tensor([DEFAULT_LIMIT, -DEFAULT_LIMIT, DEFAULT_LIMIT], requires_grad=True)
+        y = torch.cat([x[:2].clamp(min=-DEFAULT_LIMIT, max=DEFAULT_LIMIT), x[2:].clamp(max=DEFAULT_LIMIT)])
+        y.sum().backward()
     g = x.grad.tolist()
     if g == [0.0, 0.0, 0.0]:
         return "strict"
@@ -382,7 +383,7 @@ def experts_forward(
     x = hidden_states.to(bf16)
     ids = top_k_index.to(torch.int64)
     ids = torch.where((ids < 0) | (ids >= e), torch.full_like(ids, -1), ids)
-    gates = top_k_weights if top_k_weights.dtype in (bf16, torch.float32) else top_k_weights.float()
+    gates = top_k_weights.to(bf16)  # the kernel reads bf16 gates (d_gates flows back through the cast)
 
     def weights_arg(w):
         if isinstance(w, torch.Tensor):
