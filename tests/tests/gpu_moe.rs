@@ -634,7 +634,8 @@ fn bad_shapes_are_typed_errors_before_any_launch() {
     let b = Block {
         e: 4,
         h: 64,
-        i: 32,
+        // 2I ≠ H, so a bias of the other projection's shape is a shape error.
+        i: 40,
         top_k: 2,
         t: 8,
         r: 4,
