@@ -56,9 +56,9 @@ def two_calls():
 def end_to_end():
     model = t.tiny_model(router_scale=8.0)
     cfg = t.lora_config()
-    ref, _ = t.stock_and_mxmoe(model, cfg, device="cuda")
+    ref, mx = t.stock_and_mxmoe(model, cfg, device="cuda")  # one call: the same LoRA weights
     floor_model = copy.deepcopy(ref).to(bf16)
-    _, mx = t.stock_and_mxmoe(model, cfg, dtype=bf16, device="cuda")
+    mx.to(bf16)
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(2)).cuda()
     l_ref, g_ref = t.loss_and_grads(ref, ids)
     l_fl, g_fl = t.loss_and_grads(floor_model, ids)
