@@ -69,7 +69,9 @@ def ref_linear(x, ids, w, lora=None, gates=None, bias=None):
         if lora is not None:
             a, b, s = lora
             r = a.shape[0] // e_count
-            xa = (xe @ a[e * r:(e + 1) * r].float().T).to(bf16).float()
+            xa = xe @ a[e * r:(e + 1) * r].float().T
+            hi = xa.to(bf16).float()  # the forward epilogue reads XA as two bf16 terms
+            xa = hi + (xa - hi).to(bf16).float()
             y = y + s * (xa @ b[:, e * r:(e + 1) * r].float().T)
         if bias is not None:
             y = y + bias[e].float()

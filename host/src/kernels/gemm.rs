@@ -207,11 +207,14 @@ impl MxOperand<'_> {
     }
 }
 
-/// The fused LoRA epilogue: `out += s · left[p, :] · right_e(n, :)`.
+/// The fused LoRA epilogue: `out += s · (left + left_lo)[p, :] · right_e(n, :)`.
 #[derive(Clone, Copy)]
 pub struct LoraEpilogue<'a> {
     /// bf16 `[rows, r_pad]` grouped (XA or YB).
     pub left: &'a CudaSlice<u16>,
+    /// The left factor's low part (bf16 `[rows, r_pad]`, `round(v − left)` of the unrounded
+    /// `v`), forward layouts only (`[n][k]` weights): XA then enters with about 16 mantissa bits.
+    pub left_lo: Option<&'a CudaSlice<u16>>,
     /// Right factor, `(e, n, j)` strides.
     pub right: Strided<'a>,
     /// Rank.
@@ -361,6 +364,23 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         }
         _ => (0, 16, 0, none, 0.0),
     };
+    let left_lo = match args
+        .lora
+        .as_ref()
+        .and_then(|l| l.left_lo.filter(|_| l.rank > 0))
+    {
+        Some(lo) => {
+            if !matches!(layout, BLayout::NkBf16 | BLayout::NkMxfp4) {
+                return Err(Error::InvalidArgument {
+                    what: "LoRA left factor",
+                    detail: "a low part is read only by the forward ([n][k]) layouts".into(),
+                });
+            }
+            check_len("LoRA left factor (low part)", lo, r.rows * r_pad as usize)?;
+            addr(gpu, lo)
+        }
+        None => 0,
+    };
     let bias_addr = match args.bias {
         Some(bias) => {
             check_len("bias", bias, r.num_experts * args.n_out)?;
@@ -390,6 +410,8 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         lr_stride_n: right.stride_n as u64,
         lr_stride_r: right.stride_k as u64,
         bias_addr,
+        lora_left_lo_addr: left_lo,
+        out_lo_addr: 0,
         rows: r.rows as u32,
         k_red: args.k_red as u32,
         n_out: args.n_out as u32,
@@ -406,13 +428,17 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let blocks = n_tiles * m_tiles;
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: every buffer was checked to cover the largest element its strides address (the
-    // bias its `[E, n_out]`); the grid is n_tiles·(row tiles + E + 1) as the contract asks; k_red and n_out are multiples
-    // of 8; r_pad is a multiple of 16 ≥ rank and the left factor is [rows, r_pad].
+    // bias its `[E, n_out]`); the grid is n_tiles·(row tiles + E + 1) as the contract asks;
+    // k_red and n_out are multiples of 8; r_pad is a multiple of 16 ≥ rank and the left factor
+    // (and its low part, given only for the forward layouts whose plan reserves it) is
+    // [rows, r_pad].
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
 }
 
 /// `left[p, j] = round(Σ_d act[row(p), d] · m_e(j, d))` for `j < rank`, zero for
-/// `rank ≤ j < r_pad`: XA (`m = A_e`) or YB (`m = B_eᵀ`). Output bf16 `[rows, r_pad]`, grouped.
+/// `rank ≤ j < r_pad`: XA (`m = A_e`) or YB (`m = B_eᵀ`). Output bf16 `[rows, r_pad]`, grouped;
+/// with `out_lo`, also the rounded remainders `round(v − left)` (same shape): the low part of a
+/// two-term XA.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lora_down(
     gpu: &Gpu,
@@ -424,6 +450,7 @@ pub(crate) fn lora_down(
     m: Strided<'_>,
     rank: usize,
     out: &mut CudaSlice<u16>,
+    out_lo: Option<&mut CudaSlice<u16>>,
 ) -> Result<()> {
     check_common(&routing)?;
     let (r_pad, idx) = padded_rank(rank)?;
@@ -436,6 +463,17 @@ pub(crate) fn lora_down(
     act_map.check_source("activations", act, routing.rows, act_stride, width)?;
     m.check("LoRA factor", routing.num_experts, rank, width)?;
     check_len("LoRA product output", out, routing.rows * r_pad as usize)?;
+    let out_lo_addr = match out_lo {
+        Some(lo) => {
+            check_len(
+                "LoRA product output (low part)",
+                lo,
+                routing.rows * r_pad as usize,
+            )?;
+            addr_mut(gpu, lo)
+        }
+        None => 0,
+    };
     if routing.rows == 0 {
         return Ok(());
     }
@@ -465,6 +503,7 @@ pub(crate) fn lora_down(
         b_stride_n: m.stride_n as u64,
         b_stride_k: m.stride_k as u64,
         out_addr: addr_mut(gpu, out),
+        out_lo_addr,
         out_stride: r_pad as u64,
         rows: routing.rows as u32,
         k_red: width as u32,
@@ -479,8 +518,9 @@ pub(crate) fn lora_down(
     };
     let blocks = routing.rows.div_ceil(cfg.bm as usize) + routing.num_experts + 1;
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
-    // SAFETY: buffers checked against the strides and row counts above; one n tile (bn =
-    // r_pad); grid = row tiles + E + 1; width % 8 == 0.
+    // SAFETY: buffers checked against the strides and row counts above (the low-part output,
+    // when given, like the output; a distinct `&mut`, so no overlap); one n tile (bn = r_pad);
+    // grid = row tiles + E + 1; width % 8 == 0.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
 }
 

@@ -97,8 +97,38 @@ fn lora_product(
 ) -> Result<CudaSlice<u16>> {
     let r_pad = rank_pad(rank as u32) as usize;
     let mut out = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
-    lora_down(gpu, routing, act, width, act_map, width, m, rank, &mut out)?;
+    lora_down(
+        gpu, routing, act, width, act_map, width, m, rank, &mut out, None,
+    )?;
     Ok(out)
+}
+
+/// [`lora_product`] with the low part too: `(round(v), round(v − round(v)))`, the two-term XA
+/// the forward epilogue reads (about 16 mantissa bits; the Gram's dB reads the high part).
+fn lora_product_two_term(
+    gpu: &Runtime,
+    routing: RoutingView<'_>,
+    rows: usize,
+    (act, act_map, width): (&CudaSlice<u16>, RowMap, usize),
+    m: Strided<'_>,
+    rank: usize,
+) -> Result<(CudaSlice<u16>, CudaSlice<u16>)> {
+    let r_pad = rank_pad(rank as u32) as usize;
+    let mut hi = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
+    let mut lo = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
+    lora_down(
+        gpu,
+        routing,
+        act,
+        width,
+        act_map,
+        width,
+        m,
+        rank,
+        &mut hi,
+        Some(&mut lo),
+    )?;
+    Ok((hi, lo))
 }
 
 /// What [`forward_core`] produces.
@@ -136,16 +166,23 @@ pub(super) fn forward_core(
                 stride_n: k,
                 stride_k: 1,
             };
-            let xa = lora_product(gpu, r.routing, l, (x.data(), x_map, k), m, lora.rank)?;
-            Some(xa)
+            Some(lora_product_two_term(
+                gpu,
+                r.routing,
+                l,
+                (x.data(), x_map, k),
+                m,
+                lora.rank,
+            )?)
         }
         None => None,
     };
     let experts = r.routing.num_experts();
     let mut out = alloc_poisoned::<u16>(gpu, (l * n).max(1), 0xFF)?;
     let lora_epi = match (r.lora, &xa) {
-        (Some(lora), Some(xa)) => Some(LoraEpilogue {
+        (Some(lora), Some((xa, xa_lo))) => Some(LoraEpilogue {
             left: xa,
+            left_lo: Some(xa_lo),
             // right_e(n, j) = B[n, e·r + j].
             right: Strided {
                 buf: lora.b.data(),
@@ -197,7 +234,8 @@ pub(super) fn forward_core(
     };
     Ok(ForwardParts {
         out,
-        xa,
+        // Backward's dB reads the high part; the low part is freed here.
+        xa: xa.map(|(hi, _)| hi),
         expanded,
         gemm_config,
     })
@@ -257,6 +295,7 @@ pub(super) fn backward_core(
     let lora_epi = match (r.lora, &yb) {
         (Some(lora), Some(yb)) => Some(LoraEpilogue {
             left: yb,
+            left_lo: None,
             // right_e(kk, j) = A[(e·r + j)·K + kk].
             right: Strided {
                 buf: lora.a.data(),

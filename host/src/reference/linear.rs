@@ -19,9 +19,14 @@
 //! expert's `[N, K]` checkpoint matrix (`W_store[e][n][k]`), every sum accumulated in `f64`:
 //!
 //! Forward, per grouped row `p` with input row `x_p`:
-//! - `XA[p] = rnd(x_p · A_eᵀ)` (`[r]`, the kernels' rounded `xa`);
-//! - `out_p = rnd(x_p · W_eᵀ + s · (XA[p] · B_eᵀ) + b[e])` (`[N]`), where `b [E, N]` is the
-//!   optional frozen per-expert bias (zero without one), added before the single output rounding;
+//! - `XA[p] = rnd(x_p · A_eᵀ)` (`[r]`, the kernels' rounded `xa`, which dB reads) and its low
+//!   part `XA_lo[p] = rnd(x_p · A_eᵀ − XA[p])`: the forward epilogue reads XA as these two bf16
+//!   terms (about 16 mantissa bits), because a once-rounded XA puts an error along `B_e`'s columns
+//!   into every output row, which the next layer's LoRA gradients then see undamped (SPEC §3.2's
+//!   REF rounds XA once; mxmoe is more precise here);
+//! - `out_p = rnd(x_p · W_eᵀ + s · ((XA[p] + XA_lo[p]) · B_eᵀ) + b[e])` (`[N]`), where `b [E, N]`
+//!   is the optional frozen per-expert bias (zero without one), added before the single output
+//!   rounding;
 //! - with gates (`[T, top_k]`, scattered output only): `y[t] = rnd(Σ_j gates[t, j] · out[t·top_k + j])`,
 //!   so the bias is scaled by the gate like the rest of the row (gpt-oss's down projection).
 //!
@@ -344,6 +349,8 @@ fn forward64(
     let er = p.num_experts * r;
 
     let mut xa = vec![0.0f64; geo.rows * r];
+    // XA as the forward epilogue reads it: the rounded value plus its rounded remainder.
+    let mut xa_two_term = vec![0.0f64; r];
     let mut grouped_out = vec![0.0f64; geo.rows * n];
     for row in 0..geo.rows {
         let e = routing.sorted_expert_idxs[row] as usize;
@@ -354,7 +361,9 @@ fn forward64(
             for kk in 0..k {
                 acc += x_row[kk] * a_row[kk];
             }
-            xa[row * r + i] = rounding.apply(acc);
+            let hi = rounding.apply(acc);
+            xa[row * r + i] = hi;
+            xa_two_term[i] = hi + rounding.apply(acc - hi);
         }
         for nn in 0..n {
             let w_row = &inp.w[(e * n + nn) * k..][..k];
@@ -364,7 +373,7 @@ fn forward64(
             }
             let mut lora = 0.0f64;
             for i in 0..r {
-                lora += xa[row * r + i] * inp.b[nn * er + e * r + i];
+                lora += xa_two_term[i] * inp.b[nn * er + e * r + i];
             }
             let bias = inp.bias.as_ref().map_or(0.0, |b| b[e * n + nn]);
             grouped_out[row * n + nn] = rounding.apply(acc + inp.s * lora + bias);
@@ -1057,17 +1066,20 @@ mod tests {
     }
 
     #[test]
-    fn xa_is_rounded_before_the_b_product() {
-        // xa = 1 + 2^-9 rounds to 1 in bf16; W = 0 so out = s · xa · B.
+    fn xa_enters_the_output_in_two_terms_and_db_in_one() {
+        // xa = 1 + 2^-9: its bf16 rounding is 1 (what dB reads), its low part 2^-9. With
+        // W·x = 2^-8, out = 2^-8 + s·xa·B = 1 + 2^-8 + 2^-9, which rounds up to 1 + 2^-7; the
+        // once-rounded xa would give the tie 1 + 2^-8, which rounds (to even) down to 1.
         let x = [1.0, 2f32.powi(-9)];
         let routing = flatten_sort_count(&[0], 1, 1, 1).unwrap();
-        let p = scalar_problem(&x, &[0.0, 0.0], &[1.0, 1.0], &[1.0], 2, 1, 1);
+        let w = [2f32.powi(-8), 0.0];
+        let p = scalar_problem(&x, &w, &[1.0, 1.0], &[1.0], 2, 1, 1);
         let bf = linear_forward(&p, &routing, Rounding::Bf16).unwrap();
         assert_eq!(bf.xa, [1.0]);
-        assert_eq!(bf.out, [1.0]);
+        assert_eq!(bf.out, [1.0 + 2f32.powi(-7)]);
         let ex = linear_forward(&p, &routing, Rounding::Exact).unwrap();
         assert_eq!(ex.xa, [1.0 + 2f32.powi(-9)]);
-        assert_eq!(ex.out, [1.0 + 2f32.powi(-9)]);
+        assert_eq!(ex.out, [1.0 + 2f32.powi(-8) + 2f32.powi(-9)]);
     }
 
     #[test]

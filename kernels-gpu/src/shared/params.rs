@@ -144,6 +144,14 @@ pub struct GemmParams {
     /// output is rounded (`out[row_out(p), n] += bias[e·n_out + n]`); 0: none. Never added to
     /// the dropped bucket's rows.
     pub bias_addr: u64,
+    /// bf16 `[rows, r_pad]` low part of the LoRA left factor (`left − round(left)`, rounded),
+    /// read by the epilogue of the forward layouts (`NkBf16`, `NkMxfp4`) as a second term with
+    /// the same right factor, so XA enters the output with about 16 mantissa bits; 0: none.
+    pub lora_left_lo_addr: u64,
+    /// bf16 output's low part: with `out_lo_addr != 0` the kernel also stores
+    /// `round(acc − round(acc))` at the same offsets (the rank-sized products' two-term XA; only
+    /// the `mma.sync` body, which those products use, writes it); 0: none.
+    pub out_lo_addr: u64,
     /// Routed rows `L` (including dropped rows, which sort last).
     pub rows: u32,
     /// Reduction length (multiple of 8).
@@ -168,10 +176,11 @@ pub struct GemmParams {
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 176);
+    assert!(size_of::<GemmParams>() == 192);
     assert!(offset_of!(GemmParams, bias_addr) == 128);
-    assert!(offset_of!(GemmParams, rows) == 136);
-    assert!(offset_of!(GemmParams, scaling) == 168);
+    assert!(offset_of!(GemmParams, lora_left_lo_addr) == 136);
+    assert!(offset_of!(GemmParams, rows) == 152);
+    assert!(offset_of!(GemmParams, scaling) == 184);
 };
 
 /// Parameters of the grouped Gram kernel (dA, dB): for each expert `e` and wide column `w`,

@@ -201,7 +201,12 @@ pub struct SmemPlan {
     /// Offset of the epilogue's left LoRA factor: a region of its own, filled by `cp.async`
     /// while the main loop runs.
     pub lora_left_offset: u32,
-    /// Offset of the epilogue's right LoRA factor (right after the left one).
+    /// Offset of the left factor's low part (`GemmParams::lora_left_lo_addr`), right after the
+    /// left factor; reserved for the forward layouts (`NkBf16`, `NkMxfp4`) only, whose epilogue
+    /// reads XA as two bf16 terms (0 for the others).
+    pub lora_left_lo_offset: u32,
+    /// Offset of the epilogue's right LoRA factor (right after the left factor and, for the
+    /// forward layouts, its low part).
     pub lora_right_offset: u32,
     /// Bytes of the epilogue's regions that reuse the stages: the `wgmma` output tile, a
     /// swizzled bf16 `[bm][bn]` at offset 0 (`mma.sync` configurations store from registers).
@@ -242,6 +247,11 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     };
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
+    // The forward layouts' left factor (XA) comes in two bf16 terms (high and low part).
+    let left_lo = match b {
+        BLayout::NkBf16 | BLayout::NkMxfp4 => left,
+        BLayout::KnBf16 | BLayout::KnMxfp4 | BLayout::Strided => 0,
+    };
     let right = c.bn * r_pad * 2;
     // The LoRA factors have a region of their own (copied while the main loop runs); only the
     // `wgmma` output tile reuses the stages.
@@ -263,7 +273,7 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         _ => 0,
     };
     let lora_left_offset = next;
-    next = (next + left + right).div_ceil(128) * 128;
+    next = (next + left + left_lo + right).div_ceil(128) * 128;
     let rows_offset = next;
     let rows_end = rows_offset + 8 * c.bm;
     let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };
@@ -272,7 +282,12 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         b_stage_bytes,
         b_offset: c.stages * a_stage_bytes,
         lora_left_offset,
-        lora_right_offset: lora_left_offset + left,
+        lora_left_lo_offset: if left_lo > 0 {
+            lora_left_offset + left
+        } else {
+            0
+        },
+        lora_right_offset: lora_left_offset + left + left_lo,
         epilogue_bytes,
         rows_offset,
         b_scales_in_stage,

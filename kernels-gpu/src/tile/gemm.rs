@@ -402,6 +402,20 @@ pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
             (dst, ok, src)
         })
     };
+    if left_lo_used(p, plan) {
+        let left_lo = smem.offset(plan.lora_left_lo_offset);
+        // SAFETY: as for the high part: the low part has the same `[rows, r_pad]` shape and
+        // alignment (contract), and its region the left region's size.
+        unsafe {
+            copy_chunks!(BM, cpr, tid, threads, p.lora_left_lo_addr, |row, ch| {
+                let pr = tile.begin + row;
+                let ok = pr < tile.end;
+                let dst = left_lo.offset(swizzled_offset(row, 8 * ch, r_pad));
+                let src = p.lora_left_lo_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64);
+                (dst, ok, src)
+            })
+        };
+    }
     let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
     if mode == LoraRight::Nk {
         let mut c = tid;
@@ -450,6 +464,13 @@ pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
             c += threads;
         }
     }
+}
+
+/// Whether the epilogue reads the left factor's low part: given by the caller
+/// (`lora_left_lo_addr != 0`) and reserved by the plan (the forward layouts).
+#[inline(always)]
+pub(crate) fn left_lo_used(p: &GemmParams, plan: &SmemPlan) -> bool {
+    p.lora_left_lo_addr != 0 && plan.lora_left_lo_offset != 0
 }
 
 /// Writes the block's row indices: `rows_in[i]` = the activation row and `rows_out[i]` = the
@@ -723,20 +744,38 @@ pub unsafe fn gemm<
                 // (n_out is even).
                 unsafe {
                     if o0 != NO_ROW {
-                        store(
-                            p.out_addr + 2 * (o0 as u64 * p.out_stride + col as u64),
-                            cvt_rn_bf16x2_f32(a[0], a[1]),
-                        );
+                        let at = 2 * (o0 as u64 * p.out_stride + col as u64);
+                        store_hi_lo(p, at, a[0], a[1]);
                     }
                     if o1 != NO_ROW {
-                        store(
-                            p.out_addr + 2 * (o1 as u64 * p.out_stride + col as u64),
-                            cvt_rn_bf16x2_f32(a[2], a[3]),
-                        );
+                        let at = 2 * (o1 as u64 * p.out_stride + col as u64);
+                        store_hi_lo(p, at, a[2], a[3]);
                     }
                 }
             }
         }
+    }
+}
+
+/// Stores the pair `(v0, v1)` rounded to bf16 at byte offset `at` of the output and, with
+/// `out_lo_addr != 0`, the rounded remainders `v − round(v)` at the same offset of the low-part
+/// output (so `hi + lo` carries about 16 mantissa bits of `v`).
+///
+/// # Safety
+/// `at` (and `at + 4`) lies inside the output and, when given, the low-part output; 4-byte
+/// aligned.
+#[inline(always)]
+unsafe fn store_hi_lo(p: &GemmParams, at: u64, v0: f32, v1: f32) {
+    let hi = cvt_rn_bf16x2_f32(v0, v1);
+    // SAFETY: the caller's contract.
+    unsafe { store(p.out_addr + at, hi) };
+    if p.out_lo_addr != 0 {
+        let (h0, h1) = (
+            bf16_bits_to_f32(hi as u16),
+            bf16_bits_to_f32((hi >> 16) as u16),
+        );
+        // SAFETY: the caller's contract.
+        unsafe { store(p.out_lo_addr + at, cvt_rn_bf16x2_f32(v0 - h0, v1 - h1)) };
     }
 }
 
@@ -775,23 +814,32 @@ pub(crate) unsafe fn stage_lora_factors<const BM: u32, const BN: u32>(
 ) {
     let tid = tid_x();
     let r_pad = p.r_pad;
-    let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
     let words = r_pad / 2;
-    let mut c = tid;
-    while c < BM * words {
-        let row = c / words;
-        let w = c % words;
-        let pr = tile.begin + row;
-        let v: u32 = if pr < tile.end {
-            // SAFETY: row `pr < rows` of the `[rows, r_pad]` factor.
-            unsafe { load(p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 2 * w as u64)) }
+    let lo = left_lo_used(p, plan);
+    let mut part = 0;
+    while part < 1 + lo as u32 {
+        let (left, src) = if part == 0 {
+            (smem.offset(plan.lora_left_offset), p.lora_left_addr)
         } else {
-            0
+            (smem.offset(plan.lora_left_lo_offset), p.lora_left_lo_addr)
         };
-        // SAFETY: inside the left region.
-        unsafe { st_shared_u32(left.offset(swizzled_offset(row, 2 * w, r_pad)), v) };
-        c += threads;
+        let mut c = tid;
+        while c < BM * words {
+            let row = c / words;
+            let w = c % words;
+            let pr = tile.begin + row;
+            let v: u32 = if pr < tile.end {
+                // SAFETY: row `pr < rows` of the `[rows, r_pad]` factor (either part).
+                unsafe { load(src + 2 * (pr as u64 * r_pad as u64 + 2 * w as u64)) }
+            } else {
+                0
+            };
+            // SAFETY: inside the part's left region.
+            unsafe { st_shared_u32(left.offset(swizzled_offset(row, 2 * w, r_pad)), v) };
+            c += threads;
+        }
+        part += 1;
     }
     let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
     let mut c = tid;
@@ -836,6 +884,8 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
 ) {
     let r_pad = p.r_pad;
     let left = smem.offset(plan.lora_left_offset);
+    let left_lo = smem.offset(plan.lora_left_lo_offset);
+    let lo = left_lo_used(p, plan);
     let right = smem.offset(plan.lora_right_offset);
     if lora_right == LoraRight::Gather {
         // SAFETY: forwarded (all threads stage), then publish.
@@ -863,6 +913,14 @@ unsafe fn lora_epilogue<const BM: u32, const BN: u32, const MI: usize, const NI:
                 };
                 t0 = mma(a, [b[0], b[1]], t0);
                 t1 = mma(a, [b[2], b[3]], t1);
+                if lo {
+                    // The low part of the left factor: the same right fragment, accumulated in
+                    // f32 with the high part.
+                    // SAFETY: as above, in the low part's region.
+                    let a = unsafe { a_mk(left_lo, warp_m0 + 16 * mi as u32, kk, r_pad) };
+                    t0 = mma(a, [b[0], b[1]], t0);
+                    t1 = mma(a, [b[2], b[3]], t1);
+                }
                 kk += 16;
             }
             axpy4(&mut acc[mi][2 * nj], p.scaling, t0);

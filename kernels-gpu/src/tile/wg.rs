@@ -52,8 +52,8 @@ use crate::shared::tiles::{
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
     LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0,
-    lora_right_layout, nk_mx_stage_g0, stage_lora_async, stage_lora_factors, stage_row_indices,
-    stage_scales_kn_mx_row, stage_scales_nk_mx_row,
+    left_lo_used, lora_right_layout, nk_mx_stage_g0, stage_lora_async, stage_lora_factors,
+    stage_row_indices, stage_scales_kn_mx_row, stage_scales_nk_mx_row,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
@@ -753,6 +753,8 @@ pub unsafe fn gemm_wg<
                 let right = smem.offset(plan.lora_right_offset);
                 // outᵀ[n, m] += s · Σ_j right[n, j] · left[m, j]: A = right (this warp's 16
                 // columns), B = left (16 rows per pair of n8 blocks).
+                let left_lo = smem.offset(plan.lora_left_lo_offset);
+                let lo = left_lo_used(p, &plan);
                 for nj in 0..NJ / 2 {
                     let mut t0 = [0f32; 4];
                     let mut t1 = [0f32; 4];
@@ -771,6 +773,14 @@ pub unsafe fn gemm_wg<
                         };
                         t0 = mma(a, [b[0], b[1]], t0);
                         t1 = mma(a, [b[2], b[3]], t1);
+                        if lo {
+                            // The left factor's low part: the same right fragment, accumulated
+                            // in f32 with the high part.
+                            // SAFETY: as above, in the low part's region.
+                            let b = unsafe { b_nk(left_lo, 16 * nj as u32, kk, p.r_pad) };
+                            t0 = mma(a, [b[0], b[1]], t0);
+                            t1 = mma(a, [b[2], b[3]], t1);
+                        }
                         kk += 16;
                     }
                     axpy4(&mut acc[2 * nj], p.scaling, t0);
