@@ -371,10 +371,8 @@ fn forward64(
             for kk in 0..k {
                 acc += x_row[kk] * w_row[kk];
             }
-            let mut lora = 0.0f64;
-            for i in 0..r {
-                lora += xa_two_term[i] * inp.b[nn * er + e * r + i];
-            }
+            let b_row = &inp.b[nn * er + e * r..][..r];
+            let lora: f64 = xa_two_term.iter().zip(b_row).map(|(a, b)| a * b).sum();
             let bias = inp.bias.as_ref().map_or(0.0, |b| b[e * n + nn]);
             grouped_out[row * n + nn] = rounding.apply(acc + inp.s * lora + bias);
         }
