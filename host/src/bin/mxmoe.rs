@@ -4,7 +4,8 @@
 //!   registers and shared memory of every kernel);
 //! - `mxmoe smoke`: small end-to-end problems through the CPU reference and every GPU path, with a
 //!   PASS/FAIL parity table (CPU reference only when there is no GPU);
-//! - `mxmoe bench`: SPEC §8's single-projection benchmark, timed with CUDA events;
+//! - `mxmoe bench`: SPEC §8's single-projection benchmark and the gpt-oss-20b/120b expert
+//!   layers (`--shape gpt-oss-20b`), timed with CUDA events;
 //! - `mxmoe quantize`: MXFP4-quantize the expert weights of a safetensors file (torchao or gpt-oss
 //!   layout);
 //! - `mxmoe run`: one expert projection or MoE block on tensors from a safetensors file
@@ -65,8 +66,9 @@ enum Command {
     /// Run small forward + backward problems on the CPU reference and the GPU and compare them
     /// (exit status 1 on a mismatch); without a GPU, run the CPU reference only.
     Smoke(smoke::SmokeArgs),
-    /// Time forward + backward of one expert projection at SPEC §8's shapes (Markdown to stdout,
-    /// progress to stderr, optional JSON); without a GPU, print the plan only.
+    /// Time forward + backward of one expert projection at SPEC §8's shapes, or of a gpt-oss
+    /// expert layer (`--shape gpt-oss-20b|gpt-oss-120b`) (Markdown to stdout, progress to
+    /// stderr, optional JSON); without a GPU, print the plan only.
     Bench(bench::BenchArgs),
     /// MXFP4-quantize the bf16/f32 expert weights of a safetensors file (torchao or gpt-oss
     /// layout); other tensors are copied unchanged.
