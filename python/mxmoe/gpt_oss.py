@@ -278,6 +278,14 @@ def _expert_weight(w: Weights, e: int, dtype: torch.dtype, allow_nan_scales: boo
     )[0].to(dtype)
 
 
+def _lora_term(x, a, b, s):
+    """``s·(x·Aᵀ)·Bᵀ`` in fp32, returned in ``x``'s dtype: like the kernels (which carry XA in
+    two bf16 terms), the rank-sized product is not rounded to bf16 before it meets B, which would
+    put a correlated error along B's columns into every row (and, through the activation's
+    derivative, into the LoRA gradients)."""
+    return (s * ((x.float() @ a.float().T) @ b.float().T)).to(x.dtype)
+
+
 def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, gu_lora, dn_lora,
            allow_nan_scales):
     """transformers' eager ``GptOssExperts.forward`` on dequantized experts, with factored LoRA;
@@ -294,7 +302,7 @@ def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, 
         if gu_lora is not None:
             a, b, s = gu_lora
             r = a.shape[0] // e_count
-            z = z + s * ((x @ a[e * r : (e + 1) * r].to(dtype).T) @ b[:, e * r : (e + 1) * r].to(dtype).T)
+            z = z + _lora_term(x, a[e * r : (e + 1) * r], b[:, e * r : (e + 1) * r], s)
         gate, up = z[..., ::2], z[..., 1::2]
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
@@ -304,7 +312,7 @@ def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, 
         if dn_lora is not None:
             a, b, s = dn_lora
             r = a.shape[0] // e_count
-            o = o + s * ((h @ a[e * r : (e + 1) * r].to(dtype).T) @ b[:, e * r : (e + 1) * r].to(dtype).T)
+            o = o + _lora_term(h, a[e * r : (e + 1) * r], b[:, e * r : (e + 1) * r], s)
         weighted = o * weights[token_idx, top_k_pos, None].to(dtype)
         out.index_add_(0, token_idx, weighted.to(out.dtype))
     return out

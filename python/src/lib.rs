@@ -139,7 +139,13 @@ fn dequantize_mxfp4_bytes<'py>(
     let w = MxWeights::from_shape(shape, packed.to_vec(), scales.to_vec())
         .map_err(|e| to_py(e.into()))?;
     if !allow_nan_scales {
-        w.check_no_nan_scales().map_err(|e| to_py(e.into()))?;
+        // The library's message says NaN scales need an explicit opt-in; name the Python one.
+        w.check_no_nan_scales().map_err(|e| {
+            MxmoeError::new_err(format!(
+                "{}; pass allow_nan_scales=True to keep torchao's behaviour (NaN blocks)",
+                Error::from(e)
+            ))
+        })?;
     }
     let bytes: Vec<u8> = match dtype {
         "bf16" => dequantize_bf16(&w)

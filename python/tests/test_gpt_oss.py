@@ -567,16 +567,37 @@ def test_model_loss_and_grads_eager_vs_mxmoe_cuda():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
 def test_experts_implementation_mxmoe_on_stock_module(device):
-    """``experts_implementation="mxmoe"`` on the dense stock module: same logits as eager; the
-    stock PEFT parametrization is refused with a typed error."""
+    """``experts_implementation="mxmoe"`` on the dense stock module: each layer's experts match
+    eager on the inputs eager gave them (on CUDA within 2x transformers' own bf16 error there;
+    the whole model's logits are not compared on CUDA, since a bf16-sized change in layer 0 can
+    flip a near-tie of layer 1's router: on an H100 that alone made the logits 5.7 % off while
+    each layer's experts were within 0.4 %); on the CPU (the exact fallback) the logits match too;
+    the stock PEFT parametrization is refused with a typed error."""
     model = tiny_model(router_scale=8.0).to(device)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3)).to(device)
+    captured = {}
+    hooks = [layer.mlp.experts.register_forward_pre_hook(lambda m, a, li=li: captured.__setitem__(li, a))
+             for li, layer in enumerate(model.model.layers)]
     with torch.no_grad():
         want = model(ids).logits
-        floor = rel(copy.deepcopy(model).to(bf16)(ids).logits, want)  # transformers' own bf16 error
+        for h in hooks:
+            h.remove()
+        expected = {li: layer.mlp.experts(*captured[li]) for li, layer in enumerate(model.model.layers)}
         model.set_experts_implementation("mxmoe")
+        for li, layer in enumerate(model.model.layers):
+            hidden, idx, w = captured[li]
+            got_layer = layer.mlp.experts(hidden, idx, w)
+            if device == "cpu":
+                assert rel(got_layer, expected[li]) <= 1e-5, li
+            else:
+                dense = copy.deepcopy(layer.mlp.experts).to(bf16)
+                dense.config._experts_implementation = "eager"
+                floor = rel(dense(hidden.to(bf16), idx, w.to(bf16)), expected[li])
+                assert rel(got_layer, expected[li]) <= 2 * floor, (li, rel(got_layer, expected[li]), floor)
         got = model(ids).logits
-    assert rel(got, want) <= (1e-5 if device == "cpu" else 2 * floor), (rel(got, want), floor)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    if device == "cpu":
+        assert rel(got, want) <= 1e-5
     pm = peft.get_peft_model(model, lora_config(modules=None))
     with pytest.raises(mxmoe.MxmoeError, match="get_peft_model"):
         with torch.no_grad():
