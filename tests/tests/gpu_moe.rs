@@ -152,6 +152,29 @@ fn large(seed: u64) -> Block {
     }
 }
 
+/// gpt-oss-20b's expert layer (E = 32, H = I = 2880, top-4: K = 2880 is 45 k-tiles of 64 and a
+/// 64-deep tail in a 128-deep tile, down's N = 2880 an N tail of 64 in a 128-wide tile) with
+/// random weights in the checkpoint's interleaved layout, biases, LoRA r = 16 and 256 tokens, the
+/// output gradient on every 32nd token (8 tokens, 32 routed rows for the naive reference, about
+/// 2.5·10^9 multiply-adds). The model's own α and L = 7 (nothing is clamped at this scale, so no
+/// value sits at the limit; the tiny cases cover the clamp and its boundary).
+fn gpt_oss_20b_layer(seed: u64) -> Block {
+    Block {
+        e: 32,
+        h: 2880,
+        i: 2880,
+        top_k: 4,
+        t: 256,
+        r: 16,
+        limit: Some(7.0),
+        seed,
+        stride: 32,
+        dropped_permille: 0,
+        gpt_oss: Some(ClampBoundary::Strict),
+        at_limit: false,
+    }
+}
+
 /// LoRA scaling of both projections.
 const SCALING: f32 = 0.5;
 
@@ -543,6 +566,8 @@ parity_tests! {
         [Bf16, MxFused, MxSelective];
     gpt_oss_inclusive_boundary_at_exactly_the_limit_matches_reference:
         Block { at_limit: true, ..tiny_gpt_oss(ClampBoundary::Inclusive, 83) }, [Bf16, MxFused];
+    gpt_oss_20b_layer_shape_matches_reference:
+        gpt_oss_20b_layer(86), [MxFused, MxSelective];
     gpt_oss_block_with_k_and_n_tails_matches_reference:
         Block { h: 192, i: 160, e: 8, top_k: 4, t: 24, ..tiny_gpt_oss(ClampBoundary::Strict, 84) },
         [Bf16, MxFused, MxSelective];
