@@ -152,8 +152,9 @@ fn large(seed: u64) -> Block {
     }
 }
 
-/// gpt-oss-20b's expert layer (E = 32, H = I = 2880, top-4: K = 2880 is 45 k-tiles of 64 and a
-/// 64-deep tail in a 128-deep tile, down's N = 2880 an N tail of 64 in a 128-wide tile) with
+/// gpt-oss-20b's expert layer (E = 32, H = I = 2880, top-4: K = 2880 is 45 stages of 64 or 90 of
+/// 32 — mxmoe's stages are never 128 deep, so no K tail — and down's N = 2880 leaves a 64-wide
+/// tail in the 128-wide tiles) with
 /// random weights in the checkpoint's interleaved layout, biases, LoRA r = 16 and 256 tokens, the
 /// output gradient on every 32nd token (8 tokens, 32 routed rows for the naive reference, about
 /// 2.5·10^9 multiply-adds). The model's own α and L = 7 (nothing is clamped at this scale, so no
