@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod launch;
 pub mod moe;
 pub mod mxfp4;
+pub mod nvfp4;
 pub mod op;
 pub mod reference;
 pub mod routing;
