@@ -86,7 +86,9 @@ fn mx_operand(w: &MxExperts) -> MxOperand<'_> {
 
 /// The rank-sized product XA (`m = A_e`) or YB (`m = B_eᵀ`) of [`lora_down`] into a new bf16
 /// `[rows, r_pad]` buffer; the activations are rows of `width` elements addressed through
-/// `act_map`.
+/// `act_map`. With `two_term`, also its low part `round(v − round(v))` (same shape): the
+/// two-term XA the forward epilogue reads (about 16 mantissa bits; the Gram's dB reads the high
+/// part).
 fn lora_product(
     gpu: &Runtime,
     routing: RoutingView<'_>,
@@ -94,28 +96,15 @@ fn lora_product(
     (act, act_map, width): (&CudaSlice<u16>, RowMap, usize),
     m: Strided<'_>,
     rank: usize,
-) -> Result<CudaSlice<u16>> {
+    two_term: bool,
+) -> Result<(CudaSlice<u16>, Option<CudaSlice<u16>>)> {
     let r_pad = rank_pad(rank as u32) as usize;
     let mut out = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
-    lora_down(
-        gpu, routing, act, width, act_map, width, m, rank, &mut out, None,
-    )?;
-    Ok(out)
-}
-
-/// [`lora_product`] with the low part too: `(round(v), round(v − round(v)))`, the two-term XA
-/// the forward epilogue reads (about 16 mantissa bits; the Gram's dB reads the high part).
-fn lora_product_two_term(
-    gpu: &Runtime,
-    routing: RoutingView<'_>,
-    rows: usize,
-    (act, act_map, width): (&CudaSlice<u16>, RowMap, usize),
-    m: Strided<'_>,
-    rank: usize,
-) -> Result<(CudaSlice<u16>, CudaSlice<u16>)> {
-    let r_pad = rank_pad(rank as u32) as usize;
-    let mut hi = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
-    let mut lo = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
+    let mut lo = if two_term {
+        Some(alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?)
+    } else {
+        None
+    };
     lora_down(
         gpu,
         routing,
@@ -125,10 +114,10 @@ fn lora_product_two_term(
         width,
         m,
         rank,
-        &mut hi,
-        Some(&mut lo),
+        &mut out,
+        lo.as_mut(),
     )?;
-    Ok((hi, lo))
+    Ok((out, lo))
 }
 
 /// What [`forward_core`] produces.
@@ -166,13 +155,14 @@ pub(super) fn forward_core(
                 stride_n: k,
                 stride_k: 1,
             };
-            Some(lora_product_two_term(
+            Some(lora_product(
                 gpu,
                 r.routing,
                 l,
                 (x.data(), x_map, k),
                 m,
                 lora.rank,
+                true,
             )?)
         }
         None => None,
@@ -182,7 +172,7 @@ pub(super) fn forward_core(
     let lora_epi = match (r.lora, &xa) {
         (Some(lora), Some((xa, xa_lo))) => Some(LoraEpilogue {
             left: xa,
-            left_lo: Some(xa_lo),
+            left_lo: xa_lo.as_ref(),
             // right_e(n, j) = B[n, e·r + j].
             right: Strided {
                 buf: lora.b.data(),
@@ -275,14 +265,8 @@ pub(super) fn backward_core(
                 stride_n: 1,
                 stride_k: e * lora.rank,
             };
-            Some(lora_product(
-                gpu,
-                view,
-                l,
-                (dy_buf, dy_map, n),
-                m,
-                lora.rank,
-            )?)
+            let (yb, _) = lora_product(gpu, view, l, (dy_buf, dy_map, n), m, lora.rank, false)?;
+            Some(yb)
         }
         None => None,
     };

@@ -391,30 +391,27 @@ pub(crate) unsafe fn stage_lora_async<const BM: u32, const BN: u32>(
     let left = smem.offset(plan.lora_left_offset);
     let right = smem.offset(plan.lora_right_offset);
     let cpr = r_pad / 8;
-    // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor when `ok`; the
-    // destination chunk lies in the left region.
-    unsafe {
-        copy_chunks!(BM, cpr, tid, threads, p.lora_left_addr, |row, ch| {
-            let pr = tile.begin + row;
-            let ok = pr < tile.end;
-            let dst = left.offset(swizzled_offset(row, 8 * ch, r_pad));
-            let src = p.lora_left_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64);
-            (dst, ok, src)
-        })
-    };
-    if left_lo_used(p, plan) {
-        let left_lo = smem.offset(plan.lora_left_lo_offset);
-        // SAFETY: as for the high part: the low part has the same `[rows, r_pad]` shape and
-        // alignment (contract), and its region the left region's size.
+    // The left factor, and (forward layouts) its low part into its own region.
+    let mut part = 0;
+    while part < 1 + left_lo_used(p, plan) as u32 {
+        let (region, base) = if part == 0 {
+            (left, p.lora_left_addr)
+        } else {
+            (smem.offset(plan.lora_left_lo_offset), p.lora_left_lo_addr)
+        };
+        // SAFETY: row `pr < rows` of the 16-byte aligned `[rows, r_pad]` factor (either part,
+        // same shape and alignment by the contract) when `ok`; the destination chunk lies in
+        // the part's region.
         unsafe {
-            copy_chunks!(BM, cpr, tid, threads, p.lora_left_lo_addr, |row, ch| {
+            copy_chunks!(BM, cpr, tid, threads, base, |row, ch| {
                 let pr = tile.begin + row;
                 let ok = pr < tile.end;
-                let dst = left_lo.offset(swizzled_offset(row, 8 * ch, r_pad));
-                let src = p.lora_left_lo_addr + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64);
+                let dst = region.offset(swizzled_offset(row, 8 * ch, r_pad));
+                let src = base + 2 * (pr as u64 * r_pad as u64 + 8 * ch as u64);
                 (dst, ok, src)
             })
         };
+        part += 1;
     }
     let right_e = p.lora_right_addr + 2 * e * p.lr_stride_e;
     if mode == LoraRight::Nk {

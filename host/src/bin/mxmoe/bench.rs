@@ -1146,6 +1146,75 @@ fn used_bytes(gpu: &Gpu) -> anyhow::Result<usize> {
     Ok(total.saturating_sub(free))
 }
 
+/// The memory bookkeeping of one measured configuration: the device's used bytes when it started
+/// (after a synchronize) and, where the driver's memory pool is watched, its usage and reset peak.
+struct MemoryWatch<'g> {
+    baseline: usize,
+    pool: Option<(PoolWatch<'g>, u64)>,
+}
+
+impl<'g> MemoryWatch<'g> {
+    /// Synchronizes, then takes the baselines (and resets the pool's peak).
+    fn start(gpu: &'g Runtime) -> anyhow::Result<Self> {
+        let pool = PoolWatch::new(gpu)?;
+        gpu.synchronize()
+            .context("the device did not become idle")?;
+        let baseline = used_bytes(gpu)?;
+        let pool = match pool {
+            Some(p) => {
+                p.reset_peak()?;
+                let used = p.used()?;
+                Some((p, used))
+            }
+            None => None,
+        };
+        Ok(Self { baseline, pool })
+    }
+
+    /// Bytes in use now above the start.
+    fn used_since_start(&self, gpu: &Gpu) -> anyhow::Result<usize> {
+        Ok(used_bytes(gpu)?.saturating_sub(self.baseline))
+    }
+
+    /// MiB of a sampled used-bytes value above the start.
+    fn mib_above_start(&self, used: usize) -> f64 {
+        used.saturating_sub(self.baseline) as f64 / MIB
+    }
+
+    /// The pool's peak above its usage at the start, in MiB (`None` without a watched pool).
+    fn pool_peak_mib(&self) -> anyhow::Result<Option<f64>> {
+        match &self.pool {
+            Some((p, base)) => Ok(Some(p.peak()?.saturating_sub(*base) as f64 / MIB)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Runs `warmup` untimed iterations of `step` (a forward + backward that calls the closure it is
+/// given between the passes), then one more that samples the device's used bytes after the
+/// forward and after the backward. Returns that iteration's result and the largest sample.
+fn warm_up_and_sample<T>(
+    gpu: &Runtime,
+    warmup: usize,
+    step: impl Fn(&mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, usize)> {
+    for _ in 0..warmup {
+        drop(step(&mut || Ok(()))?);
+    }
+    gpu.synchronize().context("the warm-up did not complete")?;
+    let mut peak_sampled = used_bytes(gpu)?;
+    let result = step(&mut || {
+        gpu.synchronize()
+            .context("the forward pass did not complete")?;
+        peak_sampled = peak_sampled.max(used_bytes(gpu)?);
+        Ok(())
+    })?;
+    gpu.synchronize()
+        .context("the backward pass did not complete")?;
+    peak_sampled = peak_sampled.max(used_bytes(gpu)?);
+    Ok((result, peak_sampled))
+}
+
 fn measure(
     gpu: &Runtime,
     args: &BenchArgs,
@@ -1156,40 +1225,17 @@ fn measure(
     active: usize,
 ) -> anyhow::Result<Row> {
     let shape = c.shape();
-    let pool = PoolWatch::new(gpu)?;
-    gpu.synchronize()
-        .context("the device did not become idle")?;
-    let baseline = used_bytes(gpu)?;
-    let pool_baseline = match &pool {
-        Some(p) => {
-            p.reset_peak()?;
-            Some(p.used()?)
-        }
-        None => None,
-    };
+    let memory = MemoryWatch::start(gpu)?;
 
     if strategy != Strategy::Bf16 {
         // Quantize (once per weight tensor) before the memory baseline is taken.
         w.mx()?;
     }
     let device = DeviceProblem::upload(gpu, strategy, problem, w)?;
-    let resident = used_bytes(gpu)?.saturating_sub(baseline);
-
-    for _ in 0..args.warmup {
-        drop(device.forward_backward(gpu, || Ok(()))?);
-    }
-    // One untimed iteration with used-memory samples after the forward and the backward.
-    gpu.synchronize().context("the warm-up did not complete")?;
-    let mut peak_sampled = used_bytes(gpu)?;
-    let result = device.forward_backward(gpu, || {
-        gpu.synchronize()
-            .context("the forward pass did not complete")?;
-        peak_sampled = peak_sampled.max(used_bytes(gpu)?);
-        Ok(())
+    let resident = memory.used_since_start(gpu)?;
+    let (result, peak_sampled) = warm_up_and_sample(gpu, args.warmup, |between| {
+        device.forward_backward(gpu, between)
     })?;
-    gpu.synchronize()
-        .context("the backward pass did not complete")?;
-    peak_sampled = peak_sampled.max(used_bytes(gpu)?);
     let ran = match (strategy, result.0.strategy) {
         (Strategy::Bf16, _) => "bf16",
         (_, op::Strategy::SelectiveDequant) => "A",
@@ -1201,10 +1247,7 @@ fn measure(
     let (times_ms, wall_ms_per_iter) =
         time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
 
-    let peak_pool = match (&pool, pool_baseline) {
-        (Some(p), Some(base)) => Some(p.peak()?.saturating_sub(base) as f64 / MIB),
-        _ => None,
-    };
+    let peak_pool = memory.pool_peak_mib()?;
     drop(device);
 
     let Stats {
@@ -1243,7 +1286,7 @@ fn measure(
         spec_bytes,
         spec_gb_per_s: spec_bytes / seconds / 1e9,
         resident_mib: resident as f64 / MIB,
-        peak_sampled_mib: peak_sampled.saturating_sub(baseline) as f64 / MIB,
+        peak_sampled_mib: memory.mib_above_start(peak_sampled),
         peak_pool_mib: peak_pool,
         times_ms,
     })
@@ -1385,17 +1428,7 @@ fn measure_layer(
     active: usize,
 ) -> anyhow::Result<[LayerRow; 2]> {
     let c = problem.config;
-    let pool = PoolWatch::new(gpu)?;
-    gpu.synchronize()
-        .context("the device did not become idle")?;
-    let baseline = used_bytes(gpu)?;
-    let pool_baseline = match &pool {
-        Some(p) => {
-            p.reset_peak()?;
-            Some(p.used()?)
-        }
-        None => None,
-    };
+    let memory = MemoryWatch::start(gpu)?;
 
     if strategy != Strategy::Bf16 {
         // Quantize (once per weight tensor) before the memory baseline is taken.
@@ -1403,23 +1436,10 @@ fn measure_layer(
         w.down.mx()?;
     }
     let device = LayerDevice::upload(gpu, strategy, problem, w)?;
-    let resident = used_bytes(gpu)?.saturating_sub(baseline);
-
-    for _ in 0..args.warmup {
-        drop(device.forward_backward(gpu, || Ok(()))?);
-    }
-    // One untimed iteration with used-memory samples after the forward and the backward.
-    gpu.synchronize().context("the warm-up did not complete")?;
-    let mut peak_sampled = used_bytes(gpu)?;
-    let result = device.forward_backward(gpu, || {
-        gpu.synchronize()
-            .context("the forward pass did not complete")?;
-        peak_sampled = peak_sampled.max(used_bytes(gpu)?);
-        Ok(())
+    let resident = memory.used_since_start(gpu)?;
+    let (result, peak_sampled) = warm_up_and_sample(gpu, args.warmup, |between| {
+        device.forward_backward(gpu, between)
     })?;
-    gpu.synchronize()
-        .context("the backward pass did not complete")?;
-    peak_sampled = peak_sampled.max(used_bytes(gpu)?);
     let ran = layer_ran(strategy, result.1.strategies());
     drop(result);
 
@@ -1427,10 +1447,7 @@ fn measure_layer(
     let forward_backward =
         time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
 
-    let peak_pool = match (&pool, pool_baseline) {
-        (Some(p), Some(base)) => Some(p.peak()?.saturating_sub(base) as f64 / MIB),
-        _ => None,
-    };
+    let peak_pool = memory.pool_peak_mib()?;
     drop(device);
 
     let (flops_forward, flops_backward) = c.flops();
@@ -1462,7 +1479,7 @@ fn measure_layer(
             flops,
             tflops: flops / seconds / 1e12,
             resident_mib: resident as f64 / MIB,
-            peak_sampled_mib: peak_sampled.saturating_sub(baseline) as f64 / MIB,
+            peak_sampled_mib: memory.mib_above_start(peak_sampled),
             peak_pool_mib: peak_pool,
             times_ms,
         }
