@@ -24,6 +24,18 @@
 //! quantizer uses ([`crate::mxfp4::f32_to_e2m1`]) and `e4m3` the round-to-nearest-even
 //! conversion of a value in `[2^-6, 448]` ([`f32_to_e4m3`]).
 //!
+//! # Checkpoint layouts (for the readers still to come; checked in the projects' sources)
+//!
+//! Per linear (a MoE expert's projection is one linear per expert):
+//! - **ModelOpt** (nvidia-modelopt 0.47.0, `torch/quantization/qtensor/nvfp4_tensor.py`):
+//!   `weight` u8 `[N, K/2]` (packed `(q[..., 1::2] << 4) | q[..., 0::2]`: even k in the low nibble,
+//!   as here), `weight_scale` E4M3 `[N, K/16]`, `weight_scale_2` f32 (scalar) with
+//!   `value = code · weight_scale · weight_scale_2` — this container's `tensor_scales`.
+//! - **compressed-tensors** (0.20.1): `weight_packed` u8, `weight_scale` E4M3,
+//!   `weight_global_scale` f32 = **1 / `weight_scale_2`** (`entrypoints/convert/converters/
+//!   modelopt_nvfp4.py`: "1 / weight_scale_2 -> weight_global_scale";
+//!   `quantization/lifecycle/forward_helpers.py` divides the block scale by it).
+//!
 //! Unlike torchao, the quantizer refuses non-finite inputs (torchao would write NaN scales) and,
 //! two-level, an expert whose values are all zero (its tensor scale would be 0 and every block
 //! scale NaN): typed [`NvError`]s.
