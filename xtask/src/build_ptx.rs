@@ -25,12 +25,15 @@ pub fn run(root: &Path, flags: &flags::BuildPtx) -> Result<()> {
 
 /// The default output file for `arch`: `<root>/target/ptx/mxmoe-<arch>.ptx`.
 pub fn default_out(root: &Path, arch: &str) -> PathBuf {
-    target_dir(root).join(format!("mxmoe-{arch}.ptx"))
+    root.join("target")
+        .join("ptx")
+        .join(format!("mxmoe-{arch}.ptx"))
 }
 
-/// The cargo target directory of the device build, apart from the host build's.
-pub fn target_dir(root: &Path) -> PathBuf {
-    root.join("target").join("ptx")
+/// The cargo target directory of the device build for `arch`, apart from the host build's
+/// ([`mxmoe_ptx_builder::device_target_dir`]: each module keeps its own).
+pub fn target_dir(root: &Path, arch: &str) -> PathBuf {
+    mxmoe_ptx_builder::device_target_dir(&root.join("target"), arch)
 }
 
 /// Builds the PTX module for `arch` into `out` (or [`default_out`]).
@@ -43,7 +46,7 @@ pub fn build(root: &Path, arch: &str, out: Option<&Path>) -> Result<PtxOutput> {
     };
     let build = PtxBuild {
         workspace_root: root.to_path_buf(),
-        target_dir: target_dir(root),
+        target_dir: target_dir(root, arch),
         arch: arch.to_string(),
         out_file,
         cargo: shell::cargo(),

@@ -18,10 +18,13 @@ pub struct Xtask {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build kernels-gpu into one PTX module and list its entry points.
+    /// Build kernels-gpu into one PTX module (`--arch sm_90a`: Hopper, `sm_80`: portable) and list
+    /// its entry points.
     BuildPtx(BuildPtx),
-    /// Lint the PTX, run `ptxas -v` on it, print registers/smem/stack/spills per kernel, and fail
-    /// on spills, stack frames or entry points that differ from `shared::names::ALL`.
+    /// Lint both PTX modules (Hopper `sm_90a`, portable `sm_80`), run `ptxas -v` on each for its
+    /// architectures, print registers/smem/stack/spills per kernel, and fail on spills, stack
+    /// frames, shared memory over a target's limit or entry points that differ from the module's
+    /// list in `shared::names`.
     PtxReport(PtxReport),
     /// The project's one test command: `ptx-report`, then `cargo test --workspace`.
     Test(Test),
@@ -46,9 +49,10 @@ pub struct BuildPtx {
 /// Flags of `cargo xtask ptx-report`.
 #[derive(Debug, Args)]
 pub struct PtxReport {
-    /// GPU architecture to build for and to pass to `ptxas -arch`.
-    #[arg(long, default_value = DEFAULT_ARCH)]
-    pub arch: String,
+    /// Gate only the module built for this architecture (`sm_90a`: Hopper, `sm_80`: portable);
+    /// default: both.
+    #[arg(long)]
+    pub arch: Option<String>,
     /// Report on this PTX file instead of building one.
     #[arg(long)]
     pub ptx: Option<PathBuf>,

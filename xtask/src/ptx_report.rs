@@ -1,14 +1,21 @@
 //! `cargo xtask ptx-report`: the PTX gate. Our FileCheck, in the spirit of rust-lang/rust's
 //! `tests/assembly-llvm/asm/nvptx-*.rs`, plus a resource table from `ptxas -v`.
 //!
-//! It fails when:
+//! It gates both modules ([`PtxModule`]): the Hopper one (`sm_90a`, assembled for `sm_90a`) and
+//! the portable one (`sm_80`, assembled for every architecture in [`PORTABLE_TARGETS`], the
+//! `ptxas` runs in parallel). It fails when:
 //! - the module does not declare `.target <arch>` or has an unresolved `.extern .func`
 //!   ([`mxmoe_ptx_builder::check_module`]);
-//! - the `.entry` set differs from [`kernels_gpu::shared::names::ALL`] (missing, extra or
-//!   duplicated entries);
+//! - the `.entry` set differs from the module's list ([`PtxModule::entries`]: `names::ALL` or
+//!   `names::ALL_PORTABLE`; missing, extra or duplicated entries);
+//! - the portable module contains a Hopper-only instruction ([`HOPPER_ONLY_INSTRUCTIONS`]);
 //! - a probe kernel lacks the instruction it exists to test ([`REQUIRED_INSTRUCTIONS`]);
-//! - ptxas reports register spills or a stack frame (local memory) for an entry that is not in
-//!   [`ALLOWED_STACK`].
+//! - ptxas rejects the module for a target, or reports register spills or a stack frame (local
+//!   memory) for an entry that is not in [`ALLOWED_STACK`];
+//! - on a target, a grouped-GEMM row the tuner would keep (its `smem_plan` within the target's
+//!   opt-in shared memory) does not fit once ptxas's static shared memory is added, a layout and
+//!   rank have no row that fits at all, or a fixed-shape kernel (LoRA products, Gram) does not
+//!   fit ([`smem_problems`]).
 //!
 //! Every problem is listed before the command fails, so one run shows all of them.
 
@@ -19,7 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use kernels_gpu::shared::module::PtxModule;
 use kernels_gpu::shared::names;
+use kernels_gpu::shared::tiles::{
+    BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, GRAM_CONFIG, RANK_PADS, gram_smem_bytes,
+    lora_down_config, smem_plan,
+};
 
 use crate::ptxas_log::{self, EntryResources};
 use crate::{build_ptx, flags, ptxas, shell};
@@ -40,78 +52,376 @@ pub const REQUIRED_INSTRUCTIONS: &[(&str, &str)] = &[
     (names::PROBE_CP_ASYNC, "cp.async.cg.shared.global"),
 ];
 
-/// Runs `cargo xtask ptx-report`.
-pub fn run(root: &Path, flags: &flags::PtxReport) -> Result<()> {
-    let ptx_file = match &flags.ptx {
-        Some(p) => p.clone(),
-        None => build_ptx::build(root, &flags.arch, None)?.ptx_file,
-    };
-    report(root, &ptx_file, &flags.arch)
+/// Instruction prefixes that only Hopper (`sm_90`/`sm_90a`) or later has; none may appear in the
+/// portable module (ptxas for `sm_80` would reject most of them too, this names the culprit).
+pub const HOPPER_ONLY_INSTRUCTIONS: &[&str] = &[
+    "wgmma.",
+    "mbarrier.",
+    "cp.async.mbarrier",
+    "cp.async.bulk",
+    "setmaxnreg",
+    "stmatrix",
+    "fence.proxy.async",
+    "mul.rn.bf16x2",
+];
+
+/// One architecture a module is assembled for, with its opt-in shared memory per block
+/// (`cudaDevAttrMaxSharedMemoryPerBlockOptin`, CUDA C Programming Guide, "Technical
+/// Specifications per Compute Capability").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// `ptxas -arch`.
+    pub arch: &'static str,
+    /// Opt-in dynamic + static shared memory per block, bytes.
+    pub smem_optin: u32,
+    /// Example GPUs of the architecture.
+    pub gpus: &'static str,
 }
 
-/// Lints `ptx_file`, assembles it with `ptxas -v`, prints the resource table, and fails if any
-/// check fails.
-pub fn report(root: &Path, ptx_file: &Path, arch: &str) -> Result<()> {
+/// The Hopper module's one target.
+pub const HOPPER_TARGETS: &[Target] = &[Target {
+    arch: "sm_90a",
+    smem_optin: 232_448,
+    gpus: "H100, H200",
+}];
+
+/// Every architecture the portable module is checked for.
+pub const PORTABLE_TARGETS: &[Target] = &[
+    Target {
+        arch: "sm_80",
+        smem_optin: 166_912,
+        gpus: "A100, A30",
+    },
+    Target {
+        arch: "sm_86",
+        smem_optin: 101_376,
+        gpus: "A10, A40, RTX 30xx, RTX A6000",
+    },
+    Target {
+        arch: "sm_89",
+        smem_optin: 101_376,
+        gpus: "L4, L40S, RTX 40xx, RTX 6000 Ada",
+    },
+    Target {
+        arch: "sm_90",
+        smem_optin: 232_448,
+        gpus: "H100, H200 (portable module forced)",
+    },
+    Target {
+        arch: "sm_100",
+        smem_optin: 232_448,
+        gpus: "B200, GB200",
+    },
+    Target {
+        arch: "sm_120",
+        smem_optin: 101_376,
+        gpus: "RTX 50xx, RTX PRO 6000 Blackwell",
+    },
+];
+
+/// The targets `module` is assembled and checked for.
+pub fn targets(module: PtxModule) -> &'static [Target] {
+    match module {
+        PtxModule::Hopper => HOPPER_TARGETS,
+        PtxModule::Portable => PORTABLE_TARGETS,
+    }
+}
+
+/// Runs `cargo xtask ptx-report`: both modules, or the one `--arch` names.
+pub fn run(root: &Path, flags: &flags::PtxReport) -> Result<()> {
+    let modules: Vec<PtxModule> = match &flags.arch {
+        Some(arch) => vec![PtxModule::from_arch(arch).with_context(|| {
+            format!(
+                "no module is built for {arch}: the modules are {} (hopper) and {} (portable)",
+                PtxModule::Hopper.arch(),
+                PtxModule::Portable.arch()
+            )
+        })?],
+        None if flags.ptx.is_some() => bail!("--ptx needs --arch (which module the file is)"),
+        None => PtxModule::ALL.to_vec(),
+    };
+    for module in modules {
+        let ptx_file = match &flags.ptx {
+            Some(p) => p.clone(),
+            None => build_ptx::build(root, module.arch(), None)?.ptx_file,
+        };
+        report(root, &ptx_file, module)?;
+    }
+    Ok(())
+}
+
+/// What `ptxas -v` said about the module for one target.
+struct Assembled {
+    target: Target,
+    resources: Vec<EntryResources>,
+    seconds: f64,
+}
+
+/// Assembles `ptx_file` for every target of `module` (in parallel), returning per target the
+/// parsed `ptxas -v` report.
+fn assemble(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<Vec<Assembled>> {
+    let ptxas = ptxas::locate()?;
+    let results: Vec<Result<Assembled>> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = targets(module)
+            .iter()
+            .map(|&target| {
+                let ptxas = &ptxas;
+                scope.spawn(move || -> Result<Assembled> {
+                    let started = std::time::Instant::now();
+                    let cubin = cubin_path(root, module, target.arch);
+                    if let Some(parent) = cubin.parent() {
+                        fs::create_dir_all(parent)
+                            .with_context(|| format!("cannot create {}", parent.display()))?;
+                    }
+                    let out = shell::output(
+                        Command::new(ptxas)
+                            .arg(format!("-arch={}", target.arch))
+                            .arg("-v")
+                            .arg(ptx_file)
+                            .arg("-o")
+                            .arg(&cubin),
+                        true,
+                    )
+                    .with_context(|| {
+                        format!(
+                            "ptxas rejected the {} module for {}",
+                            module.name(),
+                            target.arch
+                        )
+                    })?;
+                    let log = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    let resources = ptxas_log::parse(&log).with_context(|| {
+                        format!("cannot read the ptxas -v report for {}", target.arch)
+                    })?;
+                    Ok(Assembled {
+                        target,
+                        resources,
+                        seconds: started.elapsed().as_secs_f64(),
+                    })
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| {
+                j.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a ptxas thread panicked")))
+            })
+            .collect()
+    });
+    let mut assembled = Vec::new();
+    for r in results {
+        assembled.push(r?);
+    }
+    Ok(assembled)
+}
+
+/// Lints `ptx_file` as `module`, assembles it with `ptxas -v` for each of the module's targets,
+/// prints the resource table (first target) and the per-target summaries and shared-memory fit,
+/// and fails if any check fails.
+pub fn report(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<()> {
     let ptx = fs::read_to_string(ptx_file)
         .with_context(|| format!("cannot read {}", ptx_file.display()))?;
-    let mut problems = lint(&ptx, arch, names::ALL, REQUIRED_INSTRUCTIONS);
+    let mut problems = lint(&ptx, module.arch(), module.entries(), REQUIRED_INSTRUCTIONS);
+    if module == PtxModule::Portable {
+        problems.extend(forbidden_problems(&ptx, HOPPER_ONLY_INSTRUCTIONS));
+    }
 
     let ptxas = ptxas::locate()?;
-    let cubin = cubin_path(root, arch);
-    if let Some(parent) = cubin.parent() {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let out = shell::output(
-        Command::new(&ptxas)
-            .arg(format!("-arch={arch}"))
-            .arg("-v")
-            .arg(ptx_file)
-            .arg("-o")
-            .arg(&cubin),
-        true,
-    )
-    .context("ptxas rejected the PTX module")?;
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let resources = ptxas_log::parse(&log).context("cannot read the ptxas -v report")?;
+    let assembled = assemble(root, ptx_file, module)?;
+    let entries = mxmoe_ptx_builder::ptx_entries(&ptx);
 
     println!();
     println!(
-        "{} ({arch}), ptxas: {} [{}]",
+        "{} ({} module, .target {}), ptxas: {} [{}]",
         ptx_file.display(),
+        module.name(),
+        module.arch(),
         ptxas.display(),
         ptxas::version(&ptxas).unwrap_or_else(|| "version unknown".into())
     );
-    print!("{}", format_table(&resources, ALLOWED_STACK));
-    println!("(smem is static shared memory; dynamic shared memory is set at launch)");
-
-    problems.extend(coverage_problems(
-        &mxmoe_ptx_builder::ptx_entries(&ptx),
-        &resources,
-    ));
-    problems.extend(resource_problems(&resources, ALLOWED_STACK));
+    if let Some(first) = assembled.first() {
+        println!("resources for {}:", first.target.arch);
+        print!("{}", format_table(&first.resources, ALLOWED_STACK));
+        println!("(smem is static shared memory; dynamic shared memory is set at launch)");
+    }
+    for a in &assembled {
+        let tag = |p: String| format!("{}: {p}", a.target.arch);
+        problems.extend(
+            coverage_problems(&entries, &a.resources)
+                .into_iter()
+                .map(tag),
+        );
+        problems.extend(
+            resource_problems(&a.resources, ALLOWED_STACK)
+                .into_iter()
+                .map(tag),
+        );
+        let (smem, fit) = smem_problems(module, &a.target, &a.resources);
+        problems.extend(smem.into_iter().map(tag));
+        let max_regs = a.resources.iter().map(|r| r.registers).max().unwrap_or(0);
+        let local = a.resources.iter().filter(|r| r.uses_local_memory()).count();
+        println!(
+            "{:>7} ({}): {} entries, at most {max_regs} registers, {local} with local memory, \
+             ptxas {:.1} s; rows fitting {} B opt-in shared memory at rank 128: {}",
+            a.target.arch,
+            a.target.gpus,
+            a.resources.len(),
+            a.seconds,
+            a.target.smem_optin,
+            fit
+        );
+    }
     if !problems.is_empty() {
         eprintln!();
         for p in &problems {
             eprintln!("ptx-report: {p}");
         }
         bail!(
-            "the PTX gate found {} problem(s) in {}",
+            "the PTX gate found {} problem(s) in {} ({} module)",
             problems.len(),
-            ptx_file.display()
+            ptx_file.display(),
+            module.name()
         );
     }
-    println!("ptx-report: {} entries, all checks passed", resources.len());
+    println!(
+        "ptx-report: {} module, {} entries, {} target(s), all checks passed",
+        module.name(),
+        entries.len(),
+        assembled.len()
+    );
     Ok(())
 }
 
-/// Where ptxas writes the cubin it assembles (kept for inspection with `cuobjdump`).
-fn cubin_path(root: &Path, arch: &str) -> PathBuf {
-    build_ptx::target_dir(root).join(format!("mxmoe-{arch}.cubin"))
+/// Where ptxas writes the cubin it assembles (kept for inspection with `cuobjdump`):
+/// `mxmoe-sm_90a.cubin` for the Hopper module, `mxmoe-sm_80-<arch>.cubin` for the portable one.
+fn cubin_path(root: &Path, module: PtxModule, arch: &str) -> PathBuf {
+    let name = if module.arch() == arch {
+        format!("mxmoe-{arch}.cubin")
+    } else {
+        format!("mxmoe-{}-{arch}.cubin", module.arch())
+    };
+    build_ptx::target_dir(root, module.arch()).join(name)
+}
+
+/// One sentence per line of `ptx` that starts (after indentation) with one of `forbidden`.
+pub fn forbidden_problems(ptx: &str, forbidden: &[&str]) -> Vec<String> {
+    let mut found: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in ptx.lines() {
+        let l = line.trim_start();
+        if let Some(f) = forbidden.iter().find(|f| l.starts_with(**f)) {
+            *found.entry(f).or_default() += 1;
+        }
+    }
+    found
+        .into_iter()
+        .map(|(f, n)| {
+            format!("the portable module contains `{f}` ({n} lines), which needs Hopper or later")
+        })
+        .collect()
+}
+
+/// The grouped-GEMM layouts and their entry names, per table row.
+const GEMM_LAYOUTS: [(BLayout, &[&str]); 4] = [
+    (BLayout::NkBf16, &names::GEMM_NK),
+    (BLayout::KnBf16, &names::GEMM_KN),
+    (BLayout::NkMxfp4, &names::GEMM_NK_MX),
+    (BLayout::KnMxfp4, &names::GEMM_KN_MX),
+];
+
+/// Shared-memory checks of `module` on `target`, with ptxas's static shared memory per entry in
+/// `resources`. For every grouped-GEMM row the module has, every layout and every padded rank
+/// (0 = no LoRA, and each of `RANK_PADS`): the tuner keeps the row when its `smem_plan` is within
+/// the opt-in limit (`tune::prune` on the live device), so the launch must fit once the static
+/// bytes are added; every layout and rank must keep at least one row; the LoRA products and the
+/// Gram kernel (one shape per rank, no alternative) must fit. Returns the problems and, for the
+/// summary line, the rows that fit every layout at rank 128 (`m64n128k32w2x2s3 …` or `none`).
+pub fn smem_problems(
+    module: PtxModule,
+    target: &Target,
+    resources: &[EntryResources],
+) -> (Vec<String>, String) {
+    let limit = u64::from(target.smem_optin);
+    let static_smem = |name: &str| {
+        resources
+            .iter()
+            .find(|r| r.name == name)
+            .map_or(0, |r| r.smem_bytes)
+    };
+    let mut problems = Vec::new();
+    let mut fit_at_max_rank = Vec::new();
+    let ranks: Vec<u32> = std::iter::once(0).chain(RANK_PADS).collect();
+    for (layout, entry_names) in GEMM_LAYOUTS {
+        for &r_pad in &ranks {
+            let mut kept = 0;
+            for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+                if !module.has_config(c) {
+                    continue;
+                }
+                let dynamic = u64::from(smem_plan(c, layout, r_pad).total_bytes);
+                if dynamic > limit {
+                    continue;
+                }
+                kept += 1;
+                let total = dynamic + static_smem(entry_names[i]);
+                if total > limit {
+                    problems.push(format!(
+                        "`{}` at padded rank {r_pad}: the tuner keeps it ({dynamic} B planned \
+                         <= {limit} B) but with its static shared memory it needs {total} B",
+                        entry_names[i]
+                    ));
+                }
+            }
+            if kept == 0 {
+                problems.push(format!(
+                    "no grouped-GEMM row of the {} module fits {limit} B of shared memory for \
+                     {layout:?} at padded rank {r_pad}",
+                    module.name()
+                ));
+            }
+        }
+    }
+    for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+        let fits_all = module.has_config(c)
+            && GEMM_LAYOUTS.iter().all(|(layout, entry_names)| {
+                u64::from(smem_plan(c, *layout, 128).total_bytes) + static_smem(entry_names[i])
+                    <= limit
+            });
+        if fits_all {
+            fit_at_max_rank.push(GEMM_CONFIG_NAMES[i]);
+        }
+    }
+    for (i, &r_pad) in RANK_PADS.iter().enumerate() {
+        let cfg = lora_down_config(r_pad);
+        for (layout, name) in [
+            (BLayout::Strided, names::LORA_DOWN[i]),
+            (BLayout::NkBf16, names::LORA_DOWN_NK[i]),
+            (BLayout::KnBf16, names::LORA_DOWN_KN[i]),
+        ] {
+            let total = u64::from(smem_plan(&cfg, layout, 0).total_bytes) + static_smem(name);
+            if total > limit {
+                problems.push(format!(
+                    "`{name}` needs {total} B of shared memory, over the {limit} B opt-in limit"
+                ));
+            }
+        }
+        let name = names::GRAM[i];
+        let total = u64::from(gram_smem_bytes(&GRAM_CONFIG, r_pad)) + static_smem(name);
+        if total > limit {
+            problems.push(format!(
+                "`{name}` needs {total} B of shared memory, over the {limit} B opt-in limit"
+            ));
+        }
+    }
+    let fit = if fit_at_max_rank.is_empty() {
+        "none".to_string()
+    } else {
+        fit_at_max_rank.join(" ")
+    };
+    (problems, fit)
 }
 
 /// Text checks of the PTX module: target and externs, the entry set against `expected`, and
@@ -130,14 +440,14 @@ pub fn lint(ptx: &str, arch: &str, expected: &[&str], required: &[(&str, &str)])
     for name in expected {
         if !counts.contains_key(name) {
             problems.push(format!(
-                "`{name}` is listed in shared::names::ALL but the PTX has no `.entry {name}`"
+                "`{name}` is listed for the module (shared::names) but the PTX has no `.entry {name}`"
             ));
         }
     }
     for (name, count) in &counts {
         if !expected.contains(name) {
             problems.push(format!(
-                "the PTX has `.entry {name}`, which shared::names::ALL does not list"
+                "the PTX has `.entry {name}`, which the module's list (shared::names) does not have"
             ));
         }
         if *count > 1 {
@@ -338,7 +648,7 @@ mod tests {
         let problems = lint(MODULE, "sm_90", &["mma_probe", "absent"], &[]);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("no `.entry absent`"));
-        assert!(problems[1].contains("`.entry plain`, which shared::names::ALL does not list"));
+        assert!(problems[1].contains("`.entry plain`, which the module's list"));
     }
 
     #[test]
@@ -412,6 +722,79 @@ mod tests {
         assert_eq!(
             problems,
             vec!["ptxas -v reported nothing for `.entry b`".to_string()]
+        );
+    }
+
+    #[test]
+    fn hopper_only_instructions_are_found_by_line() {
+        let ptx = "\t// wgmma.fence in a comment is fine\n\twgmma.fence.sync.aligned;\n\
+                   \twgmma.commit_group.sync.aligned;\n\tmul.rn.bf16x2 %r1, %r2, %r3;\n\
+                   \tfma.rn.bf16x2 %r1, %r2, %r3, %r4;\n";
+        assert_eq!(
+            forbidden_problems(ptx, HOPPER_ONLY_INSTRUCTIONS),
+            vec![
+                "the portable module contains `mul.rn.bf16x2` (1 lines), which needs Hopper or later"
+                    .to_string(),
+                "the portable module contains `wgmma.` (2 lines), which needs Hopper or later"
+                    .to_string(),
+            ]
+        );
+        assert!(
+            forbidden_problems("\tmma.sync.aligned.m16n8k16;\n", HOPPER_ONLY_INSTRUCTIONS)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn shared_memory_is_checked_per_target() {
+        let sm86 = PORTABLE_TARGETS[1];
+        assert_eq!(sm86.arch, "sm_86");
+        // No static shared memory: the rows that fit are exactly the tuner's survivors.
+        let (problems, fit) = smem_problems(PtxModule::Portable, &sm86, &[]);
+        assert_eq!(problems, Vec::<String>::new());
+        assert!(!fit.contains("wg"), "{fit}");
+        // Static shared memory that pushes a kept row over the limit is reported.
+        let big = EntryResources {
+            name: names::GEMM_NK[2].into(),
+            smem_bytes: 100_000,
+            ..Default::default()
+        };
+        let (problems, _) = smem_problems(PtxModule::Portable, &sm86, &[big]);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(names::GEMM_NK[2]) && p.contains("tuner keeps it")),
+            "{problems:?}"
+        );
+        // A target too small for every row (and the fixed-shape kernels) is reported.
+        let tiny = Target {
+            arch: "sm_00",
+            smem_optin: 16 * 1024,
+            gpus: "none",
+        };
+        let (problems, fit) = smem_problems(PtxModule::Portable, &tiny, &[]);
+        assert_eq!(fit, "none");
+        assert!(problems.iter().any(|p| p.contains("no grouped-GEMM row")));
+        assert!(problems.iter().any(|p| p.contains(names::GRAM[3])));
+        // The Hopper module's rows include wgmma ones.
+        let (problems, fit) = smem_problems(PtxModule::Hopper, &HOPPER_TARGETS[0], &[]);
+        assert!(
+            problems.is_empty() && fit.contains("wg2s4"),
+            "{problems:?} {fit}"
+        );
+    }
+
+    #[test]
+    fn every_portable_target_is_listed_once() {
+        let archs: Vec<&str> = PORTABLE_TARGETS.iter().map(|t| t.arch).collect();
+        assert_eq!(
+            archs,
+            ["sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"]
+        );
+        assert_eq!(targets(PtxModule::Hopper)[0].arch, PtxModule::Hopper.arch());
+        assert_eq!(
+            targets(PtxModule::Portable)[0].arch,
+            PtxModule::Portable.arch()
         );
     }
 

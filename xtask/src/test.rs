@@ -1,7 +1,9 @@
 //! `cargo xtask test`: the project's one test command, used by developers and by `.ci/run`.
 //!
-//! 1. The PTX gate ([`crate::ptx_report`]): build the module, lint it, assemble it with
-//!    `ptxas -v`, fail on local memory or an entry set that differs from `shared::names::ALL`.
+//! 1. The PTX gate ([`crate::ptx_report`]) for both modules: build the Hopper (`sm_90a`) and the
+//!    portable (`sm_80`) module at the same time, lint them, assemble them with `ptxas -v` (the
+//!    portable one for each of its architectures, in parallel), fail on local memory, shared
+//!    memory over a target's limit or an entry set that differs from the module's list.
 //! 2. `cargo test --workspace`: every unit, integration and doc test. GPU suites run where a CUDA
 //!    device is present and print why they skip where none is (`MXMOE_REQUIRE_GPU=1` turns a skip
 //!    into a failure).
@@ -12,16 +14,33 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use mxmoe_ptx_builder::DEFAULT_ARCH;
+use kernels_gpu::shared::module::PtxModule;
 
 use crate::{build_ptx, flags, ptx_report, shell};
 
 /// Runs `cargo xtask test [-- <cargo test args>]`.
 pub fn run(root: &Path, flags: &flags::Test) -> Result<()> {
-    eprintln!("== step 1/2: PTX build and ptxas report ({DEFAULT_ARCH})");
-    let ptx = build_ptx::build(root, DEFAULT_ARCH, None).context("step 1/2 (PTX build) failed")?;
-    ptx_report::report(root, &ptx.ptx_file, DEFAULT_ARCH)
-        .context("step 1/2 (ptx-report gate) failed")?;
+    let started = std::time::Instant::now();
+    eprintln!(
+        "== step 1/2: PTX build and ptxas report ({} and {})",
+        PtxModule::Hopper.arch(),
+        PtxModule::Portable.arch()
+    );
+    // The two device builds have their own target folders, so they run side by side.
+    let built = std::thread::scope(|scope| {
+        let jobs: Vec<_> = PtxModule::ALL
+            .into_iter()
+            .map(|m| scope.spawn(move || (m, build_ptx::build(root, m.arch(), None))))
+            .collect();
+        jobs.into_iter().map(|j| j.join()).collect::<Vec<_>>()
+    });
+    for joined in built {
+        let (module, ptx) = joined.map_err(|_| anyhow::anyhow!("a PTX build thread panicked"))?;
+        let ptx = ptx.with_context(|| format!("step 1/2 ({} PTX build) failed", module.name()))?;
+        ptx_report::report(root, &ptx.ptx_file, module)
+            .with_context(|| format!("step 1/2 ({} ptx-report gate) failed", module.name()))?;
+    }
+    eprintln!("== step 1/2 took {:.0} s", started.elapsed().as_secs_f64());
 
     eprintln!("== step 2/2: cargo test --workspace");
     shell::run(

@@ -8,6 +8,7 @@ use crate::shared::params::{GemmParams, GramParams};
 use crate::shared::tiles::{BLayout, gemm_configs};
 use crate::tile::gemm::gemm;
 use crate::tile::gram::gram;
+#[cfg(target_feature = "sm_90a")]
 use crate::tile::wg::gemm_wg;
 
 /// An `mma.sync` grouped-GEMM entry point `$name` (exported as `$name`, or as `$symbol` after
@@ -47,6 +48,8 @@ macro_rules! gemm_table_entries {
         $(
             /// Entry points of the `tiles::gemm_configs!` row of this name.
             pub mod $suffix {
+                // A `wgmma` row's module is empty in the portable (non-`sm_90a`) build.
+                #[cfg_attr(not(target_feature = "sm_90a"), allow(unused_imports))]
                 use super::*;
 
                 gemm_row_entry!(nk, NkBf16, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
@@ -80,6 +83,10 @@ macro_rules! gemm_row_entry {
         ///
         /// # Safety
         /// The launch contract of `tile::wg::gemm_wg` for this configuration.
+        ///
+        /// Built for `sm_90a` only: the portable module has no `wgmma` rows
+        /// (`shared::module::PtxModule::has_config`).
+        #[cfg(target_feature = "sm_90a")]
         #[unsafe(export_name = names::gemm_entry_name!($layout, $suffix))]
         pub unsafe extern "ptx-kernel" fn $layout(p: GemmParams) {
             // The body's fixed shape (128 weight columns, 1 × 8 MMA warps) is the row's.

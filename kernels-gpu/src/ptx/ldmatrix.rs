@@ -83,6 +83,7 @@ pub unsafe fn ldmatrix_x2_trans_m8n8_shared_b16(row: SharedAddr) -> [u32; 2] {
 /// # Safety
 /// Whole warp, converged; `row` is this lane's 16-byte aligned destination row in shared
 /// memory, not read or written by others until a barrier.
+#[cfg(target_feature = "sm_90a")]
 #[inline(always)]
 pub unsafe fn stmatrix_x4_trans_m8n8_shared_b16(row: SharedAddr, v: [u32; 4]) {
     // SAFETY: the caller guarantees convergence and addresses.

@@ -18,7 +18,7 @@
 //! | [`ldmatrix::stmatrix_x4_trans_m8n8_shared_b16`] | `stmatrix.sync.aligned.m8n8.x4.trans.shared.b16` |
 //! | [`mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32`] | `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` |
 //! | [`cvt::cvt_rn_bf16x2_f32`] | `cvt.rn.bf16x2.f32` |
-//! | [`cvt::mul_rn_bf16x2`] | `mul.rn.bf16x2` |
+//! | [`cvt::mul_rn_bf16x2`] | `mul.rn.bf16x2` (sm_90a); `fma.rn.bf16x2 d, a, b, -0.0` below SM 9.0 |
 //! | [`cvt::prmt_b32`] | `prmt.b32` (byte extraction) |
 //! | [`warp::shfl_sync_up_b32`], [`warp::shfl_sync_idx_b32`], [`warp::shfl_sync_bfly_b32`] | `shfl.sync.{up,idx,bfly}.b32` |
 //! | [`warp::vote_sync_ballot_b32`], [`warp::match_any_sync_b32`], [`warp::lanemask_lt`] | `vote.sync.ballot.b32`, `match.any.sync.b32`, `%lanemask_lt` |
@@ -30,6 +30,10 @@
 //! | [`mbarrier::cp_async_mbarrier_arrive_noinc`] | `cp.async.mbarrier.arrive.noinc.shared::cta.b64` |
 //! | [`mbarrier::bar_sync_named`] | `bar.sync id, count` |
 //!
+//! The Hopper-only wrappers (`wgmma`, `mbarrier`, `stmatrix`) exist only in the `sm_90a` build
+//! (`cfg(target_feature = "sm_90a")`, which rustc sets from `-C target-cpu=sm_90a`); the portable
+//! `sm_80` module is built without them, so it cannot contain an instruction its targets lack.
+//!
 //! Convergence: `mma.sync.aligned`, `ldmatrix.sync.aligned` and `bar.sync` must be reached by the
 //! whole warp (block; `wgmma.*`: the whole warpgroup) under uniform control flow. Callers keep branches around them warp-uniform.
 
@@ -37,9 +41,11 @@ pub mod barrier;
 pub mod cp_async;
 pub mod cvt;
 pub mod ldmatrix;
+#[cfg(target_feature = "sm_90a")]
 pub mod mbarrier;
 pub mod mma;
 pub mod smem;
 pub mod sreg;
 pub mod warp;
+#[cfg(target_feature = "sm_90a")]
 pub mod wgmma;

@@ -6,6 +6,7 @@
 
 pub mod bf16;
 pub mod glu;
+pub mod module;
 pub mod mxfp4;
 pub mod names;
 pub mod params;

@@ -1,8 +1,9 @@
 //! Exported kernel entry-point names. The host looks functions up only through these constants,
-//! and `cargo xtask ptx-report` checks that the built PTX has exactly [`ALL`] as its entries.
+//! and `cargo xtask ptx-report` checks that the built PTX has exactly [`ALL`] (Hopper module) or
+//! [`ALL_PORTABLE`] (portable module) as its entries.
 //! The grouped-GEMM names are generated from the one table, `tiles::gemm_configs!`.
 
-use crate::shared::tiles::{GEMM_CONFIG_COUNT, gemm_configs};
+use crate::shared::tiles::{GEMM_CONFIG_COUNT, GEMM_CONFIGS, bytes_eq, gemm_configs};
 
 /// Probe: special registers (`%tid`, `%ctaid`, `%laneid`, warp id) written per thread.
 pub const PROBE_SREG: &str = "mxmoe_probe_sreg";
@@ -101,6 +102,61 @@ macro_rules! define_gemm_names {
 }
 gemm_configs!(define_gemm_names);
 
+/// Rows of `tiles::GEMM_CONFIGS` built on `wgmma` (Hopper module only).
+const WGMMA_ROWS: usize = {
+    let mut n = 0;
+    let mut i = 0;
+    while i < GEMM_CONFIG_COUNT {
+        if GEMM_CONFIGS[i].wgmma {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+};
+
+/// Whether `name` is the entry point of a `wgmma` row (in any of the four layouts).
+const fn is_wgmma_entry(name: &str) -> bool {
+    let mut i = 0;
+    while i < GEMM_CONFIG_COUNT {
+        if GEMM_CONFIGS[i].wgmma {
+            let n = name.as_bytes();
+            if bytes_eq(n, GEMM_NK[i].as_bytes())
+                || bytes_eq(n, GEMM_KN[i].as_bytes())
+                || bytes_eq(n, GEMM_NK_MX[i].as_bytes())
+                || bytes_eq(n, GEMM_KN_MX[i].as_bytes())
+            {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+/// [`ALL`] without the `wgmma` rows' entries, in the same order.
+const fn portable_entries() -> [&'static str; ALL.len() - 4 * WGMMA_ROWS] {
+    let mut out = [""; ALL.len() - 4 * WGMMA_ROWS];
+    let mut j = 0;
+    let mut i = 0;
+    while i < ALL.len() {
+        if !is_wgmma_entry(ALL[i]) {
+            out[j] = ALL[i];
+            j += 1;
+        }
+        i += 1;
+    }
+    assert!(j == out.len(), "every wgmma row has four entries in ALL");
+    out
+}
+
+const ALL_PORTABLE_ARRAY: [&str; ALL.len() - 4 * WGMMA_ROWS] = portable_entries();
+
+/// Every entry point of the portable (`sm_80`) module: [`ALL`] without the `wgmma` rows
+/// (`shared::module::PtxModule::Portable`). `cargo xtask ptx-report` checks that module's
+/// `.entry` set against this list.
+pub const ALL_PORTABLE: &[&str] = &ALL_PORTABLE_ARRAY;
+
 /// Rank-sized LoRA products (XA, YB), one per `tiles::RANK_PADS` entry.
 pub const LORA_DOWN: [&str; 4] = [
     "mxmoe_lora_down_r16",
@@ -141,7 +197,7 @@ pub const GLU_BWD: &str = "mxmoe_glu_bwd_bf16";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::tiles::{GEMM_CONFIG_NAMES, GEMM_CONFIGS, RANK_PADS};
+    use crate::shared::tiles::{GEMM_CONFIG_NAMES, RANK_PADS};
 
     #[test]
     fn gemm_names_encode_their_configs() {

@@ -502,7 +502,7 @@ const fn expect_field(s: &[u8], at: usize, ok: bool, tag: &[u8], value: u32) -> 
 }
 
 /// Byte-wise equality (`==` on slices is not `const`).
-const fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) const fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -7,4 +7,6 @@ pub mod gemm;
 pub mod gmem;
 pub mod gram;
 pub mod schedule;
+/// The `wgmma` family: Hopper only (`sm_90a`); absent from the portable module.
+#[cfg(target_feature = "sm_90a")]
 pub mod wg;

@@ -37,6 +37,23 @@ pub const UNROLL_THRESHOLD: u32 = 4000;
 /// (`wgmma`); such a module loads on compute capability 9.0 devices only (H100, H200).
 pub const DEFAULT_ARCH: &str = "sm_90a";
 
+/// The portable module's architecture: `sm_80` PTX, which the driver JIT-compiles for every GPU
+/// from compute capability 8.0 on (A100, A10/A40/RTX 30xx, L4/L40S/RTX 40xx, H100/H200, B200,
+/// RTX 50xx). The kernels leave out their Hopper-only code (`cfg(target_feature = "sm_90a")`):
+/// no `wgmma`, `mbarrier`, `stmatrix`, and `fma.rn.bf16x2` for `mul.rn.bf16x2`.
+pub const PORTABLE_ARCH: &str = "sm_80";
+
+/// The cargo target directory of the device build for `arch` under the workspace's `target/`:
+/// `target/ptx` for [`DEFAULT_ARCH`], `target/ptx-<arch>` for any other, so the two modules keep
+/// their own caches (the kernel crate is built with other flags) and can build at the same time.
+pub fn device_target_dir(workspace_target: &Path, arch: &str) -> PathBuf {
+    if arch == DEFAULT_ARCH {
+        workspace_target.join("ptx")
+    } else {
+        workspace_target.join(format!("ptx-{arch}"))
+    }
+}
+
 /// What to build and where.
 #[derive(Clone, Debug)]
 pub struct PtxBuild {
@@ -392,6 +409,19 @@ mod tests {
             check_module(&bad, "sm_90")
                 .unwrap_err()
                 .contains("unresolved")
+        );
+    }
+
+    #[test]
+    fn each_arch_has_its_own_device_target_dir() {
+        let t = Path::new("/w/target");
+        assert_eq!(
+            device_target_dir(t, DEFAULT_ARCH),
+            Path::new("/w/target/ptx")
+        );
+        assert_eq!(
+            device_target_dir(t, PORTABLE_ARCH),
+            Path::new("/w/target/ptx-sm_80")
         );
     }
 
