@@ -1,5 +1,7 @@
-//! Builds the kernels' PTX with the same builder as `cargo xtask build-ptx` and hands its path
-//! to the library (`MXMOE_PTX_PATH`), so a plain `cargo build` embeds fresh PTX.
+//! Builds the kernels' two PTX modules with the same builder as `cargo xtask build-ptx` and hands
+//! their paths to the library (`MXMOE_PTX_PATH`: the Hopper module, `MXMOE_PTX_PORTABLE_PATH`:
+//! the portable `sm_80` one), so a plain `cargo build` embeds fresh PTX. The two device builds
+//! have their own target folders and run side by side.
 
 use std::path::PathBuf;
 
@@ -26,27 +28,57 @@ fn main() {
     );
     println!("cargo::rerun-if-env-changed=MXMOE_ARCH");
     println!("cargo::rerun-if-env-changed=MXMOE_PTX_FILE");
+    println!("cargo::rerun-if-env-changed=MXMOE_PTX_PORTABLE_FILE");
 
-    // A prebuilt module (for packaging, or to build the host without the device toolchain).
-    if let Some(file) = std::env::var_os("MXMOE_PTX_FILE").filter(|f| !f.is_empty()) {
-        let file = PathBuf::from(file);
-        println!("cargo::rerun-if-changed={}", file.display());
-        println!("cargo::rustc-env=MXMOE_PTX_PATH={}", file.display());
-        return;
-    }
-
-    let build = mxmoe_ptx_builder::PtxBuild {
-        workspace_root: root.clone(),
-        target_dir: root.join("target/ptx"),
-        arch,
-        out_file: out_dir.join("mxmoe.ptx"),
-        cargo,
+    // Prebuilt modules (for packaging, or to build the host without the device toolchain).
+    let prebuilt = |var: &str| {
+        std::env::var_os(var)
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from)
     };
-    match mxmoe_ptx_builder::build_ptx(&build) {
-        Ok(out) => println!("cargo::rustc-env=MXMOE_PTX_PATH={}", out.ptx_file.display()),
-        Err(e) => {
-            println!("cargo::error=building the mxmoe PTX failed: {e}");
-            std::process::exit(1);
-        }
+    let hopper_file = prebuilt("MXMOE_PTX_FILE");
+    let portable_file = prebuilt("MXMOE_PTX_PORTABLE_FILE");
+
+    let build = |arch: String, file: &str| mxmoe_ptx_builder::PtxBuild {
+        target_dir: mxmoe_ptx_builder::device_target_dir(&root.join("target"), &arch),
+        workspace_root: root.clone(),
+        arch,
+        out_file: out_dir.join(file),
+        cargo: cargo.clone(),
+    };
+    let (hopper, portable) = std::thread::scope(|scope| {
+        let hopper = hopper_file.is_none().then(|| {
+            let b = build(arch.clone(), "mxmoe.ptx");
+            scope.spawn(move || mxmoe_ptx_builder::build_ptx(&b))
+        });
+        let portable = portable_file.is_none().then(|| {
+            let b = build(
+                mxmoe_ptx_builder::PORTABLE_ARCH.to_string(),
+                "mxmoe-portable.ptx",
+            );
+            scope.spawn(move || mxmoe_ptx_builder::build_ptx(&b))
+        });
+        (hopper.map(|h| h.join()), portable.map(|p| p.join()))
+    });
+    for (var, file, built) in [
+        ("MXMOE_PTX_PATH", hopper_file, hopper),
+        ("MXMOE_PTX_PORTABLE_PATH", portable_file, portable),
+    ] {
+        let path = match (file, built) {
+            (Some(file), _) => {
+                println!("cargo::rerun-if-changed={}", file.display());
+                file
+            }
+            (None, Some(Ok(Ok(out)))) => out.ptx_file,
+            (None, Some(Ok(Err(e)))) => {
+                println!("cargo::error=building the mxmoe PTX ({var}) failed: {e}");
+                std::process::exit(1);
+            }
+            (None, _) => {
+                println!("cargo::error=building the mxmoe PTX ({var}) panicked");
+                std::process::exit(1);
+            }
+        };
+        println!("cargo::rustc-env={var}={}", path.display());
     }
 }

@@ -156,6 +156,18 @@ pub enum Error {
         have_minor: i32,
     },
 
+    /// The GPU cannot run mxmoe's kernels (compute capability below 8.0), or not the PTX module
+    /// `MXMOE_MODULE` asks for (`hopper` needs compute capability 9.0).
+    #[error("{gpu} (compute capability {}.{}): {detail}", capability.0, capability.1)]
+    UnsupportedGpu {
+        /// The device's name.
+        gpu: String,
+        /// Its compute capability `(major, minor)`.
+        capability: (i32, i32),
+        /// What it lacks, and what would work.
+        detail: String,
+    },
+
     /// A launch would need more shared memory than the device allows per block.
     #[error(
         "kernel {kernel} needs {needed} bytes of shared memory per block, the device allows {limit}"

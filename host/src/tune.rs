@@ -2,8 +2,10 @@
 //! accounting, timing with CUDA events, and a per-key cache in memory and in a JSON file.
 //!
 //! - Candidates are the rows of `kernels_gpu::shared::tiles::GEMM_CONFIGS` (every row is a
-//!   compiled entry point; `cargo xtask ptx-report` checks the PTX holds exactly those). Each is
-//!   dropped, with the reason counted, when it is invalid ([`TileConfig::validate`]), needs more
+//!   compiled entry point of the Hopper module; `cargo xtask ptx-report` checks each module
+//!   holds exactly its rows). Each is dropped, with the reason counted, when the device's loaded
+//!   module lacks it (the portable module has no `wgmma` rows, `PtxModule::has_config`), when
+//!   it is invalid ([`TileConfig::validate`]), needs more
 //!   shared memory than the live device's opt-in limit (computed by the same `smem_plan` the
 //!   kernel carves its memory with), or more registers per block than an SM has.
 //! - [`TuneMode::Tune`] times the survivors on the real inputs (one warm-up, median of three
@@ -107,6 +109,8 @@ pub fn bucket_rows(rows: usize) -> usize {
 /// How many candidates were dropped and why.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
+    /// Rows the loaded PTX module does not have (`wgmma` rows on the portable module).
+    pub absent: usize,
     /// Invalid configurations.
     pub invalid: usize,
     /// Over the device's opt-in shared memory per block.
@@ -115,7 +119,8 @@ pub struct PruneReport {
     pub registers: usize,
 }
 
-/// Candidate rows of `GEMM_CONFIGS` that can launch on a device with `limits` for B layout
+/// Candidate rows of `GEMM_CONFIGS` that can launch on a device with `limits` (its loaded
+/// module, shared memory and registers) for B layout
 /// `layout` and padded rank `r_pad` (0 without LoRA). `registers(i)` gives the registers per
 /// thread of candidate `i`'s entry point, when known.
 pub fn prune(
@@ -127,7 +132,9 @@ pub fn prune(
     let mut report = PruneReport::default();
     let mut keep = Vec::new();
     for (i, c) in GEMM_CONFIGS.iter().enumerate() {
-        if c.validate().is_err() || (layout.is_mx() && c.bk != 32 && c.bk != 64) {
+        if !limits.module.has_config(c) {
+            report.absent += 1;
+        } else if c.validate().is_err() || (layout.is_mx() && c.bk != 32 && c.bk != 64) {
             report.invalid += 1;
         } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin
         {
@@ -153,6 +160,19 @@ pub fn prune(
 /// | < 16 | `m32n128k64wg2s4` | `m32n128k64wg2s4` | `m16n128k64w1x4s4` | `m16n128k64wg2s4` |
 ///
 /// Below 96 rows per expert the candidates are within a few percent of each other.
+///
+/// When that row is not a candidate (the portable module has no `wg` rows; a 99 KB part drops
+/// the larger tiles), the first candidate of a fallback list of `mma.sync` rows of a height for
+/// the rows per expert is taken, from the tallest that the H100 measurements favour down to the
+/// smallest tiles, which fit every supported GPU at every rank. The fallback is not measured on
+/// the other GPUs (`docs/PORTABILITY.md`); `MXMOE_TUNE=1` times the candidates there.
+///
+/// | rows per expert | fallback, in order |
+/// |---|---|
+/// | ≥ 96 | `m128n128k32w2x4s3`, `m64n128k64w2x2s3`, `m64n128k32w2x2s3`, then as 16 – 47 |
+/// | 48 – 95 | `m64n128k64w2x2s3`, `m64n128k32w2x2s3`, then as 16 – 47 |
+/// | 16 – 47 | `m32n128k64w1x4s3`, `m32n128k32w1x4s4`, `m16n128k32w1x4s4` |
+/// | < 16 | `m16n128k64w1x4s4`, `m16n128k32w1x4s4`, `m32n128k32w1x4s4` |
 pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: &[usize]) -> usize {
     let per_expert = rows / experts.max(1);
     let name = match (layout, per_expert) {
@@ -167,10 +187,19 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
         (BLayout::KnMxfp4, 16..) => "m32n128k64wg2s4",
         (BLayout::KnMxfp4, _) => "m16n128k64wg2s4",
     };
-    match GEMM_CONFIGS.iter().position(|c| config_name(c) == name) {
-        Some(want) if candidates.contains(&want) => want,
-        _ => candidates.first().copied().unwrap_or(0),
-    }
+    let small: &[&str] = &["m32n128k64w1x4s3", "m32n128k32w1x4s4", "m16n128k32w1x4s4"];
+    let fallback: &[&str] = match per_expert {
+        96.. => &["m128n128k32w2x4s3", "m64n128k64w2x2s3", "m64n128k32w2x2s3"],
+        48.. => &["m64n128k64w2x2s3", "m64n128k32w2x2s3"],
+        16.. => &[],
+        _ => &["m16n128k64w1x4s4", "m16n128k32w1x4s4", "m32n128k32w1x4s4"],
+    };
+    std::iter::once(name)
+        .chain(fallback.iter().copied())
+        .chain(small.iter().copied())
+        .filter_map(|n| GEMM_CONFIGS.iter().position(|c| config_name(c) == n))
+        .find(|i| candidates.contains(i))
+        .unwrap_or_else(|| candidates.first().copied().unwrap_or(0))
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -419,6 +448,7 @@ impl Tuner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::PtxModule;
 
     #[test]
     fn config_names_are_the_table_suffixes() {
@@ -452,6 +482,78 @@ mod tests {
             regs_per_sm: 65536,
             l2_bytes: 50 << 20,
             total_mem_bytes: 80 << 30,
+            module: PtxModule::Hopper,
+        }
+    }
+
+    /// A device of the portable module with `smem` opt-in bytes (A100: 166912, sm_86/89/120:
+    /// 101376, sm_90/100: 232448).
+    fn portable(smem: usize) -> DeviceLimits {
+        DeviceLimits {
+            module: PtxModule::Portable,
+            compute_capability: (8, 0),
+            ..limits(smem)
+        }
+    }
+
+    #[test]
+    fn rows_absent_from_the_loaded_module_are_never_candidates() {
+        for smem in [166_912, 101_376, 232_448] {
+            for layout in [
+                BLayout::NkBf16,
+                BLayout::KnBf16,
+                BLayout::NkMxfp4,
+                BLayout::KnMxfp4,
+            ] {
+                for r_pad in [0, 16, 64, 128] {
+                    let (keep, report) = prune(&portable(smem), layout, r_pad, |_| None);
+                    assert!(keep.iter().all(|&i| !GEMM_CONFIGS[i].wgmma));
+                    assert_eq!(
+                        report.absent,
+                        GEMM_CONFIGS.iter().filter(|c| c.wgmma).count()
+                    );
+                    assert!(!keep.is_empty(), "{smem} {layout:?} {r_pad}");
+                }
+            }
+        }
+        let (keep, report) = prune(&limits(232_448), BLayout::NkBf16, 0, |_| None);
+        assert_eq!(report.absent, 0);
+        assert!(keep.iter().any(|&i| GEMM_CONFIGS[i].wgmma));
+    }
+
+    #[test]
+    fn the_portable_rule_picks_a_fitting_mma_sync_row_of_the_right_height() {
+        // Every supported limit, layout, rank and load: the pick is a candidate (so present in
+        // the portable module and within the part's shared memory), at most four times as tall
+        // as an expert's rows (or 32), and never shrinks as the rows grow.
+        for smem in [166_912, 101_376, 232_448] {
+            let limits = portable(smem);
+            for layout in [
+                BLayout::NkBf16,
+                BLayout::KnBf16,
+                BLayout::NkMxfp4,
+                BLayout::KnMxfp4,
+            ] {
+                for r_pad in [0, 16, 32, 64, 128] {
+                    let (candidates, _) = prune(&limits, layout, r_pad, |_| None);
+                    let mut last_bm = 0;
+                    for per_expert in [1usize, 8, 15, 16, 47, 48, 95, 96, 4096] {
+                        let i = default_config(layout, per_expert * 64, 64, &candidates);
+                        let c = &GEMM_CONFIGS[i];
+                        assert!(candidates.contains(&i), "{smem} {layout:?} r {r_pad}");
+                        assert!(!c.wgmma);
+                        assert!(
+                            c.bm as usize <= (4 * per_expert).max(32),
+                            "{smem} {layout:?} r {r_pad}: {c:?} for {per_expert} rows"
+                        );
+                        assert!(c.bm >= last_bm, "{smem} {layout:?} r {r_pad}");
+                        last_bm = c.bm;
+                    }
+                    if smem >= 166_912 {
+                        assert_eq!(last_bm, 128, "{smem} {layout:?} r {r_pad}");
+                    }
+                }
+            }
         }
     }
 

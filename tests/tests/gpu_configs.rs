@@ -1,14 +1,21 @@
 //! Every compiled tile configuration computes bit-identical results (they accumulate each output
 //! in the same k order), so tuning changes speed only. Each row is forced through the device's
 //! tuner in turn, and every run asserts that the forced row is the one its forward and dX GEMMs
-//! launched ([`run_gpu_with`] checks the reported configurations). One test per binary, because
-//! the forced row is device-wide.
+//! launched ([`run_gpu_with`] checks the reported configurations). One test forces rows on the
+//! binary's shared device, because the forced row is device-wide; rows absent from the loaded
+//! module (the `wgmma` rows under the portable module, `MXMOE_MODULE=portable`) are skipped.
+//!
+//! On a compute capability 9.0 device, a second test opens the device twice, once per PTX module
+//! (`Gpu::open_with_module`, each with its own tuner), and checks that every row both modules
+//! have, and each module's default choice, gives the same bits under both.
 
+use mxmoe::Runtime;
+use mxmoe::device::{Gpu, PtxModule};
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
 use mxmoe::op::{RowOrder, Strategy};
 use mxmoe::shared::tiles::GEMM_CONFIGS;
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
-use mxmoe_tests::{Rng, gpu};
+use mxmoe_tests::{Rng, gpu, test_runtime};
 
 /// Bits of each tensor, with every NaN mapped to one pattern (NaN payloads are not contractual).
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -21,7 +28,12 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
     let gpu = gpu().expect("checked by the caller");
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
     let mut first: [Option<[Vec<u32>; 4]>; 2] = [None, None];
+    let module = gpu.module();
     for (i, config) in GEMM_CONFIGS.iter().enumerate() {
+        if !module.has_config(config) {
+            println!("row {i} skipped: not in the {} module", module.name());
+            continue;
+        }
         gpu.tuner().force(Some(i));
         for (slot, base) in [Base::Dense(dense), Base::Mx(mx, Strategy::Fused)]
             .into_iter()
@@ -78,4 +90,77 @@ fn every_tile_configuration_gives_identical_bits() {
     let mx = MxWeights::from_shape(shape, packed, scales).unwrap();
     let deq = mxmoe::mxfp4::dequantize_f32(&mx);
     check_all_configs(&c, &mx, &deq, &d);
+}
+
+/// The four result tensors of one run, as bits.
+fn run_bits(
+    rt: &Runtime,
+    c: &Case,
+    d: &mxmoe_tests::linear_case::Data,
+    dy: &[f32],
+    base: Base<'_>,
+    forced: Option<usize>,
+) -> [Vec<u32>; 4] {
+    rt.tuner().force(forced);
+    let r = run_gpu_with(rt, c, d, dy, base);
+    if let Some(i) = forced {
+        assert_eq!(r.configs, [i, i], "row {i} was forced");
+    }
+    [
+        bits(&r.out),
+        bits(&r.dx),
+        bits(r.da.as_ref().unwrap()),
+        bits(r.db.as_ref().unwrap()),
+    ]
+}
+
+#[test]
+fn rows_in_both_modules_give_identical_bits_across_modules() {
+    let Some(shared) = gpu() else {
+        return;
+    };
+    let cc = shared.limits().compute_capability;
+    if cc != (9, 0) {
+        println!(
+            "skipped: both modules load only on compute capability 9.0 (this device: {}.{})",
+            cc.0, cc.1
+        );
+        return;
+    }
+    let open = |m| test_runtime(Gpu::open_with_module(0, m).expect("opening device 0 again"));
+    let hopper = open(PtxModule::Hopper);
+    let portable = open(PtxModule::Portable);
+    assert_eq!(
+        (hopper.module(), portable.module()),
+        (PtxModule::Hopper, PtxModule::Portable)
+    );
+    let c = Case {
+        output: RowOrder::Scattered,
+        bias: true,
+        ..Case::new(8, 256, 128, 150, 2, 16, 63)
+    };
+    let d = draw(&c);
+    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
+    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
+    let both: Vec<Option<usize>> = std::iter::once(None)
+        .chain(
+            (0..GEMM_CONFIGS.len())
+                .filter(|&i| PtxModule::Portable.has_config(&GEMM_CONFIGS[i]))
+                .map(Some),
+        )
+        .collect();
+    for forced in both {
+        for (what, base) in [
+            ("bf16", Base::Dense(&d.w)),
+            ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
+        ] {
+            let h = run_bits(&hopper, &c, &d, &dy, base, forced);
+            let p = run_bits(&portable, &c, &d, &dy, base, forced);
+            assert!(
+                h == p,
+                "{what}, row {forced:?} (None: each module's default): the portable module's \
+                 bits differ from the Hopper module's"
+            );
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! The device core: driver discovery, context and stream, the embedded PTX module, device limits,
-//! and device memory ([`DeviceBuffer`], copies, poisoned allocations).
+//! The device core: driver discovery, context and stream, the embedded PTX modules and the choice
+//! between them ([`select`]), device limits, and device memory ([`DeviceBuffer`], copies,
+//! poisoned allocations).
 //!
 //! [`Gpu::open`] (a new stream) and [`Gpu::open_on_stream`] (a stream another framework owns)
 //! are the ways to get a device; both go through one builder. A machine without a CUDA driver or without a
@@ -15,14 +16,31 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 mod memory;
 mod pool;
 mod ptx_source;
+mod select;
+pub use kernels_gpu::shared::module::PtxModule;
 pub use memory::{DeviceBuffer, alloc_poisoned, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
+pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
 
 use crate::error::{Error, Result};
 
-/// The PTX module built from `kernels-gpu` by `host/build.rs` (see `xtask/ptx-builder`).
+/// The Hopper PTX module (`sm_90a`, with the `wgmma` rows) built from `kernels-gpu` by
+/// `host/build.rs` (see `xtask/ptx-builder`); loaded on compute capability 9.0.
 pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
+
+/// The portable PTX module (`sm_80`, without the `wgmma` rows), built from the same source;
+/// loaded on every other GPU from compute capability 8.0 (the driver JIT-compiles it), or on
+/// 9.0 with `MXMOE_MODULE=portable`.
+pub const PTX_PORTABLE: &str = include_str!(env!("MXMOE_PTX_PORTABLE_PATH"));
+
+/// The embedded text of `module`.
+pub fn embedded_ptx(module: PtxModule) -> &'static str {
+    match module {
+        PtxModule::Hopper => PTX,
+        PtxModule::Portable => PTX_PORTABLE,
+    }
+}
 
 /// What the device allows; read once when the device is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +61,9 @@ pub struct DeviceLimits {
     pub l2_bytes: usize,
     /// Total device memory, bytes.
     pub total_mem_bytes: usize,
+    /// The PTX module loaded for this device: which grouped-GEMM rows exist
+    /// ([`PtxModule::has_config`]; `tune::prune` drops the others).
+    pub module: PtxModule,
 }
 
 /// Per-function resource use as the driver reports it after loading.
@@ -64,6 +85,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     limits: DeviceLimits,
+    selection: ModuleSelection,
+    ptx: &'static ptx_source::ModuleText,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
@@ -79,6 +102,7 @@ impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu")
             .field("limits", &self.limits)
+            .field("selection", &self.selection)
             .finish_non_exhaustive()
     }
 }
@@ -100,10 +124,21 @@ pub fn device_count() -> Result<usize> {
 }
 
 impl Gpu {
-    /// Opens device `ordinal` (its primary context), creates a stream and loads the PTX module.
+    /// Opens device `ordinal` (its primary context), creates a stream and loads the PTX module
+    /// its compute capability selects (9.0: Hopper, else from 8.0: portable; below 8.0
+    /// [`Error::UnsupportedGpu`]), or the one `MXMOE_MODULE=portable|hopper` asks for
+    /// ([`select_module`]).
     pub fn open(ordinal: usize) -> Result<Self> {
         // SAFETY: a new stream has no precondition.
-        unsafe { Self::build(ordinal, StreamSource::New) }
+        unsafe { Self::build(ordinal, StreamSource::New, None) }
+    }
+
+    /// Opens device `ordinal` like [`open`](Self::open) but with `module`, whatever
+    /// `MXMOE_MODULE` says ([`Error::UnsupportedGpu`] if the device cannot load it). Two `Gpu`s
+    /// of one device may hold different modules (the cross-module tests do).
+    pub fn open_with_module(ordinal: usize, module: PtxModule) -> Result<Self> {
+        // SAFETY: a new stream has no precondition.
+        unsafe { Self::build(ordinal, StreamSource::New, Some(module)) }
     }
 
     /// Opens device `ordinal` (its primary context, shared with the CUDA runtime and so with
@@ -121,18 +156,23 @@ impl Gpu {
     /// exists.
     pub unsafe fn open_on_stream(ordinal: usize, cu_stream: usize) -> Result<Self> {
         // SAFETY: forwarded to the caller.
-        unsafe { Self::build(ordinal, StreamSource::Borrowed(cu_stream)) }
+        unsafe { Self::build(ordinal, StreamSource::Borrowed(cu_stream), None) }
     }
 
     /// The one builder behind [`open`](Self::open) and [`open_on_stream`](Self::open_on_stream):
-    /// device check, primary context, stream, limits, PTX module (the embedded [`PTX`], or with
+    /// device check, primary context, stream, limits, module selection (`module`, else
+    /// [`select_module`] with `MXMOE_MODULE`), PTX module (the selected embedded text, or with
     /// the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names).
     ///
     /// # Safety
     ///
     /// For [`StreamSource::Borrowed`], as for [`Gpu::open_on_stream`]; none for
     /// [`StreamSource::New`].
-    unsafe fn build(ordinal: usize, source: StreamSource) -> Result<Self> {
+    unsafe fn build(
+        ordinal: usize,
+        source: StreamSource,
+        module: Option<PtxModule>,
+    ) -> Result<Self> {
         let count = device_count()?;
         if ordinal >= count {
             return Err(Error::NoDevice { ordinal, count });
@@ -151,16 +191,26 @@ impl Gpu {
                 unsafe { ctx.wrap_borrowed_stream(cu_stream as _) }
             }
         };
-        let limits = read_limits(&ctx)?;
-        let source = ptx_source::module_text()?;
+        let (name, capability) = read_identity(&ctx)?;
+        let selection = match module {
+            Some(m) => check_module(&name, capability, m, SelectionReason::Caller)?,
+            None => {
+                let env = std::env::var(MODULE_ENV).ok();
+                select_module(&name, capability, env.as_deref())?
+            }
+        };
+        let limits = read_limits(&ctx, name, capability, selection.module)?;
+        let ptx = ptx_source::module_text(selection.module)?;
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(source.text))
-            .map_err(Error::driver(source.load_op()))?;
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.text))
+            .map_err(Error::driver(ptx.load_op(selection.module)))?;
         Ok(Self {
             ctx,
             stream,
             module,
             limits,
+            selection,
+            ptx,
             functions: Mutex::new(HashMap::new()),
         })
     }
@@ -180,6 +230,8 @@ impl Gpu {
             stream,
             module: self.module.clone(),
             limits: self.limits.clone(),
+            selection: self.selection,
+            ptx: self.ptx,
             functions: Mutex::new(HashMap::new()),
         }
     }
@@ -194,10 +246,26 @@ impl Gpu {
         Self::open(0)
     }
 
-    /// [`fingerprint`] of the PTX text `Gpu::open` loads in this process: the embedded [`PTX`],
-    /// or, in builds with the `ptx-override` feature, the file named by `MXMOE_PTX_OVERRIDE`.
+    /// [`fingerprint`] of the PTX text this device loaded: the selected module's embedded text
+    /// ([`PTX`] or [`PTX_PORTABLE`]), or, in builds with the `ptx-override` feature, the file
+    /// named by `MXMOE_PTX_OVERRIDE`.
     pub fn ptx_fingerprint(&self) -> u64 {
-        ptx_source::loaded().map_or_else(|| fingerprint(PTX), |m| m.fingerprint())
+        self.ptx.fingerprint()
+    }
+
+    /// The PTX module this device loaded.
+    pub fn module(&self) -> PtxModule {
+        self.selection.module
+    }
+
+    /// The loaded module and why it was chosen (its `Display` is what `mxmoe info` prints).
+    pub fn module_selection(&self) -> ModuleSelection {
+        self.selection
+    }
+
+    /// The override file the module text came from (`ptx-override` builds), if any.
+    pub fn ptx_override_path(&self) -> Option<&std::path::Path> {
+        self.ptx.path.as_deref()
     }
 
     /// The device's limits.
@@ -258,6 +326,18 @@ impl Gpu {
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
+        let module = self.selection.module;
+        if !module.entries().contains(&name) {
+            return Err(Error::InvalidArgument {
+                what: "kernel",
+                detail: format!(
+                    "{name} is not in the {} module ({}) loaded for {}",
+                    module.name(),
+                    module.arch(),
+                    self.limits.name
+                ),
+            });
+        }
         let f = self
             .module
             .load_function(name)
@@ -283,18 +363,29 @@ impl Gpu {
     }
 }
 
-fn read_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
+/// The device's name and compute capability, which decide the module.
+fn read_identity(ctx: &Arc<CudaContext>) -> Result<(String, (i32, i32))> {
+    Ok((
+        ctx.name()
+            .map_err(Error::driver("reading the device name"))?,
+        ctx.compute_capability()
+            .map_err(Error::driver("reading the compute capability"))?,
+    ))
+}
+
+fn read_limits(
+    ctx: &Arc<CudaContext>,
+    name: String,
+    compute_capability: (i32, i32),
+    module: PtxModule,
+) -> Result<DeviceLimits> {
     let attr = |a: Attr| {
         ctx.attribute(a)
             .map_err(Error::driver("reading device attributes"))
     };
     Ok(DeviceLimits {
-        name: ctx
-            .name()
-            .map_err(Error::driver("reading the device name"))?,
-        compute_capability: ctx
-            .compute_capability()
-            .map_err(Error::driver("reading the compute capability"))?,
+        name,
+        compute_capability,
         sm_count: attr(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
         max_smem_per_block_optin: attr(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
             as usize,
@@ -305,6 +396,7 @@ fn read_limits(ctx: &Arc<CudaContext>) -> Result<DeviceLimits> {
         total_mem_bytes: ctx
             .total_mem()
             .map_err(Error::driver("reading the memory size"))?,
+        module,
     })
 }
 
@@ -319,5 +411,28 @@ mod tests {
             Err(Error::NoDriver) | Err(Error::NoDevice { .. }) => {}
             other => panic!("expected NoDriver or NoDevice, got {other:?}"),
         }
+        match Gpu::open_with_module(usize::MAX, PtxModule::Portable) {
+            Err(Error::NoDriver) | Err(Error::NoDevice { .. }) => {}
+            other => panic!("expected NoDriver or NoDevice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_modules_are_embedded_with_their_entries() {
+        for m in PtxModule::ALL {
+            let text = embedded_ptx(m);
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start() == format!(".target {}", m.arch())),
+                "{m:?}"
+            );
+            let entries = text
+                .lines()
+                .filter(|l| l.trim_start().starts_with(".visible .entry "))
+                .count();
+            assert_eq!(entries, m.entries().len(), "{m:?}");
+        }
+        assert!(PTX.contains("wgmma.mma_async"));
+        assert!(!PTX_PORTABLE.contains("wgmma"));
     }
 }

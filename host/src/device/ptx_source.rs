@@ -1,11 +1,14 @@
 //! Which PTX text [`Gpu::open`](super::Gpu::open) loads.
 //!
-//! Normally the embedded [`PTX`](super::PTX). In builds with the `ptx-override` cargo feature (off
+//! Normally the embedded text of the module the device selected ([`super::select`]): [`PTX`]
+//! (Hopper, `sm_90a`) or [`PTX_PORTABLE`] (`sm_80`). In builds with the `ptx-override` cargo feature (off
 //! by default; `cargo xtask device-bundle` turns it on for the bundled test binaries so that
 //! `cargo xtask mutants` can run them against deliberately broken modules without relinking):
 //!
-//! - `MXMOE_PTX_OVERRIDE=<file>`: load that PTX file instead. A file that cannot be read, or
-//!   that is not PTX, is an error of `Gpu::open` (never a silent fallback to the embedded module).
+//! - `MXMOE_PTX_OVERRIDE=<file>`: load that PTX file instead of the selected module's text. A
+//!   file that cannot be read, that is not PTX, or whose `.target` is not the selected module's
+//!   (a Hopper-built mutant on a device that selected the portable module) is an error of
+//!   `Gpu::open` (never a silent fallback to the embedded module).
 //! - `MXMOE_EXPECT_PTX_FINGERPRINT=<16 hex digits>`: the loaded text (override or embedded) must
 //!   have this [`fingerprint`], else `Gpu::open` fails; a runner uses it to prove which module
 //!   its suites ran against.
@@ -17,6 +20,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use kernels_gpu::shared::module::PtxModule;
+
+use super::{PTX, PTX_PORTABLE};
 #[cfg(any(test, feature = "ptx-override"))]
 use crate::error::Error;
 use crate::error::Result;
@@ -61,10 +67,14 @@ impl ModuleText {
         *self.fingerprint.get_or_init(|| fingerprint(self.text))
     }
 
-    /// The operation named in a driver error while loading this text.
-    pub(crate) fn load_op(&self) -> String {
+    /// The operation named in a driver error while loading this text as `module`.
+    pub(crate) fn load_op(&self, module: PtxModule) -> String {
         match &self.path {
-            None => "loading the mxmoe PTX module".into(),
+            None => format!(
+                "loading the mxmoe {} PTX module ({})",
+                module.name(),
+                module.arch()
+            ),
             Some(p) => format!(
                 "loading the PTX override {} ({PTX_OVERRIDE_ENV})",
                 p.display()
@@ -73,31 +83,28 @@ impl ModuleText {
     }
 }
 
-static LOADED: OnceLock<ModuleText> = OnceLock::new();
-
-/// The module this process loads: resolved on first success and kept (an error is not kept, so
-/// it is reported again by every `Gpu::open`).
-pub(crate) fn module_text() -> Result<&'static ModuleText> {
-    if let Some(m) = LOADED.get() {
-        return Ok(m);
+/// The embedded text of `module`.
+fn embedded(module: PtxModule) -> &'static ModuleText {
+    static HOPPER: OnceLock<ModuleText> = OnceLock::new();
+    static PORTABLE: OnceLock<ModuleText> = OnceLock::new();
+    match module {
+        PtxModule::Hopper => HOPPER.get_or_init(|| ModuleText::new(PTX, None)),
+        PtxModule::Portable => PORTABLE.get_or_init(|| ModuleText::new(PTX_PORTABLE, None)),
     }
-    let resolved = resolve_from_env()?;
-    Ok(LOADED.get_or_init(|| resolved))
 }
 
-/// The module already resolved by a successful `Gpu::open`, if any.
-pub(crate) fn loaded() -> Option<&'static ModuleText> {
-    LOADED.get()
-}
-
+/// The text a device that selected `module` loads.
 #[cfg(not(feature = "ptx-override"))]
-fn resolve_from_env() -> Result<ModuleText> {
-    Ok(ModuleText::new(super::PTX, None))
+pub(crate) fn module_text(module: PtxModule) -> Result<&'static ModuleText> {
+    Ok(embedded(module))
 }
 
+/// The text a device that selected `module` loads: the override file when
+/// `MXMOE_PTX_OVERRIDE` names one (read once per process; an error is not kept, so every
+/// `Gpu::open` reports it again), else the embedded module; then the expected fingerprint.
 #[cfg(feature = "ptx-override")]
-fn resolve_from_env() -> Result<ModuleText> {
-    let path = std::env::var_os(PTX_OVERRIDE_ENV).filter(|p| !p.is_empty());
+pub(crate) fn module_text(module: PtxModule) -> Result<&'static ModuleText> {
+    static OVERRIDE: OnceLock<Option<ModuleText>> = OnceLock::new();
     let expect = match std::env::var(EXPECT_FINGERPRINT_ENV) {
         Ok(v) => Some(v),
         Err(std::env::VarError::NotPresent) => None,
@@ -108,17 +115,66 @@ fn resolve_from_env() -> Result<ModuleText> {
             });
         }
     };
-    let m = match path {
-        None => ModuleText::new(super::PTX, None),
-        Some(p) => {
-            let path = PathBuf::from(p);
-            let text = read_override(&path)?;
-            // Leaked once per process: the module text lives as long as the process anyway.
-            ModuleText::new(Box::leak(text.into_boxed_str()), Some(path))
+    let over = match OVERRIDE.get() {
+        Some(o) => o.as_ref(),
+        None => {
+            let resolved = match std::env::var_os(PTX_OVERRIDE_ENV).filter(|p| !p.is_empty()) {
+                None => None,
+                Some(p) => {
+                    let path = PathBuf::from(p);
+                    let text = read_override(&path)?;
+                    // Leaked once per process: the module text lives as long as the process.
+                    Some(ModuleText::new(
+                        Box::leak(text.into_boxed_str()),
+                        Some(path),
+                    ))
+                }
+            };
+            OVERRIDE.get_or_init(|| resolved).as_ref()
         }
     };
-    check_expected(&m, expect.as_deref())?;
+    let m = match over {
+        Some(m) => {
+            check_target(m, module)?;
+            m
+        }
+        None => embedded(module),
+    };
+    check_expected(m, expect.as_deref())?;
     Ok(m)
+}
+
+/// The `.target` of a PTX text (its first architecture), if it declares one.
+#[cfg(any(test, feature = "ptx-override"))]
+fn ptx_target(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix(".target")?;
+        rest.split([' ', '\t', ',']).find(|w| !w.is_empty())
+    })
+}
+
+/// Fails unless the override `m` is built for `module`'s architecture.
+#[cfg(any(test, feature = "ptx-override"))]
+fn check_target(m: &ModuleText, module: PtxModule) -> Result<()> {
+    let target = ptx_target(m.text);
+    if target == Some(module.arch()) {
+        return Ok(());
+    }
+    let path = m
+        .path
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    Err(Error::InvalidArgument {
+        what: PTX_OVERRIDE_ENV,
+        detail: format!(
+            "{path} targets {}, but the device selected the {} module ({}); set MXMOE_MODULE \
+             to match or build the override for {}",
+            target.unwrap_or("no architecture"),
+            module.name(),
+            module.arch(),
+            module.arch()
+        ),
+    })
 }
 
 /// Reads an override file; it must be a PTX module (a `.version` directive).
@@ -200,6 +256,29 @@ mod tests {
     }
 
     #[test]
+    fn an_override_must_target_the_selected_module() {
+        let hopper = ".version 8.0\n.target sm_90a\n.address_size 64\n";
+        assert_eq!(ptx_target(hopper), Some("sm_90a"));
+        assert_eq!(ptx_target(".target sm_80, debug\n"), Some("sm_80"));
+        assert_eq!(ptx_target(".version 8.0\n"), None);
+        let m = ModuleText::new(hopper, Some("mutant.ptx".into()));
+        assert!(check_target(&m, PtxModule::Hopper).is_ok());
+        let err = check_target(&m, PtxModule::Portable)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(PTX_OVERRIDE_ENV) && err.contains("mutant.ptx") && err.contains("sm_80"),
+            "{err}"
+        );
+        // The embedded texts are the two modules.
+        assert_eq!(ptx_target(embedded(PtxModule::Hopper).text), Some("sm_90a"));
+        assert_eq!(
+            ptx_target(embedded(PtxModule::Portable).text),
+            Some("sm_80")
+        );
+    }
+
+    #[test]
     fn an_unreadable_or_non_ptx_override_is_an_error() {
         let dir = std::env::temp_dir().join(format!("mxmoe-ptx-source-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -217,7 +296,7 @@ mod tests {
         std::fs::write(&ok, "//\n.version 8.0\n.target sm_90a\n").unwrap();
         assert!(read_override(&ok).unwrap().contains(".target sm_90a"));
         let m = ModuleText::new(".version 8.0\n", Some(ok.clone()));
-        assert!(m.load_op().contains(PTX_OVERRIDE_ENV));
+        assert!(m.load_op(PtxModule::Hopper).contains(PTX_OVERRIDE_ENV));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -25,8 +25,9 @@ use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 
-/// Hopper (sm_90) is the minimum for every mxmoe kernel (the module is built for sm_90).
-pub const MIN_CC: (i32, i32) = (9, 0);
+/// Ampere (sm_80) is the minimum for every mxmoe kernel: the portable module is built for
+/// sm_80; the Hopper module (with the `wgmma` rows) is loaded only on 9.0 (`device::select`).
+pub const MIN_CC: (i32, i32) = (8, 0);
 
 /// The launch spec of one of the module's kernels: `threads` per block, `dynamic_smem_bytes` of
 /// dynamic shared memory, compute capability [`MIN_CC`].

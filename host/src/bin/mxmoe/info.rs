@@ -1,14 +1,15 @@
-//! `mxmoe info`: what the machine offers (driver, devices, limits) and what the embedded PTX is.
+//! `mxmoe info`: what the machine offers (driver, devices, limits), what the embedded PTX modules
+//! are, and which one each device loaded and why.
 
 use anyhow::Context as _;
-use mxmoe::device::{Gpu, PTX, device_count, driver_present};
+use mxmoe::device::{Gpu, PtxModule, device_count, driver_present, embedded_ptx};
 
 use crate::env::{driver_description, mib};
 
 /// Options of `mxmoe info`.
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
-    /// Also list every kernel of the embedded PTX with its registers, static shared memory and
+    /// Also list every kernel of the loaded PTX module with its registers, static shared memory and
     /// local (spill) memory, as the driver reports them after loading.
     #[arg(long)]
     pub kernels: bool,
@@ -17,7 +18,16 @@ pub struct InfoArgs {
 /// Prints the report. A machine without a driver or device is not an error.
 pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     println!("mxmoe {}", env!("CARGO_PKG_VERSION"));
-    println!("embedded PTX: {} bytes, {}", PTX.len(), ptx_target());
+    for m in PtxModule::ALL {
+        let text = embedded_ptx(m);
+        println!(
+            "embedded PTX ({} module): {} bytes, {}, {} kernels",
+            m.name(),
+            text.len(),
+            ptx_target(text),
+            m.entries().len()
+        );
+    }
     if !driver_present() {
         println!("no CUDA driver found");
         return Ok(());
@@ -36,10 +46,10 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `.target` and `.version` lines of the PTX, e.g. "target sm_90, PTX ISA 8.0".
-fn ptx_target() -> String {
+/// The `.target` and `.version` lines of a PTX text, e.g. "target sm_90a, PTX ISA 8.0".
+fn ptx_target(ptx: &str) -> String {
     let field = |directive: &str| {
-        PTX.lines()
+        ptx.lines()
             .map(str::trim)
             .find_map(|l| l.strip_prefix(directive))
             .map(|rest| rest.trim().trim_end_matches(';').to_owned())
@@ -57,6 +67,14 @@ fn print_device(ordinal: usize, gpu: &Gpu) -> anyhow::Result<()> {
     println!(
         "  compute capability:        {}.{}",
         l.compute_capability.0, l.compute_capability.1
+    );
+    println!("  PTX module:                {}", gpu.module_selection());
+    if let Some(path) = gpu.ptx_override_path() {
+        println!("  PTX override:              {}", path.display());
+    }
+    println!(
+        "  PTX fingerprint:           {:016x}",
+        gpu.ptx_fingerprint()
     );
     println!("  multiprocessors:           {}", l.sm_count);
     println!(
@@ -79,7 +97,7 @@ fn print_kernels(gpu: &Gpu) -> anyhow::Result<()> {
         "  {:<40} {:>5} {:>11} {:>11}",
         "kernel", "regs", "static smem", "local bytes"
     );
-    for &name in mxmoe::shared::names::ALL {
+    for &name in gpu.module().entries() {
         let r = gpu
             .function_resources(name)
             .with_context(|| format!("could not read the attributes of kernel {name}"))?;
