@@ -32,6 +32,8 @@ __all__ = [
     "device_count",
     "quantize_mxfp4_bytes",
     "dequantize_mxfp4_bytes",
+    "quantize_nvfp4_bytes",
+    "dequantize_nvfp4_bytes",
     "read_safetensors",
     "run_file",
     "RunResult",
@@ -78,6 +80,43 @@ def dequantize_mxfp4_bytes(
     codes of magnitude 4 and 6 under 253, and 2 and more under 254, overflow to infinity."""
     return _native.dequantize_mxfp4_bytes(
         bytes(packed), bytes(scales), experts, n, k, dtype, allow_nan_scales=allow_nan_scales
+    )
+
+
+def quantize_nvfp4_bytes(
+    data: bytes, experts: int, n: int, k: int, dtype: str = "f32", *, two_level: bool = False
+) -> Tuple[bytes, bytes, Optional[bytes]]:
+    """Quantizes ``[experts, n, k]`` little-endian ``f32`` or ``bf16`` values to NVFP4 (E2M1
+    codes, one E4M3 block scale per 16 values), bit-identical to torchao 0.18.0
+    ``NVFP4Tensor.to_nvfp4`` applied per expert. With ``two_level=True`` each expert also gets a
+    per-tensor f32 scale ``amax / 2688`` (torchao's ``per_tensor_amax_to_scale``; ModelOpt's
+    ``weight_scale_2``). Returns ``(packed [E, N, K/2], scales [E, N, K/16], tensor_scales)``
+    with ``tensor_scales`` the ``[E]`` little-endian f32 bytes or ``None``. Raises
+    ``MxmoeError`` (K % 16, lengths, non-finite values, an all-zero expert with two levels)."""
+    return _native.quantize_nvfp4_bytes(bytes(data), experts, n, k, dtype, two_level=two_level)
+
+
+def dequantize_nvfp4_bytes(
+    packed: bytes,
+    scales: bytes,
+    experts: int,
+    n: int,
+    k: int,
+    tensor_scales: Optional[bytes] = None,
+    dtype: str = "bf16",
+) -> bytes:
+    """Dequantizes NVFP4 bytes to ``[E, N, K]`` little-endian ``bf16`` (or ``f32``) bytes:
+    ``code * (tensor_scale * e4m3(scale))``, bit-identical to torchao's
+    ``NVFP4Tensor.dequantize``. Raises ``MxmoeError`` for NaN or negative block scales and
+    non-finite or non-positive tensor scales."""
+    return _native.dequantize_nvfp4_bytes(
+        bytes(packed),
+        bytes(scales),
+        experts,
+        n,
+        k,
+        None if tensor_scales is None else bytes(tensor_scales),
+        dtype,
     )
 
 

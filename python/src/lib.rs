@@ -28,6 +28,10 @@ use mxmoe::moe::{self, MoeBlock, MoeSaved};
 use mxmoe::mxfp4::{
     MxShape, MxWeights, dequantize_bf16, dequantize_f32, quantize_mxfp4, quantize_mxfp4_bf16,
 };
+use mxmoe::nvfp4::{
+    NvError, NvShape, NvWeights, dequantize_nvfp4_bf16, dequantize_nvfp4_f32, quantize_nvfp4,
+    quantize_nvfp4_bf16,
+};
 use mxmoe::op::{
     self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
     Saved, Strategy,
@@ -68,6 +72,45 @@ type PyRes<T> = PyResult<T>;
 // ----------------------------------------------------------------------------------------------
 // CPU: quantizer, dequantizer, safetensors reader.
 
+/// Little-endian input values as the quantizers take them.
+enum Floats {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+/// Reads `data` as little-endian `f32` or `bf16` values (`dtype`), refusing a partial value.
+fn le_floats(data: &[u8], dtype: &str) -> PyRes<Floats> {
+    let width = match dtype {
+        "f32" => 4,
+        "bf16" => 2,
+        other => {
+            return Err(invalid(
+                "dtype",
+                format!("expected \"f32\" or \"bf16\", got {other:?}"),
+            ));
+        }
+    };
+    if !data.len().is_multiple_of(width) {
+        return Err(invalid(
+            "values",
+            format!("{} bytes is not a whole number of {dtype}", data.len()),
+        ));
+    }
+    Ok(if width == 4 {
+        Floats::F32(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    } else {
+        Floats::Bf16(
+            data.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        )
+    })
+}
+
 /// Quantizes `[experts, n, k]` values (little-endian `f32` or `bf16` bytes) to MXFP4, bit-exact
 /// with torchao 0.17.0 FLOOR mode. Returns `(packed [E, N, K/2], scales [E, N, K/32])` as bytes.
 #[pyfunction]
@@ -80,42 +123,98 @@ fn quantize_mxfp4_bytes<'py>(
     k: usize,
     dtype: &str,
 ) -> PyRes<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-    let w = match dtype {
-        "f32" => {
-            if !data.len().is_multiple_of(4) {
-                return Err(invalid(
-                    "values",
-                    format!("{} bytes is not a whole number of f32", data.len()),
-                ));
-            }
-            let v: Vec<f32> = data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            quantize_mxfp4(&v, experts, n, k)
-        }
-        "bf16" => {
-            if !data.len().is_multiple_of(2) {
-                return Err(invalid(
-                    "values",
-                    format!("{} bytes is not a whole number of bf16", data.len()),
-                ));
-            }
-            let v: Vec<u16> = data
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            quantize_mxfp4_bf16(&v, experts, n, k)
-        }
-        other => {
-            return Err(invalid(
-                "dtype",
-                format!("expected \"f32\" or \"bf16\", got {other:?}"),
-            ));
-        }
+    let w = match le_floats(data, dtype)? {
+        Floats::F32(v) => quantize_mxfp4(&v, experts, n, k),
+        Floats::Bf16(v) => quantize_mxfp4_bf16(&v, experts, n, k),
     }
     .map_err(|e| to_py(e.into()))?;
     Ok((PyBytes::new(py, w.packed()), PyBytes::new(py, w.scales())))
+}
+
+/// `(packed, scales, tensor_scales)` of NVFP4 weights as Python bytes.
+type NvBytes<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Option<Bound<'py, PyBytes>>,
+);
+
+/// An NVFP4 error as the package's exception.
+fn nv_err(e: NvError) -> PyErr {
+    MxmoeError::new_err(e.to_string())
+}
+
+/// Quantizes `[experts, n, k]` values (little-endian `f32` or `bf16` bytes) to NVFP4, bit-exact
+/// with torchao 0.18.0 `NVFP4Tensor.to_nvfp4` per expert; `two_level` adds each expert's
+/// per-tensor scale (`amax / 2688`). Returns `(packed [E, N, K/2], scales [E, N, K/16]` E4M3
+/// bytes, `tensor_scales [E]` little-endian f32 bytes or `None`).
+#[pyfunction]
+#[pyo3(signature = (data, experts, n, k, dtype = "f32", *, two_level = false))]
+fn quantize_nvfp4_bytes<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    experts: usize,
+    n: usize,
+    k: usize,
+    dtype: &str,
+    two_level: bool,
+) -> PyRes<NvBytes<'py>> {
+    let w = match le_floats(data, dtype)? {
+        Floats::F32(v) => quantize_nvfp4(&v, experts, n, k, two_level),
+        Floats::Bf16(v) => quantize_nvfp4_bf16(&v, experts, n, k, two_level),
+    }
+    .map_err(nv_err)?;
+    let tensor_scales = w.tensor_scales().map(|t| {
+        let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        PyBytes::new(py, &bytes)
+    });
+    Ok((
+        PyBytes::new(py, w.packed()),
+        PyBytes::new(py, w.scales()),
+        tensor_scales,
+    ))
+}
+
+/// Dequantizes NVFP4 bytes `(packed [E, N, K/2], scales [E, N, K/16]` E4M3, optional
+/// `tensor_scales [E]` little-endian f32) to `[E, N, K]` little-endian `bf16` (default) or `f32`
+/// bytes, bit-exact with torchao's `NVFP4Tensor.dequantize`. Raises `MxmoeError` for invalid
+/// parts (lengths, NaN or negative block scales, non-finite or non-positive tensor scales).
+#[pyfunction]
+#[pyo3(signature = (packed, scales, experts, n, k, tensor_scales = None, dtype = "bf16"))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_nvfp4_bytes<'py>(
+    py: Python<'py>,
+    packed: &[u8],
+    scales: &[u8],
+    experts: usize,
+    n: usize,
+    k: usize,
+    tensor_scales: Option<&[u8]>,
+    dtype: &str,
+) -> PyRes<Bound<'py, PyBytes>> {
+    let tensor_scales = match tensor_scales.map(|t| le_floats(t, "f32")).transpose()? {
+        Some(Floats::F32(v)) => Some(v),
+        _ => None,
+    };
+    let shape = NvShape::new(experts, n, k).map_err(nv_err)?;
+    let w = NvWeights::from_parts(shape, packed.to_vec(), scales.to_vec(), tensor_scales)
+        .map_err(nv_err)?;
+    let bytes: Vec<u8> = match dtype {
+        "bf16" => dequantize_nvfp4_bf16(&w)
+            .into_iter()
+            .flat_map(u16::to_le_bytes)
+            .collect(),
+        "f32" => dequantize_nvfp4_f32(&w)
+            .into_iter()
+            .flat_map(f32::to_le_bytes)
+            .collect(),
+        other => {
+            return Err(invalid(
+                "dtype",
+                format!("expected \"bf16\" or \"f32\", got {other:?}"),
+            ));
+        }
+    };
+    Ok(PyBytes::new(py, &bytes))
 }
 
 /// Dequantizes MXFP4 bytes `(packed [E, N, K/2], scales [E, N, K/32])` to `[E, N, K]`
@@ -994,6 +1093,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyRes<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(quantize_mxfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_mxfp4_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_nvfp4_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_nvfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(run_file, m)?)?;
     m.add_function(wrap_pyfunction!(driver_present, m)?)?;

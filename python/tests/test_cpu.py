@@ -370,3 +370,41 @@ def test_run_file_errors(tmp_path):
     with pytest.raises(ValueError, match="is the inputs file"):
         mxmoe.run_file(path, tmp_path / "." / "in.safetensors", cpu=True)
     assert path.read_bytes() == _safetensors(good)
+
+
+NVFP4_GOLDEN = GOLDEN.parent / "nvfp4_golden_torchao.safetensors"
+
+
+@pytest.fixture(scope="module")
+def nv_golden():
+    if not NVFP4_GOLDEN.exists():
+        pytest.skip(f"NVFP4 golden file not found at {NVFP4_GOLDEN}")
+    return mxmoe.read_safetensors(NVFP4_GOLDEN)
+
+
+@pytest.mark.parametrize("tag,two_level", [("single", False), ("two_level", True)])
+def test_nvfp4_quantize_and_dequantize_match_torchao_bit_for_bit(nv_golden, tag, two_level):
+    _, (e, n, k), data = nv_golden["input_bf16"]
+    packed, scales, tensor_scales = mxmoe.quantize_nvfp4_bytes(data, e, n, k, dtype="bf16",
+                                                               two_level=two_level)
+    assert packed == nv_golden[f"{tag}_packed"][2]
+    assert scales == nv_golden[f"{tag}_scales"][2]
+    if two_level:
+        assert tensor_scales == nv_golden["two_level_tensor_scales"][2]
+    else:
+        assert tensor_scales is None
+    for dtype, name in (("f32", "dequant_f32"), ("bf16", "dequant_bf16")):
+        out = mxmoe.dequantize_nvfp4_bytes(packed, scales, e, n, k, tensor_scales, dtype)
+        want = b"".join(nv_golden[f"{name}_{tag}_{x}"][2] for x in range(e))
+        assert out == want, (tag, dtype)
+
+
+def test_nvfp4_errors_are_typed():
+    with pytest.raises(mxmoe.MxmoeError, match="multiple of the block size 16"):
+        mxmoe.quantize_nvfp4_bytes(b"\0" * 4 * 24, 1, 1, 24)
+    with pytest.raises(mxmoe.MxmoeError, match="all zeros"):
+        mxmoe.quantize_nvfp4_bytes(b"\0" * 4 * 16, 1, 1, 16, two_level=True)
+    with pytest.raises(mxmoe.MxmoeError, match="NaN"):
+        mxmoe.dequantize_nvfp4_bytes(b"\0" * 8, b"\x7f", 1, 1, 16)
+    with pytest.raises(mxmoe.MxmoeError, match="tensor scale"):
+        mxmoe.dequantize_nvfp4_bytes(b"\0" * 8, b"\x38", 1, 1, 16, b"\0" * 4)
