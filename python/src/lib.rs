@@ -138,6 +138,23 @@ type NvBytes<'py> = (
     Option<Bound<'py, PyBytes>>,
 );
 
+/// The little-endian bytes of a dequantization in `dtype` (`"bf16"` or `"f32"`); only the
+/// requested one runs.
+fn dequantized_bytes(
+    dtype: &str,
+    as_bf16: impl FnOnce() -> Vec<u16>,
+    as_f32: impl FnOnce() -> Vec<f32>,
+) -> PyRes<Vec<u8>> {
+    match dtype {
+        "bf16" => Ok(as_bf16().into_iter().flat_map(u16::to_le_bytes).collect()),
+        "f32" => Ok(as_f32().into_iter().flat_map(f32::to_le_bytes).collect()),
+        other => Err(invalid(
+            "dtype",
+            format!("expected \"bf16\" or \"f32\", got {other:?}"),
+        )),
+    }
+}
+
 /// An NVFP4 error as the package's exception.
 fn nv_err(e: NvError) -> PyErr {
     MxmoeError::new_err(e.to_string())
@@ -198,22 +215,11 @@ fn dequantize_nvfp4_bytes<'py>(
     let shape = NvShape::new(experts, n, k).map_err(nv_err)?;
     let w = NvWeights::from_parts(shape, packed.to_vec(), scales.to_vec(), tensor_scales)
         .map_err(nv_err)?;
-    let bytes: Vec<u8> = match dtype {
-        "bf16" => dequantize_nvfp4_bf16(&w)
-            .into_iter()
-            .flat_map(u16::to_le_bytes)
-            .collect(),
-        "f32" => dequantize_nvfp4_f32(&w)
-            .into_iter()
-            .flat_map(f32::to_le_bytes)
-            .collect(),
-        other => {
-            return Err(invalid(
-                "dtype",
-                format!("expected \"bf16\" or \"f32\", got {other:?}"),
-            ));
-        }
-    };
+    let bytes = dequantized_bytes(
+        dtype,
+        || dequantize_nvfp4_bf16(&w),
+        || dequantize_nvfp4_f32(&w),
+    )?;
     Ok(PyBytes::new(py, &bytes))
 }
 
@@ -246,22 +252,7 @@ fn dequantize_mxfp4_bytes<'py>(
             ))
         })?;
     }
-    let bytes: Vec<u8> = match dtype {
-        "bf16" => dequantize_bf16(&w)
-            .into_iter()
-            .flat_map(u16::to_le_bytes)
-            .collect(),
-        "f32" => dequantize_f32(&w)
-            .into_iter()
-            .flat_map(f32::to_le_bytes)
-            .collect(),
-        other => {
-            return Err(invalid(
-                "dtype",
-                format!("expected \"bf16\" or \"f32\", got {other:?}"),
-            ));
-        }
-    };
+    let bytes = dequantized_bytes(dtype, || dequantize_bf16(&w), || dequantize_f32(&w))?;
     Ok(PyBytes::new(py, &bytes))
 }
 
