@@ -119,19 +119,30 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
 
 /// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
 /// (selective dequantization) once the active experts average at least 2048 routed rows each,
-/// or 256 when at most 32 experts are active (then the dequantization is small and B's grid too
-/// small to hide its decode); Strategy B (fused) otherwise — always where the weight stream
-/// dominates (few rows per expert). With the `wgmma` kernels B costs ~16 % over the bf16 GEMMs
-/// at many rows per expert, so A's fixed dequantization pays off only at large T. A also needs its transient `E_a·N·K` bf16 buffer to fit in
-/// half the free device memory.
+/// or 256 when the fused GEMM's grid is small (at most four waves of 128×128 output tiles over
+/// the device's SMs: B's decode is then not hidden behind other blocks); Strategy B (fused)
+/// otherwise — always where the weight stream dominates (few rows per expert). With the `wgmma`
+/// kernels B costs ~16 % over the bf16 GEMMs at many rows per expert, so A's fixed
+/// dequantization (which runs at a few hundred GB/s) pays off only at large T: on a gpt-oss-20b
+/// layer (32 active experts, 512 rows each, N = 5760: a 5760-block grid) B is 26 % faster, while
+/// the sparse SPEC shapes (8 experts, N = 1024: 128–512 blocks) favour A from 256 rows. A also
+/// needs its transient `E_a·N·K` bf16 buffer to fit in half the free device memory. `n` is the
+/// projection's output width (`N` of `W_store`).
 pub fn auto_strategy(
     active: usize,
     rows: usize,
+    n: usize,
+    sm_count: usize,
     transient_bytes: usize,
     free_bytes: usize,
 ) -> Strategy {
     let rows_per_active = rows / active.max(1);
-    let amortised = rows_per_active >= 2048 || (active <= 32 && rows_per_active >= 256);
+    let fused_blocks = n
+        .div_ceil(128)
+        .saturating_mul(active)
+        .saturating_mul(rows_per_active.div_ceil(128).max(1));
+    let small_grid = fused_blocks <= sm_count.saturating_mul(4);
+    let amortised = rows_per_active >= 2048 || (small_grid && rows_per_active >= 256);
     if amortised && transient_bytes <= free_bytes / 2 {
         Strategy::SelectiveDequant
     } else {
@@ -156,7 +167,8 @@ pub(super) fn resolve_strategy(
             let active = super::strategy_a::active_experts(gpu, routing)?.len();
             let transient = active * w.shape().n() * w.shape().k() * 2;
             let (free, _) = gpu.mem_info()?;
-            auto_strategy(active, l, transient, free)
+            let sms = gpu.limits().sm_count as usize;
+            auto_strategy(active, l, w.shape().n(), sms, transient, free)
         }
     })
 }
@@ -203,29 +215,35 @@ mod tests {
     fn auto_prefers_fused_for_few_rows_per_expert_and_selective_for_many() {
         let gib = 1usize << 30;
         use Strategy::{Fused, SelectiveDequant};
-        // (active experts, routed rows, free bytes, expected); the transient buffer of the
-        // active experts is `active · 4 MiB`.
+        // (active experts, routed rows, N, free bytes, expected) on an H100 (132 SMs); the
+        // transient buffer of the active experts is `active · 4 MiB`. The SPEC shapes have N = 1024.
         let cases = [
             // Balanced E=256, T=256, top-8: 2048 rows over ~229 experts.
-            (229, 2048, 70 * gib, Fused),
+            (229, 2048, 1024, 70 * gib, Fused),
             // Balanced T=4096: ~129 rows per expert.
-            (254, 32768, 70 * gib, Fused),
-            // Sparse T=256: 8 experts share 2048 rows (256 each): A measured 0.36 ms vs B 0.47 ms.
-            (8, 2048, 70 * gib, SelectiveDequant),
+            (254, 32768, 1024, 70 * gib, Fused),
+            // Sparse T=256: 8 experts share 2048 rows (256 each; 128 blocks): A measured 0.36 ms
+            // vs B 0.47 ms.
+            (8, 2048, 1024, 70 * gib, SelectiveDequant),
+            // Sparse T=1024: 1024 rows each (512 blocks): A 0.77 vs B 0.94 ms.
+            (8, 8192, 1024, 70 * gib, SelectiveDequant),
             // Sparse: 8 experts share 32768 rows.
-            (8, 32768, 70 * gib, SelectiveDequant),
+            (8, 32768, 1024, 70 * gib, SelectiveDequant),
             // Balanced T=16384: 512 rows per expert; B measured 6.03 ms vs A 6.51 ms.
-            (256, 131072, 70 * gib, Fused),
+            (256, 131072, 1024, 70 * gib, Fused),
+            // gpt-oss-20b gate_up, T=4096: 32 experts × 512 rows, N = 5760 (5760 blocks): B
+            // 7.27 ms vs A 9.85 ms for the layer's forward + backward.
+            (32, 16384, 5760, 70 * gib, Fused),
             // Balanced T=65536: 2048 rows per expert.
-            (256, 524288, 70 * gib, SelectiveDequant),
+            (256, 524288, 1024, 70 * gib, SelectiveDequant),
             // ... unless the transient buffer would not fit.
-            (256, 524288, gib, Fused),
+            (256, 524288, 1024, gib, Fused),
         ];
-        for (active, rows, free, want) in cases {
+        for (active, rows, n, free, want) in cases {
             assert_eq!(
-                auto_strategy(active, rows, active << 22, free),
+                auto_strategy(active, rows, n, 132, active << 22, free),
                 want,
-                "{active} active experts, {rows} rows, {free} bytes free"
+                "{active} active experts, {rows} rows, N = {n}, {free} bytes free"
             );
         }
     }
