@@ -48,6 +48,7 @@ __all__ = [
     "MxExpertLinear",
     "MxMoeBlock",
     "route_topk",
+    "device_module",
 ]
 
 
@@ -252,6 +253,7 @@ _TORCH_NAMES = frozenset(
         "MxExpertLinear",
         "MxMoeBlock",
         "route_topk",
+        "device_module",
     }
 )
 

@@ -97,6 +97,14 @@ def _gpu(device: torch.device):
     return g
 
 
+def device_module(device=None) -> str:
+    """The PTX module mxmoe loaded on ``device`` (default: the current CUDA device) and why, e.g.
+    ``"hopper (sm_90a; chosen for compute capability 9.0)"``; ``MXMOE_MODULE=portable`` (set
+    before the first call) forces the portable ``sm_80`` module."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return _gpu(dev).module
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantization (CPU, bit-exact torchao FLOOR).
 

@@ -750,6 +750,13 @@ impl PyGpu {
         self.gpu.limits().name.clone()
     }
 
+    /// The PTX module loaded and why, e.g. `"hopper (sm_90a; chosen for compute capability
+    /// 9.0)"` (`MXMOE_MODULE=portable` forces the portable `sm_80` module).
+    #[getter]
+    fn module(&self) -> String {
+        self.gpu.module_selection().to_string()
+    }
+
     /// Waits for all work on the stream.
     fn synchronize(&self) -> PyRes<()> {
         self.gpu.synchronize().map_err(to_py)

@@ -439,6 +439,14 @@ def test_gpt_oss_block_forward_backward_match_reference(shape, strategy):
 
 
 @cuda
+def test_device_module_names_the_loaded_ptx_module():
+    info = mxmoe.device_module()
+    assert info.split(" ")[0] in ("hopper", "portable"), info
+    if torch.cuda.get_device_capability() == (9, 0) and not os.environ.get("MXMOE_MODULE"):
+        assert info.startswith("hopper (sm_90a"), info
+
+
+@cuda
 def test_lora_training_reduces_the_loss_on_an_mxfp4_projection():
     torch.manual_seed(0)
     e, k_dim, n, t, top_k, r = 8, 128, 256, 64, 2, 8

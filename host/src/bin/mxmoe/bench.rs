@@ -792,6 +792,8 @@ struct Header {
     compute_capability: Option<String>,
     sm_count: Option<u32>,
     memory_mib: Option<f64>,
+    /// The PTX module loaded and why (`Gpu::module_selection`).
+    module: Option<String>,
     driver: String,
     commit: String,
     date: String,
@@ -1016,6 +1018,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         compute_capability: None,
         sm_count: None,
         memory_mib: None,
+        module: None,
         driver: driver_description(),
         commit: commit(),
         date: utc_now(),
@@ -1030,7 +1033,9 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         ));
         h.sm_count = Some(l.sm_count);
         h.memory_mib = Some(l.total_mem_bytes as f64 / MIB);
-        for &name in mxmoe::shared::names::ALL {
+        h.module = Some(gpu.module_selection().to_string());
+        // The loaded module's entry points (the portable module has no `wgmma` rows).
+        for &name in gpu.module().entries() {
             let r = gpu
                 .function_resources(name)
                 .with_context(|| format!("could not read the attributes of kernel {name}"))?;
@@ -1505,6 +1510,9 @@ fn print_header(h: &Header, notes: &[String]) {
             h.memory_mib.unwrap_or(0.0)
         ),
         None => println!("- card: none"),
+    }
+    if let Some(module) = &h.module {
+        println!("- PTX module: {module}");
     }
     println!("- driver: {}", h.driver);
     println!("- commit: {}", h.commit);
