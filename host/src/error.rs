@@ -4,8 +4,9 @@
 //! to act (the tensor, the expected and actual values, the kernel). Library code never prints
 //! and never panics on bad input.
 //!
-//! This module depends on no other module of the crate; [`MxError`] (the MXFP4 container's
-//! rules) lives here for that reason and is re-exported as `crate::mxfp4::MxError`.
+//! This module depends on no other module of the crate; [`MxError`] and [`NvError`] (the MXFP4
+//! and NVFP4 containers' rules) live here for that reason and are re-exported as
+//! `crate::mxfp4::MxError` and `crate::nvfp4::NvError`.
 
 /// Why an MXFP4 container or quantizer input was rejected (SPEC §1.6).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +106,94 @@ pub enum MxError {
     },
 }
 
+/// What is wrong with NVFP4 weights or a quantizer input (`crate::nvfp4`). Every rule has its
+/// own variant.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NvError {
+    /// A dimension is zero.
+    #[error("NVFP4 shape {dims:?} has a zero dimension")]
+    ZeroDim {
+        /// Experts, N, K as given.
+        dims: [usize; 3],
+    },
+    /// `K` is not a multiple of the block size 16.
+    #[error("NVFP4 K = {k} is not a multiple of the block size 16")]
+    KNotMultipleOfBlock {
+        /// The K given.
+        k: usize,
+    },
+    /// The element count overflows `usize`.
+    #[error("NVFP4 shape {dims:?} overflows")]
+    TooLarge {
+        /// Experts, N, K as given.
+        dims: [usize; 3],
+    },
+    /// The rows of an expert cannot be split into the given number of tensor-scale groups.
+    #[error("NVFP4 tensor scales: {groups} groups do not divide the {n} rows of an expert")]
+    ScaleGroups {
+        /// Groups per expert.
+        groups: usize,
+        /// Rows per expert.
+        n: usize,
+    },
+    /// A buffer has the wrong length.
+    #[error("NVFP4 {tensor}: expected {expected} elements, got {actual}")]
+    Length {
+        /// `packed`, `scales`, `tensor_scales` or `values`.
+        tensor: &'static str,
+        /// The length the shape implies.
+        expected: usize,
+        /// The length given.
+        actual: usize,
+    },
+    /// A block scale byte is NaN (`0x7F`, `0xFF`) or negative (sign bit set).
+    #[error(
+        "NVFP4 block scale byte {byte:#04x} at expert {expert}, row {row}, block {block} is {} \
+         (block scales are finite and non-negative E4M3)",
+        if .byte & 0x7F == 0x7F { "NaN" } else { "negative" }
+    )]
+    BadBlockScale {
+        /// Expert.
+        expert: usize,
+        /// Row (n).
+        row: usize,
+        /// Block along K.
+        block: usize,
+        /// The byte.
+        byte: u8,
+    },
+    /// A tensor scale is not finite or not positive.
+    #[error(
+        "NVFP4 tensor scale {index} (expert {expert}) is {value} (it must be finite and positive)"
+    )]
+    BadTensorScale {
+        /// Expert.
+        expert: usize,
+        /// Index into the tensor scales (`expert · groups + group`).
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// A quantizer input is not finite.
+    #[error("NVFP4 quantizer input {index} is {value} (inputs must be finite)")]
+    NonFiniteInput {
+        /// Flat index into `[E, N, K]`.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Two-level quantization of an expert whose values are all zero (tensor scale 0).
+    #[error(
+        "expert {expert} is all zeros: its two-level tensor scale would be 0 (quantize it \
+         single-level)"
+    )]
+    ZeroExpert {
+        /// Expert.
+        expert: usize,
+    },
+}
+
 /// Library result type.
 pub type Result<T, E = Error> = core::result::Result<T, E>;
 
@@ -115,6 +204,10 @@ pub enum Error {
     /// The MXFP4 container or quantizer rejected its input.
     #[error(transparent)]
     Mx(#[from] MxError),
+
+    /// The NVFP4 container or quantizer rejected its input.
+    #[error(transparent)]
+    Nv(#[from] NvError),
 
     /// No CUDA driver library could be loaded on this machine.
     #[error("no CUDA driver found (libcuda could not be loaded)")]

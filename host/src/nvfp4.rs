@@ -40,8 +40,9 @@
 //! two-level, an expert whose values are all zero (its tensor scale would be 0 and every block
 //! scale NaN): typed [`NvError`]s.
 
-use std::fmt;
-
+use crate::checkpoint::{Checkpoint, Dtype, escape};
+pub use crate::error::NvError;
+use crate::error::{CheckpointErrorKind, Error, Result};
 use crate::mxfp4::f32_to_e2m1;
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::e2m1_to_f32;
@@ -54,121 +55,6 @@ pub const E4M3_MAX: f32 = 448.0;
 pub const E4M3_MIN_NORMAL: f32 = 0.015625;
 /// The largest E2M1 magnitude.
 const E2M1_MAX: f32 = 6.0;
-
-/// What is wrong with NVFP4 weights or a quantizer input. Every rule has its own variant.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum NvError {
-    /// A dimension is zero.
-    ZeroDim {
-        /// Experts, N, K as given.
-        dims: [usize; 3],
-    },
-    /// `K` is not a multiple of the block size 16.
-    KNotMultipleOfBlock {
-        /// The K given.
-        k: usize,
-    },
-    /// The element count overflows `usize`.
-    TooLarge {
-        /// Experts, N, K as given.
-        dims: [usize; 3],
-    },
-    /// A buffer has the wrong length.
-    Length {
-        /// `packed`, `scales`, `tensor_scales` or `values`.
-        tensor: &'static str,
-        /// The length the shape implies.
-        expected: usize,
-        /// The length given.
-        actual: usize,
-    },
-    /// A block scale byte is NaN (`0x7F`, `0xFF`) or negative (sign bit set).
-    BadBlockScale {
-        /// Expert.
-        expert: usize,
-        /// Row (n).
-        row: usize,
-        /// Block along K.
-        block: usize,
-        /// The byte.
-        byte: u8,
-    },
-    /// A tensor scale is not finite or not positive.
-    BadTensorScale {
-        /// Expert.
-        expert: usize,
-        /// The value.
-        value: f32,
-    },
-    /// A quantizer input is not finite.
-    NonFiniteInput {
-        /// Flat index into `[E, N, K]`.
-        index: usize,
-        /// The value.
-        value: f32,
-    },
-    /// Two-level quantization of an expert whose values are all zero (tensor scale 0).
-    ZeroExpert {
-        /// Expert.
-        expert: usize,
-    },
-}
-
-impl fmt::Display for NvError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            NvError::ZeroDim { dims } => write!(f, "NVFP4 shape {dims:?} has a zero dimension"),
-            NvError::KNotMultipleOfBlock { k } => {
-                write!(
-                    f,
-                    "NVFP4 K = {k} is not a multiple of the block size {NV_BLOCK}"
-                )
-            }
-            NvError::TooLarge { dims } => write!(f, "NVFP4 shape {dims:?} overflows"),
-            NvError::Length {
-                tensor,
-                expected,
-                actual,
-            } => write!(
-                f,
-                "NVFP4 {tensor}: expected {expected} elements, got {actual}"
-            ),
-            NvError::BadBlockScale {
-                expert,
-                row,
-                block,
-                byte,
-            } => write!(
-                f,
-                "NVFP4 block scale byte {byte:#04x} at expert {expert}, row {row}, block {block} \
-                 is {} (block scales are finite and non-negative E4M3)",
-                if byte & 0x7F == 0x7F {
-                    "NaN"
-                } else {
-                    "negative"
-                }
-            ),
-            NvError::BadTensorScale { expert, value } => write!(
-                f,
-                "NVFP4 tensor scale of expert {expert} is {value} (it must be finite and positive)"
-            ),
-            NvError::NonFiniteInput { index, value } => {
-                write!(
-                    f,
-                    "NVFP4 quantizer input {index} is {value} (inputs must be finite)"
-                )
-            }
-            NvError::ZeroExpert { expert } => write!(
-                f,
-                "expert {expert} is all zeros: its two-level tensor scale would be 0 (quantize it \
-                 single-level)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for NvError {}
 
 /// The shape `[E, N, K]` of NVFP4 expert weights (`K % 16 == 0`, sizes checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,25 +110,40 @@ impl NvShape {
     }
 }
 
-/// NVFP4 expert weights: `packed [E, N, K/2]`, E4M3 `scales [E, N, K/16]`, optional f32
-/// `tensor_scales [E]`. Built only through [`NvWeights::from_parts`] (or the quantizer), so every
-/// instance is valid.
+/// NVFP4 expert weights: `packed [E, N, K/2]`, E4M3 `scales [E, N, K/16]` and optional f32
+/// tensor scales `[E, G]`: group `g` of an expert covers its rows `[g·N/G, (g+1)·N/G)` (G = 1:
+/// one per expert, torchao's and a single linear's; G = 2: the gate and up halves of a stacked
+/// `gate_up` whose halves come from two linears with their own `weight_scale_2`). Built only
+/// through [`NvWeights::from_parts`] / [`NvWeights::from_grouped_parts`] (or the quantizer), so
+/// every instance is valid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NvWeights {
     shape: NvShape,
     packed: Vec<u8>,
     scales: Vec<u8>,
     tensor_scales: Option<Vec<f32>>,
+    groups: usize,
 }
 
 impl NvWeights {
-    /// Validates and wraps the parts: lengths, block scale bytes (no NaN, no sign bit) and tensor
-    /// scales (finite, positive).
+    /// [`NvWeights::from_grouped_parts`] with one tensor scale per expert.
     pub fn from_parts(
         shape: NvShape,
         packed: Vec<u8>,
         scales: Vec<u8>,
         tensor_scales: Option<Vec<f32>>,
+    ) -> Result<Self, NvError> {
+        Self::from_grouped_parts(shape, packed, scales, tensor_scales, 1)
+    }
+
+    /// Validates and wraps the parts: lengths, block scale bytes (no NaN, no sign bit), tensor
+    /// scales (`E·groups` of them, finite, positive) and `groups` (positive, dividing N).
+    pub fn from_grouped_parts(
+        shape: NvShape,
+        packed: Vec<u8>,
+        scales: Vec<u8>,
+        tensor_scales: Option<Vec<f32>>,
+        groups: usize,
     ) -> Result<Self, NvError> {
         let len = |tensor, expected: usize, actual: usize| {
             if expected == actual {
@@ -255,16 +156,23 @@ impl NvWeights {
                 })
             }
         };
+        if groups == 0 || !shape.n.is_multiple_of(groups) {
+            return Err(NvError::ScaleGroups { groups, n: shape.n });
+        }
         len("packed", shape.values() / 2, packed.len())?;
         len("scales", shape.values() / NV_BLOCK, scales.len())?;
         if let Some(t) = &tensor_scales {
-            len("tensor_scales", shape.experts, t.len())?;
-            if let Some((expert, &value)) = t
+            len("tensor_scales", shape.experts * groups, t.len())?;
+            if let Some((index, &value)) = t
                 .iter()
                 .enumerate()
                 .find(|(_, v)| !(v.is_finite() && **v > 0.0))
             {
-                return Err(NvError::BadTensorScale { expert, value });
+                return Err(NvError::BadTensorScale {
+                    expert: index / groups,
+                    index,
+                    value,
+                });
             }
         }
         if let Some(at) = scales
@@ -285,6 +193,7 @@ impl NvWeights {
             packed,
             scales,
             tensor_scales,
+            groups,
         })
     }
 
@@ -303,22 +212,32 @@ impl NvWeights {
         &self.scales
     }
 
-    /// Per-expert f32 tensor scales, if any.
+    /// The f32 tensor scales `[E, groups]`, if any.
     pub fn tensor_scales(&self) -> Option<&[f32]> {
         self.tensor_scales.as_deref()
     }
 
-    /// Takes the weights apart: `(shape, packed, scales, tensor_scales)`.
+    /// Tensor-scale groups per expert (1 unless built from grouped parts).
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Takes the weights apart: `(shape, packed, scales, tensor_scales)` (see
+    /// [`NvWeights::groups`] for the tensor scales' grouping).
     pub fn into_parts(self) -> (NvShape, Vec<u8>, Vec<u8>, Option<Vec<f32>>) {
         (self.shape, self.packed, self.scales, self.tensor_scales)
     }
 
-    /// The f32 factor of block `b` (flat block index) of expert `e`:
-    /// `tensor_scale[e] · e4m3(scale)`, in f32.
-    fn block_factor(&self, e: usize, b: usize) -> f32 {
+    /// The f32 factor of block `b` (flat block index): `tensor_scale · e4m3(scale)` with the
+    /// tensor scale of the block's expert and row group, in f32.
+    fn block_factor(&self, b: usize) -> f32 {
         let s = e4m3_to_f32(self.scales[b]);
         match &self.tensor_scales {
-            Some(t) => t[e] * s,
+            Some(t) => {
+                let row = b / self.shape.blocks_per_row(); // flat row e·N + n
+                let rows_per_group = self.shape.n / self.groups;
+                t[(row / self.shape.n) * self.groups + (row % self.shape.n) / rows_per_group] * s
+            }
             None => s,
         }
     }
@@ -460,11 +379,9 @@ pub fn quantize_nvfp4_bf16(
 /// Dequantizes to f32 `[E, N, K]`: `e2m1(code) · (tensor_scale · e4m3(scale))`, torchao's
 /// `dequantize(torch.float32)`.
 pub fn dequantize_nvfp4_f32(w: &NvWeights) -> Vec<f32> {
-    let s = w.shape;
-    let per_expert_blocks = s.n * s.blocks_per_row();
-    let mut out = Vec::with_capacity(s.values());
+    let mut out = Vec::with_capacity(w.shape.values());
     for (b, bytes) in w.packed.chunks_exact(NV_BLOCK / 2).enumerate() {
-        let factor = w.block_factor(b / per_expert_blocks, b);
+        let factor = w.block_factor(b);
         for &byte in bytes {
             out.push(e2m1_to_f32(byte & 0x0F) * factor);
             out.push(e2m1_to_f32(byte >> 4) * factor);
@@ -480,6 +397,164 @@ pub fn dequantize_nvfp4_bf16(w: &NvWeights) -> Vec<u16> {
         .into_iter()
         .map(f32_to_bf16_bits)
         .collect()
+}
+
+/// The NVFP4 export a checkpoint's expert linears use (see the module docs for the names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvLayout {
+    /// NVIDIA ModelOpt: `weight`, `weight_scale`, `weight_scale_2` (the tensor scale).
+    ModelOpt,
+    /// compressed-tensors: `weight_packed`, `weight_scale`, `weight_global_scale` (its
+    /// reciprocal is the tensor scale).
+    CompressedTensors,
+}
+
+/// One linear's NVFP4 parts as read: `(N, packed [N, K/2], scales [N, K/16], tensor scale)`.
+type LinearParts = (usize, Vec<u8>, Vec<u8>, f32);
+
+/// Reads linear `base` (e.g. `model.layers.0.mlp.experts.3.gate_proj`) in either layout, with
+/// reduction length `k`.
+fn read_linear(ck: &Checkpoint<'_>, base: &str, k: usize) -> Result<(NvLayout, LinearParts)> {
+    let layout = if ck.contains(&format!("{base}.weight_packed")) {
+        NvLayout::CompressedTensors
+    } else {
+        NvLayout::ModelOpt
+    };
+    let (packed_name, global_name) = match layout {
+        NvLayout::ModelOpt => ("weight", "weight_scale_2"),
+        NvLayout::CompressedTensors => ("weight_packed", "weight_global_scale"),
+    };
+    let shape_err = |detail: String| Error::Checkpoint {
+        kind: CheckpointErrorKind::Shape,
+        detail,
+    };
+    let packed = ck.read_u8(&format!("{base}.{packed_name}"))?;
+    let n = match packed.shape[..] {
+        [n, half] if 2 * half == k => n,
+        _ => {
+            return Err(shape_err(format!(
+                "`{}` is {:?}, expected [N, {}] (N, K/2)",
+                escape(&packed.name),
+                packed.shape,
+                k / 2
+            )));
+        }
+    };
+    let scale_name = format!("{base}.weight_scale");
+    let view = ck.view(&scale_name)?;
+    if view.dtype() != Dtype::F8_E4M3 && view.dtype() != Dtype::U8 {
+        return Err(Error::Checkpoint {
+            kind: CheckpointErrorKind::Dtype,
+            detail: format!(
+                "`{}` is {}, expected F8_E4M3 (or its bytes as U8)",
+                escape(&scale_name),
+                view.dtype()
+            ),
+        });
+    }
+    if view.shape() != [n, k / NV_BLOCK] {
+        return Err(shape_err(format!(
+            "`{}` is {:?}, expected [{n}, {}] (N, K/16)",
+            escape(&scale_name),
+            view.shape(),
+            k / NV_BLOCK
+        )));
+    }
+    let global = ck.read_f32(&format!("{base}.{global_name}"))?;
+    let value = match global.data[..] {
+        [v] if global.shape.iter().product::<usize>() == 1 => v,
+        _ => {
+            return Err(shape_err(format!(
+                "`{}` is {:?}, expected one value",
+                escape(&global.name),
+                global.shape
+            )));
+        }
+    };
+    let tensor_scale = match layout {
+        NvLayout::ModelOpt => value,
+        // compressed-tensors divides the block scale by its global scale.
+        NvLayout::CompressedTensors => 1.0 / value,
+    };
+    Ok((layout, (n, packed.data, view.data().to_vec(), tensor_scale)))
+}
+
+/// Reads NVFP4 experts stored one linear per expert and projection — `{prefix}.{e}.{proj}` for
+/// `e < experts` and each `proj` of `projections`, as ModelOpt and compressed-tensors export MoE
+/// layers (`prefix` = `model.layers.L.mlp.experts`) — and stacks each expert's projections
+/// along N: `[E, Σ N_p, K]` with one tensor-scale group per projection. `["gate_proj",
+/// "up_proj"]` gives a `gate_up` in the split layout (gate rows first), `["down_proj"]` a
+/// `down`. `k` is the reduction length (the linears' input features).
+///
+/// The tensor scale is ModelOpt's `weight_scale_2`, or `1 / weight_global_scale` for
+/// compressed-tensors (whose own dequantization divides by the global scale: the factor can
+/// differ from it by one f32 rounding). Errors: [`Error::Checkpoint`] for missing tensors, wrong
+/// dtypes or shapes, projections of different N across experts, or a mix of layouts;
+/// [`Error::Nv`] for the values (NaN or negative block scales, tensor scales that are not
+/// finite and positive, `K % 16`).
+pub fn read_experts(
+    ck: &Checkpoint<'_>,
+    prefix: &str,
+    experts: usize,
+    projections: &[&str],
+    k: usize,
+) -> Result<(NvWeights, NvLayout)> {
+    if projections.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "projections",
+            detail: "name at least one projection".into(),
+        });
+    }
+    let mut layout = None;
+    let mut widths: Vec<usize> = Vec::new();
+    let (mut packed, mut scales, mut tensor_scales) = (Vec::new(), Vec::new(), Vec::new());
+    for e in 0..experts {
+        for (p, proj) in projections.iter().enumerate() {
+            let base = format!("{prefix}.{e}.{proj}");
+            let (l, (n, pk, sc, ts)) = read_linear(ck, &base, k)?;
+            if *layout.get_or_insert(l) != l {
+                return Err(Error::Checkpoint {
+                    kind: CheckpointErrorKind::Name,
+                    detail: format!(
+                        "`{}` mixes the ModelOpt and compressed-tensors names",
+                        escape(&base)
+                    ),
+                });
+            }
+            if e == 0 {
+                widths.push(n);
+            } else if widths[p] != n {
+                return Err(Error::Checkpoint {
+                    kind: CheckpointErrorKind::Shape,
+                    detail: format!(
+                        "`{}` has {n} rows, expert 0's `{proj}` {}",
+                        escape(&base),
+                        widths[p]
+                    ),
+                });
+            }
+            packed.extend(pk);
+            scales.extend(sc);
+            tensor_scales.push(ts);
+        }
+    }
+    // Equal halves only: a group covers N/G rows.
+    if widths.iter().any(|&w| w != widths[0]) {
+        return Err(Error::Checkpoint {
+            kind: CheckpointErrorKind::Shape,
+            detail: format!("the projections {projections:?} have different row counts {widths:?}"),
+        });
+    }
+    let n: usize = widths.iter().sum();
+    let shape = NvShape::new(experts, n, k)?;
+    let w = NvWeights::from_grouped_parts(
+        shape,
+        packed,
+        scales,
+        Some(tensor_scales),
+        projections.len(),
+    )?;
+    Ok((w, layout.unwrap_or(NvLayout::ModelOpt)))
 }
 
 #[cfg(test)]
@@ -629,6 +704,11 @@ mod tests {
             NvShape::new(usize::MAX, 2, 16),
             Err(NvError::TooLarge { .. })
         ));
+        let three_rows = NvShape::new(1, 3, 16).unwrap();
+        assert_eq!(
+            NvWeights::from_grouped_parts(three_rows, vec![0; 24], vec![0x38; 3], None, 2),
+            Err(NvError::ScaleGroups { groups: 2, n: 3 })
+        );
         let shape = NvShape::new(2, 2, 32).unwrap();
         let ok = |scales: Vec<u8>, t: Option<Vec<f32>>| {
             NvWeights::from_parts(shape, vec![0; 64], scales, t)
@@ -726,5 +806,169 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn grouped_tensor_scales_apply_to_their_rows() {
+        // One expert, rows 0–1 in group 0 (scale 2), rows 2–3 in group 1 (scale 3); every code 1.0.
+        let shape = NvShape::new(1, 4, 16).unwrap();
+        let w = NvWeights::from_grouped_parts(
+            shape,
+            vec![0x22; 32],
+            vec![0x38; 4],
+            Some(vec![2.0, 3.0]),
+            2,
+        )
+        .unwrap();
+        assert_eq!(e4m3_to_f32(0x38), 1.0);
+        let deq = dequantize_nvfp4_f32(&w);
+        assert!(deq[..32].iter().all(|&v| v == 2.0));
+        assert!(deq[32..].iter().all(|&v| v == 3.0));
+        assert_eq!(w.groups(), 2);
+    }
+
+    /// A checkpoint with `projections` of `experts` experts, each quantized two-level from
+    /// `values[proj]` (`[E, n, k]`), written in `layout`'s names.
+    fn export(
+        layout: NvLayout,
+        values: &[Vec<f32>],
+        experts: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<u8> {
+        let mut wr = crate::checkpoint::CheckpointWriter::new();
+        for (p, v) in values.iter().enumerate() {
+            let proj = ["gate_proj", "up_proj"][p];
+            let w = quantize_nvfp4(v, experts, n, k, true).unwrap();
+            for e in 0..experts {
+                let base = format!("model.layers.0.mlp.experts.{e}.{proj}");
+                let packed = w.packed()[e * n * k / 2..][..n * k / 2].to_vec();
+                let scales = w.scales()[e * n * k / 16..][..n * k / 16].to_vec();
+                let ts = w.tensor_scales().unwrap()[e];
+                let (pn, gn, g) = match layout {
+                    NvLayout::ModelOpt => ("weight", "weight_scale_2", ts),
+                    NvLayout::CompressedTensors => {
+                        ("weight_packed", "weight_global_scale", 1.0 / ts)
+                    }
+                };
+                wr.add_u8(format!("{base}.{pn}"), &[n, k / 2], &packed)
+                    .unwrap();
+                wr.add_bytes(
+                    format!("{base}.weight_scale"),
+                    Dtype::F8_E4M3,
+                    &[n, k / 16],
+                    scales,
+                )
+                .unwrap();
+                wr.add_f32(format!("{base}.{gn}"), &[], &[g]).unwrap();
+            }
+        }
+        wr.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn per_expert_exports_read_back_stacked_in_both_layouts() {
+        let mut rng = crate::test_rng::XorShift::new(11);
+        let (e, n, k) = (3, 8, 32);
+        // Gate and up at different ranges, so their tensor scales differ.
+        let gate = rng.vec(e * n * k, 1.0);
+        let up = rng.vec(e * n * k, 30.0);
+        for layout in [NvLayout::ModelOpt, NvLayout::CompressedTensors] {
+            let bytes = export(layout, &[gate.clone(), up.clone()], e, n, k);
+            let ck = Checkpoint::parse(&bytes).unwrap();
+            let prefix = "model.layers.0.mlp.experts";
+            let (w, got_layout) =
+                read_experts(&ck, prefix, e, &["gate_proj", "up_proj"], k).unwrap();
+            assert_eq!(got_layout, layout);
+            assert_eq!((w.shape().n(), w.groups()), (2 * n, 2));
+            // Each stacked expert: its gate rows, then its up rows, each with its own scale.
+            let deq = dequantize_nvfp4_f32(&w);
+            let g = dequantize_nvfp4_f32(&quantize_nvfp4(&gate, e, n, k, true).unwrap());
+            let u = dequantize_nvfp4_f32(&quantize_nvfp4(&up, e, n, k, true).unwrap());
+            for x in 0..e {
+                let row = |v: &[f32]| v[x * n * k..][..n * k].to_vec();
+                let got = &deq[x * 2 * n * k..][..2 * n * k];
+                let close = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .all(|(p, q)| (p - q).abs() <= 1e-6 * q.abs().max(1e-30))
+                };
+                // ModelOpt is bit-exact; compressed-tensors' reciprocal costs up to an f32 ulp.
+                assert!(
+                    close(&got[..n * k], &row(&g)),
+                    "{layout:?} gate of expert {x}"
+                );
+                assert!(
+                    close(&got[n * k..], &row(&u)),
+                    "{layout:?} up of expert {x}"
+                );
+                if layout == NvLayout::ModelOpt {
+                    assert_eq!(&got[..n * k], &row(&g)[..]);
+                }
+            }
+            let (down, _) = read_experts(&ck, prefix, e, &["up_proj"], k).unwrap();
+            assert_eq!((down.shape().n(), down.groups()), (n, 1));
+        }
+    }
+
+    #[test]
+    fn malformed_exports_are_typed_errors() {
+        let mut rng = crate::test_rng::XorShift::new(12);
+        let (e, n, k) = (2, 4, 32);
+        let v = rng.vec(e * n * k, 1.0);
+        let bytes = export(NvLayout::ModelOpt, std::slice::from_ref(&v), e, n, k);
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        let prefix = "model.layers.0.mlp.experts";
+        let kind = |r: Result<(NvWeights, NvLayout)>| match r {
+            Err(Error::Checkpoint { kind, .. }) => Some(kind),
+            _ => None,
+        };
+        // A third expert that is not in the file; a K that does not match.
+        assert_eq!(
+            kind(read_experts(&ck, prefix, 3, &["gate_proj"], k)),
+            Some(CheckpointErrorKind::Missing)
+        );
+        assert_eq!(
+            kind(read_experts(&ck, prefix, 2, &["gate_proj"], 64)),
+            Some(CheckpointErrorKind::Shape)
+        );
+        assert!(matches!(
+            read_experts(&ck, prefix, 2, &[], k),
+            Err(Error::InvalidArgument { .. })
+        ));
+        // A NaN block scale byte is the container's typed error.
+        let mut wr = crate::checkpoint::CheckpointWriter::new();
+        let base = format!("{prefix}.0.gate_proj");
+        wr.add_u8(format!("{base}.weight"), &[1, 8], &[0; 8])
+            .unwrap();
+        wr.add_bytes(
+            format!("{base}.weight_scale"),
+            Dtype::F8_E4M3,
+            &[1, 1],
+            vec![0x7F],
+        )
+        .unwrap();
+        wr.add_f32(format!("{base}.weight_scale_2"), &[1], &[1.0])
+            .unwrap();
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        assert!(matches!(
+            read_experts(&ck, prefix, 1, &["gate_proj"], 16),
+            Err(Error::Nv(NvError::BadBlockScale { byte: 0x7F, .. }))
+        ));
+        // A block scale stored as BF16 is a dtype error, not reinterpreted bytes.
+        let mut wr = crate::checkpoint::CheckpointWriter::new();
+        wr.add_u8(format!("{base}.weight"), &[1, 8], &[0; 8])
+            .unwrap();
+        wr.add_bf16(format!("{base}.weight_scale"), &[1, 1], &[0x3F80])
+            .unwrap();
+        wr.add_f32(format!("{base}.weight_scale_2"), &[1], &[1.0])
+            .unwrap();
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        assert_eq!(
+            kind(read_experts(&ck, prefix, 1, &["gate_proj"], 16)),
+            Some(CheckpointErrorKind::Dtype)
+        );
     }
 }
