@@ -47,12 +47,8 @@ use crate::mxfp4::f32_to_e2m1;
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::e2m1_to_f32;
 
-/// Values per block scale.
-pub const NV_BLOCK: usize = 16;
-/// The largest E4M3 (`float8_e4m3fn`) value.
-pub const E4M3_MAX: f32 = 448.0;
-/// The smallest normal E4M3 value, 2^-6: torchao's lower clamp of the block scales.
-pub const E4M3_MIN_NORMAL: f32 = 0.015625;
+use crate::shared::nvfp4::block_factor;
+pub use crate::shared::nvfp4::{E4M3_MAX, E4M3_MIN_NORMAL, NV_BLOCK, e4m3_to_f32};
 /// The largest E2M1 magnitude.
 const E2M1_MAX: f32 = 6.0;
 
@@ -231,35 +227,16 @@ impl NvWeights {
     /// The f32 factor of block `b` (flat block index): `tensor_scale · e4m3(scale)` with the
     /// tensor scale of the block's expert and row group, in f32.
     fn block_factor(&self, b: usize) -> f32 {
-        let s = e4m3_to_f32(self.scales[b]);
-        match &self.tensor_scales {
+        let tensor_scale = match &self.tensor_scales {
             Some(t) => {
                 let row = b / self.shape.blocks_per_row(); // flat row e·N + n
                 let rows_per_group = self.shape.n / self.groups;
-                t[(row / self.shape.n) * self.groups + (row % self.shape.n) / rows_per_group] * s
+                t[(row / self.shape.n) * self.groups + (row % self.shape.n) / rows_per_group]
             }
-            None => s,
-        }
+            None => 1.0,
+        };
+        block_factor(self.scales[b], tensor_scale)
     }
-}
-
-/// The value of an E4M3 (`float8_e4m3fn`) byte: sign, 4 exponent bits (bias 7), 3 mantissa bits,
-/// subnormals below 2^-6, `0x7F`/`0xFF` NaN, no infinities.
-pub const fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
-    let exp = ((b >> 3) & 0x0F) as i32;
-    let man = (b & 0x07) as f32;
-    if exp == 0x0F && b & 0x07 == 0x07 {
-        return f32::NAN;
-    }
-    let magnitude = if exp == 0 {
-        man * (1.0 / 512.0) // man/8 · 2^-6
-    } else {
-        // (1 + man/8) · 2^(exp − 7), exact in f32.
-        let p = f32::from_bits(((exp - 7 + 127) as u32) << 23);
-        (1.0 + man / 8.0) * p
-    };
-    sign * magnitude
 }
 
 /// The E4M3 byte of a non-negative finite `x ≤ 448` (the clamped block scales), rounded to

@@ -9,5 +9,6 @@ pub mod glu;
 pub mod module;
 pub mod mxfp4;
 pub mod names;
+pub mod nvfp4;
 pub mod params;
 pub mod tiles;
