@@ -16,6 +16,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::{DeviceBuffer, Gpu, alloc_poisoned, download, upload};
 use crate::error::{Error, Result};
 use crate::mxfp4::{MxError, MxLayout, MxShape, MxWeights, validate_mx};
+use crate::nvfp4::{NvShape, NvWeights};
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::MX_BLOCK;
 use crate::tensor::{DeviceLoc, TensorMeta};
@@ -329,6 +330,60 @@ impl MxExperts {
     /// The E8M0 scale bytes, `[E, N, K/32]`.
     pub fn scales(&self) -> &CudaSlice<u8> {
         &self.scales
+    }
+}
+
+/// NVFP4 expert weights resident on the device (`packed [E, N, K/2]`, E4M3 `scales
+/// [E, N, K/16]`, optional f32 tensor scales `[E, groups]`), uploaded from a validated
+/// [`NvWeights`] (issue #17: Strategy A dequantizes the active experts; the fused kernels are
+/// still to come). `Clone` shares the buffers.
+#[derive(Clone)]
+pub struct NvExperts {
+    packed: Arc<DeviceBuffer<u8>>,
+    scales: Arc<DeviceBuffer<u8>>,
+    tensor_scales: Option<Arc<DeviceBuffer<f32>>>,
+    shape: NvShape,
+    groups: usize,
+}
+
+impl NvExperts {
+    /// Uploads a validated host container.
+    pub fn upload(gpu: &Gpu, w: &NvWeights) -> Result<Self> {
+        Ok(Self {
+            packed: Arc::new(DeviceBuffer::owned(upload(gpu, w.packed())?)),
+            scales: Arc::new(DeviceBuffer::owned(upload(gpu, w.scales())?)),
+            tensor_scales: match w.tensor_scales() {
+                Some(t) => Some(Arc::new(DeviceBuffer::owned(upload(gpu, t)?))),
+                None => None,
+            },
+            shape: w.shape(),
+            groups: w.groups(),
+        })
+    }
+
+    /// The container's shape.
+    pub fn shape(&self) -> NvShape {
+        self.shape
+    }
+
+    /// The packed E2M1 codes, `[E, N, K/2]`.
+    pub fn packed(&self) -> &CudaSlice<u8> {
+        &self.packed
+    }
+
+    /// The E4M3 block scale bytes, `[E, N, K/16]`.
+    pub fn scales(&self) -> &CudaSlice<u8> {
+        &self.scales
+    }
+
+    /// The f32 tensor scales `[E, groups]`, if any.
+    pub fn tensor_scales(&self) -> Option<&CudaSlice<f32>> {
+        self.tensor_scales.as_deref().map(|b| &**b)
+    }
+
+    /// Tensor-scale groups per expert.
+    pub fn groups(&self) -> usize {
+        self.groups
     }
 }
 

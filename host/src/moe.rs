@@ -117,6 +117,10 @@ fn weights_shape(w: &ExpertWeights<'_>) -> (usize, usize, usize) {
             let s = m.shape();
             (s.experts(), s.n(), s.k())
         }
+        ExpertWeights::Nvfp4(m) => {
+            let s = m.shape();
+            (s.experts(), s.n(), s.k())
+        }
     }
 }
 

@@ -154,9 +154,10 @@ pub fn f32_to_bf16(values: &[f32]) -> Vec<u16> {
 pub mod linear_case {
     use mxmoe::Runtime;
     use mxmoe::mxfp4::MxWeights;
+    use mxmoe::nvfp4::NvWeights;
     use mxmoe::op::{
         Bf16Matrix, DenseExperts, DequantBuffer, ExpertLinear, ExpertWeights, Grads, LoraWeights,
-        MxExperts, RowOrder, Strategy, backward,
+        MxExperts, NvExperts, RowOrder, Strategy, backward,
     };
     use mxmoe::reference::{self, LinearProblem, Rounding};
     use mxmoe::routing::DeviceRouting;
@@ -407,6 +408,8 @@ pub mod linear_case {
         Mx(&'a MxWeights, Strategy),
         /// MXFP4 weights with Strategy A recomputing its buffer in backward.
         MxRecompute(&'a MxWeights),
+        /// NVFP4 weights with a strategy and buffer policy (Strategy A only so far).
+        Nv(&'a NvWeights, Strategy, DequantBuffer),
     }
 
     /// Runs forward and backward on the GPU with dense bf16 weights `d.w`.
@@ -426,6 +429,7 @@ pub mod linear_case {
         let x = Bf16Matrix::from_f32(gpu, &d.x, d.x_rows, c.k).unwrap();
         let dense;
         let mx;
+        let nv;
         let weights = match base {
             Base::Dense(w) => {
                 dense = DenseExperts::from_f32(gpu, w, c.e, c.n, c.k).unwrap();
@@ -434,6 +438,10 @@ pub mod linear_case {
             Base::Mx(m, _) | Base::MxRecompute(m) => {
                 mx = MxExperts::upload(gpu, m).unwrap();
                 ExpertWeights::Mxfp4(&mx)
+            }
+            Base::Nv(w, _, _) => {
+                nv = NvExperts::upload(gpu, w).unwrap();
+                ExpertWeights::Nvfp4(&nv)
             }
         };
         let lora = (c.r > 0).then(|| upload_lora(gpu, c, d));
@@ -445,6 +453,7 @@ pub mod linear_case {
             Base::Mx(_, s) => (s, DequantBuffer::Keep),
             Base::MxRecompute(_) => (Strategy::SelectiveDequant, DequantBuffer::Recompute),
             Base::Dense(_) => (Strategy::Fused, DequantBuffer::Keep),
+            Base::Nv(_, s, b) => (s, b),
         };
         let bias = d
             .bias

@@ -1062,7 +1062,7 @@ fn forward_out(
 ) -> Vec<f32> {
     let routing = DeviceRouting::from_host_ids(gpu, &d.ids, c.t, c.top_k, c.e).unwrap();
     let x = Bf16Matrix::from_f32(gpu, x, d.x_rows, c.k).unwrap();
-    let (dense, mx);
+    let (dense, mx, nv);
     let (weights, strategy) = match base {
         Base::Dense(w) => {
             dense = DenseExperts::from_f32(gpu, w, c.e, c.n, c.k).unwrap();
@@ -1071,6 +1071,10 @@ fn forward_out(
         Base::Mx(m, s) => {
             mx = MxExperts::upload(gpu, m).unwrap();
             (ExpertWeights::Mxfp4(&mx), s)
+        }
+        Base::Nv(w, s, _) => {
+            nv = mxmoe::op::NvExperts::upload(gpu, w).unwrap();
+            (ExpertWeights::Nvfp4(&nv), s)
         }
         Base::MxRecompute(_) => unreachable!("forward only"),
     };
@@ -1119,6 +1123,7 @@ fn nan_in_x_reaches_exactly_the_output_rows_that_read_it() {
         let name = match base {
             Base::Dense(_) => "bf16".to_string(),
             Base::Mx(_, s) => format!("MXFP4 {s:?}"),
+            Base::Nv(_, s, _) => format!("NVFP4 {s:?}"),
             Base::MxRecompute(_) => unreachable!(),
         };
         // (output order, gates, which output rows read token t0).

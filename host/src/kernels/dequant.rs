@@ -1,9 +1,10 @@
-//! MXFP4 → bf16 dequantization on the GPU (`kernels-gpu/src/kernels/dequant.rs`).
+//! MXFP4 and NVFP4 → bf16 dequantization on the GPU (`kernels-gpu/src/kernels/dequant.rs`).
 
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::mxfp4::MX_BLOCK;
 use kernels_gpu::shared::names;
-use kernels_gpu::shared::params::DequantParams;
+use kernels_gpu::shared::nvfp4::NV_BLOCK;
+use kernels_gpu::shared::params::{DequantParams, NvDequantParams};
 
 use super::{check_expert_ids, check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_poisoned, upload};
@@ -66,6 +67,95 @@ pub fn dequant_mxfp4_bf16(
     };
     // SAFETY: lengths of packed/scales were checked above, every id is < num_experts, `out`
     // holds experts.len()·n·k bf16, k % 32 == 0, and cudarc allocations are 256-byte aligned.
+    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
+    Ok(out)
+}
+
+/// Dequantizes the experts listed in `experts` from device-resident NVFP4 buffers (`packed
+/// [num_experts, n, k/2]`, E4M3 `scales [num_experts, n, k/16]`, optional f32 `tensor_scales
+/// [num_experts, groups]`) into a new bf16 buffer `[experts.len(), n, k]`:
+/// `bf16(e2m1(code) · (tensor_scale · e4m3(scale)))`, bit-identical to the host's
+/// `mxmoe::nvfp4::dequantize_nvfp4_bf16` and torchao's `NVFP4Tensor.dequantize(bf16)`.
+///
+/// The scale bytes are not read back: NaN or negative E4M3 bytes (which `NvWeights` refuses)
+/// give NaN or negated outputs, never a fault.
+///
+/// Errors: `k` not a positive multiple of 16, `n == 0`, `groups` zero or not dividing `n`, a
+/// buffer shorter than the shape implies, an expert id out of range, a size that overflows.
+#[allow(clippy::too_many_arguments)]
+pub fn dequant_nvfp4_bf16(
+    gpu: &Gpu,
+    packed: &CudaSlice<u8>,
+    scales: &CudaSlice<u8>,
+    tensor_scales: Option<&CudaSlice<f32>>,
+    groups: usize,
+    num_experts: usize,
+    n: usize,
+    k: usize,
+    experts: &[u32],
+) -> Result<CudaSlice<u16>> {
+    if n == 0 || k == 0 || !k.is_multiple_of(NV_BLOCK) {
+        return Err(Error::InvalidArgument {
+            what: "dequant shape",
+            detail: format!("need n > 0 and k a positive multiple of 16, got n = {n}, k = {k}"),
+        });
+    }
+    if groups == 0 || !n.is_multiple_of(groups) || groups > u32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            what: "tensor-scale groups",
+            detail: format!("{groups} groups do not divide the {n} rows of an expert"),
+        });
+    }
+    let elems = |count: usize| -> Result<usize> {
+        count
+            .checked_mul(n)
+            .and_then(|v| v.checked_mul(k))
+            .ok_or_else(|| Error::SizeOverflow {
+                what: format!("NVFP4 experts [{count}, {n}, {k}]"),
+                detail: "the element count does not fit in usize".into(),
+            })
+    };
+    let full = elems(num_experts)?;
+    check_len("packed", packed, full / 2)?;
+    check_len("scales", scales, full / NV_BLOCK)?;
+    let tensor_scales_addr = match tensor_scales {
+        Some(t) => {
+            let count = num_experts
+                .checked_mul(groups)
+                .ok_or_else(|| Error::SizeOverflow {
+                    what: format!("NVFP4 tensor scales [{num_experts}, {groups}]"),
+                    detail: "the element count does not fit in usize".into(),
+                })?;
+            check_len("tensor_scales", t, count)?;
+            addr(gpu, t)
+        }
+        None => 0,
+    };
+    check_expert_ids("experts", experts, num_experts)?;
+    let mut out = alloc_poisoned::<u16>(gpu, elems(experts.len())?, 0xFF)?;
+    if experts.is_empty() {
+        return Ok(out);
+    }
+    let ids = upload(gpu, experts)?;
+    let items = (experts.len() * n * (k / NV_BLOCK)) as u64;
+    let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
+    let spec = spec(names::DEQUANT_NVFP4, THREADS, 0);
+    let params = NvDequantParams {
+        packed_addr: addr(gpu, packed),
+        scales_addr: addr(gpu, scales),
+        tensor_scales_addr,
+        experts_addr: addr(gpu, &ids),
+        out_addr: addr_mut(gpu, &mut out),
+        n: n as u64,
+        k: k as u64,
+        num_selected: experts.len() as u32,
+        num_experts: num_experts as u32,
+        groups: groups as u32,
+        _pad: 0,
+    };
+    // SAFETY: the lengths of packed/scales/tensor_scales were checked against the shape and
+    // `groups` (≥ 1, dividing n), every id is < num_experts, `out` holds experts.len()·n·k bf16,
+    // k % 16 == 0, and cudarc allocations are 256-byte aligned.
     unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
     Ok(out)
 }

@@ -11,7 +11,7 @@ use super::plan::tuned_gemm;
 use super::{ExpertWeights, Grads, Saved};
 use crate::buffers::{Bf16Matrix, LoraWeights, MxExperts};
 use crate::device::alloc_poisoned;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::eltwise;
 use crate::kernels::gemm::{
     BOperand, GemmArgs, LoraEpilogue, MxOperand, RoutingView, RowMap, Strided, gram, grouped_gemm,
@@ -38,12 +38,25 @@ impl ExpertWeights<'_> {
                 let s = w.shape();
                 (s.experts(), s.n(), s.k())
             }
+            ExpertWeights::Nvfp4(w) => {
+                let s = w.shape();
+                (s.experts(), s.n(), s.k())
+            }
+        }
+    }
+
+    /// The error of a fused GEMM over weights that have none (NVFP4: Strategy A only so far);
+    /// `resolve_strategy` never sends them there.
+    fn no_fused_operand() -> Error {
+        Error::InvalidArgument {
+            what: "strategy",
+            detail: "NVFP4 weights have no fused (Strategy B) kernels yet; use \"selective\" or \"auto\"".into(),
         }
     }
 
     /// The forward GEMM's B operand (`W_store[e]` with K as the reduction).
-    fn forward_operand(&self) -> BOperand<'_> {
-        match self {
+    fn forward_operand(&self) -> Result<BOperand<'_>> {
+        Ok(match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
                 BOperand::Nk(Strided {
@@ -54,12 +67,13 @@ impl ExpertWeights<'_> {
                 })
             }
             ExpertWeights::Mxfp4(w) => BOperand::NkMx(mx_operand(w)),
-        }
+            ExpertWeights::Nvfp4(_) => return Err(Self::no_fused_operand()),
+        })
     }
 
     /// The dX GEMM's B operand (`W_store[e]` with N as the reduction, K as the output).
-    fn dx_operand(&self) -> BOperand<'_> {
-        match self {
+    fn dx_operand(&self) -> Result<BOperand<'_>> {
+        Ok(match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
                 BOperand::Kn(Strided {
@@ -70,7 +84,8 @@ impl ExpertWeights<'_> {
                 })
             }
             ExpertWeights::Mxfp4(w) => BOperand::KnMx(mx_operand(w)),
-        }
+            ExpertWeights::Nvfp4(_) => return Err(Self::no_fused_operand()),
+        })
     }
 }
 
@@ -186,7 +201,7 @@ pub(super) fn forward_core(
         _ => None,
     };
     let rank = r.lora.map_or(0, |l| l.rank);
-    let b = r.weights.forward_operand();
+    let b = r.weights.forward_operand()?;
     let gemm_config = tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
         grouped_gemm(
             gpu,
@@ -293,7 +308,7 @@ pub(super) fn backward_core(
         _ => None,
     };
     let rank = r.lora.map_or(0, |l| l.rank);
-    let b = r.weights.dx_operand();
+    let b = r.weights.dx_operand()?;
     let gemm_config = tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
         grouped_gemm(
             gpu,

@@ -26,7 +26,7 @@ use std::str::FromStr;
 
 use cudarc::driver::CudaSlice;
 
-pub use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights, MxExperts};
+pub use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights, MxExperts, NvExperts};
 use crate::error::{Error, Result, parse_name};
 use crate::kernels::gemm::RowMap;
 use crate::routing::DeviceRouting;
@@ -45,6 +45,9 @@ pub enum ExpertWeights<'a> {
     Bf16(&'a DenseExperts),
     /// MXFP4 experts, decoded in the kernels.
     Mxfp4(&'a MxExperts),
+    /// NVFP4 experts (issue #17): Strategy A (the active experts dequantized to bf16) only so
+    /// far; `Auto` resolves to it and `Fused` is refused with a typed error.
+    Nvfp4(&'a NvExperts),
 }
 
 /// How MXFP4 weights are multiplied (ignored for bf16 weights).
@@ -217,6 +220,7 @@ pub struct Saved {
 enum OwnedWeights {
     Bf16(DenseExperts),
     Mxfp4(MxExperts),
+    Nvfp4(NvExperts),
 }
 
 impl OwnedWeights {
@@ -224,6 +228,7 @@ impl OwnedWeights {
         match w {
             ExpertWeights::Bf16(d) => OwnedWeights::Bf16(d.clone()),
             ExpertWeights::Mxfp4(m) => OwnedWeights::Mxfp4(m.clone()),
+            ExpertWeights::Nvfp4(m) => OwnedWeights::Nvfp4(m.clone()),
         }
     }
 
@@ -231,6 +236,7 @@ impl OwnedWeights {
         match self {
             OwnedWeights::Bf16(d) => ExpertWeights::Bf16(d),
             OwnedWeights::Mxfp4(m) => ExpertWeights::Mxfp4(m),
+            OwnedWeights::Nvfp4(m) => ExpertWeights::Nvfp4(m),
         }
     }
 }
@@ -389,8 +395,14 @@ impl<'a> ExpertLinear<'a> {
         let x_map = self.validate(x, routing, gates)?;
         let strategy = plan::resolve_strategy(gpu, self.weights, self.strategy, routing)?;
         let compact = match (self.weights, strategy) {
-            (ExpertWeights::Mxfp4(w), Strategy::SelectiveDequant) => {
-                Some(Compact::build(gpu, w, self.lora, self.bias, routing)?)
+            (ExpertWeights::Mxfp4(_) | ExpertWeights::Nvfp4(_), Strategy::SelectiveDequant) => {
+                Some(Compact::build(
+                    gpu,
+                    self.weights,
+                    self.lora,
+                    self.bias,
+                    routing,
+                )?)
             }
             _ => None,
         };
@@ -471,17 +483,11 @@ pub fn backward(gpu: &Runtime, saved: &Saved, dy: &Bf16Matrix) -> Result<Grads> 
         return backward_core(gpu, saved, &resolved, dy);
     };
     // Strategy A: the compact weights (kept or dequantized again), compact LoRA and offsets.
-    let ExpertWeights::Mxfp4(w) = weights else {
-        return Err(Error::InvalidArgument {
-            what: "saved state",
-            detail: "Strategy A state without MXFP4 weights".into(),
-        });
-    };
     let recomputed;
     let compact_weights = match &c.weights {
         Some(d) => d,
         None => {
-            recomputed = strategy_a::dequant_active(gpu, w, c.active.ids())?;
+            recomputed = strategy_a::dequant_active(gpu, weights, c.active.ids())?;
             &recomputed
         }
     };

@@ -170,6 +170,16 @@ pub(super) fn resolve_strategy(
             let sms = gpu.limits().sm_count as usize;
             auto_strategy(active, l, w.shape().n(), sms, transient, free)
         }
+        // NVFP4 has Strategy A only (issue #17: the fused kernels are still to come).
+        (ExpertWeights::Nvfp4(_), Strategy::Auto | Strategy::SelectiveDequant) => {
+            Strategy::SelectiveDequant
+        }
+        (ExpertWeights::Nvfp4(_), Strategy::Fused) => {
+            return Err(Error::InvalidArgument {
+                what: "strategy",
+                detail: "NVFP4 weights have no fused (Strategy B) kernels yet; use \"selective\" or \"auto\"".into(),
+            });
+        }
     })
 }
 

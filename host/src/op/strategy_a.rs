@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 
 use super::core::Resolved;
 use super::{ExpertWeights, Grads};
-use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights, MxExperts};
+use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights};
 use crate::device::{Gpu, alloc_poisoned, download, upload};
 use crate::error::{Error, Result};
 use crate::kernels::eltwise::{self, ExpertMap};
@@ -35,7 +35,7 @@ impl Compact {
     /// dequantized active experts, and — unless every expert is active — the gathered LoRA.
     pub(super) fn build(
         gpu: &Gpu,
-        w: &MxExperts,
+        w: ExpertWeights<'_>,
         lora: Option<&LoraWeights>,
         bias: Option<&Bf16Matrix>,
         routing: &DeviceRouting,
@@ -44,7 +44,7 @@ impl Compact {
         let active = active_from_offsets(&offsets);
         let all = active.len() == offsets.len();
         let compact_offsets: Vec<u32> = active.iter().map(|&e| offsets[e as usize]).collect();
-        let active_map = ExpertMap::new(gpu, &active, w.shape().experts())?;
+        let active_map = ExpertMap::new(gpu, &active, w.shape().0)?;
         let offsets_dev = if all {
             download_clone(gpu, routing.expert_offsets())?
         } else {
@@ -163,20 +163,44 @@ fn download_clone(gpu: &Gpu, buf: &CudaSlice<u32>) -> Result<CudaSlice<u32>> {
         .map_err(Error::driver("copying device memory"))
 }
 
-/// Dequantizes the listed experts into a compact `[len, N, K]` bf16 buffer (at least one
-/// expert's worth is allocated so an empty list still yields a valid buffer).
-pub(super) fn dequant_active(gpu: &Gpu, w: &MxExperts, active: &[u32]) -> Result<DenseExperts> {
-    let (n, k) = (w.shape().n(), w.shape().k());
+/// Dequantizes the listed experts (MXFP4 or NVFP4 weights) into a compact `[len, N, K]` bf16
+/// buffer (at least one expert's worth is allocated so an empty list still yields a valid
+/// buffer). Errors: [`Error::InvalidArgument`] for bf16 weights (nothing to dequantize).
+pub(super) fn dequant_active(
+    gpu: &Gpu,
+    w: ExpertWeights<'_>,
+    active: &[u32],
+) -> Result<DenseExperts> {
+    let (experts, n, k) = w.shape();
     let ids: &[u32] = if active.is_empty() { &[0] } else { active };
-    let data = crate::kernels::dequant::dequant_mxfp4_bf16(
-        gpu,
-        w.packed(),
-        w.scales(),
-        w.shape().experts(),
-        n,
-        k,
-        ids,
-    )?;
+    let data = match w {
+        ExpertWeights::Mxfp4(m) => crate::kernels::dequant::dequant_mxfp4_bf16(
+            gpu,
+            m.packed(),
+            m.scales(),
+            experts,
+            n,
+            k,
+            ids,
+        )?,
+        ExpertWeights::Nvfp4(v) => crate::kernels::dequant::dequant_nvfp4_bf16(
+            gpu,
+            v.packed(),
+            v.scales(),
+            v.tensor_scales(),
+            v.groups(),
+            experts,
+            n,
+            k,
+            ids,
+        )?,
+        ExpertWeights::Bf16(_) => {
+            return Err(Error::InvalidArgument {
+                what: "Strategy A",
+                detail: "bf16 weights have nothing to dequantize".into(),
+            });
+        }
+    };
     Ok(DenseExperts::from_output(data, ids.len(), n, k))
 }
 

@@ -1,9 +1,14 @@
-//! MXFP4 → bf16 dequantization of selected experts (Strategy A's building block, SPEC §4.1).
+//! MXFP4 and NVFP4 → bf16 dequantization of selected experts (Strategy A's building block, SPEC
+//! §4.1; NVFP4: issue #17).
 
+use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::cvt::mul_rn_bf16x2;
 use crate::ptx::sreg::{ctaid_x, nctaid_x, ntid_x, tid_x};
-use crate::shared::mxfp4::{E8M0_NAN, MX_BLOCK, MX_BLOCK_BYTES, byte_to_bf16x2, e8m0_to_bf16_bits};
-use crate::shared::params::DequantParams;
+use crate::shared::mxfp4::{
+    E8M0_NAN, MX_BLOCK, MX_BLOCK_BYTES, byte_to_bf16x2, e2m1_to_f32, e8m0_to_bf16_bits,
+};
+use crate::shared::nvfp4::{NV_BLOCK, block_factor};
+use crate::shared::params::{DequantParams, NvDequantParams};
 use crate::tile::gmem::{load, load_16, store_16};
 
 /// Decodes the 4 packed bytes of `word` into 4 bf16x2 words scaled by `scale2` (the scale's bf16
@@ -82,6 +87,81 @@ pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
                 store_16(dst + 16, v1);
                 store_16(dst + 32, v2);
                 store_16(dst + 48, v3);
+            }
+        }
+        item += stride;
+    }
+}
+
+/// Decodes the 4 packed bytes of `word` (8 codes, even k in each byte's low nibble) into 4 bf16x2
+/// words: `bf16(e2m1(code) · factor)`, the f32 product rounded once (`cvt.rn`), as the host's
+/// dequantizer and torchao's `NVFP4Tensor.dequantize(bf16)` do.
+#[inline(always)]
+fn decode_word_nv(word: u32, factor: f32) -> [u32; 4] {
+    let d = |j: u32| {
+        let byte = (word >> (8 * j)) as u8;
+        cvt_rn_bf16x2_f32(
+            e2m1_to_f32(byte & 0x0F) * factor,
+            e2m1_to_f32(byte >> 4) * factor,
+        )
+    };
+    [d(0), d(1), d(2), d(3)]
+}
+
+/// `out[s, n, k] = bf16(e2m1(code) · (tensor_scale · e4m3(scale)))` for every selected expert
+/// `experts[s]`, row `n` and `k` (see [`NvDequantParams`]). One thread decodes one 16-element
+/// block (8 packed bytes, one E4M3 byte, 32 output bytes) per grid-stride step; all offsets are
+/// 64-bit. NaN or negative E4M3 bytes are refused by the host's container before any launch.
+///
+/// # Safety
+/// Launch contract: 1-D grid and block, no shared memory; `packed` holds `E·n·k/2` bytes,
+/// `scales` `E·n·k/16` bytes and (when its address is not 0) `tensor_scales` `E·groups` f32,
+/// with `E = num_experts`, `groups ≥ 1` dividing `n`; `experts` holds `num_selected` u32; `out`
+/// holds `num_selected·n·k` bf16; `k % 16 == 0`; all buffers 16-byte aligned. Entries of
+/// `experts` that are `≥ num_experts` are skipped (the host rejects them before launch).
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn mxmoe_dequant_nvfp4_bf16(p: NvDequantParams) {
+    let blocks_per_row = p.k / NV_BLOCK as u64;
+    let blocks_per_expert = p.n * blocks_per_row;
+    let total = p.num_selected as u64 * blocks_per_expert;
+    // At least 1, so the division below has no zero-divisor path (`groups ≥ 1` dividing `n` by
+    // contract).
+    let rows_per_group = (p.n / (p.groups as u64).max(1)).max(1);
+    let stride = nctaid_x() as u64 * ntid_x() as u64;
+    let mut item = ctaid_x() as u64 * ntid_x() as u64 + tid_x() as u64;
+    while item < total {
+        let s = item / blocks_per_expert;
+        let within = item % blocks_per_expert; // = n_idx · blocks_per_row + q
+        // SAFETY: `s < num_selected`, the length of `experts`.
+        let e: u32 = unsafe { load(p.experts_addr + 4 * s) };
+        if e < p.num_experts {
+            let src_block = e as u64 * blocks_per_expert + within;
+            // SAFETY: `src_block < E·n·k/16`, so 8 bytes at `8·src_block` lie in `packed`
+            // (8-aligned: the buffer is 16-aligned) and one byte at `src_block` in `scales`.
+            let (lo, hi, scale) = unsafe {
+                (
+                    load::<u32>(p.packed_addr + 8 * src_block),
+                    load::<u32>(p.packed_addr + 8 * src_block + 4),
+                    load::<u8>(p.scales_addr + src_block),
+                )
+            };
+            let tensor_scale = if p.tensor_scales_addr != 0 {
+                let group = (within / blocks_per_row) / rows_per_group;
+                // SAFETY: `e < E` and `group < groups` (`n_idx < n`, `n = groups·rows_per_group`).
+                unsafe {
+                    load::<f32>(p.tensor_scales_addr + 4 * (e as u64 * p.groups as u64 + group))
+                }
+            } else {
+                1.0
+            };
+            let factor = block_factor(scale, tensor_scale);
+            let (v0, v1) = (decode_word_nv(lo, factor), decode_word_nv(hi, factor));
+            let dst = p.out_addr + 2 * NV_BLOCK as u64 * item;
+            // SAFETY: `item < num_selected·n·k/16`: the 32 output bytes of this block are inside
+            // `out`; 16-byte aligned (32-byte steps from an aligned base).
+            unsafe {
+                store_16(dst, v0);
+                store_16(dst + 16, v1);
             }
         }
         item += stride;

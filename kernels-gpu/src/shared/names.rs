@@ -15,6 +15,8 @@ pub const PROBE_MMA: &str = "mxmoe_probe_mma";
 pub const PROBE_CVT: &str = "mxmoe_probe_cvt";
 /// MXFP4 → bf16 dequantization of a list of experts.
 pub const DEQUANT_MXFP4: &str = "mxmoe_dequant_mxfp4_bf16";
+/// NVFP4 → bf16 dequantization of a list of experts.
+pub const DEQUANT_NVFP4: &str = "mxmoe_dequant_nvfp4_bf16";
 /// Routing, step 1: per-chunk bucket histogram.
 pub const ROUTE_COUNT: &str = "mxmoe_route_count";
 /// Routing, step 2: bucket bases and expert offsets.
@@ -67,6 +69,7 @@ macro_rules! define_gemm_names {
             PROBE_MMA,
             PROBE_CVT,
             DEQUANT_MXFP4,
+            DEQUANT_NVFP4,
             ROUTE_COUNT,
             ROUTE_SCAN,
             ROUTE_SCATTER,
@@ -236,7 +239,7 @@ mod tests {
     fn all_lists_every_gemm_entry_once_per_row_and_layout() {
         assert_eq!(
             ALL.len(),
-            13 + 4 * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
+            14 + 4 * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
         );
         for names in [GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX] {
             for name in names {

@@ -54,6 +54,46 @@ const _: () = {
     assert!(offset_of!(DequantParams, num_selected) == 48);
 };
 
+/// Parameters of the NVFP4 → bf16 dequantization of selected experts
+/// ([`crate::shared::names::DEQUANT_NVFP4`], Strategy A for NVFP4 weights).
+///
+/// Output `out[s, n, k]` (bf16, `[num_selected, n, k]` row-major) =
+/// `bf16(e2m1(code) · (tensor_scale · e4m3(scale)))` of expert `experts[s]`, from `packed
+/// [E, n, k/2]`, E4M3 `scales [E, n, k/16]` and, when `tensor_scales_addr != 0`, f32
+/// `tensor_scales [E, groups]` (group `g` covers rows `[g·n/groups, (g+1)·n/groups)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NvDequantParams {
+    /// `u8 [E, n, k/2]`.
+    pub packed_addr: u64,
+    /// `u8 [E, n, k/16]` (E4M3 bytes).
+    pub scales_addr: u64,
+    /// `f32 [E, groups]`, or 0 for none (factor = the E4M3 value).
+    pub tensor_scales_addr: u64,
+    /// `u32 [num_selected]`: the experts to dequantize, each `< num_experts`.
+    pub experts_addr: u64,
+    /// `bf16 [num_selected, n, k]`.
+    pub out_addr: u64,
+    /// Output features per expert.
+    pub n: u64,
+    /// Reduction dimension (multiple of 16).
+    pub k: u64,
+    /// Entries in `experts`.
+    pub num_selected: u32,
+    /// Experts in `packed`/`scales` (bounds every entry of `experts`).
+    pub num_experts: u32,
+    /// Tensor-scale groups per expert (≥ 1, dividing `n`).
+    pub groups: u32,
+    /// Padding; must be 0.
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(size_of::<NvDequantParams>() == 72);
+    assert!(offset_of!(NvDequantParams, n) == 40);
+    assert!(offset_of!(NvDequantParams, num_selected) == 56);
+};
+
 /// Rows of `ids` each routing block handles (one counting block, one scattering warp).
 pub const ROUTE_CHUNK: u32 = 1024;
 /// Most experts the routing kernels accept (the histogram lives in shared memory).
