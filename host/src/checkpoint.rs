@@ -60,6 +60,7 @@ pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
 use crate::mxfp4::{MxShape, MxWeights, dequantize_f32, quantize_mxfp4, quantize_mxfp4_bf16};
+use crate::nvfp4::{NV_BLOCK, NvShape, NvWeights};
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::{MX_BLOCK, MX_BLOCK_BYTES};
 
@@ -244,6 +245,9 @@ pub enum StoredWeights {
         /// The layout found in the file.
         layout: MxLayoutKind,
     },
+    /// NVFP4 weights stacked `[E, N, K]` ([`Checkpoint::read_nv`]); boxed, so the enum stays
+    /// the size of the other variants.
+    Nv(Box<NvWeights>),
 }
 
 impl StoredWeights {
@@ -255,6 +259,10 @@ impl StoredWeights {
                 let s = weights.shape();
                 (s.experts(), s.n(), s.k())
             }
+            StoredWeights::Nv(w) => {
+                let s = w.shape();
+                (s.experts(), s.n(), s.k())
+            }
         }
     }
 
@@ -263,6 +271,7 @@ impl StoredWeights {
         match self {
             StoredWeights::Dense(t) => t.data.clone(),
             StoredWeights::Mx { weights, .. } => dequantize_f32(weights),
+            StoredWeights::Nv(w) => crate::nvfp4::dequantize_nvfp4_f32(w),
         }
     }
 
@@ -272,6 +281,10 @@ impl StoredWeights {
         match self {
             StoredWeights::Dense(t) => format!("{} [{e}, {n}, {k}]", t.dtype),
             StoredWeights::Mx { layout, .. } => format!("MXFP4 ({layout}) [{e}, {n}, {k}]"),
+            StoredWeights::Nv(w) => match w.tensor_scales() {
+                Some(_) => format!("NVFP4 (two-level, {} group(s)) [{e}, {n}, {k}]", w.groups()),
+                None => format!("NVFP4 [{e}, {n}, {k}]"),
+            },
         }
     }
 }
@@ -634,6 +647,88 @@ impl<'a> Checkpoint<'a> {
     /// Expert weights `name`: the dense tensor `name` (`BF16`, `F16` or `F32`, `[E, N, K]`) if
     /// present, else MXFP4 weight `name` in either layout. Errors as [`Checkpoint::read_mx`];
     /// [`Kind::Name`] when both a dense and an MXFP4 form exist.
+    /// Whether expert weights `name` are stacked NVFP4: `<name>.scales` holds E4M3 bytes.
+    pub fn is_nv(&self, name: &str) -> bool {
+        self.st
+            .tensor(&format!("{name}.scales"))
+            .is_ok_and(|t| t.dtype() == Dtype::F8_E4M3)
+    }
+
+    /// The tensors of stacked NVFP4 weights `name` present in the file: `<name>.packed`,
+    /// `<name>.scales` and, when present, `<name>.tensor_scales`.
+    pub fn nv_tensor_names(&self, name: &str) -> Vec<String> {
+        let mut v = vec![format!("{name}.packed"), format!("{name}.scales")];
+        let t = format!("{name}.tensor_scales");
+        if self.contains(&t) {
+            v.push(t);
+        }
+        v
+    }
+
+    /// Stacked NVFP4 expert weights `name`: `<name>.packed` U8 `[E, N, K/2]`, `<name>.scales`
+    /// F8_E4M3 `[E, N, K/16]` and optionally `<name>.tensor_scales` F32 `[E]` or `[E, G]` (G
+    /// tensor-scale groups of N/G rows per expert, e.g. the gate and up halves of a stacked
+    /// gate_up). Errors: [`Error::Checkpoint`] for missing tensors, dtypes and shapes;
+    /// [`Error::Nv`] for the values (NaN or negative block scales, tensor scales that are not
+    /// finite and positive).
+    pub fn read_nv(&self, name: &str) -> Result<NvWeights> {
+        let packed = self.read_u8(&format!("{name}.packed"))?;
+        let (e, n, half) = packed.dims3("(E, N, K/2)")?;
+        let k = 2 * half;
+        let scale_name = format!("{name}.scales");
+        let view = self.view(&scale_name)?;
+        if view.dtype() != Dtype::F8_E4M3 {
+            return Err(err(
+                Kind::Dtype,
+                format!(
+                    "`{}` is {}, expected F8_E4M3",
+                    escape(&scale_name),
+                    view.dtype()
+                ),
+            ));
+        }
+        if view.shape() != [e, n, k / NV_BLOCK] {
+            return Err(err(
+                Kind::Shape,
+                format!(
+                    "`{}` has shape {}, expected [{e}, {n}, {}] (E, N, K/16)",
+                    escape(&scale_name),
+                    shape_str(view.shape()),
+                    k / NV_BLOCK
+                ),
+            ));
+        }
+        let shape = NvShape::new(e, n, k)?;
+        let ts_name = format!("{name}.tensor_scales");
+        let (tensor_scales, groups) = if self.contains(&ts_name) {
+            let t = self.read_f32(&ts_name)?;
+            let groups = match t.shape[..] {
+                [x] if x == e => 1,
+                [x, g] if x == e && g > 0 => g,
+                _ => {
+                    return Err(err(
+                        Kind::Shape,
+                        format!(
+                            "`{}` has shape {}, expected [{e}] or [{e}, G]",
+                            escape(&ts_name),
+                            shape_str(&t.shape)
+                        ),
+                    ));
+                }
+            };
+            (Some(t.data), groups)
+        } else {
+            (None, 1)
+        };
+        Ok(NvWeights::from_grouped_parts(
+            shape,
+            packed.data,
+            view.data().to_vec(),
+            tensor_scales,
+            groups,
+        )?)
+    }
+
     pub fn read_expert_weights(&self, name: &str) -> Result<StoredWeights> {
         let mx_names = [
             ".packed", ".qdata", ".scales", ".scale", "_blocks", "_scales",
@@ -652,6 +747,9 @@ impl<'a> Checkpoint<'a> {
             ));
         }
         if !self.contains(name) {
+            if self.is_nv(name) {
+                return Ok(StoredWeights::Nv(Box::new(self.read_nv(name)?)));
+            }
             let (weights, layout) = self.read_mx(name)?;
             return Ok(StoredWeights::Mx { weights, layout });
         }
@@ -1404,6 +1502,167 @@ fn quantize_pool(jobs: &[QuantizeJob<'_>]) -> Vec<Result<MxWeights>> {
     results
 }
 
+// ----------------------------------------------------------------------------------------------
+// NVFP4 expert exports (issue #17; the container is `crate::nvfp4`).
+
+/// The NVFP4 export a checkpoint's expert linears use (see the module docs for the names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvLayout {
+    /// NVIDIA ModelOpt: `weight`, `weight_scale`, `weight_scale_2` (the tensor scale).
+    ModelOpt,
+    /// compressed-tensors: `weight_packed`, `weight_scale`, `weight_global_scale` (its
+    /// reciprocal is the tensor scale).
+    CompressedTensors,
+}
+
+/// One linear's NVFP4 parts as read: `(N, packed [N, K/2], scales [N, K/16], tensor scale)`.
+type LinearParts = (usize, Vec<u8>, Vec<u8>, f32);
+
+/// Reads linear `base` (e.g. `model.layers.0.mlp.experts.3.gate_proj`) in either layout, with
+/// reduction length `k`.
+fn read_nv_linear(ck: &Checkpoint<'_>, base: &str, k: usize) -> Result<(NvLayout, LinearParts)> {
+    let layout = if ck.contains(&format!("{base}.weight_packed")) {
+        NvLayout::CompressedTensors
+    } else {
+        NvLayout::ModelOpt
+    };
+    let (packed_name, global_name) = match layout {
+        NvLayout::ModelOpt => ("weight", "weight_scale_2"),
+        NvLayout::CompressedTensors => ("weight_packed", "weight_global_scale"),
+    };
+    let shape_err = |detail: String| Error::Checkpoint {
+        kind: Kind::Shape,
+        detail,
+    };
+    let packed = ck.read_u8(&format!("{base}.{packed_name}"))?;
+    let n = match packed.shape[..] {
+        [n, half] if 2 * half == k => n,
+        _ => {
+            return Err(shape_err(format!(
+                "`{}` is {:?}, expected [N, {}] (N, K/2)",
+                escape(&packed.name),
+                packed.shape,
+                k / 2
+            )));
+        }
+    };
+    let scale_name = format!("{base}.weight_scale");
+    let view = ck.view(&scale_name)?;
+    if view.dtype() != Dtype::F8_E4M3 && view.dtype() != Dtype::U8 {
+        return Err(Error::Checkpoint {
+            kind: Kind::Dtype,
+            detail: format!(
+                "`{}` is {}, expected F8_E4M3 (or its bytes as U8)",
+                escape(&scale_name),
+                view.dtype()
+            ),
+        });
+    }
+    if view.shape() != [n, k / NV_BLOCK] {
+        return Err(shape_err(format!(
+            "`{}` is {:?}, expected [{n}, {}] (N, K/16)",
+            escape(&scale_name),
+            view.shape(),
+            k / NV_BLOCK
+        )));
+    }
+    let global = ck.read_f32(&format!("{base}.{global_name}"))?;
+    let value = match global.data[..] {
+        [v] if global.shape.iter().product::<usize>() == 1 => v,
+        _ => {
+            return Err(shape_err(format!(
+                "`{}` is {:?}, expected one value",
+                escape(&global.name),
+                global.shape
+            )));
+        }
+    };
+    let tensor_scale = match layout {
+        NvLayout::ModelOpt => value,
+        // compressed-tensors divides the block scale by its global scale.
+        NvLayout::CompressedTensors => 1.0 / value,
+    };
+    Ok((layout, (n, packed.data, view.data().to_vec(), tensor_scale)))
+}
+
+/// Reads NVFP4 experts stored one linear per expert and projection — `{prefix}.{e}.{proj}` for
+/// `e < experts` and each `proj` of `projections`, as ModelOpt and compressed-tensors export MoE
+/// layers (`prefix` = `model.layers.L.mlp.experts`) — and stacks each expert's projections
+/// along N: `[E, Σ N_p, K]` with one tensor-scale group per projection. `["gate_proj",
+/// "up_proj"]` gives a `gate_up` in the split layout (gate rows first), `["down_proj"]` a
+/// `down`. `k` is the reduction length (the linears' input features).
+///
+/// The tensor scale is ModelOpt's `weight_scale_2`, or `1 / weight_global_scale` for
+/// compressed-tensors (whose own dequantization divides by the global scale: the factor can
+/// differ from it by one f32 rounding). Errors: [`Error::Checkpoint`] for missing tensors, wrong
+/// dtypes or shapes, projections of different N across experts, or a mix of layouts;
+/// [`Error::Nv`] for the values (NaN or negative block scales, tensor scales that are not
+/// finite and positive, `K % 16`).
+pub fn read_nv_experts(
+    ck: &Checkpoint<'_>,
+    prefix: &str,
+    experts: usize,
+    projections: &[&str],
+    k: usize,
+) -> Result<(NvWeights, NvLayout)> {
+    if projections.is_empty() {
+        return Err(Error::InvalidArgument {
+            what: "projections",
+            detail: "name at least one projection".into(),
+        });
+    }
+    let mut layout = None;
+    let mut widths: Vec<usize> = Vec::new();
+    let (mut packed, mut scales, mut tensor_scales) = (Vec::new(), Vec::new(), Vec::new());
+    for e in 0..experts {
+        for (p, proj) in projections.iter().enumerate() {
+            let base = format!("{prefix}.{e}.{proj}");
+            let (l, (n, pk, sc, ts)) = read_nv_linear(ck, &base, k)?;
+            if *layout.get_or_insert(l) != l {
+                return Err(Error::Checkpoint {
+                    kind: Kind::Name,
+                    detail: format!(
+                        "`{}` mixes the ModelOpt and compressed-tensors names",
+                        escape(&base)
+                    ),
+                });
+            }
+            if e == 0 {
+                widths.push(n);
+            } else if widths[p] != n {
+                return Err(Error::Checkpoint {
+                    kind: Kind::Shape,
+                    detail: format!(
+                        "`{}` has {n} rows, expert 0's `{proj}` {}",
+                        escape(&base),
+                        widths[p]
+                    ),
+                });
+            }
+            packed.extend(pk);
+            scales.extend(sc);
+            tensor_scales.push(ts);
+        }
+    }
+    // Equal halves only: a group covers N/G rows.
+    if widths.iter().any(|&w| w != widths[0]) {
+        return Err(Error::Checkpoint {
+            kind: Kind::Shape,
+            detail: format!("the projections {projections:?} have different row counts {widths:?}"),
+        });
+    }
+    let n: usize = widths.iter().sum();
+    let shape = NvShape::new(experts, n, k)?;
+    let w = NvWeights::from_grouped_parts(
+        shape,
+        packed,
+        scales,
+        Some(tensor_scales),
+        projections.len(),
+    )?;
+    Ok((w, layout.unwrap_or(NvLayout::ModelOpt)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2038,5 +2297,152 @@ mod tests {
             MxLayoutKind::GptOss
         );
         assert!("fp8".parse::<MxLayoutKind>().is_err());
+    }
+
+    // NVFP4 exports.
+    use crate::nvfp4::{NvError, dequantize_nvfp4_f32, quantize_nvfp4};
+    /// A checkpoint with `projections` of `experts` experts, each quantized two-level from
+    /// `values[proj]` (`[E, n, k]`), written in `layout`'s names.
+    fn export(
+        layout: NvLayout,
+        values: &[Vec<f32>],
+        experts: usize,
+        n: usize,
+        k: usize,
+    ) -> Vec<u8> {
+        let mut wr = CheckpointWriter::new();
+        for (p, v) in values.iter().enumerate() {
+            let proj = ["gate_proj", "up_proj"][p];
+            let w = quantize_nvfp4(v, experts, n, k, true).unwrap();
+            for e in 0..experts {
+                let base = format!("model.layers.0.mlp.experts.{e}.{proj}");
+                let packed = w.packed()[e * n * k / 2..][..n * k / 2].to_vec();
+                let scales = w.scales()[e * n * k / 16..][..n * k / 16].to_vec();
+                let ts = w.tensor_scales().unwrap()[e];
+                let (pn, gn, g) = match layout {
+                    NvLayout::ModelOpt => ("weight", "weight_scale_2", ts),
+                    NvLayout::CompressedTensors => {
+                        ("weight_packed", "weight_global_scale", 1.0 / ts)
+                    }
+                };
+                wr.add_u8(format!("{base}.{pn}"), &[n, k / 2], &packed)
+                    .unwrap();
+                wr.add_bytes(
+                    format!("{base}.weight_scale"),
+                    Dtype::F8_E4M3,
+                    &[n, k / 16],
+                    scales,
+                )
+                .unwrap();
+                wr.add_f32(format!("{base}.{gn}"), &[], &[g]).unwrap();
+            }
+        }
+        wr.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn per_expert_exports_read_back_stacked_in_both_layouts() {
+        let mut rng = crate::test_rng::XorShift::new(11);
+        let (e, n, k) = (3, 8, 32);
+        // Gate and up at different ranges, so their tensor scales differ.
+        let gate = rng.vec(e * n * k, 1.0);
+        let up = rng.vec(e * n * k, 30.0);
+        for layout in [NvLayout::ModelOpt, NvLayout::CompressedTensors] {
+            let bytes = export(layout, &[gate.clone(), up.clone()], e, n, k);
+            let ck = Checkpoint::parse(&bytes).unwrap();
+            let prefix = "model.layers.0.mlp.experts";
+            let (w, got_layout) =
+                read_nv_experts(&ck, prefix, e, &["gate_proj", "up_proj"], k).unwrap();
+            assert_eq!(got_layout, layout);
+            assert_eq!((w.shape().n(), w.groups()), (2 * n, 2));
+            // Each stacked expert: its gate rows, then its up rows, each with its own scale.
+            let deq = dequantize_nvfp4_f32(&w);
+            let g = dequantize_nvfp4_f32(&quantize_nvfp4(&gate, e, n, k, true).unwrap());
+            let u = dequantize_nvfp4_f32(&quantize_nvfp4(&up, e, n, k, true).unwrap());
+            for x in 0..e {
+                let row = |v: &[f32]| v[x * n * k..][..n * k].to_vec();
+                let got = &deq[x * 2 * n * k..][..2 * n * k];
+                let close = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .all(|(p, q)| (p - q).abs() <= 1e-6 * q.abs().max(1e-30))
+                };
+                // ModelOpt is bit-exact; compressed-tensors' reciprocal costs up to an f32 ulp.
+                assert!(
+                    close(&got[..n * k], &row(&g)),
+                    "{layout:?} gate of expert {x}"
+                );
+                assert!(
+                    close(&got[n * k..], &row(&u)),
+                    "{layout:?} up of expert {x}"
+                );
+                if layout == NvLayout::ModelOpt {
+                    assert_eq!(&got[..n * k], &row(&g)[..]);
+                }
+            }
+            let (down, _) = read_nv_experts(&ck, prefix, e, &["up_proj"], k).unwrap();
+            assert_eq!((down.shape().n(), down.groups()), (n, 1));
+        }
+    }
+
+    #[test]
+    fn malformed_exports_are_typed_errors() {
+        let mut rng = crate::test_rng::XorShift::new(12);
+        let (e, n, k) = (2, 4, 32);
+        let v = rng.vec(e * n * k, 1.0);
+        let bytes = export(NvLayout::ModelOpt, std::slice::from_ref(&v), e, n, k);
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        let prefix = "model.layers.0.mlp.experts";
+        let kind = |r: Result<(NvWeights, NvLayout)>| match r {
+            Err(Error::Checkpoint { kind, .. }) => Some(kind),
+            _ => None,
+        };
+        // A third expert that is not in the file; a K that does not match.
+        assert_eq!(
+            kind(read_nv_experts(&ck, prefix, 3, &["gate_proj"], k)),
+            Some(Kind::Missing)
+        );
+        assert_eq!(
+            kind(read_nv_experts(&ck, prefix, 2, &["gate_proj"], 64)),
+            Some(Kind::Shape)
+        );
+        assert!(matches!(
+            read_nv_experts(&ck, prefix, 2, &[], k),
+            Err(Error::InvalidArgument { .. })
+        ));
+        // A NaN block scale byte is the container's typed error.
+        let mut wr = CheckpointWriter::new();
+        let base = format!("{prefix}.0.gate_proj");
+        wr.add_u8(format!("{base}.weight"), &[1, 8], &[0; 8])
+            .unwrap();
+        wr.add_bytes(
+            format!("{base}.weight_scale"),
+            Dtype::F8_E4M3,
+            &[1, 1],
+            vec![0x7F],
+        )
+        .unwrap();
+        wr.add_f32(format!("{base}.weight_scale_2"), &[1], &[1.0])
+            .unwrap();
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        assert!(matches!(
+            read_nv_experts(&ck, prefix, 1, &["gate_proj"], 16),
+            Err(Error::Nv(NvError::BadBlockScale { byte: 0x7F, .. }))
+        ));
+        // A block scale stored as BF16 is a dtype error, not reinterpreted bytes.
+        let mut wr = CheckpointWriter::new();
+        wr.add_u8(format!("{base}.weight"), &[1, 8], &[0; 8])
+            .unwrap();
+        wr.add_bf16(format!("{base}.weight_scale"), &[1, 1], &[0x3F80])
+            .unwrap();
+        wr.add_f32(format!("{base}.weight_scale_2"), &[1], &[1.0])
+            .unwrap();
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        assert_eq!(
+            kind(read_nv_experts(&ck, prefix, 1, &["gate_proj"], 16)),
+            Some(Kind::Dtype)
+        );
     }
 }

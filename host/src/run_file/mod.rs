@@ -31,8 +31,9 @@ use crate::checkpoint::{
 use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::mxfp4::dequantize_bf16;
+use crate::nvfp4::dequantize_nvfp4_bf16;
 use crate::op::{
-    self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts,
+    self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, NvExperts,
 };
 use crate::reference::moe::RefLora;
 use crate::reference::{self, Rounding, check_host_memory, sum_bytes, tensor_bytes};
@@ -55,7 +56,9 @@ Input file, safetensors; T tokens, k = top_k, E experts, N outputs, K inputs, r 
                                   [T*k, K] grouped rows (input_order = grouped)
   w           BF16/F16/F32 [E, N, K] dense expert weights W_store, or MXFP4 as
               w.packed U8 [E, N, K/2] + w.scales U8 [E, N, K/32] (torchao; also w.qdata/w.scale), or
-              w_blocks U8 [E, N, K/32, 16] + w_scales U8 [E, N, K/32] (gpt-oss)
+              w_blocks U8 [E, N, K/32, 16] + w_scales U8 [E, N, K/32] (gpt-oss), or NVFP4 as
+              w.packed U8 [E, N, K/2] + w.scales F8_E4M3 [E, N, K/16] (+ optional
+              w.tensor_scales F32 [E] or [E, G]); NVFP4 runs Strategy A (`fused` is refused)
               (another name with --weight NAME)
   lora_a      optional, [E*r, K]   (with lora_b)
   lora_b      optional, [N, E*r]
@@ -742,6 +745,15 @@ fn load_lora(
 /// Rejects an MXFP4-only strategy for dense weights (on every backend, so a file that would
 /// fail on the GPU fails on the CPU too).
 fn check_strategy(w: &StoredWeights, name: &str, strategy: RunStrategy) -> Result<()> {
+    if let (StoredWeights::Nv(_), RunStrategy::Fused) = (w, strategy) {
+        return Err(Error::InvalidArgument {
+            what: "strategy",
+            detail: format!(
+                "`fused` has no NVFP4 kernels yet, and `{}` is NVFP4: use `auto` or `selective`",
+                escape(name)
+            ),
+        });
+    }
     if let (StoredWeights::Dense(t), RunStrategy::Fused | RunStrategy::Selective) = (w, strategy) {
         return Err(Error::InvalidArgument {
             what: "strategy",
@@ -773,6 +785,7 @@ fn check_dims(what: &'static str, n: usize, k: usize) -> Result<()> {
 enum DeviceWeights {
     Dense(DenseExperts),
     Mx(MxExperts),
+    Nv(NvExperts),
 }
 
 impl DeviceWeights {
@@ -788,6 +801,10 @@ impl DeviceWeights {
             (StoredWeights::Mx { weights, .. }, _) => {
                 DeviceWeights::Mx(MxExperts::upload(gpu, weights)?)
             }
+            (StoredWeights::Nv(w), RunStrategy::Bf16) => DeviceWeights::Dense(
+                DenseExperts::from_bits(gpu, &dequantize_nvfp4_bf16(w), e, n, k)?,
+            ),
+            (StoredWeights::Nv(w), _) => DeviceWeights::Nv(NvExperts::upload(gpu, w)?),
         })
     }
 
@@ -795,6 +812,7 @@ impl DeviceWeights {
         match self {
             DeviceWeights::Dense(w) => ExpertWeights::Bf16(w),
             DeviceWeights::Mx(w) => ExpertWeights::Mxfp4(w),
+            DeviceWeights::Nv(w) => ExpertWeights::Nvfp4(w),
         }
     }
 
@@ -806,6 +824,7 @@ impl DeviceWeights {
                 op::Strategy::SelectiveDequant.name()
             }
             (DeviceWeights::Mx(_), _) => op::Strategy::Fused.name(),
+            (DeviceWeights::Nv(_), _) => op::Strategy::SelectiveDequant.name(),
         }
     }
 }
@@ -835,6 +854,7 @@ fn weight_tensors(ck: &Checkpoint<'_>, name: &str, w: &StoredWeights) -> Vec<Str
             .find_mx(name)
             .map(|(_, codes, scales)| vec![codes, scales])
             .unwrap_or_default(),
+        StoredWeights::Nv(_) => ck.nv_tensor_names(name),
     }
 }
 
@@ -844,6 +864,15 @@ fn device_weight_bytes(w: &StoredWeights, strategy: RunStrategy) -> Option<u128>
     match (w, strategy) {
         (StoredWeights::Mx { weights, .. }, RunStrategy::Auto | RunStrategy::Fused) => {
             Some(weights.shape().bytes() as u128)
+        }
+        // NVFP4 runs Strategy A (Fused is refused before this): the packed weights and scales,
+        // and a bf16 buffer for the active experts.
+        (StoredWeights::Nv(w), RunStrategy::Auto | RunStrategy::Selective | RunStrategy::Fused) => {
+            sum_bytes(&[
+                tensor_bytes(&[e, n, k / 2 + k / 16], 1),
+                tensor_bytes(&[e, w.groups()], 4),
+                tensor_bytes(&[e, n, k], 2),
+            ])
         }
         // Strategy A keeps the packed weights and a bf16 buffer for the active experts.
         (StoredWeights::Mx { weights, .. }, RunStrategy::Selective) => sum_bytes(&[

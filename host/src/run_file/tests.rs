@@ -3,8 +3,9 @@
 //! and one message per kind of bad input.
 
 use super::*;
-use crate::checkpoint::MxLayoutKind;
+use crate::checkpoint::{Dtype, MxLayoutKind};
 use crate::mxfp4::{dequantize_f32, quantize_mxfp4_bf16};
+use crate::nvfp4::{NvError, NvWeights, dequantize_nvfp4_f32, quantize_nvfp4};
 use crate::reference::LinearProblem;
 use crate::reference::moe::{
     Activation, ClampBoundary, GateUpLayout, MoeProblem, RefLora, moe_forward, moe_forward_backward,
@@ -240,6 +241,107 @@ fn cpu_run_matches_the_reference_called_directly() {
             check_outputs(&bytes, &want);
         }
     }
+}
+
+/// Writes stacked NVFP4 weights `w` under `name` (`.packed`, `.scales` as F8_E4M3 and, with
+/// tensor scales, `.tensor_scales` `[E]` or `[E, G]`).
+fn add_nv(f: &mut CheckpointWriter, name: &str, w: &NvWeights) {
+    let s = w.shape();
+    let (e, n, k) = (s.experts(), s.n(), s.k());
+    f.add_u8(format!("{name}.packed"), &[e, n, k / 2], w.packed())
+        .unwrap();
+    f.add_bytes(
+        format!("{name}.scales"),
+        Dtype::F8_E4M3,
+        &[e, n, k / 16],
+        w.scales().to_vec(),
+    )
+    .unwrap();
+    if let Some(t) = w.tensor_scales() {
+        let shape: Vec<usize> = if w.groups() == 1 {
+            vec![e]
+        } else {
+            vec![e, w.groups()]
+        };
+        f.add_f32(format!("{name}.tensor_scales"), &shape, t)
+            .unwrap();
+    }
+}
+
+#[test]
+fn nvfp4_weights_run_on_the_reference_and_fused_is_refused() {
+    let case = Case::new(RowOrder::Grouped, RowOrder::Scattered, true);
+    let single = quantize_nvfp4(&case.w, case.e, case.n, case.k, false).unwrap();
+    let two_level = quantize_nvfp4(&case.w, case.e, case.n, case.k, true).unwrap();
+    // Two tensor-scale groups per expert, with scales of their own.
+    let (shape, packed, scales, _) = two_level.clone().into_parts();
+    let grouped = NvWeights::from_grouped_parts(
+        shape,
+        packed,
+        scales,
+        Some((0..case.e * 2).map(|i| 0.01 * (1.0 + i as f32)).collect()),
+        2,
+    )
+    .unwrap();
+    for w in [&single, &two_level, &grouped] {
+        let file = case.file(|f| add_nv(f, "w", w));
+        for strategy in [RunStrategy::Auto, RunStrategy::Selective, RunStrategy::Bf16] {
+            let (bytes, report) = execute(&file, &RunOptions { strategy, ..cpu() }).unwrap();
+            assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+            check_outputs(&bytes, &case.expected(&dequantize_nvfp4_f32(w)));
+            let ck = Checkpoint::parse(&bytes).unwrap();
+            assert!(
+                ck.metadata_value(META_WEIGHTS)
+                    .is_some_and(|v| v.starts_with("NVFP4")),
+                "{:?}",
+                ck.metadata_value(META_WEIGHTS)
+            );
+        }
+        let err = execute(
+            &file,
+            &RunOptions {
+                strategy: RunStrategy::Fused,
+                ..cpu()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument { what: "strategy", detail } if detail.contains("NVFP4")),
+            "{err}"
+        );
+    }
+    // E4M3 NaN block scales and tensor scales of a wrong shape are typed errors.
+    let mut nan = single.clone().into_parts();
+    nan.2[3] = 0x7F;
+    let bad = NvWeights::from_parts(nan.0, nan.1, vec![0x38; nan.2.len()], None).unwrap();
+    let file = case.file(|f| {
+        let s = bad.shape();
+        f.add_u8("w.packed", &[s.experts(), s.n(), s.k() / 2], bad.packed())
+            .unwrap();
+        f.add_bytes(
+            "w.scales",
+            Dtype::F8_E4M3,
+            &[s.experts(), s.n(), s.k() / 16],
+            nan.2.clone(),
+        )
+        .unwrap();
+    });
+    assert!(matches!(
+        execute(&file, &cpu()),
+        Err(Error::Nv(NvError::BadBlockScale { byte: 0x7F, .. }))
+    ));
+    let file = case.file(|f| {
+        add_nv(f, "w", &single);
+        f.add_f32("w.tensor_scales", &[case.e + 1], &vec![1.0; case.e + 1])
+            .unwrap();
+    });
+    assert!(matches!(
+        execute(&file, &cpu()),
+        Err(Error::Checkpoint {
+            kind: CheckpointErrorKind::Shape,
+            ..
+        })
+    ));
 }
 
 #[test]
