@@ -1399,6 +1399,179 @@ pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<Quantize
     })
 }
 
+/// The quantizer [`quantize_file_nvfp4`] records as [`META_QUANTIZER`].
+pub const NV_QUANTIZER_ID: &str = "torchao-0.18.0 NVFP4Tensor.to_nvfp4, e2m1, E4M3 block 16";
+
+/// What [`quantize_file_nvfp4`] does.
+#[derive(Debug, Clone, Default)]
+pub struct NvQuantizeOptions {
+    /// Two-level scaling: each expert's per-tensor f32 scale (`amax / 2688`) beside the E4M3
+    /// block scales, as ModelOpt exports; single-level (block scales only) otherwise.
+    pub two_level: bool,
+    /// Quantize exactly these tensors (each must exist and be quantizable) instead of every
+    /// quantizable one.
+    pub tensors: Option<Vec<String>>,
+    /// The input's name, recorded as [`META_SOURCE`].
+    pub source: Option<String>,
+}
+
+/// Whether a tensor of `dtype` and `shape` can be NVFP4-quantized: `BF16` or `F32`, `[E, N, K]`
+/// with positive extents and `K` a multiple of 16.
+pub fn is_nv_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
+    matches!(dtype, Dtype::BF16 | Dtype::F32)
+        && shape.len() == 3
+        && shape.iter().all(|&d| d > 0)
+        && shape[2].is_multiple_of(NV_BLOCK)
+}
+
+/// Quantizes the selected rank-3 `BF16`/`F32` tensors of a safetensors file to NVFP4 (torchao
+/// 0.18.0's quantizer, `crate::nvfp4::quantize_nvfp4`) and copies every other tensor unchanged.
+/// A tensor `W` becomes the stacked tensors [`Checkpoint::read_nv`] reads: `W.packed` U8
+/// `[E, N, K/2]`, `W.scales` F8_E4M3 `[E, N, K/16]` and, two-level, `W.tensor_scales` F32 `[E]`.
+/// The metadata records the format and provenance ([`META_FORMAT`] = `nvfp4`). Tensors are
+/// quantized one after another on the calling thread.
+///
+/// Errors: parse errors as [`Checkpoint::parse`]; with `options.tensors`, a listed tensor that is
+/// missing, not `BF16`/`F32` or not `[E, N, K]` with `K % 16 == 0`; [`Kind::Name`] when an output
+/// name is already taken by an input tensor; [`Error::Nv`] for a non-finite value or (two-level)
+/// an all-zero expert.
+pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<QuantizeOutput> {
+    let ck = Checkpoint::parse(input)?;
+    let names = ck.names();
+    let selected: BTreeSet<String> = match &options.tensors {
+        Some(list) => {
+            for name in list {
+                let view = ck.view(name)?;
+                if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
+                    return Err(err(
+                        Kind::Dtype,
+                        format!(
+                            "`{}` is {}; only BF16 and F32 tensors can be quantized",
+                            escape(name),
+                            view.dtype()
+                        ),
+                    ));
+                }
+                if !is_nv_quantizable(view.dtype(), view.shape()) {
+                    return Err(err(
+                        Kind::Shape,
+                        format!(
+                            "`{}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {NV_BLOCK} can be NVFP4-quantized",
+                            escape(name),
+                            shape_str(view.shape())
+                        ),
+                    ));
+                }
+            }
+            list.iter().cloned().collect()
+        }
+        None => names
+            .iter()
+            .filter(|n| {
+                ck.view(n)
+                    .is_ok_and(|v| is_nv_quantizable(v.dtype(), v.shape()))
+            })
+            .map(|n| n.to_string())
+            .collect(),
+    };
+    let suffixes: &[&str] = if options.two_level {
+        &[".packed", ".scales", ".tensor_scales"]
+    } else {
+        &[".packed", ".scales"]
+    };
+    let mut written = BTreeSet::new();
+    for name in &selected {
+        for suffix in suffixes {
+            let out = format!("{name}{suffix}");
+            if ck.contains(&out) && !selected.contains(&out) {
+                return Err(err(
+                    Kind::Name,
+                    format!(
+                        "quantizing `{}` would write `{}`, but the input already holds a tensor of that name",
+                        escape(name),
+                        escape(&out)
+                    ),
+                ));
+            }
+            if !written.insert(out.clone()) {
+                return Err(err(
+                    Kind::Name,
+                    format!("`{}` would be written twice", escape(&out)),
+                ));
+            }
+        }
+    }
+
+    let mut out = CheckpointWriter::new();
+    for (k, v) in ck.metadata() {
+        out.set_metadata(k.clone(), v.clone());
+    }
+    let mut copied = Vec::new();
+    for name in &names {
+        if selected.contains(*name) {
+            continue;
+        }
+        out.add_view(*name, &ck.view(name)?)?;
+        copied.push(name.to_string());
+    }
+    let mut record = serde_json::Map::new();
+    let mut quantized = Vec::with_capacity(selected.len());
+    for name in &selected {
+        let t = ck.read_float(name)?;
+        let [e, n, k] = [t.shape[0], t.shape[1], t.shape[2]];
+        let w = crate::nvfp4::quantize_nvfp4(&t.data, e, n, k, options.two_level)?;
+        let (codes, scales) = (format!("{name}.packed"), format!("{name}.scales"));
+        out.add_u8(codes.clone(), &[e, n, k / 2], w.packed())?;
+        out.add_bytes(
+            scales.clone(),
+            Dtype::F8_E4M3,
+            &[e, n, k / NV_BLOCK],
+            w.scales().to_vec(),
+        )?;
+        let mut bytes_out = w.packed().len() + w.scales().len();
+        if let Some(ts) = w.tensor_scales() {
+            out.add_f32(format!("{name}.tensor_scales"), &[e], ts)?;
+            bytes_out += 4 * ts.len();
+        }
+        let view = ck.view(name)?;
+        record.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": view.dtype().to_string(),
+                "shape": [e, n, k],
+                "packed": codes,
+                "scales": scales,
+                "two_level": options.two_level,
+            }),
+        );
+        quantized.push(QuantizedTensor {
+            name: name.clone(),
+            dtype: view.dtype(),
+            shape: [e, n, k],
+            codes,
+            scales,
+            bytes_in: view.data().len(),
+            bytes_out,
+        });
+    }
+    out.set_metadata(META_FORMAT, "nvfp4");
+    out.set_metadata(META_QUANTIZER, NV_QUANTIZER_ID);
+    out.set_metadata(META_VERSION, env!("CARGO_PKG_VERSION"));
+    out.set_metadata(
+        META_QUANTIZED,
+        serde_json::Value::Object(record).to_string(),
+    );
+    if let Some(source) = &options.source {
+        out.set_metadata(META_SOURCE, source.clone());
+    }
+    Ok(QuantizeOutput {
+        bytes: out.to_bytes()?,
+        quantized,
+        converted: Vec::new(),
+        copied,
+    })
+}
+
 /// One tensor for [`quantize_pool`]: little-endian `BF16` or `F32` bytes of `shape`.
 struct QuantizeJob<'a> {
     dtype: Dtype,
@@ -2444,5 +2617,79 @@ mod tests {
             kind(read_nv_experts(&ck, prefix, 1, &["gate_proj"], 16)),
             Some(Kind::Dtype)
         );
+    }
+
+    #[test]
+    fn nvfp4_quantize_file_writes_what_read_nv_reads() {
+        let mut rng = crate::test_rng::XorShift::new(31);
+        let (e, n, k) = (3, 8, 48);
+        let w = rng.vec(e * n * k, 2.0);
+        let mut f = CheckpointWriter::new();
+        f.add_bf16_from_f32("experts.w", &[e, n, k], &w).unwrap();
+        f.add_f32("router", &[4, 4], &[0.5; 16]).unwrap();
+        f.set_metadata("note", "kept");
+        let input = f.to_bytes().unwrap();
+        for two_level in [false, true] {
+            let options = NvQuantizeOptions {
+                two_level,
+                ..NvQuantizeOptions::default()
+            };
+            let out = quantize_file_nvfp4(&input, &options).unwrap();
+            assert_eq!(out.copied, vec!["router".to_string()]);
+            assert_eq!(out.quantized.len(), 1);
+            let ck = Checkpoint::parse(&out.bytes).unwrap();
+            assert_eq!(ck.metadata_value(META_FORMAT), Some("nvfp4"));
+            assert_eq!(ck.metadata_value("note"), Some("kept"));
+            assert!(ck.is_nv("experts.w") && !ck.contains("experts.w"));
+            let got = ck.read_nv("experts.w").unwrap();
+            let bits: Vec<u16> = w.iter().map(|&v| f32_to_bf16_bits(v)).collect();
+            let want = crate::nvfp4::quantize_nvfp4_bf16(&bits, e, n, k, two_level).unwrap();
+            assert_eq!(got, want);
+            assert!(matches!(
+                ck.read_expert_weights("experts.w").unwrap(),
+                StoredWeights::Nv(_)
+            ));
+        }
+        // K = 40 is not a multiple of 16: listed, it is an error; unlisted, it is copied.
+        let mut f = CheckpointWriter::new();
+        f.add_f32("w", &[1, 2, 40], &[1.0; 80]).unwrap();
+        let input = f.to_bytes().unwrap();
+        let listed = NvQuantizeOptions {
+            tensors: Some(vec!["w".into()]),
+            ..NvQuantizeOptions::default()
+        };
+        assert!(matches!(
+            quantize_file_nvfp4(&input, &listed),
+            Err(Error::Checkpoint {
+                kind: Kind::Shape,
+                ..
+            })
+        ));
+        let out = quantize_file_nvfp4(&input, &NvQuantizeOptions::default()).unwrap();
+        assert_eq!(out.copied, vec!["w".to_string()]);
+        // An output name already taken.
+        let mut f = CheckpointWriter::new();
+        f.add_f32("w", &[1, 2, 32], &[1.0; 64]).unwrap();
+        f.add_u8("w.packed", &[1], &[0]).unwrap();
+        let input = f.to_bytes().unwrap();
+        assert!(matches!(
+            quantize_file_nvfp4(&input, &NvQuantizeOptions::default()),
+            Err(Error::Checkpoint {
+                kind: Kind::Name,
+                ..
+            })
+        ));
+        // Two-level with an all-zero expert.
+        let mut f = CheckpointWriter::new();
+        f.add_f32("w", &[1, 2, 32], &[0.0; 64]).unwrap();
+        let input = f.to_bytes().unwrap();
+        let two = NvQuantizeOptions {
+            two_level: true,
+            ..NvQuantizeOptions::default()
+        };
+        assert!(matches!(
+            quantize_file_nvfp4(&input, &two),
+            Err(Error::Nv(NvError::ZeroExpert { expert: 0 }))
+        ));
     }
 }

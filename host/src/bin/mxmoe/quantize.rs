@@ -1,5 +1,6 @@
-//! `mxmoe quantize`: MXFP4-quantizes the expert weights of a safetensors file
-//! ([`mxmoe::checkpoint::quantize_file`]).
+//! `mxmoe quantize`: MXFP4-quantizes (or, with `--format nvfp4`, NVFP4-quantizes) the expert
+//! weights of a safetensors file ([`mxmoe::checkpoint::quantize_file`],
+//! [`mxmoe::checkpoint::quantize_file_nvfp4`]).
 //!
 //! Every rank-3 `BF16` or `F32` tensor `[E, N, K]` with `K` a multiple of 32 is quantized with the
 //! torchao FLOOR quantizer (SPEC §1.4), unless `--tensors` names the ones to quantize; all other
@@ -11,13 +12,20 @@
 //! stored in the other layout are converted to `--layout` (the same bytes, renamed and
 //! reshaped), so the recorded layout holds for every MXFP4 weight in the output.
 //!
+//! With `--format nvfp4` every rank-3 `BF16`/`F32` tensor with `K` a multiple of 16 becomes
+//! `<name>.packed` u8 `[E, N, K/2]`, `<name>.scales` F8_E4M3 `[E, N, K/16]` and, with
+//! `--two-level`, `<name>.tensor_scales` f32 `[E]` (torchao 0.18.0's NVFP4 quantizer); `--layout`
+//! applies to MXFP4 only.
+//!
 //! The output is written to a temporary file beside it and renamed over it when complete, so
 //! `OUT` may be `IN`, and a failed run leaves `OUT` as it was.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use mxmoe::checkpoint::{MxLayoutKind, QuantizeOptions, escape, quantize_file};
+use mxmoe::checkpoint::{
+    MxLayoutKind, NvQuantizeOptions, QuantizeOptions, escape, quantize_file, quantize_file_nvfp4,
+};
 
 use crate::env::mib;
 use crate::output::write_atomic;
@@ -40,6 +48,16 @@ impl From<LayoutArg> for MxLayoutKind {
     }
 }
 
+/// The 4-bit formats `mxmoe quantize` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// MXFP4: E2M1 codes, one E8M0 scale per 32 values (`--layout` names the tensors).
+    Mxfp4,
+    /// NVFP4: E2M1 codes, one E4M3 scale per 16 values (+ a per-expert f32 scale with
+    /// `--two-level`).
+    Nvfp4,
+}
+
 /// Options of `mxmoe quantize`.
 #[derive(Debug, clap::Args)]
 pub struct QuantizeArgs {
@@ -54,22 +72,70 @@ pub struct QuantizeArgs {
     #[arg(long, value_enum, default_value_t = LayoutArg::Torchao)]
     pub layout: LayoutArg,
     /// Quantize only these tensors (comma-separated names; each must be a bf16 or f32
-    /// `[E, N, K]` tensor with K a multiple of 32). Default: every such tensor.
+    /// `[E, N, K]` tensor with K a multiple of 32, or of 16 for NVFP4). Default: every such
+    /// tensor.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub tensors: Option<Vec<String>>,
+    /// The 4-bit format to write.
+    #[arg(long, value_enum, default_value_t = FormatArg::Mxfp4)]
+    pub format: FormatArg,
+    /// NVFP4 only: also write each expert's per-tensor f32 scale (two-level scaling, as ModelOpt
+    /// exports).
+    #[arg(long)]
+    pub two_level: bool,
 }
 
 /// Reads, quantizes and writes; prints one line per quantized tensor and a total.
 pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     let input = std::fs::read(&args.input)
         .with_context(|| format!("could not read {}", args.input.display()))?;
+    let source = args
+        .input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    if args.format == FormatArg::Nvfp4 {
+        let options = NvQuantizeOptions {
+            two_level: args.two_level,
+            tensors: args.tensors.clone(),
+            source,
+        };
+        let out = quantize_file_nvfp4(&input, &options)
+            .with_context(|| format!("could not quantize {}", args.input.display()))?;
+        write_atomic(&args.output, &out.bytes)?;
+        for q in &out.quantized {
+            let [e, n, k] = q.shape;
+            println!(
+                "{} {} [{e}, {n}, {k}] -> {} + {}{} ({} -> {})",
+                escape(&q.name),
+                q.dtype,
+                escape(&q.codes),
+                escape(&q.scales),
+                if args.two_level {
+                    " + tensor_scales"
+                } else {
+                    ""
+                },
+                mib(q.bytes_in),
+                mib(q.bytes_out)
+            );
+        }
+        println!(
+            "wrote {} (NVFP4{}): {} tensor(s) quantized, {} copied, {}",
+            args.output.display(),
+            if args.two_level { ", two-level" } else { "" },
+            out.quantized.len(),
+            out.copied.len(),
+            mib(out.bytes.len())
+        );
+        return Ok(());
+    }
+    if args.two_level {
+        anyhow::bail!("--two-level applies to --format nvfp4 only (MXFP4 has one scale level)");
+    }
     let options = QuantizeOptions {
         layout: args.layout.into(),
         tensors: args.tensors.clone(),
-        source: args
-            .input
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned()),
+        source,
     };
     let out = quantize_file(&input, &options)
         .with_context(|| format!("could not quantize {}", args.input.display()))?;

@@ -170,7 +170,7 @@ mod tests {
     /// survive quantization. (The library's own tests compare that run with the reference.)
     #[test]
     fn quantize_then_run_round_trip_through_files() {
-        use crate::quantize::{LayoutArg, QuantizeArgs};
+        use crate::quantize::{FormatArg, LayoutArg, QuantizeArgs};
         let dir = std::env::temp_dir().join(format!("mxmoe-run-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (e, n, k, t, top_k) = (4, 32, 64, 5, 2);
@@ -199,25 +199,44 @@ mod tests {
         )
         .unwrap();
         let bits: Vec<u16> = w.iter().map(|&v| f32_to_bf16_bits(v)).collect();
-        let deq = dequantize_f32(&quantize_mxfp4_bf16(&bits, e, n, k).unwrap());
-        let dense = file(&|f| f.add_f32("w", &[e, n, k], &deq).unwrap());
-        let want = run_file::run(&dense, &RunOptions::default(), Backend::CpuReference).unwrap();
-        for layout in [LayoutArg::Torchao, LayoutArg::GptOss] {
+        let mx_deq = dequantize_f32(&quantize_mxfp4_bf16(&bits, e, n, k).unwrap());
+        let nv_deq = |two_level| {
+            mxmoe::nvfp4::dequantize_nvfp4_f32(
+                &mxmoe::nvfp4::quantize_nvfp4_bf16(&bits, e, n, k, two_level).unwrap(),
+            )
+        };
+        let cases = [
+            (FormatArg::Mxfp4, LayoutArg::Torchao, false, mx_deq.clone()),
+            (FormatArg::Mxfp4, LayoutArg::GptOss, false, mx_deq),
+            (FormatArg::Nvfp4, LayoutArg::Torchao, false, nv_deq(false)),
+            (FormatArg::Nvfp4, LayoutArg::Torchao, true, nv_deq(true)),
+        ];
+        for (format, layout, two_level, deq) in cases {
+            let dense = file(&|f| f.add_f32("w", &[e, n, k], &deq).unwrap());
+            let want =
+                run_file::run(&dense, &RunOptions::default(), Backend::CpuReference).unwrap();
             let quantized = dir.join("quantized.safetensors");
             crate::quantize::run(&QuantizeArgs {
                 input: raw.clone(),
                 output: quantized.clone(),
                 layout,
                 tensors: None,
+                format,
+                two_level,
             })
             .unwrap();
             let q_bytes = std::fs::read(&quantized).unwrap();
             let q = Checkpoint::parse(&q_bytes).unwrap();
             assert!(!q.contains("w"));
-            assert_eq!(
-                q.metadata_value("mxmoe.layout"),
-                Some(MxLayoutKind::from(layout).name())
-            );
+            if format == FormatArg::Mxfp4 {
+                assert_eq!(
+                    q.metadata_value("mxmoe.layout"),
+                    Some(MxLayoutKind::from(layout).name())
+                );
+            } else {
+                assert_eq!(q.metadata_value("mxmoe.format"), Some("nvfp4"));
+                assert_eq!(q.contains("w.tensor_scales"), two_level);
+            }
             assert_eq!(q.metadata_value("scaling"), Some("0.75"));
             let out = dir.join("out.safetensors");
             run(&RunArgs {
@@ -239,11 +258,22 @@ mod tests {
                 assert_eq!(
                     got.read_bf16(t.name).unwrap().data,
                     bits,
-                    "tensor {}",
+                    "{format:?} {layout:?}: tensor {}",
                     t.name
                 );
             }
         }
+        // --two-level is NVFP4's.
+        let err = crate::quantize::run(&QuantizeArgs {
+            input: raw.clone(),
+            output: dir.join("never.safetensors"),
+            layout: LayoutArg::Torchao,
+            tensors: None,
+            format: FormatArg::Mxfp4,
+            two_level: true,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--two-level"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
