@@ -1165,6 +1165,48 @@ pub fn is_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
         && shape[2].is_multiple_of(MX_BLOCK)
 }
 
+/// The tensors a quantizer run takes: the listed ones, each checked (present, `BF16`/`F32`,
+/// `[E, N, K]` with `K` a multiple of `block`, as `quantizable` says), or every quantizable one.
+fn select_quantizable(
+    ck: &Checkpoint<'_>,
+    listed: Option<&[String]>,
+    block: usize,
+    quantizable: fn(Dtype, &[usize]) -> bool,
+) -> Result<BTreeSet<String>> {
+    let Some(list) = listed else {
+        return Ok(ck
+            .names()
+            .iter()
+            .filter(|n| ck.view(n).is_ok_and(|v| quantizable(v.dtype(), v.shape())))
+            .map(|n| n.to_string())
+            .collect());
+    };
+    for name in list {
+        let view = ck.view(name)?;
+        if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
+            return Err(err(
+                Kind::Dtype,
+                format!(
+                    "`{}` is {}; only BF16 and F32 tensors can be quantized",
+                    escape(name),
+                    view.dtype()
+                ),
+            ));
+        }
+        if !quantizable(view.dtype(), view.shape()) {
+            return Err(err(
+                Kind::Shape,
+                format!(
+                    "`{}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {block} can be quantized",
+                    escape(name),
+                    shape_str(view.shape())
+                ),
+            ));
+        }
+    }
+    Ok(list.iter().cloned().collect())
+}
+
 /// What [`quantize_file`] does.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizeOptions {
@@ -1230,42 +1272,7 @@ pub struct QuantizeOutput {
 pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<QuantizeOutput> {
     let ck = Checkpoint::parse(input)?;
     let names = ck.names();
-    let selected: BTreeSet<String> = match &options.tensors {
-        Some(list) => {
-            for name in list {
-                let view = ck.view(name)?;
-                if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
-                    return Err(err(
-                        Kind::Dtype,
-                        format!(
-                            "`{}` is {}; only BF16 and F32 tensors can be quantized",
-                            escape(name),
-                            view.dtype()
-                        ),
-                    ));
-                }
-                if !is_quantizable(view.dtype(), view.shape()) {
-                    return Err(err(
-                        Kind::Shape,
-                        format!(
-                            "`{}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {MX_BLOCK} can be quantized",
-                            escape(name),
-                            shape_str(view.shape())
-                        ),
-                    ));
-                }
-            }
-            list.iter().cloned().collect()
-        }
-        None => names
-            .iter()
-            .filter(|n| {
-                ck.view(n)
-                    .is_ok_and(|v| is_quantizable(v.dtype(), v.shape()))
-            })
-            .map(|n| n.to_string())
-            .collect(),
-    };
+    let selected = select_quantizable(&ck, options.tensors.as_deref(), MX_BLOCK, is_quantizable)?;
 
     // MXFP4 weights stored in the other layout: their two tensors are replaced by converted ones.
     let mut conversions = Vec::new();
@@ -1438,42 +1445,8 @@ pub fn is_nv_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
 pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<QuantizeOutput> {
     let ck = Checkpoint::parse(input)?;
     let names = ck.names();
-    let selected: BTreeSet<String> = match &options.tensors {
-        Some(list) => {
-            for name in list {
-                let view = ck.view(name)?;
-                if !matches!(view.dtype(), Dtype::BF16 | Dtype::F32) {
-                    return Err(err(
-                        Kind::Dtype,
-                        format!(
-                            "`{}` is {}; only BF16 and F32 tensors can be quantized",
-                            escape(name),
-                            view.dtype()
-                        ),
-                    ));
-                }
-                if !is_nv_quantizable(view.dtype(), view.shape()) {
-                    return Err(err(
-                        Kind::Shape,
-                        format!(
-                            "`{}` has shape {}; only [E, N, K] tensors with positive extents and K a multiple of {NV_BLOCK} can be NVFP4-quantized",
-                            escape(name),
-                            shape_str(view.shape())
-                        ),
-                    ));
-                }
-            }
-            list.iter().cloned().collect()
-        }
-        None => names
-            .iter()
-            .filter(|n| {
-                ck.view(n)
-                    .is_ok_and(|v| is_nv_quantizable(v.dtype(), v.shape()))
-            })
-            .map(|n| n.to_string())
-            .collect(),
-    };
+    let selected =
+        select_quantizable(&ck, options.tensors.as_deref(), NV_BLOCK, is_nv_quantizable)?;
     let suffixes: &[&str] = if options.two_level {
         &[".packed", ".scales", ".tensor_scales"]
     } else {

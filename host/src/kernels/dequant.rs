@@ -14,6 +14,18 @@ use crate::launch::{addr, addr_mut};
 /// Threads per block of the dequant kernel.
 const THREADS: u32 = 256;
 
+/// `count·n·k`, overflow-checked: a product that wraps could pass a length check it should
+/// fail.
+fn expert_elems(format: &str, count: usize, n: usize, k: usize) -> Result<usize> {
+    count
+        .checked_mul(n)
+        .and_then(|v| v.checked_mul(k))
+        .ok_or_else(|| Error::SizeOverflow {
+            what: format!("{format} experts [{count}, {n}, {k}]"),
+            detail: "the element count does not fit in usize".into(),
+        })
+}
+
 /// Dequantizes the experts listed in `experts` from device-resident MXFP4 buffers
 /// (`packed [num_experts, n, k/2]`, `scales [num_experts, n, k/32]`) into a new bf16 buffer
 /// `[experts.len(), n, k]` (bf16 bits), bit-identical to torchao's `dequantize(bf16)`.
@@ -32,16 +44,7 @@ pub fn dequant_mxfp4_bf16(
             detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}"),
         });
     }
-    // Overflow-checked: a product that wraps could pass a length check it should fail.
-    let elems = |count: usize| -> Result<usize> {
-        count
-            .checked_mul(n)
-            .and_then(|v| v.checked_mul(k))
-            .ok_or_else(|| Error::SizeOverflow {
-                what: format!("MXFP4 experts [{count}, {n}, {k}]"),
-                detail: "the element count does not fit in usize".into(),
-            })
-    };
+    let elems = |count| expert_elems("MXFP4", count, n, k);
     let full = elems(num_experts)?;
     check_len("packed", packed, full / 2)?;
     check_len("scales", scales, full / MX_BLOCK)?;
@@ -106,15 +109,7 @@ pub fn dequant_nvfp4_bf16(
             detail: format!("{groups} groups do not divide the {n} rows of an expert"),
         });
     }
-    let elems = |count: usize| -> Result<usize> {
-        count
-            .checked_mul(n)
-            .and_then(|v| v.checked_mul(k))
-            .ok_or_else(|| Error::SizeOverflow {
-                what: format!("NVFP4 experts [{count}, {n}, {k}]"),
-                detail: "the element count does not fit in usize".into(),
-            })
-    };
+    let elems = |count| expert_elems("NVFP4", count, n, k);
     let full = elems(num_experts)?;
     check_len("packed", packed, full / 2)?;
     check_len("scales", scales, full / NV_BLOCK)?;
