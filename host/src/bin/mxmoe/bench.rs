@@ -676,32 +676,8 @@ struct LayerRow {
     tokens: usize,
     rows: usize,
     active_experts: usize,
-    warmup: usize,
-    iters: usize,
-    median_ms: f64,
-    min_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
-    /// Host wall clock of the whole timed loop (synchronized) divided by the iterations.
-    wall_ms_per_iter: f64,
-    tokens_per_s: f64,
-    flops: f64,
-    tflops: f64,
-    /// Device memory used after the uploads, above the configuration's baseline.
-    resident_mib: f64,
-    /// Largest `cuMemGetInfo` used-memory sample (after forward, after backward), above baseline.
-    peak_sampled_mib: f64,
-    /// Memory pool high-water mark above baseline, over both passes.
-    peak_pool_mib: Option<f64>,
-    /// Every timed iteration, in order.
-    times_ms: Vec<f64>,
-}
-
-impl LayerRow {
-    /// As [`Row::peak_mib`].
-    fn peak_mib(&self) -> f64 {
-        self.peak_pool_mib.unwrap_or(self.peak_sampled_mib)
-    }
+    #[serde(flatten)]
+    m: Measured,
 }
 
 /// The fixed part of the gpt-oss layer problem, for the JSON document.
@@ -743,22 +719,28 @@ struct Row {
     tokens: usize,
     rows: usize,
     active_experts: usize,
-    warmup: usize,
-    iters: usize,
-    median_ms: f64,
-    min_ms: f64,
-    max_ms: f64,
-    mean_ms: f64,
-    /// Host wall clock of the whole timed loop (synchronized) divided by the iterations.
-    wall_ms_per_iter: f64,
-    tokens_per_s: f64,
+    #[serde(flatten)]
+    m: Measured,
     slots_per_s: f64,
-    flops: f64,
-    tflops: f64,
     bytes: f64,
     gb_per_s: f64,
     spec_bytes: f64,
     spec_gb_per_s: f64,
+}
+
+/// What every measured row holds (flattened into its JSON object): the iterations, their
+/// statistics, the rates and the memory.
+#[derive(Debug, serde::Serialize)]
+struct Measured {
+    warmup: usize,
+    iters: usize,
+    #[serde(flatten)]
+    stats: Stats,
+    /// Host wall clock of the whole timed loop (synchronized) divided by the iterations.
+    wall_ms_per_iter: f64,
+    tokens_per_s: f64,
+    flops: f64,
+    tflops: f64,
     /// Device memory used after the uploads, above the configuration's baseline.
     resident_mib: f64,
     /// Largest `cuMemGetInfo` used-memory sample (after forward, after backward), above baseline.
@@ -769,7 +751,46 @@ struct Row {
     times_ms: Vec<f64>,
 }
 
-impl Row {
+/// A configuration's memory readings, in MiB above its baseline.
+#[derive(Clone, Copy)]
+struct MemoryMib {
+    resident: f64,
+    peak_sampled: f64,
+    peak_pool: Option<f64>,
+}
+
+impl Measured {
+    /// The row of the `(times_ms, wall_ms_per_iter)` that [`time_iterations`] returned, for
+    /// `tokens` tokens and `flops` per iteration.
+    fn new(
+        args: &BenchArgs,
+        (times_ms, wall_ms_per_iter): (Vec<f64>, f64),
+        tokens: usize,
+        flops: f64,
+        memory: MemoryMib,
+    ) -> Self {
+        let stats = stats(&times_ms);
+        let seconds = stats.median_ms / 1e3;
+        Self {
+            warmup: args.warmup,
+            iters: args.iters,
+            stats,
+            wall_ms_per_iter,
+            tokens_per_s: tokens as f64 / seconds,
+            flops,
+            tflops: flops / seconds / 1e12,
+            resident_mib: memory.resident,
+            peak_sampled_mib: memory.peak_sampled,
+            peak_pool_mib: memory.peak_pool,
+            times_ms,
+        }
+    }
+
+    /// The median in seconds.
+    fn seconds(&self) -> f64 {
+        self.stats.median_ms / 1e3
+    }
+
     /// The peak to show: the pool watermark when available (it sees transients), else the samples.
     fn peak_mib(&self) -> f64 {
         self.peak_pool_mib.unwrap_or(self.peak_sampled_mib)
@@ -1132,10 +1153,10 @@ fn measure_all(
                 c.routing.name(),
                 c.experts,
                 c.tokens,
-                row.median_ms,
-                row.min_ms,
-                row.max_ms,
-                row.peak_mib()
+                row.m.stats.median_ms,
+                row.m.stats.min_ms,
+                row.m.stats.max_ms,
+                row.m.peak_mib()
             );
             rows.push(row);
         }
@@ -1249,21 +1270,18 @@ fn measure(
     };
     drop(result);
 
-    let (times_ms, wall_ms_per_iter) =
-        time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
+    let timed = time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
 
-    let peak_pool = memory.pool_peak_mib()?;
+    let mem = MemoryMib {
+        resident: resident as f64 / MIB,
+        peak_sampled: memory.mib_above_start(peak_sampled),
+        peak_pool: memory.pool_peak_mib()?,
+    };
     drop(device);
 
-    let Stats {
-        median_ms,
-        min_ms,
-        max_ms,
-        mean_ms,
-    } = stats(&times_ms);
-    let seconds = median_ms / 1e3;
-    let (flops, bytes, spec_bytes) = (
-        flops(&shape),
+    let m = Measured::new(args, timed, c.tokens, flops(&shape), mem);
+    let seconds = m.seconds();
+    let (bytes, spec_bytes) = (
         bytes(strategy, &shape, active),
         spec_bytes(strategy, &shape, active),
     );
@@ -1275,25 +1293,12 @@ fn measure(
         tokens: c.tokens,
         rows: shape.rows(),
         active_experts: active,
-        warmup: args.warmup,
-        iters: args.iters,
-        median_ms,
-        min_ms,
-        max_ms,
-        mean_ms,
-        wall_ms_per_iter,
-        tokens_per_s: c.tokens as f64 / seconds,
         slots_per_s: shape.rows() as f64 / seconds,
-        flops,
-        tflops: flops / seconds / 1e12,
         bytes,
         gb_per_s: bytes / seconds / 1e9,
         spec_bytes,
         spec_gb_per_s: spec_bytes / seconds / 1e9,
-        resident_mib: resident as f64 / MIB,
-        peak_sampled_mib: memory.mib_above_start(peak_sampled),
-        peak_pool_mib: peak_pool,
-        times_ms,
+        m,
     })
 }
 
@@ -1341,6 +1346,7 @@ fn time_iterations<T>(
 }
 
 /// Summary of the timed iterations.
+#[derive(Debug, serde::Serialize)]
 struct Stats {
     median_ms: f64,
     min_ms: f64,
@@ -1410,11 +1416,11 @@ fn measure_layers(
                 })?;
             eprintln!(
                 "[{done}/{total}] {what}: forward median {:.3} ms, forward + backward median {:.3} ms ({:.3}–{:.3}), peak {:.1} MiB",
-                fwd.median_ms,
-                fwd_bwd.median_ms,
-                fwd_bwd.min_ms,
-                fwd_bwd.max_ms,
-                fwd_bwd.peak_mib()
+                fwd.m.stats.median_ms,
+                fwd_bwd.m.stats.median_ms,
+                fwd_bwd.m.stats.min_ms,
+                fwd_bwd.m.stats.max_ms,
+                fwd_bwd.m.peak_mib()
             );
             rows.extend([fwd, fwd_bwd]);
         }
@@ -1452,42 +1458,24 @@ fn measure_layer(
     let forward_backward =
         time_iterations(gpu, args.iters, || device.forward_backward(gpu, || Ok(())))?;
 
-    let peak_pool = memory.pool_peak_mib()?;
+    let mem = MemoryMib {
+        resident: resident as f64 / MIB,
+        peak_sampled: memory.mib_above_start(peak_sampled),
+        peak_pool: memory.pool_peak_mib()?,
+    };
     drop(device);
 
     let (flops_forward, flops_backward) = c.flops();
-    let row = |pass: Pass, (times_ms, wall_ms_per_iter): (Vec<f64>, f64), flops: f64| {
-        let Stats {
-            median_ms,
-            min_ms,
-            max_ms,
-            mean_ms,
-        } = stats(&times_ms);
-        let seconds = median_ms / 1e3;
-        LayerRow {
-            strategy,
-            ran: ran.clone(),
-            layer: c.layer,
-            pass,
-            experts: c.experts(),
-            tokens: c.tokens,
-            rows: c.tokens * GPT_OSS_TOP_K, // checked by check_layer_config
-            active_experts: active,
-            warmup: args.warmup,
-            iters: args.iters,
-            median_ms,
-            min_ms,
-            max_ms,
-            mean_ms,
-            wall_ms_per_iter,
-            tokens_per_s: c.tokens as f64 / seconds,
-            flops,
-            tflops: flops / seconds / 1e12,
-            resident_mib: resident as f64 / MIB,
-            peak_sampled_mib: memory.mib_above_start(peak_sampled),
-            peak_pool_mib: peak_pool,
-            times_ms,
-        }
+    let row = |pass: Pass, timed: (Vec<f64>, f64), flops: f64| LayerRow {
+        strategy,
+        ran: ran.clone(),
+        layer: c.layer,
+        pass,
+        experts: c.experts(),
+        tokens: c.tokens,
+        rows: c.tokens * GPT_OSS_TOP_K, // checked by check_layer_config
+        active_experts: active,
+        m: Measured::new(args, timed, c.tokens, flops, mem),
     };
     Ok([
         row(Pass::Forward, forward, flops_forward),
@@ -1556,16 +1544,16 @@ fn print_results(rows: &[Row]) {
             r.tokens,
             r.active_experts,
             r.experts,
-            r.median_ms,
-            r.min_ms,
-            r.max_ms,
-            r.tokens_per_s,
+            r.m.stats.median_ms,
+            r.m.stats.min_ms,
+            r.m.stats.max_ms,
+            r.m.tokens_per_s,
             r.slots_per_s,
-            r.tflops,
+            r.m.tflops,
             r.gb_per_s,
             r.spec_gb_per_s,
-            r.resident_mib,
-            r.peak_mib()
+            r.m.resident_mib,
+            r.m.peak_mib()
         );
     }
     println!();
@@ -1608,13 +1596,13 @@ fn print_layer_results(rows: &[LayerRow]) {
             r.tokens,
             r.active_experts,
             r.experts,
-            r.median_ms,
-            r.min_ms,
-            r.max_ms,
-            r.tokens_per_s,
-            r.tflops,
-            r.resident_mib,
-            r.peak_mib()
+            r.m.stats.median_ms,
+            r.m.stats.min_ms,
+            r.m.stats.max_ms,
+            r.m.tokens_per_s,
+            r.m.tflops,
+            r.m.resident_mib,
+            r.m.peak_mib()
         );
     }
     println!();
@@ -1661,6 +1649,34 @@ mod tests {
             .try_get_matches_from(std::iter::once("bench").chain(argv.iter().copied()))
             .unwrap();
         BenchArgs::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn measured_rows_serialize_flat_with_their_rates() {
+        let args = parse(&["--iters", "3", "--warmup", "2"]);
+        let mem = MemoryMib {
+            resident: 10.0,
+            peak_sampled: 12.0,
+            peak_pool: None,
+        };
+        let m = Measured::new(&args, (vec![2.0, 1.0, 4.0], 2.5), 1000, 2e9, mem);
+        assert_eq!((m.stats.median_ms, m.seconds()), (2.0, 2e-3));
+        assert_eq!((m.tokens_per_s, m.tflops), (5e5, 1.0));
+        assert_eq!(m.peak_mib(), 12.0);
+        let json = serde_json::to_value(&m).unwrap();
+        for key in [
+            "warmup",
+            "iters",
+            "median_ms",
+            "min_ms",
+            "max_ms",
+            "mean_ms",
+            "tflops",
+            "times_ms",
+        ] {
+            assert!(json.get(key).is_some(), "{key} in {json}");
+        }
+        assert_eq!(json["iters"], 3);
     }
 
     #[test]
