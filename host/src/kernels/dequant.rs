@@ -26,6 +26,51 @@ fn expert_elems(format: &str, count: usize, n: usize, k: usize) -> Result<usize>
         })
 }
 
+/// What both dequant wrappers launch on: the new output `[experts.len(), n, k]` and, unless no
+/// expert is listed, the uploaded ids and the grid size.
+struct Selected {
+    out: CudaSlice<u16>,
+    launch: Option<(CudaSlice<u32>, u32)>,
+}
+
+/// The checks and set-up both dequant wrappers share: the shape (`n > 0`, `k` a positive
+/// multiple of the format's `block`), the packed (`E·n·k/2` bytes) and scale (`E·n·k/block`
+/// bytes) lengths and the expert ids; then the output (poisoned) and the ids on the device. The
+/// kernels decode one scale block per thread per grid-stride step.
+fn select_for_dequant(
+    gpu: &Gpu,
+    (format, block): (&str, usize),
+    (packed, scales): (&CudaSlice<u8>, &CudaSlice<u8>),
+    num_experts: usize,
+    (n, k): (usize, usize),
+    experts: &[u32],
+) -> Result<Selected> {
+    if n == 0 || k == 0 || !k.is_multiple_of(block) {
+        return Err(Error::InvalidArgument {
+            what: "dequant shape",
+            detail: format!(
+                "need n > 0 and k a positive multiple of {block}, got n = {n}, k = {k}"
+            ),
+        });
+    }
+    let full = expert_elems(format, num_experts, n, k)?;
+    check_len("packed", packed, full / 2)?;
+    check_len("scales", scales, full / block)?;
+    check_expert_ids("experts", experts, num_experts)?;
+    let out = alloc_poisoned::<u16>(gpu, expert_elems(format, experts.len(), n, k)?, 0xFF)?;
+    if experts.is_empty() {
+        return Ok(Selected { out, launch: None });
+    }
+    let ids = upload(gpu, experts)?;
+    // ≤ the output's element count, which fits (checked above).
+    let items = (experts.len() * n * (k / block)) as u64;
+    let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
+    Ok(Selected {
+        out,
+        launch: Some((ids, blocks)),
+    })
+}
+
 /// Dequantizes the experts listed in `experts` from device-resident MXFP4 buffers
 /// (`packed [num_experts, n, k/2]`, `scales [num_experts, n, k/32]`) into a new bf16 buffer
 /// `[experts.len(), n, k]` (bf16 bits), bit-identical to torchao's `dequantize(bf16)`.
@@ -38,25 +83,17 @@ pub fn dequant_mxfp4_bf16(
     k: usize,
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
-    if n == 0 || k == 0 || !k.is_multiple_of(MX_BLOCK) {
-        return Err(Error::InvalidArgument {
-            what: "dequant shape",
-            detail: format!("need n > 0 and k a positive multiple of 32, got n = {n}, k = {k}"),
-        });
-    }
-    let elems = |count| expert_elems("MXFP4", count, n, k);
-    let full = elems(num_experts)?;
-    check_len("packed", packed, full / 2)?;
-    check_len("scales", scales, full / MX_BLOCK)?;
-    check_expert_ids("experts", experts, num_experts)?;
-    let mut out = alloc_poisoned::<u16>(gpu, elems(experts.len())?, 0xFF)?;
-    if experts.is_empty() {
+    let Selected { mut out, launch } = select_for_dequant(
+        gpu,
+        ("MXFP4", MX_BLOCK),
+        (packed, scales),
+        num_experts,
+        (n, k),
+        experts,
+    )?;
+    let Some((ids, blocks)) = launch else {
         return Ok(out);
-    }
-    let ids = upload(gpu, experts)?;
-    // ≤ the output's element count, which fits (checked above).
-    let items = (experts.len() * n * (k / MX_BLOCK)) as u64;
-    let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
+    };
     let spec = spec(names::DEQUANT_MXFP4, THREADS, 0);
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
@@ -97,22 +134,12 @@ pub fn dequant_nvfp4_bf16(
     k: usize,
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
-    if n == 0 || k == 0 || !k.is_multiple_of(NV_BLOCK) {
-        return Err(Error::InvalidArgument {
-            what: "dequant shape",
-            detail: format!("need n > 0 and k a positive multiple of 16, got n = {n}, k = {k}"),
-        });
-    }
     if groups == 0 || !n.is_multiple_of(groups) || groups > u32::MAX as usize {
         return Err(Error::InvalidArgument {
             what: "tensor-scale groups",
             detail: format!("{groups} groups do not divide the {n} rows of an expert"),
         });
     }
-    let elems = |count| expert_elems("NVFP4", count, n, k);
-    let full = elems(num_experts)?;
-    check_len("packed", packed, full / 2)?;
-    check_len("scales", scales, full / NV_BLOCK)?;
     let tensor_scales_addr = match tensor_scales {
         Some(t) => {
             let count = num_experts
@@ -126,14 +153,17 @@ pub fn dequant_nvfp4_bf16(
         }
         None => 0,
     };
-    check_expert_ids("experts", experts, num_experts)?;
-    let mut out = alloc_poisoned::<u16>(gpu, elems(experts.len())?, 0xFF)?;
-    if experts.is_empty() {
+    let Selected { mut out, launch } = select_for_dequant(
+        gpu,
+        ("NVFP4", NV_BLOCK),
+        (packed, scales),
+        num_experts,
+        (n, k),
+        experts,
+    )?;
+    let Some((ids, blocks)) = launch else {
         return Ok(out);
-    }
-    let ids = upload(gpu, experts)?;
-    let items = (experts.len() * n * (k / NV_BLOCK)) as u64;
-    let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
+    };
     let spec = spec(names::DEQUANT_NVFP4, THREADS, 0);
     let params = NvDequantParams {
         packed_addr: addr(gpu, packed),
