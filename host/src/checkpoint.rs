@@ -1207,6 +1207,38 @@ fn select_quantizable(
     Ok(list.iter().cloned().collect())
 }
 
+/// Checks the tensor names a quantizer run writes, `(input name, its output names)`: each must
+/// be new to the input or free (in `consumed`: an input tensor the run replaces), and none may be
+/// written twice. Errors: [`Kind::Name`].
+fn check_output_names<'n>(
+    ck: &Checkpoint<'_>,
+    consumed: &BTreeSet<String>,
+    outputs: impl Iterator<Item = (&'n String, Vec<String>)>,
+) -> Result<()> {
+    let mut written = BTreeSet::new();
+    for (name, outs) in outputs {
+        for out in outs {
+            if ck.contains(&out) && !consumed.contains(&out) {
+                return Err(err(
+                    Kind::Name,
+                    format!(
+                        "quantizing `{}` would write `{}`, but the input already holds a tensor of that name",
+                        escape(name),
+                        escape(&out)
+                    ),
+                ));
+            }
+            if !written.insert(out.clone()) {
+                return Err(err(
+                    Kind::Name,
+                    format!("`{}` would be written twice", escape(&out)),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What [`quantize_file`] does.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizeOptions {
@@ -1289,31 +1321,17 @@ pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<Quantize
     }
 
     // Every name written must be new, or free because its input tensor is replaced.
-    let outputs = selected
-        .iter()
-        .chain(conversions.iter().map(|(base, _, _)| base))
-        .map(|name| (name, options.layout.tensor_names(name)));
-    let mut written = BTreeSet::new();
-    for (name, (codes, scales)) in outputs {
-        for out in [codes, scales] {
-            if ck.contains(&out) && !consumed.contains(&out) {
-                return Err(err(
-                    Kind::Name,
-                    format!(
-                        "quantizing `{}` would write `{}`, but the input already holds a tensor of that name",
-                        escape(name),
-                        escape(&out)
-                    ),
-                ));
-            }
-            if !written.insert(out.clone()) {
-                return Err(err(
-                    Kind::Name,
-                    format!("`{}` would be written twice", escape(&out)),
-                ));
-            }
-        }
-    }
+    check_output_names(
+        &ck,
+        &consumed,
+        selected
+            .iter()
+            .chain(conversions.iter().map(|(base, _, _)| base))
+            .map(|name| {
+                let (codes, scales) = options.layout.tensor_names(name);
+                (name, vec![codes, scales])
+            }),
+    )?;
 
     let jobs: Vec<QuantizeJob<'_>> = selected
         .iter()
@@ -1452,28 +1470,14 @@ pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<
     } else {
         &[".packed", ".scales"]
     };
-    let mut written = BTreeSet::new();
-    for name in &selected {
-        for suffix in suffixes {
-            let out = format!("{name}{suffix}");
-            if ck.contains(&out) && !selected.contains(&out) {
-                return Err(err(
-                    Kind::Name,
-                    format!(
-                        "quantizing `{}` would write `{}`, but the input already holds a tensor of that name",
-                        escape(name),
-                        escape(&out)
-                    ),
-                ));
-            }
-            if !written.insert(out.clone()) {
-                return Err(err(
-                    Kind::Name,
-                    format!("`{}` would be written twice", escape(&out)),
-                ));
-            }
-        }
-    }
+    check_output_names(
+        &ck,
+        &selected,
+        selected.iter().map(|name| {
+            let outs = suffixes.iter().map(|s| format!("{name}{s}")).collect();
+            (name, outs)
+        }),
+    )?;
 
     let mut out = CheckpointWriter::new();
     for (k, v) in ck.metadata() {
