@@ -3,13 +3,43 @@
 
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::cvt::mul_rn_bf16x2;
-use crate::ptx::sreg::{ctaid_x, nctaid_x, ntid_x, tid_x};
 use crate::shared::mxfp4::{
     E8M0_NAN, MX_BLOCK, MX_BLOCK_BYTES, byte_to_bf16x2, e2m1_to_f32, e8m0_to_bf16_bits,
 };
 use crate::shared::nvfp4::{NV_BLOCK, block_factor};
 use crate::shared::params::{DequantParams, NvDequantParams};
-use crate::tile::gmem::{load, load_16, store_16};
+use crate::tile::gmem::{grid_stride, load, load_16, store_16};
+
+/// Which experts a dequant kernel decodes: `experts[0..num_selected]` (u32, each checked
+/// against `num_experts`), each `blocks_per_expert` scale blocks.
+#[derive(Clone, Copy)]
+struct Selection {
+    experts_addr: u64,
+    num_selected: u32,
+    num_experts: u32,
+    blocks_per_expert: u64,
+}
+
+/// The grid-stride loop of both dequant kernels: `body(item, e, within)` for every output block
+/// `item < num_selected·blocks_per_expert` of this thread whose expert `e = experts[item /
+/// blocks_per_expert]` is `< num_experts` (`within`: the block's index inside its expert, `n ·
+/// blocks_per_row + q`). Entries `≥ num_experts` are skipped.
+///
+/// # Safety
+/// `experts_addr` holds `num_selected` u32.
+#[inline(always)]
+unsafe fn for_each_selected_block(sel: Selection, mut body: impl FnMut(u64, u32, u64)) {
+    let total = sel.num_selected as u64 * sel.blocks_per_expert;
+    let (mut item, stride) = grid_stride();
+    while item < total {
+        // SAFETY: `item / blocks_per_expert < num_selected`, the length of `experts`.
+        let e: u32 = unsafe { load(sel.experts_addr + 4 * (item / sel.blocks_per_expert)) };
+        if e < sel.num_experts {
+            body(item, e, item % sel.blocks_per_expert);
+        }
+        item += stride;
+    }
+}
 
 /// Decodes the 4 packed bytes of `word` into 4 bf16x2 words scaled by `scale2` (the scale's bf16
 /// bits in both halves). The products are exact, so `mul.rn` rounds nothing; NaN scales give the
@@ -34,63 +64,60 @@ fn decode_word(word: u32, scale2: u32) -> [u32; 4] {
 /// `experts` that are `≥ num_experts` are skipped (the host rejects them before launch).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
-    let blocks_per_row = p.k / MX_BLOCK as u64;
-    let blocks_per_expert = p.n * blocks_per_row;
-    let total = p.num_selected as u64 * blocks_per_expert;
-    let stride = nctaid_x() as u64 * ntid_x() as u64;
-    let mut item = ctaid_x() as u64 * ntid_x() as u64 + tid_x() as u64;
-    while item < total {
-        let s = item / blocks_per_expert;
-        let within = item % blocks_per_expert; // = n_idx · blocks_per_row + q
-        // SAFETY: `s < num_selected`, the length of `experts`.
-        let e: u32 = unsafe { load(p.experts_addr + 4 * s) };
-        if e < p.num_experts {
-            let src_block = e as u64 * blocks_per_expert + within;
-            // SAFETY: `src_block < E·n·k/32`, so 16 bytes at `16·src_block` lie in `packed`
-            // (16-aligned since the buffer is) and one byte at `src_block` lies in `scales`.
-            let (codes, scale) = unsafe {
-                (
-                    load_16(p.packed_addr + MX_BLOCK_BYTES as u64 * src_block),
-                    load::<u8>(p.scales_addr + src_block),
-                )
-            };
-            let sb = e8m0_to_bf16_bits(scale) as u32;
-            let scale2 = sb | (sb << 16);
-            let dst = p.out_addr + 2 * MX_BLOCK as u64 * item;
-            let nan = scale == E8M0_NAN;
-            // Four explicit 16-byte stores keep every array index a compile-time constant
-            // (a run-time index would put the array in local memory).
-            let v0 = if nan {
-                [0x7FC0_7FC0; 4]
-            } else {
-                decode_word(codes[0], scale2)
-            };
-            let v1 = if nan {
-                [0x7FC0_7FC0; 4]
-            } else {
-                decode_word(codes[1], scale2)
-            };
-            let v2 = if nan {
-                [0x7FC0_7FC0; 4]
-            } else {
-                decode_word(codes[2], scale2)
-            };
-            let v3 = if nan {
-                [0x7FC0_7FC0; 4]
-            } else {
-                decode_word(codes[3], scale2)
-            };
-            // SAFETY: `item < num_selected·n·k/32`: the 64 output bytes of this block are inside
-            // `out`; 16-byte aligned.
-            unsafe {
-                store_16(dst, v0);
-                store_16(dst + 16, v1);
-                store_16(dst + 32, v2);
-                store_16(dst + 48, v3);
-            }
+    let blocks_per_expert = p.n * (p.k / MX_BLOCK as u64);
+    let sel = Selection {
+        experts_addr: p.experts_addr,
+        num_selected: p.num_selected,
+        num_experts: p.num_experts,
+        blocks_per_expert,
+    };
+    let decode = |item: u64, e: u32, within: u64| {
+        let src_block = e as u64 * blocks_per_expert + within;
+        // SAFETY: `src_block < E·n·k/32`, so 16 bytes at `16·src_block` lie in `packed`
+        // (16-aligned since the buffer is) and one byte at `src_block` lies in `scales`.
+        let (codes, scale) = unsafe {
+            (
+                load_16(p.packed_addr + MX_BLOCK_BYTES as u64 * src_block),
+                load::<u8>(p.scales_addr + src_block),
+            )
+        };
+        let sb = e8m0_to_bf16_bits(scale) as u32;
+        let scale2 = sb | (sb << 16);
+        let dst = p.out_addr + 2 * MX_BLOCK as u64 * item;
+        let nan = scale == E8M0_NAN;
+        // Four explicit 16-byte stores keep every array index a compile-time constant
+        // (a run-time index would put the array in local memory).
+        let v0 = if nan {
+            [0x7FC0_7FC0; 4]
+        } else {
+            decode_word(codes[0], scale2)
+        };
+        let v1 = if nan {
+            [0x7FC0_7FC0; 4]
+        } else {
+            decode_word(codes[1], scale2)
+        };
+        let v2 = if nan {
+            [0x7FC0_7FC0; 4]
+        } else {
+            decode_word(codes[2], scale2)
+        };
+        let v3 = if nan {
+            [0x7FC0_7FC0; 4]
+        } else {
+            decode_word(codes[3], scale2)
+        };
+        // SAFETY: `item < num_selected·n·k/32`: the 64 output bytes of this block are inside
+        // `out`; 16-byte aligned.
+        unsafe {
+            store_16(dst, v0);
+            store_16(dst + 16, v1);
+            store_16(dst + 32, v2);
+            store_16(dst + 48, v3);
         }
-        item += stride;
-    }
+    };
+    // SAFETY: `experts` holds `num_selected` u32 (launch contract).
+    unsafe { for_each_selected_block(sel, decode) };
 }
 
 /// Decodes the 4 packed bytes of `word` (8 codes, even k in each byte's low nibble) into 4 bf16x2
@@ -123,47 +150,43 @@ fn decode_word_nv(word: u32, factor: f32) -> [u32; 4] {
 pub unsafe extern "ptx-kernel" fn mxmoe_dequant_nvfp4_bf16(p: NvDequantParams) {
     let blocks_per_row = p.k / NV_BLOCK as u64;
     let blocks_per_expert = p.n * blocks_per_row;
-    let total = p.num_selected as u64 * blocks_per_expert;
     // At least 1, so the division below has no zero-divisor path (`groups ≥ 1` dividing `n` by
     // contract).
     let rows_per_group = (p.n / (p.groups as u64).max(1)).max(1);
-    let stride = nctaid_x() as u64 * ntid_x() as u64;
-    let mut item = ctaid_x() as u64 * ntid_x() as u64 + tid_x() as u64;
-    while item < total {
-        let s = item / blocks_per_expert;
-        let within = item % blocks_per_expert; // = n_idx · blocks_per_row + q
-        // SAFETY: `s < num_selected`, the length of `experts`.
-        let e: u32 = unsafe { load(p.experts_addr + 4 * s) };
-        if e < p.num_experts {
-            let src_block = e as u64 * blocks_per_expert + within;
-            // SAFETY: `src_block < E·n·k/16`, so 8 bytes at `8·src_block` lie in `packed`
-            // (8-aligned: the buffer is 16-aligned) and one byte at `src_block` in `scales`.
-            let (lo, hi, scale) = unsafe {
-                (
-                    load::<u32>(p.packed_addr + 8 * src_block),
-                    load::<u32>(p.packed_addr + 8 * src_block + 4),
-                    load::<u8>(p.scales_addr + src_block),
-                )
-            };
-            let tensor_scale = if p.tensor_scales_addr != 0 {
-                let group = (within / blocks_per_row) / rows_per_group;
-                // SAFETY: `e < E` and `group < groups` (`n_idx < n`, `n = groups·rows_per_group`).
-                unsafe {
-                    load::<f32>(p.tensor_scales_addr + 4 * (e as u64 * p.groups as u64 + group))
-                }
-            } else {
-                1.0
-            };
-            let factor = block_factor(scale, tensor_scale);
-            let (v0, v1) = (decode_word_nv(lo, factor), decode_word_nv(hi, factor));
-            let dst = p.out_addr + 2 * NV_BLOCK as u64 * item;
-            // SAFETY: `item < num_selected·n·k/16`: the 32 output bytes of this block are inside
-            // `out`; 16-byte aligned (32-byte steps from an aligned base).
-            unsafe {
-                store_16(dst, v0);
-                store_16(dst + 16, v1);
-            }
+    let sel = Selection {
+        experts_addr: p.experts_addr,
+        num_selected: p.num_selected,
+        num_experts: p.num_experts,
+        blocks_per_expert,
+    };
+    let decode = |item: u64, e: u32, within: u64| {
+        let src_block = e as u64 * blocks_per_expert + within;
+        // SAFETY: `src_block < E·n·k/16`, so 8 bytes at `8·src_block` lie in `packed`
+        // (8-aligned: the buffer is 16-aligned) and one byte at `src_block` in `scales`.
+        let (lo, hi, scale) = unsafe {
+            (
+                load::<u32>(p.packed_addr + 8 * src_block),
+                load::<u32>(p.packed_addr + 8 * src_block + 4),
+                load::<u8>(p.scales_addr + src_block),
+            )
+        };
+        let tensor_scale = if p.tensor_scales_addr != 0 {
+            let group = (within / blocks_per_row) / rows_per_group;
+            // SAFETY: `e < E` and `group < groups` (`n_idx < n`, `n = groups·rows_per_group`).
+            unsafe { load::<f32>(p.tensor_scales_addr + 4 * (e as u64 * p.groups as u64 + group)) }
+        } else {
+            1.0
+        };
+        let factor = block_factor(scale, tensor_scale);
+        let (v0, v1) = (decode_word_nv(lo, factor), decode_word_nv(hi, factor));
+        let dst = p.out_addr + 2 * NV_BLOCK as u64 * item;
+        // SAFETY: `item < num_selected·n·k/16`: the 32 output bytes of this block are inside
+        // `out`; 16-byte aligned (32-byte steps from an aligned base).
+        unsafe {
+            store_16(dst, v0);
+            store_16(dst + 16, v1);
         }
-        item += stride;
-    }
+    };
+    // SAFETY: `experts` holds `num_selected` u32 (launch contract).
+    unsafe { for_each_selected_block(sel, decode) };
 }
