@@ -4,7 +4,7 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::mxfp4::MX_BLOCK;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::nvfp4::NV_BLOCK;
-use kernels_gpu::shared::params::{DequantParams, NvDequantParams};
+use kernels_gpu::shared::params::DequantParams;
 
 use super::{check_expert_ids, check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_poisoned, upload};
@@ -98,12 +98,15 @@ pub fn dequant_mxfp4_bf16(
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
         scales_addr: addr(gpu, scales),
+        tensor_scales_addr: 0,
         experts_addr: addr(gpu, &ids),
         out_addr: addr_mut(gpu, &mut out),
         n: n as u64,
         k: k as u64,
         num_selected: experts.len() as u32,
         num_experts: num_experts as u32,
+        groups: 1,
+        _pad: 0,
     };
     // SAFETY: lengths of packed/scales were checked above, every id is < num_experts, `out`
     // holds experts.len()·n·k bf16, k % 32 == 0, and cudarc allocations are 256-byte aligned.
@@ -165,7 +168,7 @@ pub fn dequant_nvfp4_bf16(
         return Ok(out);
     };
     let spec = spec(names::DEQUANT_NVFP4, THREADS, 0);
-    let params = NvDequantParams {
+    let params = DequantParams {
         packed_addr: addr(gpu, packed),
         scales_addr: addr(gpu, scales),
         tensor_scales_addr,

@@ -7,7 +7,7 @@ use crate::shared::mxfp4::{
     E8M0_NAN, MX_BLOCK, MX_BLOCK_BYTES, byte_to_bf16x2, e2m1_to_f32, e8m0_to_bf16_bits,
 };
 use crate::shared::nvfp4::{NV_BLOCK, block_factor};
-use crate::shared::params::{DequantParams, NvDequantParams};
+use crate::shared::params::DequantParams;
 use crate::tile::gmem::{grid_stride, load, load_16, store_16};
 
 /// Which experts a dequant kernel decodes: `experts[0..num_selected]` (u32, each checked
@@ -18,6 +18,19 @@ struct Selection {
     num_selected: u32,
     num_experts: u32,
     blocks_per_expert: u64,
+}
+
+impl Selection {
+    /// The selection of `p`, whose experts have `blocks_per_expert` scale blocks each.
+    #[inline(always)]
+    fn of(p: &DequantParams, blocks_per_expert: u64) -> Self {
+        Self {
+            experts_addr: p.experts_addr,
+            num_selected: p.num_selected,
+            num_experts: p.num_experts,
+            blocks_per_expert,
+        }
+    }
 }
 
 /// The grid-stride loop of both dequant kernels: `body(item, e, within)` for every output block
@@ -65,12 +78,7 @@ fn decode_word(word: u32, scale2: u32) -> [u32; 4] {
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
     let blocks_per_expert = p.n * (p.k / MX_BLOCK as u64);
-    let sel = Selection {
-        experts_addr: p.experts_addr,
-        num_selected: p.num_selected,
-        num_experts: p.num_experts,
-        blocks_per_expert,
-    };
+    let sel = Selection::of(&p, blocks_per_expert);
     let decode = |item: u64, e: u32, within: u64| {
         let src_block = e as u64 * blocks_per_expert + within;
         // SAFETY: `src_block < E·n·k/32`, so 16 bytes at `16·src_block` lie in `packed`
@@ -136,7 +144,7 @@ fn decode_word_nv(word: u32, factor: f32) -> [u32; 4] {
 }
 
 /// `out[s, n, k] = bf16(e2m1(code) · (tensor_scale · e4m3(scale)))` for every selected expert
-/// `experts[s]`, row `n` and `k` (see [`NvDequantParams`]). One thread decodes one 16-element
+/// `experts[s]`, row `n` and `k` (see [`DequantParams`]). One thread decodes one 16-element
 /// block (8 packed bytes, one E4M3 byte, 32 output bytes) per grid-stride step; all offsets are
 /// 64-bit. NaN or negative E4M3 bytes are refused by the host's container before any launch.
 ///
@@ -147,18 +155,13 @@ fn decode_word_nv(word: u32, factor: f32) -> [u32; 4] {
 /// holds `num_selected·n·k` bf16; `k % 16 == 0`; all buffers 16-byte aligned. Entries of
 /// `experts` that are `≥ num_experts` are skipped (the host rejects them before launch).
 #[unsafe(no_mangle)]
-pub unsafe extern "ptx-kernel" fn mxmoe_dequant_nvfp4_bf16(p: NvDequantParams) {
+pub unsafe extern "ptx-kernel" fn mxmoe_dequant_nvfp4_bf16(p: DequantParams) {
     let blocks_per_row = p.k / NV_BLOCK as u64;
     let blocks_per_expert = p.n * blocks_per_row;
     // At least 1, so the division below has no zero-divisor path (`groups ≥ 1` dividing `n` by
     // contract).
     let rows_per_group = (p.n / (p.groups as u64).max(1)).max(1);
-    let sel = Selection {
-        experts_addr: p.experts_addr,
-        num_selected: p.num_selected,
-        num_experts: p.num_experts,
-        blocks_per_expert,
-    };
+    let sel = Selection::of(&p, blocks_per_expert);
     let decode = |item: u64, e: u32, within: u64| {
         let src_block = e as u64 * blocks_per_expert + within;
         // SAFETY: `src_block < E·n·k/16`, so 8 bytes at `8·src_block` lie in `packed`

@@ -23,52 +23,22 @@ const _: () = {
     assert!(offset_of!(ProbeParams, count) == 16);
 };
 
-/// Parameters of [`crate::shared::names::DEQUANT_MXFP4`].
+/// Parameters of the dequantization of selected experts, [`crate::shared::names::DEQUANT_MXFP4`]
+/// and [`crate::shared::names::DEQUANT_NVFP4`] (Strategy A).
 ///
 /// Output `out[s, n, k]` (bf16, `[num_selected, n, k]` row-major) = dequantized
-/// `W_store[experts[s], n, k]` from `packed [E, n, k/2]` and `scales [E, n, k/32]`.
+/// `W_store[experts[s], n, k]` from `packed [E, n, k/2]` and the block scales: MXFP4 `[E, n, k/32]`
+/// E8M0 bytes, or NVFP4 `[E, n, k/16]` E4M3 bytes with, when `tensor_scales_addr != 0`, f32
+/// `tensor_scales [E, groups]` (group `g` covers rows `[g·n/groups, (g+1)·n/groups)`):
+/// `bf16(e2m1(code) · (tensor_scale · e4m3(scale)))`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DequantParams {
     /// `u8 [E, n, k/2]`.
     pub packed_addr: u64,
-    /// `u8 [E, n, k/32]`.
+    /// `u8 [E, n, k/block]` (E8M0 for MXFP4, E4M3 for NVFP4).
     pub scales_addr: u64,
-    /// `u32 [num_selected]`: the experts to dequantize, each `< num_experts`.
-    pub experts_addr: u64,
-    /// `bf16 [num_selected, n, k]`.
-    pub out_addr: u64,
-    /// Output features per expert.
-    pub n: u64,
-    /// Reduction dimension (multiple of 32).
-    pub k: u64,
-    /// Entries in `experts`.
-    pub num_selected: u32,
-    /// Experts in `packed`/`scales` (bounds every entry of `experts`).
-    pub num_experts: u32,
-}
-
-const _: () = {
-    assert!(size_of::<DequantParams>() == 56);
-    assert!(offset_of!(DequantParams, n) == 32);
-    assert!(offset_of!(DequantParams, num_selected) == 48);
-};
-
-/// Parameters of the NVFP4 → bf16 dequantization of selected experts
-/// ([`crate::shared::names::DEQUANT_NVFP4`], Strategy A for NVFP4 weights).
-///
-/// Output `out[s, n, k]` (bf16, `[num_selected, n, k]` row-major) =
-/// `bf16(e2m1(code) · (tensor_scale · e4m3(scale)))` of expert `experts[s]`, from `packed
-/// [E, n, k/2]`, E4M3 `scales [E, n, k/16]` and, when `tensor_scales_addr != 0`, f32
-/// `tensor_scales [E, groups]` (group `g` covers rows `[g·n/groups, (g+1)·n/groups)`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NvDequantParams {
-    /// `u8 [E, n, k/2]`.
-    pub packed_addr: u64,
-    /// `u8 [E, n, k/16]` (E4M3 bytes).
-    pub scales_addr: u64,
-    /// `f32 [E, groups]`, or 0 for none (factor = the E4M3 value).
+    /// NVFP4: `f32 [E, groups]`, or 0 for none (factor = the E4M3 value); MXFP4: 0.
     pub tensor_scales_addr: u64,
     /// `u32 [num_selected]`: the experts to dequantize, each `< num_experts`.
     pub experts_addr: u64,
@@ -76,22 +46,22 @@ pub struct NvDequantParams {
     pub out_addr: u64,
     /// Output features per expert.
     pub n: u64,
-    /// Reduction dimension (multiple of 16).
+    /// Reduction dimension (multiple of the format's block).
     pub k: u64,
     /// Entries in `experts`.
     pub num_selected: u32,
     /// Experts in `packed`/`scales` (bounds every entry of `experts`).
     pub num_experts: u32,
-    /// Tensor-scale groups per expert (≥ 1, dividing `n`).
+    /// NVFP4: tensor-scale groups per expert (≥ 1, dividing `n`); MXFP4: 1.
     pub groups: u32,
     /// Padding; must be 0.
     pub _pad: u32,
 }
 
 const _: () = {
-    assert!(size_of::<NvDequantParams>() == 72);
-    assert!(offset_of!(NvDequantParams, n) == 40);
-    assert!(offset_of!(NvDequantParams, num_selected) == 56);
+    assert!(size_of::<DequantParams>() == 72);
+    assert!(offset_of!(DequantParams, n) == 40);
+    assert!(offset_of!(DequantParams, num_selected) == 56);
 };
 
 /// Rows of `ids` each routing block handles (one counting block, one scattering warp).
