@@ -49,6 +49,7 @@ __all__ = [
     "MxMoeBlock",
     "route_topk",
     "device_module",
+    "torch_clamp_boundary",
 ]
 
 
@@ -254,6 +255,7 @@ _TORCH_NAMES = frozenset(
         "MxMoeBlock",
         "route_topk",
         "device_module",
+        "torch_clamp_boundary",
     }
 )
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import functools
 import threading
 from typing import Optional, Tuple, Union
 
@@ -425,6 +426,23 @@ def moe_block(
         x, ids, gates, gu_a, gu_b, dn_a, dn_b, gu0, gu1, dn0, dn1, gu_s, dn_s, limit, strategy,
         activation, alpha, clamp_boundary, gate_up_bias, down_bias,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def torch_clamp_boundary() -> str:
+    """The installed torch's clamp gradient at exactly the bound: ``"strict"`` (0, current torch)
+    or ``"inclusive"`` (1, torch before the 2026 change). Pass it as ``moe_block``'s
+    ``clamp_boundary`` to match a torch implementation of the same activation under this torch."""
+    with torch.enable_grad():  # first called, maybe, under no_grad (inference, checkpointing)
+        x = torch.tensor([2.0, -2.0, 2.0], requires_grad=True)
+        y = torch.cat([x[:2].clamp(min=-2.0, max=2.0), x[2:].clamp(max=2.0)])
+        y.sum().backward()
+    g = x.grad.tolist()
+    if g == [0.0, 0.0, 0.0]:
+        return "strict"
+    if g == [1.0, 1.0, 1.0]:
+        return "inclusive"
+    raise MxmoeError(f"torch's clamp gradient at the bound is inconsistent ({g}); cannot pick a rule")
 
 
 def _bias(b: torch.Tensor) -> torch.Tensor:

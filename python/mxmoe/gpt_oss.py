@@ -198,21 +198,7 @@ def lora_orientation(peft_version: str, transformers_version: Union[str, int] = 
     return "swapped" if t < 5 else "standard"
 
 
-@functools.lru_cache(maxsize=None)
-def torch_clamp_boundary() -> str:
-    """The installed torch's clamp gradient at exactly the bound: ``"strict"`` (0, current torch)
-    or ``"inclusive"`` (1, torch before the 2026 change). mxmoe's kernel is told this rule so that
-    it matches transformers' eager module under the same torch."""
-    with torch.enable_grad():  # first called, maybe, under no_grad (inference, checkpointing)
-        x = torch.tensor([DEFAULT_LIMIT, -DEFAULT_LIMIT, DEFAULT_LIMIT], requires_grad=True)
-        y = torch.cat([x[:2].clamp(min=-DEFAULT_LIMIT, max=DEFAULT_LIMIT), x[2:].clamp(max=DEFAULT_LIMIT)])
-        y.sum().backward()
-    g = x.grad.tolist()
-    if g == [0.0, 0.0, 0.0]:
-        return "strict"
-    if g == [1.0, 1.0, 1.0]:
-        return "inclusive"
-    raise MxmoeError(f"torch's clamp gradient at the bound is inconsistent ({g}); cannot pick a rule")
+torch_clamp_boundary = _ag.torch_clamp_boundary
 
 
 # ---------------------------------------------------------------------------------------------

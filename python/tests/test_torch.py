@@ -367,14 +367,6 @@ def test_moe_block_forward_backward_match_reference(shape, limit):
         assert rel_err(got.grad, want.grad) < 5e-2
 
 
-def torch_clamp_boundary():
-    """The installed torch's clamp gradient at exactly the limit: "strict" (0, current torch) or
-    "inclusive" (1, older torch); the reference's autograd follows it, so mxmoe must too."""
-    v = torch.tensor([2.0], requires_grad=True)
-    v.clamp(max=2.0).sum().backward()
-    return "inclusive" if v.grad.item() == 1.0 else "strict"
-
-
 GPT_OSS_SHAPES = [
     # E, H, I, T, top_k, r
     pytest.param((8, 64, 96, 32, 4, 8), id="E8-H64-I96-T32-k4-r8"),
@@ -415,7 +407,7 @@ def test_gpt_oss_block_forward_backward_match_reference(shape, strategy):
     x, g, a1, b1, a2, b2 = leaves
     y = mxmoe.moe_block(x, ids, g, (gu_p, gu_s), (dn_p, dn_s), (a1, b1, 2.0), (a2, b2, 2.0),
                         limit=limit, strategy=strategy, activation="gpt_oss", alpha=alpha,
-                        clamp_boundary=torch_clamp_boundary(), gate_up_bias=b_gu, down_bias=b_dn)
+                        clamp_boundary=mxmoe.torch_clamp_boundary(), gate_up_bias=b_gu, down_bias=b_dn)
     refs = [z.float().requires_grad_() for z in (x0, g0, gua, gub, dna, dnb)]
     xr, gr, a1r, b1r, a2r, b2r = refs
     yr = ref_gpt_oss_moe(xr, ids, gr, wq_gu, wq_dn, (a1r, b1r, 2.0), (a2r, b2r, 2.0),
