@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -67,6 +68,29 @@ def write_tiny_checkpoint(folder):
     conf["quantization_config"] = {"quant_method": "mxfp4"}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(conf, f)
+
+
+def save_adapter_atomically(model, out):
+    """``model.save_pretrained(out)`` into a fresh folder beside ``out``, then swapped in: a failed
+    or interrupted save leaves an earlier adapter at ``out`` as it was."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".saving-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        old = None
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(staging, out)
+        staging = None
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def batches(args, tokenizer, vocab_size):
@@ -158,7 +182,7 @@ def main():
 
     # 4. A stock PEFT adapter: loads with PeftModel.from_pretrained on the dequantized bf16 model,
     #    or with mxmoe.gpt_oss.load_adapter on the MXFP4 one.
-    model.save_pretrained(args.out)
+    save_adapter_atomically(model, args.out)
     print(f"adapter saved to {args.out}")
 
 

@@ -12,6 +12,7 @@ without a per-tensor scale (single-level: E4M3 block scales only) and with the p
 ``per_tensor_amax_to_scale(amax(|W_e|))`` of each expert (two-level), as ModelOpt exports.
 """
 
+import os
 import sys
 
 import torch
@@ -61,12 +62,15 @@ def main(out: str) -> None:
     tensors["two_level_packed"] = torch.stack(packed2).contiguous()
     tensors["two_level_scales"] = torch.stack(scales2).contiguous()
     tensors["two_level_tensor_scales"] = torch.cat(tensor_scales).contiguous()
-    save_file(tensors, out, metadata={
+    # Written beside `out` and renamed over it, so a failure leaves an existing golden file intact.
+    tmp = out + ".tmp"
+    save_file(tensors, tmp, metadata={
         "generator": "tests/data/golden/gen_nvfp4_golden.py",
         "torchao": torchao.__version__,
         "torch": torch.__version__,
         "shape": f"[{E}, {N}, {K}]",
     })
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
