@@ -45,9 +45,9 @@ impl ExpertWeights<'_> {
         }
     }
 
-    /// The error of a fused GEMM over weights that have none (NVFP4: Strategy A only so far);
-    /// `resolve_strategy` never sends them there.
-    fn no_fused_operand() -> Error {
+    /// The error of a fused GEMM over weights that have none (NVFP4: Strategy A only so far):
+    /// `resolve_strategy` returns it for a `Fused` request, so the operands below never meet it.
+    pub(super) fn no_fused_operand() -> Error {
         Error::InvalidArgument {
             what: "strategy",
             detail: "NVFP4 weights have no fused (Strategy B) kernels yet; use \"selective\" or \"auto\"".into(),

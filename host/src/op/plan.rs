@@ -174,12 +174,7 @@ pub(super) fn resolve_strategy(
         (ExpertWeights::Nvfp4(_), Strategy::Auto | Strategy::SelectiveDequant) => {
             Strategy::SelectiveDequant
         }
-        (ExpertWeights::Nvfp4(_), Strategy::Fused) => {
-            return Err(Error::InvalidArgument {
-                what: "strategy",
-                detail: "NVFP4 weights have no fused (Strategy B) kernels yet; use \"selective\" or \"auto\"".into(),
-            });
-        }
+        (ExpertWeights::Nvfp4(_), Strategy::Fused) => return Err(ExpertWeights::no_fused_operand()),
     })
 }
 
