@@ -1239,6 +1239,26 @@ fn check_output_names<'n>(
     Ok(())
 }
 
+/// Records what a quantizer run wrote in `out`'s metadata: the format, the quantizer and this
+/// crate's version, the `record` of quantized tensors ([`META_QUANTIZED`]) and the input's name.
+fn stamp_provenance(
+    out: &mut CheckpointWriter,
+    (format, quantizer): (&str, &str),
+    record: serde_json::Map<String, serde_json::Value>,
+    source: Option<&str>,
+) {
+    out.set_metadata(META_FORMAT, format);
+    out.set_metadata(META_QUANTIZER, quantizer);
+    out.set_metadata(META_VERSION, env!("CARGO_PKG_VERSION"));
+    out.set_metadata(
+        META_QUANTIZED,
+        serde_json::Value::Object(record).to_string(),
+    );
+    if let Some(source) = source {
+        out.set_metadata(META_SOURCE, source);
+    }
+}
+
 /// What [`quantize_file`] does.
 #[derive(Debug, Clone, Default)]
 pub struct QuantizeOptions {
@@ -1405,17 +1425,13 @@ pub fn quantize_file(input: &[u8], options: &QuantizeOptions) -> Result<Quantize
         }
         converted.push((base, found));
     }
-    out.set_metadata(META_FORMAT, "mxfp4");
     out.set_metadata(META_LAYOUT, options.layout.name());
-    out.set_metadata(META_QUANTIZER, QUANTIZER_ID);
-    out.set_metadata(META_VERSION, env!("CARGO_PKG_VERSION"));
-    out.set_metadata(
-        META_QUANTIZED,
-        serde_json::Value::Object(record).to_string(),
+    stamp_provenance(
+        &mut out,
+        ("mxfp4", QUANTIZER_ID),
+        record,
+        options.source.as_deref(),
     );
-    if let Some(source) = &options.source {
-        out.set_metadata(META_SOURCE, source.clone());
-    }
     Ok(QuantizeOutput {
         bytes: out.to_bytes()?,
         quantized,
@@ -1531,16 +1547,12 @@ pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<
             bytes_out,
         });
     }
-    out.set_metadata(META_FORMAT, "nvfp4");
-    out.set_metadata(META_QUANTIZER, NV_QUANTIZER_ID);
-    out.set_metadata(META_VERSION, env!("CARGO_PKG_VERSION"));
-    out.set_metadata(
-        META_QUANTIZED,
-        serde_json::Value::Object(record).to_string(),
+    stamp_provenance(
+        &mut out,
+        ("nvfp4", NV_QUANTIZER_ID),
+        record,
+        options.source.as_deref(),
     );
-    if let Some(source) = &options.source {
-        out.set_metadata(META_SOURCE, source.clone());
-    }
     Ok(QuantizeOutput {
         bytes: out.to_bytes()?,
         quantized,
