@@ -26,25 +26,29 @@ fn expert_elems(format: &str, count: usize, n: usize, k: usize) -> Result<usize>
         })
 }
 
-/// What both dequant wrappers launch on: the new output `[experts.len(), n, k]` and, unless no
-/// expert is listed, the uploaded ids and the grid size.
-struct Selected {
-    out: CudaSlice<u16>,
-    launch: Option<(CudaSlice<u32>, u32)>,
+/// A dequant kernel and the block its scales cover.
+struct Format {
+    name: &'static str,
+    block: usize,
+    kernel: &'static str,
 }
 
-/// The checks and set-up both dequant wrappers share: the shape (`n > 0`, `k` a positive
-/// multiple of the format's `block`), the packed (`E·n·k/2` bytes) and scale (`E·n·k/block`
-/// bytes) lengths and the expert ids; then the output (poisoned) and the ids on the device. The
-/// kernels decode one scale block per thread per grid-stride step.
-fn select_for_dequant(
+/// The one checked launch path of both dequant kernels. Checks the shape (`n > 0`, `k` a
+/// positive multiple of the format's block), the `groups` of the tensor scales (≥ 1, dividing
+/// `n`), the lengths of packed (`E·n·k/2` bytes), scales (`E·n·k/block` bytes) and tensor scales
+/// (`E·groups` f32) and the expert ids; then decodes the selected experts into a new (poisoned)
+/// output `[experts.len(), n, k]`, one scale block per thread per grid-stride step.
+#[allow(clippy::too_many_arguments)]
+fn dequant_selected(
     gpu: &Gpu,
-    (format, block): (&str, usize),
+    format: Format,
     (packed, scales): (&CudaSlice<u8>, &CudaSlice<u8>),
+    (tensor_scales, groups): (Option<&CudaSlice<f32>>, usize),
     num_experts: usize,
     (n, k): (usize, usize),
     experts: &[u32],
-) -> Result<Selected> {
+) -> Result<CudaSlice<u16>> {
+    let block = format.block;
     if n == 0 || k == 0 || !k.is_multiple_of(block) {
         return Err(Error::InvalidArgument {
             what: "dequant shape",
@@ -53,22 +57,56 @@ fn select_for_dequant(
             ),
         });
     }
-    let full = expert_elems(format, num_experts, n, k)?;
+    if groups == 0 || !n.is_multiple_of(groups) || groups > u32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            what: "tensor-scale groups",
+            detail: format!("{groups} groups do not divide the {n} rows of an expert"),
+        });
+    }
+    let full = expert_elems(format.name, num_experts, n, k)?;
     check_len("packed", packed, full / 2)?;
     check_len("scales", scales, full / block)?;
+    let tensor_scales_addr = match tensor_scales {
+        Some(t) => {
+            let count = num_experts
+                .checked_mul(groups)
+                .ok_or_else(|| Error::SizeOverflow {
+                    what: format!("{} tensor scales [{num_experts}, {groups}]", format.name),
+                    detail: "the element count does not fit in usize".into(),
+                })?;
+            check_len("tensor_scales", t, count)?;
+            addr(gpu, t)
+        }
+        None => 0,
+    };
     check_expert_ids("experts", experts, num_experts)?;
-    let out = alloc_poisoned::<u16>(gpu, expert_elems(format, experts.len(), n, k)?, 0xFF)?;
+    let mut out =
+        alloc_poisoned::<u16>(gpu, expert_elems(format.name, experts.len(), n, k)?, 0xFF)?;
     if experts.is_empty() {
-        return Ok(Selected { out, launch: None });
+        return Ok(out);
     }
     let ids = upload(gpu, experts)?;
     // ≤ the output's element count, which fits (checked above).
     let items = (experts.len() * n * (k / block)) as u64;
     let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
-    Ok(Selected {
-        out,
-        launch: Some((ids, blocks)),
-    })
+    let params = DequantParams {
+        packed_addr: addr(gpu, packed),
+        scales_addr: addr(gpu, scales),
+        tensor_scales_addr,
+        experts_addr: addr(gpu, &ids),
+        out_addr: addr_mut(gpu, &mut out),
+        n: n as u64,
+        k: k as u64,
+        num_selected: experts.len() as u32,
+        num_experts: num_experts as u32,
+        groups: groups as u32,
+        _pad: 0,
+    };
+    // SAFETY: the lengths of packed/scales/tensor_scales were checked against the shape and
+    // `groups` (≥ 1, dividing n), every id is < num_experts, `out` holds experts.len()·n·k bf16,
+    // k is a multiple of the kernel's block, and cudarc allocations are 256-byte aligned.
+    unsafe { gpu.launch(&spec(format.kernel, THREADS, 0), (blocks, 1, 1), params)? };
+    Ok(out)
 }
 
 /// Dequantizes the experts listed in `experts` from device-resident MXFP4 buffers
@@ -83,35 +121,20 @@ pub fn dequant_mxfp4_bf16(
     k: usize,
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
-    let Selected { mut out, launch } = select_for_dequant(
+    let format = Format {
+        name: "MXFP4",
+        block: MX_BLOCK,
+        kernel: names::DEQUANT_MXFP4,
+    };
+    dequant_selected(
         gpu,
-        ("MXFP4", MX_BLOCK),
+        format,
         (packed, scales),
+        (None, 1),
         num_experts,
         (n, k),
         experts,
-    )?;
-    let Some((ids, blocks)) = launch else {
-        return Ok(out);
-    };
-    let spec = spec(names::DEQUANT_MXFP4, THREADS, 0);
-    let params = DequantParams {
-        packed_addr: addr(gpu, packed),
-        scales_addr: addr(gpu, scales),
-        tensor_scales_addr: 0,
-        experts_addr: addr(gpu, &ids),
-        out_addr: addr_mut(gpu, &mut out),
-        n: n as u64,
-        k: k as u64,
-        num_selected: experts.len() as u32,
-        num_experts: num_experts as u32,
-        groups: 1,
-        _pad: 0,
-    };
-    // SAFETY: lengths of packed/scales were checked above, every id is < num_experts, `out`
-    // holds experts.len()·n·k bf16, k % 32 == 0, and cudarc allocations are 256-byte aligned.
-    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
-    Ok(out)
+    )
 }
 
 /// Dequantizes the experts listed in `experts` from device-resident NVFP4 buffers (`packed
@@ -137,53 +160,18 @@ pub fn dequant_nvfp4_bf16(
     k: usize,
     experts: &[u32],
 ) -> Result<CudaSlice<u16>> {
-    if groups == 0 || !n.is_multiple_of(groups) || groups > u32::MAX as usize {
-        return Err(Error::InvalidArgument {
-            what: "tensor-scale groups",
-            detail: format!("{groups} groups do not divide the {n} rows of an expert"),
-        });
-    }
-    let tensor_scales_addr = match tensor_scales {
-        Some(t) => {
-            let count = num_experts
-                .checked_mul(groups)
-                .ok_or_else(|| Error::SizeOverflow {
-                    what: format!("NVFP4 tensor scales [{num_experts}, {groups}]"),
-                    detail: "the element count does not fit in usize".into(),
-                })?;
-            check_len("tensor_scales", t, count)?;
-            addr(gpu, t)
-        }
-        None => 0,
+    let format = Format {
+        name: "NVFP4",
+        block: NV_BLOCK,
+        kernel: names::DEQUANT_NVFP4,
     };
-    let Selected { mut out, launch } = select_for_dequant(
+    dequant_selected(
         gpu,
-        ("NVFP4", NV_BLOCK),
+        format,
         (packed, scales),
+        (tensor_scales, groups),
         num_experts,
         (n, k),
         experts,
-    )?;
-    let Some((ids, blocks)) = launch else {
-        return Ok(out);
-    };
-    let spec = spec(names::DEQUANT_NVFP4, THREADS, 0);
-    let params = DequantParams {
-        packed_addr: addr(gpu, packed),
-        scales_addr: addr(gpu, scales),
-        tensor_scales_addr,
-        experts_addr: addr(gpu, &ids),
-        out_addr: addr_mut(gpu, &mut out),
-        n: n as u64,
-        k: k as u64,
-        num_selected: experts.len() as u32,
-        num_experts: num_experts as u32,
-        groups: groups as u32,
-        _pad: 0,
-    };
-    // SAFETY: the lengths of packed/scales/tensor_scales were checked against the shape and
-    // `groups` (≥ 1, dividing n), every id is < num_experts, `out` holds experts.len()·n·k bf16,
-    // k % 16 == 0, and cudarc allocations are 256-byte aligned.
-    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
-    Ok(out)
+    )
 }
