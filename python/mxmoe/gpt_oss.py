@@ -264,12 +264,18 @@ def _expert_weight(w: Weights, e: int, dtype: torch.dtype, allow_nan_scales: boo
     )[0].to(dtype)
 
 
-def _lora_term(x, a, b, s):
-    """``s·(x·Aᵀ)·Bᵀ`` in fp32, returned in ``x``'s dtype: like the kernels (which carry XA in
-    two bf16 terms), the rank-sized product is not rounded to bf16 before it meets B, which would
-    put a correlated error along B's columns into every row (and, through the activation's
-    derivative, into the LoRA gradients)."""
-    return (s * ((x.float() @ a.float().T) @ b.float().T)).to(x.dtype)
+def _projection(x, w, bias, lora, e, e_count):
+    """Expert ``e``'s ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``, accumulated in fp32 and rounded to ``x``'s
+    dtype once, at the point the kernels round (their epilogue adds the bias and the LoRA term
+    to the fp32 accumulator). Rounding ``x·Wᵀ`` first and adding the LoRA term after would put a
+    second rounding into the pre-activation, which the activation's derivative carries into the
+    LoRA gradients (2x transformers' own bf16 error on the gate/up projection)."""
+    z = x.float() @ w.float().T + bias.float()
+    if lora is not None:
+        a, b, s = lora
+        r = a.shape[0] // e_count
+        z = z + s * ((x.float() @ a[e * r : (e + 1) * r].float().T) @ b[:, e * r : (e + 1) * r].float().T)
+    return z.to(x.dtype)
 
 
 def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, gu_lora, dn_lora,
@@ -284,27 +290,20 @@ def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, 
     for e in hit:
         token_idx, top_k_pos = torch.where(ids == e)
         x = hidden[token_idx]
-        z = x @ _expert_weight(gate_up, e, dtype, allow_nan_scales).T + gate_up_bias[e].to(dtype)
-        if gu_lora is not None:
-            a, b, s = gu_lora
-            r = a.shape[0] // e_count
-            z = z + _lora_term(x, a[e * r : (e + 1) * r], b[:, e * r : (e + 1) * r], s)
+        w_gu = _expert_weight(gate_up, e, dtype, allow_nan_scales)
+        z = _projection(x, w_gu, gate_up_bias[e].to(dtype), gu_lora, e, e_count)
         gate, up = z[..., ::2], z[..., 1::2]
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
         glu = gate * torch.sigmoid(gate * alpha)
         h = (up + 1) * glu
-        o = h @ _expert_weight(down, e, dtype, allow_nan_scales).T + down_bias[e].to(dtype)
-        if dn_lora is not None:
-            a, b, s = dn_lora
-            r = a.shape[0] // e_count
-            o = o + _lora_term(h, a[e * r : (e + 1) * r], b[:, e * r : (e + 1) * r], s)
+        w_dn = _expert_weight(down, e, dtype, allow_nan_scales)
+        o = _projection(h, w_dn, down_bias[e].to(dtype), dn_lora, e, e_count)
         weighted = o * weights[token_idx, top_k_pos, None].to(dtype)
         out.index_add_(0, token_idx, weighted.to(out.dtype))
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _moe_block_has_gpt_oss() -> bool:
     return "activation" in inspect.signature(_ag.moe_block).parameters
 
