@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use crate::device::{DeviceBuffer, Gpu, alloc_poisoned, download, upload};
+use crate::device::{DeviceBuffer, Gpu, alloc_filled, download, upload};
 use crate::error::{Error, Result};
 use crate::mxfp4::{MxError, MxLayout, MxShape, MxWeights, validate_mx};
 use crate::nvfp4::{NvShape, NvWeights};
@@ -63,7 +63,7 @@ impl Bf16Matrix {
             });
         }
         let data = if bits.is_empty() {
-            alloc_poisoned(gpu, 1, 0)?
+            alloc_filled(gpu, 1, 0)?
         } else {
             upload(gpu, bits)?
         };

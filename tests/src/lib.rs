@@ -41,8 +41,10 @@ pub fn gpu() -> Option<&'static Runtime> {
 /// `gpu` with the tests' tuner: in memory, in `Default` mode, so tests never read or write the
 /// user's tuning cache and never time candidates; `MXMOE_GEMM_CONFIG=<index>` (read once per
 /// call) forces one tile configuration for every GEMM of the binary, and a forced configuration
-/// the device cannot run is an error of every call; an invalid value panics.
+/// the device cannot run is an error of every call; an invalid value panics. Output buffers are
+/// poisoned ([`Gpu::set_poison_outputs`]), so an element a kernel leaves unwritten reads as NaN.
 pub fn test_runtime(gpu: Gpu) -> Runtime {
+    gpu.set_poison_outputs(true);
     let name = gpu.limits().name.clone();
     Runtime::new(
         gpu,

@@ -1,4 +1,4 @@
-//! Device memory: host↔device copies, poisoned allocations, and [`DeviceBuffer`], an allocation
+//! Device memory: host↔device copies, filled and (in tests) poisoned allocations, and [`DeviceBuffer`], an allocation
 //! that mxmoe either owns (freed on drop, stream-ordered) or borrows from another framework
 //! (never freed: handed back with cudarc's `CudaSlice::leak`).
 //!
@@ -98,15 +98,30 @@ pub fn download<T: DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) 
         .map_err(Error::driver("copying from the device"))
 }
 
-/// Allocates `len` elements and fills every byte with `byte` (outputs are poisoned so that an
-/// element a kernel fails to write is caught by the tests: 0xFF is NaN in bf16 and f32).
-pub fn alloc_poisoned<T: DeviceRepr>(gpu: &Gpu, len: usize, byte: u8) -> Result<CudaSlice<T>> {
+/// Allocates `len` elements and fills every byte with `byte`, always: for buffers whose initial
+/// contents the work reads (zeroed accumulators, an error flag, routing's sentinels).
+pub fn alloc_filled<T: DeviceRepr>(gpu: &Gpu, len: usize, byte: u8) -> Result<CudaSlice<T>> {
     // SAFETY: the memory is fully initialised by the memset below, ordered before any later
     // use on the same stream.
     let mut buf = unsafe { gpu.stream().alloc::<T>(len) }
         .map_err(Error::driver("allocating device memory"))?;
     fill_bytes(gpu, &mut buf, byte)?;
     Ok(buf)
+}
+
+/// Allocates `len` elements for a kernel to write in full. With [`Gpu::poison_outputs`] on (the
+/// test harness, debug builds) every byte is first set to 0xFF (NaN in bf16 and f32), so an
+/// element a kernel fails to write is caught by the tests; otherwise the memory is left as the
+/// allocator hands it over (no memset on the hot path: at a gpt-oss layer the fills were
+/// ~0.5 GB of writes per forward + backward).
+pub fn alloc_output<T: DeviceRepr>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
+    if gpu.poison_outputs() {
+        return alloc_filled(gpu, len, 0xFF);
+    }
+    // SAFETY: the caller's kernel writes every element before anything reads it (the launch
+    // contracts say so, and the tests check it with poisoned buffers); nothing is read from the
+    // host before that work, which is ordered first on this stream.
+    unsafe { gpu.stream().alloc::<T>(len) }.map_err(Error::driver("allocating device memory"))
 }
 
 /// Sets every byte of `buf` to `byte`, in stream order.

@@ -8,6 +8,7 @@
 //! driver library is probed with `is_culib_present` before cudarc touches it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
@@ -18,7 +19,7 @@ mod pool;
 mod ptx_source;
 mod select;
 pub use kernels_gpu::shared::module::PtxModule;
-pub use memory::{DeviceBuffer, alloc_poisoned, download, fill_bytes, upload};
+pub use memory::{DeviceBuffer, alloc_filled, alloc_output, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
@@ -87,8 +88,21 @@ pub struct Gpu {
     limits: DeviceLimits,
     selection: ModuleSelection,
     ptx: &'static ptx_source::ModuleText,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    /// Kernels looked up so far, shared by every `Gpu` of this loaded module ([`Gpu::on_stream`]).
+    functions: Arc<Mutex<HashMap<&'static str, Loaded>>>,
+    /// Whether [`alloc_output`] poisons (see [`Gpu::set_poison_outputs`]).
+    poison_outputs: AtomicBool,
 }
+
+/// A kernel looked up once, with the dynamic shared memory its attribute already allows.
+struct Loaded {
+    function: CudaFunction,
+    /// The `MAX_DYNAMIC_SHARED_SIZE_BYTES` attribute set so far (48 KiB needs none).
+    smem_allowed: usize,
+}
+
+/// Dynamic shared memory a kernel may use without raising its attribute.
+const DEFAULT_DYNAMIC_SMEM: usize = 48 * 1024;
 
 /// Where a [`Gpu`]'s stream comes from.
 enum StreamSource {
@@ -211,7 +225,8 @@ impl Gpu {
             limits,
             selection,
             ptx,
-            functions: Mutex::new(HashMap::new()),
+            functions: Arc::new(Mutex::new(HashMap::new())),
+            poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
         })
     }
 
@@ -232,7 +247,8 @@ impl Gpu {
             limits: self.limits.clone(),
             selection: self.selection,
             ptx: self.ptx,
-            functions: Mutex::new(HashMap::new()),
+            functions: self.functions.clone(),
+            poison_outputs: AtomicBool::new(self.poison_outputs()),
         }
     }
 
@@ -320,30 +336,76 @@ impl Gpu {
             .map_err(Error::driver("synchronizing the stream"))
     }
 
-    /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), caching it.
+    /// Whether output allocations are poisoned ([`alloc_output`]): on in debug builds, off in
+    /// release builds unless [`set_poison_outputs`](Self::set_poison_outputs) turned it on.
+    pub fn poison_outputs(&self) -> bool {
+        self.poison_outputs.load(Ordering::Relaxed)
+    }
+
+    /// Turns the poisoning of output allocations on or off. The test harness turns it on, so
+    /// that an element a kernel fails to write reads back as NaN; it costs one memset per output.
+    pub fn set_poison_outputs(&self, on: bool) {
+        self.poison_outputs.store(on, Ordering::Relaxed);
+    }
+
+    /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), once per
+    /// loaded module.
     pub(crate) fn function(&self, name: &'static str) -> Result<CudaFunction> {
+        self.launchable(name, 0)
+    }
+
+    /// [`function`](Self::function), with the kernel's dynamic shared-memory attribute raised to
+    /// at least `dynamic_smem` bytes. The lookup and the attribute are resolved once per kernel
+    /// (and again only for a larger size), not per launch.
+    pub(crate) fn launchable(&self, name: &'static str, dynamic_smem: usize) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
+        if let Some(loaded) = cache.get(name)
+            && dynamic_smem <= loaded.smem_allowed
+        {
+            return Ok(loaded.function.clone());
         }
-        let module = self.selection.module;
-        if !module.entries().contains(&name) {
-            return Err(Error::InvalidArgument {
-                what: "kernel",
-                detail: format!(
-                    "{name} is not in the {} module ({}) loaded for {}",
-                    module.name(),
-                    module.arch(),
-                    self.limits.name
-                ),
-            });
+        let function = match cache.get(name) {
+            Some(loaded) => loaded.function.clone(),
+            None => {
+                let module = self.selection.module;
+                if !module.entries().contains(&name) {
+                    return Err(Error::InvalidArgument {
+                        what: "kernel",
+                        detail: format!(
+                            "{name} is not in the {} module ({}) loaded for {}",
+                            module.name(),
+                            module.arch(),
+                            self.limits.name
+                        ),
+                    });
+                }
+                self.module
+                    .load_function(name)
+                    .map_err(Error::driver(format!("looking up kernel {name}")))?
+            }
+        };
+        let mut smem_allowed = cache.get(name).map_or(DEFAULT_DYNAMIC_SMEM, |l| l.smem_allowed);
+        if dynamic_smem > smem_allowed {
+            let bytes = i32::try_from(dynamic_smem).map_err(|_| Error::InvalidArgument {
+                what: "shared memory",
+                detail: format!("{dynamic_smem} bytes for {name}"),
+            })?;
+            function
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+                .map_err(Error::driver(format!("raising the shared-memory limit of {name}")))?;
+            smem_allowed = dynamic_smem;
         }
-        let f = self
-            .module
-            .load_function(name)
-            .map_err(Error::driver(format!("looking up kernel {name}")))?;
-        cache.insert(name, f.clone());
-        Ok(f)
+        cache.insert(
+            name,
+            Loaded {
+                function: function.clone(),
+                smem_allowed,
+            },
+        );
+        Ok(function)
     }
 
     /// Registers, static shared memory and local memory of a kernel, as the driver sees them.

@@ -7,7 +7,7 @@ use kernels_gpu::shared::nvfp4::NV_BLOCK;
 use kernels_gpu::shared::params::DequantParams;
 
 use super::{check_expert_ids, check_len, grid_stride_blocks, spec};
-use crate::device::{Gpu, alloc_poisoned, upload};
+use crate::device::{Gpu, alloc_output, upload};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -36,8 +36,8 @@ struct Format {
 /// The one checked launch path of both dequant kernels. Checks the shape (`n > 0`, `k` a
 /// positive multiple of the format's block), the `groups` of the tensor scales (≥ 1, dividing
 /// `n`), the lengths of packed (`E·n·k/2` bytes), scales (`E·n·k/block` bytes) and tensor scales
-/// (`E·groups` f32) and the expert ids; then decodes the selected experts into a new (poisoned)
-/// output `[experts.len(), n, k]`, one scale block per thread per grid-stride step.
+/// (`E·groups` f32) and the expert ids; then decodes the selected experts into a new output
+/// `[experts.len(), n, k]` (poisoned in tests), one scale block per thread per grid-stride step.
 #[allow(clippy::too_many_arguments)]
 fn dequant_selected(
     gpu: &Gpu,
@@ -81,7 +81,7 @@ fn dequant_selected(
     };
     check_expert_ids("experts", experts, num_experts)?;
     let mut out =
-        alloc_poisoned::<u16>(gpu, expert_elems(format.name, experts.len(), n, k)?, 0xFF)?;
+        alloc_output::<u16>(gpu, expert_elems(format.name, experts.len(), n, k)?)?;
     if experts.is_empty() {
         return Ok(out);
     }

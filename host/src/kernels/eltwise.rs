@@ -7,7 +7,7 @@ use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{EltwiseParams, RemapParams};
 
 use super::{check_count, check_expert_ids, check_len, grid_stride_blocks, spec};
-use crate::device::{Gpu, alloc_poisoned, upload};
+use crate::device::{Gpu, alloc_output, upload};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -36,7 +36,7 @@ unsafe fn run(
     for &(tensor, buf, needed) in inputs {
         check_len(tensor, buf, needed)?;
     }
-    let mut out = alloc_poisoned::<u16>(gpu, out_elems.max(1), 0xFF)?;
+    let mut out = alloc_output::<u16>(gpu, out_elems.max(1))?;
     let params = EltwiseParams {
         in0_addr: inputs.first().map_or(0, |&(_, buf, _)| addr(gpu, buf)),
         in1_addr: inputs.get(1).map_or(0, |&(_, buf, _)| addr(gpu, buf)),

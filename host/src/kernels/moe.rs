@@ -8,7 +8,7 @@ use kernels_gpu::shared::params::GluParams;
 
 use super::{check_len, grid_stride_blocks, spec};
 use crate::activation::{Activation, GateUpLayout};
-use crate::device::{Gpu, alloc_poisoned};
+use crate::device::{Gpu, alloc_output};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -109,7 +109,7 @@ fn glu(
         None => (names::GLU_FWD, rows * width),
         Some(_) => (names::GLU_BWD, rows * 2 * width),
     };
-    let mut out = alloc_poisoned::<u16>(gpu, out_elems.max(1), 0xFF)?;
+    let mut out = alloc_output::<u16>(gpu, out_elems.max(1))?;
     if rows == 0 {
         return Ok(out);
     }

@@ -7,7 +7,7 @@ use kernels_gpu::shared::params::ProbeParams;
 use cudarc::driver::DeviceRepr;
 
 use super::spec;
-use crate::device::{Gpu, alloc_poisoned, download, upload};
+use crate::device::{Gpu, alloc_filled, download, upload};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -28,7 +28,7 @@ unsafe fn run<T: DeviceRepr + Default + Clone>(
     (in_addr, count): (u64, u32),
     out_elems: usize,
 ) -> Result<Vec<T>> {
-    let mut out = alloc_poisoned::<T>(gpu, out_elems, 0xFF)?;
+    let mut out = alloc_filled::<T>(gpu, out_elems, 0xFF)?;
     let params = ProbeParams {
         in_addr,
         out_addr: addr_mut(gpu, &mut out),

@@ -5,7 +5,7 @@ use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
 
 use super::spec;
-use crate::device::{Gpu, alloc_poisoned};
+use crate::device::{Gpu, alloc_filled};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -67,12 +67,12 @@ pub(crate) fn route(
             detail: format!("{slots} routed slots exceed the 32-bit row index"),
         });
     }
-    let mut sorted_expert = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
-    let mut ssi = alloc_poisoned::<u32>(gpu, slots.max(1), 0xFF)?;
-    let mut offsets = alloc_poisoned::<u32>(gpu, num_experts, 0xFF)?;
-    let mut error = alloc_poisoned::<u32>(gpu, 1, 0)?;
+    let mut sorted_expert = alloc_filled::<u32>(gpu, slots.max(1), 0xFF)?;
+    let mut ssi = alloc_filled::<u32>(gpu, slots.max(1), 0xFF)?;
+    let mut offsets = alloc_filled::<u32>(gpu, num_experts, 0xFF)?;
+    let mut error = alloc_filled::<u32>(gpu, 1, 0)?;
     let chunks = (slots as u32).div_ceil(ROUTE_CHUNK).max(1);
-    let mut counts = alloc_poisoned::<u32>(gpu, chunks as usize * (num_experts + 1), 0xFF)?;
+    let mut counts = alloc_filled::<u32>(gpu, chunks as usize * (num_experts + 1), 0xFF)?;
     let (ids_addr, ids_i64) = match ids {
         DeviceIds::I32(s) => (addr(gpu, s), 0),
         DeviceIds::I64(s) => (addr(gpu, s), 1),

@@ -5,7 +5,6 @@
 //! memory, grid limits) before any `unsafe`, raises the function's dynamic shared-memory limit
 //! when needed, and passes the kernel's single `#[repr(C)]` parameter struct by value.
 
-use cudarc::driver::sys::CUfunction_attribute as F;
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use kernels_gpu::shared::params;
 
@@ -120,17 +119,7 @@ impl Gpu {
                 detail: format!("kernel {} launched with grid {grid:?}", spec.name),
             });
         }
-        let f = self.function(spec.name)?;
-        if spec.dynamic_smem_bytes > 48 * 1024 {
-            f.set_attribute(
-                F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                spec.dynamic_smem_bytes as i32,
-            )
-            .map_err(Error::driver(format!(
-                "raising the shared-memory limit of {}",
-                spec.name
-            )))?;
-        }
+        let f = self.launchable(spec.name, spec.dynamic_smem_bytes)?;
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (spec.threads, 1, 1),

@@ -10,7 +10,7 @@ use kernels_gpu::shared::tiles::rank_pad;
 use super::plan::tuned_gemm;
 use super::{ExpertWeights, Grads, Saved};
 use crate::buffers::{Bf16Matrix, LoraWeights, MxExperts};
-use crate::device::alloc_poisoned;
+use crate::device::alloc_output;
 use crate::error::{Error, Result};
 use crate::kernels::eltwise;
 use crate::kernels::gemm::{
@@ -114,9 +114,9 @@ fn lora_product(
     two_term: bool,
 ) -> Result<(CudaSlice<u16>, Option<CudaSlice<u16>>)> {
     let r_pad = rank_pad(rank as u32) as usize;
-    let mut out = alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?;
+    let mut out = alloc_output::<u16>(gpu, (rows * r_pad).max(1))?;
     let mut lo = if two_term {
-        Some(alloc_poisoned::<u16>(gpu, (rows * r_pad).max(1), 0xFF)?)
+        Some(alloc_output::<u16>(gpu, (rows * r_pad).max(1))?)
     } else {
         None
     };
@@ -183,7 +183,7 @@ pub(super) fn forward_core(
         None => None,
     };
     let experts = r.routing.num_experts();
-    let mut out = alloc_poisoned::<u16>(gpu, (l * n).max(1), 0xFF)?;
+    let mut out = alloc_output::<u16>(gpu, (l * n).max(1))?;
     let lora_epi = match (r.lora, &xa) {
         (Some(lora), Some((xa, xa_lo))) => Some(LoraEpilogue {
             left: xa,
@@ -290,7 +290,7 @@ pub(super) fn backward_core(
         RowMap::Grouped => (l, false),
         RowMap::Scattered { .. } => (l, true),
     };
-    let mut dxs = alloc_poisoned::<u16>(gpu, (dx_rows * k).max(1), 0xFF)?;
+    let mut dxs = alloc_output::<u16>(gpu, (dx_rows * k).max(1))?;
     let lora_epi = match (r.lora, &yb) {
         (Some(lora), Some(yb)) => Some(LoraEpilogue {
             left: yb,
@@ -339,7 +339,7 @@ pub(super) fn backward_core(
     let (da, db) = match (r.lora, &yb, &saved.xa) {
         (Some(lora), Some(yb), Some(xa)) => {
             let r = lora.rank;
-            let mut da = alloc_poisoned::<u16>(gpu, e * r * k, 0xFF)?;
+            let mut da = alloc_output::<u16>(gpu, e * r * k)?;
             // dA_e[j, kk] = s · Σ_p YB[p, j] · x[row(p), kk]  → A layout (e·r + j)·K + kk.
             gram(
                 gpu,
@@ -354,7 +354,7 @@ pub(super) fn backward_core(
                 &mut da,
                 (r * k, 1, k),
             )?;
-            let mut db = alloc_poisoned::<u16>(gpu, n * e * r, 0xFF)?;
+            let mut db = alloc_output::<u16>(gpu, n * e * r)?;
             // dB_e[nn, j] = s · Σ_p dY[p, nn] · XA[p, j]  → B layout nn·E·r + e·r + j.
             gram(
                 gpu,

@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 use super::core::Resolved;
 use super::{ExpertWeights, Grads};
 use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights};
-use crate::device::{Gpu, alloc_poisoned, download, upload};
+use crate::device::{Gpu, alloc_filled, alloc_output, download, upload};
 use crate::error::{Error, Result};
 use crate::kernels::eltwise::{self, ExpertMap};
 use crate::kernels::gemm::RoutingView;
@@ -64,7 +64,7 @@ impl Compact {
         };
         let bias = match bias {
             Some(b) if !all => {
-                let mut out = alloc_poisoned::<u16>(gpu, active.len().max(1) * b.cols(), 0xFF)?;
+                let mut out = alloc_output::<u16>(gpu, active.len().max(1) * b.cols())?;
                 eltwise::gather_blocks(
                     gpu,
                     b.data(),
@@ -123,12 +123,12 @@ impl Compact {
         let r = lora.rank;
         let k = lora.a.cols();
         if let Some(da) = grads.da.as_mut() {
-            let mut full = alloc_poisoned::<u16>(gpu, e * r * k, 0)?;
+            let mut full = alloc_filled::<u16>(gpu, e * r * k, 0)?;
             eltwise::scatter_blocks(gpu, &mut full, e * r, k, da.data(), &self.active, r, true)?;
             *da = Bf16Matrix::from_output(full, e * r, k);
         }
         if let Some(db) = grads.db.as_mut() {
-            let mut full = alloc_poisoned::<u16>(gpu, n * e * r, 0)?;
+            let mut full = alloc_filled::<u16>(gpu, n * e * r, 0)?;
             eltwise::scatter_blocks(gpu, &mut full, n, e * r, db.data(), &self.active, r, false)?;
             *db = Bf16Matrix::from_output(full, n, e * r);
         }
@@ -211,8 +211,8 @@ fn gather_lora(gpu: &Gpu, lora: &LoraWeights, active: &ExpertMap) -> Result<Lora
     let count = active.len();
     let (k, n) = (lora.a.cols(), lora.b.rows());
     let blocks = count.max(1);
-    let mut a = alloc_poisoned::<u16>(gpu, blocks * r * k, 0xFF)?;
-    let mut b = alloc_poisoned::<u16>(gpu, n * blocks * r, 0xFF)?;
+    let mut a = alloc_output::<u16>(gpu, blocks * r * k)?;
+    let mut b = alloc_output::<u16>(gpu, n * blocks * r)?;
     eltwise::gather_blocks(gpu, lora.a.data(), experts * r, k, &mut a, active, r, true)?;
     eltwise::gather_blocks(gpu, lora.b.data(), n, experts * r, &mut b, active, r, false)?;
     Ok(LoraWeights {
