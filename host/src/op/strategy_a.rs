@@ -7,7 +7,7 @@ use cudarc::driver::CudaSlice;
 use super::core::Resolved;
 use super::{ExpertWeights, Grads};
 use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights};
-use crate::device::{Gpu, alloc_filled, alloc_output, download, upload};
+use crate::device::{Gpu, alloc_filled, alloc_output, upload};
 use crate::error::{Error, Result};
 use crate::kernels::eltwise::{self, ExpertMap};
 use crate::kernels::gemm::RoutingView;
@@ -40,7 +40,7 @@ impl Compact {
         bias: Option<&Bf16Matrix>,
         routing: &DeviceRouting,
     ) -> Result<Self> {
-        let offsets = download(gpu, routing.expert_offsets())?;
+        let offsets = routing.host_offsets(gpu)?;
         let active = active_from_offsets(&offsets);
         let all = active.len() == offsets.len();
         let compact_offsets: Vec<u32> = active.iter().map(|&e| offsets[e as usize]).collect();
@@ -149,12 +149,10 @@ fn active_from_offsets(offsets: &[u32]) -> Vec<u32> {
     active
 }
 
-/// The active experts of a routing (reads the offsets back: one synchronisation).
+/// The active experts of a routing (the offsets read back once per routing:
+/// [`DeviceRouting::host_offsets`]).
 pub fn active_experts(gpu: &Gpu, routing: &DeviceRouting) -> Result<Vec<u32>> {
-    Ok(active_from_offsets(&download(
-        gpu,
-        routing.expert_offsets(),
-    )?))
+    Ok(active_from_offsets(&routing.host_offsets(gpu)?))
 }
 
 fn download_clone(gpu: &Gpu, buf: &CudaSlice<u32>) -> Result<CudaSlice<u32>> {

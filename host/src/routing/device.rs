@@ -1,7 +1,7 @@
 //! [`DeviceRouting`]: the routing kernels' outputs, resident on the device (see the parent
 //! module for the conventions).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, DeviceRepr};
 
@@ -20,6 +20,9 @@ pub struct DeviceRouting {
     top_k: usize,
     num_experts: usize,
     bufs: Arc<RouteBuffers>,
+    /// The offsets read back to the host, once per routing (shared by clones): `Auto` and
+    /// Strategy A need them on the host, and every projection of a block shares the routing.
+    host_offsets: Arc<OnceLock<Arc<[u32]>>>,
 }
 
 impl std::fmt::Debug for DeviceRouting {
@@ -148,6 +151,7 @@ impl DeviceRouting {
             top_k,
             num_experts,
             bufs: Arc::new(bufs),
+            host_offsets: Arc::new(OnceLock::new()),
         })
     }
 
@@ -194,6 +198,16 @@ impl DeviceRouting {
     /// u32 `[L]` flat slot of each grouped row.
     pub fn sorted_scattered_idxs(&self) -> &CudaSlice<u32> {
         &self.bufs.ssi
+    }
+
+    /// [`expert_offsets`](Self::expert_offsets) on the host: read back (one synchronisation)
+    /// by the first call on this routing or any clone of it, then kept.
+    pub fn host_offsets(&self, gpu: &Gpu) -> Result<Arc<[u32]>> {
+        if let Some(o) = self.host_offsets.get() {
+            return Ok(o.clone());
+        }
+        let read: Arc<[u32]> = download(gpu, &self.bufs.offsets)?.into();
+        Ok(self.host_offsets.get_or_init(|| read).clone())
     }
 
     /// u32 `[E]` inclusive row ends per expert.
