@@ -8,8 +8,8 @@
 //! `dy` (seed 4) instead, because a constant gradient can hide row-ordering bugs and our rules
 //! forbid constant test data. The kernels do the same work either way.
 //!
-//! Per iteration (timed): forward + backward. The device routing is built once per
-//! configuration, outside the timed window; inputs and LoRA leaves are uploaded once. Each
+//! Per iteration (timed): the routing of the expert ids (already on the device, as a router
+//! leaves them), forward and backward; inputs, ids and LoRA leaves are uploaded once. Each
 //! iteration is bracketed by its own pair of CUDA events on the op stream; the events are read
 //! after the loop, and the median, minimum and maximum are reported. See `docs/BENCHMARKS.md`
 //! for the FLOP and byte accounting.
@@ -30,12 +30,11 @@ use mxmoe::activation::Activation;
 use mxmoe::device::Gpu;
 use mxmoe::moe::{self, MoeBlock, MoeGrads, MoeSaved};
 use mxmoe::op::{self, Bf16Matrix, LoraWeights, RowOrder};
-use mxmoe::routing::DeviceRouting;
 use mxmoe::shared::bf16::round_bf16;
 
 use crate::env::{commit, driver_description, open_gpu, utc_now};
 use crate::output::{check_writable, write_atomic};
-use crate::problem::{DeviceProblem, HostProblem, Seeds, Shape};
+use crate::problem::{DeviceProblem, HostProblem, RoutedIds, Seeds, Shape};
 use crate::rng::normal_bf16_bits;
 use crate::routing_gen::{RoutingKind, active_experts, top_k};
 use crate::strategy::{DeviceWeights, HostWeights, Strategy};
@@ -517,7 +516,7 @@ struct LayerDevice {
     down_bias: Bf16Matrix,
     lora_gate_up: LoraWeights,
     lora_down: LoraWeights,
-    routing: DeviceRouting,
+    ids: RoutedIds,
     x: Bf16Matrix,
     gates: Bf16Matrix,
     dy: Bf16Matrix,
@@ -525,7 +524,8 @@ struct LayerDevice {
 }
 
 impl LayerDevice {
-    /// Uploads everything and routes the ids on the device; returns once that has finished.
+    /// Uploads everything and routes the ids on the device once (to check them); returns once
+    /// that has finished.
     fn upload(
         gpu: &Gpu,
         strategy: Strategy,
@@ -555,8 +555,7 @@ impl LayerDevice {
         };
         let gate_up = strategy.upload(gpu, &w.gate_up)?;
         let down = strategy.upload(gpu, &w.down)?;
-        let routing = DeviceRouting::from_host_ids(gpu, &p.ids, t, GPT_OSS_TOP_K, e)
-            .context("could not route the expert ids on the device")?;
+        let ids = RoutedIds::upload(gpu, &p.ids, t, GPT_OSS_TOP_K, e)?;
         let d = Self {
             gate_up,
             down,
@@ -564,16 +563,13 @@ impl LayerDevice {
             down_bias: matrix(&w.down_bias, e, h, "the down bias")?,
             lora_gate_up: lora(&p.lora[0], &p.lora[1], h, 2 * i, "gate_up")?,
             lora_down: lora(&p.lora[2], &p.lora[3], i, h, "down")?,
-            routing,
+            ids,
             x: matrix(&p.x, t, h, "x")?,
             gates: Bf16Matrix::from_f32(gpu, &p.gates, t, GPT_OSS_TOP_K)
                 .context("could not upload the gates")?,
             dy: matrix(&p.dy, t, h, "dy")?,
             strategy,
         };
-        d.routing
-            .check(gpu)
-            .context("the device routing rejected the expert ids")?;
         gpu.synchronize().context("the uploads did not complete")?;
         Ok(d)
     }
@@ -594,11 +590,12 @@ impl LayerDevice {
         }
     }
 
-    /// One forward, enqueued without host synchronisation (unless a projection runs Strategy A
-    /// or Auto, which read the expert offsets back).
+    /// One routing of the ids and one forward, enqueued without host synchronisation (unless a
+    /// projection runs Strategy A or Auto, which read the expert offsets back, once per routing).
     fn forward(&self, gpu: &Runtime) -> anyhow::Result<(Bf16Matrix, MoeSaved)> {
+        let routing = self.ids.route(gpu)?;
         self.block()
-            .forward(gpu, &self.x, &self.routing, &self.gates)
+            .forward(gpu, &self.x, &routing, &self.gates)
             .context("the block's forward pass failed")
     }
 

@@ -11,7 +11,7 @@ use mxmoe::Runtime;
 use mxmoe::device::Gpu;
 use mxmoe::op::{Bf16Matrix, ExpertLinear, Forward, Grads, LoraWeights, RowOrder, backward};
 use mxmoe::reference::{self, LinearProblem, Rounding};
-use mxmoe::routing::DeviceRouting;
+use mxmoe::routing::{DeviceIds, DeviceRouting};
 use mxmoe::shared::bf16::{bf16_bits_to_f32, round_bf16};
 
 use crate::rng::normal_bf16_bits;
@@ -218,9 +218,59 @@ impl HostProblem {
     }
 }
 
+/// Expert ids `[T, k]` resident on the device, as a router leaves them: every call routes them
+/// afresh ([`route`](Self::route)), so a timed call includes the routing and whatever reads of
+/// the routing its strategy makes (a real layer call routes new ids every step; a routing built
+/// once would let `Auto` and Strategy A read its offsets back only on the first call).
+pub struct RoutedIds {
+    /// The ids (`None` for zero tokens: routed from an empty host slice).
+    ids: Option<cudarc::driver::CudaSlice<i64>>,
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+}
+
+impl RoutedIds {
+    /// Uploads `ids` and routes them once, checking every id (a typed error names a bad one);
+    /// returns once that has finished.
+    pub fn upload(
+        gpu: &Gpu,
+        ids: &[i64],
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+    ) -> anyhow::Result<Self> {
+        DeviceRouting::from_host_ids(gpu, ids, tokens, top_k, experts)
+            .context("could not route the expert ids on the device")?
+            .check(gpu)
+            .context("the device routing rejected the expert ids")?;
+        let ids = if ids.is_empty() {
+            None
+        } else {
+            Some(mxmoe::device::upload(gpu, ids).context("could not upload the expert ids")?)
+        };
+        Ok(Self {
+            ids,
+            tokens,
+            top_k,
+            experts,
+        })
+    }
+
+    /// Routes the ids on the device (enqueued, no synchronisation).
+    pub fn route(&self, gpu: &Gpu) -> anyhow::Result<DeviceRouting> {
+        let (t, k, e) = (self.tokens, self.top_k, self.experts);
+        match &self.ids {
+            Some(ids) => DeviceRouting::from_device_ids(gpu, DeviceIds::I64(ids), t, k, e),
+            None => DeviceRouting::from_host_ids(gpu, &[], t, k, e),
+        }
+        .context("could not route the expert ids on the device")
+    }
+}
+
 /// A problem resident on the device, ready to run forward and backward repeatedly.
 pub struct DeviceProblem {
-    routing: DeviceRouting,
+    ids: RoutedIds,
     x: Bf16Matrix,
     lora: Option<LoraWeights>,
     gates: Option<Bf16Matrix>,
@@ -232,7 +282,7 @@ pub struct DeviceProblem {
 
 impl DeviceProblem {
     /// Uploads the problem and the weights in `strategy`'s format, and routes the ids on the
-    /// device. Returns once the uploads and the routing have finished.
+    /// device once to check them. Returns once the uploads and the routing have finished.
     pub fn upload(
         gpu: &Gpu,
         strategy: Strategy,
@@ -252,8 +302,7 @@ impl DeviceProblem {
             );
         }
         let weights = strategy.upload(gpu, w)?;
-        let routing = DeviceRouting::from_host_ids(gpu, &p.ids, s.tokens, s.top_k, s.experts)
-            .context("could not route the expert ids on the device")?;
+        let ids = RoutedIds::upload(gpu, &p.ids, s.tokens, s.top_k, s.experts)?;
         let x = Bf16Matrix::from_bits(gpu, &p.x, s.x_rows(), s.k).context("could not upload x")?;
         let lora = if s.rank == 0 {
             None
@@ -276,12 +325,9 @@ impl DeviceProblem {
         };
         let dy =
             Bf16Matrix::from_bits(gpu, &p.dy, s.out_rows(), s.n).context("could not upload dy")?;
-        routing
-            .check(gpu)
-            .context("the device routing rejected the expert ids")?;
         gpu.synchronize().context("the uploads did not complete")?;
         Ok(Self {
-            routing,
+            ids,
             x,
             lora,
             gates,
@@ -292,7 +338,8 @@ impl DeviceProblem {
         })
     }
 
-    /// One forward and backward, enqueued without host synchronisation. `between` runs after the
+    /// One routing of the ids, forward and backward, enqueued without host synchronisation
+    /// (unless the strategy reads the routing back: A and `Auto`). `between` runs after the
     /// forward has been enqueued and before the backward (for timing or memory probes).
     pub fn forward_backward(
         &self,
@@ -306,8 +353,9 @@ impl DeviceProblem {
             self.shape.output,
         )
         .with_strategy(self.strategy.op_strategy());
+        let routing = self.ids.route(gpu)?;
         let (fwd, saved) = layer
-            .forward(gpu, &self.x, &self.routing, self.gates.as_ref())
+            .forward(gpu, &self.x, &routing, self.gates.as_ref())
             .context("the forward pass failed")?;
         between()?;
         let grads = backward(gpu, &saved, &self.dy).context("the backward pass failed")?;
