@@ -117,6 +117,11 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     Ok(times[1])
 }
 
+/// Fewest routed rows per active expert at which [`auto_strategy`] picks Strategy A (small grids).
+pub const AUTO_A_MIN_ROWS: usize = 256;
+/// Routed rows per active expert from which [`auto_strategy`] picks Strategy A on any grid.
+pub const AUTO_A_ROWS_LARGE_GRID: usize = 2048;
+
 /// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
 /// (selective dequantization) once the active experts average at least 2048 routed rows each,
 /// or 256 when the fused GEMM's grid is small (at most four waves of 128×128 output tiles over
@@ -142,7 +147,8 @@ pub fn auto_strategy(
         .saturating_mul(active)
         .saturating_mul(rows_per_active.div_ceil(128).max(1));
     let small_grid = fused_blocks <= sm_count.saturating_mul(4);
-    let amortised = rows_per_active >= 2048 || (small_grid && rows_per_active >= 256);
+    let amortised = rows_per_active >= AUTO_A_ROWS_LARGE_GRID
+        || (small_grid && rows_per_active >= AUTO_A_MIN_ROWS);
     if amortised && transient_bytes <= free_bytes / 2 {
         Strategy::SelectiveDequant
     } else {
@@ -151,8 +157,9 @@ pub fn auto_strategy(
 }
 
 /// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 weights,
-/// and for `Auto` the [`auto_strategy`] rule on the active experts (one read-back of the expert
-/// offsets) and the free device memory.
+/// and for `Auto` the [`auto_strategy`] rule on the active experts (the expert offsets read back
+/// once per routing) and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`] routed rows
+/// no expert can reach A's threshold, so `Auto` takes B without reading anything back.
 pub(super) fn resolve_strategy(
     gpu: &Gpu,
     weights: ExpertWeights<'_>,
@@ -163,6 +170,7 @@ pub(super) fn resolve_strategy(
     Ok(match (weights, requested) {
         (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => Strategy::Fused,
         (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
+        (ExpertWeights::Mxfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => Strategy::Fused,
         (ExpertWeights::Mxfp4(w), Strategy::Auto) => {
             let active = super::strategy_a::active_experts(gpu, routing)?.len();
             let transient = active * w.shape().n() * w.shape().k() * 2;
@@ -251,5 +259,27 @@ mod tests {
                 "{active} active experts, {rows} rows, N = {n}, {free} bytes free"
             );
         }
+    }
+
+    /// `resolve_strategy` takes B without reading the routing back below `AUTO_A_MIN_ROWS` routed
+    /// rows: the rule itself must never pick A there, whatever the active count, width or memory.
+    #[test]
+    fn auto_never_picks_a_below_its_row_floor() {
+        for rows in [1, 7, 64, 200, AUTO_A_MIN_ROWS - 1] {
+            for active in [1, 2, rows.div_ceil(2), rows] {
+                for n in [128, 1024, 5760] {
+                    assert_eq!(
+                        auto_strategy(active, rows, n, 132, 0, usize::MAX),
+                        Strategy::Fused,
+                        "{active} active, {rows} rows, N = {n}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            auto_strategy(1, AUTO_A_MIN_ROWS, 128, 132, 0, usize::MAX),
+            Strategy::SelectiveDequant,
+            "the floor is tight: one expert with AUTO_A_MIN_ROWS rows on a small grid takes A"
+        );
     }
 }
