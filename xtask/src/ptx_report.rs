@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use kernels_gpu::shared::module::PtxModule;
@@ -173,13 +172,10 @@ fn assemble(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<Vec<Assem
                         fs::create_dir_all(parent)
                             .with_context(|| format!("cannot create {}", parent.display()))?;
                     }
+                    // The flags of the SASS `host/build.rs` embeds, plus `-v` for the report.
                     let out = shell::output(
-                        Command::new(ptxas)
-                            .arg(format!("-arch={}", target.arch))
-                            .arg("-v")
-                            .arg(ptx_file)
-                            .arg("-o")
-                            .arg(&cubin),
+                        mxmoe_ptx_builder::ptxas::command(ptxas, target.arch, ptx_file, &cubin)
+                            .arg("-v"),
                         true,
                     )
                     .with_context(|| {

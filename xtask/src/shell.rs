@@ -65,28 +65,6 @@ pub fn output(cmd: &mut Command, capture_stderr: bool) -> Result<Output> {
     Ok(out)
 }
 
-/// Finds `name` in the folders of `$PATH`, as a shell would.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-/// Whether `path` is a file this user may execute.
-pub fn is_executable(path: &std::path::Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        path.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    }
-    #[cfg(not(unix))]
-    {
-        path.is_file()
-    }
-}
-
 /// Marks a generated script executable (owner, group and others may run it).
 #[cfg(unix)]
 pub fn make_executable(path: &std::path::Path) -> Result<()> {

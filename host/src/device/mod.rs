@@ -1,6 +1,7 @@
 //! The device core: driver discovery, context and stream, the embedded PTX modules and the choice
-//! between them ([`select`]), device limits, and device memory ([`DeviceBuffer`], copies,
-//! poisoned allocations).
+//! between them ([`select`]), the SASS embedded next to them and when it is loaded instead
+//! ([`sass_choice`], [`ModuleCode`]), device limits, and device memory ([`DeviceBuffer`],
+//! copies, poisoned allocations).
 //!
 //! [`Gpu::open`] (a new stream) and [`Gpu::open_on_stream`] (a stream another framework owns)
 //! are the ways to get a device; both go through one builder. A machine without a CUDA driver or without a
@@ -17,23 +18,41 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 mod memory;
 mod pool;
 mod ptx_source;
+mod sass;
 mod select;
 pub use kernels_gpu::shared::module::PtxModule;
 pub use memory::{DeviceBuffer, alloc_filled, alloc_output, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
+pub use sass::{JitReason, ModuleCode, SassArch, cubin_arch, embedded_cubin, sass_choice};
 pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
 
 use crate::error::{Error, Result};
 
 /// The Hopper PTX module (`sm_90a`, with the `wgmma` rows) built from `kernels-gpu` by
-/// `host/build.rs` (see `xtask/ptx-builder`); loaded on compute capability 9.0.
+/// `host/build.rs` (see `xtask/ptx-builder`); loaded on compute capability 9.0 (as its SASS
+/// [`CUBIN`] when embedded).
 pub const PTX: &str = include_str!(env!("MXMOE_PTX_PATH"));
 
 /// The portable PTX module (`sm_80`, without the `wgmma` rows), built from the same source;
-/// loaded on every other GPU from compute capability 8.0 (the driver JIT-compiles it), or on
-/// 9.0 with `MXMOE_MODULE=portable`.
+/// loaded on every other GPU from compute capability 8.0 (as its SASS [`CUBIN_PORTABLE`] on 8.x
+/// when embedded, else JIT-compiled by the driver), or on 9.0 with `MXMOE_MODULE=portable`.
 pub const PTX_PORTABLE: &str = include_str!(env!("MXMOE_PTX_PORTABLE_PATH"));
+
+/// SASS of [`PTX`]: the cubin `ptxas` assembled from exactly that text at build time, for
+/// [`CUBIN_ARCH`]; empty when the build had no `ptxas` (or `MXMOE_SASS=0`). Loaded instead of the
+/// PTX on compute capability 9.0 ([`sass_choice`]).
+pub const CUBIN: &[u8] = include_bytes!(env!("MXMOE_CUBIN_PATH"));
+
+/// The architecture [`CUBIN`] was assembled for (`sm_90a`), empty without SASS.
+pub const CUBIN_ARCH: &str = env!("MXMOE_CUBIN_ARCH");
+
+/// SASS of [`PTX_PORTABLE`], assembled for [`CUBIN_PORTABLE_ARCH`] (`sm_80`), which runs on every
+/// compute capability 8.x device; empty without SASS. Later devices JIT-compile the PTX.
+pub const CUBIN_PORTABLE: &[u8] = include_bytes!(env!("MXMOE_CUBIN_PORTABLE_PATH"));
+
+/// The architecture [`CUBIN_PORTABLE`] was assembled for (`sm_80`), empty without SASS.
+pub const CUBIN_PORTABLE_ARCH: &str = env!("MXMOE_CUBIN_PORTABLE_ARCH");
 
 /// The embedded text of `module`.
 pub fn embedded_ptx(module: PtxModule) -> &'static str {
@@ -88,6 +107,8 @@ pub struct Gpu {
     limits: DeviceLimits,
     selection: ModuleSelection,
     ptx: &'static ptx_source::ModuleText,
+    /// Whether the module's SASS or its PTX text was loaded.
+    code: ModuleCode,
     /// Kernels looked up so far, shared by every `Gpu` of this loaded module ([`Gpu::on_stream`]).
     functions: Arc<Mutex<HashMap<&'static str, Loaded>>>,
     /// Whether [`alloc_output`] poisons (see [`Gpu::set_poison_outputs`]).
@@ -117,6 +138,7 @@ impl std::fmt::Debug for Gpu {
         f.debug_struct("Gpu")
             .field("limits", &self.limits)
             .field("selection", &self.selection)
+            .field("code", &self.code)
             .finish_non_exhaustive()
     }
 }
@@ -141,7 +163,8 @@ impl Gpu {
     /// Opens device `ordinal` (its primary context), creates a stream and loads the PTX module
     /// its compute capability selects (9.0: Hopper, else from 8.0: portable; below 8.0
     /// [`Error::UnsupportedGpu`]), or the one `MXMOE_MODULE=portable|hopper` asks for
-    /// ([`select_module`]).
+    /// ([`select_module`]): its embedded SASS where that runs on the device, else its PTX text
+    /// ([`Gpu::module_code`]).
     pub fn open(ordinal: usize) -> Result<Self> {
         // SAFETY: a new stream has no precondition.
         unsafe { Self::build(ordinal, StreamSource::New, None) }
@@ -176,7 +199,8 @@ impl Gpu {
     /// The one builder behind [`open`](Self::open) and [`open_on_stream`](Self::open_on_stream):
     /// device check, primary context, stream, limits, module selection (`module`, else
     /// [`select_module`] with `MXMOE_MODULE`), PTX module (the selected embedded text, or with
-    /// the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names).
+    /// the `ptx-override` feature the file `MXMOE_PTX_OVERRIDE` names), loaded as SASS or PTX
+    /// ([`load_code`]).
     ///
     /// # Safety
     ///
@@ -215,9 +239,7 @@ impl Gpu {
         };
         let limits = read_limits(&ctx, name, capability, selection.module)?;
         let ptx = ptx_source::module_text(selection.module)?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.text))
-            .map_err(Error::driver(ptx.load_op(selection.module)))?;
+        let (module, code) = load_code(&ctx, ptx, selection.module, capability)?;
         Ok(Self {
             ctx,
             stream,
@@ -225,6 +247,7 @@ impl Gpu {
             limits,
             selection,
             ptx,
+            code,
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
         })
@@ -247,6 +270,7 @@ impl Gpu {
             limits: self.limits.clone(),
             selection: self.selection,
             ptx: self.ptx,
+            code: self.code.clone(),
             functions: self.functions.clone(),
             poison_outputs: AtomicBool::new(self.poison_outputs()),
         }
@@ -264,9 +288,17 @@ impl Gpu {
 
     /// [`fingerprint`] of the PTX text this device loaded: the selected module's embedded text
     /// ([`PTX`] or [`PTX_PORTABLE`]), or, in builds with the `ptx-override` feature, the file
-    /// named by `MXMOE_PTX_OVERRIDE`.
+    /// named by `MXMOE_PTX_OVERRIDE`. Where the module's SASS was loaded instead
+    /// ([`ModuleCode::Sass`]), it is the fingerprint of the embedded text that SASS was assembled
+    /// from at build time (an override is never replaced by SASS).
     pub fn ptx_fingerprint(&self) -> u64 {
         self.ptx.fingerprint()
+    }
+
+    /// Whether this device runs its module's embedded SASS or the JIT-compiled PTX text, and why
+    /// (`mxmoe info` prints it under the module line).
+    pub fn module_code(&self) -> &ModuleCode {
+        &self.code
     }
 
     /// The PTX module this device loaded.
@@ -423,6 +455,37 @@ impl Gpu {
             max_threads: get(F::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
         })
     }
+}
+
+/// Loads `module`'s code for a device of `capability`: the embedded cubin when [`sass_choice`]
+/// allows it (`ptx` is the embedded text, a cubin is embedded and runs on the device), else, or
+/// when the driver rejects the cubin, the PTX text `ptx` (JIT-compiled). Only a PTX failure is an
+/// error.
+fn load_code(
+    ctx: &Arc<CudaContext>,
+    ptx: &ptx_source::ModuleText,
+    module: PtxModule,
+    capability: (i32, i32),
+) -> Result<(Arc<CudaModule>, ModuleCode)> {
+    let reason = match sass_choice(cubin_arch(module), ptx.path.is_some(), capability) {
+        Ok(arch) => {
+            // cudarc's `from_binary` takes an owned buffer; the copy also gives the image the
+            // allocator's alignment, where `include_bytes!` data is only byte-aligned.
+            let image = cudarc::nvrtc::Ptx::from_binary(embedded_cubin(module).to_vec());
+            match ctx.load_module(image) {
+                Ok(loaded) => return Ok((loaded, ModuleCode::Sass { arch })),
+                Err(e) => JitReason::SassRejected {
+                    sass: arch,
+                    error: e.to_string(),
+                },
+            }
+        }
+        Err(reason) => reason,
+    };
+    let loaded = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_src(ptx.text))
+        .map_err(Error::driver(ptx.load_op(module)))?;
+    Ok((loaded, ModuleCode::Ptx { reason }))
 }
 
 /// The device's name and compute capability, which decide the module.

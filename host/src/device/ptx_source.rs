@@ -16,6 +16,9 @@
 //! Without the feature both variables are ignored. Every override error names
 //! `MXMOE_PTX_OVERRIDE` or `MXMOE_EXPECT_PTX_FINGERPRINT`, so a runner can tell a module that did
 //! not load from a suite that failed its assertions.
+//!
+//! An embedded text may be loaded as the SASS assembled from it at build time ([`super::sass`]);
+//! an override file never is. Its [`fingerprint`] is the text's either way.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

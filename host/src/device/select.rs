@@ -4,7 +4,7 @@
 //! | compute capability | `MXMOE_MODULE` unset | `portable` | `hopper` |
 //! |---|---|---|---|
 //! | 9.0 (H100, H200) | Hopper (`sm_90a`) | portable | Hopper |
-//! | ≥ 8.0, other | portable (`sm_80`, JIT-compiled by the driver) | portable | [`Error::UnsupportedGpu`] |
+//! | ≥ 8.0, other | portable (`sm_80`: its SASS on 8.x, else JIT-compiled by the driver) | portable | [`Error::UnsupportedGpu`] |
 //! | < 8.0 | [`Error::UnsupportedGpu`] | [`Error::UnsupportedGpu`] | [`Error::UnsupportedGpu`] |
 //!
 //! Any other value of `MXMOE_MODULE` is an [`Error::InvalidArgument`] naming the variable.

@@ -16,12 +16,17 @@
 //! 4. `llc -mcpu=<arch> -mattr=+ptx80`: one PTX file.
 //! 5. Lint: the module targets the requested arch and has no unresolved `.extern .func`
 //!    (a driver JIT cannot load such a module).
+//!
+//! [`ptxas`] finds `ptxas` and assembles a module into SASS (a cubin): the ptxas gate of
+//! `cargo xtask ptx-report` and the SASS that `host/build.rs` embeds next to the PTX use it.
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+pub mod ptxas;
 
 /// The device target triple.
 pub const TARGET: &str = "nvptx64-nvidia-cuda";

@@ -1,8 +1,10 @@
 //! `mxmoe info`: what the machine offers (driver, devices, limits), what the embedded PTX modules
-//! are, and which one each device loaded and why.
+//! and their SASS are, and which module each device loaded, why, and as SASS or PTX.
 
 use anyhow::Context as _;
-use mxmoe::device::{Gpu, PtxModule, device_count, driver_present, embedded_ptx};
+use mxmoe::device::{
+    Gpu, PtxModule, cubin_arch, device_count, driver_present, embedded_cubin, embedded_ptx,
+};
 
 use crate::env::{driver_description, mib};
 
@@ -27,6 +29,17 @@ pub fn run(args: &InfoArgs) -> anyhow::Result<()> {
             ptx_target(text),
             m.entries().len()
         );
+        match cubin_arch(m) {
+            Some(arch) => println!(
+                "embedded SASS ({} module): {} bytes, {arch}",
+                m.name(),
+                embedded_cubin(m).len()
+            ),
+            None => println!(
+                "embedded SASS ({} module): none (built without SASS)",
+                m.name()
+            ),
+        }
     }
     if !driver_present() {
         println!("no CUDA driver found");
@@ -69,6 +82,7 @@ fn print_device(ordinal: usize, gpu: &Gpu) -> anyhow::Result<()> {
         l.compute_capability.0, l.compute_capability.1
     );
     println!("  PTX module:                {}", gpu.module_selection());
+    println!("  module code:               {}", gpu.module_code());
     if let Some(path) = gpu.ptx_override_path() {
         println!("  PTX override:              {}", path.display());
     }
