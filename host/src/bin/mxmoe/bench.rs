@@ -812,6 +812,8 @@ struct Header {
     memory_mib: Option<f64>,
     /// The PTX module loaded and why (`Gpu::module_selection`).
     module: Option<String>,
+    /// Which code of the module was loaded (SASS, or PTX the driver JIT-compiled, and why).
+    module_code: Option<String>,
     driver: String,
     commit: String,
     date: String,
@@ -1037,6 +1039,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         sm_count: None,
         memory_mib: None,
         module: None,
+        module_code: None,
         driver: driver_description(),
         commit: commit(),
         date: utc_now(),
@@ -1052,6 +1055,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         h.sm_count = Some(l.sm_count);
         h.memory_mib = Some(l.total_mem_bytes as f64 / MIB);
         h.module = Some(gpu.module_selection().to_string());
+        h.module_code = Some(gpu.module_code().to_string());
         // The loaded module's entry points (the portable module has no `wgmma` rows).
         for &name in gpu.module().entries() {
             let r = gpu
@@ -1498,6 +1502,9 @@ fn print_header(h: &Header, notes: &[String]) {
     }
     if let Some(module) = &h.module {
         println!("- PTX module: {module}");
+    }
+    if let Some(code) = &h.module_code {
+        println!("- module code: {code}");
     }
     println!("- driver: {}", h.driver);
     println!("- commit: {}", h.commit);
