@@ -16,7 +16,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::{DeviceBuffer, Gpu, alloc_filled, download, upload};
 use crate::error::{Error, Result};
 use crate::mxfp4::{MxError, MxLayout, MxShape, MxWeights, validate_mx};
-use crate::nvfp4::{NvShape, NvWeights};
+use crate::nvfp4::{NV_BLOCK, NvError, NvShape, NvWeights};
 use crate::shared::bf16::{bf16_bits_to_f32, f32_to_bf16_bits};
 use crate::shared::mxfp4::MX_BLOCK;
 use crate::tensor::{DeviceLoc, TensorMeta};
@@ -358,6 +358,49 @@ impl NvExperts {
             },
             shape: w.shape(),
             groups: w.groups(),
+        })
+    }
+
+    /// Wraps owned or borrowed device buffers of NVFP4 weights of `shape` with `groups` tensor
+    /// scales per expert (when given). Checks that `groups` divides N and that each buffer holds
+    /// at least the elements the shape implies; the values are not read (a borrowed buffer's
+    /// metadata is validated by [`crate::external::check_nv_device_meta`]).
+    pub fn from_buffers(
+        packed: DeviceBuffer<u8>,
+        scales: DeviceBuffer<u8>,
+        tensor_scales: Option<DeviceBuffer<f32>>,
+        shape: NvShape,
+        groups: usize,
+    ) -> Result<Self> {
+        if groups == 0 || !shape.n().is_multiple_of(groups) {
+            return Err(NvError::ScaleGroups {
+                groups,
+                n: shape.n(),
+            }
+            .into());
+        }
+        let short = |tensor, expected: usize, actual: usize| -> Result<()> {
+            if actual < expected {
+                return Err(NvError::Length {
+                    tensor,
+                    expected,
+                    actual,
+                }
+                .into());
+            }
+            Ok(())
+        };
+        short("packed", shape.values() / 2, packed.len())?;
+        short("scales", shape.values() / NV_BLOCK, scales.len())?;
+        if let Some(t) = &tensor_scales {
+            short("tensor_scales", shape.experts() * groups, t.len())?;
+        }
+        Ok(Self {
+            packed: Arc::new(packed),
+            scales: Arc::new(scales),
+            tensor_scales: tensor_scales.map(Arc::new),
+            shape,
+            groups,
         })
     }
 

@@ -1,16 +1,18 @@
-"""mxmoe: ScatterMoE-LoRA over MXFP4 / bf16 expert weights, from Python.
+"""mxmoe: ScatterMoE-LoRA over MXFP4 / NVFP4 / bf16 expert weights, from Python.
 
 The kernels are written in Rust and embedded as PTX for sm_90a (H100/H200); the CUDA driver is
 loaded at run time, so neither installing nor importing this package needs a CUDA toolkit.
 
-Without torch (this module): the bit-exact torchao MXFP4 quantizer and dequantizer on bytes,
+Without torch (this module): the bit-exact torchao MXFP4 and NVFP4 quantizers and dequantizers on bytes,
 mxmoe's safetensors reader, ``run_file`` (one call described by a safetensors file, the format of
 ``mxmoe run``; on the GPU or the CPU reference), and the error types.
 
 With torch (imported lazily on first use of one of these names; see ``mxmoe.autograd``):
-``quantize``/``dequantize`` on tensors, the autograd Functions ``ExpertLinearFunction`` and
+``quantize``/``dequantize`` (MXFP4) and ``quantize_nvfp4``/``dequantize_nvfp4`` (NVFP4,
+``Nvfp4Weights``) on tensors, the autograd Functions ``ExpertLinearFunction`` and
 ``MoeBlockFunction``, the functional ``expert_linear``/``moe_block`` and the modules
-``MxExpertLinear``/``MxMoeBlock`` (MXFP4 experts as buffers, LoRA A/B as parameters).
+``MxExpertLinear``/``MxMoeBlock`` (MXFP4 or NVFP4 experts as buffers, LoRA A/B as parameters).
+NVFP4 expert weights run Strategy A (``strategy="auto"`` or ``"selective"``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ __all__ = [
     "quantize",
     "dequantize",
     "check_scales",
+    "Nvfp4Weights",
+    "quantize_nvfp4",
+    "dequantize_nvfp4",
+    "check_nvfp4_scales",
     "ExpertLinearFunction",
     "MoeBlockFunction",
     "expert_linear",
@@ -247,6 +253,10 @@ _TORCH_NAMES = frozenset(
         "quantize",
         "dequantize",
         "check_scales",
+        "Nvfp4Weights",
+        "quantize_nvfp4",
+        "dequantize_nvfp4",
+        "check_nvfp4_scales",
         "ExpertLinearFunction",
         "MoeBlockFunction",
         "expert_linear",

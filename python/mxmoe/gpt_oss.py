@@ -204,7 +204,7 @@ torch_clamp_boundary = _ag.torch_clamp_boundary
 # ---------------------------------------------------------------------------------------------
 # The functional block.
 
-Weights = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Weights = _ag.Weights
 Lora = Tuple[torch.Tensor, torch.Tensor, float]
 
 
@@ -213,14 +213,20 @@ def _weights_dims(w: Weights, what: str) -> Tuple[int, int, int]:
         if w.dim() != 3:
             raise ValueError(f"{what}: expected a dense [E, N, K] tensor, got shape {list(w.shape)}")
         return tuple(w.shape)  # type: ignore[return-value]
-    packed, scales = w
+    if len(w) not in (2, 3):
+        raise ValueError(
+            f"{what}: expected a dense tensor, (packed, scales) for MXFP4 or (packed, scales, "
+            f"tensor_scales) for NVFP4, got a sequence of {len(w)}"
+        )
+    packed, scales = w[0], w[1]
+    block = 32 if len(w) == 2 else 16
     if packed.dtype != torch.uint8 or packed.dim() != 3:
         raise ValueError(f"{what}: expected packed uint8 [E, N, K/2], got {packed.dtype} {list(packed.shape)}")
     e, n, half = packed.shape
-    if tuple(scales.shape) != (e, n, 2 * half // 32):
+    if tuple(scales.shape) != (e, n, 2 * half // block):
         raise ValueError(
             f"{what}: scales shape {list(scales.shape)} does not match packed {list(packed.shape)} "
-            f"(expected [{e}, {n}, {2 * half // 32}])"
+            f"(expected [{e}, {n}, {2 * half // block}])"
         )
     return e, n, 2 * half
 
@@ -255,9 +261,13 @@ def _combine_lora(
 
 
 def _expert_weight(w: Weights, e: int, dtype: torch.dtype, allow_nan_scales: bool) -> torch.Tensor:
-    """Expert e's ``[N, K]`` weight in ``dtype`` (dequantized when MXFP4)."""
+    """Expert e's ``[N, K]`` weight in ``dtype`` (dequantized when MXFP4 or NVFP4)."""
     if isinstance(w, torch.Tensor):
         return w[e].to(dtype)
+    if len(w) == 3:
+        packed, scales, ts = w
+        ts = None if ts is None else ts[e : e + 1]
+        return _ag.dequantize_nvfp4(packed[e : e + 1], scales[e : e + 1], ts, torch.float32)[0].to(dtype)
     packed, scales = w
     return _ag.dequantize(
         packed[e : e + 1], scales[e : e + 1], torch.float32, allow_nan_scales=allow_nan_scales
@@ -283,7 +293,7 @@ def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, 
     """transformers' eager ``GptOssExperts.forward`` on dequantized experts, with factored LoRA;
     autograd through torch (dx, d_gates, dA, dB)."""
     dtype = hidden.dtype
-    e_count = gate_up[0].shape[0] if isinstance(gate_up, tuple) else gate_up.shape[0]
+    e_count = gate_up.shape[0] if isinstance(gate_up, torch.Tensor) else gate_up[0].shape[0]
     out = torch.zeros_like(hidden)
     with torch.no_grad():
         hit = torch.unique(ids[(ids >= 0) & (ids < e_count)]).tolist()
@@ -326,9 +336,10 @@ def experts_forward(
 ) -> torch.Tensor:
     """The gpt-oss expert block, ``y [T, H]``.
 
-    ``gate_up`` is ``(packed [E, 2I, H/2], scales [E, 2I, H/32])`` or a dense ``[E, 2I, H]``
+    ``gate_up`` is ``(packed [E, 2I, H/2], scales [E, 2I, H/32])`` (MXFP4), ``(packed, scales
+    [E, 2I, H/16], tensor_scales)`` (NVFP4, ``mxmoe.Nvfp4Weights``) or a dense ``[E, 2I, H]``
     tensor (rows interleaved as in the checkpoint: 2i gate, 2i+1 up); ``down`` is ``[E, H, I]``
-    likewise. ``*_lora`` are sequences of PEFT-layout ``(A [E*r, in], B [out, E*r] rank-major,
+    likewise. Quantized weights are dequantized per expert on the CPU. ``*_lora`` are sequences of PEFT-layout ``(A [E*r, in], B [out, E*r] rank-major,
     scaling)`` (the active adapters; may be empty). Ids ``< 0`` or ``>= E`` are dropped slots.
     On CUDA this is ``mxmoe.moe_block(..., activation="gpt_oss")`` (bf16 compute; x, LoRA and
     biases are cast to bf16, the result back to ``hidden_states.dtype``); on the CPU it is the

@@ -33,8 +33,8 @@ use mxmoe::nvfp4::{
     quantize_nvfp4_bf16,
 };
 use mxmoe::op::{
-    self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, RowOrder,
-    Saved, Strategy,
+    self, Bf16Matrix, DenseExperts, ExpertLinear, ExpertWeights, LoraWeights, MxExperts, NvExperts,
+    RowOrder, Saved, Strategy,
 };
 use mxmoe::routing::{DeviceIds, DeviceRouting};
 use mxmoe::tensor::{DType, DeviceLoc, TensorMeta};
@@ -572,11 +572,17 @@ fn export(py: Python<'_>, gpu: &Gpu, m: Bf16Matrix) -> PyRes<PyObject> {
     Ok(unsafe { PyObject::from_owned_ptr(py, capsule) })
 }
 
-/// Frozen expert weights: `("mxfp4", packed, scales)` or `("bf16", w)`.
+/// Frozen expert weights: `("mxfp4", packed, scales)`, `("nvfp4", packed, scales,
+/// tensor_scales)` (`tensor_scales` f32 `[E]` / `[E, G]` or `None`) or `("bf16", w)`.
 enum WeightsArg {
     Mx(Desc, Desc),
+    Nv(Desc, Desc, Option<Desc>),
     Dense(Desc),
 }
+
+/// The accepted forms of expert weights, for messages.
+const WEIGHT_KINDS: &str = "(\"mxfp4\", packed, scales), (\"nvfp4\", packed, scales, tensor_scales) \
+                            or (\"bf16\", w)";
 
 impl<'py> FromPyObject<'py> for WeightsArg {
     fn extract_bound(ob: &Bound<'py, PyAny>) -> PyRes<Self> {
@@ -586,15 +592,17 @@ impl<'py> FromPyObject<'py> for WeightsArg {
                 let (_, p, s): (String, Desc, Desc) = ob.extract()?;
                 Ok(WeightsArg::Mx(p, s))
             }
+            "nvfp4" => {
+                let (_, p, s, t): (String, Desc, Desc, Option<Desc>) = ob.extract()?;
+                Ok(WeightsArg::Nv(p, s, t))
+            }
             "bf16" => {
                 let (_, w): (String, Desc) = ob.extract()?;
                 Ok(WeightsArg::Dense(w))
             }
             other => Err(invalid(
                 "expert weights",
-                format!(
-                    "expected (\"mxfp4\", packed, scales) or (\"bf16\", w), got kind {other:?}"
-                ),
+                format!("expected {WEIGHT_KINDS}, got kind {other:?}"),
             )),
         }
     }
@@ -603,6 +611,7 @@ impl<'py> FromPyObject<'py> for WeightsArg {
 /// Borrowed expert weights.
 enum OwnedWeights {
     Mx(MxExperts),
+    Nv(NvExperts),
     Dense(DenseExperts),
 }
 
@@ -613,6 +622,14 @@ impl OwnedWeights {
                 // SAFETY: live torch tensors whose metadata is validated before wrapping.
                 OwnedWeights::Mx(
                     unsafe { gpu.borrow_mx_experts(p.ptr, &p.meta, s.ptr, &s.meta) }
+                        .map_err(to_py)?,
+                )
+            }
+            WeightsArg::Nv(p, s, t) => {
+                let t = t.as_ref().map(|t| (t.ptr, &t.meta));
+                // SAFETY: live torch tensors whose metadata is validated before wrapping.
+                OwnedWeights::Nv(
+                    unsafe { gpu.borrow_nv_experts(p.ptr, &p.meta, s.ptr, &s.meta, t) }
                         .map_err(to_py)?,
                 )
             }
@@ -629,6 +646,7 @@ impl OwnedWeights {
     fn get(&self) -> ExpertWeights<'_> {
         match self {
             OwnedWeights::Mx(w) => ExpertWeights::Mxfp4(w),
+            OwnedWeights::Nv(w) => ExpertWeights::Nvfp4(w),
             OwnedWeights::Dense(w) => ExpertWeights::Bf16(w),
         }
     }
@@ -636,6 +654,7 @@ impl OwnedWeights {
     fn experts(&self) -> usize {
         match self {
             OwnedWeights::Mx(w) => w.shape().experts(),
+            OwnedWeights::Nv(w) => w.shape().experts(),
             OwnedWeights::Dense(w) => w.shape().0,
         }
     }
