@@ -389,7 +389,11 @@ impl Gpu {
     /// [`function`](Self::function), with the kernel's dynamic shared-memory attribute raised to
     /// at least `dynamic_smem` bytes. The lookup and the attribute are resolved once per kernel
     /// (and again only for a larger size), not per launch.
-    pub(crate) fn launchable(&self, name: &'static str, dynamic_smem: usize) -> Result<CudaFunction> {
+    pub(crate) fn launchable(
+        &self,
+        name: &'static str,
+        dynamic_smem: usize,
+    ) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(loaded) = cache.get(name)
             && dynamic_smem <= loaded.smem_allowed
@@ -416,7 +420,9 @@ impl Gpu {
                     .map_err(Error::driver(format!("looking up kernel {name}")))?
             }
         };
-        let mut smem_allowed = cache.get(name).map_or(DEFAULT_DYNAMIC_SMEM, |l| l.smem_allowed);
+        let mut smem_allowed = cache
+            .get(name)
+            .map_or(DEFAULT_DYNAMIC_SMEM, |l| l.smem_allowed);
         if dynamic_smem > smem_allowed {
             let bytes = i32::try_from(dynamic_smem).map_err(|_| Error::InvalidArgument {
                 what: "shared memory",

@@ -80,8 +80,7 @@ fn dequant_selected(
         None => 0,
     };
     check_expert_ids("experts", experts, num_experts)?;
-    let mut out =
-        alloc_output::<u16>(gpu, expert_elems(format.name, experts.len(), n, k)?)?;
+    let mut out = alloc_output::<u16>(gpu, expert_elems(format.name, experts.len(), n, k)?)?;
     if experts.is_empty() {
         return Ok(out);
     }
