@@ -150,19 +150,24 @@ def _from_bytes(b: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=dtype).reshape(shape)
 
 
-def quantize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4-quantizes ``w [E, N, K]`` (float32 or bfloat16; ``[N, K]`` is one expert) on the CPU,
-    bit-identical to torchao 0.17.0 FLOOR mode. Returns ``(packed [E, N, K/2], scales
-    [E, N, K/32])`` as uint8 tensors on ``w``'s device."""
+def _quantizer_input(w: torch.Tensor) -> Tuple[int, int, int, bytes, str]:
+    """``(E, N, K, little-endian bytes, "bf16" | "f32")`` of weights ``[E, N, K]`` (``[N, K]`` is one
+    expert) for the native quantizers; bfloat16 stays bfloat16, anything else goes as float32."""
     if w.dim() == 2:
         w = w.unsqueeze(0)
     if w.dim() != 3:
         raise MxmoeError(f"w: expected rank 3 [E, N, K], got shape {list(w.shape)}")
     e, n, k = w.shape
     if w.dtype == torch.bfloat16:
-        data, dtype = _tensor_bytes(w), "bf16"
-    else:
-        data, dtype = _tensor_bytes(w.float()), "f32"
+        return e, n, k, _tensor_bytes(w), "bf16"
+    return e, n, k, _tensor_bytes(w.float()), "f32"
+
+
+def quantize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4-quantizes ``w [E, N, K]`` (float32 or bfloat16; ``[N, K]`` is one expert) on the CPU,
+    bit-identical to torchao 0.17.0 FLOOR mode. Returns ``(packed [E, N, K/2], scales
+    [E, N, K/32])`` as uint8 tensors on ``w``'s device."""
+    e, n, k, data, dtype = _quantizer_input(w)
     packed, scales = _native.quantize_mxfp4_bytes(data, e, n, k, dtype)
     return (
         _from_bytes(packed, torch.uint8, (e, n, k // 2)).to(w.device),
@@ -207,15 +212,7 @@ def quantize_nvfp4(w: torch.Tensor, *, two_level: bool = False) -> Nvfp4Weights:
     [E, N, K/2] uint8, scales [E, N, K/16] uint8 (E4M3 bytes), tensor_scales [E] float32 or
     None)`` on ``w``'s device. Raises ``MxmoeError`` (K % 16, non-finite values, an all-zero
     expert with two levels)."""
-    if w.dim() == 2:
-        w = w.unsqueeze(0)
-    if w.dim() != 3:
-        raise MxmoeError(f"w: expected rank 3 [E, N, K], got shape {list(w.shape)}")
-    e, n, k = w.shape
-    if w.dtype == torch.bfloat16:
-        data, dtype = _tensor_bytes(w), "bf16"
-    else:
-        data, dtype = _tensor_bytes(w.float()), "f32"
+    e, n, k, data, dtype = _quantizer_input(w)
     packed, scales, tensor_scales = _native.quantize_nvfp4_bytes(
         data, e, n, k, dtype, two_level=two_level
     )

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import mxmoe  # noqa: E402
+from test_torch import ref_linear, rel_err  # noqa: E402  (the float32 reference and error of test_torch.py)
 
 HAVE_GPU = torch.cuda.is_available() and mxmoe.driver_present()
 cuda = pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA device and the CUDA driver")
@@ -42,11 +43,6 @@ def torch_dequantize_nvfp4(packed, scales, tensor_scales=None):
         rows = g.repeat_interleave(n // g.shape[1], dim=1)  # [E, N]
         s = rows.unsqueeze(-1) * s
     return vals * s.repeat_interleave(16, dim=-1)
-
-
-def rel_err(got, want):
-    got, want = got.float(), want.float()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
 
 
 def raw(t):
@@ -272,35 +268,6 @@ def _ids(t, e, k, gen, drop_one=False):
     if drop_one:
         ids[0, -1] = -1
     return ids.cuda()
-
-
-def ref_linear(x, ids, w, lora=None, gates=None):
-    """The float32 reference of test_torch.py's (same rounding points)."""
-    t, k = ids.shape
-    e_count, n, _ = w.shape
-    xs = x.float()
-    if xs.shape[0] == t and k > 1:
-        xs = xs.repeat_interleave(k, dim=0)
-    flat = ids.reshape(-1)
-    out = torch.zeros((t * k, n), dtype=f32, device=x.device)
-    for e in range(e_count):
-        m = flat == e
-        if not bool(m.any()):
-            continue
-        xe = xs[m]
-        y = xe @ w[e].T
-        if lora is not None:
-            a, b, s = lora
-            r = a.shape[0] // e_count
-            xa = xe @ a[e * r:(e + 1) * r].float().T
-            hi = xa.to(bf16).float()
-            xa = hi + (xa - hi).to(bf16).float()
-            y = y + s * (xa @ b[:, e * r:(e + 1) * r].float().T)
-        out[m] = y
-    out = out.to(bf16).float()
-    if gates is None:
-        return out
-    return (out.view(t, k, n) * gates.float().unsqueeze(-1)).sum(dim=1).to(bf16).float()
 
 
 LINEAR_SHAPES = [
