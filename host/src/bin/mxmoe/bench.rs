@@ -394,14 +394,15 @@ fn check_layer_config(
         ),
         host,
     )?;
-    // Device bytes per weight element: bf16 2; MXFP4 17/32 (counted as 1); Strategy A (and
-    // Auto, which may choose it) adds a compact bf16 copy of the active experts (at most E).
+    // Device bytes per weight element: bf16 2; MXFP4 17/32 and NVFP4 18/32 (counted as 1);
+    // Strategy A (and Auto, which may choose it) adds a compact bf16 copy of the active experts
+    // (at most E).
     let per_weight = strategies
         .iter()
         .map(|s| match s {
             Strategy::Bf16 => 2,
             Strategy::Mxfp4B => 1,
-            Strategy::Mxfp4A | Strategy::Mxfp4Auto => 3,
+            Strategy::Mxfp4A | Strategy::Mxfp4Auto | Strategy::Nvfp4A => 3,
         })
         .max()
         .unwrap_or(0);
