@@ -13,6 +13,8 @@ With torch (imported lazily on first use of one of these names; see ``mxmoe.auto
 ``MoeBlockFunction``, the functional ``expert_linear``/``moe_block`` and the modules
 ``MxExpertLinear``/``MxMoeBlock`` (MXFP4 or NVFP4 experts as buffers, LoRA A/B as parameters).
 NVFP4 expert weights run Strategy A (``strategy="auto"`` or ``"selective"``).
+Expert parallelism over a torch.distributed group: ``ExpertParallelMoe`` / ``ep_moe_block``
+(``mxmoe.distributed``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ __all__ = [
     "route_topk",
     "device_module",
     "torch_clamp_boundary",
+    # lazily from mxmoe.distributed (need torch):
+    "ExpertParallelMoe",
+    "ep_moe_block",
 ]
 
 
@@ -270,7 +275,14 @@ _TORCH_NAMES = frozenset(
 )
 
 
+_DISTRIBUTED_NAMES = frozenset({"ExpertParallelMoe", "ep_moe_block"})
+
+
 def __getattr__(name: str):
+    if name in _DISTRIBUTED_NAMES:
+        from . import distributed  # imports torch; raises ImportError without it
+
+        return getattr(distributed, name)
     if name in _TORCH_NAMES:
         from . import autograd  # imports torch; raises ImportError without it
 
