@@ -295,7 +295,8 @@ def ep_moe_block(
     W``. The other arguments are ``moe_block``'s. ``local_compute`` replaces the local block
     (default ``local_moe_block``; called with ``moe_block``'s arguments on the received rows, ids
     ``[R, 1]`` local, gates 1). ``comm_events``: a list that gets a ``(start, end)`` pair of CUDA
-    events around every all-to-all, forward and backward (for profiling).
+    events around every all-to-all (the count exchange, the dispatch and the return, and in the
+    backward the two reverse exchanges), for profiling; ignored for CPU tensors.
 
     One host synchronisation per call (the exchanged counts). See the module docstring for the
     algorithm and the rules every rank follows."""
@@ -328,8 +329,8 @@ def ep_moe_block(
     counts = torch.zeros(e_total + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, key, torch.ones_like(key))
     send_counts = counts[:e_total].contiguous()
-    recv_counts = torch.empty_like(send_counts)  # [W, E_local]: rows source s sends to my expert j
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    recv_counts = _all_to_all(send_counts, [e_local] * world, [e_local] * world, group, comm_events)
+    # recv_counts [W * E_local]: entry s*E_local + j = rows rank s sends to my local expert j.
     per_rank = torch.cat([send_counts.view(world, e_local).sum(1), recv_counts.view(world, e_local).sum(1)])
     sizes = per_rank.tolist()  # the one host synchronisation: split sizes
     send_splits, recv_splits = sizes[:world], sizes[world:]
@@ -499,6 +500,52 @@ class ExpertParallelMoe(nn.Module):
                 self.down_bias.copy_(self.local_slice(down_bias))
         elif gate_up_bias is not None or down_bias is not None:
             raise MxmoeError('biases belong to activation="gpt_oss"')
+
+    @torch.no_grad()
+    def load_mxfp4(self, gate_up: Tuple[torch.Tensor, torch.Tensor], down: Tuple[torch.Tensor, torch.Tensor],
+                   *, gate_up_bias: Optional[torch.Tensor] = None,
+                   down_bias: Optional[torch.Tensor] = None) -> None:
+        """Fills the MXFP4 buffers from ``(packed, scales)`` pairs of all ``E`` experts (this
+        rank's slice is copied) or of the local experts only (copied as they are); biases
+        likewise. No re-quantization."""
+        if self.weight_format != "mxfp4":
+            raise MxmoeError('load_mxfp4 needs weight_format="mxfp4"')
+
+        def part(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] == self.num_experts:
+                return self.local_slice(t)
+            if t.shape[0] == self.num_local_experts:
+                return t
+            raise MxmoeError(
+                f"expected {self.num_experts} (all) or {self.num_local_experts} (local) experts, "
+                f"got shape {list(t.shape)}"
+            )
+
+        for name, (packed, scales) in (("gate_up", gate_up), ("down", down)):
+            getattr(self, name + "_packed").copy_(part(packed).view(getattr(self, name + "_packed").shape))
+            getattr(self, name + "_scales").copy_(part(scales.view(torch.uint8)))
+        for name, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+            if b is None:
+                continue
+            if self.activation != "gpt_oss":
+                raise MxmoeError('biases belong to activation="gpt_oss"')
+            getattr(self, name).copy_(part(b))
+
+    @classmethod
+    def from_gpt_oss(cls, experts: nn.Module, rank: int = 8, lora_alpha: Optional[float] = None, *,
+                     group=None, device=None, strategy: Optional[str] = None) -> "ExpertParallelMoe":
+        """This rank's slice of an ``mxmoe.gpt_oss.MxGptOssExperts`` (all experts, MXFP4, e.g. on
+        the CPU or the meta-free CPU copy of a checkpoint layer) as an expert-parallel gpt-oss
+        block on ``device``: blocks, scales and biases copied, ``alpha`` / ``limit`` taken over,
+        LoRA fresh (B zero). ``forward`` takes the experts' arguments ``(hidden [T, H],
+        top_k_index [T, k], top_k_weights [T, k])``, so it can replace the module in a model."""
+        m = cls(experts.num_experts, experts.hidden_size, experts.intermediate_size, rank, lora_alpha,
+                activation="gpt_oss", alpha=experts.alpha, limit=experts.limit,
+                strategy=strategy or experts.strategy, group=group, device=device,
+                dtype=experts.gate_up_proj_bias.dtype)
+        m.load_mxfp4(experts.gate_up_weights, experts.down_weights,
+                     gate_up_bias=experts.gate_up_proj_bias, down_bias=experts.down_proj_bias)
+        return m
 
     @torch.no_grad()
     def load_lora(self, gate_up_A: torch.Tensor, gate_up_B: torch.Tensor, down_A: torch.Tensor,

@@ -386,3 +386,42 @@ def test_nccl_ranks_match_the_single_gpu_block(world, tmp_path):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA devices, {torch.cuda.device_count()} visible")
     spawn(world, "nccl", tmp_path, CPU_CASES, tol=2**-6)
+
+
+def test_from_gpt_oss_keeps_this_ranks_slice_and_matches_the_experts(monkeypatch):
+    """``from_gpt_oss``: on one rank the block equals ``MxGptOssExperts`` with the same LoRA (PEFT
+    layout there, expert-major here), exactly; on rank 1 of 2 (group size patched) it holds the
+    bytes and biases of experts E/2..E."""
+    if not _have_transformers():
+        pytest.skip("mxmoe.gpt_oss needs transformers 5.x")
+    import mxmoe.gpt_oss as mg
+
+    gen = torch.Generator().manual_seed(14)
+    e, h, i, r, t = 8, 64, 32, 2, 7
+    experts = mg.MxGptOssExperts(e, h, i, dtype=f32)
+    with torch.no_grad():
+        experts.gate_up_proj_blocks.copy_(torch.randint(0, 256, experts.gate_up_proj_blocks.shape, generator=gen))
+        experts.gate_up_proj_scales.copy_(torch.randint(118, 124, experts.gate_up_proj_scales.shape, generator=gen))
+        experts.down_proj_blocks.copy_(torch.randint(0, 256, experts.down_proj_blocks.shape, generator=gen))
+        experts.down_proj_scales.copy_(torch.randint(118, 124, experts.down_proj_scales.shape, generator=gen))
+        experts.gate_up_proj_bias.copy_(torch.randn(e, 2 * i, generator=gen))
+        experts.down_proj_bias.copy_(torch.randn(e, h, generator=gen))
+    m = md.ExpertParallelMoe.from_gpt_oss(experts, rank=r, lora_alpha=4.0)
+    with torch.no_grad():
+        for p in (m.gate_up_lora_A, m.gate_up_lora_B, m.down_lora_A, m.down_lora_B):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn((t, h), generator=gen)
+    ids = torch.rand((t, e), generator=gen).topk(2, dim=-1).indices
+    gates = torch.rand((t, 2), generator=gen)
+    peft_b = lambda b: mg.mxmoe_lora_b_to_peft(b, e)  # noqa: E731
+    want = experts(x, ids, gates, gate_up_lora=[(m.gate_up_lora_A, peft_b(m.gate_up_lora_B), 2.0)],
+                   down_lora=[(m.down_lora_A, peft_b(m.down_lora_B), 2.0)])
+    assert torch.equal(m(x, ids, gates), want)
+
+    monkeypatch.setattr(md, "group_info", lambda group=None: (2, 1))
+    half = md.ExpertParallelMoe.from_gpt_oss(experts, rank=r)
+    assert (half.expert_start, half.expert_stop, half.num_local_experts) == (4, 8, 4)
+    assert torch.equal(half.gate_up_packed, mg.blocks_to_packed(experts.gate_up_proj_blocks)[4:])
+    assert torch.equal(half.down_scales, experts.down_proj_scales[4:])
+    assert torch.equal(half.down_bias, experts.down_proj_bias[4:])
+    assert tuple(half.gate_up_lora_A.shape) == (4 * r, h) and tuple(half.down_lora_B.shape) == (h, 4 * r)
