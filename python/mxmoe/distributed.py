@@ -287,9 +287,8 @@ def ep_moe_block(
 ) -> torch.Tensor:
     """The expert-parallel gated MoE block, ``y [T, H]`` for this rank's tokens.
 
-    ``x [T, H]``, ``ids [T, k]`` (global expert ids; ``-1``, or any id outside ``[0, E)``, drops
-    the slot), ``gates [T, k]``: this rank's tokens. ``gate_up [E_local, 2I, H]``, ``down
-    [E_local, H, I]`` (weight forms of ``moe_block``: MXFP4, NVFP4 or dense), the LoRA
+    ``x [T, H]``, ``ids [T, k]`` (global expert ids in ``[0, E)``; ``-1`` drops the slot),
+    ``gates [T, k]``: this rank's tokens. ``gate_up [E_local, 2I, H]``, ``down [E_local, H, I]`` (weight forms of ``moe_block``: MXFP4, NVFP4 or dense), the LoRA
     ``(A [E_local*r, in], B [out, E_local*r] expert-major, scaling)`` and the gpt-oss biases
     ``[E_local, ...]`` are this rank's experts ``expert_range(E, W, rank)``, with ``E = E_local *
     W``. The other arguments are ``moe_block``'s. ``local_compute`` replaces the local block
@@ -298,8 +297,11 @@ def ep_moe_block(
     events around every all-to-all (the count exchange, the dispatch and the return, and in the
     backward the two reverse exchanges), for profiling; ignored for CPU tensors.
 
-    One host synchronisation per call (the exchanged counts). See the module docstring for the
-    algorithm and the rules every rank follows."""
+    One host synchronisation per call (the exchanged counts), plus those of the local
+    ``moe_block``: its scale check unless ``allow_nan_scales`` (``ExpertParallelMoe`` checks once
+    per buffer version instead) and, with ``strategy`` ``"auto"`` from 256 received rows or
+    ``"selective"``, its read-back of the per-expert row counts (``"fused"`` has none). See the
+    module docstring for the algorithm and the rules every rank follows."""
     if activation not in ACTIVATIONS:
         raise MxmoeError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     _check_routing(x, ids, gates)
@@ -395,8 +397,11 @@ class ExpertParallelMoe(nn.Module):
                  limit: Optional[float] = None, alpha: Optional[float] = None,
                  clamp_boundary: Optional[str] = None, strategy: str = "auto",
                  weight_format: str = "mxfp4", group=None, device=None,
-                 dtype: torch.dtype = torch.bfloat16, local_compute: Optional[LocalCompute] = None):
+                 dtype: torch.dtype = torch.bfloat16, local_compute: Optional[LocalCompute] = None,
+                 allow_nan_scales: bool = False):
         super().__init__()
+        self.allow_nan_scales = allow_nan_scales
+        self._checked_scales = None
         if activation not in ACTIVATIONS:
             raise MxmoeError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
         if weight_format not in ("mxfp4", "dense"):
@@ -542,7 +547,7 @@ class ExpertParallelMoe(nn.Module):
         m = cls(experts.num_experts, experts.hidden_size, experts.intermediate_size, rank, lora_alpha,
                 activation="gpt_oss", alpha=experts.alpha, limit=experts.limit,
                 strategy=strategy or experts.strategy, group=group, device=device,
-                dtype=experts.gate_up_proj_bias.dtype)
+                dtype=experts.gate_up_proj_bias.dtype, allow_nan_scales=experts.allow_nan_scales)
         m.load_mxfp4(experts.gate_up_weights, experts.down_weights,
                      gate_up_bias=experts.gate_up_proj_bias, down_bias=experts.down_proj_bias)
         return m
@@ -570,8 +575,22 @@ class ExpertParallelMoe(nn.Module):
             return (self.down_packed, self.down_scales)
         return self.down_weight
 
+    def _check_scales_once(self) -> None:
+        """``check_scales`` on the local MXFP4 scales, once per buffer version (a reduction and a
+        host synchronisation), unless ``allow_nan_scales``; the op then skips its own check."""
+        if self.allow_nan_scales or self.weight_format != "mxfp4":
+            return
+        key = tuple((b.data_ptr(), b._version) for b in (self.gate_up_scales, self.down_scales))
+        if key != self._checked_scales:
+            _ag.check_scales(self.gate_up_scales, "gate_up scales")
+            _ag.check_scales(self.down_scales, "down scales")
+            self._checked_scales = key
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
                 comm_events: Optional[list] = None) -> torch.Tensor:
+        """``x [T, H]``, ``ids [T, k]`` (global expert ids, ``-1`` drops a slot), ``gates [T, k]``
+        to ``y [T, H]``; ``comm_events`` as in ``ep_moe_block``."""
+        self._check_scales_once()
         gu_lora = dn_lora = None
         if self.rank > 0:
             gu_lora = (self.gate_up_lora_A, self.gate_up_lora_B, self.scaling)
@@ -583,7 +602,8 @@ class ExpertParallelMoe(nn.Module):
             clamp_boundary=self.clamp_boundary,
             gate_up_bias=self.gate_up_bias if gpt_oss else None,
             down_bias=self.down_bias if gpt_oss else None,
-            group=self.group, local_compute=self.local_compute, comm_events=comm_events,
+            allow_nan_scales=True, group=self.group, local_compute=self.local_compute,
+            comm_events=comm_events,
         )
 
     def extra_repr(self) -> str:

@@ -425,3 +425,15 @@ def test_from_gpt_oss_keeps_this_ranks_slice_and_matches_the_experts(monkeypatch
     assert torch.equal(half.down_scales, experts.down_proj_scales[4:])
     assert torch.equal(half.down_bias, experts.down_proj_bias[4:])
     assert tuple(half.gate_up_lora_A.shape) == (4 * r, h) and tuple(half.down_lora_B.shape) == (h, 4 * r)
+
+
+def test_nan_scales_are_refused_once_per_buffer_version():
+    m = md.ExpertParallelMoe(8, 64, 32, rank=2, dtype=f32)
+    x, ids, gates = torch.randn(3, 64), torch.tensor([[0, 1], [2, -1], [7, 1]]), torch.rand(3, 2)
+    m(x, ids, gates)
+    with torch.no_grad():
+        m.down_scales[1, 5, 0] = 255
+    with pytest.raises(mxmoe.MxmoeError, match="down scales: scale byte 255"):
+        m(x, ids, gates)
+    m.allow_nan_scales = True
+    assert torch.isnan(m(x, ids, gates)).any()  # expert 1's block is NaN, as torchao keeps it
