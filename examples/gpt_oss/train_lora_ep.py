@@ -257,6 +257,12 @@ def main():
         check_tiny_adapter(model, path, args.out, device)
     dist.barrier()
     dist.destroy_process_group()
+    if device.type == "cpu":
+        # torch 2.15 + gloo: a rank that ran the gpt-oss eager block sometimes aborts in a C++
+        # destructor at interpreter exit (after everything here is done); skip the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

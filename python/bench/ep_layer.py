@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -198,6 +199,12 @@ def main():
                 json.dump(dict(summary=summary, ranks=rows), f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    if not cuda:
+        # torch 2.15 + gloo: a rank that ran the gpt-oss eager block sometimes aborts in a C++
+        # destructor at interpreter exit (after the results are out); skip the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
