@@ -6,7 +6,7 @@ with the gloo backend (``torch.multiprocessing.spawn``, a ``file://`` rendezvous
 folder, so no port is used) in fp32 against the single-process block holding all experts, on the
 same inputs: ``y``, ``dx``, ``d_gates`` and every rank's LoRA A/B gradients (the matching slices
 of the reference's); SwiGLU and gpt-oss; uneven loads; a rank with no tokens and a rank whose
-experts receive nothing; dropped slots; ``E % W != 0``.
+experts receive nothing; dropped slots; dense weights with SwiGLU's clamp; ``E % W != 0``.
 
 GPU tests (skip without CUDA and the driver, and unless at least 2 devices are visible): the same
 cases with NCCL, 2 and 4 ranks, bf16, against mxmoe's single-GPU ``moe_block`` on the same inputs.
@@ -52,7 +52,8 @@ def _have_transformers():
 
 
 def build(seed, *, experts=8, hidden=64, inter=32, top_k=2, r=4, tokens=(5, 7, 3, 6), route="random",
-          activation="swiglu", drop=False, device="cpu", dtype=f32, world=2):
+          activation="swiglu", drop=False, device="cpu", dtype=f32, world=2, limit=None,
+          weight_format="mxfp4"):
     """Full weights, LoRA, biases and per-rank tokens. ``route``: ``"random"``, ``"uneven"`` (most
     slots on rank 0's experts), ``"skip_last"`` (no slot on the last rank's experts)."""
     gen = torch.Generator().manual_seed(seed)
@@ -97,7 +98,7 @@ def build(seed, *, experts=8, hidden=64, inter=32, top_k=2, r=4, tokens=(5, 7, 3
         dys.append(torch.randn((t, h), generator=gen))
     cast = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
     return dict(
-        e=e, h=h, i=i, r=r, world=world, activation=activation,
+        e=e, h=h, i=i, r=r, world=world, activation=activation, limit=limit, weight_format=weight_format,
         gu=(gu_packed.to(device), gu_scales.to(device)), dn=(dn_packed.to(device), dn_scales.to(device)),
         gu_dense=cast(gu_dense), dn_dense=cast(dn_dense),
         lora={k: cast(v) for k, v in lora.items()},
@@ -111,7 +112,7 @@ def _block_kwargs(case):
     if case["activation"] == "gpt_oss":
         return dict(activation="gpt_oss", alpha=1.702, limit=7.0, clamp_boundary=mxmoe.torch_clamp_boundary(),
                     gate_up_bias=case["biases"][0], down_bias=case["biases"][1])
-    return dict(limit=None)
+    return dict(limit=case["limit"])
 
 
 def reference(case, scaling=2.0):
@@ -135,11 +136,13 @@ def reference(case, scaling=2.0):
 
 def run_module(case, rank, group=None, scaling=2.0):
     """This rank's part through ``ExpertParallelMoe``: (y, dx, d_gates, module)."""
-    kw = dict(activation=case["activation"], group=group, dtype=case["dtype"], device=case["device"])
+    kw = dict(activation=case["activation"], group=group, dtype=case["dtype"], device=case["device"],
+              weight_format=case["weight_format"])
     if case["activation"] == "gpt_oss":
         kw.update(alpha=1.702, limit=7.0, clamp_boundary=mxmoe.torch_clamp_boundary())
         bias = dict(gate_up_bias=case["biases"][0], down_bias=case["biases"][1])
     else:
+        kw.update(limit=case["limit"])
         bias = {}
     m = md.ExpertParallelMoe.from_weights(case["gu_dense"], case["dn_dense"], rank=case["r"],
                                           lora_alpha=scaling * case["r"], **kw, **bias)
@@ -202,6 +205,7 @@ def _cases(device, dtype, world):
         "empty_rank": dict(base, seed=4, route="skip_last", tokens=(toks[0], 0) + toks[2:]),
         "dropped": dict(base, seed=5, drop=True),
         "gpt_oss_uneven_dropped": dict(base, seed=6, activation="gpt_oss", route="uneven", drop=True),
+        "swiglu_dense_limit": dict(base, seed=7, weight_format="dense", limit=0.5),
     }
     if not _have_transformers():  # the CPU gpt-oss block is mxmoe.gpt_oss's (needs transformers)
         if device == "cpu":
@@ -370,7 +374,8 @@ def test_swiglu_only_arguments_are_typed_errors():
         md.ep_moe_block(case["xs"][0], case["ids"][0], case["gates"][0][:, :1], case["gu"], case["dn"])
 
 
-CPU_CASES = ["swiglu", "gpt_oss", "uneven", "empty_rank", "dropped", "gpt_oss_uneven_dropped"]
+CPU_CASES = ["swiglu", "gpt_oss", "uneven", "empty_rank", "dropped", "gpt_oss_uneven_dropped",
+             "swiglu_dense_limit"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
