@@ -288,10 +288,10 @@ def ep_moe_block(
     """The expert-parallel gated MoE block, ``y [T, H]`` for this rank's tokens.
 
     ``x [T, H]``, ``ids [T, k]`` (global expert ids in ``[0, E)``; ``-1`` drops the slot),
-    ``gates [T, k]``: this rank's tokens. ``gate_up [E_local, 2I, H]``, ``down [E_local, H, I]`` (weight forms of ``moe_block``: MXFP4, NVFP4 or dense), the LoRA
-    ``(A [E_local*r, in], B [out, E_local*r] expert-major, scaling)`` and the gpt-oss biases
-    ``[E_local, ...]`` are this rank's experts ``expert_range(E, W, rank)``, with ``E = E_local *
-    W``. The other arguments are ``moe_block``'s. ``local_compute`` replaces the local block
+    ``gates [T, k]``: this rank's tokens. ``gate_up [E_local, 2I, H]``, ``down [E_local, H, I]``
+    (weight forms of ``moe_block``: MXFP4, NVFP4 or dense), the LoRA ``(A [E_local*r, in],
+    B [out, E_local*r] expert-major, scaling)`` and the gpt-oss biases ``[E_local, ...]`` are
+    this rank's experts ``expert_range(E, W, rank)``, with ``E = E_local * W``. The other arguments are ``moe_block``'s. ``local_compute`` replaces the local block
     (default ``local_moe_block``; called with ``moe_block``'s arguments on the received rows, ids
     ``[R, 1]`` local, gates 1). ``comm_events``: a list that gets a ``(start, end)`` pair of CUDA
     events around every all-to-all (the count exchange, the dispatch and the return, and in the
