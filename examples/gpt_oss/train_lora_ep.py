@@ -30,7 +30,6 @@ fused kernels, real checkpoints) has not been run yet; see docs/DISTRIBUTED.md.
 
 import argparse
 import itertools
-import json
 import math
 import os
 import shutil

@@ -809,3 +809,41 @@ class MxMoeBlock(torch.nn.Module):
         dn_lora = (dn.lora_A, dn.lora_B, dn.scaling) if dn.rank > 0 else None
         return moe_block(x, ids, gates, gu.weights, dn.weights,
                          gu_lora, dn_lora, self.limit, self.strategy, allow_nan_scales=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager per-expert pieces shared by the CPU paths (``mxmoe.gpt_oss``'s fallback and
+# ``mxmoe.distributed``'s local block).
+
+
+def eager_expert_weight(w, e: int, dtype: torch.dtype, allow_nan_scales: bool = False) -> torch.Tensor:
+    """Expert ``e``'s ``[N, K]`` weight in ``dtype``: a dense ``[E, N, K]`` tensor's slice, or the
+    expert dequantized on the CPU from ``(packed, scales)`` (MXFP4) or ``(packed, scales,
+    tensor_scales)`` (NVFP4)."""
+    if isinstance(w, torch.Tensor):
+        return w[e].to(dtype)
+    if len(w) == 3:
+        packed, scales, ts = w
+        ts = None if ts is None else ts[e : e + 1]
+        return dequantize_nvfp4(packed[e : e + 1], scales[e : e + 1], ts, torch.float32)[0].to(dtype)
+    packed, scales = w
+    return dequantize(
+        packed[e : e + 1], scales[e : e + 1], torch.float32, allow_nan_scales=allow_nan_scales
+    )[0].to(dtype)
+
+
+def eager_projection(x, w, bias, lora, e: int, e_count: int) -> torch.Tensor:
+    """Expert ``e``'s ``x·Wᵀ (+ b) + s·(x·A_eᵀ)·B_eᵀ`` (expert-major LoRA ``(A [E·r, K], B [N, E·r],
+    s)`` or ``None``; ``bias`` ``[N]`` or ``None``), accumulated in fp32 and rounded to ``x``'s
+    dtype once, at the point the kernels round (their epilogue adds the bias and the LoRA term
+    to the fp32 accumulator). Rounding ``x·Wᵀ`` first and adding the LoRA term after would put a
+    second rounding into the pre-activation, which the activation's derivative carries into the
+    LoRA gradients (2x transformers' own bf16 error on gpt-oss's gate/up projection)."""
+    z = x.float() @ w.float().T
+    if bias is not None:
+        z = z + bias.float()
+    if lora is not None:
+        a, b, s = lora
+        r = a.shape[0] // e_count
+        z = z + s * ((x.float() @ a[e * r : (e + 1) * r].float().T) @ b[:, e * r : (e + 1) * r].float().T)
+    return z.to(x.dtype)

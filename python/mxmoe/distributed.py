@@ -102,31 +102,6 @@ def _num_experts(w) -> int:
 # The local block (all experts of this rank).
 
 
-def _dense_expert(w, e: int, dtype: torch.dtype, allow_nan_scales: bool) -> torch.Tensor:
-    """Expert ``e``'s ``[N, K]`` weight in ``dtype`` (MXFP4 / NVFP4 dequantized on the CPU)."""
-    if isinstance(w, torch.Tensor):
-        return w[e].to(dtype)
-    if len(w) == 3:
-        packed, scales, ts = w
-        ts = None if ts is None else ts[e : e + 1]
-        return _ag.dequantize_nvfp4(packed[e : e + 1], scales[e : e + 1], ts, torch.float32)[0].to(dtype)
-    packed, scales = w
-    return _ag.dequantize(
-        packed[e : e + 1], scales[e : e + 1], torch.float32, allow_nan_scales=allow_nan_scales
-    )[0].to(dtype)
-
-
-def _eager_projection(x, w, lora, e, e_count):
-    """Expert ``e``'s ``x W^T + s (x A_e^T) B_e^T`` (expert-major LoRA), fp32 accumulation and
-    one rounding to ``x``'s dtype (the kernels' epilogue point)."""
-    z = x.float() @ w.float().T
-    if lora is not None:
-        a, b, s = lora
-        r = a.shape[0] // e_count
-        z = z + s * ((x.float() @ a[e * r : (e + 1) * r].float().T) @ b[:, e * r : (e + 1) * r].float().T)
-    return z.to(x.dtype)
-
-
 def _eager_swiglu(x, ids, gates, gate_up, down, gu_lora, dn_lora, limit, allow_nan_scales):
     """``moe_block``'s SwiGLU block in eager torch (any device, ``x``'s dtype): ``[g | u] =
     gate_up_e(x)`` (gate half first), optional clamps ``g <= L``, ``|u| <= L``, ``y[t] = sum_j
@@ -138,15 +113,16 @@ def _eager_swiglu(x, ids, gates, gate_up, down, gu_lora, dn_lora, limit, allow_n
         hit = torch.unique(ids[(ids >= 0) & (ids < e_count)]).tolist()
     for e in hit:
         token_idx, slot = torch.where(ids == e)
-        z = _eager_projection(x[token_idx], _dense_expert(gate_up, e, dtype, allow_nan_scales),
-                              gu_lora, e, e_count)
+        z = _ag.eager_projection(x[token_idx], _ag.eager_expert_weight(gate_up, e, dtype, allow_nan_scales),
+                                 None, gu_lora, e, e_count)
         i = z.shape[1] // 2
         g, u = z[:, :i], z[:, i:]
         if limit is not None:
             g = g.clamp(max=limit)
             u = u.clamp(min=-limit, max=limit)
         h = F.silu(g) * u
-        o = _eager_projection(h, _dense_expert(down, e, dtype, allow_nan_scales), dn_lora, e, e_count)
+        o = _ag.eager_projection(h, _ag.eager_expert_weight(down, e, dtype, allow_nan_scales), None, dn_lora, e,
+                                 e_count)
         out.index_add_(0, token_idx, (o * gates[token_idx, slot, None].to(dtype)).to(dtype))
     return out
 

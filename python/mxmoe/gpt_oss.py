@@ -34,7 +34,6 @@ Supported versions: transformers 5.x (tested 5.25.0), PEFT >= 0.17 for loading a
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import json
 import math
@@ -260,34 +259,6 @@ def _combine_lora(
     return a, b, 1.0
 
 
-def _expert_weight(w: Weights, e: int, dtype: torch.dtype, allow_nan_scales: bool) -> torch.Tensor:
-    """Expert e's ``[N, K]`` weight in ``dtype`` (dequantized when MXFP4 or NVFP4)."""
-    if isinstance(w, torch.Tensor):
-        return w[e].to(dtype)
-    if len(w) == 3:
-        packed, scales, ts = w
-        ts = None if ts is None else ts[e : e + 1]
-        return _ag.dequantize_nvfp4(packed[e : e + 1], scales[e : e + 1], ts, torch.float32)[0].to(dtype)
-    packed, scales = w
-    return _ag.dequantize(
-        packed[e : e + 1], scales[e : e + 1], torch.float32, allow_nan_scales=allow_nan_scales
-    )[0].to(dtype)
-
-
-def _projection(x, w, bias, lora, e, e_count):
-    """Expert ``e``'s ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ``, accumulated in fp32 and rounded to ``x``'s
-    dtype once, at the point the kernels round (their epilogue adds the bias and the LoRA term
-    to the fp32 accumulator). Rounding ``x·Wᵀ`` first and adding the LoRA term after would put a
-    second rounding into the pre-activation, which the activation's derivative carries into the
-    LoRA gradients (2x transformers' own bf16 error on the gate/up projection)."""
-    z = x.float() @ w.float().T + bias.float()
-    if lora is not None:
-        a, b, s = lora
-        r = a.shape[0] // e_count
-        z = z + s * ((x.float() @ a[e * r : (e + 1) * r].float().T) @ b[:, e * r : (e + 1) * r].float().T)
-    return z.to(x.dtype)
-
-
 def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, limit, gu_lora, dn_lora,
            allow_nan_scales):
     """transformers' eager ``GptOssExperts.forward`` on dequantized experts, with factored LoRA;
@@ -300,15 +271,15 @@ def _eager(hidden, ids, weights, gate_up, down, gate_up_bias, down_bias, alpha, 
     for e in hit:
         token_idx, top_k_pos = torch.where(ids == e)
         x = hidden[token_idx]
-        w_gu = _expert_weight(gate_up, e, dtype, allow_nan_scales)
-        z = _projection(x, w_gu, gate_up_bias[e].to(dtype), gu_lora, e, e_count)
+        w_gu = _ag.eager_expert_weight(gate_up, e, dtype, allow_nan_scales)
+        z = _ag.eager_projection(x, w_gu, gate_up_bias[e].to(dtype), gu_lora, e, e_count)
         gate, up = z[..., ::2], z[..., 1::2]
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
         glu = gate * torch.sigmoid(gate * alpha)
         h = (up + 1) * glu
-        w_dn = _expert_weight(down, e, dtype, allow_nan_scales)
-        o = _projection(h, w_dn, down_bias[e].to(dtype), dn_lora, e, e_count)
+        w_dn = _ag.eager_expert_weight(down, e, dtype, allow_nan_scales)
+        o = _ag.eager_projection(h, w_dn, down_bias[e].to(dtype), dn_lora, e, e_count)
         weighted = o * weights[token_idx, top_k_pos, None].to(dtype)
         out.index_add_(0, token_idx, weighted.to(out.dtype))
     return out
