@@ -1454,6 +1454,10 @@ pub struct NvQuantizeOptions {
     pub tensors: Option<Vec<String>>,
     /// The input's name, recorded as [`META_SOURCE`].
     pub source: Option<String>,
+    /// Write each quantized tensor `{prefix}.{proj}` as one linear per expert,
+    /// `{prefix}.{e}.{proj}` in this export's names ([`add_nv_experts`]), instead of the stacked
+    /// tensors; needs `two_level`.
+    pub export: Option<NvLayout>,
 }
 
 /// Whether a tensor of `dtype` and `shape` can be NVFP4-quantized: `BF16` or `F32`, `[E, N, K]`
@@ -1468,32 +1472,62 @@ pub fn is_nv_quantizable(dtype: Dtype, shape: &[usize]) -> bool {
 /// Quantizes the selected rank-3 `BF16`/`F32` tensors of a safetensors file to NVFP4 (torchao
 /// 0.18.0's quantizer, `crate::nvfp4::quantize_nvfp4`) and copies every other tensor unchanged.
 /// A tensor `W` becomes the stacked tensors [`Checkpoint::read_nv`] reads: `W.packed` U8
-/// `[E, N, K/2]`, `W.scales` F8_E4M3 `[E, N, K/16]` and, two-level, `W.tensor_scales` F32 `[E]`.
+/// `[E, N, K/2]`, `W.scales` F8_E4M3 `[E, N, K/16]` and, two-level, `W.tensor_scales` F32 `[E]`;
+/// with `options.export`, a tensor `{prefix}.{proj}` becomes one linear per expert,
+/// `{prefix}.{e}.{proj}` ([`add_nv_experts`], read back by [`read_nv_experts`]).
 /// The metadata records the format and provenance ([`META_FORMAT`] = `nvfp4`). Tensors are
 /// quantized one after another on the calling thread.
 ///
 /// Errors: parse errors as [`Checkpoint::parse`]; with `options.tensors`, a listed tensor that is
 /// missing, not `BF16`/`F32` or not `[E, N, K]` with `K % 16 == 0`; [`Kind::Name`] when an output
-/// name is already taken by an input tensor; [`Error::Nv`] for a non-finite value or (two-level)
-/// an all-zero expert.
+/// name is already taken by an input tensor, or (export) a quantized tensor's name has no
+/// `{prefix}.{proj}` form; [`Error::InvalidArgument`] for an export without `two_level`;
+/// [`Error::Nv`] for a non-finite value or (two-level) an all-zero expert.
 pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<QuantizeOutput> {
+    if options.export.is_some() && !options.two_level {
+        return Err(Error::InvalidArgument {
+            what: "NVFP4 export",
+            detail:
+                "per-expert exports carry one tensor scale per linear: quantize with two levels"
+                    .into(),
+        });
+    }
     let ck = Checkpoint::parse(input)?;
     let names = ck.names();
     let selected =
         select_quantizable(&ck, options.tensors.as_deref(), NV_BLOCK, is_nv_quantizable)?;
+    let split = |name: &str| -> Result<(String, String)> {
+        match name.rsplit_once('.') {
+            Some((prefix, proj)) if !prefix.is_empty() && !proj.is_empty() => {
+                Ok((prefix.to_string(), proj.to_string()))
+            }
+            _ => Err(err(
+                Kind::Name,
+                format!(
+                    "`{}` has no `<prefix>.<projection>` form to export per expert",
+                    escape(name)
+                ),
+            )),
+        }
+    };
     let suffixes: &[&str] = if options.two_level {
         &[".packed", ".scales", ".tensor_scales"]
     } else {
         &[".packed", ".scales"]
     };
-    check_output_names(
-        &ck,
-        &selected,
-        selected.iter().map(|name| {
-            let outs = suffixes.iter().map(|s| format!("{name}{s}")).collect();
-            (name, outs)
-        }),
-    )?;
+    let mut outputs = Vec::with_capacity(selected.len());
+    for name in &selected {
+        let outs = match options.export {
+            Some(layout) => {
+                let (prefix, proj) = split(name)?;
+                let experts = ck.view(name)?.shape()[0];
+                nv_export_names(&prefix, experts, &[proj.as_str()], layout)
+            }
+            None => suffixes.iter().map(|s| format!("{name}{s}")).collect(),
+        };
+        outputs.push((name, outs));
+    }
+    check_output_names(&ck, &selected, outputs.into_iter())?;
 
     let mut out = CheckpointWriter::new();
     for (k, v) in ck.metadata() {
@@ -1513,19 +1547,31 @@ pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<
         let t = ck.read_float(name)?;
         let [e, n, k] = [t.shape[0], t.shape[1], t.shape[2]];
         let w = crate::nvfp4::quantize_nvfp4(&t.data, e, n, k, options.two_level)?;
-        let (codes, scales) = (format!("{name}.packed"), format!("{name}.scales"));
-        out.add_u8(codes.clone(), &[e, n, k / 2], w.packed())?;
-        out.add_bytes(
-            scales.clone(),
-            Dtype::F8_E4M3,
-            &[e, n, k / NV_BLOCK],
-            w.scales().to_vec(),
-        )?;
         let mut bytes_out = w.packed().len() + w.scales().len();
-        if let Some(ts) = w.tensor_scales() {
-            out.add_f32(format!("{name}.tensor_scales"), &[e], ts)?;
-            bytes_out += 4 * ts.len();
-        }
+        let (codes, scales) = match options.export {
+            Some(layout) => {
+                let (prefix, proj) = split(name)?;
+                add_nv_experts(&mut out, &prefix, &w, &[proj.as_str()], layout)?;
+                bytes_out += 4 * e;
+                let [c, s, _] = nv_linear_names(&format!("{prefix}.<e>.{proj}"), layout);
+                (c, s)
+            }
+            None => {
+                let (codes, scales) = (format!("{name}.packed"), format!("{name}.scales"));
+                out.add_u8(codes.clone(), &[e, n, k / 2], w.packed())?;
+                out.add_bytes(
+                    scales.clone(),
+                    Dtype::F8_E4M3,
+                    &[e, n, k / NV_BLOCK],
+                    w.scales().to_vec(),
+                )?;
+                if let Some(ts) = w.tensor_scales() {
+                    out.add_f32(format!("{name}.tensor_scales"), &[e], ts)?;
+                    bytes_out += 4 * ts.len();
+                }
+                (codes, scales)
+            }
+        };
         let view = ck.view(name)?;
         record.insert(
             name.clone(),
@@ -1535,6 +1581,7 @@ pub fn quantize_file_nvfp4(input: &[u8], options: &NvQuantizeOptions) -> Result<
                 "packed": codes,
                 "scales": scales,
                 "two_level": options.two_level,
+                "export": options.export.map(|l| l.name()),
             }),
         );
         quantized.push(QuantizedTensor {
@@ -1675,6 +1722,16 @@ pub enum NvLayout {
     /// compressed-tensors: `weight_packed`, `weight_scale`, `weight_global_scale` (its
     /// reciprocal is the tensor scale).
     CompressedTensors,
+}
+
+impl NvLayout {
+    /// `modelopt` or `compressed-tensors` (as recorded in the metadata and on the command line).
+    pub fn name(self) -> &'static str {
+        match self {
+            NvLayout::ModelOpt => "modelopt",
+            NvLayout::CompressedTensors => "compressed-tensors",
+        }
+    }
 }
 
 /// One linear's NVFP4 parts as read: `(N, packed [N, K/2], scales [N, K/16], tensor scale)`.
@@ -1823,6 +1880,96 @@ pub fn read_nv_experts(
         projections.len(),
     )?;
     Ok((w, layout.unwrap_or(NvLayout::ModelOpt)))
+}
+
+/// The names of one exported linear `base` in `layout`: `(codes, block scales, global scale)`.
+fn nv_linear_names(base: &str, layout: NvLayout) -> [String; 3] {
+    let (codes, global) = match layout {
+        NvLayout::ModelOpt => ("weight", "weight_scale_2"),
+        NvLayout::CompressedTensors => ("weight_packed", "weight_global_scale"),
+    };
+    [
+        format!("{base}.{codes}"),
+        format!("{base}.weight_scale"),
+        format!("{base}.{global}"),
+    ]
+}
+
+/// Every tensor name [`add_nv_experts`] writes for `experts` experts and `projections`.
+pub fn nv_export_names(
+    prefix: &str,
+    experts: usize,
+    projections: &[&str],
+    layout: NvLayout,
+) -> Vec<String> {
+    (0..experts)
+        .flat_map(|e| {
+            projections
+                .iter()
+                .flat_map(move |proj| nv_linear_names(&format!("{prefix}.{e}.{proj}"), layout))
+        })
+        .collect()
+}
+
+/// Writes stacked two-level NVFP4 experts `w` `[E, N, K]` as one linear per expert and
+/// projection, the inverse of [`read_nv_experts`]: expert `e`'s rows are split into
+/// `projections.len()` equal parts, part `p` written as `{prefix}.{e}.{projections[p]}` — codes
+/// U8 `[N/P, K/2]`, block scales F8_E4M3 `[N/P, K/16]` and the tensor scale as a scalar F32
+/// (ModelOpt's `weight_scale_2`, or compressed-tensors' `weight_global_scale`, its reciprocal).
+/// The weights' tensor-scale groups must be one per expert (every part gets it) or one per
+/// projection. Errors: [`Error::InvalidArgument`] without tensor scales (single-level weights
+/// have no per-linear scale to write), for no projections, `N % P != 0` or groups that match
+/// neither rule; the writer's errors (a name written twice).
+pub fn add_nv_experts(
+    out: &mut CheckpointWriter,
+    prefix: &str,
+    w: &NvWeights,
+    projections: &[&str],
+    layout: NvLayout,
+) -> Result<()> {
+    let invalid = |detail: String| Error::InvalidArgument {
+        what: "NVFP4 export",
+        detail,
+    };
+    let Some(tensor_scales) = w.tensor_scales() else {
+        return Err(invalid(
+            "per-expert exports carry one tensor scale per linear: quantize with two levels".into(),
+        ));
+    };
+    let parts = projections.len();
+    let (experts, n, k) = (w.shape().experts(), w.shape().n(), w.shape().k());
+    let groups = w.groups();
+    if parts == 0 || !n.is_multiple_of(parts) || (groups != 1 && groups != parts) {
+        return Err(invalid(format!(
+            "{n} rows with {groups} tensor-scale group(s) per expert cannot be split into the \
+             projections {projections:?}"
+        )));
+    }
+    let rows = n / parts;
+    let (codes_per_row, scales_per_row) = (k / 2, k / NV_BLOCK);
+    for e in 0..experts {
+        for (p, proj) in projections.iter().enumerate() {
+            let first_row = e * n + p * rows;
+            let codes = &w.packed()[first_row * codes_per_row..][..rows * codes_per_row];
+            let scales = &w.scales()[first_row * scales_per_row..][..rows * scales_per_row];
+            let ts = tensor_scales[e * groups + if groups == 1 { 0 } else { p }];
+            let global = match layout {
+                NvLayout::ModelOpt => ts,
+                NvLayout::CompressedTensors => 1.0 / ts,
+            };
+            let [codes_name, scales_name, global_name] =
+                nv_linear_names(&format!("{prefix}.{e}.{proj}"), layout);
+            out.add_u8(codes_name, &[rows, codes_per_row], codes)?;
+            out.add_bytes(
+                scales_name,
+                Dtype::F8_E4M3,
+                &[rows, scales_per_row],
+                scales.to_vec(),
+            )?;
+            out.add_f32(global_name, &[], &[global])?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -2476,28 +2623,7 @@ mod tests {
         for (p, v) in values.iter().enumerate() {
             let proj = ["gate_proj", "up_proj"][p];
             let w = quantize_nvfp4(v, experts, n, k, true).unwrap();
-            for e in 0..experts {
-                let base = format!("model.layers.0.mlp.experts.{e}.{proj}");
-                let packed = w.packed()[e * n * k / 2..][..n * k / 2].to_vec();
-                let scales = w.scales()[e * n * k / 16..][..n * k / 16].to_vec();
-                let ts = w.tensor_scales().unwrap()[e];
-                let (pn, gn, g) = match layout {
-                    NvLayout::ModelOpt => ("weight", "weight_scale_2", ts),
-                    NvLayout::CompressedTensors => {
-                        ("weight_packed", "weight_global_scale", 1.0 / ts)
-                    }
-                };
-                wr.add_u8(format!("{base}.{pn}"), &[n, k / 2], &packed)
-                    .unwrap();
-                wr.add_bytes(
-                    format!("{base}.weight_scale"),
-                    Dtype::F8_E4M3,
-                    &[n, k / 16],
-                    scales,
-                )
-                .unwrap();
-                wr.add_f32(format!("{base}.{gn}"), &[], &[g]).unwrap();
-            }
+            add_nv_experts(&mut wr, "model.layers.0.mlp.experts", &w, &[proj], layout).unwrap();
         }
         wr.to_bytes().unwrap()
     }
@@ -2545,6 +2671,90 @@ mod tests {
             let (down, _) = read_nv_experts(&ck, prefix, e, &["up_proj"], k).unwrap();
             assert_eq!((down.shape().n(), down.groups()), (n, 1));
         }
+    }
+
+    #[test]
+    fn stacked_experts_export_and_read_back_unchanged() {
+        let mut rng = crate::test_rng::XorShift::new(13);
+        let (e, n, k) = (3, 8, 32);
+        let (gate, up) = (rng.vec(e * n * k, 1.0), rng.vec(e * n * k, 30.0));
+        let mut wr = CheckpointWriter::new();
+        for (v, proj) in [(&gate, "gate_proj"), (&up, "up_proj")] {
+            let w = quantize_nvfp4(v, e, n, k, true).unwrap();
+            add_nv_experts(&mut wr, "x", &w, &[proj], NvLayout::ModelOpt).unwrap();
+        }
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        // Two groups per expert (gate, up) read stacked, written back split, read again.
+        let (stacked, _) = read_nv_experts(&ck, "x", e, &["gate_proj", "up_proj"], k).unwrap();
+        for layout in [NvLayout::ModelOpt, NvLayout::CompressedTensors] {
+            let mut wr = CheckpointWriter::new();
+            add_nv_experts(&mut wr, "y", &stacked, &["gate_proj", "up_proj"], layout).unwrap();
+            let bytes = wr.to_bytes().unwrap();
+            let ck = Checkpoint::parse(&bytes).unwrap();
+            let mut names = ck.names();
+            names.sort_unstable();
+            let mut want = nv_export_names("y", e, &["gate_proj", "up_proj"], layout);
+            want.sort_unstable();
+            assert_eq!(names, want.iter().map(String::as_str).collect::<Vec<_>>());
+            let (back, got_layout) =
+                read_nv_experts(&ck, "y", e, &["gate_proj", "up_proj"], k).unwrap();
+            assert_eq!(got_layout, layout);
+            assert_eq!(back.packed(), stacked.packed(), "{layout:?}");
+            assert_eq!(back.scales(), stacked.scales(), "{layout:?}");
+            let (a, b) = (
+                back.tensor_scales().unwrap(),
+                stacked.tensor_scales().unwrap(),
+            );
+            for (x, y) in a.iter().zip(b) {
+                // ModelOpt stores the scale; compressed-tensors its reciprocal (one f32 rounding
+                // each way).
+                assert!(
+                    (x - y).abs() <= 2.0 * f32::EPSILON * y.abs(),
+                    "{layout:?}: {x} vs {y}"
+                );
+            }
+            if layout == NvLayout::ModelOpt {
+                assert_eq!(a, b);
+            }
+        }
+        // One tensor scale per expert: every part gets it.
+        let one = quantize_nvfp4(&gate, e, n, k, true).unwrap();
+        let mut wr = CheckpointWriter::new();
+        add_nv_experts(&mut wr, "z", &one, &["a", "b"], NvLayout::ModelOpt).unwrap();
+        let bytes = wr.to_bytes().unwrap();
+        let ck = Checkpoint::parse(&bytes).unwrap();
+        let (back, _) = read_nv_experts(&ck, "z", e, &["a", "b"], k).unwrap();
+        assert_eq!(back.packed(), one.packed());
+        assert_eq!(dequantize_nvfp4_f32(&back), dequantize_nvfp4_f32(&one));
+    }
+
+    #[test]
+    fn exports_that_cannot_be_written_are_typed_errors() {
+        let mut rng = crate::test_rng::XorShift::new(14);
+        let (e, n, k) = (2, 6, 32);
+        let v = rng.vec(e * n * k, 1.0);
+        let single = quantize_nvfp4(&v, e, n, k, false).unwrap();
+        let two = quantize_nvfp4(&v, e, n, k, true).unwrap();
+        let invalid = |w: &NvWeights, projections: &[&str]| {
+            let mut wr = CheckpointWriter::new();
+            matches!(
+                add_nv_experts(&mut wr, "p", w, projections, NvLayout::ModelOpt),
+                Err(Error::InvalidArgument {
+                    what: "NVFP4 export",
+                    ..
+                })
+            )
+        };
+        assert!(invalid(&single, &["a"]), "single-level weights");
+        assert!(invalid(&two, &[]), "no projections");
+        assert!(invalid(&two, &["a", "b", "c", "d"]), "6 rows in 4 parts");
+        let mut wr = CheckpointWriter::new();
+        add_nv_experts(&mut wr, "p", &two, &["a"], NvLayout::ModelOpt).unwrap();
+        assert!(
+            add_nv_experts(&mut wr, "p", &two, &["a"], NvLayout::ModelOpt).is_err(),
+            "names written twice"
+        );
     }
 
     #[test]
@@ -2679,6 +2889,67 @@ mod tests {
         assert!(matches!(
             quantize_file_nvfp4(&input, &two),
             Err(Error::Nv(NvError::ZeroExpert { expert: 0 }))
+        ));
+    }
+
+    #[test]
+    fn nvfp4_quantize_file_exports_per_expert_linears() {
+        let mut rng = crate::test_rng::XorShift::new(32);
+        let (e, n, k) = (3, 8, 48);
+        let w = rng.vec(e * n * k, 2.0);
+        let name = "model.layers.0.mlp.experts.down_proj";
+        let mut f = CheckpointWriter::new();
+        f.add_bf16_from_f32(name, &[e, n, k], &w).unwrap();
+        f.add_f32("router", &[4, 4], &[0.5; 16]).unwrap();
+        let input = f.to_bytes().unwrap();
+        let bits: Vec<u16> = w.iter().map(|&v| f32_to_bf16_bits(v)).collect();
+        let want = crate::nvfp4::quantize_nvfp4_bf16(&bits, e, n, k, true).unwrap();
+        for layout in [NvLayout::ModelOpt, NvLayout::CompressedTensors] {
+            let options = NvQuantizeOptions {
+                two_level: true,
+                export: Some(layout),
+                ..NvQuantizeOptions::default()
+            };
+            let out = quantize_file_nvfp4(&input, &options).unwrap();
+            assert_eq!(out.copied, vec!["router".to_string()]);
+            let ck = Checkpoint::parse(&out.bytes).unwrap();
+            assert!(!ck.contains(name) && !ck.contains(&format!("{name}.packed")));
+            let prefix = "model.layers.0.mlp.experts";
+            let (got, got_layout) = read_nv_experts(&ck, prefix, e, &["down_proj"], k).unwrap();
+            assert_eq!(got_layout, layout);
+            assert_eq!((got.packed(), got.scales()), (want.packed(), want.scales()));
+            if layout == NvLayout::ModelOpt {
+                assert_eq!(got, want);
+            }
+            let record = ck.metadata_value(META_QUANTIZED).unwrap();
+            assert!(record.contains(layout.name()), "{record}");
+        }
+        // An export needs two levels; a name without a `<prefix>.<proj>` form cannot be split.
+        let single = NvQuantizeOptions {
+            export: Some(NvLayout::ModelOpt),
+            ..NvQuantizeOptions::default()
+        };
+        assert!(matches!(
+            quantize_file_nvfp4(&input, &single),
+            Err(Error::InvalidArgument {
+                what: "NVFP4 export",
+                ..
+            })
+        ));
+        let mut f = CheckpointWriter::new();
+        f.add_f32("w", &[1, 2, 32], &[1.0; 64]).unwrap();
+        let input = f.to_bytes().unwrap();
+        let export = NvQuantizeOptions {
+            two_level: true,
+            export: Some(NvLayout::ModelOpt),
+            ..NvQuantizeOptions::default()
+        };
+        assert!(matches!(
+            quantize_file_nvfp4(&input, &export),
+            Err(Error::Checkpoint {
+                kind: Kind::Name,
+                ..
+            })
         ));
     }
 }

@@ -15,7 +15,10 @@
 //! With `--format nvfp4` every rank-3 `BF16`/`F32` tensor with `K` a multiple of 16 becomes
 //! `<name>.packed` u8 `[E, N, K/2]`, `<name>.scales` F8_E4M3 `[E, N, K/16]` and, with
 //! `--two-level`, `<name>.tensor_scales` f32 `[E]` (torchao 0.18.0's NVFP4 quantizer); `--layout`
-//! applies to MXFP4 only.
+//! applies to MXFP4 only. With `--two-level --nv-export modelopt|compressed-tensors` a tensor
+//! `<prefix>.<proj>` is written as one linear per expert instead, `<prefix>.<e>.<proj>.weight`
+//! (`.weight_packed`), `.weight_scale` and `.weight_scale_2` (`.weight_global_scale`), the names
+//! those exporters give MoE layers (`mxmoe::checkpoint::add_nv_experts`).
 //!
 //! The output is written to a temporary file beside it and renamed over it when complete, so
 //! `OUT` may be `IN`, and a failed run leaves `OUT` as it was.
@@ -24,7 +27,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use mxmoe::checkpoint::{
-    MxLayoutKind, NvQuantizeOptions, QuantizeOptions, escape, quantize_file, quantize_file_nvfp4,
+    MxLayoutKind, NvLayout, NvQuantizeOptions, QuantizeOptions, escape, quantize_file,
+    quantize_file_nvfp4,
 };
 
 use crate::env::mib;
@@ -44,6 +48,26 @@ impl From<LayoutArg> for MxLayoutKind {
         match l {
             LayoutArg::Torchao => MxLayoutKind::Torchao,
             LayoutArg::GptOss => MxLayoutKind::GptOss,
+        }
+    }
+}
+
+/// The per-expert NVFP4 exports `mxmoe quantize --nv-export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NvExportArg {
+    /// NVIDIA ModelOpt: `{prefix}.{e}.{proj}.weight` u8 [N, K/2], `.weight_scale` F8_E4M3
+    /// [N, K/16], `.weight_scale_2` f32 (the tensor scale).
+    Modelopt,
+    /// compressed-tensors: `.weight_packed`, `.weight_scale`, `.weight_global_scale` (the
+    /// reciprocal of the tensor scale).
+    CompressedTensors,
+}
+
+impl From<NvExportArg> for NvLayout {
+    fn from(l: NvExportArg) -> Self {
+        match l {
+            NvExportArg::Modelopt => NvLayout::ModelOpt,
+            NvExportArg::CompressedTensors => NvLayout::CompressedTensors,
         }
     }
 }
@@ -83,6 +107,11 @@ pub struct QuantizeArgs {
     /// exports).
     #[arg(long)]
     pub two_level: bool,
+    /// NVFP4 only (with `--two-level`): write each quantized tensor `<prefix>.<proj>` `[E, N, K]`
+    /// as one linear per expert, `<prefix>.<e>.<proj>.*`, in ModelOpt's or compressed-tensors'
+    /// names, instead of the stacked `<name>.packed` / `.scales` / `.tensor_scales`.
+    #[arg(long, value_enum, value_name = "EXPORT")]
+    pub nv_export: Option<NvExportArg>,
 }
 
 /// Reads, quantizes and writes; prints one line per quantized tensor and a total.
@@ -98,6 +127,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
             two_level: args.two_level,
             tensors: args.tensors.clone(),
             source,
+            export: args.nv_export.map(NvLayout::from),
         };
         let out = quantize_file_nvfp4(&input, &options)
             .with_context(|| format!("could not quantize {}", args.input.display()))?;
@@ -110,10 +140,10 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
                 q.dtype,
                 escape(&q.codes),
                 escape(&q.scales),
-                if args.two_level {
-                    " + tensor_scales"
-                } else {
-                    ""
+                match (args.nv_export, args.two_level) {
+                    (Some(_), _) => " + a tensor scale, per expert",
+                    (None, true) => " + tensor_scales",
+                    (None, false) => "",
                 },
                 mib(q.bytes_in),
                 mib(q.bytes_out)
@@ -131,6 +161,9 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
     }
     if args.two_level {
         anyhow::bail!("--two-level applies to --format nvfp4 only (MXFP4 has one scale level)");
+    }
+    if args.nv_export.is_some() {
+        anyhow::bail!("--nv-export applies to --format nvfp4 only");
     }
     let options = QuantizeOptions {
         layout: args.layout.into(),

@@ -223,6 +223,7 @@ mod tests {
                 tensors: None,
                 format,
                 two_level,
+                nv_export: None,
             })
             .unwrap();
             let q_bytes = std::fs::read(&quantized).unwrap();
@@ -271,9 +272,22 @@ mod tests {
             tensors: None,
             format: FormatArg::Mxfp4,
             two_level: true,
+            nv_export: None,
         })
         .unwrap_err();
         assert!(err.to_string().contains("--two-level"), "{err}");
+        // So is --nv-export.
+        let err = crate::quantize::run(&QuantizeArgs {
+            input: raw.clone(),
+            output: dir.join("never.safetensors"),
+            layout: LayoutArg::Torchao,
+            tensors: None,
+            format: FormatArg::Mxfp4,
+            two_level: false,
+            nv_export: Some(crate::quantize::NvExportArg::Modelopt),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("--nv-export"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
