@@ -1745,15 +1745,12 @@ fn read_nv_linear(ck: &Checkpoint<'_>, base: &str, k: usize) -> Result<(NvLayout
     } else {
         NvLayout::ModelOpt
     };
-    let (packed_name, global_name) = match layout {
-        NvLayout::ModelOpt => ("weight", "weight_scale_2"),
-        NvLayout::CompressedTensors => ("weight_packed", "weight_global_scale"),
-    };
+    let [packed_name, scale_name, global_name] = nv_linear_names(base, layout);
     let shape_err = |detail: String| Error::Checkpoint {
         kind: Kind::Shape,
         detail,
     };
-    let packed = ck.read_u8(&format!("{base}.{packed_name}"))?;
+    let packed = ck.read_u8(&packed_name)?;
     let n = match packed.shape[..] {
         [n, half] if 2 * half == k => n,
         _ => {
@@ -1765,7 +1762,6 @@ fn read_nv_linear(ck: &Checkpoint<'_>, base: &str, k: usize) -> Result<(NvLayout
             )));
         }
     };
-    let scale_name = format!("{base}.weight_scale");
     let view = ck.view(&scale_name)?;
     if view.dtype() != Dtype::F8_E4M3 && view.dtype() != Dtype::U8 {
         return Err(Error::Checkpoint {
@@ -1785,7 +1781,7 @@ fn read_nv_linear(ck: &Checkpoint<'_>, base: &str, k: usize) -> Result<(NvLayout
             k / NV_BLOCK
         )));
     }
-    let global = ck.read_f32(&format!("{base}.{global_name}"))?;
+    let global = ck.read_f32(&global_name)?;
     let value = match global.data[..] {
         [v] if global.shape.iter().product::<usize>() == 1 => v,
         _ => {
