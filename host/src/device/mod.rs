@@ -9,6 +9,7 @@
 //! driver library is probed with `is_culib_present` before cudarc touches it.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -395,14 +396,9 @@ impl Gpu {
         dynamic_smem: usize,
     ) -> Result<CudaFunction> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(loaded) = cache.get(name)
-            && dynamic_smem <= loaded.smem_allowed
-        {
-            return Ok(loaded.function.clone());
-        }
-        let function = match cache.get(name) {
-            Some(loaded) => loaded.function.clone(),
-            None => {
+        let loaded = match cache.entry(name) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => {
                 let module = self.selection.module;
                 if !module.entries().contains(&name) {
                     return Err(Error::InvalidArgument {
@@ -415,35 +411,33 @@ impl Gpu {
                         ),
                     });
                 }
-                self.module
+                let function = self
+                    .module
                     .load_function(name)
-                    .map_err(Error::driver(format!("looking up kernel {name}")))?
+                    .map_err(Error::driver(format!("looking up kernel {name}")))?;
+                v.insert(Loaded {
+                    function,
+                    smem_allowed: DEFAULT_DYNAMIC_SMEM,
+                })
             }
         };
-        let mut smem_allowed = cache
-            .get(name)
-            .map_or(DEFAULT_DYNAMIC_SMEM, |l| l.smem_allowed);
-        if dynamic_smem > smem_allowed {
+        if dynamic_smem > loaded.smem_allowed {
             let bytes = i32::try_from(dynamic_smem).map_err(|_| Error::InvalidArgument {
                 what: "shared memory",
                 detail: format!("{dynamic_smem} bytes for {name}"),
             })?;
-            function
+            loaded
+                .function
                 .set_attribute(
                     cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bytes,
                 )
-                .map_err(Error::driver(format!("raising the shared-memory limit of {name}")))?;
-            smem_allowed = dynamic_smem;
+                .map_err(Error::driver(format!(
+                    "raising the shared-memory limit of {name}"
+                )))?;
+            loaded.smem_allowed = dynamic_smem;
         }
-        cache.insert(
-            name,
-            Loaded {
-                function: function.clone(),
-                smem_allowed,
-            },
-        );
-        Ok(function)
+        Ok(loaded.function.clone())
     }
 
     /// Registers, static shared memory and local memory of a kernel, as the driver sees them.
