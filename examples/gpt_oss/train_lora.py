@@ -70,15 +70,15 @@ def write_tiny_checkpoint(folder):
         json.dump(conf, f)
 
 
-def save_adapter_atomically(model, out):
-    """``model.save_pretrained(out)`` into a fresh folder beside ``out``, then swapped in: a failed
-    or interrupted save leaves an earlier adapter at ``out`` as it was."""
+def write_folder_atomically(out, fill):
+    """``fill(folder)`` into a fresh folder beside ``out``, then swapped in: a failed or
+    interrupted save leaves an earlier folder at ``out`` as it was."""
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".saving-", dir=parent)
     try:
-        model.save_pretrained(staging)
+        fill(staging)
         old = None
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
@@ -91,6 +91,11 @@ def save_adapter_atomically(model, out):
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_adapter_atomically(model, out):
+    """``model.save_pretrained(out)`` through :func:`write_folder_atomically`."""
+    write_folder_atomically(out, model.save_pretrained)
 
 
 def batches(args, tokenizer, vocab_size):

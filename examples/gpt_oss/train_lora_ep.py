@@ -32,7 +32,6 @@ import argparse
 import itertools
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ import mxmoe.gpt_oss as mg
 from mxmoe.distributed import ExpertParallelMoe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_lora import batches, write_tiny_checkpoint  # noqa: E402  (the single-GPU example's helpers)
+from train_lora import batches, write_folder_atomically, write_tiny_checkpoint  # noqa: E402  (the single-GPU example's helpers)
 
 GATE_UP, DOWN = "gate_up_proj", "down_proj"
 
@@ -145,13 +144,12 @@ def save_adapter(eps, args, out):
     config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=[], target_parameters=targets,
                         task_type="CAUSAL_LM")
     config.base_model_name_or_path = args.model
-    staging = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".saving-",
-                               dir=os.path.dirname(os.path.abspath(out)))
-    config.save_pretrained(staging)
-    save_file(tensors, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(staging, out)
+
+    def fill(folder):
+        config.save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    write_folder_atomically(out, fill)
 
 
 def global_clip(params, max_norm):
@@ -190,6 +188,11 @@ def check_tiny_adapter(model, path, out, device):
 def main():
     args = parse_args()
     device, world, rank = setup()
+    # The same seed on every rank: the tiny model (written by rank 0) and the LoRA A
+    # initialisation are the same run to run, so the --tiny check is reproducible (a random model
+    # can put a token's router scores within bf16 rounding of a tie, and the two models may then
+    # pick different experts for it).
+    torch.manual_seed(0)
     path, tokenizer = args.model, None
     if args.tiny:
         box = [tempfile.mkdtemp(prefix="gpt-oss-tiny-") if rank == 0 else None]

@@ -195,8 +195,9 @@ def main():
               f"rank {slowest:.2f} ms/step), all-to-all up to {100 * summary['all_to_all_share']:.1f}% of "
               f"the step, peak {summary['peak_gib_per_gpu']:.2f} GiB per GPU ({summary['device']})")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(summary=summary, ranks=rows), f, indent=1)
+            from mxmoe import _write_atomic  # the package's temp-file-and-rename writer
+
+            _write_atomic(args.json, json.dumps(dict(summary=summary, ranks=rows), indent=1).encode())
     dist.barrier()
     dist.destroy_process_group()
     if not cuda:
