@@ -73,7 +73,7 @@ pub struct MoeBlock<'a> {
     pub gate_up_bias: Option<&'a Bf16Matrix>,
     /// Frozen down bias `[E, H]`, added to each slot's row before the gates scale it.
     pub down_bias: Option<&'a Bf16Matrix>,
-    /// How MXFP4 weights are multiplied (both projections; ignored for bf16 weights).
+    /// How MXFP4 and NVFP4 weights are multiplied (both projections; ignored for bf16 weights).
     pub strategy: Strategy,
 }
 

@@ -134,7 +134,7 @@ pub fn prune(
     for (i, c) in GEMM_CONFIGS.iter().enumerate() {
         if !limits.module.has_config(c) {
             report.absent += 1;
-        } else if c.validate().is_err() || (layout.is_mx() && c.bk != 32 && c.bk != 64) {
+        } else if c.validate().is_err() || (layout.is_fp4() && c.bk != 32 && c.bk != 64) {
             report.invalid += 1;
         } else if smem_plan(c, layout, r_pad).total_bytes as usize > limits.max_smem_per_block_optin
         {
@@ -159,7 +159,8 @@ pub fn prune(
 /// | 16 – 47 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m64n128k64wg2s4` | `m32n128k64wg2s4` |
 /// | < 16 | `m32n128k64wg2s4` | `m32n128k64wg2s4` | `m16n128k64w1x4s4` | `m16n128k64wg2s4` |
 ///
-/// Below 96 rows per expert the candidates are within a few percent of each other.
+/// Below 96 rows per expert the candidates are within a few percent of each other. NVFP4 takes
+/// MXFP4's rows (same stage shapes, a heavier decode; not tuned separately yet).
 ///
 /// When that row is not a candidate (the portable module has no `wg` rows; a 99 KB part drops
 /// the larger tiles), the first candidate of a fallback list of `mma.sync` rows of a height for
@@ -178,14 +179,14 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
     let name = match (layout, per_expert) {
         (_, 96..) => "m128n128k64wg2s4",
         (BLayout::NkBf16 | BLayout::Strided, _) => "m32n128k64wg2s4",
-        (BLayout::NkMxfp4, 48..) => "m128n128k64wg2s4",
-        (BLayout::KnBf16 | BLayout::KnMxfp4, 48..) => "m64n128k64w2x2s3",
+        (BLayout::NkMxfp4 | BLayout::NkNvfp4, 48..) => "m128n128k64wg2s4",
+        (BLayout::KnBf16 | BLayout::KnMxfp4 | BLayout::KnNvfp4, 48..) => "m64n128k64w2x2s3",
         (BLayout::KnBf16, 16..) => "m32n128k32w1x4s4",
         (BLayout::KnBf16, _) => "m32n128k64wg2s4",
-        (BLayout::NkMxfp4, 16..) => "m64n128k64wg2s4",
-        (BLayout::NkMxfp4, _) => "m16n128k64w1x4s4",
-        (BLayout::KnMxfp4, 16..) => "m32n128k64wg2s4",
-        (BLayout::KnMxfp4, _) => "m16n128k64wg2s4",
+        (BLayout::NkMxfp4 | BLayout::NkNvfp4, 16..) => "m64n128k64wg2s4",
+        (BLayout::NkMxfp4 | BLayout::NkNvfp4, _) => "m16n128k64w1x4s4",
+        (BLayout::KnMxfp4 | BLayout::KnNvfp4, 16..) => "m32n128k64wg2s4",
+        (BLayout::KnMxfp4 | BLayout::KnNvfp4, _) => "m16n128k64wg2s4",
     };
     let small: &[&str] = &["m32n128k64w1x4s3", "m32n128k32w1x4s4", "m16n128k32w1x4s4"];
     let fallback: &[&str] = match per_expert {
@@ -504,6 +505,8 @@ mod tests {
                 BLayout::KnBf16,
                 BLayout::NkMxfp4,
                 BLayout::KnMxfp4,
+                BLayout::NkNvfp4,
+                BLayout::KnNvfp4,
             ] {
                 for r_pad in [0, 16, 64, 128] {
                     let (keep, report) = prune(&portable(smem), layout, r_pad, |_| None);
@@ -533,6 +536,8 @@ mod tests {
                 BLayout::KnBf16,
                 BLayout::NkMxfp4,
                 BLayout::KnMxfp4,
+                BLayout::NkNvfp4,
+                BLayout::KnNvfp4,
             ] {
                 for r_pad in [0, 16, 32, 64, 128] {
                     let (candidates, _) = prune(&limits, layout, r_pad, |_| None);
@@ -579,6 +584,8 @@ mod tests {
                 BLayout::KnBf16,
                 BLayout::NkMxfp4,
                 BLayout::KnMxfp4,
+                BLayout::NkNvfp4,
+                BLayout::KnNvfp4,
             ] {
                 for r_pad in [0, 16, 64, 128] {
                     let p = smem_plan(c, layout, r_pad);
@@ -709,6 +716,8 @@ mod tests {
             BLayout::KnBf16,
             BLayout::NkMxfp4,
             BLayout::KnMxfp4,
+            BLayout::NkNvfp4,
+            BLayout::KnNvfp4,
         ] {
             let mut last_bm = 0;
             for per_expert in [1usize, 3, 8, 15, 16, 31, 47, 48, 64, 95, 96, 200, 4096] {

@@ -20,8 +20,8 @@ Conventions (as in the Rust library):
   ``(packed [E, N, K/2] uint8, scales [E, N, K/16] uint8 or float8_e4m3fn, tensor_scales)``
   with ``tensor_scales`` float32 ``[E]`` (one per expert), ``[E, G]`` (G groups of rows per
   expert) or ``None`` (``Nvfp4Weights``, what ``quantize_nvfp4`` returns), or dense bf16.
-  NVFP4 weights run Strategy A (``strategy="auto"`` or ``"selective"``); ``"fused"`` raises
-  ``MxmoeError`` (no fused NVFP4 kernels yet).
+  NVFP4 weights run every strategy (``"fused"`` decodes them inside the tensor-core K-loop and
+  needs K % 32 == 0, else ``MxmoeError``; ``"auto"`` then takes ``"selective"``).
 * LoRA (expert-major): ``A [E*r, K]``, ``B [N, E*r]`` bf16, scaling ``s = lora_alpha / r``:
   ``y_p = x_p W_e^T + s * bf16(x_p A_e^T) B_e^T``.
 """

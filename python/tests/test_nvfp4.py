@@ -5,10 +5,11 @@ functions and a plain-torch decoder (grouped tensor scales included), the CPU ea
 ``mxmoe.gpt_oss.experts_forward`` with NVFP4 weights against the same call on the dequantized
 weights, the modules' NVFP4 buffers, and typed errors raised before any launch.
 
-GPU tests (skip without CUDA): NVFP4 through the CUDA ops (Strategy A) against the same ops on
-the bf16-dequantized weights and against a float32 torch reference, forward and every gradient;
-``strategy="fused"`` refused with the library's message; bad metadata refused by the native
-layer; a short LoRA training run on an NVFP4 ``MxMoeBlock``.
+GPU tests (skip without CUDA): NVFP4 through the CUDA ops (Strategy A, Strategy B and Auto)
+against the same ops on the bf16-dequantized weights and against a float32 torch reference,
+forward and every gradient; ``strategy="fused"`` refused with the library's message where K is
+not a multiple of 32 (``"auto"`` then takes A); bad metadata refused by the native layer; a short
+LoRA training run on an NVFP4 ``MxMoeBlock``.
 """
 
 import pytest
@@ -281,7 +282,7 @@ LINEAR_SHAPES = [
 @pytest.mark.parametrize("shape", LINEAR_SHAPES)
 @pytest.mark.parametrize("two_level", [False, True], ids=["single", "two_level"])
 @pytest.mark.parametrize("gated", [False, True], ids=["slots", "gated"])
-@pytest.mark.parametrize("strategy", ["auto", "selective"])
+@pytest.mark.parametrize("strategy", ["auto", "selective", "fused"])
 def test_expert_linear_nvfp4_matches_bf16_dequantized(shape, two_level, gated, strategy):
     e, k_dim, n, t, top_k, r, s = shape
     gen = torch.Generator().manual_seed(7)
@@ -371,7 +372,7 @@ def test_moe_block_nvfp4_matches_bf16_dequantized(activation, grouped):
         return y, [z.grad for z in leaves]
 
     y_bf, grads_bf = run(gu_bf, dn_bf, "auto")
-    for strategy in ("auto", "selective"):
+    for strategy in ("auto", "selective", "fused"):
         y_nv, grads_nv = run(gu, dn, strategy)
         assert y_nv.shape == (t, h)
         assert rel_err(y_nv, y_bf) < 1e-2, strategy
@@ -383,22 +384,22 @@ def test_moe_block_nvfp4_matches_bf16_dequantized(activation, grouped):
 
 
 @cuda
-def test_fused_strategy_is_refused_for_nvfp4():
+def test_fused_strategy_needs_k_a_multiple_of_32_for_nvfp4():
+    # K = 48: valid NVFP4 (K % 16 == 0), but the fused kernels stage 32-k runs of packed bytes.
     gen = torch.Generator().manual_seed(9)
-    q = mxmoe.Nvfp4Weights(*(z.cuda() for z in mxmoe.quantize_nvfp4(torch.randn((4, 64, 64), generator=gen),
-                                                                     two_level=True)))
-    x = torch.randn((8, 64), generator=gen).to(bf16).cuda()
+    w = torch.randn((4, 64, 48), generator=gen)
+    q = mxmoe.Nvfp4Weights(*(z.cuda() for z in mxmoe.quantize_nvfp4(w, two_level=True)))
+    x = torch.randn((8, 48), generator=gen).to(bf16).cuda()
     ids = _ids(8, 4, 2, gen)
-    with pytest.raises(mxmoe.MxmoeError, match='NVFP4 weights have no fused .*"selective" or "auto"'):
+    with pytest.raises(mxmoe.MxmoeError, match=r'fused NVFP4 kernels need K % 32 == 0 \(K is 48\).*"selective" or "auto"'):
         mxmoe.expert_linear(x, ids, q, strategy="fused")
-    g = torch.rand((8, 2), generator=gen).to(bf16).cuda()
-    with pytest.raises(mxmoe.MxmoeError, match="NVFP4 weights have no fused"):
-        mxmoe.moe_block(x, ids, g, mxmoe.Nvfp4Weights(torch.cat([q.packed] * 2, 1), torch.cat([q.scales] * 2, 1),
-                                                      q.tensor_scales), q, strategy="fused")
-    layer = mxmoe.MxExpertLinear.from_weight(torch.randn((4, 64, 64)).cuda(), rank=2,
-                                             weight_format="nvfp4", strategy="fused")
-    with pytest.raises(mxmoe.MxmoeError, match="NVFP4 weights have no fused"):
+    layer = mxmoe.MxExpertLinear.from_weight(w.cuda(), rank=2, weight_format="nvfp4", strategy="fused")
+    with pytest.raises(mxmoe.MxmoeError, match="fused NVFP4 kernels need K % 32 == 0"):
         layer(x, ids)
+    # Auto takes Strategy A there and matches the dequantized weights.
+    y = mxmoe.expert_linear(x, ids, q, strategy="auto")
+    want = mxmoe.expert_linear(x, ids, mxmoe.dequantize_nvfp4(*q, dtype=bf16), strategy="auto")
+    assert rel_err(y, want) < 1e-2
 
 
 @cuda

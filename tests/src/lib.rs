@@ -410,7 +410,7 @@ pub mod linear_case {
         Mx(&'a MxWeights, Strategy),
         /// MXFP4 weights with Strategy A recomputing its buffer in backward.
         MxRecompute(&'a MxWeights),
-        /// NVFP4 weights with a strategy and buffer policy (Strategy A only so far).
+        /// NVFP4 weights with a strategy and buffer policy.
         Nv(&'a NvWeights, Strategy, DequantBuffer),
     }
 

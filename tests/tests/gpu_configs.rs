@@ -12,7 +12,8 @@
 use mxmoe::Runtime;
 use mxmoe::device::{Gpu, PtxModule};
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
-use mxmoe::op::{RowOrder, Strategy};
+use mxmoe::nvfp4::{NvWeights, quantize_nvfp4};
+use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
 use mxmoe::shared::tiles::GEMM_CONFIGS;
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu, test_runtime};
@@ -24,10 +25,16 @@ fn bits(v: &[f32]) -> Vec<u32> {
         .collect()
 }
 
-fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::linear_case::Data) {
+fn check_all_configs(
+    c: &Case,
+    mx: &MxWeights,
+    nv: &NvWeights,
+    dense: &[f32],
+    d: &mxmoe_tests::linear_case::Data,
+) {
     let gpu = gpu().expect("checked by the caller");
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
-    let mut first: [Option<[Vec<u32>; 4]>; 2] = [None, None];
+    let mut first: [Option<[Vec<u32>; 4]>; 3] = [None, None, None];
     let module = gpu.module();
     for (i, config) in GEMM_CONFIGS.iter().enumerate() {
         if !module.has_config(config) {
@@ -35,9 +42,13 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
             continue;
         }
         gpu.tuner().force(Some(i));
-        for (slot, base) in [Base::Dense(dense), Base::Mx(mx, Strategy::Fused)]
-            .into_iter()
-            .enumerate()
+        for (slot, base) in [
+            Base::Dense(dense),
+            Base::Mx(mx, Strategy::Fused),
+            Base::Nv(nv, Strategy::Fused, DequantBuffer::Keep),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let r = run_gpu_with(gpu, c, d, &dy, base);
             assert_eq!(r.configs, [i, i], "row {i} was forced");
@@ -53,7 +64,7 @@ fn check_all_configs(c: &Case, mx: &MxWeights, dense: &[f32], d: &mxmoe_tests::l
                     f == &got,
                     "config {i} ({:?}) differs from config 0 ({}) for {c:?}",
                     config,
-                    if slot == 0 { "bf16" } else { "mxfp4" }
+                    ["bf16", "mxfp4", "nvfp4"][slot]
                 ),
             }
         }
@@ -75,7 +86,8 @@ fn every_tile_configuration_gives_identical_bits() {
     };
     let d = draw(&c);
     let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
-    check_all_configs(&c, &mx, &d.w, &d);
+    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
+    check_all_configs(&c, &mx, &nv, &d.w, &d);
 
     // K = 96 is not a multiple of the 64-deep stages: their last stage holds one real scale block
     // and one byte of the next row's scales. Make that byte NaN (row 1's first block of expert
@@ -89,7 +101,8 @@ fn every_tile_configuration_gives_identical_bits() {
     scales[3] = 255;
     let mx = MxWeights::from_shape(shape, packed, scales).unwrap();
     let deq = mxmoe::mxfp4::dequantize_f32(&mx);
-    check_all_configs(&c, &mx, &deq, &d);
+    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, false).unwrap();
+    check_all_configs(&c, &mx, &nv, &deq, &d);
 }
 
 /// The four result tensors of one run, as bits.
@@ -141,6 +154,7 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
     };
     let d = draw(&c);
     let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
+    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
     let both: Vec<Option<usize>> = std::iter::once(None)
         .chain(
@@ -153,6 +167,7 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
         for (what, base) in [
             ("bf16", Base::Dense(&d.w)),
             ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
+            ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
         ] {
             let h = run_bits(&hopper, &c, &d, &dy, base, forced);
             let p = run_bits(&portable, &c, &d, &dy, base, forced);

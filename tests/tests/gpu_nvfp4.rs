@@ -1,8 +1,10 @@
-//! NVFP4 experts on the GPU (issue #17, Strategy A): the dequantization kernel is bit-identical
-//! to the host's dequantizer (itself bit-exact with torchao, `mxmoe::nvfp4`), and the expert
-//! linear and the gpt-oss block over NVFP4 weights are bitwise equal to the bf16 path run on the
-//! dequantized weights — forward, dX, dA, dB, d_gates — with single-level and two-level scales
-//! (per expert, and per gate/up half). `Fused` (no NVFP4 kernels yet) is a typed error.
+//! NVFP4 experts on the GPU (issue #17): the dequantization kernel is bit-identical to the host's
+//! dequantizer (itself bit-exact with torchao, `mxmoe::nvfp4`), and the expert linear and the
+//! gpt-oss block over NVFP4 weights — Strategy A (kept and recomputed buffer), Strategy B (the
+//! codes decoded inside the tensor-core K-loop, both kernel families) and `Auto` — are bitwise
+//! equal to the bf16 path run on the dequantized weights — forward, dX, dA, dB, d_gates — with
+//! single-level and two-level scales (per expert, and per gate/up half). `Fused` over a K that
+//! is not a multiple of 32 is a typed error, and `Auto` takes Strategy A there.
 
 use mxmoe::kernels::dequant::dequant_nvfp4_bf16;
 use mxmoe::moe::{MoeBlock, backward as moe_backward};
@@ -115,12 +117,13 @@ fn dequant_rejects_bad_arguments_before_any_launch() {
     assert!(run(1, 64, &[0]).is_err());
 }
 
-/// Runs the case with NVFP4 weights (Strategy A, kept or recomputed) and with dense bf16 weights
-/// holding their dequantized values; both must agree bit for bit.
-fn check(c: Case, groups: usize) {
+/// Runs the case with NVFP4 weights (Strategy A kept or recomputed, Strategy B, `Auto`) and with
+/// dense bf16 weights holding their dequantized values; all must agree bit for bit. `two_level`
+/// adds per-tensor scales (`groups` per expert when above 1).
+fn check(c: Case, groups: usize, two_level: bool) {
     let Some(gpu) = gpu() else { return };
     let d = draw(&c);
-    let quantized = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
+    let quantized = quantize_nvfp4(&d.w, c.e, c.n, c.k, two_level).unwrap();
     let nv = if groups > 1 {
         regrouped(&quantized, groups)
     } else {
@@ -131,7 +134,9 @@ fn check(c: Case, groups: usize) {
     let dense = run_gpu_with(gpu, &c, &d, &dy, Base::Dense(&deq));
     for (strategy, buffer) in [
         (Strategy::Auto, DequantBuffer::Keep),
+        (Strategy::SelectiveDequant, DequantBuffer::Keep),
         (Strategy::SelectiveDequant, DequantBuffer::Recompute),
+        (Strategy::Fused, DequantBuffer::Keep),
     ] {
         let got = run_gpu_with(gpu, &c, &d, &dy, Base::Nv(&nv, strategy, buffer));
         assert_bitwise(&got, &dense, &format!("{strategy:?} {buffer:?} {c:?}"));
@@ -140,7 +145,8 @@ fn check(c: Case, groups: usize) {
 
 #[test]
 fn linear_over_nvfp4_equals_the_bf16_path_on_its_values() {
-    check(Case::new(8, 128, 256, 16, 2, 8, 0), 1);
+    check(Case::new(8, 128, 256, 16, 2, 8, 0), 1, true);
+    check(Case::new(8, 128, 256, 16, 2, 8, 1), 1, false);
     check(
         Case {
             input: RowOrder::Grouped,
@@ -151,6 +157,19 @@ fn linear_over_nvfp4_equals_the_bf16_path_on_its_values() {
             ..Case::new(8, 128, 256, 16, 2, 8, 7)
         },
         2,
+        true,
+    );
+    // Many rows per expert (the tall tiles of both directions), K = 96 (a 64-deep stage
+    // half past K), N = 160 (a partial 128-column block), four tensor-scale groups, so a group
+    // boundary falls inside a dX stage's reduction rows and inside a forward block's columns.
+    check(
+        Case {
+            output: RowOrder::Scattered,
+            gates: true,
+            ..Case::new(4, 96, 160, 300, 2, 16, 8)
+        },
+        4,
+        true,
     );
     // Few active experts among many: the compact buffer's ids are not the experts' ids.
     check(
@@ -159,13 +178,15 @@ fn linear_over_nvfp4_equals_the_bf16_path_on_its_values() {
             ..Case::new(24, 96, 64, 20, 2, 4, 9)
         },
         1,
+        true,
     );
 }
 
 #[test]
-fn fused_is_refused_with_a_typed_error() {
+fn fused_needs_k_a_multiple_of_32_and_auto_then_takes_a() {
     let Some(gpu) = gpu() else { return };
-    let c = Case::new(4, 64, 32, 8, 2, 0, 5);
+    // K = 48: valid NVFP4 (K % 16 == 0), but the fused stages take 32-k runs of packed bytes.
+    let c = Case::new(4, 48, 32, 8, 2, 0, 5);
     let d = draw(&c);
     let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, false).unwrap();
     let dev = NvExperts::upload(gpu, &nv).unwrap();
@@ -177,6 +198,11 @@ fn fused_is_refused_with_a_typed_error() {
         layer.forward(gpu, &x, &routing, None).map(|_| ()),
         "strategy",
     );
+    let (fwd, _) = layer
+        .with_strategy(Strategy::Auto)
+        .forward(gpu, &x, &routing, None)
+        .unwrap();
+    assert_eq!(fwd.strategy, Strategy::SelectiveDequant);
 }
 
 #[test]
@@ -218,8 +244,22 @@ fn gpt_oss_block_over_nvfp4_equals_the_bf16_block_on_its_values() {
         ExpertWeights::Bf16(&gu_dense),
         ExpertWeights::Bf16(&dn_dense),
     );
-    let got = run(ExpertWeights::Nvfp4(&gu_dev), ExpertWeights::Nvfp4(&dn_dev));
-    assert_eq!(got, want);
+    for strategy in [Strategy::Auto, Strategy::SelectiveDequant, Strategy::Fused] {
+        let block = MoeBlock {
+            strategy,
+            ..MoeBlock::gpt_oss(
+                ExpertWeights::Nvfp4(&gu_dev),
+                ExpertWeights::Nvfp4(&dn_dev),
+                &b_gu,
+                &b_dn,
+            )
+        };
+        let (y, saved) = block.forward(gpu, &x, &routing, &g).unwrap();
+        let grads = moe_backward(gpu, &saved, &dy).unwrap();
+        let f = |m: &Bf16Matrix| bits(&m.to_f32(gpu).unwrap());
+        let got = (f(&y), f(&grads.dx), f(&grads.d_gates));
+        assert!(got == want, "{strategy:?}");
+    }
     // The values are the quantized ones, not the inputs: the bf16 block on the unquantized
     // weights differs.
     let raw: Vec<u16> = gu_vals.iter().map(|&v| f32_to_bf16_bits(v)).collect();

@@ -7,8 +7,9 @@
 //! 2048), top-k 1–min(8, E), LoRA rank in {0, 1, 8, 16, 64}, the routing (uniform, a subset of
 //! experts active, skewed, one-hot onto a single expert, every expert per token, dropped slots),
 //! both row orders of input and output, gates (scattered output only) and the base weights (bf16,
-//! MXFP4 fused, MXFP4 selective with the buffer kept or recomputed in backward). For MXFP4 the
-//! reference weights are `dequantize_f32(quantize_mxfp4(w))`. Every problem runs forward and
+//! MXFP4 fused, MXFP4 selective with the buffer kept or recomputed in backward, two-level NVFP4
+//! fused). For MXFP4 the reference weights are `dequantize_f32(quantize_mxfp4(w))`, for NVFP4
+//! `dequantize_nvfp4_f32(quantize_nvfp4(w))`. Every problem runs forward and
 //! backward on the GPU and is checked with [`compare`] (each element against its own bf16 bound,
 //! plus a relative L2 bound) and, with a LoRA rank, run again without its LoRA factors so that
 //! [`compare_lora_term`] checks the LoRA term on its own.
@@ -27,7 +28,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mxmoe::Runtime;
 use mxmoe::mxfp4::{MxWeights, dequantize_f32, quantize_mxfp4};
-use mxmoe::op::{RowOrder, Strategy};
+use mxmoe::nvfp4::{NvWeights, dequantize_nvfp4_f32, quantize_nvfp4};
+use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
 use mxmoe::reference::Rounding;
 use mxmoe_tests::linear_case::{
     Base, Case, Data, GpuResult, compare, compare_lora_term, draw, out_rows, reference_run,
@@ -59,14 +61,17 @@ enum BaseKind {
     MxSelective,
     /// MXFP4 experts, Strategy A, buffer dequantized again in backward.
     MxSelectiveRecompute,
+    /// Two-level NVFP4 experts (an f32 tensor scale per expert), Strategy B.
+    NvFused,
 }
 
 /// Every base kind, in a fixed order.
-const ALL_BASES: [BaseKind; 4] = [
+const ALL_BASES: [BaseKind; 5] = [
     BaseKind::Bf16,
     BaseKind::MxFused,
     BaseKind::MxSelective,
     BaseKind::MxSelectiveRecompute,
+    BaseKind::NvFused,
 ];
 
 /// How the expert ids of a problem are drawn.
@@ -107,11 +112,12 @@ fn spread(g: &mut Rng, limits: &[u64]) -> usize {
 /// Draws the problem of per-case seed `seed` (a pure function of the seed).
 fn generate(seed: u64) -> Problem {
     let mut g = Rng::new(seed);
-    let base = match g.below(10) {
+    let base = match g.below(12) {
         0..=3 => BaseKind::Bf16,
         4..=6 => BaseKind::MxFused,
         7..=8 => BaseKind::MxSelective,
-        _ => BaseKind::MxSelectiveRecompute,
+        9 => BaseKind::MxSelectiveRecompute,
+        _ => BaseKind::NvFused,
     };
     let mut e = if g.below(20) == 0 {
         65 + g.below(192) as usize
@@ -232,7 +238,10 @@ struct Prepared {
     data: Data,
     /// The quantized weights of an MXFP4 problem.
     mx: Option<MxWeights>,
-    /// The reference weights of an MXFP4 problem (`dequantize_f32` of `mx`); `data.w` for bf16.
+    /// The quantized weights of an NVFP4 problem.
+    nv: Option<NvWeights>,
+    /// The reference weights of a 4-bit problem (the dequantized `mx` or `nv`); `data.w` for
+    /// bf16.
     dequantized: Option<Vec<f32>>,
     /// Output gradient, shaped like the forward output.
     dy: Vec<f32>,
@@ -250,19 +259,26 @@ fn prepare(p: &Problem) -> Prepared {
     let c = &p.case;
     let mut data = draw(c);
     data.ids = routed_ids(p, std::mem::take(&mut data.ids));
-    let (mx, dequantized) = match p.base {
-        BaseKind::Bf16 => (None, None),
+    let (mx, nv, dequantized) = match p.base {
+        BaseKind::Bf16 => (None, None, None),
+        BaseKind::NvFused => {
+            let nv = quantize_nvfp4(&data.w, c.e, c.n, c.k, true)
+                .expect("the generator keeps K % 32 == 0 for NVFP4");
+            let deq = dequantize_nvfp4_f32(&nv);
+            (None, Some(nv), Some(deq))
+        }
         _ => {
             let mx = quantize_mxfp4(&data.w, c.e, c.n, c.k)
                 .expect("the generator keeps K % 32 == 0 for MXFP4");
             let deq = dequantize_f32(&mx);
-            (Some(mx), Some(deq))
+            (Some(mx), None, Some(deq))
         }
     };
     let dy = Rng::new(c.seed ^ 0xD7).normal_bf16(out_rows(c) * c.n, 1.0);
     Prepared {
         data,
         mx,
+        nv,
         dequantized,
         dy,
     }
@@ -271,12 +287,13 @@ fn prepare(p: &Problem) -> Prepared {
 /// Runs a prepared problem on the GPU (forward and backward), and with a LoRA rank once more
 /// without the LoRA factors.
 fn run(gpu: &Runtime, p: &Problem, prep: &Prepared) -> (GpuResult, Option<GpuResult>) {
-    let base = match (p.base, &prep.mx) {
-        (BaseKind::Bf16, _) => Base::Dense(&prep.data.w),
-        (BaseKind::MxFused, Some(mx)) => Base::Mx(mx, Strategy::Fused),
-        (BaseKind::MxSelective, Some(mx)) => Base::Mx(mx, Strategy::SelectiveDequant),
-        (BaseKind::MxSelectiveRecompute, Some(mx)) => Base::MxRecompute(mx),
-        (_, None) => unreachable!("MXFP4 problems are prepared with their container"),
+    let base = match (p.base, &prep.mx, &prep.nv) {
+        (BaseKind::Bf16, _, _) => Base::Dense(&prep.data.w),
+        (BaseKind::MxFused, Some(mx), _) => Base::Mx(mx, Strategy::Fused),
+        (BaseKind::MxSelective, Some(mx), _) => Base::Mx(mx, Strategy::SelectiveDequant),
+        (BaseKind::MxSelectiveRecompute, Some(mx), _) => Base::MxRecompute(mx),
+        (BaseKind::NvFused, _, Some(nv)) => Base::Nv(nv, Strategy::Fused, DequantBuffer::Keep),
+        _ => unreachable!("4-bit problems are prepared with their container"),
     };
     let got = run_gpu_with(gpu, &p.case, &prep.data, &prep.dy, base);
     let without = (p.case.r > 0).then(|| {
@@ -425,12 +442,13 @@ fn print_coverage(problems: &[(u64, Problem)]) {
         .map(|(_, p)| p.case.t * p.case.top_k * p.case.n * p.case.k)
         .sum();
     println!(
-        "{} problems: bf16 {}, MXFP4 fused {}, selective {}, selective+recompute {}; skewed {}, one-hot {}, subset-active {}, with drops {}, all dropped {}, gates {}, grouped in {}, grouped out {}, LoRA {}; max E {}, K {}, N {}, T {}; weights Σ E·N·K = {:.2e}, reference work Σ T·k·N·K = {:.2e}",
+        "{} problems: bf16 {}, MXFP4 fused {}, selective {}, selective+recompute {}, NVFP4 fused {}; skewed {}, one-hot {}, subset-active {}, with drops {}, all dropped {}, gates {}, grouped in {}, grouped out {}, LoRA {}; max E {}, K {}, N {}, T {}; weights Σ E·N·K = {:.2e}, reference work Σ T·k·N·K = {:.2e}",
         problems.len(),
         count(&|p| p.base == BaseKind::Bf16),
         count(&|p| p.base == BaseKind::MxFused),
         count(&|p| p.base == BaseKind::MxSelective),
         count(&|p| p.base == BaseKind::MxSelectiveRecompute),
+        count(&|p| p.base == BaseKind::NvFused),
         count(&|p| p.routing == Routing::Skewed),
         count(&|p| matches!(p.routing, Routing::OneHot { .. })),
         count(&|p| p.case.active > 0),

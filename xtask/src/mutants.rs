@@ -61,6 +61,7 @@ pub const CLEAN_ID: &str = "clean";
 pub const DEFAULT_SUITES: &[&str] = &[
     "gpu_linear",
     "gpu_mxfp4",
+    "gpu_nvfp4",
     "gpu_routing",
     "gpu_configs",
     "gpu_moe",

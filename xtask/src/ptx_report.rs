@@ -321,11 +321,13 @@ pub fn forbidden_problems(ptx: &str, forbidden: &[&str]) -> Vec<String> {
 }
 
 /// The grouped-GEMM layouts and their entry names, per table row.
-const GEMM_LAYOUTS: [(BLayout, &[&str]); 4] = [
+const GEMM_LAYOUTS: [(BLayout, &[&str]); names::GEMM_LAYOUTS] = [
     (BLayout::NkBf16, &names::GEMM_NK),
     (BLayout::KnBf16, &names::GEMM_KN),
     (BLayout::NkMxfp4, &names::GEMM_NK_MX),
     (BLayout::KnMxfp4, &names::GEMM_KN_MX),
+    (BLayout::NkNvfp4, &names::GEMM_NK_NV),
+    (BLayout::KnNvfp4, &names::GEMM_KN_NV),
 ];
 
 /// Shared-memory checks of `module` on `target`, with ptxas's static shared memory per entry in

@@ -161,6 +161,26 @@ pub struct MxOperand<'a> {
     pub k: usize,
 }
 
+/// NVFP4 expert weights on the device: `packed [E, n, k/2]`, E4M3 `scales [E, n, k/16]` and,
+/// when given, f32 `tensor_scales [E, groups]` (group `g` covers container rows
+/// `[g·n/groups, (g+1)·n/groups)`).
+#[derive(Clone, Copy)]
+pub struct NvOperand<'a> {
+    /// Packed codes.
+    pub packed: &'a CudaSlice<u8>,
+    /// E4M3 block-scale bytes.
+    pub scales: &'a CudaSlice<u8>,
+    /// Per-tensor scales (`None`: the block factor is the E4M3 value).
+    pub tensor_scales: Option<&'a CudaSlice<f32>>,
+    /// Tensor scales per expert (≥ 1, dividing `n`; 1 without tensor scales).
+    pub groups: usize,
+    /// The container's N (rows of `W_store[e]`).
+    pub n: usize,
+    /// The container's K (a multiple of 32 for the fused kernels, whose stages take 16-byte
+    /// runs of packed bytes).
+    pub k: usize,
+}
+
 /// The B operand of a grouped GEMM.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
@@ -172,6 +192,10 @@ pub enum BOperand<'a> {
     NkMx(MxOperand<'a>),
     /// MXFP4 `W_store[e]` with its N as the reduction (dX): `k_red = n`, `n_out = k`.
     KnMx(MxOperand<'a>),
+    /// NVFP4 `W_store[e]` with its K as the reduction (forward): `n_out = n`, `k_red = k`.
+    NkNv(NvOperand<'a>),
+    /// NVFP4 `W_store[e]` with its N as the reduction (dX): `k_red = n`, `n_out = k`.
+    KnNv(NvOperand<'a>),
 }
 
 impl BOperand<'_> {
@@ -182,6 +206,42 @@ impl BOperand<'_> {
             BOperand::Kn(_) => BLayout::KnBf16,
             BOperand::NkMx(_) => BLayout::NkMxfp4,
             BOperand::KnMx(_) => BLayout::KnMxfp4,
+            BOperand::NkNv(_) => BLayout::NkNvfp4,
+            BOperand::KnNv(_) => BLayout::KnNvfp4,
+        }
+    }
+}
+
+impl NvOperand<'_> {
+    fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
+        let (want_n, want_k) = if forward {
+            (n_out, k_red)
+        } else {
+            (k_red, n_out)
+        };
+        if self.n != want_n || self.k != want_k || !self.k.is_multiple_of(32) {
+            return Err(Error::InvalidArgument {
+                what: "NVFP4 weights",
+                detail: format!(
+                    "container [*, {}, {}] does not match the fused GEMM (n {want_n}, k {want_k}, k % 32 == 0)",
+                    self.n, self.k
+                ),
+            });
+        }
+        if self.groups == 0 || !self.n.is_multiple_of(self.groups) {
+            return Err(Error::InvalidArgument {
+                what: "NVFP4 weights",
+                detail: format!(
+                    "{} tensor scales per expert do not divide its {} rows",
+                    self.groups, self.n
+                ),
+            });
+        }
+        check_len("packed", self.packed, experts * self.n * self.k / 2)?;
+        check_len("scales", self.scales, experts * self.n * self.k / 16)?;
+        match self.tensor_scales {
+            Some(t) => check_len("tensor scales", t, experts * self.groups),
+            None => Ok(()),
         }
     }
 }
@@ -349,10 +409,44 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
                 names::GEMM_KN_MX[args.config],
             )
         }
+        BOperand::NkNv(v) => {
+            v.check(r.num_experts, args.n_out, args.k_red, true)?;
+            (
+                BLayout::NkNvfp4,
+                none,
+                addr(gpu, v.scales),
+                names::GEMM_NK_NV[args.config],
+            )
+        }
+        BOperand::KnNv(v) => {
+            v.check(r.num_experts, args.n_out, args.k_red, false)?;
+            (
+                BLayout::KnNvfp4,
+                none,
+                addr(gpu, v.scales),
+                names::GEMM_KN_NV[args.config],
+            )
+        }
     };
     let b_addr = match args.b {
         BOperand::NkMx(m) | BOperand::KnMx(m) => addr(gpu, m.packed),
+        BOperand::NkNv(v) | BOperand::KnNv(v) => addr(gpu, v.packed),
         _ => addr(gpu, b.buf),
+    };
+    // NVFP4: the tensor scales and the container rows each covers (checked above: groups ≥ 1
+    // divides n).
+    let (tensor_scales_addr, ts_rows_per_group) = match args.b {
+        BOperand::NkNv(v) | BOperand::KnNv(v) => match v.tensor_scales {
+            Some(t) => {
+                let rows = u32::try_from(v.n / v.groups).map_err(|_| Error::InvalidArgument {
+                    what: "NVFP4 weights",
+                    detail: format!("{} rows per tensor scale exceed u32", v.n / v.groups),
+                })?;
+                (addr(gpu, t), rows)
+            }
+            None => (0, 1),
+        },
+        _ => (0, 0),
     };
     let (rank, r_pad, left, right, scaling) = match &args.lora {
         Some(l) if l.rank > 0 => {
@@ -370,7 +464,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         .and_then(|l| l.left_lo.filter(|_| l.rank > 0))
     {
         Some(lo) => {
-            if !matches!(layout, BLayout::NkBf16 | BLayout::NkMxfp4) {
+            if !layout.is_forward() {
                 return Err(Error::InvalidArgument {
                     what: "LoRA left factor",
                     detail: "a low part is read only by the forward ([n][k]) layouts".into(),
@@ -422,6 +516,9 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         r_pad,
         scaling,
         b_rows: args.n_out as u32,
+        tensor_scales_addr,
+        ts_rows_per_group,
+        _pad: 0,
     };
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;

@@ -9,13 +9,13 @@ use kernels_gpu::shared::tiles::rank_pad;
 
 use super::plan::tuned_gemm;
 use super::{ExpertWeights, Grads, Saved};
-use crate::buffers::{Bf16Matrix, LoraWeights, MxExperts};
+use crate::buffers::{Bf16Matrix, LoraWeights, MxExperts, NvExperts};
 use crate::device::alloc_output;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::eltwise;
 use crate::kernels::gemm::{
-    BOperand, GemmArgs, LoraEpilogue, MxOperand, RoutingView, RowMap, Strided, gram, grouped_gemm,
-    lora_down,
+    BOperand, GemmArgs, LoraEpilogue, MxOperand, NvOperand, RoutingView, RowMap, Strided, gram,
+    grouped_gemm, lora_down,
 };
 use crate::routing::{DeviceRouting, RowOrder};
 use crate::runtime::Runtime;
@@ -45,18 +45,9 @@ impl ExpertWeights<'_> {
         }
     }
 
-    /// The error of a fused GEMM over weights that have none (NVFP4: Strategy A only so far):
-    /// `resolve_strategy` returns it for a `Fused` request, so the operands below never meet it.
-    pub(super) fn no_fused_operand() -> Error {
-        Error::InvalidArgument {
-            what: "strategy",
-            detail: "NVFP4 weights have no fused (Strategy B) kernels yet; use \"selective\" or \"auto\"".into(),
-        }
-    }
-
     /// The forward GEMM's B operand (`W_store[e]` with K as the reduction).
-    fn forward_operand(&self) -> Result<BOperand<'_>> {
-        Ok(match self {
+    fn forward_operand(&self) -> BOperand<'_> {
+        match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
                 BOperand::Nk(Strided {
@@ -67,13 +58,13 @@ impl ExpertWeights<'_> {
                 })
             }
             ExpertWeights::Mxfp4(w) => BOperand::NkMx(mx_operand(w)),
-            ExpertWeights::Nvfp4(_) => return Err(Self::no_fused_operand()),
-        })
+            ExpertWeights::Nvfp4(w) => BOperand::NkNv(nv_operand(w)),
+        }
     }
 
     /// The dX GEMM's B operand (`W_store[e]` with N as the reduction, K as the output).
-    fn dx_operand(&self) -> Result<BOperand<'_>> {
-        Ok(match self {
+    fn dx_operand(&self) -> BOperand<'_> {
+        match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
                 BOperand::Kn(Strided {
@@ -84,8 +75,8 @@ impl ExpertWeights<'_> {
                 })
             }
             ExpertWeights::Mxfp4(w) => BOperand::KnMx(mx_operand(w)),
-            ExpertWeights::Nvfp4(_) => return Err(Self::no_fused_operand()),
-        })
+            ExpertWeights::Nvfp4(w) => BOperand::KnNv(nv_operand(w)),
+        }
     }
 }
 
@@ -94,6 +85,18 @@ fn mx_operand(w: &MxExperts) -> MxOperand<'_> {
     MxOperand {
         packed: w.packed(),
         scales: w.scales(),
+        n: w.shape().n(),
+        k: w.shape().k(),
+    }
+}
+
+/// NVFP4 weights as the GEMM's operand.
+fn nv_operand(w: &NvExperts) -> NvOperand<'_> {
+    NvOperand {
+        packed: w.packed(),
+        scales: w.scales(),
+        tensor_scales: w.tensor_scales(),
+        groups: w.groups(),
         n: w.shape().n(),
         k: w.shape().k(),
     }
@@ -201,7 +204,7 @@ pub(super) fn forward_core(
         _ => None,
     };
     let rank = r.lora.map_or(0, |l| l.rank);
-    let b = r.weights.forward_operand()?;
+    let b = r.weights.forward_operand();
     let gemm_config = tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
         grouped_gemm(
             gpu,
@@ -308,7 +311,7 @@ pub(super) fn backward_core(
         _ => None,
     };
     let rank = r.lora.map_or(0, |l| l.rank);
-    let b = r.weights.dx_operand()?;
+    let b = r.weights.dx_operand();
     let gemm_config = tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
         grouped_gemm(
             gpu,

@@ -37,20 +37,21 @@ pub use plan::auto_strategy;
 use strategy_a::Compact;
 pub use strategy_a::active_experts;
 
-/// The frozen base weights of an expert linear: dense bf16 or MXFP4 (Strategy B, dequantized
-/// inside the tensor-core K-loop).
+/// The frozen base weights of an expert linear: dense bf16, MXFP4 or NVFP4 (the 4-bit formats
+/// decoded inside the tensor-core K-loop by Strategy B, or dequantized by Strategy A).
 #[derive(Clone, Copy)]
 pub enum ExpertWeights<'a> {
     /// Dense bf16 experts.
     Bf16(&'a DenseExperts),
     /// MXFP4 experts, decoded in the kernels.
     Mxfp4(&'a MxExperts),
-    /// NVFP4 experts (issue #17): Strategy A (the active experts dequantized to bf16) only so
-    /// far; `Auto` resolves to it and `Fused` is refused with a typed error.
+    /// NVFP4 experts, decoded in the kernels (an E4M3 block scale per 16 values folded with the
+    /// tensor scale into one f32 factor). Strategy B needs K % 32 == 0 (a typed error
+    /// otherwise; `Auto` then takes Strategy A).
     Nvfp4(&'a NvExperts),
 }
 
-/// How MXFP4 weights are multiplied (ignored for bf16 weights).
+/// How MXFP4 and NVFP4 weights are multiplied (ignored for bf16 weights).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
     /// Pick per call from the active-expert fraction and rows per active expert (reads the
@@ -135,7 +136,7 @@ impl FromStr for DequantBuffer {
 }
 
 /// One LoRA-fused expert projection: the frozen weights, the optional LoRA, where input and
-/// output rows live, and (for MXFP4 weights) the strategy.
+/// output rows live, and (for MXFP4 and NVFP4 weights) the strategy.
 #[derive(Clone, Copy)]
 pub struct ExpertLinear<'a> {
     /// Frozen base weights.
@@ -147,7 +148,7 @@ pub struct ExpertLinear<'a> {
     pub input_order: RowOrder,
     /// `Scattered`: output row per slot `t·k + j`; `Grouped`: output row per grouped row.
     pub output_order: RowOrder,
-    /// Strategy for MXFP4 weights.
+    /// Strategy for MXFP4 and NVFP4 weights.
     pub strategy: Strategy,
     /// Strategy A's buffer policy.
     pub dequant_buffer: DequantBuffer,
@@ -192,7 +193,7 @@ pub struct Forward {
     /// `[T, N]` when gates were given (the gate-weighted sum over slots), otherwise `[L, N]` in
     /// the output order (dropped slots give zero rows).
     pub out: Bf16Matrix,
-    /// The path that ran: `Fused` or `SelectiveDequant` for MXFP4 weights, `Fused` for bf16.
+    /// The path that ran: `Fused` or `SelectiveDequant` for MXFP4 and NVFP4 weights, `Fused` for bf16.
     pub strategy: Strategy,
     /// The tile configuration the grouped GEMM ran with (a row of `shared::tiles::GEMM_CONFIGS`).
     pub gemm_config: usize,

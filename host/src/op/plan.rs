@@ -1,6 +1,6 @@
 //! Planning a call: which tile configuration each grouped GEMM runs with (through the
 //! runtime's [`Tuner`](crate::tune::Tuner): forced, cached, timed or the default rule) and
-//! which MXFP4 strategy `Auto` picks.
+//! which strategy `Auto` picks for MXFP4 and NVFP4 weights.
 
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, rank_pad};
@@ -31,6 +31,8 @@ pub(super) fn tuned_gemm(
         BLayout::KnBf16 => ("gemm_kn", &names::GEMM_KN),
         BLayout::NkMxfp4 => ("gemm_nk_mx", &names::GEMM_NK_MX),
         BLayout::KnMxfp4 => ("gemm_kn_mx", &names::GEMM_KN_MX),
+        BLayout::NkNvfp4 => ("gemm_nk_nv", &names::GEMM_NK_NV),
+        BLayout::KnNvfp4 => ("gemm_kn_nv", &names::GEMM_KN_NV),
         BLayout::Strided => ("gemm_strided", &names::GEMM_NK),
     };
     let r_pad = if rank > 0 { rank_pad(rank as u32) } else { 0 };
@@ -156,10 +158,12 @@ pub fn auto_strategy(
     }
 }
 
-/// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 weights,
-/// and for `Auto` the [`auto_strategy`] rule on the active experts (the expert offsets read back
-/// once per routing) and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`] routed rows
-/// no expert can reach A's threshold, so `Auto` takes B without reading anything back.
+/// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 and NVFP4
+/// weights, and for `Auto` the [`auto_strategy`] rule on the active experts (the expert offsets
+/// read back once per routing) and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`]
+/// routed rows no expert can reach A's threshold, so `Auto` takes B without reading anything
+/// back. NVFP4 weights whose K is not a multiple of 32 have no fused kernels (their stages take
+/// 32-k runs of packed bytes): `Auto` takes A for them and `Fused` is an error.
 pub(super) fn resolve_strategy(
     gpu: &Gpu,
     weights: ExpertWeights<'_>,
@@ -178,11 +182,28 @@ pub(super) fn resolve_strategy(
             let sms = gpu.limits().sm_count as usize;
             auto_strategy(active, l, w.shape().n(), sms, transient, free)
         }
-        // NVFP4 has Strategy A only (issue #17: the fused kernels are still to come).
-        (ExpertWeights::Nvfp4(_), Strategy::Auto | Strategy::SelectiveDequant) => {
+        (ExpertWeights::Nvfp4(w), Strategy::Fused) if !w.shape().k().is_multiple_of(32) => {
+            return Err(Error::InvalidArgument {
+                what: "strategy",
+                detail: format!(
+                    "the fused NVFP4 kernels need K % 32 == 0 (K is {}); use \"selective\" or \"auto\"",
+                    w.shape().k()
+                ),
+            });
+        }
+        (ExpertWeights::Nvfp4(_), Strategy::Fused) => Strategy::Fused,
+        (ExpertWeights::Nvfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
+        (ExpertWeights::Nvfp4(w), Strategy::Auto) if !w.shape().k().is_multiple_of(32) => {
             Strategy::SelectiveDequant
         }
-        (ExpertWeights::Nvfp4(_), Strategy::Fused) => return Err(ExpertWeights::no_fused_operand()),
+        (ExpertWeights::Nvfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => Strategy::Fused,
+        (ExpertWeights::Nvfp4(w), Strategy::Auto) => {
+            let active = super::strategy_a::active_experts(gpu, routing)?.len();
+            let transient = active * w.shape().n() * w.shape().k() * 2;
+            let (free, _) = gpu.mem_info()?;
+            let sms = gpu.limits().sm_count as usize;
+            auto_strategy(active, l, w.shape().n(), sms, transient, free)
+        }
     })
 }
 

@@ -36,7 +36,7 @@ macro_rules! gemm_entry {
 }
 
 /// `tiles::gemm_configs!` callback: one module per table row, named by its suffix, holding the
-/// row's four entry points (`nk`, `kn`, `nk_mx`, `kn_mx`, exported as
+/// row's six entry points (`nk`, `kn`, `nk_mx`, `kn_mx`, `nk_nv`, `kn_nv`, exported as
 /// `names::gemm_entry_name!(<layout>, <suffix>)`, the names the host launches). Their const
 /// generics are the row's own literals: no entry can be built with other numbers than the host
 /// plans its shared memory with.
@@ -56,6 +56,8 @@ macro_rules! gemm_table_entries {
                 gemm_row_entry!(kn, KnBf16, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
                 gemm_row_entry!(nk_mx, NkMxfp4, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
                 gemm_row_entry!(kn_mx, KnMxfp4, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
+                gemm_row_entry!(nk_nv, NkNvfp4, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
+                gemm_row_entry!(kn_nv, KnNvfp4, $suffix, $wg, $bm, $bn, $bk, $wm, $wn, $st);
             }
         )*
     };

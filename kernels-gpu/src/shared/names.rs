@@ -34,7 +34,8 @@ pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 /// Expert-block gather/scatter of LoRA matrices (Strategy A).
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
 
-/// The entry-point name of the grouped GEMM for B layout `nk`, `kn`, `nk_mx` or `kn_mx` and the
+/// The entry-point name of the grouped GEMM for B layout `nk`, `kn`, `nk_mx`, `kn_mx`, `nk_nv` or
+/// `kn_nv` and the
 /// `tiles::gemm_configs!` row `suffix`: `mxmoe_gemm_<layout>_<suffix>`. The names below and the
 /// entry points in `kernels/gemm.rs` are both spelled by this macro.
 macro_rules! gemm_entry_name {
@@ -61,6 +62,12 @@ macro_rules! define_gemm_names {
         /// Grouped GEMM over MXFP4 weights, N reduction (dX), one per `tiles::GEMM_CONFIGS` row.
         pub const GEMM_KN_MX: [&str; GEMM_CONFIG_COUNT] =
             [$(self::gemm_entry_name!(kn_mx, $suffix)),*];
+        /// Forward grouped GEMM over NVFP4 weights, per row of `tiles::GEMM_CONFIGS`.
+        pub const GEMM_NK_NV: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(nk_nv, $suffix)),*];
+        /// dX grouped GEMM over NVFP4 weights, per row of `tiles::GEMM_CONFIGS`.
+        pub const GEMM_KN_NV: [&str; GEMM_CONFIG_COUNT] =
+            [$(self::gemm_entry_name!(kn_nv, $suffix)),*];
 
         /// Every entry point of the module.
         pub const ALL: &[&str] = &[
@@ -82,6 +89,8 @@ macro_rules! define_gemm_names {
             $(self::gemm_entry_name!(kn, $suffix),)*
             $(self::gemm_entry_name!(nk_mx, $suffix),)*
             $(self::gemm_entry_name!(kn_mx, $suffix),)*
+            $(self::gemm_entry_name!(nk_nv, $suffix),)*
+            $(self::gemm_entry_name!(kn_nv, $suffix),)*
             LORA_DOWN[0],
             LORA_DOWN[1],
             LORA_DOWN[2],
@@ -106,6 +115,10 @@ macro_rules! define_gemm_names {
 gemm_configs!(define_gemm_names);
 
 /// Rows of `tiles::GEMM_CONFIGS` built on `wgmma` (Hopper module only).
+/// Grouped-GEMM entry points per `tiles::gemm_configs!` row: one per weight layout (`nk`,
+/// `kn`, `nk_mx`, `kn_mx`, `nk_nv`, `kn_nv`).
+pub const GEMM_LAYOUTS: usize = 6;
+
 const WGMMA_ROWS: usize = {
     let mut n = 0;
     let mut i = 0;
@@ -128,6 +141,8 @@ const fn is_wgmma_entry(name: &str) -> bool {
                 || bytes_eq(n, GEMM_KN[i].as_bytes())
                 || bytes_eq(n, GEMM_NK_MX[i].as_bytes())
                 || bytes_eq(n, GEMM_KN_MX[i].as_bytes())
+                || bytes_eq(n, GEMM_NK_NV[i].as_bytes())
+                || bytes_eq(n, GEMM_KN_NV[i].as_bytes())
             {
                 return true;
             }
@@ -138,8 +153,8 @@ const fn is_wgmma_entry(name: &str) -> bool {
 }
 
 /// [`ALL`] without the `wgmma` rows' entries, in the same order.
-const fn portable_entries() -> [&'static str; ALL.len() - 4 * WGMMA_ROWS] {
-    let mut out = [""; ALL.len() - 4 * WGMMA_ROWS];
+const fn portable_entries() -> [&'static str; ALL.len() - GEMM_LAYOUTS * WGMMA_ROWS] {
+    let mut out = [""; ALL.len() - GEMM_LAYOUTS * WGMMA_ROWS];
     let mut j = 0;
     let mut i = 0;
     while i < ALL.len() {
@@ -149,11 +164,11 @@ const fn portable_entries() -> [&'static str; ALL.len() - 4 * WGMMA_ROWS] {
         }
         i += 1;
     }
-    assert!(j == out.len(), "every wgmma row has four entries in ALL");
+    assert!(j == out.len(), "every wgmma row has GEMM_LAYOUTS entries in ALL");
     out
 }
 
-const ALL_PORTABLE_ARRAY: [&str; ALL.len() - 4 * WGMMA_ROWS] = portable_entries();
+const ALL_PORTABLE_ARRAY: [&str; ALL.len() - GEMM_LAYOUTS * WGMMA_ROWS] = portable_entries();
 
 /// Every entry point of the portable (`sm_80`) module: [`ALL`] without the `wgmma` rows
 /// (`shared::module::PtxModule::Portable`). `cargo xtask ptx-report` checks that module's
@@ -226,6 +241,8 @@ mod tests {
             assert_eq!(GEMM_KN[i], format!("mxmoe_gemm_kn_{tag}"));
             assert_eq!(GEMM_NK_MX[i], format!("mxmoe_gemm_nk_mx_{tag}"));
             assert_eq!(GEMM_KN_MX[i], format!("mxmoe_gemm_kn_mx_{tag}"));
+            assert_eq!(GEMM_NK_NV[i], format!("mxmoe_gemm_nk_nv_{tag}"));
+            assert_eq!(GEMM_KN_NV[i], format!("mxmoe_gemm_kn_nv_{tag}"));
         }
         for (i, r) in RANK_PADS.iter().enumerate() {
             assert_eq!(LORA_DOWN[i], format!("mxmoe_lora_down_r{r}"));
@@ -239,9 +256,9 @@ mod tests {
     fn all_lists_every_gemm_entry_once_per_row_and_layout() {
         assert_eq!(
             ALL.len(),
-            14 + 4 * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
+            14 + GEMM_LAYOUTS * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
         );
-        for names in [GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX] {
+        for names in [GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX, GEMM_NK_NV, GEMM_KN_NV] {
             for name in names {
                 assert!(ALL.contains(&name), "{name} missing from ALL");
             }

@@ -1,5 +1,6 @@
-//! NVFP4 block-scale decoding, shared by the host's dequantizer (`mxmoe::nvfp4`) and the kernels
-//! that will decode NVFP4 tiles (issue #17).
+//! NVFP4 block-scale decoding, shared by the host's dequantizer (`mxmoe::nvfp4`), the
+//! dequantization kernel (Strategy A) and the fused K-loop decode of the grouped GEMMs
+//! (Strategy B, `tile::gemm` and `tile::wg`).
 //!
 //! NVFP4 keeps MXFP4's E2M1 codes and nibble order ([`super::mxfp4`]) but scales every
 //! [`NV_BLOCK`] values along K by an E4M3 (`float8_e4m3fn`) byte and, optionally, an f32 tensor
@@ -43,9 +44,128 @@ pub const fn block_factor(byte: u8, tensor_scale: f32) -> f32 {
     tensor_scale * e4m3_to_f32(byte)
 }
 
+/// `2^126` as an f32.
+pub const TWO_POW_126_F32: f32 = f32::from_bits(253 << 23);
+/// `2^120` as an f32.
+const TWO_POW_120_F32: f32 = f32::from_bits(247 << 23);
+
+/// [`e4m3_to_f32`] without branches on the exponent: the byte's exponent and mantissa fields
+/// placed at the top of an f32's (`(b & 0x7F) << 20`) are the E4M3 magnitude times 2^-120 for
+/// normal and subnormal bytes alike (an E4M3 subnormal lands on an f32 subnormal), so one exact
+/// product by 2^120 gives the value; `0x7F`/`0xFF` are NaN. Equal to [`e4m3_to_f32`] for every
+/// byte (host test below); the kernels' decode uses it (a few instructions per 16 values).
+#[inline(always)]
+pub const fn e4m3_to_f32_placed(b: u8) -> f32 {
+    let b = b as u32;
+    if b & 0x7F == 0x7F {
+        return f32::NAN;
+    }
+    let placed = f32::from_bits(((b & 0x7F) << 20) | ((b & 0x80) << 24));
+    placed * TWO_POW_120_F32
+}
+
+/// The f32 multipliers that turn placed E2M1 codes into one NVFP4 block's decoded values.
+///
+/// The kernels place a byte's two codes into bf16 bit fields scaled by 2^-126
+/// (`mxfp4::place_byte_scaled_down`; widened to f32 exactly by a shift). A value is then
+/// `bf16(rn_f32(x · 2^126 · f))` for the block factor `f` ([`block_factor`]): for `|f| < 4`
+/// the product by `f · 2^126` (finite and exact) has the same real value as `e2m1 · f`, so its
+/// one f32 rounding is the dequantizer's; otherwise two products, by 2^126 (exact) and then by
+/// `f`. NaN factors take the second route and stay NaN. Either way the bf16 result equals
+/// `bf16(e2m1(code) · f)` rounded as `dequantize` does, bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NvFold {
+    /// First multiplier.
+    pub first: f32,
+    /// Second multiplier, used only when `two_step`.
+    pub second: f32,
+    /// Whether the second product is needed.
+    pub two_step: bool,
+}
+
+/// [`NvFold`] of a block factor `f`.
+#[inline(always)]
+pub const fn nv_fold(f: f32) -> NvFold {
+    if f.abs() < 4.0 {
+        NvFold {
+            first: f * TWO_POW_126_F32,
+            second: 1.0,
+            two_step: false,
+        }
+    } else {
+        NvFold {
+            first: TWO_POW_126_F32,
+            second: f,
+            two_step: true,
+        }
+    }
+}
+
+/// The two placed values of a bf16x2 word (`mxfp4::place_byte_scaled_down`), widened to f32
+/// (even k first), times `fold`: the f32 values whose bf16 rounding is the decoded pair.
+#[inline(always)]
+pub const fn nv_scale_pair(placed: u32, fold: NvFold) -> (f32, f32) {
+    let lo = f32::from_bits(placed << 16) * fold.first;
+    let hi = f32::from_bits(placed & 0xFFFF_0000) * fold.first;
+    if fold.two_step {
+        (lo * fold.second, hi * fold.second)
+    } else {
+        (lo, hi)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::bf16::f32_to_bf16_bits;
+    use crate::shared::mxfp4::{e2m1_to_f32, place_byte_scaled_down};
+
+    #[test]
+    fn placed_e4m3_decode_equals_the_definition_for_every_byte() {
+        for b in 0u8..=255 {
+            let (want, got) = (e4m3_to_f32(b), e4m3_to_f32_placed(b));
+            if want.is_nan() {
+                assert!(got.is_nan(), "{b:#04x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{b:#04x}");
+            }
+        }
+    }
+
+    #[test]
+    fn folded_decode_equals_the_dequantizer_bit_for_bit() {
+        // Tensor scales: 1 (none), typical small ones, odd mantissas (inexact products), large
+        // (two-step route), subnormal, and the boundary at |f| = 4.
+        let tensor_scales = [
+            1.0f32,
+            1.0 / 2688.0,
+            3.7e-5,
+            0.123_456_79,
+            1.000_000_1,
+            3.999_999_8,
+            97.3,
+            1.0e30,
+            1.0e-40,
+        ];
+        for ts in tensor_scales {
+            for sb in 0u8..=255 {
+                let f = block_factor(sb, ts);
+                let fold = nv_fold(f);
+                for byte in 0u32..=255 {
+                    let (lo, hi) = nv_scale_pair(place_byte_scaled_down(byte), fold);
+                    for (code, got) in [(byte & 0xF, lo), (byte >> 4, hi)] {
+                        let want = f32_to_bf16_bits(e2m1_to_f32(code as u8) * f);
+                        let got = f32_to_bf16_bits(got);
+                        if want & 0x7FFF > 0x7F80 {
+                            assert!(got & 0x7FFF > 0x7F80, "ts {ts} scale {sb:#04x} byte {byte:#04x}");
+                        } else {
+                            assert_eq!(got, want, "ts {ts} scale {sb:#04x} byte {byte:#04x}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn e4m3_decodes_every_byte_as_the_format_defines() {

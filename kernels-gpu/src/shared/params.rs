@@ -124,11 +124,11 @@ pub struct GemmParams {
     pub a_addr: u64,
     /// Elements between consecutive rows of A.
     pub a_stride: u64,
-    /// bf16 per-expert matrix, or MXFP4 packed codes `[E, N, K/2]` (MXFP4 layouts).
+    /// bf16 per-expert matrix, or packed codes `[E, N, K/2]` (MXFP4 and NVFP4 layouts).
     pub b_addr: u64,
-    /// MXFP4 scale bytes `[E, N, K/32]` (MXFP4 layouts; 0 otherwise). For the MXFP4 layouts the
-    /// container's `K` is `k_red` (forward) or `n_out` (dX) and `N` the other; the b strides are
-    /// unused.
+    /// Block-scale bytes: MXFP4 E8M0 `[E, N, K/32]` or NVFP4 E4M3 `[E, N, K/16]` (0 for the bf16
+    /// layouts). For the 4-bit layouts the container's `K` is `k_red` (forward) or `n_out` (dX)
+    /// and `N` the other; the b strides are unused.
     pub scales_addr: u64,
     /// Elements between experts of B.
     pub b_stride_e: u64,
@@ -183,10 +183,19 @@ pub struct GemmParams {
     /// Valid rows of `B_e` along n (`n_out` for weights; the rank for the LoRA products, whose
     /// output is padded to `r_pad` zero columns).
     pub b_rows: u32,
+    /// NVFP4 layouts: f32 per-tensor scales `[E, N / ts_rows_per_group]` (container rows `n`
+    /// of expert `e` use `tensor_scales[e·(N / ts_rows_per_group) + n / ts_rows_per_group]`),
+    /// or 0 for none (the block factor is the E4M3 value alone). 0 for the other layouts.
+    pub tensor_scales_addr: u64,
+    /// NVFP4 layouts with tensor scales: container rows per tensor scale (≥ 1, dividing N).
+    pub ts_rows_per_group: u32,
+    /// Padding; must be 0.
+    pub _pad: u32,
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 192);
+    assert!(size_of::<GemmParams>() == 208);
+    assert!(offset_of!(GemmParams, tensor_scales_addr) == 192);
     assert!(offset_of!(GemmParams, bias_addr) == 128);
     assert!(offset_of!(GemmParams, lora_left_lo_addr) == 136);
     assert!(offset_of!(GemmParams, rows) == 152);

@@ -24,24 +24,58 @@ pub enum BLayout {
     /// MXFP4 `W_store[e]` with N the reduction (dX): raw bytes `[bk][bn/2]` and an 8-byte scale
     /// window per reduction row per stage, decoded into a bf16 `[bk][bn]` tile read by `ldmatrix.trans`.
     KnMxfp4,
+    /// NVFP4 `W_store[e]` with K the reduction (forward): packed bytes `[n][bk/2]` as
+    /// [`BLayout::NkMxfp4`], and a [`nv_scale_slot_bytes`] slot per row holding the aligned words
+    /// of the stage's E4M3 block-scale bytes (one per 16 k); the per-tensor scale of each row is
+    /// read once per block into registers. Decoded in registers.
+    NkNvfp4,
+    /// NVFP4 `W_store[e]` with N the reduction (dX): raw bytes `[bk][bn/2]` as
+    /// [`BLayout::KnMxfp4`], and a [`kn_nv_window_bytes`] window per reduction row (its f32
+    /// tensor scale, then the aligned words of its E4M3 bytes), decoded into a bf16 `[bk][bn]`
+    /// tile read by `ldmatrix.trans`.
+    KnNvfp4,
 }
 
 impl BLayout {
     /// The layout whose `as u8` value is `tag` (kernels carry the layout as a const `u8`);
-    /// anything unknown reads as `KnMxfp4`, the last variant.
+    /// anything unknown reads as `KnNvfp4`, the last variant.
     pub const fn from_tag(tag: u8) -> Self {
         match tag {
             t if t == BLayout::NkBf16 as u8 => BLayout::NkBf16,
             t if t == BLayout::KnBf16 as u8 => BLayout::KnBf16,
             t if t == BLayout::Strided as u8 => BLayout::Strided,
             t if t == BLayout::NkMxfp4 as u8 => BLayout::NkMxfp4,
-            _ => BLayout::KnMxfp4,
+            t if t == BLayout::KnMxfp4 as u8 => BLayout::KnMxfp4,
+            t if t == BLayout::NkNvfp4 as u8 => BLayout::NkNvfp4,
+            _ => BLayout::KnNvfp4,
         }
     }
 
     /// Whether the operand is MXFP4.
     pub const fn is_mx(self) -> bool {
         matches!(self, BLayout::NkMxfp4 | BLayout::KnMxfp4)
+    }
+
+    /// Whether the operand is NVFP4.
+    pub const fn is_nv(self) -> bool {
+        matches!(self, BLayout::NkNvfp4 | BLayout::KnNvfp4)
+    }
+
+    /// Whether the operand is 4-bit (MXFP4 or NVFP4): packed codes decoded in the kernel, whose
+    /// stages are one or two 32-k blocks deep (`bk` 32 or 64).
+    pub const fn is_fp4(self) -> bool {
+        self.is_mx() || self.is_nv()
+    }
+
+    /// Whether the weights' K is the reduction (the forward layouts, `[n][k]`), whose epilogue
+    /// reads the LoRA left factor's low part.
+    pub const fn is_forward(self) -> bool {
+        matches!(self, BLayout::NkBf16 | BLayout::NkMxfp4 | BLayout::NkNvfp4)
+    }
+
+    /// Whether dX decodes this layout into a shared bf16 tile (`KnMxfp4`, `KnNvfp4`).
+    pub const fn has_decoded_tile(self) -> bool {
+        matches!(self, BLayout::KnMxfp4 | BLayout::KnNvfp4)
     }
 }
 
@@ -186,6 +220,18 @@ pub const fn mx_scale_slot_bytes(bk: u32) -> u32 {
     4 * (3 + bk / 32).div_ceil(4)
 }
 
+/// Bytes of the forward NVFP4 layout's per-row scale slot: the aligned 4-byte words holding the
+/// `bk/16` E4M3 bytes of one stage (they may start at any byte of a word).
+pub const fn nv_scale_slot_bytes(bk: u32) -> u32 {
+    4 * (3 + bk / 16).div_ceil(4)
+}
+
+/// Bytes of the dX NVFP4 layout's per-reduction-row window: the row's f32 tensor scale (4
+/// bytes), then the aligned words holding its `bn/16` E4M3 bytes.
+pub const fn kn_nv_window_bytes(bn: u32) -> u32 {
+    4 + 4 * (3 + bn / 16).div_ceil(4)
+}
+
 /// Byte offsets of the regions of a grouped-GEMM block's dynamic shared memory.
 ///
 /// Main loop: `stages × (A tile + B tile)`. Epilogue (after the main loop, reusing the same
@@ -202,7 +248,7 @@ pub struct SmemPlan {
     /// while the main loop runs.
     pub lora_left_offset: u32,
     /// Offset of the left factor's low part (`GemmParams::lora_left_lo_addr`), right after the
-    /// left factor; reserved for the forward layouts (`NkBf16`, `NkMxfp4`) only, whose epilogue
+    /// left factor; reserved for the forward layouts (`NkBf16`, `NkMxfp4`, `NkNvfp4`) only, whose epilogue
     /// reads XA as two bf16 terms (0 for the others).
     pub lora_left_lo_offset: u32,
     /// Offset of the epilogue's right LoRA factor (right after the left factor and, for the
@@ -213,9 +259,9 @@ pub struct SmemPlan {
     pub epilogue_bytes: u32,
     /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
     pub rows_offset: u32,
-    /// Offset of the scale bytes inside one B stage (MXFP4 layouts).
+    /// Offset of the scale bytes inside one B stage (MXFP4 and NVFP4 layouts).
     pub b_scales_in_stage: u32,
-    /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`; 0 otherwise).
+    /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`, `KnNvfp4`; 0 otherwise).
     pub decoded_offset: u32,
     /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
     /// bytes each (0 for `mma.sync` configurations).
@@ -244,14 +290,25 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
             let packed = c.bk * c.bn / 2;
             ((packed + 8 * c.bk).div_ceil(128) * 128, packed)
         }
+        BLayout::NkNvfp4 => {
+            let packed = c.bn * c.bk / 2;
+            (
+                (packed + nv_scale_slot_bytes(c.bk) * c.bn).div_ceil(128) * 128,
+                packed,
+            )
+        }
+        BLayout::KnNvfp4 => {
+            let packed = c.bk * c.bn / 2;
+            (
+                (packed + kn_nv_window_bytes(c.bn) * c.bk).div_ceil(128) * 128,
+                packed,
+            )
+        }
     };
     let main = c.stages * (a_stage_bytes + b_stage_bytes);
     let left = c.bm * r_pad * 2;
     // The forward layouts' left factor (XA) comes in two bf16 terms (high and low part).
-    let left_lo = match b {
-        BLayout::NkBf16 | BLayout::NkMxfp4 => left,
-        BLayout::KnBf16 | BLayout::KnMxfp4 | BLayout::Strided => 0,
-    };
+    let left_lo = if b.is_forward() { left } else { 0 };
     let right = c.bn * r_pad * 2;
     // The LoRA factors have a region of their own (copied while the main loop runs); only the
     // `wgmma` output tile reuses the stages.
@@ -262,15 +319,14 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         epilogue_bytes
     };
     let mut next = reused.div_ceil(128) * 128;
-    let decoded_offset = match b {
-        BLayout::KnMxfp4 => {
-            let decoded = next;
-            // `wgmma` consumers alternate two decoded tiles (one warpgroup may decode the next
-            // stage while the other still reads this one).
-            next = decoded + c.bk * c.bn * 2 * if c.wgmma { 2 } else { 1 };
-            decoded
-        }
-        _ => 0,
+    let decoded_offset = if b.has_decoded_tile() {
+        let decoded = next;
+        // `wgmma` consumers alternate two decoded tiles (one warpgroup may decode the next
+        // stage while the other still reads this one).
+        next = decoded + c.bk * c.bn * 2 * if c.wgmma { 2 } else { 1 };
+        decoded
+    } else {
+        0
     };
     let lora_left_offset = next;
     next = (next + left + left_lo + right).div_ceil(128) * 128;
@@ -589,6 +645,8 @@ mod tests {
                 BLayout::KnBf16,
                 BLayout::NkMxfp4,
                 BLayout::KnMxfp4,
+                BLayout::NkNvfp4,
+                BLayout::KnNvfp4,
             ] {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
@@ -607,7 +665,7 @@ mod tests {
                             c.stages * (p.a_stage_bytes + p.b_stage_bytes)
                         };
                     assert!(p.rows_offset >= reused);
-                    if b == BLayout::KnMxfp4 {
+                    if b.has_decoded_tile() {
                         let tiles = if c.wgmma { 2 } else { 1 };
                         assert!(
                             p.decoded_offset >= reused
@@ -621,8 +679,22 @@ mod tests {
                                 && p.total_bytes == p.barriers_offset + 16 * c.stages
                         );
                     }
-                    if b.is_mx() {
+                    if b.is_fp4() {
                         assert!(c.bk == 32 || c.bk == 64);
+                        // The scale bytes (and, for dX over NVFP4, the 4-byte tensor scales)
+                        // fit between the packed bytes and the end of the stage.
+                        let packed = c.bn * c.bk / 2;
+                        let scales = match b {
+                            BLayout::NkMxfp4 => mx_scale_slot_bytes(c.bk) * c.bn,
+                            BLayout::KnMxfp4 => 8 * c.bk,
+                            BLayout::NkNvfp4 => nv_scale_slot_bytes(c.bk) * c.bn,
+                            _ => kn_nv_window_bytes(c.bn) * c.bk,
+                        };
+                        assert!(
+                            p.b_scales_in_stage == packed
+                                && packed + scales <= p.b_stage_bytes
+                                && p.b_stage_bytes.is_multiple_of(128)
+                        );
                     }
                 }
             }
@@ -710,9 +782,14 @@ mod tests {
             BLayout::Strided,
             BLayout::NkMxfp4,
             BLayout::KnMxfp4,
+            BLayout::NkNvfp4,
+            BLayout::KnNvfp4,
         ] {
             assert_eq!(BLayout::from_tag(b as u8), b);
         }
+        assert_eq!(nv_scale_slot_bytes(32), 8);
+        assert_eq!(nv_scale_slot_bytes(64), 8);
+        assert_eq!(kn_nv_window_bytes(128), 16);
     }
 
     #[test]

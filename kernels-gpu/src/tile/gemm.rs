@@ -21,9 +21,11 @@ use crate::ptx::smem::{
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::mxfp4::{ScaleFold, place_byte_scaled_down, scale_fold};
+use crate::shared::nvfp4::{NvFold, e4m3_to_f32_placed, nv_fold, nv_scale_pair};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, mx_scale_slot_bytes, smem_plan, swizzled_offset,
+    BLayout, SmemPlan, TileConfig, kn_nv_window_bytes, mx_scale_slot_bytes, nv_scale_slot_bytes,
+    smem_plan, swizzled_offset,
 };
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -193,6 +195,104 @@ pub(crate) unsafe fn stage_scales_kn_mx_row(
     };
 }
 
+/// Stages the scale word(s) of weight row `n0 + n` of a forward NVFP4 k-tile starting at
+/// reduction index `k_base` into row `n`'s [`nv_scale_slot_bytes`] slot of stage `b_tile`: the
+/// aligned words holding E4M3 bytes `(e, n0 + n, k_base/16 ..+ BK/16)` of the `total`-byte
+/// scales (`blocks16 = k_red/16` per weight row). The row's tensor scale is not staged (the
+/// forward reads it once per block, `nv_row_tensor_scale`).
+///
+/// # Safety
+/// `n < BN` of a forward NVFP4 stage of the plan; the scale buffer holds `total` bytes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stage_scales_nk_nv_row<const BK: u32>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    b_tile: SharedAddr,
+    e: u64,
+    n0: u32,
+    n: u32,
+    k_base: u32,
+    blocks16: u64,
+    total: u64,
+) {
+    let slot = nv_scale_slot_bytes(BK);
+    let ok = n0 + n < p.n_out && k_base < p.k_red;
+    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks16 + (k_base / 16) as u64;
+    // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total` bytes.
+    unsafe {
+        stage_scale_words(
+            b_tile.offset(plan.b_scales_in_stage + slot * n),
+            p.scales_addr,
+            g,
+            total,
+            slot / 4,
+            ok,
+        )
+    };
+}
+
+/// Stages the [`kn_nv_window_bytes`] window of reduction row `k_base + r` of a dX NVFP4 k-tile
+/// into row `r`'s window of stage `b_tile`: the container row's f32 tensor scale (when the
+/// weights have them; 4 bytes, zero past K), then the aligned words holding its E4M3 bytes
+/// `(e, k_base + r, n0/16 ..+ BN/16)` of the `total`-byte scales (`blocks16 = n_out/16` per
+/// container row).
+///
+/// # Safety
+/// `r < BK` of a dX NVFP4 stage of the plan; the scale buffer holds `total` bytes and the
+/// tensor scales (when `tensor_scales_addr != 0`) `E·k_red/ts_rows_per_group` f32.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stage_scales_kn_nv_row<const BN: u32>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    b_tile: SharedAddr,
+    e: u64,
+    n0: u32,
+    r: u32,
+    k_base: u32,
+    blocks16: u64,
+    total: u64,
+) {
+    let window = kn_nv_window_bytes(BN);
+    let row = k_base + r;
+    let ok = row < p.k_red;
+    let dst = b_tile.offset(plan.b_scales_in_stage + window * r);
+    if p.tensor_scales_addr != 0 {
+        let rpg = p.ts_rows_per_group.max(1);
+        let groups = (p.k_red / rpg) as u64;
+        let src = p.tensor_scales_addr + 4 * (e * groups + (row / rpg) as u64);
+        // SAFETY: the window's first word; read only for a row inside the container
+        // (`row / rpg < groups`).
+        unsafe {
+            cp_async_ca_shared_global_4(
+                dst,
+                if ok { src } else { p.tensor_scales_addr },
+                if ok { 4 } else { 0 },
+            )
+        };
+    }
+    let g = (e * p.k_red as u64 + row as u64) * blocks16 + (n0 / 16) as u64;
+    // SAFETY: the window's scale words lie inside the stage; the buffer holds `total` bytes.
+    unsafe { stage_scale_words(dst.offset(4), p.scales_addr, g, total, window / 4 - 1, ok) };
+}
+
+/// The tensor scale of container row `row` of expert `e` (`GemmParams::tensor_scales_addr`),
+/// or 1.0 without tensor scales or past the container's `rows`.
+///
+/// # Safety
+/// `e < num_experts`; the tensor scales (when given) hold `E·rows/ts_rows_per_group` f32.
+#[inline(always)]
+pub(crate) unsafe fn nv_row_tensor_scale(p: &GemmParams, e: u64, row: u32, rows: u32) -> f32 {
+    if p.tensor_scales_addr == 0 || row >= rows {
+        return 1.0;
+    }
+    let rpg = p.ts_rows_per_group.max(1);
+    let groups = (rows / rpg) as u64;
+    // SAFETY: `row / rpg < groups` for `row < rows` (contract: rpg divides rows).
+    unsafe { load::<f32>(p.tensor_scales_addr + 4 * (e * groups + (row / rpg) as u64)) }
+}
+
 /// Stages k-slice `kt` of both operands into pipeline stage `stage`, all as `cp.async` except
 /// the strided layout's element gather (stored directly). The activation tile is swizzled
 /// (`tiles::swizzled_offset`): read by `ldmatrix`, and with 64-element rows it is also the
@@ -277,10 +377,10 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
             unsafe { st_shared_u16(b_tile.offset(swizzled_offset(n, d, BK)), v) };
             c += threads;
         }
-    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
-        // Forward over MXFP4: container N = n_out rows, K = k_red; packed rows of K/2 bytes.
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::NkNvfp4 as u8 {
+        // Forward over MXFP4 or NVFP4: container N = n_out rows, K = k_red; packed rows of K/2
+        // bytes (the same packed layout for both formats).
         let half_k = p.k_red as u64 / 2;
-        let blocks_k = p.k_red as u64 / 32;
         let packed_e = p.b_addr + e * p.n_out as u64 * half_k;
         // Packed: [BN][BK/2] bytes, one 16-byte chunk per 32 k per row.
         // SAFETY: destination inside the stage; source read only when valid (K % 32 == 0, so a
@@ -293,32 +393,40 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
                 (b_tile.offset(n * (BK / 2) + 16 * ch), ok, src)
             })
         };
-        // Scales: the aligned word(s) holding bytes (e, n0 + n, kt·BK/32 ..+ BK/32) of each row.
+        // Scales: the aligned word(s) holding the stage's scale bytes of each row (E8M0 bytes
+        // (e, n0 + n, kt·BK/32 ..+ BK/32), or E4M3 bytes (e, n0 + n, kt·BK/16 ..+ BK/16)).
+        let nv = LAYOUT == BLayout::NkNvfp4 as u8;
+        let blocks_k = p.k_red as u64 / if nv { 16 } else { 32 };
         let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
         let mut n = tid;
         while n < BN {
             // SAFETY: row `n < BN` of the stage.
             unsafe {
-                stage_scales_nk_mx_row::<BK>(
-                    p,
-                    plan,
-                    b_tile,
-                    e,
-                    n0,
-                    n,
-                    k_base,
-                    k_base / 32,
-                    blocks_k,
-                    total,
-                )
+                if nv {
+                    stage_scales_nk_nv_row::<BK>(
+                        p, plan, b_tile, e, n0, n, k_base, blocks_k, total,
+                    )
+                } else {
+                    stage_scales_nk_mx_row::<BK>(
+                        p,
+                        plan,
+                        b_tile,
+                        e,
+                        n0,
+                        n,
+                        k_base,
+                        k_base / 32,
+                        blocks_k,
+                        total,
+                    )
+                }
             };
             n += threads;
         }
     } else {
-        // dX over MXFP4: reduction over the container's N = k_red rows, output over its
-        // K = n_out; raw rows of BN/2 bytes (the k range n0..n0+BN) per reduction index.
+        // dX over MXFP4 or NVFP4: reduction over the container's N = k_red rows, output over
+        // its K = n_out; raw rows of BN/2 bytes (the k range n0..n0+BN) per reduction index.
         let half_k = p.n_out as u64 / 2;
-        let blocks_k = p.n_out as u64 / 32;
         let packed_e = p.b_addr + e * p.k_red as u64 * half_k;
         // SAFETY: as for the forward layout (BN/32 16-byte chunks per raw row).
         unsafe {
@@ -329,12 +437,21 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
                 (b_tile.offset(r * (BN / 2) + 16 * ch), ok, src)
             })
         };
-        // Scales: the 8-byte window holding bytes (e, kt·BK + r, n0/32 ..+ BN/32) per row.
+        // Scales: the window holding bytes (e, kt·BK + r, n0/32 ..+ BN/32) (MXFP4: 8 bytes) or
+        // the tensor scale and bytes (e, kt·BK + r, n0/16 ..+ BN/16) (NVFP4) per row.
+        let nv = LAYOUT == BLayout::KnNvfp4 as u8;
+        let blocks_k = p.n_out as u64 / if nv { 16 } else { 32 };
         let total = p.num_experts as u64 * p.k_red as u64 * blocks_k;
         let mut r = tid;
         while r < BK {
             // SAFETY: row `r < BK` of the stage.
-            unsafe { stage_scales_kn_mx_row(p, plan, b_tile, e, n0, r, k_base, blocks_k, total) };
+            unsafe {
+                if nv {
+                    stage_scales_kn_nv_row::<BN>(p, plan, b_tile, e, n0, r, k_base, blocks_k, total)
+                } else {
+                    stage_scales_kn_mx_row(p, plan, b_tile, e, n0, r, k_base, blocks_k, total)
+                }
+            };
             r += threads;
         }
     }
@@ -544,12 +661,8 @@ pub unsafe fn gemm<
         };
         assert!(c.validate().is_ok());
         assert!(c.mma_m() as usize == MI && c.mma_n() as usize == NI && NI % 2 == 0);
-        // MXFP4 stages: one or two 32-k blocks per stage.
-        assert!(
-            !(LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::KnMxfp4 as u8)
-                || BK == 32
-                || BK == 64
-        );
+        // 4-bit stages: one or two 32-k blocks per stage.
+        assert!(!BLayout::from_tag(LAYOUT).is_fp4() || BK == 32 || BK == 64);
         c
     };
     let layout = BLayout::from_tag(LAYOUT);
@@ -582,6 +695,16 @@ pub unsafe fn gemm<
 
     let lora_right = lora_right_layout(p);
     if !dropped {
+        // Forward over NVFP4: the tensor scale of each weight row this lane decodes (row
+        // `warp_n0 + 8·ni + lane/4` of the block tile), read once.
+        let mut ts_rows = [1f32; NI];
+        if LAYOUT == BLayout::NkNvfp4 as u8 {
+            for (ni, ts) in ts_rows.iter_mut().enumerate() {
+                let row = n0 + warp_n0 + 8 * ni as u32 + laneid() / 4;
+                // SAFETY: `e < num_experts` (not dropped); rows past N read nothing.
+                *ts = unsafe { nv_row_tensor_scale(p, e, row, p.n_out) };
+            }
+        }
         if p.rank > 0 {
             // SAFETY: all threads; the LoRA region is the plan's own, and the copies join the
             // first stage's group, all waited for before the epilogue's barrier.
@@ -635,7 +758,27 @@ pub unsafe fn gemm<
             let stage = kt % STAGES;
             let a_tile = smem.offset(stage * plan.a_stage_bytes);
             let b_tile = smem.offset(plan.b_offset + stage * plan.b_stage_bytes);
-            if LAYOUT == BLayout::NkMxfp4 as u8 {
+            if LAYOUT == BLayout::NkNvfp4 as u8 {
+                let blocks16 = p.k_red / 16;
+                let g0 = nk_nv_stage_g0::<BK>(p, e, n0, kt, blocks16);
+                // 16-k blocks of this stage inside K.
+                let valid16 = (p.k_red - kt * BK).div_ceil(16).min(BK / 16);
+                // SAFETY: warp converged (uniform branch); the stage is in place.
+                unsafe {
+                    mma_stage_nk_nv::<BK, MI, NI>(
+                        a_tile,
+                        b_tile,
+                        plan.b_scales_in_stage,
+                        g0,
+                        blocks16,
+                        valid16,
+                        warp_m0,
+                        warp_n0,
+                        &ts_rows,
+                        &mut acc,
+                    )
+                };
+            } else if LAYOUT == BLayout::NkMxfp4 as u8 {
                 let blocks_k = p.k_red / 32;
                 // Low two bits of the global scale index of row 0 of this tile.
                 let g0 = nk_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
@@ -657,7 +800,28 @@ pub unsafe fn gemm<
                     )
                 };
             } else {
-                let b_tile = if LAYOUT == BLayout::KnMxfp4 as u8 {
+                let b_tile = if LAYOUT == BLayout::KnNvfp4 as u8 {
+                    let decoded = smem.offset(plan.decoded_offset);
+                    // SAFETY: as for MXFP4 below.
+                    unsafe {
+                        let blocks16 = p.n_out / 16;
+                        let g0 = kn_nv_stage_g0::<BK>(p, e, n0, kt, blocks16);
+                        decode_stage_kn_nv::<BN, BK>(
+                            b_tile,
+                            decoded,
+                            plan.b_scales_in_stage,
+                            g0,
+                            blocks16,
+                            p.tensor_scales_addr != 0,
+                            0,
+                            BN / 16,
+                            tid,
+                            threads,
+                        );
+                        bar_sync_0();
+                    }
+                    decoded
+                } else if LAYOUT == BLayout::KnMxfp4 as u8 {
                     let decoded = smem.offset(plan.decoded_offset);
                     // SAFETY: all threads: decode the raw stage (visible since the barrier above;
                     // the decoded tile was last read before that barrier), then make it visible.
@@ -681,7 +845,7 @@ pub unsafe fn gemm<
                 } else {
                     b_tile
                 };
-                let kn = LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8;
+                let kn = LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile();
                 // SAFETY: warp converged; stage tiles in place.
                 unsafe {
                     mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc)
@@ -1005,6 +1169,187 @@ pub(crate) fn kn_mx_stage_g0<const BK: u32>(
     ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
         .wrapping_mul(blocks_k)
         .wrapping_add(n0 / 32)
+}
+
+/// The low bits of the global E4M3 index of weight row `n0` of forward NVFP4 k-tile `kt` at its
+/// first 16-k block (`blocks16 = k_red/16` per weight row; wrapping u32 arithmetic keeps them
+/// exact).
+#[inline(always)]
+pub(crate) fn nk_nv_stage_g0<const BK: u32>(
+    p: &GemmParams,
+    e: u64,
+    n0: u32,
+    kt: u32,
+    blocks16: u32,
+) -> u32 {
+    ((e as u32).wrapping_mul(p.n_out).wrapping_add(n0))
+        .wrapping_mul(blocks16)
+        .wrapping_add(kt * (BK / 16))
+}
+
+/// The low bits of the global E4M3 index of reduction row `kt·BK` of dX NVFP4 k-tile `kt` at
+/// output column `n0` (`blocks16 = n_out/16` per container row).
+#[inline(always)]
+pub(crate) fn kn_nv_stage_g0<const BK: u32>(
+    p: &GemmParams,
+    e: u64,
+    n0: u32,
+    kt: u32,
+    blocks16: u32,
+) -> u32 {
+    ((e as u32).wrapping_mul(p.k_red).wrapping_add(kt * BK))
+        .wrapping_mul(blocks16)
+        .wrapping_add(n0 / 16)
+}
+
+/// The [`NvFold`] of an NVFP4 block: E4M3 byte `sc` times the row's tensor scale `ts` (the
+/// block factor of `shared::nvfp4::block_factor`, the same f32 product).
+#[inline(always)]
+pub(crate) fn nv_block_fold(sc: u32, ts: f32) -> NvFold {
+    nv_fold(ts * e4m3_to_f32_placed(sc as u8))
+}
+
+/// Decodes packed byte `byte_idx` (0..4) of `word` of an NVFP4 block into one bf16x2 register
+/// (even k in the low half): the codes placed as for MXFP4 (`e2m1 · 2^-126`, exact), widened to
+/// f32, multiplied by the block's fold (`shared::nvfp4::nv_scale_pair`) and rounded once by
+/// `cvt.rn` — bit for bit the dequantizer's `bf16(e2m1 · f)`.
+#[inline(always)]
+pub(crate) fn decode_byte_nv(word: u32, byte_idx: u32, fold: NvFold) -> u32 {
+    let (lo, hi) = nv_scale_pair(place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx)), fold);
+    cvt_rn_bf16x2_f32(lo, hi)
+}
+
+/// One stage of MMAs with B decoded from NVFP4 bytes straight into fragments (forward): the
+/// MXFP4 path's fragment mapping ([`mma_stage_nk_mx`]), with one E4M3 byte per 16-k half (a
+/// whole NVFP4 block) read from the row's [`nv_scale_slot_bytes`] slot at `(g0 +
+/// row·blocks16) % 4 + block`, times the row's tensor scale `ts[ni]`.
+///
+/// # Safety
+/// Warp converged; the stage is in place and visible.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn mma_stage_nk_nv<const BK: u32, const MI: usize, const NI: usize>(
+    a_tile: SharedAddr,
+    b_tile: SharedAddr,
+    scales_in_stage: u32,
+    g0: u32,
+    blocks16: u32,
+    valid16: u32,
+    warp_m0: u32,
+    warp_n0: u32,
+    ts: &[f32; NI],
+    acc: &mut [[[f32; 4]; NI]; MI],
+) {
+    let lane = laneid();
+    let g = lane / 4;
+    let t = lane % 4;
+    let slot = nv_scale_slot_bytes(BK);
+    for q in 0..BK / 32 {
+        let mut a_fr = [[[0u32; 4]; MI]; 2];
+        for (h, a_h) in a_fr.iter_mut().enumerate() {
+            for (mi, a) in a_h.iter_mut().enumerate() {
+                // SAFETY: warp converged; inside the stage.
+                *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, 32 * q + 16 * h as u32, BK) };
+            }
+        }
+        for ni in 0..NI {
+            let row = warp_n0 + 8 * ni as u32 + g;
+            let first = g0.wrapping_add(row.wrapping_mul(blocks16)) & 3;
+            // SAFETY: `row < BN`: its packed bytes are inside the stage.
+            let w = unsafe { ld_shared_v4_u32(b_tile.offset(row * (BK / 2) + 16 * q)) };
+            for h in 0..2u32 {
+                let block = 2 * q + h;
+                // SAFETY: the row's slot holds `first + BK/16` bytes.
+                let sc = unsafe {
+                    ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + first + block))
+                };
+                // A block past K has zero codes but its slot byte belongs to another row: use
+                // 1.0 so a NaN there cannot leak into the sum.
+                let fold = if block < valid16 {
+                    nv_block_fold(sc, ts[ni])
+                } else {
+                    nv_fold(1.0)
+                };
+                let b = [
+                    decode_byte_nv(w[2 * h as usize], t, fold),
+                    decode_byte_nv(w[2 * h as usize + 1], t, fold),
+                ];
+                for mi in 0..MI {
+                    acc[mi][ni] = mma(a_fr[h as usize][mi], b, acc[mi][ni]);
+                }
+            }
+        }
+    }
+}
+
+/// Decodes a raw dX NVFP4 stage (`[BK][BN/2]` packed bytes and a [`kn_nv_window_bytes`] window
+/// per row: its tensor scale, then its E4M3 words with the first needed byte at `(g0 +
+/// r·blocks16) % 4`) into the bf16 tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each
+/// item is 8 packed bytes: one NVFP4 block (16 consecutive k of one reduction row). Without
+/// tensor scales (`has_ts` false) the factor is the E4M3 value.
+///
+/// Only the items (16-column groups) `c_first .. c_first + c_count` of every row are decoded;
+/// `tid` is this thread's index among the `threads` decoding threads.
+///
+/// # Safety
+/// All `threads` decoding threads; the raw stage is visible and those columns of the decoded
+/// tile are not being read.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn decode_stage_kn_nv<const BN: u32, const BK: u32>(
+    raw: SharedAddr,
+    decoded: SharedAddr,
+    scales_in_stage: u32,
+    g0: u32,
+    blocks16: u32,
+    has_ts: bool,
+    c_first: u32,
+    c_count: u32,
+    tid: u32,
+    threads: u32,
+) {
+    let window = kn_nv_window_bytes(BN);
+    let mut i = tid;
+    while i < BK * c_count {
+        let r = i / c_count;
+        let c = c_first + i % c_count;
+        // SAFETY: inside the raw stage: row r has BN/2 bytes, item c covers bytes 8c..8c+8; row
+        // r's window (tensor scale, then E4M3 words) follows the packed bytes.
+        let (w0, w1, sc, ts) = unsafe {
+            let base = raw.offset(r * (BN / 2) + 8 * c);
+            let win = raw.offset(scales_in_stage + window * r);
+            let first = g0.wrapping_add(r.wrapping_mul(blocks16)) & 3;
+            (
+                ld_shared_u32(base),
+                ld_shared_u32(base.offset(4)),
+                ld_shared_u8(win.offset(4 + first + c)),
+                if has_ts {
+                    f32::from_bits(ld_shared_u32(win))
+                } else {
+                    1.0
+                },
+            )
+        };
+        let fold = nv_block_fold(sc, ts);
+        let lo = [
+            decode_byte_nv(w0, 0, fold),
+            decode_byte_nv(w0, 1, fold),
+            decode_byte_nv(w0, 2, fold),
+            decode_byte_nv(w0, 3, fold),
+        ];
+        let hi = [
+            decode_byte_nv(w1, 0, fold),
+            decode_byte_nv(w1, 1, fold),
+            decode_byte_nv(w1, 2, fold),
+            decode_byte_nv(w1, 3, fold),
+        ];
+        // SAFETY: two 16-byte chunks of row r of the decoded tile.
+        unsafe {
+            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);
+            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c + 8, BN)), hi);
+        }
+        i += threads;
+    }
 }
 
 /// Decodes packed byte `byte_idx` (0..4) of `word` into one B fragment register (even k in the

@@ -17,8 +17,8 @@
 //! `cp.async.mbarrier.arrive.noinc` on the slot's "full" mbarrier, so no block-wide barrier
 //! stops the main loop. A consumer waits "full", fences the copies into the async proxy, builds
 //! its A fragments for the tile's `BK/16` k-steps (`ldmatrix` for bf16 weights, register decode
-//! for the forward MXFP4 layout, a decoded shared tile read by `ldmatrix.trans` for dX over
-//! MXFP4), issues one wgmma group, and once the previous group has retired (`wait_group 1`)
+//! for the forward MXFP4 and NVFP4 layouts, a decoded shared tile read by `ldmatrix.trans` for dX
+//! over MXFP4 and NVFP4), issues one wgmma group, and once the previous group has retired (`wait_group 1`)
 //! arrives on that group's "empty" barrier.
 //!
 //! Epilogue: the LoRA term with `mma.sync` (the `wgmma` accumulator layout per warp is the
@@ -45,15 +45,18 @@ use crate::ptx::wgmma::{
 };
 use crate::shared::mxfp4::scale_fold;
 use crate::shared::params::GemmParams;
+use crate::shared::nvfp4::nv_fold;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, smem_plan,
-    swizzled_offset, wgmma_desc_sw128,
+    BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, nv_scale_slot_bytes,
+    smem_plan, swizzled_offset, wgmma_desc_sw128,
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_stage_kn_mx, kn_mx_stage_g0,
-    left_lo_used, lora_right_layout, nk_mx_stage_g0, stage_lora_async, stage_lora_factors,
-    stage_row_indices, stage_scales_kn_mx_row, stage_scales_nk_mx_row,
+    LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_byte_nv, decode_stage_kn_mx,
+    decode_stage_kn_nv, kn_mx_stage_g0, kn_nv_stage_g0, left_lo_used, lora_right_layout,
+    nk_mx_stage_g0, nk_nv_stage_g0, nv_block_fold, nv_row_tensor_scale, stage_lora_async,
+    stage_lora_factors, stage_row_indices, stage_scales_kn_mx_row, stage_scales_kn_nv_row,
+    stage_scales_nk_mx_row, stage_scales_nk_nv_row,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
@@ -135,6 +138,66 @@ unsafe fn frags_nk_mx<const BK: u32>(
                 decode_byte(w_hi[2 * h], t, f_hi),
                 decode_byte(w_lo[2 * h + 1], t, f_lo),
                 decode_byte(w_hi[2 * h + 1], t, f_hi),
+            ];
+        }
+    }
+}
+
+/// This warp's A fragments for one stage of the forward NVFP4 layout: the packed bytes as in
+/// [`frags_nk_mx`], one E4M3 byte per column and 16-k half (a whole NVFP4 block) from the
+/// column's `nv_scale_slot_bytes` slot at `(g0 + col·blocks16) % 4 + block`, times the column's
+/// tensor scale (`ts_lo`, `ts_hi`).
+///
+/// # Safety
+/// Warp converged; the stage is in place and visible.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn frags_nk_nv<const BK: u32>(
+    b_tile: SharedAddr,
+    scales_in_stage: u32,
+    g0: u32,
+    blocks16: u32,
+    valid16: u32,
+    warp_n0: u32,
+    (ts_lo, ts_hi): (f32, f32),
+    frags: &mut [[u32; 4]; 4],
+) {
+    let lane = laneid();
+    let g = lane / 4;
+    let t = lane % 4;
+    let slot = nv_scale_slot_bytes(BK);
+    let lo = warp_n0 + g;
+    let hi = lo + 8;
+    let first_lo = g0.wrapping_add(lo.wrapping_mul(blocks16)) & 3;
+    let first_hi = g0.wrapping_add(hi.wrapping_mul(blocks16)) & 3;
+    for q in 0..(BK / 32) as usize {
+        // SAFETY: columns `lo`, `hi` < BN: their packed bytes are in the stage.
+        let (w_lo, w_hi) = unsafe {
+            (
+                ld_shared_v4_u32(b_tile.offset(lo * (BK / 2) + 16 * q as u32)),
+                ld_shared_v4_u32(b_tile.offset(hi * (BK / 2) + 16 * q as u32)),
+            )
+        };
+        for h in 0..2 {
+            let block = (2 * q + h) as u32;
+            // SAFETY: each column's slot holds `first + BK/16` bytes.
+            let (s_lo, s_hi) = unsafe {
+                (
+                    ld_shared_u8(b_tile.offset(scales_in_stage + slot * lo + first_lo + block)),
+                    ld_shared_u8(b_tile.offset(scales_in_stage + slot * hi + first_hi + block)),
+                )
+            };
+            // A block past K has zero codes but its slot byte belongs to another column: 1.0.
+            let (f_lo, f_hi) = if block < valid16 {
+                (nv_block_fold(s_lo, ts_lo), nv_block_fold(s_hi, ts_hi))
+            } else {
+                (nv_fold(1.0), nv_fold(1.0))
+            };
+            frags[2 * q + h] = [
+                decode_byte_nv(w_lo[2 * h], t, f_lo),
+                decode_byte_nv(w_hi[2 * h], t, f_hi),
+                decode_byte_nv(w_lo[2 * h + 1], t, f_lo),
+                decode_byte_nv(w_hi[2 * h + 1], t, f_hi),
             ];
         }
     }
@@ -302,8 +365,9 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
             }
         }
         w
-    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
-        // Packed [BN][BK/2]: rows n = tid/2 + 64i, 16-byte chunk tid % 2 (one 32-k block).
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::NkNvfp4 as u8 {
+        // Packed [BN][BK/2] (MXFP4 and NVFP4 alike): rows n = tid/2 + 64i, 16-byte chunk
+        // tid % 2 (32 k).
         let half_k = p.k_red as u64 / 2;
         let packed_e = p.b_addr + e * p.n_out as u64 * half_k;
         let cb = tid % 2;
@@ -324,7 +388,7 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
         }
         w
     } else {
-        // dX over MXFP4, raw [BK][BN/2]: rows r = tid/4 + 32i, 16-byte chunk tid % 4.
+        // dX over MXFP4 or NVFP4, raw [BK][BN/2]: rows r = tid/4 + 32i, 16-byte chunk tid % 4.
         let half_k = p.n_out as u64 / 2;
         let packed_e = p.b_addr + e * p.k_red as u64 * half_k;
         let cb = tid % 4;
@@ -381,6 +445,28 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 if tid < BK {
                     stage_scales_kn_mx_row(p, plan, b_tile, e, n0, tid, kt * BK, blocks_k, total);
                 }
+            } else if LAYOUT == BLayout::NkNvfp4 as u8 {
+                // One E4M3 slot per weight row (thread tid: row tid).
+                let blocks16 = p.k_red as u64 / 16;
+                let total = p.num_experts as u64 * p.n_out as u64 * blocks16;
+                stage_scales_nk_nv_row::<BK>(p, plan, b_tile, e, n0, tid, kt * BK, blocks16, total);
+            } else if LAYOUT == BLayout::KnNvfp4 as u8 {
+                // A tensor-scale-and-E4M3 window per reduction row (threads 0..BK).
+                let blocks16 = p.n_out as u64 / 16;
+                let total = p.num_experts as u64 * p.k_red as u64 * blocks16;
+                if tid < BK {
+                    stage_scales_kn_nv_row::<BN>(
+                        p,
+                        plan,
+                        b_tile,
+                        e,
+                        n0,
+                        tid,
+                        kt * BK,
+                        blocks16,
+                        total,
+                    );
+                }
             }
             cp_async_mbarrier_arrive_noinc(bars.full(slot));
         }
@@ -420,8 +506,8 @@ unsafe fn issue_group<const BK: u32, const NJ: usize>(
     }
 }
 
-/// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 runs
-/// [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
+/// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 or
+/// NVFP4 runs [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
 /// `frags`, issue the tile's wgmma group, retire the previous group (the current one too for
 /// `ldmatrix`-fed fragments, see below) and free its slot.
 ///
@@ -438,6 +524,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     n0: u32,
     warp_n0: u32,
     bars: Barriers,
+    ts: (f32, f32),
     frags: &mut [[u32; 4]; 4],
     acc: &mut [[f32; 4]; NJ],
     accumulate: u32,
@@ -453,7 +540,24 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     }
     let a_tile = smem.offset(slot * plan.a_stage_bytes);
     let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
-    if LAYOUT == BLayout::NkMxfp4 as u8 {
+    if LAYOUT == BLayout::NkNvfp4 as u8 {
+        let blocks16 = p.k_red / 16;
+        let g0 = nk_nv_stage_g0::<BK>(p, e, n0, kt, blocks16);
+        let valid16 = (p.k_red - kt * BK).div_ceil(16).min(BK / 16);
+        // SAFETY: warp converged; the stage is in place.
+        unsafe {
+            frags_nk_nv::<BK>(
+                b_tile,
+                plan.b_scales_in_stage,
+                g0,
+                blocks16,
+                valid16,
+                warp_n0,
+                ts,
+                frags,
+            )
+        };
+    } else if LAYOUT == BLayout::NkMxfp4 as u8 {
         let blocks_k = p.k_red / 32;
         let g0 = nk_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
         let valid_blocks = (p.k_red - kt * BK).div_ceil(32).min(BK / 32);
@@ -484,7 +588,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     // arrival (two iterations later).
     unsafe {
         issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
-        if LAYOUT == BLayout::NkMxfp4 as u8 {
+        if LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::NkNvfp4 as u8 {
             wgmma_wait_group::<1>();
             if kt > 0 {
                 mbarrier_arrive(bars.empty((kt - 1) % STAGES));
@@ -496,7 +600,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     }
 }
 
-/// The consumer loop of dX over MXFP4, software-pipelined so the decode of k-tile `kt` (into
+/// The consumer loop of dX over MXFP4 (or NVFP4 with `NV`: `decode_stage_kn_nv`), software-pipelined so the decode of k-tile `kt` (into
 /// this warpgroup's half of decoded tile `kt % 2`) overlaps the wgmma group of `kt − 1`. The
 /// fragments are loaded by `ldmatrix` only after that group retired: a group kept in flight
 /// while `ldmatrix` defines the next fragments makes ptxas serialize every wgmma (C7513).
@@ -505,7 +609,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
 /// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
+unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const NV: bool>(
     p: &GemmParams,
     plan: &SmemPlan,
     smem: SharedAddr,
@@ -521,30 +625,50 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize>(
 {
     let wg = warp_n0 / 64;
     let wg_tid = tid_x() % 128;
-    let blocks_k = p.n_out / 32;
+    let blocks_k = p.n_out / if NV { 16 } else { 32 };
     let decoded = |kt: u32| smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
     // Waits for k-tile kt, decodes this warpgroup's 64 columns of it and publishes them to the
     // warpgroup (named barrier 1 + wg).
     let decode = |kt: u32| {
         let slot = kt % STAGES;
-        let g0 = kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
+        let g0 = if NV {
+            kn_nv_stage_g0::<BK>(p, e, n0, kt, blocks_k)
+        } else {
+            kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k)
+        };
         // SAFETY: the producer completes "full" after its copies land (acquire), the proxy
         // fence extends that to this thread's wgmma reads of the activation slot; the decoded
         // tile kt % 2 was last read (ldmatrix) by this warpgroup before its barrier of kt − 1.
         unsafe {
             mbarrier_wait_parity(bars.full(slot), (kt / STAGES) & 1);
             fence_proxy_async_shared_cta();
-            decode_stage_kn_mx::<BN, BK>(
-                smem.offset(plan.b_offset + slot * plan.b_stage_bytes),
-                decoded(kt),
-                plan.b_scales_in_stage,
-                g0,
-                blocks_k,
-                4 * wg,
-                4,
-                wg_tid,
-                128,
-            );
+            let raw = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
+            if NV {
+                decode_stage_kn_nv::<BN, BK>(
+                    raw,
+                    decoded(kt),
+                    plan.b_scales_in_stage,
+                    g0,
+                    blocks_k,
+                    p.tensor_scales_addr != 0,
+                    4 * wg,
+                    4,
+                    wg_tid,
+                    128,
+                );
+            } else {
+                decode_stage_kn_mx::<BN, BK>(
+                    raw,
+                    decoded(kt),
+                    plan.b_scales_in_stage,
+                    g0,
+                    blocks_k,
+                    4 * wg,
+                    4,
+                    wg_tid,
+                    128,
+                );
+            }
             if wg == 0 {
                 bar_sync_named::<1, 128>();
             } else {
@@ -695,12 +819,33 @@ pub unsafe fn gemm_wg<
             if LAYOUT == BLayout::KnMxfp4 as u8 {
                 // SAFETY: all consumer threads.
                 unsafe {
-                    consume_kn_mx::<BK, STAGES, NJ>(
+                    consume_kn_mx::<BK, STAGES, NJ, false>(
+                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                    )
+                };
+                kt = ktiles;
+            } else if LAYOUT == BLayout::KnNvfp4 as u8 {
+                // SAFETY: all consumer threads.
+                unsafe {
+                    consume_kn_mx::<BK, STAGES, NJ, true>(
                         p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
                     )
                 };
                 kt = ktiles;
             }
+            // Forward over NVFP4: the tensor scales of this lane's two weight columns.
+            let ts = if LAYOUT == BLayout::NkNvfp4 as u8 {
+                let col = n0 + warp_n0 + laneid() / 4;
+                // SAFETY: `e < num_experts` (not dropped); columns past N read nothing.
+                unsafe {
+                    (
+                        nv_row_tensor_scale(p, e, col, p.n_out),
+                        nv_row_tensor_scale(p, e, col + 8, p.n_out),
+                    )
+                }
+            } else {
+                (1.0, 1.0)
+            };
             while kt < ktiles {
                 // SAFETY: all consumer threads, uniform loop.
                 unsafe {
@@ -713,6 +858,7 @@ pub unsafe fn gemm_wg<
                         n0,
                         warp_n0,
                         bars,
+                        ts,
                         &mut frags_even,
                         &mut acc,
                         accumulate,
@@ -730,6 +876,7 @@ pub unsafe fn gemm_wg<
                             n0,
                             warp_n0,
                             bars,
+                            ts,
                             &mut frags_odd,
                             &mut acc,
                             accumulate,

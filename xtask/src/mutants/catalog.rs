@@ -6,7 +6,8 @@
 //!
 //! A defect in a GEMM body goes into both families (`tile/gemm.rs`, `mma.sync`, and `tile/wg.rs`,
 //! `wgmma`): the default tile rule picks either. Helpers that both families share
-//! (`stage_row_indices`, `axpy4`, `decode_stage_kn_mx`) are mutated once.
+//! (`stage_row_indices`, `axpy4`, `decode_stage_kn_mx`, `decode_stage_kn_nv`, `nv_block_fold`,
+//! `nv_row_tensor_scale`) are mutated once.
 //!
 //! Keep the table in ARCHITECTURE.md ("Testing", mutation run) in step with this list.
 
@@ -46,40 +47,40 @@ const GLU: &str = "kernels-gpu/src/shared/glu.rs";
 pub const MUTANTS: &[Mutant] = &[
     Mutant {
         id: "lora-skip-fwd",
-        description: "LoRA epilogue skipped in the forward GEMM ([n][k] weight layouts, bf16 and MXFP4), both families",
+        description: "LoRA epilogue skipped in the forward GEMM ([n][k] weight layouts: bf16, MXFP4, NVFP4), both families",
         edits: &[
             Edit {
                 file: GEMM,
                 old: "        if p.rank > 0 {
             // SAFETY: all threads, uniform branch; regions from the plan.",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::NkBf16 as u8 || LAYOUT == BLayout::NkMxfp4 as u8) {
+                new: "        if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
             // SAFETY: all threads, uniform branch; regions from the plan.",
             },
             Edit {
                 file: WG,
                 old: "        if p.rank > 0 {
             if !producer {",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::NkBf16 as u8 || LAYOUT == BLayout::NkMxfp4 as u8) {
+                new: "        if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
             if !producer {",
             },
         ],
     },
     Mutant {
         id: "lora-skip-dx",
-        description: "LoRA epilogue skipped in the dX GEMM ([k][n] weight layouts, bf16 and MXFP4), both families",
+        description: "LoRA epilogue skipped in the dX GEMM ([k][n] weight layouts: bf16, MXFP4, NVFP4), both families",
         edits: &[
             Edit {
                 file: GEMM,
                 old: "        if p.rank > 0 {
             // SAFETY: all threads, uniform branch; regions from the plan.",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) {
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
             // SAFETY: all threads, uniform branch; regions from the plan.",
             },
             Edit {
                 file: WG,
                 old: "        if p.rank > 0 {
             if !producer {",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || LAYOUT == BLayout::KnMxfp4 as u8) {
+                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
             if !producer {",
             },
         ],
@@ -129,6 +130,57 @@ pub const MUTANTS: &[Mutant] = &[
                 file: WG,
                 old: "let f_lo = scale_fold(if valid { s_lo as u8 } else { 127 });",
                 new: "let f_lo = scale_fold(if valid { (s_lo as u8).wrapping_add((g0.wrapping_add(lo.wrapping_mul(blocks_k)).wrapping_add(q as u32) == 0) as u8) } else { 127 });",
+            },
+        ],
+    },
+    Mutant {
+        id: "nv-tensor-scale-ignored",
+        description: "the fused NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families and dX (shared block fold)",
+        edits: &[Edit {
+            file: GEMM,
+            old: "nv_fold(ts * e4m3_to_f32_placed(sc as u8))",
+            new: "nv_fold(e4m3_to_f32_placed(sc as u8))",
+        }],
+    },
+    Mutant {
+        id: "nv-tensor-scale-group-zero",
+        description: "the fused NVFP4 kernels read every row's tensor scale from its expert's first group (forward registers and dX staging)",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "unsafe { load::<f32>(p.tensor_scales_addr + 4 * (e * groups + (row / rpg) as u64)) }",
+                new: "unsafe { load::<f32>(p.tensor_scales_addr + 4 * (e * groups + (row / rpg / rpg.max(row + 1)) as u64)) }",
+            },
+            Edit {
+                file: GEMM,
+                old: "let src = p.tensor_scales_addr + 4 * (e * groups + (row / rpg) as u64);",
+                new: "let src = p.tensor_scales_addr + 4 * (e * groups + (row / rpg / rpg.max(row + 1)) as u64);",
+            },
+        ],
+    },
+    Mutant {
+        id: "nv-scale-blocks-swapped",
+        description: "the fused NVFP4 decode reads the E4M3 byte of the neighbouring 16-k block (pairs swapped): forward of both families and dX",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + first + block))",
+                new: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + first + (block ^ 1)))",
+            },
+            Edit {
+                file: GEMM,
+                old: "ld_shared_u8(win.offset(4 + first + c)),",
+                new: "ld_shared_u8(win.offset(4 + first + (c ^ 1))),",
+            },
+            Edit {
+                file: WG,
+                old: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * lo + first_lo + block)),",
+                new: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * lo + first_lo + (block ^ 1))),",
+            },
+            Edit {
+                file: WG,
+                old: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * hi + first_hi + block)),",
+                new: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * hi + first_hi + (block ^ 1))),",
             },
         ],
     },

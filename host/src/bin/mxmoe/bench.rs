@@ -401,8 +401,8 @@ fn check_layer_config(
         .iter()
         .map(|s| match s {
             Strategy::Bf16 => 2,
-            Strategy::Mxfp4B => 1,
-            Strategy::Mxfp4A | Strategy::Mxfp4Auto | Strategy::Nvfp4A => 3,
+            Strategy::Mxfp4B | Strategy::Nvfp4B => 1,
+            Strategy::Mxfp4A | Strategy::Mxfp4Auto | Strategy::Nvfp4A | Strategy::Nvfp4Auto => 3,
         })
         .max()
         .unwrap_or(0);

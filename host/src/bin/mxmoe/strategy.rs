@@ -31,9 +31,13 @@ pub enum Strategy {
     /// reads the expert offsets back to the host once per routing).
     Mxfp4Auto,
     /// NVFP4 weights (two-level: an E4M3 scale per 16 values and an f32 scale per expert, as
-    /// ModelOpt exports them), Strategy A: dequantize the active experts, then the bf16 kernels
-    /// (NVFP4 has no fused kernels yet).
+    /// ModelOpt exports them), Strategy A: dequantize the active experts, then the bf16 kernels.
     Nvfp4A,
+    /// NVFP4 weights (two-level), Strategy B: decode inside the tensor-core K-loop (the E4M3
+    /// block scale folded with the tensor scale into one f32 factor per 16 values).
+    Nvfp4B,
+    /// NVFP4 weights (two-level), the library's per-call choice between A and B.
+    Nvfp4Auto,
 }
 
 /// The bf16 checkpoint `W_store [E, N, K]` of one problem, with its MXFP4 and NVFP4
@@ -180,6 +184,8 @@ impl Strategy {
         Strategy::Mxfp4B,
         Strategy::Mxfp4Auto,
         Strategy::Nvfp4A,
+        Strategy::Nvfp4B,
+        Strategy::Nvfp4Auto,
     ];
 
     /// Short name for tables and JSON (the same as the command-line value).
@@ -190,15 +196,17 @@ impl Strategy {
             Strategy::Mxfp4B => "mxfp4-b",
             Strategy::Mxfp4Auto => "mxfp4-auto",
             Strategy::Nvfp4A => "nvfp4-a",
+            Strategy::Nvfp4B => "nvfp4-b",
+            Strategy::Nvfp4Auto => "nvfp4-auto",
         }
     }
 
     /// The op layer's strategy (ignored by the op layer for bf16 weights).
     pub fn op_strategy(self) -> op::Strategy {
         match self {
-            Strategy::Bf16 | Strategy::Mxfp4B => op::Strategy::Fused,
+            Strategy::Bf16 | Strategy::Mxfp4B | Strategy::Nvfp4B => op::Strategy::Fused,
             Strategy::Mxfp4A | Strategy::Nvfp4A => op::Strategy::SelectiveDequant,
-            Strategy::Mxfp4Auto => op::Strategy::Auto,
+            Strategy::Mxfp4Auto | Strategy::Nvfp4Auto => op::Strategy::Auto,
         }
     }
 
@@ -209,7 +217,7 @@ impl Strategy {
         match self {
             Strategy::Bf16 => n * k * 2,
             Strategy::Mxfp4A | Strategy::Mxfp4B | Strategy::Mxfp4Auto => n * k / 2 + n * k / 32,
-            Strategy::Nvfp4A => n * k / 2 + n * k / 16 + 4,
+            Strategy::Nvfp4A | Strategy::Nvfp4B | Strategy::Nvfp4Auto => n * k / 2 + n * k / 16 + 4,
         }
     }
 
@@ -220,7 +228,11 @@ impl Strategy {
     pub fn weight_traffic_bytes(self, n: usize, k: usize, active: usize) -> usize {
         let stored = active * self.stored_bytes_per_expert(n, k);
         match self {
-            Strategy::Bf16 | Strategy::Mxfp4B | Strategy::Mxfp4Auto => 2 * stored,
+            Strategy::Bf16
+            | Strategy::Mxfp4B
+            | Strategy::Mxfp4Auto
+            | Strategy::Nvfp4B
+            | Strategy::Nvfp4Auto => 2 * stored,
             Strategy::Mxfp4A | Strategy::Nvfp4A => stored + 3 * active * n * k * 2,
         }
     }
@@ -230,7 +242,9 @@ impl Strategy {
     pub fn spec_weight_bytes(self, n: usize, k: usize, active: usize) -> usize {
         match self {
             Strategy::Bf16 | Strategy::Mxfp4A | Strategy::Nvfp4A => active * n * k * 2,
-            Strategy::Mxfp4B | Strategy::Mxfp4Auto => active * self.stored_bytes_per_expert(n, k),
+            Strategy::Mxfp4B | Strategy::Mxfp4Auto | Strategy::Nvfp4B | Strategy::Nvfp4Auto => {
+                active * self.stored_bytes_per_expert(n, k)
+            }
         }
     }
 
@@ -242,7 +256,9 @@ impl Strategy {
             Strategy::Mxfp4A | Strategy::Mxfp4B | Strategy::Mxfp4Auto => {
                 Ok(dequantize_f32(w.mx()?))
             }
-            Strategy::Nvfp4A => Ok(dequantize_nvfp4_f32(w.nv()?)),
+            Strategy::Nvfp4A | Strategy::Nvfp4B | Strategy::Nvfp4Auto => {
+                Ok(dequantize_nvfp4_f32(w.nv()?))
+            }
         }
     }
 
@@ -262,7 +278,7 @@ impl Strategy {
                 })?;
                 Ok(DeviceWeights::Mxfp4(d))
             }
-            Strategy::Nvfp4A => {
+            Strategy::Nvfp4A | Strategy::Nvfp4B | Strategy::Nvfp4Auto => {
                 let d = NvExperts::upload(gpu, w.nv()?).with_context(|| {
                     format!("could not upload the NVFP4 expert weights [{e}, {n}, {k}]")
                 })?;
