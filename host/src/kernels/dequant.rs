@@ -11,8 +11,16 @@ use crate::device::{Gpu, alloc_output, upload};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
-/// Threads per block of the dequant kernel.
+/// Threads per block of the dequant kernels.
 const THREADS: u32 = 256;
+// The MXFP4 kernel gives each warp of a block its own run of chunks (launch contract: the block
+// a multiple of 32 threads).
+const _: () = assert!(THREADS.is_multiple_of(32));
+
+/// Values the MXFP4 kernel decodes per thread and grid-stride step: 4 chunks of 8 values
+/// (`MX_CHUNKS_PER_LANE · MX_CHUNK` in `kernels-gpu/src/kernels/dequant.rs`; only the grid
+/// size depends on it, every value is covered whatever the grid).
+const MX_VALUES_PER_THREAD: usize = 32;
 
 /// `count·n·k`, overflow-checked: a product that wraps could pass a length check it should
 /// fail.
@@ -26,10 +34,12 @@ fn expert_elems(format: &str, count: usize, n: usize, k: usize) -> Result<usize>
         })
 }
 
-/// A dequant kernel and the block its scales cover.
+/// A dequant kernel, the block its scales cover and the values one thread decodes per
+/// grid-stride step (the grid covers them with one thread each, up to 16 blocks per SM).
 struct Format {
     name: &'static str,
     block: usize,
+    per_thread: usize,
     kernel: &'static str,
 }
 
@@ -37,7 +47,8 @@ struct Format {
 /// positive multiple of the format's block), the `groups` of the tensor scales (≥ 1, dividing
 /// `n`), the lengths of packed (`E·n·k/2` bytes), scales (`E·n·k/block` bytes) and tensor scales
 /// (`E·groups` f32) and the expert ids; then decodes the selected experts into a new output
-/// `[experts.len(), n, k]` (poisoned in tests), one scale block per thread per grid-stride step.
+/// `[experts.len(), n, k]` (poisoned in tests), `format.per_thread` values per thread per
+/// grid-stride step.
 #[allow(clippy::too_many_arguments)]
 fn dequant_selected(
     gpu: &Gpu,
@@ -85,8 +96,8 @@ fn dequant_selected(
         return Ok(out);
     }
     let ids = upload(gpu, experts)?;
-    // ≤ the output's element count, which fits (checked above).
-    let items = (experts.len() * n * (k / block)) as u64;
+    // The output's element count fits (checked above).
+    let items = (experts.len() * n * k).div_ceil(format.per_thread) as u64;
     let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
@@ -103,7 +114,8 @@ fn dequant_selected(
     };
     // SAFETY: the lengths of packed/scales/tensor_scales were checked against the shape and
     // `groups` (≥ 1, dividing n), every id is < num_experts, `out` holds experts.len()·n·k bf16,
-    // k is a multiple of the kernel's block, and cudarc allocations are 256-byte aligned.
+    // k is a multiple of the kernel's block, the block is whole warps (THREADS), and cudarc
+    // allocations are 256-byte aligned.
     unsafe { gpu.launch(&spec(format.kernel, THREADS, 0), (blocks, 1, 1), params)? };
     Ok(out)
 }
@@ -123,6 +135,7 @@ pub fn dequant_mxfp4_bf16(
     let format = Format {
         name: "MXFP4",
         block: MX_BLOCK,
+        per_thread: MX_VALUES_PER_THREAD,
         kernel: names::DEQUANT_MXFP4,
     };
     dequant_selected(
@@ -162,6 +175,7 @@ pub fn dequant_nvfp4_bf16(
     let format = Format {
         name: "NVFP4",
         block: NV_BLOCK,
+        per_thread: NV_BLOCK,
         kernel: names::DEQUANT_NVFP4,
     };
     dequant_selected(
