@@ -58,7 +58,7 @@ Input file, safetensors; T tokens, k = top_k, E experts, N outputs, K inputs, r 
               w.packed U8 [E, N, K/2] + w.scales U8 [E, N, K/32] (torchao; also w.qdata/w.scale), or
               w_blocks U8 [E, N, K/32, 16] + w_scales U8 [E, N, K/32] (gpt-oss), or NVFP4 as
               w.packed U8 [E, N, K/2] + w.scales F8_E4M3 [E, N, K/16] (+ optional
-              w.tensor_scales F32 [E] or [E, G]); NVFP4 runs Strategy A (`fused` is refused)
+              w.tensor_scales F32 [E] or [E, G]); `fused` NVFP4 needs K % 32 == 0 (`auto` then takes A)
               (another name with --weight NAME)
   lora_a      optional, [E*r, K]   (with lora_b)
   lora_b      optional, [N, E*r]
@@ -742,15 +742,19 @@ fn load_lora(
     }))
 }
 
-/// Rejects an MXFP4-only strategy for dense weights (on every backend, so a file that would
-/// fail on the GPU fails on the CPU too).
+/// Rejects a 4-bit-only strategy for dense weights, and `fused` for NVFP4 weights whose K is not
+/// a multiple of 32 (the fused kernels' rule), on every backend, so a file that would fail on
+/// the GPU fails on the CPU too.
 fn check_strategy(w: &StoredWeights, name: &str, strategy: RunStrategy) -> Result<()> {
-    if let (StoredWeights::Nv(_), RunStrategy::Fused) = (w, strategy) {
+    if let (StoredWeights::Nv(nv), RunStrategy::Fused) = (w, strategy)
+        && !nv.shape().k().is_multiple_of(32)
+    {
         return Err(Error::InvalidArgument {
             what: "strategy",
             detail: format!(
-                "`fused` has no NVFP4 kernels yet, and `{}` is NVFP4: use `auto` or `selective`",
-                escape(name)
+                "the fused NVFP4 kernels need K % 32 == 0, and `{}` is NVFP4 with K = {}: use `auto` or `selective`",
+                escape(name),
+                nv.shape().k()
             ),
         });
     }

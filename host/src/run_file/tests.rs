@@ -269,7 +269,7 @@ fn add_nv(f: &mut CheckpointWriter, name: &str, w: &NvWeights) {
 }
 
 #[test]
-fn nvfp4_weights_run_on_the_reference_and_fused_is_refused() {
+fn nvfp4_weights_run_on_the_reference_and_fused_needs_k_a_multiple_of_32() {
     let case = Case::new(RowOrder::Grouped, RowOrder::Scattered, true);
     let single = quantize_nvfp4(&case.w, case.e, case.n, case.k, false).unwrap();
     let two_level = quantize_nvfp4(&case.w, case.e, case.n, case.k, true).unwrap();
@@ -285,7 +285,12 @@ fn nvfp4_weights_run_on_the_reference_and_fused_is_refused() {
     .unwrap();
     for w in [&single, &two_level, &grouped] {
         let file = case.file(|f| add_nv(f, "w", w));
-        for strategy in [RunStrategy::Auto, RunStrategy::Selective, RunStrategy::Bf16] {
+        for strategy in [
+            RunStrategy::Auto,
+            RunStrategy::Selective,
+            RunStrategy::Fused,
+            RunStrategy::Bf16,
+        ] {
             let (bytes, report) = execute(&file, &RunOptions { strategy, ..cpu() }).unwrap();
             assert!(report.warnings.is_empty(), "{:?}", report.warnings);
             check_outputs(&bytes, &case.expected(&dequantize_nvfp4_f32(w)));
@@ -297,19 +302,34 @@ fn nvfp4_weights_run_on_the_reference_and_fused_is_refused() {
                 ck.metadata_value(META_WEIGHTS)
             );
         }
-        let err = execute(
-            &file,
-            &RunOptions {
-                strategy: RunStrategy::Fused,
-                ..cpu()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(&err, Error::InvalidArgument { what: "strategy", detail } if detail.contains("NVFP4")),
-            "{err}"
-        );
     }
+    // K = 48 (a multiple of 16, not of 32): `fused` is refused, `auto` runs.
+    let mut k48 = Case::new(RowOrder::Grouped, RowOrder::Scattered, true);
+    k48.k = 48;
+    k48.w = values(k48.e * k48.n * k48.k, 1, 0.5);
+    let w48 = quantize_nvfp4(&k48.w, k48.e, k48.n, k48.k, true).unwrap();
+    let file = k48.file(|f| add_nv(f, "w", &w48));
+    let err = execute(
+        &file,
+        &RunOptions {
+            strategy: RunStrategy::Fused,
+            ..cpu()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { what: "strategy", detail } if detail.contains("NVFP4") && detail.contains("K % 32")),
+        "{err}"
+    );
+    let (bytes, _) = execute(
+        &file,
+        &RunOptions {
+            strategy: RunStrategy::Auto,
+            ..cpu()
+        },
+    )
+    .unwrap();
+    check_outputs(&bytes, &k48.expected(&dequantize_nvfp4_f32(&w48)));
     // E4M3 NaN block scales and tensor scales of a wrong shape are typed errors.
     let mut nan = single.clone().into_parts();
     nan.2[3] = 0x7F;
