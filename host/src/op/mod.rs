@@ -33,7 +33,7 @@ use crate::routing::DeviceRouting;
 pub use crate::routing::RowOrder;
 use crate::runtime::Runtime;
 use core::{ForwardParts, Resolved, backward_core, forward_core};
-pub use plan::auto_strategy;
+pub use plan::{AUTO_NV_A_ROWS, auto_strategy, auto_strategy_nvfp4};
 use strategy_a::Compact;
 pub use strategy_a::active_experts;
 

@@ -158,8 +158,35 @@ pub fn auto_strategy(
     }
 }
 
+/// Routed rows per active expert from which [`auto_strategy_nvfp4`] picks Strategy A.
+pub const AUTO_NV_A_ROWS: usize = 256;
+// `resolve_strategy` takes B without a read-back below `AUTO_A_MIN_ROWS` routed rows, which is the
+// NVFP4 rule's own answer only while its threshold is not lower.
+const _: () = assert!(AUTO_NV_A_ROWS >= AUTO_A_MIN_ROWS);
+
+/// `Auto`'s rule for NVFP4 weights, measured on the H100 (`docs/BENCHMARKS.md`, bundle ee85389):
+/// the fused NVFP4 decode costs an f32 product per value (MXFP4's is an exact bf16 product per
+/// two), so Strategy A pays off from fewer rows than for MXFP4 — from [`AUTO_NV_A_ROWS`] routed
+/// rows per active expert on any grid (dense E = 128, T = 4096, 256 rows each: A 1.50 ms vs B
+/// 1.84 ms; balanced T = 4096, ~129 rows each: B 2.39 vs A 2.35, within 2 %; T = 256: B 1.4–1.6×
+/// faster), when A's transient `E_a·N·K` bf16 buffer fits in half the free device memory.
+/// Strategy B otherwise. The gpt-oss shapes (512 rows per expert) are not measured for NVFP4.
+pub fn auto_strategy_nvfp4(
+    active: usize,
+    rows: usize,
+    transient_bytes: usize,
+    free_bytes: usize,
+) -> Strategy {
+    if rows / active.max(1) >= AUTO_NV_A_ROWS && transient_bytes <= free_bytes / 2 {
+        Strategy::SelectiveDequant
+    } else {
+        Strategy::Fused
+    }
+}
+
 /// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 and NVFP4
-/// weights, and for `Auto` the [`auto_strategy`] rule on the active experts (the expert offsets
+/// weights, and for `Auto` the [`auto_strategy`] rule (NVFP4: [`auto_strategy_nvfp4`]) on the
+/// active experts (the expert offsets
 /// read back once per routing) and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`]
 /// routed rows no expert can reach A's threshold, so `Auto` takes B without reading anything
 /// back. NVFP4 weights whose K is not a multiple of 32 have no fused kernels (their stages take
@@ -201,8 +228,7 @@ pub(super) fn resolve_strategy(
             let active = super::strategy_a::active_experts(gpu, routing)?.len();
             let transient = active * w.shape().n() * w.shape().k() * 2;
             let (free, _) = gpu.mem_info()?;
-            let sms = gpu.limits().sm_count as usize;
-            auto_strategy(active, l, w.shape().n(), sms, transient, free)
+            auto_strategy_nvfp4(active, l, transient, free)
         }
     })
 }
@@ -279,6 +305,36 @@ mod tests {
                 want,
                 "{active} active experts, {rows} rows, N = {n}, {free} bytes free"
             );
+        }
+    }
+
+    #[test]
+    fn nvfp4_auto_takes_a_from_its_row_threshold_when_the_buffer_fits() {
+        let gib = 1usize << 30;
+        use Strategy::{Fused, SelectiveDequant};
+        // (active experts, routed rows, free bytes, expected); transient `active · 4 MiB`.
+        let cases = [
+            // Dense E=128, T=4096: 256 rows each; A 1.50 ms vs B 1.84 ms (H100, ee85389).
+            (128, 32768, 70 * gib, SelectiveDequant),
+            // Balanced T=4096: ~129 rows each; B 2.39 vs A 2.35 ms.
+            (254, 32768, 70 * gib, Fused),
+            // Dense and balanced T=256: B 1.4-1.6x faster.
+            (128, 2048, 70 * gib, Fused),
+            (229, 2048, 70 * gib, Fused),
+            // Many rows, but the buffer would not fit.
+            (128, 32768, gib / 4, Fused),
+        ];
+        for (active, rows, free, want) in cases {
+            assert_eq!(
+                auto_strategy_nvfp4(active, rows, active << 22, free),
+                want,
+                "{active} active experts, {rows} rows, {free} bytes free"
+            );
+        }
+        // `resolve_strategy`'s shortcut (B below AUTO_A_MIN_ROWS routed rows, no read-back) is
+        // the rule's own answer there (also a const assert on the thresholds).
+        for rows in [1, 100, AUTO_A_MIN_ROWS - 1] {
+            assert_eq!(auto_strategy_nvfp4(1, rows, 0, usize::MAX), Fused);
         }
     }
 
