@@ -164,7 +164,10 @@ const fn portable_entries() -> [&'static str; ALL.len() - GEMM_LAYOUTS * WGMMA_R
         }
         i += 1;
     }
-    assert!(j == out.len(), "every wgmma row has GEMM_LAYOUTS entries in ALL");
+    assert!(
+        j == out.len(),
+        "every wgmma row has GEMM_LAYOUTS entries in ALL"
+    );
     out
 }
 
@@ -258,7 +261,9 @@ mod tests {
             ALL.len(),
             14 + GEMM_LAYOUTS * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
         );
-        for names in [GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX, GEMM_NK_NV, GEMM_KN_NV] {
+        for names in [
+            GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX, GEMM_NK_NV, GEMM_KN_NV,
+        ] {
             for name in names {
                 assert!(ALL.contains(&name), "{name} missing from ALL");
             }

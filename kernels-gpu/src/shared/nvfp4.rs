@@ -157,7 +157,10 @@ mod tests {
                         let want = f32_to_bf16_bits(e2m1_to_f32(code as u8) * f);
                         let got = f32_to_bf16_bits(got);
                         if want & 0x7FFF > 0x7F80 {
-                            assert!(got & 0x7FFF > 0x7F80, "ts {ts} scale {sb:#04x} byte {byte:#04x}");
+                            assert!(
+                                got & 0x7FFF > 0x7F80,
+                                "ts {ts} scale {sb:#04x} byte {byte:#04x}"
+                            );
                         } else {
                             assert_eq!(got, want, "ts {ts} scale {sb:#04x} byte {byte:#04x}");
                         }

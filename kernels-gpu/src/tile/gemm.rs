@@ -123,17 +123,19 @@ pub(crate) unsafe fn stage_scale_words(
     }
 }
 
-/// Stages the scale word(s) of weight row `n0 + n` of a forward MXFP4 k-tile starting at
-/// reduction index `k_base` (32-k block `k_block = k_base/32`) into row `n`'s slot of stage
-/// `b_tile`: the aligned word(s) holding bytes `(e, n0 + n, k_block ..+ BK/32)` of the
-/// `total`-byte scales
-/// (`blocks_k` per weight row).
+/// Stages the scale word(s) of weight row `n0 + n` of a forward 4-bit k-tile starting at
+/// reduction index `k_base` into row `n`'s slot of stage `b_tile`: the aligned word(s) holding
+/// scale bytes `(e, n0 + n, k_base/BLOCK ..+ BK/BLOCK)` of the `total`-byte scales (`blocks_k =
+/// k_red/BLOCK` per weight row): E8M0 bytes in an [`mx_scale_slot_bytes`] slot (`BLOCK = 32`,
+/// MXFP4) or E4M3 bytes in an [`nv_scale_slot_bytes`] slot (`BLOCK = 16`, NVFP4; the row's tensor
+/// scale is not staged: the forward reads it once per block, `nv_row_tensor_scale`).
 ///
 /// # Safety
-/// `n < BN` of a forward MXFP4 stage of the plan; the scale buffer holds `total` bytes.
+/// `n < BN` of a forward MXFP4 (`BLOCK = 32`) or NVFP4 (`BLOCK = 16`) stage of the plan; the
+/// scale buffer holds `total` bytes.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn stage_scales_nk_mx_row<const BK: u32>(
+pub(crate) unsafe fn stage_scales_nk_row<const BK: u32, const BLOCK: u32>(
     p: &GemmParams,
     plan: &SmemPlan,
     b_tile: SharedAddr,
@@ -141,13 +143,16 @@ pub(crate) unsafe fn stage_scales_nk_mx_row<const BK: u32>(
     n0: u32,
     n: u32,
     k_base: u32,
-    k_block: u32,
     blocks_k: u64,
     total: u64,
 ) {
-    let slot = mx_scale_slot_bytes(BK);
+    let slot = if BLOCK == 16 {
+        nv_scale_slot_bytes(BK)
+    } else {
+        mx_scale_slot_bytes(BK)
+    };
     let ok = n0 + n < p.n_out && k_base < p.k_red;
-    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + k_block as u64;
+    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks_k + (k_base / BLOCK) as u64;
     // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total` bytes.
     unsafe {
         stage_scale_words(
@@ -190,43 +195,6 @@ pub(crate) unsafe fn stage_scales_kn_mx_row(
             g,
             total,
             2,
-            ok,
-        )
-    };
-}
-
-/// Stages the scale word(s) of weight row `n0 + n` of a forward NVFP4 k-tile starting at
-/// reduction index `k_base` into row `n`'s [`nv_scale_slot_bytes`] slot of stage `b_tile`: the
-/// aligned words holding E4M3 bytes `(e, n0 + n, k_base/16 ..+ BK/16)` of the `total`-byte
-/// scales (`blocks16 = k_red/16` per weight row). The row's tensor scale is not staged (the
-/// forward reads it once per block, `nv_row_tensor_scale`).
-///
-/// # Safety
-/// `n < BN` of a forward NVFP4 stage of the plan; the scale buffer holds `total` bytes.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn stage_scales_nk_nv_row<const BK: u32>(
-    p: &GemmParams,
-    plan: &SmemPlan,
-    b_tile: SharedAddr,
-    e: u64,
-    n0: u32,
-    n: u32,
-    k_base: u32,
-    blocks16: u64,
-    total: u64,
-) {
-    let slot = nv_scale_slot_bytes(BK);
-    let ok = n0 + n < p.n_out && k_base < p.k_red;
-    let g = (e * p.n_out as u64 + (n0 + n) as u64) * blocks16 + (k_base / 16) as u64;
-    // SAFETY: a `slot`-byte slot per row inside the stage; the scale buffer holds `total` bytes.
-    unsafe {
-        stage_scale_words(
-            b_tile.offset(plan.b_scales_in_stage + slot * n),
-            p.scales_addr,
-            g,
-            total,
-            slot / 4,
             ok,
         )
     };
@@ -403,21 +371,12 @@ pub(crate) unsafe fn load_stage<const BM: u32, const BN: u32, const BK: u32, con
             // SAFETY: row `n < BN` of the stage.
             unsafe {
                 if nv {
-                    stage_scales_nk_nv_row::<BK>(
+                    stage_scales_nk_row::<BK, 16>(
                         p, plan, b_tile, e, n0, n, k_base, blocks_k, total,
                     )
                 } else {
-                    stage_scales_nk_mx_row::<BK>(
-                        p,
-                        plan,
-                        b_tile,
-                        e,
-                        n0,
-                        n,
-                        k_base,
-                        k_base / 32,
-                        blocks_k,
-                        total,
+                    stage_scales_nk_row::<BK, 32>(
+                        p, plan, b_tile, e, n0, n, k_base, blocks_k, total,
                     )
                 }
             };
@@ -845,7 +804,8 @@ pub unsafe fn gemm<
                 } else {
                     b_tile
                 };
-                let kn = LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile();
+                let kn =
+                    LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile();
                 // SAFETY: warp converged; stage tiles in place.
                 unsafe {
                     mma_stage_bf16::<BN, BK, MI, NI>(a_tile, b_tile, kn, warp_m0, warp_n0, &mut acc)
@@ -1215,7 +1175,10 @@ pub(crate) fn nv_block_fold(sc: u32, ts: f32) -> NvFold {
 /// `cvt.rn` — bit for bit the dequantizer's `bf16(e2m1 · f)`.
 #[inline(always)]
 pub(crate) fn decode_byte_nv(word: u32, byte_idx: u32, fold: NvFold) -> u32 {
-    let (lo, hi) = nv_scale_pair(place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx)), fold);
+    let (lo, hi) = nv_scale_pair(
+        place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx)),
+        fold,
+    );
     cvt_rn_bf16x2_f32(lo, hi)
 }
 

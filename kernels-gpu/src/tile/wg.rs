@@ -44,8 +44,8 @@ use crate::ptx::wgmma::{
     wgmma_wait_group,
 };
 use crate::shared::mxfp4::scale_fold;
-use crate::shared::params::GemmParams;
 use crate::shared::nvfp4::nv_fold;
+use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
     BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, nv_scale_slot_bytes,
     smem_plan, swizzled_offset, wgmma_desc_sw128,
@@ -56,7 +56,7 @@ use crate::tile::gemm::{
     decode_stage_kn_nv, kn_mx_stage_g0, kn_nv_stage_g0, left_lo_used, lora_right_layout,
     nk_mx_stage_g0, nk_nv_stage_g0, nv_block_fold, nv_row_tensor_scale, stage_lora_async,
     stage_lora_factors, stage_row_indices, stage_scales_kn_mx_row, stage_scales_kn_nv_row,
-    stage_scales_nk_mx_row, stage_scales_nk_nv_row,
+    stage_scales_nk_row,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::find_tile;
@@ -426,7 +426,7 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 // One scale word slot per weight row (thread tid: row tid).
                 let blocks_k = p.k_red as u64 / 32;
                 let total = p.num_experts as u64 * p.n_out as u64 * blocks_k;
-                stage_scales_nk_mx_row::<BK>(
+                stage_scales_nk_row::<BK, 32>(
                     p,
                     plan,
                     b_tile,
@@ -434,7 +434,6 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                     n0,
                     tid,
                     kt * BK,
-                    kt * (BK / 32),
                     blocks_k,
                     total,
                 );
@@ -449,7 +448,17 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 // One E4M3 slot per weight row (thread tid: row tid).
                 let blocks16 = p.k_red as u64 / 16;
                 let total = p.num_experts as u64 * p.n_out as u64 * blocks16;
-                stage_scales_nk_nv_row::<BK>(p, plan, b_tile, e, n0, tid, kt * BK, blocks16, total);
+                stage_scales_nk_row::<BK, 16>(
+                    p,
+                    plan,
+                    b_tile,
+                    e,
+                    n0,
+                    tid,
+                    kt * BK,
+                    blocks16,
+                    total,
+                );
             } else if LAYOUT == BLayout::KnNvfp4 as u8 {
                 // A tensor-scale-and-E4M3 window per reduction row (threads 0..BK).
                 let blocks16 = p.n_out as u64 / 16;
