@@ -525,7 +525,9 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let blocks = n_tiles * m_tiles;
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: every buffer was checked to cover the largest element its strides address (the
-    // bias its `[E, n_out]`); the grid is n_tiles·(row tiles + E + 1) as the contract asks;
+    // bias its `[E, n_out]`; 4-bit weights their packed codes, block scales and, for NVFP4,
+    // `E·groups` tensor scales with `ts_rows_per_group = n / groups`, and a container K that is a
+    // multiple of 32); the grid is n_tiles·(row tiles + E + 1) as the contract asks;
     // k_red and n_out are multiples of 8; r_pad is a multiple of 16 ≥ rank and the left factor
     // (and its low part, given only for the forward layouts whose plan reserves it) is
     // [rows, r_pad].

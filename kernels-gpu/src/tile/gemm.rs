@@ -593,7 +593,10 @@ pub(crate) unsafe fn stage_row_indices<const BM: u32>(
 /// Launch contract: `ceil(n_out/BN) · (ceil(rows/BM) + num_experts + 1)` blocks (extra blocks
 /// exit), `32·WM·WN` threads, `smem_plan(cfg, LAYOUT, r_pad).total_bytes` of dynamic shared
 /// memory; every address and stride in `p` valid for the rows, columns and experts it names;
-/// `k_red % 8 == 0`, `n_out % 8 == 0`; `r_pad` a multiple of 16 ≥ rank.
+/// `k_red % 8 == 0`, `n_out % 8 == 0`; `r_pad` a multiple of 16 ≥ rank. 4-bit layouts: the
+/// container's K (`k_red` forward, `n_out` dX) a multiple of 32; NVFP4 with tensor scales:
+/// `ts_rows_per_group ≥ 1` dividing the container's N and `tensor_scales_addr` holding
+/// `E·N/ts_rows_per_group` f32.
 #[inline(always)]
 pub unsafe fn gemm<
     const BM: u32,
