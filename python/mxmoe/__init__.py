@@ -12,7 +12,8 @@ With torch (imported lazily on first use of one of these names; see ``mxmoe.auto
 ``Nvfp4Weights``) on tensors, the autograd Functions ``ExpertLinearFunction`` and
 ``MoeBlockFunction``, the functional ``expert_linear``/``moe_block`` and the modules
 ``MxExpertLinear``/``MxMoeBlock`` (MXFP4 or NVFP4 experts as buffers, LoRA A/B as parameters).
-NVFP4 expert weights run Strategy A (``strategy="auto"`` or ``"selective"``).
+NVFP4 expert weights run every strategy (``"fused"`` needs K % 32 == 0); ``load_nvfp4_experts``
+reads them from ModelOpt or compressed-tensors exports.
 Expert parallelism over a torch.distributed group: ``ExpertParallelMoe`` / ``ep_moe_block``
 (``mxmoe.distributed``).
 """
@@ -49,6 +50,7 @@ __all__ = [
     "quantize_nvfp4",
     "dequantize_nvfp4",
     "check_nvfp4_scales",
+    "load_nvfp4_experts",
     "ExpertLinearFunction",
     "MoeBlockFunction",
     "expert_linear",
@@ -262,6 +264,7 @@ _TORCH_NAMES = frozenset(
         "quantize_nvfp4",
         "dequantize_nvfp4",
         "check_nvfp4_scales",
+        "load_nvfp4_experts",
         "ExpertLinearFunction",
         "MoeBlockFunction",
         "expert_linear",

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import functools
 import threading
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -291,6 +292,45 @@ def dequantize_nvfp4(
         parts.append(_from_bytes(out, dtype, (e, rows, k)))
     w = parts[0] if groups == 1 else torch.cat(parts, dim=1)
     return w.to(packed.device)
+
+
+def load_nvfp4_experts(
+    source: Union[str, "os.PathLike[str]", bytes],
+    prefix: str,
+    experts: int,
+    projections: Sequence[str],
+    k: int,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Nvfp4Weights:
+    """Loads NVFP4 MoE experts exported one linear per expert and projection — ModelOpt
+    (``{prefix}.{e}.{proj}.weight``, ``.weight_scale``, ``.weight_scale_2``) or compressed-tensors
+    (``.weight_packed``, ``.weight_scale``, ``.weight_global_scale``, whose reciprocal is the tensor
+    scale) — from a safetensors file (path or bytes) with the library's reader, stacking each
+    expert's projections along N: ``["gate_proj", "up_proj"]`` gives a split-layout ``gate_up``
+    ``[E, 2I, K]`` with one tensor scale per projection (``tensor_scales [E, 2]``), ``["down_proj"]``
+    a ``down`` (``tensor_scales [E]``). ``prefix`` is e.g. ``"model.layers.0.mlp.experts"`` and
+    ``k`` the linears' input features. Returns ``Nvfp4Weights`` on ``device`` (CPU by default),
+    ready for ``expert_linear``/``moe_block``/``MxExpertLinear``/``MxMoeBlock``. Raises
+    ``MxmoeError`` naming the tensor for a missing tensor, a wrong dtype or shape, mixed layouts or
+    invalid values (NaN or negative block scales, tensor scales that are not finite and
+    positive)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    packed, scales, tensor_scales, (e, n, k_dim), groups, _layout = _native.read_nvfp4_experts(
+        data, prefix, experts, list(projections), k
+    )
+    ts = _from_bytes(tensor_scales, torch.float32, (e, groups) if groups > 1 else (e,))
+    out = Nvfp4Weights(
+        _from_bytes(packed, torch.uint8, (e, n, k_dim // 2)),
+        _from_bytes(scales, torch.uint8, (e, n, k_dim // 16)),
+        ts,
+    )
+    if device is None:
+        return out
+    return Nvfp4Weights(*(t.to(device) for t in out))
 
 
 def check_nvfp4_scales(

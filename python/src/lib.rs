@@ -21,7 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use mxmoe::activation::{Activation, GateUpLayout};
-use mxmoe::checkpoint::Checkpoint;
+use mxmoe::checkpoint::{Checkpoint, read_nv_experts};
 use mxmoe::device::Gpu;
 use mxmoe::external::{borrow_lora, check_device_tensor};
 use mxmoe::moe::{self, MoeBlock, MoeSaved};
@@ -271,6 +271,54 @@ fn read_safetensors<'py>(py: Python<'py>, data: &[u8]) -> PyRes<Bound<'py, PyDic
         )?;
     }
     Ok(out)
+}
+
+/// The parts of stacked NVFP4 experts read from a checkpoint: `(packed, scales, tensor_scales,
+/// (E, N, K), groups, layout)`.
+type NvCheckpointParts<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    (usize, usize, usize),
+    usize,
+    &'static str,
+);
+
+/// Reads NVFP4 experts stored one linear per expert and projection — `{prefix}.{e}.{proj}` with
+/// ModelOpt's (`weight`, `weight_scale`, `weight_scale_2`) or compressed-tensors' (`weight_packed`,
+/// `weight_scale`, `weight_global_scale`) names — from a safetensors file's bytes, through the
+/// library's reader (`mxmoe::checkpoint::read_nv_experts`), and stacks each expert's projections
+/// along N. Returns `(packed [E, N, K/2], scales [E, N, K/16]` E4M3 bytes, `tensor_scales [E, G]`
+/// little-endian f32 bytes (one group per projection), `(E, N, K)`, `G`, the layout's name
+/// (`"modelopt"` or `"compressed-tensors"`)). Raises `MxmoeError` naming the tensor for a
+/// missing tensor, a wrong dtype or shape, mixed layouts, or invalid values.
+#[pyfunction]
+fn read_nvfp4_experts<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    prefix: &str,
+    experts: usize,
+    projections: Vec<String>,
+    k: usize,
+) -> PyRes<NvCheckpointParts<'py>> {
+    let ck = Checkpoint::parse(data).map_err(to_py)?;
+    let names: Vec<&str> = projections.iter().map(String::as_str).collect();
+    let (w, layout) = read_nv_experts(&ck, prefix, experts, &names, k).map_err(to_py)?;
+    let shape = w.shape();
+    let tensor_scales: Vec<u8> = w
+        .tensor_scales()
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    Ok((
+        PyBytes::new(py, w.packed()),
+        PyBytes::new(py, w.scales()),
+        PyBytes::new(py, &tensor_scales),
+        (shape.experts(), shape.n(), shape.k()),
+        w.groups(),
+        layout.name(),
+    ))
 }
 
 /// Runs one operator call described by the bytes of a safetensors file, in the format of
@@ -1113,6 +1161,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyRes<()> {
     m.add_function(wrap_pyfunction!(quantize_nvfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_nvfp4_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(read_nvfp4_experts, m)?)?;
     m.add_function(wrap_pyfunction!(run_file, m)?)?;
     m.add_function(wrap_pyfunction!(driver_present, m)?)?;
     m.add_function(wrap_pyfunction!(device_count, m)?)?;

@@ -1,7 +1,8 @@
 """NVFP4 expert weights in the torch layer (issue #17).
 
 CPU tests (CI): ``quantize_nvfp4`` / ``dequantize_nvfp4`` on tensors against the library's byte
-functions and a plain-torch decoder (grouped tensor scales included), the CPU eager fallback of
+functions and a plain-torch decoder (grouped tensor scales included), ``load_nvfp4_experts`` on
+ModelOpt and compressed-tensors exports (stacking, tensor scales, errors naming the tensor), the CPU eager fallback of
 ``mxmoe.gpt_oss.experts_forward`` with NVFP4 weights against the same call on the dequantized
 weights, the modules' NVFP4 buffers, and typed errors raised before any launch.
 
@@ -92,6 +93,89 @@ def test_one_expert_given_as_a_matrix():
     w = torch.randn((4, 32), generator=torch.Generator().manual_seed(1))
     q = mxmoe.quantize_nvfp4(w, two_level=True)
     assert q.packed.shape == (1, 4, 16) and q.tensor_scales.shape == (1,)
+
+
+def _safetensors(tensors):
+    """A safetensors file's bytes from ``{name: (dtype name, shape, raw little-endian bytes)}``."""
+    import json
+    import struct
+
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _nv_export(linears, names):
+    """``{f"{base}.{suffix}": tensor}`` of per-linear NVFP4 parts, ``names`` = (codes, scale, global)
+    suffixes; the global scale is written as given (a scalar f32)."""
+    out = {}
+    for base, (packed, scales, global_scale) in linears.items():
+        out[f"{base}.{names[0]}"] = ("U8", packed.shape, packed.numpy().tobytes())
+        out[f"{base}.{names[1]}"] = ("F8_E4M3", scales.shape, scales.numpy().tobytes())
+        out[f"{base}.{names[2]}"] = ("F32", (), torch.tensor(global_scale, dtype=torch.float32).numpy().tobytes())
+    return _safetensors(out)
+
+
+@pytest.mark.parametrize("layout", ["modelopt", "compressed-tensors"])
+def test_load_nvfp4_experts_stacks_per_expert_exports(layout):
+    e, i_dim, k = 3, 32, 64
+    gen = torch.Generator().manual_seed(11)
+    prefix = "model.layers.0.mlp.experts"
+    q = {p: mxmoe.quantize_nvfp4(torch.randn((e, i_dim, k), generator=gen), two_level=True)
+         for p in ("gate_proj", "up_proj")}
+    names = ("weight", "weight_scale", "weight_scale_2") if layout == "modelopt" else \
+        ("weight_packed", "weight_scale", "weight_global_scale")
+    linears = {}
+    for x in range(e):
+        for p in ("gate_proj", "up_proj"):
+            ts = float(q[p].tensor_scales[x])
+            linears[f"{prefix}.{x}.{p}"] = (q[p].packed[x], q[p].scales[x],
+                                            ts if layout == "modelopt" else 1.0 / ts)
+    data = _nv_export(linears, names)
+    got = mxmoe.load_nvfp4_experts(data, prefix, e, ["gate_proj", "up_proj"], k)
+    assert got.packed.shape == (e, 2 * i_dim, k // 2) and got.scales.shape == (e, 2 * i_dim, k // 16)
+    assert got.tensor_scales.shape == (e, 2) and got.tensor_scales.dtype == torch.float32
+    # Each expert's gate rows, then its up rows (the split gate_up layout).
+    assert torch.equal(got.packed, torch.cat([q["gate_proj"].packed, q["up_proj"].packed], 1))
+    assert torch.equal(got.scales, torch.cat([q["gate_proj"].scales, q["up_proj"].scales], 1))
+    want_ts = torch.stack([q["gate_proj"].tensor_scales, q["up_proj"].tensor_scales], 1)
+    if layout == "modelopt":
+        assert torch.equal(got.tensor_scales, want_ts)
+    else:  # the reciprocal of the reciprocal: one f32 rounding each way
+        assert torch.allclose(got.tensor_scales, want_ts, rtol=2e-7, atol=0)
+    deq = mxmoe.dequantize_nvfp4(*got, dtype=torch.float32)
+    want = torch.cat([mxmoe.dequantize_nvfp4(*q["gate_proj"], dtype=torch.float32),
+                      mxmoe.dequantize_nvfp4(*q["up_proj"], dtype=torch.float32)], 1)
+    assert torch.allclose(deq, want, rtol=1e-6, atol=0)
+    # A down projection alone: one tensor scale per expert, shape [E].
+    down = mxmoe.load_nvfp4_experts(data, prefix, e, ["up_proj"], k)
+    assert down.tensor_scales.shape == (e,)
+    # From a path too.
+    import tempfile, os
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.safetensors")
+        with open(path, "wb") as f:
+            f.write(data)
+        assert torch.equal(mxmoe.load_nvfp4_experts(path, prefix, e, ["gate_proj", "up_proj"], k).packed,
+                           got.packed)
+
+
+def test_load_nvfp4_experts_errors_name_the_tensor():
+    gen = torch.Generator().manual_seed(12)
+    q = mxmoe.quantize_nvfp4(torch.randn((2, 16, 32), generator=gen), two_level=True)
+    prefix = "experts"
+    linears = {f"{prefix}.{x}.down_proj": (q.packed[x], q.scales[x], float(q.tensor_scales[x])) for x in range(2)}
+    data = _nv_export(linears, ("weight", "weight_scale", "weight_scale_2"))
+    with pytest.raises(mxmoe.MxmoeError, match="experts.2.down_proj"):
+        mxmoe.load_nvfp4_experts(data, prefix, 3, ["down_proj"], 32)
+    with pytest.raises(mxmoe.MxmoeError):
+        mxmoe.load_nvfp4_experts(data, prefix, 2, ["down_proj"], 64)
+    with pytest.raises(mxmoe.MxmoeError):
+        mxmoe.load_nvfp4_experts(b"not safetensors", prefix, 2, ["down_proj"], 32)
 
 
 def test_grouped_tensor_scales_dequantize_per_group_of_rows():
