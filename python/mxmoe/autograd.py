@@ -718,8 +718,8 @@ class MxExpertLinear(torch.nn.Module):
     ``weight_format="mxfp4"`` (default): buffers ``packed [E, N, K/2]`` and ``scales
     [E, N, K/32]`` (K a multiple of 32). ``weight_format="nvfp4"``: buffers ``packed``, ``scales
     [E, N, K/16]`` (E4M3 bytes) and ``tensor_scales`` (float32 ``[E]``; ``None`` for
-    single-level weights; K a multiple of 16); NVFP4 runs Strategy A (``strategy`` ``"auto"`` or
-    ``"selective"``).
+    single-level weights; K a multiple of 16); NVFP4 runs every strategy (``"fused"`` needs K a
+    multiple of 32).
 
     Scales the library refuses (MXFP4: the NaN byte 255; NVFP4: NaN or negative block scales,
     non-finite or non-positive tensor scales) raise ``MxmoeError`` on the first forward after
