@@ -28,8 +28,8 @@ use anyhow::{Context, Result, bail};
 use kernels_gpu::shared::module::PtxModule;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::tiles::{
-    BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, GRAM_CONFIG, RANK_PADS, gram_smem_bytes,
-    lora_down_config, smem_plan,
+    BLayout, GEMM_CONFIG_COUNT, GEMM_CONFIG_NAMES, GEMM_CONFIGS, GRAM_CONFIG, RANK_PADS,
+    gram_smem_bytes, lora_down_config, smem_plan,
 };
 
 use crate::ptxas_log::{self, EntryResources};
@@ -321,14 +321,12 @@ pub fn forbidden_problems(ptx: &str, forbidden: &[&str]) -> Vec<String> {
 }
 
 /// The grouped-GEMM layouts and their entry names, per table row.
-const GEMM_LAYOUTS: [(BLayout, &[&str]); names::GEMM_LAYOUTS] = [
-    (BLayout::NkBf16, &names::GEMM_NK),
-    (BLayout::KnBf16, &names::GEMM_KN),
-    (BLayout::NkMxfp4, &names::GEMM_NK_MX),
-    (BLayout::KnMxfp4, &names::GEMM_KN_MX),
-    (BLayout::NkNvfp4, &names::GEMM_NK_NV),
-    (BLayout::KnNvfp4, &names::GEMM_KN_NV),
-];
+fn gemm_layouts() -> impl Iterator<Item = (BLayout, &'static [&'static str; GEMM_CONFIG_COUNT])> {
+    names::GEMM_WEIGHT_LAYOUTS.into_iter().map(|layout| {
+        let entries = names::gemm_names(layout).expect("every grouped-GEMM layout has entries");
+        (layout, entries)
+    })
+}
 
 /// Shared-memory checks of `module` on `target`, with ptxas's static shared memory per entry in
 /// `resources`. For every grouped-GEMM row the module has, every layout and every padded rank
@@ -352,7 +350,7 @@ pub fn smem_problems(
     let mut problems = Vec::new();
     let mut fit_at_max_rank = Vec::new();
     let ranks: Vec<u32> = std::iter::once(0).chain(RANK_PADS).collect();
-    for (layout, entry_names) in GEMM_LAYOUTS {
+    for (layout, entry_names) in gemm_layouts() {
         for &r_pad in &ranks {
             let mut kept = 0;
             for (i, c) in GEMM_CONFIGS.iter().enumerate() {
@@ -384,8 +382,8 @@ pub fn smem_problems(
     }
     for (i, c) in GEMM_CONFIGS.iter().enumerate() {
         let fits_all = module.has_config(c)
-            && GEMM_LAYOUTS.iter().all(|(layout, entry_names)| {
-                u64::from(smem_plan(c, *layout, 128).total_bytes) + static_smem(entry_names[i])
+            && gemm_layouts().all(|(layout, entry_names)| {
+                u64::from(smem_plan(c, layout, 128).total_bytes) + static_smem(entry_names[i])
                     <= limit
             });
         if fits_all {

@@ -212,22 +212,35 @@ impl BOperand<'_> {
     }
 }
 
+/// Checks a 4-bit container `[*, n, k]` (`what`: "MXFP4 weights" or "NVFP4 weights") against
+/// the GEMM: `(n, k) = (n_out, k_red)` with K as the reduction (`forward`), `(k_red, n_out)`
+/// for dX, and `k % 32 == 0` (the fused stages take 32-k runs of packed bytes).
+fn check_container(
+    what: &'static str,
+    (n, k): (usize, usize),
+    n_out: usize,
+    k_red: usize,
+    forward: bool,
+) -> Result<()> {
+    let (want_n, want_k) = if forward {
+        (n_out, k_red)
+    } else {
+        (k_red, n_out)
+    };
+    if n != want_n || k != want_k || !k.is_multiple_of(32) {
+        return Err(Error::InvalidArgument {
+            what,
+            detail: format!(
+                "container [*, {n}, {k}] does not match the GEMM (n {want_n}, k {want_k}, k % 32 == 0)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl NvOperand<'_> {
     fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
-        let (want_n, want_k) = if forward {
-            (n_out, k_red)
-        } else {
-            (k_red, n_out)
-        };
-        if self.n != want_n || self.k != want_k || !self.k.is_multiple_of(32) {
-            return Err(Error::InvalidArgument {
-                what: "NVFP4 weights",
-                detail: format!(
-                    "container [*, {}, {}] does not match the fused GEMM (n {want_n}, k {want_k}, k % 32 == 0)",
-                    self.n, self.k
-                ),
-            });
-        }
+        check_container("NVFP4 weights", (self.n, self.k), n_out, k_red, forward)?;
         if self.groups == 0 || !self.n.is_multiple_of(self.groups) {
             return Err(Error::InvalidArgument {
                 what: "NVFP4 weights",
@@ -248,20 +261,7 @@ impl NvOperand<'_> {
 
 impl MxOperand<'_> {
     fn check(&self, experts: usize, n_out: usize, k_red: usize, forward: bool) -> Result<()> {
-        let (want_n, want_k) = if forward {
-            (n_out, k_red)
-        } else {
-            (k_red, n_out)
-        };
-        if self.n != want_n || self.k != want_k || !self.k.is_multiple_of(32) {
-            return Err(Error::InvalidArgument {
-                what: "MXFP4 weights",
-                detail: format!(
-                    "container [*, {}, {}] does not match the GEMM (n {want_n}, k {want_k}, k % 32 == 0)",
-                    self.n, self.k
-                ),
-            });
-        }
+        check_container("MXFP4 weights", (self.n, self.k), n_out, k_red, forward)?;
         check_len("packed", self.packed, experts * self.n * self.k / 2)?;
         check_len("scales", self.scales, experts * self.n * self.k / 32)
     }
@@ -370,84 +370,57 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         stride_n: 0,
         stride_k: 0,
     };
-    let (layout, b, scales_addr, name) = match args.b {
-        BOperand::Nk(s) => {
-            if s.stride_k != 1 {
+    let layout = args.b.layout();
+    let forward = layout.is_forward();
+    // The bf16 operands' strided view, or (4-bit) the packed codes, block scales and NVFP4's
+    // tensor scales with the container rows each covers.
+    let (b, b_addr, scales_addr, (tensor_scales_addr, ts_rows_per_group)) = match args.b {
+        BOperand::Nk(s) | BOperand::Kn(s) => {
+            if forward && s.stride_k != 1 {
                 return Err(Error::InvalidArgument {
                     what: "weights",
                     detail: "the [n][k] operand needs k contiguous".into(),
                 });
             }
-            s.check("weights", r.num_experts, args.n_out, args.k_red)?;
-            (BLayout::NkBf16, s, 0, names::GEMM_NK[args.config])
-        }
-        BOperand::Kn(s) => {
-            if s.stride_n != 1 {
+            if !forward && s.stride_n != 1 {
                 return Err(Error::InvalidArgument {
                     what: "weights",
                     detail: "the [k][n] operand needs n contiguous".into(),
                 });
             }
             s.check("weights", r.num_experts, args.n_out, args.k_red)?;
-            (BLayout::KnBf16, s, 0, names::GEMM_KN[args.config])
+            (s, addr(gpu, s.buf), 0, (0, 0))
         }
-        BOperand::NkMx(m) => {
-            m.check(r.num_experts, args.n_out, args.k_red, true)?;
-            (
-                BLayout::NkMxfp4,
-                none,
-                addr(gpu, m.scales),
-                names::GEMM_NK_MX[args.config],
-            )
+        BOperand::NkMx(m) | BOperand::KnMx(m) => {
+            m.check(r.num_experts, args.n_out, args.k_red, forward)?;
+            (none, addr(gpu, m.packed), addr(gpu, m.scales), (0, 0))
         }
-        BOperand::KnMx(m) => {
-            m.check(r.num_experts, args.n_out, args.k_red, false)?;
+        BOperand::NkNv(v) | BOperand::KnNv(v) => {
+            v.check(r.num_experts, args.n_out, args.k_red, forward)?;
+            // Checked above: groups ≥ 1 divides n.
+            let tensor_scales = match v.tensor_scales {
+                Some(t) => {
+                    let rows =
+                        u32::try_from(v.n / v.groups).map_err(|_| Error::InvalidArgument {
+                            what: "NVFP4 weights",
+                            detail: format!("{} rows per tensor scale exceed u32", v.n / v.groups),
+                        })?;
+                    (addr(gpu, t), rows)
+                }
+                None => (0, 1),
+            };
             (
-                BLayout::KnMxfp4,
                 none,
-                addr(gpu, m.scales),
-                names::GEMM_KN_MX[args.config],
-            )
-        }
-        BOperand::NkNv(v) => {
-            v.check(r.num_experts, args.n_out, args.k_red, true)?;
-            (
-                BLayout::NkNvfp4,
-                none,
+                addr(gpu, v.packed),
                 addr(gpu, v.scales),
-                names::GEMM_NK_NV[args.config],
-            )
-        }
-        BOperand::KnNv(v) => {
-            v.check(r.num_experts, args.n_out, args.k_red, false)?;
-            (
-                BLayout::KnNvfp4,
-                none,
-                addr(gpu, v.scales),
-                names::GEMM_KN_NV[args.config],
+                tensor_scales,
             )
         }
     };
-    let b_addr = match args.b {
-        BOperand::NkMx(m) | BOperand::KnMx(m) => addr(gpu, m.packed),
-        BOperand::NkNv(v) | BOperand::KnNv(v) => addr(gpu, v.packed),
-        _ => addr(gpu, b.buf),
-    };
-    // NVFP4: the tensor scales and the container rows each covers (checked above: groups ≥ 1
-    // divides n).
-    let (tensor_scales_addr, ts_rows_per_group) = match args.b {
-        BOperand::NkNv(v) | BOperand::KnNv(v) => match v.tensor_scales {
-            Some(t) => {
-                let rows = u32::try_from(v.n / v.groups).map_err(|_| Error::InvalidArgument {
-                    what: "NVFP4 weights",
-                    detail: format!("{} rows per tensor scale exceed u32", v.n / v.groups),
-                })?;
-                (addr(gpu, t), rows)
-            }
-            None => (0, 1),
-        },
-        _ => (0, 0),
-    };
+    let name = names::gemm_names(layout).ok_or_else(|| Error::InvalidArgument {
+        what: "weights",
+        detail: format!("{layout:?} is not a grouped-GEMM weight layout"),
+    })?[args.config];
     let (rank, r_pad, left, right, scaling) = match &args.lora {
         Some(l) if l.rank > 0 => {
             let (r_pad, _) = padded_rank(l.rank)?;
@@ -464,7 +437,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         .and_then(|l| l.left_lo.filter(|_| l.rank > 0))
     {
         Some(lo) => {
-            if !layout.is_forward() {
+            if !forward {
                 return Err(Error::InvalidArgument {
                     what: "LoRA left factor",
                     detail: "a low part is read only by the forward ([n][k]) layouts".into(),

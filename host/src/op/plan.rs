@@ -26,15 +26,17 @@ pub(super) fn tuned_gemm(
     rows: usize,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<usize> {
-    let (kernel, names): (&'static str, &[&'static str]) = match layout {
-        BLayout::NkBf16 => ("gemm_nk", &names::GEMM_NK),
-        BLayout::KnBf16 => ("gemm_kn", &names::GEMM_KN),
-        BLayout::NkMxfp4 => ("gemm_nk_mx", &names::GEMM_NK_MX),
-        BLayout::KnMxfp4 => ("gemm_kn_mx", &names::GEMM_KN_MX),
-        BLayout::NkNvfp4 => ("gemm_nk_nv", &names::GEMM_NK_NV),
-        BLayout::KnNvfp4 => ("gemm_kn_nv", &names::GEMM_KN_NV),
-        BLayout::Strided => ("gemm_strided", &names::GEMM_NK),
+    let kernel = match layout {
+        BLayout::NkBf16 => "gemm_nk",
+        BLayout::KnBf16 => "gemm_kn",
+        BLayout::NkMxfp4 => "gemm_nk_mx",
+        BLayout::KnMxfp4 => "gemm_kn_mx",
+        BLayout::NkNvfp4 => "gemm_nk_nv",
+        BLayout::KnNvfp4 => "gemm_kn_nv",
+        BLayout::Strided => "gemm_strided",
     };
+    // (`Strided` is never a grouped GEMM's weight layout; its registers are looked up as `nk`'s.)
+    let names = names::gemm_names(layout).unwrap_or(&names::GEMM_NK);
     let r_pad = if rank > 0 { rank_pad(rank as u32) } else { 0 };
     let (candidates, report) = prune(gpu.limits(), layout, r_pad, |i| {
         gpu.function_resources(names[i])

@@ -3,7 +3,7 @@
 //! [`ALL_PORTABLE`] (portable module) as its entries.
 //! The grouped-GEMM names are generated from the one table, `tiles::gemm_configs!`.
 
-use crate::shared::tiles::{GEMM_CONFIG_COUNT, GEMM_CONFIGS, bytes_eq, gemm_configs};
+use crate::shared::tiles::{BLayout, GEMM_CONFIG_COUNT, GEMM_CONFIGS, bytes_eq, gemm_configs};
 
 /// Probe: special registers (`%tid`, `%ctaid`, `%laneid`, warp id) written per thread.
 pub const PROBE_SREG: &str = "mxmoe_probe_sreg";
@@ -114,11 +114,35 @@ macro_rules! define_gemm_names {
 }
 gemm_configs!(define_gemm_names);
 
-/// Rows of `tiles::GEMM_CONFIGS` built on `wgmma` (Hopper module only).
-/// Grouped-GEMM entry points per `tiles::gemm_configs!` row: one per weight layout (`nk`,
-/// `kn`, `nk_mx`, `kn_mx`, `nk_nv`, `kn_nv`).
-pub const GEMM_LAYOUTS: usize = 6;
+/// The weight layouts of the grouped GEMM, each with one entry point per `tiles::gemm_configs!`
+/// row ([`gemm_names`]), in the order [`ALL`] lists them.
+pub const GEMM_WEIGHT_LAYOUTS: [BLayout; 6] = [
+    BLayout::NkBf16,
+    BLayout::KnBf16,
+    BLayout::NkMxfp4,
+    BLayout::KnMxfp4,
+    BLayout::NkNvfp4,
+    BLayout::KnNvfp4,
+];
 
+/// Grouped-GEMM entry points per `tiles::gemm_configs!` row: one per weight layout.
+pub const GEMM_LAYOUTS: usize = GEMM_WEIGHT_LAYOUTS.len();
+
+/// The grouped-GEMM entry names of weight layout `layout`, one per row of
+/// `tiles::GEMM_CONFIGS`; `None` for `BLayout::Strided`, which only the rank-sized products use.
+pub const fn gemm_names(layout: BLayout) -> Option<&'static [&'static str; GEMM_CONFIG_COUNT]> {
+    match layout {
+        BLayout::NkBf16 => Some(&GEMM_NK),
+        BLayout::KnBf16 => Some(&GEMM_KN),
+        BLayout::NkMxfp4 => Some(&GEMM_NK_MX),
+        BLayout::KnMxfp4 => Some(&GEMM_KN_MX),
+        BLayout::NkNvfp4 => Some(&GEMM_NK_NV),
+        BLayout::KnNvfp4 => Some(&GEMM_KN_NV),
+        BLayout::Strided => None,
+    }
+}
+
+/// Rows of `tiles::GEMM_CONFIGS` built on `wgmma` (Hopper module only).
 const WGMMA_ROWS: usize = {
     let mut n = 0;
     let mut i = 0;
@@ -131,20 +155,19 @@ const WGMMA_ROWS: usize = {
     n
 };
 
-/// Whether `name` is the entry point of a `wgmma` row (in any of the four layouts).
+/// Whether `name` is the entry point of a `wgmma` row (in any weight layout).
 const fn is_wgmma_entry(name: &str) -> bool {
     let mut i = 0;
     while i < GEMM_CONFIG_COUNT {
         if GEMM_CONFIGS[i].wgmma {
-            let n = name.as_bytes();
-            if bytes_eq(n, GEMM_NK[i].as_bytes())
-                || bytes_eq(n, GEMM_KN[i].as_bytes())
-                || bytes_eq(n, GEMM_NK_MX[i].as_bytes())
-                || bytes_eq(n, GEMM_KN_MX[i].as_bytes())
-                || bytes_eq(n, GEMM_NK_NV[i].as_bytes())
-                || bytes_eq(n, GEMM_KN_NV[i].as_bytes())
-            {
-                return true;
+            let mut l = 0;
+            while l < GEMM_LAYOUTS {
+                if let Some(names) = gemm_names(GEMM_WEIGHT_LAYOUTS[l])
+                    && bytes_eq(name.as_bytes(), names[i].as_bytes())
+                {
+                    return true;
+                }
+                l += 1;
             }
         }
         i += 1;
@@ -261,13 +284,12 @@ mod tests {
             ALL.len(),
             14 + GEMM_LAYOUTS * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
         );
-        for names in [
-            GEMM_NK, GEMM_KN, GEMM_NK_MX, GEMM_KN_MX, GEMM_NK_NV, GEMM_KN_NV,
-        ] {
-            for name in names {
-                assert!(ALL.contains(&name), "{name} missing from ALL");
+        for layout in GEMM_WEIGHT_LAYOUTS {
+            for name in gemm_names(layout).unwrap() {
+                assert!(ALL.contains(name), "{name} missing from ALL");
             }
         }
+        assert!(gemm_names(BLayout::Strided).is_none());
     }
 
     #[test]
