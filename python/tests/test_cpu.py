@@ -180,17 +180,21 @@ def _values(n, seed, scale=1.0):
 
 
 def _safetensors(tensors, metadata=None):
-    """A safetensors file: `tensors` is {name: (dtype, shape, values)}, dtype BF16 or I32."""
+    """A safetensors file: `tensors` is {name: (dtype, shape, values)}; values are Python
+    numbers for BF16 and I32, or the raw little-endian bytes for any dtype (other test modules
+    import this writer)."""
     import json
     import struct
 
     header, blobs, offset = {}, [], 0
     for name, (dtype, shape, values) in tensors.items():
-        if dtype == "BF16":
+        if isinstance(values, (bytes, bytearray)):
+            blob = bytes(values)
+        elif dtype == "BF16":
             blob = struct.pack(f"<{len(values)}H", *(_bf16_bits(v) for v in values))
         else:
             blob = struct.pack(f"<{len(values)}i", *values)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
     if metadata:

@@ -13,9 +13,7 @@ cases with NCCL, 2 and 4 ranks, bf16, against mxmoe's single-GPU ``moe_block`` o
 """
 
 import datetime
-import json
 import os
-import struct
 import sys
 import traceback
 
@@ -306,19 +304,16 @@ def test_dense_and_mxfp4_weights_agree_on_one_rank():
 
 
 def _safetensors(tensors, metadata):
-    """A safetensors file of torch tensors ({name: tensor}; bf16 or int32)."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        dtype = {bf16: "BF16", torch.int32: "I32"}[t.dtype]
+    """A safetensors file of torch tensors ({name: tensor}; bf16 or int32), through
+    test_cpu's writer."""
+    from test_cpu import _safetensors as write
+
+    def raw(t):
         c = t.contiguous()
-        blob = c.view(torch.uint8).numpy().tobytes() if c.numel() else b""
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    header["__metadata__"] = metadata
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+        return c.view(torch.uint8).numpy().tobytes() if c.numel() else b""
+
+    return write({name: ({bf16: "BF16", torch.int32: "I32"}[t.dtype], t.shape, raw(t))
+                  for name, t in tensors.items()}, metadata)
 
 
 def _from_result(t):

@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import mxmoe  # noqa: E402
 from test_torch import ref_linear, rel_err  # noqa: E402  (the float32 reference and error of test_torch.py)
+from test_cpu import _safetensors  # noqa: E402  (test_cpu.py's safetensors writer)
 
 HAVE_GPU = torch.cuda.is_available() and mxmoe.driver_present()
 cuda = pytest.mark.skipif(not HAVE_GPU, reason="needs a CUDA device and the CUDA driver")
@@ -93,20 +94,6 @@ def test_one_expert_given_as_a_matrix():
     w = torch.randn((4, 32), generator=torch.Generator().manual_seed(1))
     q = mxmoe.quantize_nvfp4(w, two_level=True)
     assert q.packed.shape == (1, 4, 16) and q.tensor_scales.shape == (1,)
-
-
-def _safetensors(tensors):
-    """A safetensors file's bytes from ``{name: (dtype name, shape, raw little-endian bytes)}``."""
-    import json
-    import struct
-
-    header, data = {}, b""
-    for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    return struct.pack("<Q", len(h)) + h + data
 
 
 def _nv_export(linears, names):
