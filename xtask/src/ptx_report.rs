@@ -12,6 +12,9 @@
 //! - a probe kernel lacks the instruction it exists to test ([`REQUIRED_INSTRUCTIONS`]);
 //! - ptxas rejects the module for a target, or reports register spills or a stack frame (local
 //!   memory) for an entry that is not in [`ALLOWED_STACK`];
+//! - ptxas serializes the `wgmma` pipeline of a function ("wgmma.mma_async instructions are
+//!   serialized", C7510–C7520): a wait after every tensor-core instruction, which the kernels'
+//!   design rules out ([`serialization_problems`]);
 //! - on a target, a grouped-GEMM row the tuner would keep (its `smem_plan` within the target's
 //!   opt-in shared memory) does not fit once ptxas's static shared memory is added, a layout and
 //!   rank have no row that fits at all, or a fixed-shape kernel (LoRA products, Gram) does not
@@ -32,7 +35,7 @@ use kernels_gpu::shared::tiles::{
     gram_smem_bytes, lora_down_config, smem_plan,
 };
 
-use crate::ptxas_log::{self, EntryResources};
+use crate::ptxas_log::{self, EntryResources, SerializedWgmma};
 use crate::{build_ptx, flags, ptxas, shell};
 
 /// Kernels allowed to use local memory (a stack frame or register spills), each with the reason.
@@ -153,6 +156,7 @@ pub fn run(root: &Path, flags: &flags::PtxReport) -> Result<()> {
 struct Assembled {
     target: Target,
     resources: Vec<EntryResources>,
+    serialized: Vec<SerializedWgmma>,
     seconds: f64,
 }
 
@@ -196,6 +200,7 @@ fn assemble(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<Vec<Assem
                     Ok(Assembled {
                         target,
                         resources,
+                        serialized: ptxas_log::serialized_wgmma(&log),
                         seconds: started.elapsed().as_secs_f64(),
                     })
                 })
@@ -256,16 +261,19 @@ pub fn report(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<()> {
                 .into_iter()
                 .map(tag),
         );
+        problems.extend(serialization_problems(&a.serialized).into_iter().map(tag));
         let (smem, fit) = smem_problems(module, &a.target, &a.resources);
         problems.extend(smem.into_iter().map(tag));
         let max_regs = a.resources.iter().map(|r| r.registers).max().unwrap_or(0);
         let local = a.resources.iter().filter(|r| r.uses_local_memory()).count();
         println!(
             "{:>7} ({}): {} entries, at most {max_regs} registers, {local} with local memory, \
-             ptxas {:.1} s; rows fitting {} B opt-in shared memory at rank 128: {}",
+             {} with serialized wgmma, ptxas {:.1} s; rows fitting {} B opt-in shared memory at \
+             rank 128: {}",
             a.target.arch,
             a.target.gpus,
             a.resources.len(),
+            a.serialized.len(),
             a.seconds,
             a.target.smem_optin,
             fit
@@ -533,6 +541,34 @@ pub fn resource_problems(resources: &[EntryResources], allowed: &[(&str, &str)])
         .collect()
 }
 
+/// One problem per function whose `wgmma` pipeline ptxas serialized. Every `wgmma` kernel keeps
+/// a group's instructions back to back (register A fragments defined before `wgmma.fence`, a
+/// second fragment set or `wait_group 0` before they are redefined, docs/PERF.md); a
+/// serialization means one of them no longer does, and costs the tensor pipe a wait per
+/// instruction.
+pub fn serialization_problems(serialized: &[SerializedWgmma]) -> Vec<String> {
+    serialized
+        .iter()
+        .map(|s| {
+            format!(
+                "ptxas serializes the wgmma pipeline of `{}` ({}: {}); keep each group's \
+                 instructions back to back (docs/PERF.md, \"wgmma serialized\")",
+                if s.function.is_empty() {
+                    "<unnamed>"
+                } else {
+                    &s.function
+                },
+                if s.code.is_empty() {
+                    "no code"
+                } else {
+                    &s.code
+                },
+                s.reason
+            )
+        })
+        .collect()
+}
+
 /// The reason `name` is allowed local memory, if it is.
 fn allowed_reason<'a>(allowed: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
     allowed
@@ -710,6 +746,29 @@ mod tests {
         let problems = resource_problems(&resources, &[("stacky", "a local array, by design")]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("`spilly` uses local memory (8 bytes stack frame"));
+    }
+
+    #[test]
+    fn every_serialized_wgmma_is_a_problem() {
+        let serialized = vec![
+            SerializedWgmma {
+                function: "k".into(),
+                code: "C7513".into(),
+                reason: "non wgmma instructions defining input registers".into(),
+            },
+            SerializedWgmma {
+                function: String::new(),
+                code: String::new(),
+                reason: "something new".into(),
+            },
+        ];
+        let problems = serialization_problems(&serialized);
+        assert_eq!(problems.len(), 2);
+        assert!(problems[0].starts_with(
+            "ptxas serializes the wgmma pipeline of `k` (C7513: non wgmma instructions"
+        ));
+        assert!(problems[1].contains("`<unnamed>` (no code: something new)"));
+        assert!(serialization_problems(&[]).is_empty());
     }
 
     #[test]

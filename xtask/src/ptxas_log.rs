@@ -140,6 +140,55 @@ pub fn parse(log: &str) -> Result<Vec<EntryResources>> {
         .collect()
 }
 
+/// One "wgmma.mma_async instructions are serialized" report of ptxas (C7510–C7520, CUDA 12.x
+/// and 13.0): ptxas inserted a wait after every `wgmma` of `function`, so its tensor-core
+/// pipeline holds one instruction at a time, e.g.
+///
+/// ```text
+/// ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage in the function 'k'
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerializedWgmma {
+    /// The function ptxas names (an entry, or a helper `.func`).
+    pub function: String,
+    /// The diagnostic code, e.g. `C7513` (empty if ptxas printed none).
+    pub code: String,
+    /// Why, in ptxas's words ("non wgmma instructions defining input registers …").
+    pub reason: String,
+}
+
+/// Every serialized-`wgmma` report in a `ptxas` log, in log order. Lines that mention the
+/// serialization but name no function are reported with an empty `function` rather than
+/// dropped, so the gate cannot miss one because its wording changed.
+pub fn serialized_wgmma(log: &str) -> Vec<SerializedWgmma> {
+    const MARK: &str = "wgmma.mma_async instructions are serialized";
+    log.lines()
+        .filter_map(|raw| {
+            let message = ptxas_message(raw.trim())?;
+            let at = message.find(MARK)?;
+            let code = message
+                .strip_prefix('(')
+                .and_then(|m| m.split_once(')'))
+                .map(|(c, _)| c.trim().to_string())
+                .unwrap_or_default();
+            let tail = &message[at + MARK.len()..];
+            let (reason, function) = match tail.rsplit_once(" in the function '") {
+                Some((reason, name)) => (reason, name.trim_end_matches('\'').to_string()),
+                None => (tail, String::new()),
+            };
+            let reason = reason
+                .trim()
+                .strip_prefix("due to ")
+                .unwrap_or(reason.trim());
+            Some(SerializedWgmma {
+                function,
+                code,
+                reason: reason.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// The message of a `ptxas <severity> : <message>` line, or `None` for other lines.
 fn ptxas_message(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("ptxas")?;
@@ -235,6 +284,63 @@ ptxas info    : Function properties for spilly
 ptxas info    : Used 24 registers, used 0 barriers, 488 bytes cumulative stack size
 ptxas info    : Compile time = 15.440 ms
 ";
+
+    /// `ptxas -arch=sm_90a -O3 -v` (CUDA 13.0.88) on a kernel that redefines an accumulator
+    /// register between two `wgmma` of one group (the C7511 line), plus the C7513 line it printed
+    /// for `mxmoe_gemm_nk_nv_m64n128k64wg2s4` at 604f35b, and the C7519 note that is not a
+    /// serialization.
+    const SERIALIZED: &str = "\
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 19 by compiler to allow use of registers in GMMA in function 'serial'
+ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'serial'
+ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage in the function 'mxmoe_gemm_nk_nv_m64n128k64wg2s4'
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'serial' for 'sm_90a'
+ptxas info    : Function properties for serial
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 38 registers, used 0 barriers
+ptxas info    : Compile time = 3.462 ms
+";
+
+    #[test]
+    fn serialized_wgmma_reports_are_found_with_code_reason_and_function() {
+        let found = serialized_wgmma(SERIALIZED);
+        assert_eq!(
+            found,
+            vec![
+                SerializedWgmma {
+                    function: "serial".into(),
+                    code: "C7511".into(),
+                    reason: "insufficient register resources for the wgmma pipeline".into(),
+                },
+                SerializedWgmma {
+                    function: "mxmoe_gemm_nk_nv_m64n128k64wg2s4".into(),
+                    code: "C7513".into(),
+                    reason: "non wgmma instructions defining input registers of a wgmma \
+                             between start and end of the pipeline stage"
+                        .into(),
+                },
+            ]
+        );
+        // The same log still parses for resources.
+        assert_eq!(parse(SERIALIZED).unwrap()[0].registers, 38);
+    }
+
+    #[test]
+    fn a_serialization_without_a_function_name_is_still_reported() {
+        let found = serialized_wgmma(
+            "ptxas warning : (C7599) Potential Performance Loss: wgmma.mma_async instructions are serialized for a new reason\n",
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].function, "");
+        assert_eq!(found[0].code, "C7599");
+        assert_eq!(found[0].reason, "for a new reason");
+    }
+
+    #[test]
+    fn logs_without_serialization_report_nothing() {
+        assert!(serialized_wgmma(TWO_ENTRIES_AND_A_HELPER).is_empty());
+        assert!(serialized_wgmma(SPILLING).is_empty());
+    }
 
     #[test]
     fn entries_are_parsed_and_helpers_left_out() {

@@ -18,8 +18,11 @@
 //! stops the main loop. A consumer waits "full", fences the copies into the async proxy, builds
 //! its A fragments for the tile's `BK/16` k-steps (`ldmatrix` for bf16 weights, register decode
 //! for the forward MXFP4 and NVFP4 layouts, a decoded shared tile read by `ldmatrix.trans` for dX
-//! over MXFP4 and NVFP4), issues one wgmma group, and once the previous group has retired (`wait_group 1`)
-//! arrives on that group's "empty" barrier.
+//! over MXFP4 and NVFP4), issues one wgmma group, and arrives on a group's "empty" barrier once
+//! the group has retired: the previous group (`wait_group 1`) for the forward MXFP4 layout, whose
+//! fragments come from a bf16x2 decode in registers; the current one (`wait_group 0`) wherever
+//! a group kept in flight makes ptxas serialize every wgmma (C7513, gated by `cargo xtask
+//! ptx-report`): fragments from `ldmatrix`, and the forward NVFP4 layout's f32 decode.
 //!
 //! Epilogue: the LoRA term with `mma.sync` (the `wgmma` accumulator layout per warp is the
 //! `m16n8` C layout), then the tile is rounded to bf16 through a shared `[BM][128]` tile and
@@ -517,8 +520,8 @@ unsafe fn issue_group<const BK: u32, const NJ: usize>(
 
 /// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 or
 /// NVFP4 runs [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
-/// `frags`, issue the tile's wgmma group, retire the previous group (the current one too for
-/// `ldmatrix`-fed fragments, see below) and free its slot.
+/// `frags`, issue the tile's wgmma group, retire the previous group (the current one too except
+/// for the forward MXFP4 layout, see below) and free its slot.
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; `frags` was last read by a retired group.
@@ -597,7 +600,12 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     // arrival (two iterations later).
     unsafe {
         issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
-        if LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::NkNvfp4 as u8 {
+        // Only the MXFP4 decode (integer placement, one bf16x2 product) lets ptxas keep a
+        // group in flight while the next fragments are built. With the NVFP4 decode (f32
+        // products, `cvt.rn.bf16x2`) ptxas 13.0 serializes every wgmma (C7513) whatever the
+        // fold — a constant one included — so that layout retires its group like the
+        // `ldmatrix` paths.
+        if LAYOUT == BLayout::NkMxfp4 as u8 {
             wgmma_wait_group::<1>();
             if kt > 0 {
                 mbarrier_arrive(bars.empty((kt - 1) % STAGES));
