@@ -500,14 +500,7 @@ mod tests {
     #[test]
     fn rows_absent_from_the_loaded_module_are_never_candidates() {
         for smem in [166_912, 101_376, 232_448] {
-            for layout in [
-                BLayout::NkBf16,
-                BLayout::KnBf16,
-                BLayout::NkMxfp4,
-                BLayout::KnMxfp4,
-                BLayout::NkNvfp4,
-                BLayout::KnNvfp4,
-            ] {
+            for layout in kernels_gpu::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r_pad in [0, 16, 64, 128] {
                     let (keep, report) = prune(&portable(smem), layout, r_pad, |_| None);
                     assert!(keep.iter().all(|&i| !GEMM_CONFIGS[i].wgmma));
@@ -531,14 +524,7 @@ mod tests {
         // as an expert's rows (or 32), and never shrinks as the rows grow.
         for smem in [166_912, 101_376, 232_448] {
             let limits = portable(smem);
-            for layout in [
-                BLayout::NkBf16,
-                BLayout::KnBf16,
-                BLayout::NkMxfp4,
-                BLayout::KnMxfp4,
-                BLayout::NkNvfp4,
-                BLayout::KnNvfp4,
-            ] {
+            for layout in kernels_gpu::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r_pad in [0, 16, 32, 64, 128] {
                     let (candidates, _) = prune(&limits, layout, r_pad, |_| None);
                     let mut last_bm = 0;
@@ -579,14 +565,7 @@ mod tests {
         // The tuner's number is `smem_plan(..).total_bytes`, the same value the launch passes and
         // the kernel carves; check the plan covers every region for every table row.
         for c in GEMM_CONFIGS {
-            for layout in [
-                BLayout::NkBf16,
-                BLayout::KnBf16,
-                BLayout::NkMxfp4,
-                BLayout::KnMxfp4,
-                BLayout::NkNvfp4,
-                BLayout::KnNvfp4,
-            ] {
+            for layout in kernels_gpu::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r_pad in [0, 16, 64, 128] {
                     let p = smem_plan(c, layout, r_pad);
                     let main = c.stages * (p.a_stage_bytes + p.b_stage_bytes);
@@ -711,14 +690,7 @@ mod tests {
         // per expert, and ends at the tallest tile.
         let h100 = limits(232_448);
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
-        for layout in [
-            BLayout::NkBf16,
-            BLayout::KnBf16,
-            BLayout::NkMxfp4,
-            BLayout::KnMxfp4,
-            BLayout::NkNvfp4,
-            BLayout::KnNvfp4,
-        ] {
+        for layout in kernels_gpu::shared::names::GEMM_WEIGHT_LAYOUTS {
             let mut last_bm = 0;
             for per_expert in [1usize, 3, 8, 15, 16, 31, 47, 48, 64, 95, 96, 200, 4096] {
                 let experts = 64;

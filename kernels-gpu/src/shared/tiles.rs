@@ -640,14 +640,7 @@ mod tests {
     fn compiled_configs_are_valid_and_fit_hopper() {
         for c in GEMM_CONFIGS {
             assert_eq!(c.validate(), Ok(()), "{c:?}");
-            for b in [
-                BLayout::NkBf16,
-                BLayout::KnBf16,
-                BLayout::NkMxfp4,
-                BLayout::KnMxfp4,
-                BLayout::NkNvfp4,
-                BLayout::KnNvfp4,
-            ] {
+            for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
                     assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
