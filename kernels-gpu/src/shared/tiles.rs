@@ -383,6 +383,33 @@ pub const fn wgmma_desc_sw128(addr: u32) -> u64 {
     (((addr & 0x3_FFFF) >> 4) as u64) | (1u64 << 16) | ((1024u64 >> 4) << 32) | (1u64 << 62)
 }
 
+/// A `wgmma` descriptor for an **MN-major** bf16 operand (read with `imm-trans-a = 1`) in the
+/// 128-byte swizzle mode: the layout of [`wgmma_mn_offset`], 64 MN elements (128 bytes) per
+/// reduction row, rows 128 bytes apart, on a 1024-byte aligned panel. In the PTX ISA's
+/// canonical form `((8, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))` (elements) the stride byte
+/// offset is the step between groups of 8 reduction rows (1024 bytes) and the leading byte
+/// offset the step between 64-element MN panels. An m64 A operand spans one panel, so that
+/// field is never used; it is 1024 too, which makes the descriptor the same whichever of the two
+/// fields the hardware takes for which. K-step `ks` (16 rows) starts `2048·ks` bytes further,
+/// i.e. the start field plus `128·ks`.
+#[inline(always)]
+pub const fn wgmma_desc_sw128_mn(addr: u32) -> u64 {
+    (((addr & 0x3_FFFF) >> 4) as u64)
+        | ((1024u64 >> 4) << 16)
+        | ((1024u64 >> 4) << 32)
+        | (1u64 << 62)
+}
+
+/// Byte offset of element (reduction row `row`, MN column `col`) in an MN-major `wgmma` operand
+/// tile of `rows` reduction rows: 64-column panels `[rows][64]` one after another, each in the
+/// 128-byte swizzle of [`swizzled_offset`] with 64-element rows, so panel `c` is what
+/// [`wgmma_desc_sw128_mn`] names at `c · rows · 128` bytes. With `rows` a multiple of 8 every
+/// panel starts on a 1024-byte boundary of a 1024-byte aligned tile.
+#[inline(always)]
+pub const fn wgmma_mn_offset(row: u32, col: u32, rows: u32) -> u32 {
+    (col / 64) * rows * 128 + swizzled_offset(row, col % 64, 64)
+}
+
 /// Byte offset of element `(row, col)` (bf16) in a swizzled tile with `row_elems` per row.
 #[inline(always)]
 pub const fn swizzled_offset(row: u32, col: u32, row_elems: u32) -> u32 {
@@ -772,6 +799,74 @@ mod tests {
         assert_eq!((d >> 32) & 0x3FFF, 64);
         assert_eq!(d >> 62, 1);
         assert_eq!((d >> 46) & 0xFFFF, 0);
+    }
+
+    /// The shared-memory address a `wgmma` reads for element (m, k) of a bf16 operand named by
+    /// `desc`, after the PTX ISA's canonical layouts for the 128-byte swizzle ("Shared Memory
+    /// Matrix Layout": K-major `((8, m), (8, 2k)) : ((64, SBO), (1, 8))`, MN-major
+    /// `((8, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))`, in elements), then the swizzle, which
+    /// XORs address bits 4–6 with bits 7–9. `swap` reads LBO for SBO and back.
+    fn wgmma_reads(desc: u64, mn_major: bool, swap: bool, m: u32, k: u32) -> u32 {
+        assert_eq!(desc >> 62, 1, "128-byte swizzle");
+        let start = ((desc & 0x3FFF) << 4) as u32;
+        let (mut lbo, mut sbo) = (
+            (((desc >> 16) & 0x3FFF) << 4) as u32,
+            (((desc >> 32) & 0x3FFF) << 4) as u32,
+        );
+        if swap {
+            core::mem::swap(&mut lbo, &mut sbo);
+        }
+        let plain = if mn_major {
+            start + 2 * (m % 64) + (m / 64) * lbo + 128 * (k % 8) + (k / 8) * sbo
+        } else {
+            assert!(k < 64);
+            start + 128 * (m % 8) + (m / 8) * sbo + 2 * k
+        };
+        plain ^ (((plain >> 7) & 7) << 4)
+    }
+
+    #[test]
+    fn wgmma_operands_read_the_staged_tiles() {
+        let base = 0x2_0000; // a 1024-byte aligned stage
+        // Every m64 × k16 A operand of a k-tile of 64, for both warpgroups (c): the forward
+        // weights `[128 n][64 k]` (K-major, `swizzled_offset`; the same layout the activation B
+        // operand has run with since the first `wgmma` kernel), and the dX weights or decoded
+        // tile `[64 k][128 n]` as two MN-major panels (`wgmma_mn_offset`).
+        for c in 0..2u32 {
+            for ks in 0..4u32 {
+                let k_major = wgmma_desc_sw128(base + 8192 * c) + 2 * ks as u64;
+                let mn_major = wgmma_desc_sw128_mn(base + 8192 * c) + 128 * ks as u64;
+                for m in 0..64u32 {
+                    for kk in 0..16u32 {
+                        let (n, k) = (64 * c + m, 16 * ks + kk);
+                        assert_eq!(
+                            wgmma_reads(k_major, false, false, m, kk),
+                            base + swizzled_offset(n, k, 64),
+                            "K-major c {c} ks {ks} m {m} k {kk}"
+                        );
+                        for swap in [false, true] {
+                            assert_eq!(
+                                wgmma_reads(mn_major, true, swap, m, kk),
+                                base + wgmma_mn_offset(k, n, 64),
+                                "MN-major c {c} ks {ks} m {m} k {kk} swap {swap}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Each panel is the 64-element-row swizzled tile, the panels back to back.
+        for row in 0..64u32 {
+            for col in 0..128u32 {
+                let want = (col / 64) * 8192 + swizzled_offset(row, col % 64, 64);
+                assert_eq!(wgmma_mn_offset(row, col, 64), want);
+            }
+        }
+        let d = wgmma_desc_sw128_mn(0x1_2400);
+        assert_eq!(d & 0x3FFF, 0x1240);
+        assert_eq!((d >> 16) & 0x3FFF, 64);
+        assert_eq!((d >> 32) & 0x3FFF, 64);
+        assert_eq!(d >> 62, 1);
     }
 
     #[test]

@@ -43,15 +43,16 @@ use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
-    wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n128k16_f32_bf16_rs,
-    wgmma_wait_group,
+    wgmma_m64n16k16_f32_bf16_ss, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss,
+    wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss, wgmma_m64n128k16_f32_bf16_rs,
+    wgmma_m64n128k16_f32_bf16_ss, wgmma_wait_group,
 };
 use crate::shared::mxfp4::scale_fold;
 use crate::shared::nvfp4::nv_fold;
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
     BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, nv_scale_slot_bytes,
-    smem_plan, swizzled_offset, wgmma_desc_sw128,
+    smem_plan, swizzled_offset, wgmma_desc_sw128, wgmma_desc_sw128_mn, wgmma_mn_offset,
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
@@ -79,23 +80,50 @@ pub trait WgAcc {
     /// # Safety
     /// As `ptx::wgmma::wgmma_m64n128k16_f32_bf16_rs`.
     unsafe fn mma_async(&mut self, a: [u32; 4], desc_b: u64, accumulate: u32);
+
+    /// `self += A·B` with A in shared memory too: K-major (`TRANS_A = 0`) or MN-major (1) at
+    /// `desc_a`.
+    ///
+    /// # Safety
+    /// As `ptx::wgmma::wgmma_m64n128k16_f32_bf16_ss`.
+    unsafe fn mma_async_ss<const TRANS_A: u32>(
+        &mut self,
+        desc_a: u64,
+        desc_b: u64,
+        accumulate: u32,
+    );
 }
 
 macro_rules! wg_acc {
-    ($nj:literal, $f:ident) => {
+    ($nj:literal, $rs:ident, $ss:ident) => {
         impl WgAcc for [[f32; 4]; $nj] {
             #[inline(always)]
             unsafe fn mma_async(&mut self, a: [u32; 4], desc_b: u64, accumulate: u32) {
                 // SAFETY: forwarded.
-                unsafe { $f(self, a, desc_b, accumulate) }
+                unsafe { $rs(self, a, desc_b, accumulate) }
+            }
+
+            #[inline(always)]
+            unsafe fn mma_async_ss<const TRANS_A: u32>(
+                &mut self,
+                desc_a: u64,
+                desc_b: u64,
+                accumulate: u32,
+            ) {
+                // SAFETY: forwarded.
+                unsafe { $ss::<TRANS_A>(self, desc_a, desc_b, accumulate) }
             }
         }
     };
 }
-wg_acc!(2, wgmma_m64n16k16_f32_bf16_rs);
-wg_acc!(4, wgmma_m64n32k16_f32_bf16_rs);
-wg_acc!(8, wgmma_m64n64k16_f32_bf16_rs);
-wg_acc!(16, wgmma_m64n128k16_f32_bf16_rs);
+wg_acc!(2, wgmma_m64n16k16_f32_bf16_rs, wgmma_m64n16k16_f32_bf16_ss);
+wg_acc!(4, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss);
+wg_acc!(8, wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss);
+wg_acc!(
+    16,
+    wgmma_m64n128k16_f32_bf16_rs,
+    wgmma_m64n128k16_f32_bf16_ss
+);
 
 /// This warp's A fragments (16 weight columns `warp_n0..+16` × k-steps of 16) for one stage of
 /// the forward MXFP4 layout: packed `[BN][BK/2]` bytes and a scale slot per column (see
@@ -350,12 +378,14 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
         }
         w
     } else if LAYOUT == BLayout::KnBf16 as u8 {
-        // [64][BN] swizzled: rows kr = tid/16 + 8i, chunk tid % 16 (swizzle by kr % 8, fixed).
+        // [64][BN] as two MN-major panels [64][64] (`wgmma_mn_offset`, the A operand of
+        // warpgroup `n / 64`): rows kr = tid/16 + 8i, chunk tid % 16 (swizzle by kr % 8, fixed;
+        // 8 rows = 1024 bytes between a thread's chunks).
         let cn = tid % 16;
         let mut w = Stream::empty(
             2 * BK as u64 * p.b_stride_k,
-            plan.b_offset + swizzled_offset(tid / 16, 8 * cn, BN),
-            8 * BN * 2,
+            plan.b_offset + wgmma_mn_offset(tid / 16, 8 * cn, BK),
+            8 * 64 * 2,
             plan.b_stage_bytes,
         );
         w.n = (BK * BN / 8 / WG_PRODUCER_THREADS) as usize;
@@ -518,10 +548,40 @@ unsafe fn issue_group<const BK: u32, const NJ: usize>(
     }
 }
 
+/// Issues and commits one wgmma group with both operands in shared memory: `acc += A·B` over
+/// the k-tile's `BK/16` k-steps, A named by `desc_a` (k-step `ks` at `desc_a + a_step·ks`: 2 for
+/// a K-major tile, 32 bytes further into the rows; 128 for an MN-major one, 16 rows further),
+/// B the activation stage `a_tile` as in [`issue_group`].
+///
+/// # Safety
+/// Warpgroup converged; both tiles are visible to the async proxy and stay in place until the
+/// group has retired.
+#[inline(always)]
+unsafe fn issue_group_ss<const BK: u32, const NJ: usize, const TRANS_A: u32>(
+    acc: &mut [[f32; 4]; NJ],
+    desc_a: u64,
+    a_step: u64,
+    a_tile: SharedAddr,
+    accumulate: u32,
+) where
+    [[f32; 4]; NJ]: WgAcc,
+{
+    let desc_b = wgmma_desc_sw128(a_tile.raw());
+    // SAFETY: forwarded.
+    unsafe {
+        wgmma_fence();
+        for ks in 0..(BK / 16) as u64 {
+            acc.mma_async_ss::<TRANS_A>(desc_a + a_step * ks, desc_b + 2 * ks, accumulate);
+        }
+        wgmma_commit_group();
+    }
+}
+
 /// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 or
 /// NVFP4 runs [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
-/// `frags`, issue the tile's wgmma group, retire the previous group (the current one too except
-/// for the forward MXFP4 layout, see below) and free its slot.
+/// `frags` (the 4-bit layouts; the bf16 weights are read from the stage by the wgmma), issue the
+/// tile's wgmma group, retire the previous group (the current one too for the forward NVFP4
+/// layout, see below) and free its slot.
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; `frags` was last read by a retired group.
@@ -585,27 +645,30 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
                 frags,
             )
         };
-    } else if LAYOUT == BLayout::KnBf16 as u8 {
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the `[BK][BN]` stage.
-            frags[ks] = unsafe { a_km(b_tile, warp_n0, 16 * ks as u32, BN) };
-        }
-    } else {
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the `[BN][BK]` stage.
-            frags[ks] = unsafe { a_mk(b_tile, warp_n0, 16 * ks as u32, BK) };
-        }
     }
-    // SAFETY: warpgroup converged; the activation slot stays until this group's "empty"
-    // arrival (two iterations later).
+    // This warpgroup's 64 weight columns of the stage, for the bf16 layouts (A from shared
+    // memory): rows `64·wg..` of the K-major `[BN][BK]` forward stage, or MN-major panel `wg` of
+    // the dX stage (`wgmma_mn_offset`).
+    let wg = warp_n0 / 64;
+    // SAFETY: warpgroup converged; the weight and activation slots stay until this group's
+    // "empty" arrival (the next k-tile, or this one for `wait_group 0`).
     unsafe {
-        issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
-        // Only the MXFP4 decode (integer placement, one bf16x2 product) lets ptxas keep a
-        // group in flight while the next fragments are built. With the NVFP4 decode (f32
-        // products, `cvt.rn.bf16x2`) ptxas 13.0 serializes every wgmma (C7513) whatever the
-        // fold — a constant one included — so that layout retires its group like the
-        // `ldmatrix` paths.
-        if LAYOUT == BLayout::NkMxfp4 as u8 {
+        if LAYOUT == BLayout::NkBf16 as u8 {
+            let desc_a = wgmma_desc_sw128(b_tile.offset(wg * 64 * BK * 2).raw());
+            issue_group_ss::<BK, NJ, 0>(acc, desc_a, 2, a_tile, accumulate);
+        } else if LAYOUT == BLayout::KnBf16 as u8 {
+            let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * wg, BK)).raw());
+            issue_group_ss::<BK, NJ, 1>(acc, desc_a, 128, a_tile, accumulate);
+        } else {
+            issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
+        }
+        // A group stays in flight while the next k-tile is waited for and its fragments built,
+        // except for the forward NVFP4 layout: with its decode (f32 products,
+        // `cvt.rn.bf16x2`) into the next register fragments ptxas 13.0 serializes every wgmma
+        // (C7513) whatever the fold — a constant one included — so that layout retires its
+        // group first. The MXFP4 decode (integer placement, one bf16x2 product) does not, and
+        // the bf16 layouts have no register fragments.
+        if LAYOUT != BLayout::NkNvfp4 as u8 {
             wgmma_wait_group::<1>();
             if kt > 0 {
                 mbarrier_arrive(bars.empty((kt - 1) % STAGES));
@@ -617,10 +680,12 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     }
 }
 
-/// The consumer loop of dX over MXFP4 (or NVFP4 with `NV`: `decode_stage_kn_nv`), software-pipelined so the decode of k-tile `kt` (into
-/// this warpgroup's half of decoded tile `kt % 2`) overlaps the wgmma group of `kt − 1`. The
-/// fragments are loaded by `ldmatrix` only after that group retired: a group kept in flight
-/// while `ldmatrix` defines the next fragments makes ptxas serialize every wgmma (C7513).
+/// The consumer loop of dX over MXFP4 (or NVFP4 with `NV`: `decode_stage_kn_nv`),
+/// software-pipelined: each warpgroup decodes its 64 columns of k-tile `kt` into its MN-major
+/// panel of decoded tile `kt % 2` (`wgmma_mn_offset`) while the wgmma group of `kt − 1` runs,
+/// then issues group `kt` with A read from that panel by descriptor and retires group `kt − 1`
+/// (`wait_group 1`). No register fragments: nothing ptxas must keep unchanged while a group is
+/// in flight, so no serialization (C7513).
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
@@ -645,7 +710,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
     let blocks_k = p.n_out / if NV { 16 } else { 32 };
     let decoded = |kt: u32| smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
     // Waits for k-tile kt, decodes this warpgroup's 64 columns of it and publishes them to the
-    // warpgroup (named barrier 1 + wg).
+    // warpgroup's wgmma (proxy fence, then named barrier 1 + wg).
     let decode = |kt: u32| {
         let slot = kt % STAGES;
         let g0 = if NV {
@@ -654,14 +719,16 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
             kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k)
         };
         // SAFETY: the producer completes "full" after its copies land (acquire), the proxy
-        // fence extends that to this thread's wgmma reads of the activation slot; the decoded
-        // tile kt % 2 was last read (ldmatrix) by this warpgroup before its barrier of kt − 1.
+        // fence extends that to this thread's wgmma reads of the activation slot; panel `wg` of
+        // decoded tile kt % 2 was last read by group kt − 2 of this warpgroup, retired by the
+        // `wait_group 1` after group kt − 1 was issued. The second proxy fence orders this
+        // thread's decoded stores before the wgmma reads the barrier releases.
         unsafe {
             mbarrier_wait_parity(bars.full(slot), (kt / STAGES) & 1);
             fence_proxy_async_shared_cta();
             let raw = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
             if NV {
-                decode_stage_kn_nv::<BN, BK>(
+                decode_stage_kn_nv::<BN, BK, true>(
                     raw,
                     decoded(kt),
                     plan.b_scales_in_stage,
@@ -674,7 +741,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
                     128,
                 );
             } else {
-                decode_stage_kn_mx::<BN, BK>(
+                decode_stage_kn_mx::<BN, BK, true>(
                     raw,
                     decoded(kt),
                     plan.b_scales_in_stage,
@@ -686,6 +753,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
                     128,
                 );
             }
+            fence_proxy_async_shared_cta();
             if wg == 0 {
                 bar_sync_named::<1, 128>();
             } else {
@@ -693,29 +761,33 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
             }
         }
     };
-    // Loads the fragments of decoded k-tile kt and issues its wgmma group.
+    // Issues the wgmma group of decoded k-tile kt: A is this warpgroup's MN-major panel.
     let issue = |kt: u32, acc: &mut [[f32; 4]; NJ]| {
-        let mut frags = [[0u32; 4]; 4];
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the decoded tile.
-            frags[ks] = unsafe { a_km(decoded(kt), warp_n0, 16 * ks as u32, BN) };
-        }
+        let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * wg, BK));
         let a_tile = smem.offset((kt % STAGES) * plan.a_stage_bytes);
-        // SAFETY: warpgroup converged; no group is pending (retired before this call), the
-        // activation slot stays until this group's "empty" arrival.
-        unsafe { issue_group::<BK, NJ>(acc, &frags, a_tile, accumulate) };
+        // SAFETY: warpgroup converged; the panel and the activation slot stay until this
+        // group retires (the panel is rewritten two k-tiles later, the slot freed one later).
+        unsafe {
+            issue_group_ss::<BK, NJ, 1>(
+                acc,
+                wgmma_desc_sw128_mn(panel.raw()),
+                128,
+                a_tile,
+                accumulate,
+            )
+        };
     };
     decode(0);
     issue(0, acc);
     let mut kt = 1;
     while kt < ktiles {
         decode(kt);
+        issue(kt, acc);
         // SAFETY: warpgroup converged: retire group kt − 1 and free its slot.
         unsafe {
-            wgmma_wait_group::<0>();
+            wgmma_wait_group::<1>();
             mbarrier_arrive(bars.empty((kt - 1) % STAGES));
         }
-        issue(kt, acc);
         kt += 1;
     }
 }

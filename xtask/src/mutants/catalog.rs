@@ -185,6 +185,22 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        id: "dx-panel-swapped-wg",
+        description: "dX in the wgmma family reads the other warpgroup's MN-major weight panel (bf16 stage and decoded MXFP4/NVFP4 tile)",
+        edits: &[
+            Edit {
+                file: WG,
+                old: "let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * wg, BK)).raw());",
+                new: "let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * (wg ^ 1), BK)).raw());",
+            },
+            Edit {
+                file: WG,
+                old: "let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * wg, BK));",
+                new: "let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * (wg ^ 1), BK));",
+            },
+        ],
+    },
+    Mutant {
         id: "last-ktile-dropped",
         description: "the K loop stops one k-tile early whenever there are two or more, both families (also the LoRA down products)",
         edits: &[
