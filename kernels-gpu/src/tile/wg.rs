@@ -4,25 +4,30 @@
 //! expert-aligned row tiles, same B layouts), with 256 threads and `smem_plan` of the `wgmma`
 //! configuration.
 //!
-//! Why transposed: `wgmma` takes its A operand from registers and its B operand from shared
-//! memory. The weights are A — two warpgroups × 64 columns, each warp 16 of them — so a decoded
-//! MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory round trip in the
-//! forward), and the routed rows are the MMA's N (16 to 128), which suits experts with few rows.
-//! The activations are staged by `cp.async` in the 128-byte swizzled K-major layout a
-//! descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so `BK == 64`).
+//! Why transposed: `wgmma` takes its A operand from registers or shared memory and its B
+//! operand from shared memory. The weights are A — two warpgroups × 64 columns, each warp 16 of
+//! them — so a decoded MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory
+//! round trip in the forward), and the routed rows are the MMA's N (16 to 128), which suits
+//! experts with few rows. The activations are staged by `cp.async` in the 128-byte swizzled
+//! K-major layout a descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so
+//! `BK == 64`).
+//!
+//! Where A comes from: register fragments decoded from the stage for the forward MXFP4 and
+//! NVFP4 layouts; otherwise shared memory, by descriptor — the forward bf16 stage (K-major, like
+//! the activations), and for dX the bf16 stage or the tile decoded from MXFP4/NVFP4, both stored
+//! as two MN-major 64-column panels (`tiles::wgmma_mn_offset`, read with `imm-trans-a`).
 //!
 //! Warp specialisation: warpgroup 0 produces, warpgroups 1 and 2 consume. The producer stages
 //! k-tile `kt` into slot `kt % STAGES` with `cp.async` (after the slot's "empty" mbarrier says
 //! both consumers retired the wgmma group that read it) and hands it over with
 //! `cp.async.mbarrier.arrive.noinc` on the slot's "full" mbarrier, so no block-wide barrier
 //! stops the main loop. A consumer waits "full", fences the copies into the async proxy, builds
-//! its A fragments for the tile's `BK/16` k-steps (`ldmatrix` for bf16 weights, register decode
-//! for the forward MXFP4 and NVFP4 layouts, a decoded shared tile read by `ldmatrix.trans` for dX
-//! over MXFP4 and NVFP4), issues one wgmma group, and arrives on a group's "empty" barrier once
-//! the group has retired: the previous group (`wait_group 1`) for the forward MXFP4 layout, whose
-//! fragments come from a bf16x2 decode in registers; the current one (`wait_group 0`) wherever
-//! a group kept in flight makes ptxas serialize every wgmma (C7513, gated by `cargo xtask
-//! ptx-report`): fragments from `ldmatrix`, and the forward NVFP4 layout's f32 decode.
+//! its A operand for the tile's `BK/16` k-steps (fragments, or for dX over 4-bit weights its
+//! panel of the decoded tile), issues one wgmma group, and arrives on a group's "empty" barrier
+//! once the group has retired: the previous group (`wait_group 1`, one group in flight while
+//! the next k-tile is prepared) except for the forward NVFP4 layout, whose f32 decode into the
+//! next fragments makes ptxas serialize every wgmma (C7513, gated by `cargo xtask ptx-report`)
+//! unless the group retires first (`wait_group 0`).
 //!
 //! Epilogue: the LoRA term with `mma.sync` (the `wgmma` accumulator layout per warp is the
 //! `m16n8` C layout), then the tile is rounded to bf16 through a shared `[BM][128]` tile and
