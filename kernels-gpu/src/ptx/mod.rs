@@ -24,6 +24,7 @@
 //! | [`warp::vote_sync_ballot_b32`], [`warp::match_any_sync_b32`], [`warp::lanemask_lt`] | `vote.sync.ballot.b32`, `match.any.sync.b32`, `%lanemask_lt` |
 //! | [`warp::atom_shared_add_u32`], [`warp::bar_warp_sync`] | `atom.shared.add.u32`, `bar.warp.sync` |
 //! | [`wgmma::wgmma_m64n128k16_f32_bf16_rs`] (and n16, n32, n64) | `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` (A in registers, sm_90a) |
+//! | [`wgmma::wgmma_m64n128k16_f32_bf16_ss`] (and n16, n32, n64) | the same with A in shared memory (descriptor, `imm-trans-a`) |
 //! | [`wgmma::wgmma_fence`], [`wgmma::wgmma_commit_group`], [`wgmma::wgmma_wait_group`] | `wgmma.{fence,commit_group,wait_group}.sync.aligned` |
 //! | [`wgmma::fence_proxy_async_shared_cta`] | `fence.proxy.async.shared::cta` |
 //! | [`mbarrier::mbarrier_init`], [`mbarrier::mbarrier_arrive`], [`mbarrier::mbarrier_try_wait_parity`] | `mbarrier.{init,arrive,try_wait.parity}.shared::cta.b64` |
