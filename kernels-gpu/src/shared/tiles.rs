@@ -270,6 +270,13 @@ pub struct SmemPlan {
     pub total_bytes: u32,
 }
 
+/// Alignment of every tile a `wgmma` descriptor names in the 128-byte swizzle mode (the
+/// activation and weight stages, the decoded dX tiles): the hardware swizzles address bits 4–6
+/// by bits 7–9 of the shared address, the software layout (`swizzled_offset`) by the row inside
+/// the tile, and the two agree only on 1024-byte boundaries (the dynamic shared memory starts at
+/// shared address 0: no static shared memory in these kernels).
+pub const WGMMA_SWIZZLE_ALIGN: u32 = 1024;
+
 /// Shared-memory plan for config `c`, B layout `b` and padded LoRA rank `r_pad` (0 = no LoRA
 /// epilogue).
 pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
@@ -320,7 +327,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     };
     let mut next = reused.div_ceil(128) * 128;
     let decoded_offset = if b.has_decoded_tile() {
-        let decoded = next;
+        // A `wgmma` reads the decoded tile by a swizzled descriptor, whose swizzle pattern
+        // repeats on 1024-byte boundaries of the shared address.
+        let decoded = if c.wgmma {
+            next.div_ceil(WGMMA_SWIZZLE_ALIGN) * WGMMA_SWIZZLE_ALIGN
+        } else {
+            next
+        };
         // `wgmma` consumers alternate two decoded tiles (one warpgroup may decode the next
         // stage while the other still reads this one).
         next = decoded + c.bk * c.bn * 2 * if c.wgmma { 2 } else { 1 };
@@ -867,6 +880,45 @@ mod tests {
         assert_eq!((d >> 16) & 0x3FFF, 64);
         assert_eq!((d >> 32) & 0x3FFF, 64);
         assert_eq!(d >> 62, 1);
+    }
+
+    #[test]
+    fn every_tile_a_wgmma_descriptor_names_is_1024_byte_aligned() {
+        for c in GEMM_CONFIGS.iter().filter(|c| c.wgmma) {
+            for b in [
+                BLayout::NkBf16,
+                BLayout::KnBf16,
+                BLayout::NkMxfp4,
+                BLayout::KnMxfp4,
+                BLayout::NkNvfp4,
+                BLayout::KnNvfp4,
+            ] {
+                for r_pad in [0, 16, 32, 64, 128] {
+                    let plan = smem_plan(c, b, r_pad);
+                    for slot in 0..c.stages {
+                        // Activation stages (B operand), and the bf16 weight stages (A operand:
+                        // K-major forward, MN-major panels for dX, each panel 64·BK·2 bytes).
+                        assert_eq!(
+                            (slot * plan.a_stage_bytes) % WGMMA_SWIZZLE_ALIGN,
+                            0,
+                            "{c:?} {b:?}"
+                        );
+                        if matches!(b, BLayout::NkBf16 | BLayout::KnBf16) {
+                            let stage = plan.b_offset + slot * plan.b_stage_bytes;
+                            assert_eq!(stage % WGMMA_SWIZZLE_ALIGN, 0, "{c:?} {b:?}");
+                            assert_eq!((64 * c.bk * 2) % WGMMA_SWIZZLE_ALIGN, 0);
+                        }
+                    }
+                    if b.has_decoded_tile() {
+                        for tile in 0..2 {
+                            let at = plan.decoded_offset + tile * c.bk * c.bn * 2;
+                            assert_eq!(at % WGMMA_SWIZZLE_ALIGN, 0, "{c:?} {b:?} r {r_pad}");
+                            assert_eq!(wgmma_mn_offset(0, 64, c.bk) % WGMMA_SWIZZLE_ALIGN, 0);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
