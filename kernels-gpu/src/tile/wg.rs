@@ -40,10 +40,11 @@ use crate::ptx::cp_async::{
 use crate::ptx::cvt::cvt_rn_bf16x2_f32;
 use crate::ptx::ldmatrix::stmatrix_x4_trans_m8n8_shared_b16;
 use crate::ptx::mbarrier::{
-    bar_sync_named, cp_async_mbarrier_arrive_noinc, mbarrier_arrive, mbarrier_init,
-    mbarrier_wait_parity,
+    bar_arrive_named, bar_sync_named, cp_async_mbarrier_arrive_noinc, mbarrier_arrive,
+    mbarrier_init, mbarrier_wait_parity,
 };
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
+use crate::ptx::regs::{declare_launch_bounds, setmaxnreg_dec, setmaxnreg_inc};
 use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
 use crate::ptx::wgmma::{
@@ -76,6 +77,29 @@ const BN: u32 = 128;
 const THREADS: u32 = WG_PRODUCER_THREADS + CONSUMER_THREADS;
 /// Threads of the two consumer (MMA) warpgroups.
 const CONSUMER_THREADS: u32 = 256;
+/// Rows per block tile from which the kernel moves registers from the producer warpgroup to the
+/// consumers (`setmaxnreg`, launch bounds of one block per SM). Only the 128-row tiles run near
+/// the even split's limit (154–158 of 168 registers, one block per SM anyway); the smaller
+/// tiles keep their lower register count, so that several blocks share an SM.
+const REALLOCATE_FROM_ROWS: u32 = 128;
+/// Per-thread registers of the producer warpgroup after `setmaxnreg.dec`: its copy plans (two
+/// streams of up to eight cached 64-bit source addresses) fit in 96 without spills, not in 72
+/// (ptxas 13.0; `cargo xtask ptx-report` gates spills).
+const PRODUCER_REGS: u32 = 96;
+/// Per-thread registers of each consumer warpgroup after `setmaxnreg.inc`: what the producer's
+/// decrease frees, from the 168 each thread has at entry with `.maxntid 384` and one block per
+/// SM (65536 / 384, rounded down to a multiple of 8).
+const CONSUMER_REGS: u32 = {
+    let entry = 65536 / THREADS / 8 * 8;
+    let pool = entry * THREADS - PRODUCER_REGS * WG_PRODUCER_THREADS;
+    pool / CONSUMER_THREADS / 8 * 8
+};
+/// Named barrier of the epilogue: the producer arrives once its copies and the LoRA factors
+/// are in place, the consumers wait (all 384 threads). Ids 1 and 2 are the consumer warpgroups'
+/// decode barriers (`consume_kn_mx`).
+const EPILOGUE_BAR: u32 = 3;
+/// Named barrier of the consumers' output tile (256 threads).
+const OUT_TILE_BAR: u32 = 4;
 
 /// A `wgmma` accumulator of `8·N` routed rows (`N` n8 blocks) and its `m64n(8N)k16` instruction.
 pub trait WgAcc {
@@ -831,6 +855,13 @@ pub unsafe fn gemm_wg<
     };
     let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
+    let reallocate = const { BM >= REALLOCATE_FROM_ROWS };
+    if reallocate {
+        // The block size ptxas compiles for: it fixes the register count at entry, which the
+        // producer/consumer reallocation below needs.
+        // SAFETY: `THREADS` is this kernel's launch size (`TileConfig::threads`).
+        unsafe { declare_launch_bounds::<THREADS, 1>() };
+    }
     let tid = tid_x();
     let n_tiles = p.n_out.div_ceil(BN);
     let n_blk = ctaid_x() % n_tiles;
@@ -871,18 +902,23 @@ pub unsafe fn gemm_wg<
     let n0 = n_blk * BN;
     let e = tile.bucket as u64;
     let dropped = tile.bucket >= p.num_experts;
-    let mut acc = [[0f32; 4]; NJ];
     let lora_right = lora_right_layout(p);
+    let ktiles = p.k_red.div_ceil(BK);
 
-    if !dropped {
-        let ktiles = p.k_red.div_ceil(BK);
-        if producer {
-            // SAFETY: the whole producer warpgroup, uniform arguments. The LoRA factors go to
-            // their own region with `cp.async` before the main loop (landing with the first
-            // stage, waited for at the end of `produce`), or — right factors without
-            // contiguous 16-byte runs — by element gathers after it; the block barrier below
-            // publishes them. Either way they stay off the consumers' critical path.
-            unsafe {
+    if producer {
+        // SAFETY: the whole producer warpgroup, uniform arguments. It needs few registers (the
+        // copy plans), and on the large tiles gives the rest to the consumers. The LoRA factors go to their own
+        // region with `cp.async` before the main loop (landing with the first stage, waited for
+        // at the end of `produce`), or — right factors without contiguous 16-byte runs — by
+        // element gathers after it. Either way they stay off the consumers' critical path, and
+        // the arrival on the epilogue barrier publishes them (and the drained stages) to the
+        // consumers. The producer then leaves: the epilogue is the consumers' alone, so no code
+        // after this branch runs under the producer's register budget.
+        unsafe {
+            if reallocate {
+                setmaxnreg_dec::<PRODUCER_REGS>();
+            }
+            if !dropped {
                 if p.rank > 0 {
                     stage_lora_async::<BM, BN>(
                         p,
@@ -901,135 +937,145 @@ pub unsafe fn gemm_wg<
                     stage_lora_factors::<BM, BN>(p, &plan, smem, &tile, e, n0, WG_PRODUCER_THREADS);
                 }
             }
-        } else {
-            // Always nonzero, but opaque to LLVM, so the flag lives in a register defined once
-            // before the loop rather than a constant materialized inside each wgmma group.
-            let accumulate = laneid() | 1;
-            // Two fragment sets, alternating, so the registers a pending wgmma group reads are
-            // never rewritten before `wait_group 1` retires it.
-            let mut frags_even = [[0u32; 4]; 4];
-            let mut frags_odd = [[0u32; 4]; 4];
-            let mut kt = 0;
-            if LAYOUT == BLayout::KnMxfp4 as u8 {
-                // SAFETY: all consumer threads.
-                unsafe {
-                    consume_kn_mx::<BK, STAGES, NJ, false>(
-                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
-                    )
-                };
-                kt = ktiles;
-            } else if LAYOUT == BLayout::KnNvfp4 as u8 {
-                // SAFETY: all consumer threads.
-                unsafe {
-                    consume_kn_mx::<BK, STAGES, NJ, true>(
-                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
-                    )
-                };
-                kt = ktiles;
-            }
-            // Forward over NVFP4: the tensor scales of this lane's two weight columns.
-            let ts = if LAYOUT == BLayout::NkNvfp4 as u8 {
-                let col = n0 + warp_n0 + laneid() / 4;
-                // SAFETY: `e < num_experts` (not dropped); columns past N read nothing.
-                unsafe {
-                    (
-                        nv_row_tensor_scale(p, e, col, p.n_out),
-                        nv_row_tensor_scale(p, e, col + 8, p.n_out),
-                    )
-                }
-            } else {
-                (1.0, 1.0)
+            bar_arrive_named::<EPILOGUE_BAR, THREADS>();
+        }
+        return;
+    }
+
+    if reallocate {
+        // SAFETY: both consumer warpgroups, converged; the producer's decrease supplies the
+        // pool (`CONSUMER_REGS`).
+        unsafe { setmaxnreg_inc::<CONSUMER_REGS>() };
+    }
+    let mut acc = [[0f32; 4]; NJ];
+    if !dropped {
+        // Always nonzero, but opaque to LLVM, so the flag lives in a register defined once
+        // before the loop rather than a constant materialized inside each wgmma group.
+        let accumulate = laneid() | 1;
+        // Two fragment sets, alternating, so the registers a pending wgmma group reads are
+        // never rewritten before `wait_group 1` retires it.
+        let mut frags_even = [[0u32; 4]; 4];
+        let mut frags_odd = [[0u32; 4]; 4];
+        let mut kt = 0;
+        if LAYOUT == BLayout::KnMxfp4 as u8 {
+            // SAFETY: all consumer threads.
+            unsafe {
+                consume_kn_mx::<BK, STAGES, NJ, false>(
+                    p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                )
             };
-            while kt < ktiles {
-                // SAFETY: all consumer threads, uniform loop.
+            kt = ktiles;
+        } else if LAYOUT == BLayout::KnNvfp4 as u8 {
+            // SAFETY: all consumer threads.
+            unsafe {
+                consume_kn_mx::<BK, STAGES, NJ, true>(
+                    p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                )
+            };
+            kt = ktiles;
+        }
+        // Forward over NVFP4: the tensor scales of this lane's two weight columns.
+        let ts = if LAYOUT == BLayout::NkNvfp4 as u8 {
+            let col = n0 + warp_n0 + laneid() / 4;
+            // SAFETY: `e < num_experts` (not dropped); columns past N read nothing.
+            unsafe {
+                (
+                    nv_row_tensor_scale(p, e, col, p.n_out),
+                    nv_row_tensor_scale(p, e, col + 8, p.n_out),
+                )
+            }
+        } else {
+            (1.0, 1.0)
+        };
+        while kt < ktiles {
+            // SAFETY: all consumer threads, uniform loop.
+            unsafe {
+                consume::<BK, STAGES, NJ, LAYOUT>(
+                    p,
+                    &plan,
+                    smem,
+                    kt,
+                    e,
+                    n0,
+                    warp_n0,
+                    bars,
+                    ts,
+                    &mut frags_even,
+                    &mut acc,
+                    accumulate,
+                )
+            };
+            if kt + 1 < ktiles {
+                // SAFETY: as above.
                 unsafe {
                     consume::<BK, STAGES, NJ, LAYOUT>(
                         p,
                         &plan,
                         smem,
-                        kt,
+                        kt + 1,
                         e,
                         n0,
                         warp_n0,
                         bars,
                         ts,
-                        &mut frags_even,
+                        &mut frags_odd,
                         &mut acc,
                         accumulate,
                     )
                 };
-                if kt + 1 < ktiles {
-                    // SAFETY: as above.
-                    unsafe {
-                        consume::<BK, STAGES, NJ, LAYOUT>(
-                            p,
-                            &plan,
-                            smem,
-                            kt + 1,
-                            e,
-                            n0,
-                            warp_n0,
-                            bars,
-                            ts,
-                            &mut frags_odd,
-                            &mut acc,
-                            accumulate,
+            }
+            kt += 2;
+        }
+        // SAFETY: warpgroup converged; retire the last group before the accumulators are
+        // read.
+        unsafe { wgmma_wait_group::<0>() };
+    }
+    // SAFETY: all 384 threads take part (the producer arrived after its last copy landed and
+    // the LoRA factors were stored; each consumer after its last group retired): the stages may
+    // be reused and the factors are visible.
+    unsafe { bar_sync_named::<EPILOGUE_BAR, THREADS>() };
+
+    if !dropped {
+        if p.rank > 0 {
+            let left = smem.offset(plan.lora_left_offset);
+            let right = smem.offset(plan.lora_right_offset);
+            // outᵀ[n, m] += s · Σ_j right[n, j] · left[m, j]: A = right (this warp's 16
+            // columns), B = left (16 rows per pair of n8 blocks).
+            let left_lo = smem.offset(plan.lora_left_lo_offset);
+            let lo = left_lo_used(p, &plan);
+            for nj in 0..NJ / 2 {
+                let mut t0 = [0f32; 4];
+                let mut t1 = [0f32; 4];
+                let mut kk = 0;
+                while kk < p.r_pad {
+                    // SAFETY: warp converged; blocks inside the regions.
+                    let (a, b) = unsafe {
+                        (
+                            if lora_right == LoraRight::Kn {
+                                a_km(right, warp_n0, kk, BN)
+                            } else {
+                                a_mk(right, warp_n0, kk, p.r_pad)
+                            },
+                            b_nk(left, 16 * nj as u32, kk, p.r_pad),
                         )
                     };
-                }
-                kt += 2;
-            }
-            // SAFETY: warpgroup converged; retire the last group before the accumulators are
-            // read.
-            unsafe { wgmma_wait_group::<0>() };
-        }
-        // SAFETY: all threads (producers after their last copy landed and the LoRA factors
-        // were stored, consumers after their last group retired): the stages may be reused
-        // and the factors are visible.
-        unsafe { bar_sync_0() };
-
-        if p.rank > 0 {
-            if !producer {
-                let left = smem.offset(plan.lora_left_offset);
-                let right = smem.offset(plan.lora_right_offset);
-                // outᵀ[n, m] += s · Σ_j right[n, j] · left[m, j]: A = right (this warp's 16
-                // columns), B = left (16 rows per pair of n8 blocks).
-                let left_lo = smem.offset(plan.lora_left_lo_offset);
-                let lo = left_lo_used(p, &plan);
-                for nj in 0..NJ / 2 {
-                    let mut t0 = [0f32; 4];
-                    let mut t1 = [0f32; 4];
-                    let mut kk = 0;
-                    while kk < p.r_pad {
-                        // SAFETY: warp converged; blocks inside the regions.
-                        let (a, b) = unsafe {
-                            (
-                                if lora_right == LoraRight::Kn {
-                                    a_km(right, warp_n0, kk, BN)
-                                } else {
-                                    a_mk(right, warp_n0, kk, p.r_pad)
-                                },
-                                b_nk(left, 16 * nj as u32, kk, p.r_pad),
-                            )
-                        };
+                    t0 = mma(a, [b[0], b[1]], t0);
+                    t1 = mma(a, [b[2], b[3]], t1);
+                    if lo {
+                        // The left factor's low part: the same right fragment, accumulated
+                        // in f32 with the high part.
+                        // SAFETY: as above, in the low part's region.
+                        let b = unsafe { b_nk(left_lo, 16 * nj as u32, kk, p.r_pad) };
                         t0 = mma(a, [b[0], b[1]], t0);
                         t1 = mma(a, [b[2], b[3]], t1);
-                        if lo {
-                            // The left factor's low part: the same right fragment, accumulated
-                            // in f32 with the high part.
-                            // SAFETY: as above, in the low part's region.
-                            let b = unsafe { b_nk(left_lo, 16 * nj as u32, kk, p.r_pad) };
-                            t0 = mma(a, [b[0], b[1]], t0);
-                            t1 = mma(a, [b[2], b[3]], t1);
-                        }
-                        kk += 16;
                     }
-                    axpy4(&mut acc[2 * nj], p.scaling, t0);
-                    axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
+                    kk += 16;
                 }
+                axpy4(&mut acc[2 * nj], p.scaling, t0);
+                axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
             }
         }
-        if p.bias_addr != 0 && !producer {
+        if p.bias_addr != 0 {
             // Lane (g, t) holds columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries
             // 2, 3) of every row pair: one bias value each, added to every row.
             let c0 = n0 + warp_n0 + laneid() / 4;
@@ -1050,7 +1096,7 @@ pub unsafe fn gemm_wg<
     // `stmatrix.trans` writes transposed — four matrices (blocks j, j + 1) per instruction,
     // each destination row one 16-byte chunk of the swizzled tile.
     let out_tile = smem; // the plan's epilogue tile, over the drained stages
-    if !producer {
+    {
         let lane = laneid();
         let m = lane / 8; // the matrix this lane addresses
         let row_in_m = lane % 8;
@@ -1071,11 +1117,11 @@ pub unsafe fn gemm_wg<
             };
         }
     }
-    // SAFETY: all threads.
-    unsafe { bar_sync_0() };
+    // SAFETY: both consumer warpgroups (the producer has left).
+    unsafe { bar_sync_named::<OUT_TILE_BAR, CONSUMER_THREADS>() };
     // One 16-byte store per chunk when every output row start is 16-byte aligned.
     let wide = (p.out_addr | 2 * p.out_stride) % 16 == 0;
-    let mut c = tid;
+    let mut c = tid - WG_PRODUCER_THREADS;
     while c < BM * (BN / 8) {
         let row = c / (BN / 8);
         let ch = c % (BN / 8);
@@ -1103,6 +1149,6 @@ pub unsafe fn gemm_wg<
                 }
             }
         }
-        c += THREADS;
+        c += CONSUMER_THREADS;
     }
 }

@@ -59,9 +59,9 @@ pub const MUTANTS: &[Mutant] = &[
             Edit {
                 file: WG,
                 old: "        if p.rank > 0 {
-            if !producer {",
+            let left = smem.offset(plan.lora_left_offset);",
                 new: "        if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
-            if !producer {",
+            let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -79,9 +79,9 @@ pub const MUTANTS: &[Mutant] = &[
             Edit {
                 file: WG,
                 old: "        if p.rank > 0 {
-            if !producer {",
+            let left = smem.offset(plan.lora_left_offset);",
                 new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
-            if !producer {",
+            let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -287,8 +287,10 @@ pub const MUTANTS: &[Mutant] = &[
         description: "the wgmma family adds no frozen bias (the mma.sync family still does)",
         edits: &[Edit {
             file: WG,
-            old: "if p.bias_addr != 0 && !producer {",
-            new: "if p.bias_addr != 0 && !producer && p.rows == u32::MAX {",
+            old: "        if p.bias_addr != 0 {
+            // Lane (g, t) holds columns warp_n0 + g",
+            new: "        if p.bias_addr != 0 && p.rows == u32::MAX {
+            // Lane (g, t) holds columns warp_n0 + g",
         }],
     },
     Mutant {
