@@ -135,7 +135,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nv-tensor-scale-ignored",
-        description: "the fused NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families and dX (shared block fold)",
+        description: "the NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families, dX and the dequantization kernel (shared block fold)",
         edits: &[Edit {
             file: GEMM,
             old: "nv_fold(ts * e4m3_to_f32_placed(sc as u8))",
