@@ -5,6 +5,10 @@ timed on the same card for every way of running it that a user of mxmoe would co
   mxmoe-mxfp4-fused         mxmoe on MXFP4 weights, Strategy B (dequantized inside the K-loop)
   mxmoe-mxfp4-selective     mxmoe on MXFP4 weights, Strategy A (active experts dequantized first)
   mxmoe-mxfp4-auto          mxmoe on MXFP4 weights, strategy="auto"
+  mxmoe-mxfp4-fused-split-lora
+                            the LoRA term split off (issue #15's "fused vs split LoRA"): mxmoe's
+                            Strategy B without LoRA, plus the LoRA term computed by torch as in
+                            torch-bf16-grouped_mm below (two grouped GEMMs), added
   torch-bf16-grouped_mm     plain torch on the bf16 weights: sort the slots by expert, gather the
                             rows, torch._grouped_mm for the base term and for the LoRA term
                             (x·Aᵀ, then ·Bᵀ, scaled), autograd backward (dX, dA, dB; W frozen)
@@ -97,6 +101,7 @@ VARIANTS = {
     "mxmoe-mxfp4-fused": "mxmoe MXFP4 fused (B)",
     "mxmoe-mxfp4-selective": "mxmoe MXFP4 selective (A)",
     "mxmoe-mxfp4-auto": "mxmoe MXFP4 auto",
+    "mxmoe-mxfp4-fused-split-lora": "mxmoe MXFP4 fused (B) without LoRA + torch LoRA",
     "torch-bf16-grouped_mm": "torch bf16 grouped_mm",
     "torch-dequant-grouped_mm": "torch dequant + grouped_mm",
 }
@@ -105,6 +110,7 @@ MX_STRATEGY = {
     "mxmoe-mxfp4-fused": "fused",
     "mxmoe-mxfp4-selective": "selective",
     "mxmoe-mxfp4-auto": "auto",
+    "mxmoe-mxfp4-fused-split-lora": "fused",
 }
 
 
@@ -402,15 +408,17 @@ def pick_mm(device):
     return grouped_mm, "torch._grouped_mm"
 
 
-def torch_projection(x, ids, gates, w, a, b, s, mm, per_slot, keep_grouped=False):
+def torch_projection(x, ids, gates, w, a, b, s, mm, per_slot, keep_grouped=False, experts=None):
     """``y = x·W_eᵀ + s·(x·A_eᵀ)·B_eᵀ`` per slot in plain torch. ``w`` [E, N, K] bf16 (frozen),
     ``a`` [E·r, K], ``b`` [N, E·r]. The slots are sorted by expert (stable), their input rows
     gathered (token ``slot // k``, or the slot's own row with ``per_slot``), three grouped GEMMs
     run on the expert-contiguous rows, and the rows go back to slot order (``keep_grouped`` skips
     that: a deliberate bug for the guard's self-test); with ``gates`` the k slots of each token
-    are summed with their gate weights (fp32, then bf16)."""
+    are summed with their gate weights (fp32, then bf16). ``w=None`` computes the LoRA term
+    alone (``s·(x·A_eᵀ)·B_eᵀ``, same order and gating; ``experts`` then gives E): the split row
+    adds it to mxmoe's LoRA-free output."""
     t, k = ids.shape
-    e, n, k_dim = w.shape
+    e, n, k_dim = w.shape if w is not None else (experts, b.shape[0], a.shape[1])
     r = a.shape[0] // e
     flat = ids.reshape(-1)
     sorted_ids, order = torch.sort(flat, stable=True)
@@ -418,11 +426,14 @@ def torch_projection(x, ids, gates, w, a, b, s, mm, per_slot, keep_grouped=False
     offs = torch.searchsorted(sorted_ids, torch.arange(e, device=flat.device), right=True).to(torch.int32)
     src = order if per_slot else torch.div(order, k, rounding_mode="floor")
     xg = x.index_select(0, src)
-    base = mm(xg, w.transpose(1, 2), offs)  # W_eᵀ [K, N]: a column-major view, no copy
     xa = mm(xg, a.view(e, r, k_dim).transpose(1, 2), offs)  # [L, r]
     # B [N, E·r] → [E, N, r] (a small copy, so B_eᵀ has W's layout: a column-major [r, N] view).
     lora = mm(xa, b.view(n, e, r).permute(1, 0, 2).contiguous().transpose(1, 2), offs)
-    yg = base + s * lora
+    if w is None:
+        yg = s * lora
+    else:
+        base = mm(xg, w.transpose(1, 2), offs)  # W_eᵀ [K, N]: a column-major view, no copy
+        yg = base + s * lora
     y = yg if keep_grouped else torch.empty_like(yg).index_copy(0, order, yg)
     if gates is not None:
         y = (y.view(t, k, n).float() * gates.float().unsqueeze(-1)).sum(dim=1).to(y.dtype)
@@ -595,6 +606,20 @@ def build_variant(variant, prob, cache_dir):
         except Exception:  # noqa: BLE001 (informational)
             pass
         s = prob.s
+        if variant.endswith("-split-lora"):
+            # The lever "fused vs split LoRA" (#15): mxmoe's base GEMM alone, the LoRA term as
+            # torch's own sort + gather + two grouped GEMMs, added (autograd sums the gradients).
+            mm, mm_label = pick_mm(prob.device)
+            notes.append(f"LoRA term: torch ({mm_label}), added to mxmoe's LoRA-free output")
+            e, per_slot = prob.E, prob.per_slot
+
+            def fn(x, ids, gates, a, b):
+                base = mxmoe.expert_linear(x, ids, weights, None, None, s, gates, "scattered",
+                                           "scattered", strategy, allow_nan_scales=True)
+                return base + torch_projection(x, ids, gates, None, a, b, s, mm, per_slot,
+                                               experts=e)
+
+            return fn, VARIANTS[variant], weight_of, of_bf16, drop, notes
 
         def fn(x, ids, gates, a, b):
             return mxmoe.expert_linear(x, ids, weights, a, b, s, gates, "scattered", "scattered",
@@ -1060,6 +1085,15 @@ def cpu_check(rank=16, verbose=True):
             d = dense_reference(p.x, p.ids, p.gates, p.W, p.Av, p.Bv, p.s, p.per_slot, p.dy)
             err = max(rel_err(g, w) for g, w in zip(got, d))
             check(f"{name}: torch bf16 baseline ({mm_name}) vs dense reference, all outputs", err, 2e-2)
+            # 3b. The split row's LoRA term (``w=None``) added to a LoRA-free base, as the
+            # mxmoe split row adds it to mxmoe's output (here the base is torch's, LoRA zeroed).
+            split = (lambda x, ids, g, a, b, mm=mm, p=p:
+                     torch_projection(x, ids, g, p.W, a.detach() * 0, b.detach() * 0, p.s, mm,
+                                      p.per_slot)
+                     + torch_projection(x, ids, g, None, a, b, p.s, mm, p.per_slot, experts=p.E))
+            got = run_call(split, p.x, p.ids, p.gates, p.Av, p.Bv, p.dy)
+            err = max(rel_err(g, w) for g, w in zip(got, d))
+            check(f"{name}: base + split LoRA term ({mm_name}) vs dense reference, all outputs", err, 2e-2)
         # 4. The torch-dequant row: bytes from mxmoe's quantizer when importable, else random.
         if have_mx:
             pk, sc = mxmoe.quantize(p.W)

@@ -53,7 +53,8 @@ def test_cpu_check(tmp_path):
 def test_harness_on_cpu(tmp_path):
     out = tmp_path / "sbs.json"
     done = _run("--device", "cpu", "--shapes", "tiny-down",
-                "--variants", "torch-bf16-grouped_mm,torch-dequant-grouped_mm,mxmoe-mxfp4-fused",
+                "--variants", "torch-bf16-grouped_mm,torch-dequant-grouped_mm,mxmoe-mxfp4-fused,"
+                "mxmoe-mxfp4-fused-split-lora",
                 "--iters", "2", "--warmup", "1", "--json", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| shape | variant | median ms | vs torch bf16 | peak MiB | guard |" in done.stdout
@@ -73,6 +74,7 @@ def test_harness_on_cpu(tmp_path):
     else:
         assert "error" in deq
     assert "CUDA" in rows["mxmoe-mxfp4-fused"]["error"]  # GPU-only: an error row, not a crash
+    assert "CUDA" in rows["mxmoe-mxfp4-fused-split-lora"]["error"]
 
 
 def test_guard_stops_a_wrong_row(tmp_path):
