@@ -57,6 +57,21 @@ pub unsafe fn wgmma_wait_group<const N: u32>() {
     unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack)) };
 }
 
+/// Whether a `wgmma_*!` accumulator list names each of the `n / 8` groups once, in order.
+const fn groups_in_order(groups: &[usize], n: usize) -> bool {
+    if groups.len() != n / 8 {
+        return false;
+    }
+    let mut i = 0;
+    while i < groups.len() {
+        if groups[i] != i {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Defines `wgmma_m64n<N>k16_f32_bf16_rs` for one N: `acc` holds `N/8` groups of four f32
 /// accumulators, listed as `[0 1 … N/8-1]`. The asm template is one literal built by `concat!`
 /// (`{}` per accumulator register, in `acc` order, then the A registers, the B descriptor and the
@@ -88,15 +103,7 @@ macro_rules! wgmma_rs {
             accumulate: u32,
         ) {
             // Every accumulator group is listed once, in order: `[0 1 … N/8-1]`.
-            const {
-                let groups = [$j0 $(, $j)*];
-                assert!(groups.len() == $n / 8);
-                let mut i = 0;
-                while i < groups.len() {
-                    assert!(groups[i] == i);
-                    i += 1;
-                }
-            };
+            const { assert!(groups_in_order(&[$j0 $(, $j)*], $n)) };
             // SAFETY: the caller guarantees convergence, the descriptor and the wait protocol.
             unsafe {
                 asm!(
@@ -153,16 +160,7 @@ macro_rules! wgmma_ss {
             desc_b: u64,
             accumulate: u32,
         ) {
-            const {
-                let groups = [$j0 $(, $j)*];
-                assert!(groups.len() == $n / 8);
-                let mut i = 0;
-                while i < groups.len() {
-                    assert!(groups[i] == i);
-                    i += 1;
-                }
-                assert!(TRANS_A <= 1);
-            };
+            const { assert!(groups_in_order(&[$j0 $(, $j)*], $n) && TRANS_A <= 1) };
             // SAFETY: the caller guarantees convergence, the descriptors and the wait protocol.
             unsafe {
                 asm!(

@@ -885,14 +885,7 @@ mod tests {
     #[test]
     fn every_tile_a_wgmma_descriptor_names_is_1024_byte_aligned() {
         for c in GEMM_CONFIGS.iter().filter(|c| c.wgmma) {
-            for b in [
-                BLayout::NkBf16,
-                BLayout::KnBf16,
-                BLayout::NkMxfp4,
-                BLayout::KnMxfp4,
-                BLayout::NkNvfp4,
-                BLayout::KnNvfp4,
-            ] {
+            for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r_pad in [0, 16, 32, 64, 128] {
                     let plan = smem_plan(c, b, r_pad);
                     for slot in 0..c.stages {
