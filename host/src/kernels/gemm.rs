@@ -9,7 +9,7 @@ use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{GemmParams, GramParams};
 use kernels_gpu::shared::tiles::{
     BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, gram_smem_bytes, lora_down_config,
-    rank_pad_index, smem_plan,
+    persistent_kernel, rank_pad_index, smem_plan,
 };
 
 use super::routing::RouteBuffers;
@@ -495,7 +495,13 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     };
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
-    let blocks = n_tiles * m_tiles;
+    // A persistent kernel walks its tiles with one block per SM at most (each block takes tiles
+    // ctaid, ctaid + nctaid, …; blocks past the last tile exit).
+    let blocks = if persistent_kernel(cfg, layout) {
+        (n_tiles * m_tiles).min(gpu.limits().sm_count.max(1) as usize)
+    } else {
+        n_tiles * m_tiles
+    };
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: every buffer was checked to cover the largest element its strides address (the
     // bias its `[E, n_out]`; 4-bit weights their packed codes, block scales and, for NVFP4,

@@ -87,17 +87,3 @@ pub unsafe fn bar_sync_named<const ID: u32, const COUNT: u32>() {
     // SAFETY: the caller guarantees the participants.
     unsafe { asm!("bar.sync {i}, {c};", i = const ID, c = const COUNT, options(nostack)) };
 }
-
-/// `bar.arrive id, count;`: arrives on named barrier `id` among `count` threads without
-/// waiting. The arriving threads' earlier shared- and global-memory writes are visible to the
-/// threads that complete the barrier with [`bar_sync_named`] (PTX ISA "bar, barrier": memory
-/// ordering among the participating threads). PTX 2.0+, SM 2.0+.
-///
-/// # Safety
-/// Exactly `count` threads (whole warps) take part in each use of barrier `id`, the others
-/// with [`bar_sync_named`]; `id` ≠ 0.
-#[inline(always)]
-pub unsafe fn bar_arrive_named<const ID: u32, const COUNT: u32>() {
-    // SAFETY: the caller guarantees the participants.
-    unsafe { asm!("bar.arrive {i}, {c};", i = const ID, c = const COUNT, options(nostack)) };
-}

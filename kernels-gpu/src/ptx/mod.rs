@@ -29,7 +29,7 @@
 //! | [`wgmma::fence_proxy_async_shared_cta`] | `fence.proxy.async.shared::cta` |
 //! | [`mbarrier::mbarrier_init`], [`mbarrier::mbarrier_arrive`], [`mbarrier::mbarrier_try_wait_parity`] | `mbarrier.{init,arrive,try_wait.parity}.shared::cta.b64` |
 //! | [`mbarrier::cp_async_mbarrier_arrive_noinc`] | `cp.async.mbarrier.arrive.noinc.shared::cta.b64` |
-//! | [`mbarrier::bar_sync_named`], [`mbarrier::bar_arrive_named`] | `bar.sync id, count`, `bar.arrive id, count` |
+//! | [`mbarrier::bar_sync_named`] | `bar.sync id, count` |
 //! | [`regs::setmaxnreg_dec`], [`regs::setmaxnreg_inc`] | `setmaxnreg.{dec,inc}.sync.aligned.u32 N` (sm_90a) |
 //! | [`regs::declare_launch_bounds`] | the PTX comment `// mxmoe.launch_bounds T B` (the builder turns it into `.maxntid T, 1, 1` / `.minnctapersm B`) |
 //!

@@ -254,20 +254,43 @@ pub struct SmemPlan {
     /// Offset of the epilogue's right LoRA factor (right after the left factor and, for the
     /// forward layouts, its low part).
     pub lora_right_offset: u32,
-    /// Bytes of the epilogue's regions that reuse the stages: the `wgmma` output tile, a
-    /// swizzled bf16 `[bm][bn]` at offset 0 (`mma.sync` configurations store from registers).
+    /// Bytes of the `wgmma` output tile, a swizzled bf16 `[bm][bn]` at [`Self::out_offset`]
+    /// (`mma.sync` configurations store from registers: 0).
     pub epilogue_bytes: u32,
-    /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
+    /// Offset of the `wgmma` output tile: 0 (over the drained stages), or for a persistent
+    /// configuration the LoRA factors' region (the producer is already filling the stages of
+    /// the next tile; the factors are read before the tile is written), which is then at least
+    /// `epilogue_bytes` long.
+    pub out_offset: u32,
+    /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32);
+    /// a persistent configuration has two such buffers, tile `i` using buffer `i % 2`.
     pub rows_offset: u32,
     /// Offset of the scale bytes inside one B stage (MXFP4 and NVFP4 layouts).
     pub b_scales_in_stage: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`, `KnNvfp4`; 0 otherwise).
     pub decoded_offset: u32,
-    /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
-    /// bytes each (0 for `mma.sync` configurations).
+    /// Offset of the `wgmma` pipeline's mbarriers, 8 bytes each: `stages` "full", `stages`
+    /// "empty", then "LoRA ready" and "epilogue done" (0 for `mma.sync` configurations).
     pub barriers_offset: u32,
     /// Total bytes to request at launch.
     pub total_bytes: u32,
+}
+
+/// Rows per block tile from which a `wgmma` kernel is persistent ([`persistent_kernel`]): the
+/// 128-row tiles run one block per SM, so nothing else hides their prologue and epilogue;
+/// smaller tiles share an SM with other blocks.
+pub const PERSISTENT_FROM_ROWS: u32 = 128;
+
+/// Whether the kernel of configuration `c` on weight layout `b` is persistent: it launches at
+/// most one block per SM, and each block walks the tiles `ctaid, ctaid + nctaid, …`, its
+/// producer staging the next tile while the consumers run the epilogue (so the output tile has
+/// a region of its own, shared with the LoRA factors, and the row indices two buffers). A
+/// `wgmma` configuration of [`PERSISTENT_FROM_ROWS`] rows or more, except the forward MXFP4
+/// layout: its consumers keep two register fragment sets in flight (`wait_group 1`) and need
+/// more than the 208 registers per thread the producer can leave them with the tile loop's
+/// state (ptxas spills; the other layouts fit).
+pub const fn persistent_kernel(c: &TileConfig, b: BLayout) -> bool {
+    c.wgmma && c.bm >= PERSISTENT_FROM_ROWS && !matches!(b, BLayout::NkMxfp4)
 }
 
 /// Alignment of every tile a `wgmma` descriptor names in the 128-byte swizzle mode (the
@@ -317,10 +340,11 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     // The forward layouts' left factor (XA) comes in two bf16 terms (high and low part).
     let left_lo = if b.is_forward() { left } else { 0 };
     let right = c.bn * r_pad * 2;
-    // The LoRA factors have a region of their own (copied while the main loop runs); only the
-    // `wgmma` output tile reuses the stages.
+    // The LoRA factors have a region of their own (copied while the main loop runs); the
+    // `wgmma` output tile reuses the stages, or in a persistent kernel the factors' region.
     let epilogue_bytes = if c.wgmma { c.bm * c.bn * 2 } else { 0 };
-    let reused = if main > epilogue_bytes {
+    let persistent = persistent_kernel(c, b);
+    let reused = if main > epilogue_bytes || persistent {
         main
     } else {
         epilogue_bytes
@@ -342,9 +366,15 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         0
     };
     let lora_left_offset = next;
-    next = (next + left + left_lo + right).div_ceil(128) * 128;
+    let lora_bytes = left + left_lo + right;
+    let epilogue_region = if persistent && epilogue_bytes > lora_bytes {
+        epilogue_bytes
+    } else {
+        lora_bytes
+    };
+    next = (next + epilogue_region).div_ceil(128) * 128;
     let rows_offset = next;
-    let rows_end = rows_offset + 8 * c.bm;
+    let rows_end = rows_offset + 8 * c.bm * if persistent { 2 } else { 1 };
     let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };
     SmemPlan {
         a_stage_bytes,
@@ -358,12 +388,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         },
         lora_right_offset: lora_left_offset + left + left_lo,
         epilogue_bytes,
+        out_offset: if persistent { lora_left_offset } else { 0 },
         rows_offset,
         b_scales_in_stage,
         decoded_offset,
         barriers_offset,
         total_bytes: if c.wgmma {
-            barriers_offset + 16 * c.stages
+            barriers_offset + 16 * c.stages + 16
         } else {
             rows_end
         },
@@ -713,11 +744,21 @@ mod tests {
                         );
                     }
                     if c.wgmma {
+                        let row_buffers = if persistent_kernel(c, b) { 2 } else { 1 };
                         assert!(
-                            p.barriers_offset >= p.rows_offset + 8 * c.bm
+                            p.barriers_offset >= p.rows_offset + 8 * c.bm * row_buffers
                                 && p.barriers_offset.is_multiple_of(8)
-                                && p.total_bytes == p.barriers_offset + 16 * c.stages
+                                && p.total_bytes == p.barriers_offset + 16 * c.stages + 16
                         );
+                    }
+                    if persistent_kernel(c, b) {
+                        // The output tile shares the LoRA factors' region, past the stages.
+                        assert_eq!(p.out_offset, p.lora_left_offset);
+                        assert!(p.out_offset >= c.stages * (p.a_stage_bytes + p.b_stage_bytes));
+                        assert!(p.rows_offset >= p.out_offset + p.epilogue_bytes);
+                        assert!(p.out_offset.is_multiple_of(128));
+                    } else {
+                        assert_eq!(p.out_offset, 0);
                     }
                     if b.is_fp4() {
                         assert!(c.bk == 32 || c.bk == 64);

@@ -58,10 +58,10 @@ pub const MUTANTS: &[Mutant] = &[
             },
             Edit {
                 file: WG,
-                old: "        if p.rank > 0 {
-            let left = smem.offset(plan.lora_left_offset);",
-                new: "        if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
-            let left = smem.offset(plan.lora_left_offset);",
+                old: "            if p.rank > 0 {
+                let left = smem.offset(plan.lora_left_offset);",
+                new: "            if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
+                let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -78,10 +78,10 @@ pub const MUTANTS: &[Mutant] = &[
             },
             Edit {
                 file: WG,
-                old: "        if p.rank > 0 {
-            let left = smem.offset(plan.lora_left_offset);",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
-            let left = smem.offset(plan.lora_left_offset);",
+                old: "            if p.rank > 0 {
+                let left = smem.offset(plan.lora_left_offset);",
+                new: "            if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
+                let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -287,10 +287,10 @@ pub const MUTANTS: &[Mutant] = &[
         description: "the wgmma family adds no frozen bias (the mma.sync family still does)",
         edits: &[Edit {
             file: WG,
-            old: "        if p.bias_addr != 0 {
-            // Lane (g, t) holds columns warp_n0 + g",
-            new: "        if p.bias_addr != 0 && p.rows == u32::MAX {
-            // Lane (g, t) holds columns warp_n0 + g",
+            old: "            if p.bias_addr != 0 {
+                // Lane (g, t) holds columns warp_n0 + g",
+            new: "            if p.bias_addr != 0 && p.rows == u32::MAX {
+                // Lane (g, t) holds columns warp_n0 + g",
         }],
     },
     Mutant {
