@@ -15,7 +15,7 @@ use mxmoe::device::{Gpu, PtxModule};
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
 use mxmoe::nvfp4::{NvWeights, quantize_nvfp4};
 use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
-use mxmoe::shared::tiles::GEMM_CONFIGS;
+use mxmoe::shared::tiles::{BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, persistent_kernel};
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu, test_runtime};
 
@@ -104,6 +104,69 @@ fn every_tile_configuration_gives_identical_bits() {
     let deq = mxmoe::mxfp4::dequantize_f32(&mx);
     let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, false).unwrap();
     check_all_configs(&c, &mx, &nv, &deq, &d);
+}
+
+/// The persistent `wgmma` kernels (`persistent_kernel`: 128-row tiles) launch one block per SM
+/// and walk several tiles each, their pipeline running on across tiles. On a problem with more
+/// than three times as many tiles as the device has SMs — dropped slots (a dropped-rows tile
+/// among the experts' tiles), LoRA, a bias, scattered output — the 128-row row gives the bits of
+/// the 64-row `wgmma` row (not persistent) for bf16, MXFP4 and NVFP4 weights, forward and
+/// backward. (The per-row test above has fewer tiles than SMs: one tile per block.)
+#[test]
+fn persistent_rows_walk_several_tiles_per_block() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let index = |name: &str| {
+        GEMM_CONFIG_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    let (persistent, reference) = (index("m128n128k64wg2s4"), index("m64n128k64wg2s4"));
+    if !gpu.module().has_config(&GEMM_CONFIGS[persistent]) {
+        println!(
+            "skipped: the {} module has no wgmma rows",
+            gpu.module().name()
+        );
+        return;
+    }
+    assert!(persistent_kernel(
+        &GEMM_CONFIGS[persistent],
+        BLayout::NkBf16
+    ));
+    assert!(!persistent_kernel(
+        &GEMM_CONFIGS[reference],
+        BLayout::NkBf16
+    ));
+    // N = 1024: 8 column tiles; T·k routed rows in 128-row tiles: over 3·SMs tiles in all.
+    let sms = gpu.limits().sm_count as usize;
+    let t = 3 * sms * 128 / 8 / 2 + 300;
+    let c = Case {
+        output: RowOrder::Scattered,
+        bias: true,
+        dropped_permille: 40,
+        ..Case::new(8, 192, 1024, t, 2, 16, 63)
+    };
+    let d = draw(&c);
+    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
+    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
+    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
+    for (name, base) in [
+        ("bf16", Base::Dense(&d.w)),
+        ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
+        ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
+    ] {
+        let want = run_bits(gpu, &c, &d, &dy, base, Some(reference));
+        let got = run_bits(gpu, &c, &d, &dy, base, Some(persistent));
+        for (what, (g, w)) in ["out", "dx", "da", "db"].iter().zip(got.iter().zip(&want)) {
+            assert!(
+                g == w,
+                "{name} {what}: the persistent row differs from the 64-row row"
+            );
+        }
+    }
+    gpu.tuner().force(None);
 }
 
 /// The four result tensors of one run, as bits.
