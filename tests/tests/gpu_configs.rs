@@ -1,14 +1,17 @@
 //! Every compiled tile configuration computes bit-identical results (they accumulate each output
 //! in the same k order), so tuning changes speed only. Each row is forced through the device's
 //! tuner in turn, and every run asserts that the forced row is the one its forward and dX GEMMs
-//! launched ([`run_gpu_with`] checks the reported configurations). One test forces rows on the
-//! binary's shared device, because the forced row is device-wide; rows absent from the loaded
+//! launched ([`run_gpu_with`] checks the reported configurations). The tests that force rows do
+//! so on the binary's shared device one at a time (the forced row is device-wide: [`forcing`]);
+//! rows absent from the loaded
 //! module (the `wgmma` rows under the portable module, `MXMOE_MODULE=portable`) are skipped.
 //!
 //! On a compute capability 9.0 device, a second test opens the device twice, once per PTX module
 //! (`Gpu::open_with_module`, each with its own tuner), and checks that every row both modules
 //! have, and each module's default choice, gives the same bits under both (not under
 //! `MXMOE_PTX_OVERRIDE`, which replaces one module: the mutation run).
+
+use std::sync::{Mutex, MutexGuard};
 
 use mxmoe::Runtime;
 use mxmoe::device::{Gpu, PtxModule};
@@ -18,6 +21,17 @@ use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
 use mxmoe::shared::tiles::{BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, persistent_kernel};
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu, test_runtime};
+
+/// The forced row is device-wide ([`Runtime::tuner`] of the binary's shared device), and the test
+/// harness runs tests in parallel: each test that forces rows on the shared device holds this
+/// lock for as long as it does (a panic poisons it; the next holder takes it anyway).
+static FORCING: Mutex<()> = Mutex::new(());
+
+fn forcing() -> MutexGuard<'static, ()> {
+    FORCING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Bits of each tensor, with every NaN mapped to one pattern (NaN payloads are not contractual).
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -79,6 +93,7 @@ fn every_tile_configuration_gives_identical_bits() {
     if gpu().is_none() {
         return;
     }
+    let _forcing = forcing();
     // With a bias: both kernel families add it in their own epilogues.
     let c = Case {
         output: RowOrder::Scattered,
@@ -117,6 +132,7 @@ fn persistent_rows_walk_several_tiles_per_block() {
     let Some(gpu) = gpu() else {
         return;
     };
+    let _forcing = forcing();
     let index = |name: &str| {
         GEMM_CONFIG_NAMES
             .iter()
