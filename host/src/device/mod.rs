@@ -21,12 +21,14 @@ mod pool;
 mod ptx_source;
 mod sass;
 mod select;
+mod tensor_map;
 pub use kernels_gpu::shared::module::PtxModule;
 pub use memory::{DeviceBuffer, alloc_filled, alloc_output, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 pub use sass::{JitReason, ModuleCode, SassArch, cubin_arch, embedded_cubin, sass_choice};
 pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
+pub(crate) use tensor_map::{MapElem, TileMap};
 
 use crate::error::{Error, Result};
 
@@ -114,6 +116,11 @@ pub struct Gpu {
     functions: Arc<Mutex<HashMap<&'static str, Loaded>>>,
     /// Whether [`alloc_output`] poisons (see [`Gpu::set_poison_outputs`]).
     poison_outputs: AtomicBool,
+    /// Whether the `wgmma` kernels get TMA tensor maps for their weight tiles
+    /// ([`Gpu::set_tma`]).
+    tma: AtomicBool,
+    /// The tensor maps built so far, per `Gpu` (their copies are ordered on its stream).
+    tensor_maps: tensor_map::TensorMaps,
 }
 
 /// A kernel looked up once, with the dynamic shared memory its attribute already allows.
@@ -251,6 +258,8 @@ impl Gpu {
             code,
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
+            tma: AtomicBool::new(true),
+            tensor_maps: Default::default(),
         })
     }
 
@@ -274,6 +283,8 @@ impl Gpu {
             code: self.code.clone(),
             functions: self.functions.clone(),
             poison_outputs: AtomicBool::new(self.poison_outputs()),
+            tma: AtomicBool::new(self.tma()),
+            tensor_maps: Default::default(),
         }
     }
 
@@ -379,6 +390,21 @@ impl Gpu {
     /// that an element a kernel fails to write reads back as NaN; it costs one memset per output.
     pub fn set_poison_outputs(&self, on: bool) {
         self.poison_outputs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the `wgmma` kernels (Hopper module) move their weight tiles with the Tensor Memory
+    /// Accelerator (one copy per box, [`GemmParams::b_tmap_addr`]) where the weight tensor allows
+    /// a tensor map, rather than with `cp.async` chunks: on unless [`set_tma`](Self::set_tma)
+    /// turned it off. The results are the same bits either way (the tests compare them).
+    ///
+    /// [`GemmParams::b_tmap_addr`]: kernels_gpu::shared::params::GemmParams::b_tmap_addr
+    pub fn tma(&self) -> bool {
+        self.tma.load(Ordering::Relaxed)
+    }
+
+    /// Turns the TMA weight path on or off (see [`tma`](Self::tma)).
+    pub fn set_tma(&self, on: bool) {
+        self.tma.store(on, Ordering::Relaxed);
     }
 
     /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), once per

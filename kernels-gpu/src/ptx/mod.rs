@@ -31,9 +31,12 @@
 //! | [`mbarrier::cp_async_mbarrier_arrive_noinc`] | `cp.async.mbarrier.arrive.noinc.shared::cta.b64` |
 //! | [`mbarrier::bar_sync_named`] | `bar.sync id, count` |
 //! | [`regs::setmaxnreg_dec`], [`regs::setmaxnreg_inc`] | `setmaxnreg.{dec,inc}.sync.aligned.u32 N` (sm_90a) |
+//! | [`tma::cp_async_bulk_tensor_3d_g2s`] | `cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes` (sm_90a) |
+//! | [`tma::mbarrier_expect_tx`] | `mbarrier.expect_tx.relaxed.cta.shared::cta.b64` |
+//! | [`tma::fence_proxy_tensormap_acquire_sys`] | `fence.proxy.tensormap::generic.acquire.sys [m], 128` (PTX 8.3: the `sm_90a` module's version) |
 //! | [`regs::declare_launch_bounds`] | the PTX comment `// mxmoe.launch_bounds T B` (the builder turns it into `.maxntid T, 1, 1` / `.minnctapersm B`) |
 //!
-//! The Hopper-only wrappers (`wgmma`, `mbarrier`, `stmatrix`) exist only in the `sm_90a` build
+//! The Hopper-only wrappers (`wgmma`, `mbarrier`, `tma`, `stmatrix`) exist only in the `sm_90a` build
 //! (`cfg(target_feature = "sm_90a")`, which rustc sets from `-C target-cpu=sm_90a`); the portable
 //! `sm_80` module is built without them, so it cannot contain an instruction its targets lack.
 //!
@@ -51,6 +54,8 @@ pub mod mma;
 pub mod regs;
 pub mod smem;
 pub mod sreg;
+#[cfg(target_feature = "sm_90a")]
+pub mod tma;
 pub mod warp;
 #[cfg(target_feature = "sm_90a")]
 pub mod wgmma;

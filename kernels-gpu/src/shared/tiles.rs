@@ -300,6 +300,118 @@ pub const fn persistent_kernel(c: &TileConfig, b: BLayout) -> bool {
 /// shared address 0: no static shared memory in these kernels).
 pub const WGMMA_SWIZZLE_ALIGN: u32 = 1024;
 
+/// The TMA copies that fill one weight stage of a `wgmma` kernel
+/// ([`GemmParams::b_tmap_addr`](super::params::GemmParams::b_tmap_addr)): `copies` boxes of
+/// `inner × outer` map elements (`elem_bytes` each; innermost first), stored one after the other
+/// from the stage's start — exactly the stage layout the `cp.async` producer writes, which
+/// `tests::tma_boxes_write_the_cp_async_stage_layouts` checks element by element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaBox {
+    /// Map elements along the contiguous dimension of one box.
+    pub inner: u32,
+    /// Rows of one box.
+    pub outer: u32,
+    /// 2: bf16 weights; 1: packed 4-bit codes (a map element is a byte, two values).
+    pub elem_bytes: u32,
+    /// The 128-byte swizzle (the `wgmma` descriptors' layout), else plain row-major boxes.
+    pub swizzle_128: bool,
+    /// Boxes per stage.
+    pub copies: u32,
+    /// Whether the boxes of a stage follow each other along the contiguous dimension (the `[k][n]`
+    /// layouts' two 64-column panels) rather than along the rows (the `[n][k]` layouts).
+    pub along_inner: bool,
+}
+
+impl TmaBox {
+    /// Bytes of one box.
+    pub const fn box_bytes(&self) -> u32 {
+        self.inner * self.outer * self.elem_bytes
+    }
+
+    /// Bytes one stage's copies complete on its mbarrier.
+    pub const fn stage_bytes(&self) -> u32 {
+        self.copies * self.box_bytes()
+    }
+
+    /// Weight values per map element along the contiguous dimension (1 for bf16, 2 for packed
+    /// codes).
+    pub const fn values_per_elem(&self) -> u32 {
+        if self.elem_bytes == 2 { 1 } else { 2 }
+    }
+
+    /// Map coordinates (innermost first) of copy `h` of the stage for k-tile `kt` (`bk` deep)
+    /// of expert `e`, output columns from `n0`. The map's dimensions are, innermost first, the
+    /// weight tensor's contiguous one, the other, and the expert: `(k, n, e)` for `[n][k]`
+    /// layouts, `(n, k, e)` for `[k][n]` layouts (values divided by [`Self::values_per_elem`]
+    /// along the contiguous one).
+    pub const fn coords(&self, bk: u32, kt: u32, n0: u32, e: u32, h: u32) -> (i32, i32, i32) {
+        if self.along_inner {
+            (
+                (n0 / self.values_per_elem() + h * self.inner) as i32,
+                (kt * bk) as i32,
+                e as i32,
+            )
+        } else {
+            (
+                (kt * bk / self.values_per_elem()) as i32,
+                (n0 + h * self.outer) as i32,
+                e as i32,
+            )
+        }
+    }
+}
+
+/// The TMA boxes of weight layout `b` in a `wgmma` configuration with `bn` output columns and
+/// `bk`-deep k-tiles, or `None` where the weights have no such path (`mma.sync` rows, the strided
+/// layout, other tile sizes):
+/// - bf16 (`NkBf16`, `KnBf16`): two 64 × 64 boxes in the 128-byte swizzle, the forward's
+///   `[bn][64]` stage as two 64-row halves, dX's `[64][bn]` stage as its two MN-major panels
+///   (`wgmma_mn_offset`). One map serves both: the same `[E, N, K]` tensor and box.
+/// - packed codes, forward (`NkMxfp4`, `NkNvfp4`): one `bk/2`-byte × `bn`-row box, row-major.
+/// - packed codes, dX (`KnMxfp4`, `KnNvfp4`): one `bn/2`-byte × `bk`-row box, row-major.
+pub const fn tma_weight_box(c: &TileConfig, b: BLayout) -> Option<TmaBox> {
+    if c.wgmma {
+        wgmma_tma_box(c.bn, c.bk, b)
+    } else {
+        None
+    }
+}
+
+/// [`tma_weight_box`] of a `wgmma` kernel with `bn` output columns and `bk`-deep k-tiles (what
+/// the kernel computes from its constants).
+pub const fn wgmma_tma_box(bn: u32, bk: u32, b: BLayout) -> Option<TmaBox> {
+    if bk != 64 || bn != 128 {
+        return None;
+    }
+    match b {
+        BLayout::NkBf16 | BLayout::KnBf16 => Some(TmaBox {
+            inner: 64,
+            outer: 64,
+            elem_bytes: 2,
+            swizzle_128: true,
+            copies: 2,
+            along_inner: matches!(b, BLayout::KnBf16),
+        }),
+        BLayout::NkMxfp4 | BLayout::NkNvfp4 => Some(TmaBox {
+            inner: bk / 2,
+            outer: bn,
+            elem_bytes: 1,
+            swizzle_128: false,
+            copies: 1,
+            along_inner: false,
+        }),
+        BLayout::KnMxfp4 | BLayout::KnNvfp4 => Some(TmaBox {
+            inner: bn / 2,
+            outer: bk,
+            elem_bytes: 1,
+            swizzle_128: false,
+            copies: 1,
+            along_inner: true,
+        }),
+        BLayout::Strided => None,
+    }
+}
+
 /// Shared-memory plan for config `c`, B layout `b` and padded LoRA rank `r_pad` (0 = no LoRA
 /// epilogue).
 pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
@@ -953,6 +1065,93 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Where TMA puts element `(r, i)` of a box (`inner` map elements per row): row-major, and in
+    /// the 128-byte swizzle 16-byte chunk `c` of row `r` at chunk `c ^ (r % 8)` (CUDA Driver API,
+    /// `CU_TENSOR_MAP_SWIZZLE_128B`, on a 1024-byte aligned destination).
+    fn tma_box_offset(t: &TmaBox, r: u32, i: u32) -> u32 {
+        let row_bytes = t.inner * t.elem_bytes;
+        let b = i * t.elem_bytes;
+        if t.swizzle_128 {
+            assert_eq!(row_bytes, 128);
+            r * row_bytes + ((b / 16) ^ (r % 8)) * 16 + b % 16
+        } else {
+            r * row_bytes + b
+        }
+    }
+
+    #[test]
+    fn tma_boxes_write_the_cp_async_stage_layouts() {
+        let mut seen = 0;
+        for c in GEMM_CONFIGS.iter() {
+            for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
+                let Some(t) = tma_weight_box(c, b) else {
+                    assert!(
+                        !c.wgmma,
+                        "{c:?} {b:?}: every wgmma row has a TMA weight path"
+                    );
+                    continue;
+                };
+                seen += 1;
+                let plan = smem_plan(c, b, 16);
+                // The copies fill the stage's weight bytes exactly (the scale bytes follow).
+                let weight_bytes = if b.is_fp4() {
+                    c.bn * c.bk / 2
+                } else {
+                    c.bn * c.bk * 2
+                };
+                assert_eq!(t.stage_bytes(), weight_bytes, "{c:?} {b:?}");
+                let align = if t.swizzle_128 {
+                    WGMMA_SWIZZLE_ALIGN
+                } else {
+                    128
+                };
+                for slot in 0..c.stages {
+                    let at = plan.b_offset + slot * plan.b_stage_bytes;
+                    assert_eq!(at % align, 0, "{c:?} {b:?} slot {slot}");
+                }
+                assert_eq!(t.box_bytes() % align, 0);
+                let mut covered = vec![false; weight_bytes as usize];
+                for h in 0..t.copies {
+                    let (c0, c1, _) = t.coords(c.bk, 0, 0, 0, h);
+                    for r in 0..t.outer {
+                        for i in 0..t.inner {
+                            // Map element (c0 + i, c1 + r): contiguous index, row.
+                            let (d0, d1) = (c0 as u32 + i, c1 as u32 + r);
+                            let tma = h * t.box_bytes() + tma_box_offset(&t, r, i);
+                            // The producer's `cp.async` layout of the same weight element.
+                            let want = match b {
+                                BLayout::NkBf16 => swizzled_offset(d1, d0, c.bk),
+                                BLayout::KnBf16 => wgmma_mn_offset(d1, d0, c.bk),
+                                BLayout::NkMxfp4 | BLayout::NkNvfp4 => d1 * (c.bk / 2) + d0,
+                                _ => d1 * (c.bn / 2) + d0,
+                            };
+                            assert_eq!(tma, want, "{c:?} {b:?} copy {h} ({r}, {i})");
+                            for byte in 0..t.elem_bytes {
+                                let k = (tma + byte) as usize;
+                                assert!(!covered[k], "{c:?} {b:?}: byte {k} written twice");
+                                covered[k] = true;
+                            }
+                        }
+                    }
+                }
+                assert!(covered.iter().all(|&x| x), "{c:?} {b:?}");
+                // Later k-tiles, column tiles and experts shift the coordinates only.
+                let (kt, n0, e) = (3, 256, 5);
+                for h in 0..t.copies {
+                    let got = t.coords(c.bk, kt, n0, e, h);
+                    let want = match b {
+                        BLayout::NkBf16 => (3 * 64, 256 + 64 * h as i32, 5),
+                        BLayout::KnBf16 => (256 + 64 * h as i32, 3 * 64, 5),
+                        BLayout::NkMxfp4 | BLayout::NkNvfp4 => (3 * 32, 256, 5),
+                        _ => (128, 3 * 64, 5),
+                    };
+                    assert_eq!(got, want, "{c:?} {b:?} copy {h}");
+                }
+            }
+        }
+        assert_eq!(seen, 6 * GEMM_CONFIGS.iter().filter(|c| c.wgmma).count());
     }
 
     #[test]

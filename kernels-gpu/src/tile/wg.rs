@@ -47,6 +47,9 @@ use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
 use crate::ptx::regs::{declare_launch_bounds, setmaxnreg_dec, setmaxnreg_inc};
 use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, nctaid_x, tid_x, warp_id};
+use crate::ptx::tma::{
+    cp_async_bulk_tensor_3d_g2s, fence_proxy_tensormap_acquire_sys, mbarrier_expect_tx,
+};
 use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
     wgmma_m64n16k16_f32_bf16_ss, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss,
@@ -57,9 +60,9 @@ use crate::shared::mxfp4::scale_fold;
 use crate::shared::nvfp4::nv_fold;
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, nv_scale_slot_bytes,
-    persistent_kernel, smem_plan, swizzled_offset, wgmma_desc_sw128, wgmma_desc_sw128_mn,
-    wgmma_mn_offset,
+    BLayout, SmemPlan, TileConfig, TmaBox, WG_PRODUCER_THREADS, mx_scale_slot_bytes,
+    nv_scale_slot_bytes, persistent_kernel, smem_plan, swizzled_offset, wgmma_desc_sw128,
+    wgmma_desc_sw128_mn, wgmma_mn_offset, wgmma_tma_box,
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
@@ -376,6 +379,15 @@ impl Stream {
     }
 }
 
+/// The TMA boxes of this kernel's weight stage (`tiles::wgmma_tma_box`; every `wgmma` layout
+/// has them).
+const fn tma_box<const BK: u32, const LAYOUT: u8>() -> TmaBox {
+    match wgmma_tma_box(BN, BK, BLayout::from_tag(LAYOUT)) {
+        Some(t) => t,
+        None => panic!("a wgmma layout without a TMA weight box"),
+    }
+}
+
 /// The producer warpgroup's loop: plan this thread's chunks of both operand tiles once, then
 /// stage every k-tile into its slot as soon as the slot is free. Same tiles as
 /// `tile::gemm::load_stage`, with the per-chunk address arithmetic hoisted out of the k-loop
@@ -521,8 +533,25 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
                 mbarrier_wait_parity(bars.empty(slot), (g / STAGES - 1) & 1);
             }
             x.issue::<BK, true>(smem, slot, kt, p.k_red, p.a_addr);
-            w.issue::<BK, false>(smem, slot, kt, p.k_red, p.b_addr);
             let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
+            if p.b_tmap_addr == 0 {
+                w.issue::<BK, false>(smem, slot, kt, p.k_red, p.b_addr);
+            } else if tid == 0 {
+                // The weight tile by TMA: its bytes join the slot's "full" phase before this
+                // thread's own arrival (below), so the phase cannot complete without them.
+                let t = const { tma_box::<BK, LAYOUT>() };
+                mbarrier_expect_tx(bars.full(slot), t.stage_bytes());
+                let mut h = 0;
+                while h < t.copies {
+                    cp_async_bulk_tensor_3d_g2s(
+                        b_tile.offset(h * t.box_bytes()),
+                        p.b_tmap_addr,
+                        t.coords(BK, kt, n0, e as u32, h),
+                        bars.full(slot),
+                    );
+                    h += 1;
+                }
+            }
             if LAYOUT == BLayout::NkMxfp4 as u8 {
                 // One scale word slot per weight row (thread tid: row tid).
                 let blocks_k = p.k_red as u64 / 32;
@@ -873,7 +902,10 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
 /// Launch contract of `tile::gemm::gemm` for the configuration
 /// `{bm: BM, bn: 128, bk: BK, warps 1×8, stages: STAGES, wgmma}` (384 threads), on sm_90a; a
 /// persistent kernel may be launched with fewer blocks than that contract's grid (any number
-/// from 1: every tile is still taken by exactly one block).
+/// from 1: every tile is still taken by exactly one block). A nonzero `b_tmap_addr` is the
+/// global address of the weight tensor's map as `GemmParams::b_tmap_addr` describes it
+/// (`tiles::wgmma_tma_box` of this layout; 64-byte aligned, written before the launch), over
+/// the same tensor `b_addr` names.
 #[inline(always)]
 pub unsafe fn gemm_wg<
     const BM: u32,
@@ -987,6 +1019,12 @@ pub unsafe fn gemm_wg<
         if reallocate {
             // SAFETY: the whole producer warpgroup, converged.
             unsafe { setmaxnreg_dec::<PRODUCER_REGS>() };
+        }
+        if p.b_tmap_addr != 0 && tid == 0 {
+            // The weight tiles come by TMA (`produce`), from a tensor map the host copied to
+            // global memory: acquire it for the tensor-map proxy before the first copy.
+            // SAFETY: a nonzero `b_tmap_addr` is a 64-byte aligned 128-byte map (contract).
+            unsafe { fence_proxy_tensormap_acquire_sys(p.b_tmap_addr) };
         }
         let (mut t, mut tile, mut i, mut pipe) = (first, tile0, 0u32, 0u32);
         loop {

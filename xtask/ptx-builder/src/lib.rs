@@ -13,7 +13,7 @@
 //! 2. `llvm-link` of the kernel bitcode with every bitcode member of those rlibs. rustc would do
 //!    this step through `llvm-bitcode-linker`, which the pinned channel does not ship.
 //! 3. `opt`: internalize everything except the `ptx_kernel` entry points, drop dead code, O3.
-//! 4. `llc -mcpu=<arch> -mattr=+ptx80`: one PTX file.
+//! 4. `llc -mcpu=<arch> -mattr=<ptx_feature(arch)>`: one PTX file.
 //! 5. Lint: the module targets the requested arch and has no unresolved `.extern .func`
 //!    (a driver JIT cannot load such a module).
 //!
@@ -30,8 +30,17 @@ pub mod ptxas;
 
 /// The device target triple.
 pub const TARGET: &str = "nvptx64-nvidia-cuda";
-/// The PTX ISA feature the module is built with (PTX 8.0 is the first with full sm_90 support).
-pub const PTX_FEATURE: &str = "+ptx80";
+/// The PTX ISA feature of a module for `arch`: PTX 8.3 for the Hopper module ([`DEFAULT_ARCH`]:
+/// `fence.proxy.tensormap::generic`, which the TMA copies need for tensor maps the host writes),
+/// PTX 8.0 otherwise (the first with full sm_90 support; the portable module stays loadable by
+/// drivers from CUDA 12.0).
+pub fn ptx_feature(arch: &str) -> &'static str {
+    if arch == DEFAULT_ARCH {
+        "+ptx83"
+    } else {
+        "+ptx80"
+    }
+}
 /// LLVM's full-unroll threshold for the device build. The MMA loops over a warp's accumulator
 /// fragments must unroll completely, or the fragment arrays are indexed at run time and land in
 /// local memory (a stack frame in `cargo xtask ptx-report`); the default threshold is too small
@@ -201,7 +210,7 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     cmd.arg(&b.target_dir);
     cmd.args(["--", "-C"])
         .arg(format!("target-cpu={}", b.arch))
-        .args(["-C", &format!("target-feature={PTX_FEATURE}")])
+        .args(["-C", &format!("target-feature={}", ptx_feature(&b.arch))])
         .args([
             "-C",
             &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}"),
@@ -317,7 +326,7 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
             .arg(&optimized)
             .arg(format!("-mtriple={TARGET}"))
             .arg(format!("-mcpu={}", b.arch))
-            .arg(format!("-mattr={PTX_FEATURE}"))
+            .arg(format!("-mattr={}", ptx_feature(&b.arch)))
             .arg("-O3")
             .arg("-o")
             .arg(&b.out_file),

@@ -201,6 +201,15 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        id: "tma-odd-ktile-stale",
+        description: "the wgmma producer's TMA copies of an odd k-tile read the even k-tile before it (weight tiles of every layout; the cp.async path is intact)",
+        edits: &[Edit {
+            file: WG,
+            old: "t.coords(BK, kt, n0, e as u32, h)",
+            new: "t.coords(BK, kt & !1, n0, e as u32, h)",
+        }],
+    },
+    Mutant {
         id: "last-ktile-dropped",
         description: "the K loop stops one k-tile early whenever there are two or more, both families (also the LoRA down products)",
         edits: &[

@@ -1,0 +1,251 @@
+//! TMA tensor maps (`CUtensorMap`) for the `wgmma` kernels' weight tiles
+//! ([`GemmParams::b_tmap_addr`](kernels_gpu::shared::params::GemmParams::b_tmap_addr)).
+//!
+//! A map is a pure function of its [`TileMap`] (tensor address, sizes, strides, box, layout), so
+//! each [`Gpu`] keeps the maps it has built in device memory by value: one
+//! `cuTensorMapEncodeTiled` (host only) and one 128-byte copy the first time a weight tensor is
+//! used with a box, none after. A map outlives nothing it describes: a freed tensor whose address
+//! comes back gets the same map, which is then right again. The copy is ordered on the `Gpu`'s
+//! stream before the kernels that read it, and the kernels fence it before use
+//! (`fence.proxy.tensormap::generic.acquire`), as the CUDA Programming Guide asks of maps in
+//! global memory written by the host.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaSlice, sys};
+
+use super::{Gpu, upload};
+use crate::error::{Error, Result};
+use crate::launch::addr;
+
+/// Maps a [`Gpu`] keeps before it drops them all and starts again (each holds 128 bytes of
+/// device memory; a training run uses a few per weight tensor).
+const MAX_MAPS: usize = 256;
+
+/// Element type of a tensor map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum MapElem {
+    /// bf16 weights.
+    Bf16,
+    /// Packed 4-bit codes, two per byte.
+    U8,
+}
+
+impl MapElem {
+    fn bytes(self) -> u64 {
+        match self {
+            MapElem::Bf16 => 2,
+            MapElem::U8 => 1,
+        }
+    }
+}
+
+/// A 3-dimensional tiled tensor map, innermost dimension first; elements of a box outside the
+/// tensor read as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct TileMap {
+    /// Global address of element (0, 0, 0).
+    pub addr: u64,
+    pub elem: MapElem,
+    /// Elements along each dimension.
+    pub dims: [u64; 3],
+    /// Bytes between consecutive indices of dimensions 1 and 2 (dimension 0 is contiguous).
+    pub strides: [u64; 2],
+    /// Elements of one box (one copy) along each dimension.
+    pub boxes: [u32; 3],
+    /// The 128-byte swizzle (the `wgmma` descriptors' layout: 16-byte chunk `c` of box row `r`
+    /// at chunk `c ^ (r % 8)`); else the box is stored row-major without gaps.
+    pub swizzle_128: bool,
+}
+
+impl TileMap {
+    /// Whether `cuTensorMapEncodeTiled` accepts this map (CUDA Driver API, "Tensor Map Object
+    /// Management"): a 16-byte aligned address, sizes from 1 to 2^32, strides that are multiples
+    /// of 16 bytes below 2^40, boxes of 1 to 256 elements whose inner extent is a multiple of 16
+    /// bytes (at most 128 with the 128-byte swizzle). A weight tensor that is not encodable (a
+    /// view at an odd offset, a stride that is not a multiple of 16 bytes) keeps the `cp.async`
+    /// path.
+    pub(crate) fn encodable(&self) -> bool {
+        let inner = self.boxes[0] as u64 * self.elem.bytes();
+        self.addr.is_multiple_of(16)
+            && self.dims.iter().all(|&d| (1..=1 << 32).contains(&d))
+            && self
+                .strides
+                .iter()
+                .all(|&s| s.is_multiple_of(16) && s < 1 << 40)
+            && self.boxes.iter().all(|&b| (1..=256).contains(&b))
+            && inner.is_multiple_of(16)
+            && (!self.swizzle_128 || inner <= 128)
+    }
+
+    /// `cuTensorMapEncodeTiled` (host only; no context needed beyond the loaded driver).
+    fn encode(&self) -> Result<sys::CUtensorMap> {
+        if !self.encodable() {
+            return Err(Error::InvalidArgument {
+                what: "tensor map",
+                detail: format!("{self:?} is not encodable"),
+            });
+        }
+        let data_type = match self.elem {
+            MapElem::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            MapElem::U8 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        };
+        let swizzle = if self.swizzle_128 {
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B
+        } else {
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE
+        };
+        let element_strides = [1u32; 3];
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: `map` is a writable, 64-byte aligned `CUtensorMap` (its type's alignment); the
+        // arrays hold `rank` = 3 sizes and boxes and `rank − 1` = 2 strides, as the API reads;
+        // the address is only recorded, never dereferenced on the host.
+        let status = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                data_type,
+                3,
+                self.addr as *mut std::ffi::c_void,
+                self.dims.as_ptr(),
+                self.strides.as_ptr(),
+                self.boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::InvalidArgument {
+                what: "tensor map",
+                detail: format!("cuTensorMapEncodeTiled rejected {self:?}: {status:?}"),
+            });
+        }
+        Ok(map)
+    }
+}
+
+/// The maps one [`Gpu`] has built, in device memory.
+#[derive(Default)]
+pub(crate) struct TensorMaps {
+    maps: Mutex<HashMap<TileMap, CudaSlice<u8>>>,
+}
+
+impl Gpu {
+    /// Device address of `map`'s 128-byte `CUtensorMap` (256-byte aligned), built and copied on
+    /// the first request (ordered on this `Gpu`'s stream before any later launch).
+    /// Errors: [`Error::InvalidArgument`] if the map is not [`TileMap::encodable`]; driver errors.
+    pub(crate) fn tensor_map(&self, map: &TileMap) -> Result<u64> {
+        let mut maps = self
+            .tensor_maps
+            .maps
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(buf) = maps.get(map) {
+            return Ok(addr(self, buf));
+        }
+        let encoded = map.encode()?;
+        let bytes: Vec<u8> = encoded
+            .opaque
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let buf = upload(self, &bytes)?;
+        if maps.len() >= MAX_MAPS {
+            // Freed in stream order: every kernel launched with one of them runs first.
+            maps.clear();
+        }
+        let at = addr(self, &buf);
+        maps.insert(*map, buf);
+        Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_weights() -> TileMap {
+        TileMap {
+            addr: 1 << 20,
+            elem: MapElem::Bf16,
+            dims: [2880, 5760, 32],
+            strides: [2880 * 2, 2880 * 5760 * 2],
+            boxes: [64, 64, 1],
+            swizzle_128: true,
+        }
+    }
+
+    #[test]
+    fn encodable_follows_the_driver_rules() {
+        let ok = bf16_weights();
+        assert!(ok.encodable());
+        // A view one element in: the address is not 16-byte aligned.
+        assert!(
+            !TileMap {
+                addr: ok.addr + 2,
+                ..ok
+            }
+            .encodable()
+        );
+        // A row stride of 2884 elements is not a multiple of 16 bytes.
+        assert!(
+            !TileMap {
+                strides: [2884 * 2, ok.strides[1]],
+                ..ok
+            }
+            .encodable()
+        );
+        // 128-byte swizzle: at most 128 bytes per box row.
+        assert!(
+            !TileMap {
+                boxes: [128, 64, 1],
+                ..ok
+            }
+            .encodable()
+        );
+        assert!(
+            TileMap {
+                boxes: [128, 64, 1],
+                swizzle_128: false,
+                ..ok
+            }
+            .encodable()
+        );
+        // Boxes of 1..=256 elements; sizes from 1.
+        assert!(
+            !TileMap {
+                boxes: [64, 257, 1],
+                ..ok
+            }
+            .encodable()
+        );
+        assert!(
+            !TileMap {
+                dims: [2880, 0, 32],
+                ..ok
+            }
+            .encodable()
+        );
+        // Packed bytes: 32-byte box rows, no swizzle.
+        let packed = TileMap {
+            elem: MapElem::U8,
+            dims: [1440, 5760, 32],
+            strides: [1440, 1440 * 5760],
+            boxes: [32, 128, 1],
+            swizzle_128: false,
+            ..ok
+        };
+        assert!(packed.encodable());
+        // K = 2880 + 16: 1448-byte rows are not a multiple of 16.
+        assert!(
+            !TileMap {
+                strides: [1448, 1448 * 5760],
+                ..packed
+            }
+            .encodable()
+        );
+    }
+}
