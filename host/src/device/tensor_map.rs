@@ -13,11 +13,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use cudarc::driver::{CudaSlice, sys};
+use cudarc::driver::{CudaSlice, DevicePtr, sys};
 
 use super::{Gpu, upload};
 use crate::error::{Error, Result};
-use crate::launch::addr;
 
 /// Maps a [`Gpu`] keeps before it drops them all and starts again (each holds 128 bytes of
 /// device memory; a training run uses a few per weight tensor).
@@ -144,7 +143,7 @@ impl Gpu {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(buf) = maps.get(map) {
-            return Ok(addr(self, buf));
+            return Ok(buf.device_ptr(self.stream()).0);
         }
         let encoded = map.encode()?;
         let bytes: Vec<u8> = encoded
@@ -157,7 +156,7 @@ impl Gpu {
             // Freed in stream order: every kernel launched with one of them runs first.
             maps.clear();
         }
-        let at = addr(self, &buf);
+        let at = buf.device_ptr(self.stream()).0;
         maps.insert(*map, buf);
         Ok(at)
     }
