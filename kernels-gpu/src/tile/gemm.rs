@@ -1248,6 +1248,32 @@ unsafe fn mma_stage_nk_nv<const BK: u32, const MI: usize, const NI: usize>(
     }
 }
 
+/// Stores the 16 decoded bf16 values of item `c` of reduction row `r` (`lo`: columns 16c..16c+8,
+/// `hi`: the next 8) into the decoded tile as two 16-byte chunks ([`decoded_offset`]).
+///
+/// # Safety
+/// `decoded` is the decoded tile (`BK` rows of `BN` columns), `r < BK` and `16c + 16 ≤ BN`.
+#[inline(always)]
+unsafe fn store_decoded_item<const BN: u32, const BK: u32, const MN_PANELS: bool>(
+    decoded: SharedAddr,
+    r: u32,
+    c: u32,
+    lo: [u32; 4],
+    hi: [u32; 4],
+) {
+    // SAFETY: both chunks lie inside the tile (the caller's bounds).
+    unsafe {
+        st_shared_v4_u32(
+            decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c)),
+            lo,
+        );
+        st_shared_v4_u32(
+            decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c + 8)),
+            hi,
+        );
+    }
+}
+
 /// Byte offset of decoded element (reduction row `r`, column `col`) in a dX decoded tile
 /// `[BK][BN]`: one swizzled tile read by `ldmatrix.trans` (the `mma.sync` kernel), or with
 /// `MN_PANELS` the 64-column panels a `wgmma` MN-major descriptor names
@@ -1325,17 +1351,8 @@ pub(crate) unsafe fn decode_stage_kn_nv<const BN: u32, const BK: u32, const MN_P
             decode_byte_nv(w1, 2, fold),
             decode_byte_nv(w1, 3, fold),
         ];
-        // SAFETY: two 16-byte chunks of row r of the decoded tile.
-        unsafe {
-            st_shared_v4_u32(
-                decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c)),
-                lo,
-            );
-            st_shared_v4_u32(
-                decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c + 8)),
-                hi,
-            );
-        }
+        // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
+        unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;
     }
 }
@@ -1469,17 +1486,8 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
             decode_byte(w1, 2, s2),
             decode_byte(w1, 3, s2),
         ];
-        // SAFETY: two 16-byte chunks of row r of the decoded tile.
-        unsafe {
-            st_shared_v4_u32(
-                decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c)),
-                lo,
-            );
-            st_shared_v4_u32(
-                decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c + 8)),
-                hi,
-            );
-        }
+        // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
+        unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;
     }
 }
