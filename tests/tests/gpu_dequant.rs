@@ -29,19 +29,24 @@ fn cpu_dequant(packed: &[u8], scales: &[u8], n: usize, k: usize, experts: &[u32]
     out
 }
 
+/// `n` rows of `k` codes, each row the 16 codes in order (repeated), packed two per byte (even
+/// k in the low nibble), and two scale bytes per row, both `r` for row `r`: every code under
+/// every scale byte once `n` = 256.
+fn every_code_and_scale_byte(n: usize, k: usize) -> (Vec<u8>, Vec<u8>) {
+    let packed = (0..n)
+        .flat_map(|_| (0..k / 2).map(|j| ((2 * j) % 16) as u8 | ((((2 * j + 1) % 16) as u8) << 4)))
+        .collect();
+    let scales = (0..n).flat_map(|r| [r as u8, r as u8]).collect();
+    (packed, scales)
+}
+
 #[test]
 fn dequant_is_bit_exact_for_every_code_and_scale_byte() {
     let Some(gpu) = gpu() else { return };
     // One expert, 256 rows (one per scale byte), K = 64: every row holds all 16 codes twice in
     // each of its two blocks, and block q of row r uses scale byte r.
     let (n, k) = (256usize, 64usize);
-    let mut packed = Vec::with_capacity(n * k / 2);
-    for _ in 0..n {
-        for j in 0..k / 2 {
-            packed.push(((2 * j) % 16) as u8 | ((((2 * j + 1) % 16) as u8) << 4));
-        }
-    }
-    let scales: Vec<u8> = (0..n).flat_map(|r| [r as u8, r as u8]).collect();
+    let (packed, scales) = every_code_and_scale_byte(n, k);
     let d_packed = upload(gpu, &packed).unwrap();
     let d_scales = upload(gpu, &scales).unwrap();
     let out = dequant_mxfp4_bf16(gpu, &d_packed, &d_scales, 1, n, k, &[0]).unwrap();
@@ -110,13 +115,7 @@ fn dequant_rejects_out_of_range_experts_and_bad_k() {
 fn nvfp4_dequant_is_bit_exact_for_every_code_and_e4m3_byte() {
     let Some(gpu) = gpu() else { return };
     let (n, k) = (256usize, 32usize);
-    let mut packed = Vec::with_capacity(n * k / 2);
-    for _ in 0..n {
-        for j in 0..k / 2 {
-            packed.push(((2 * j) % 16) as u8 | ((((2 * j + 1) % 16) as u8) << 4));
-        }
-    }
-    let scales: Vec<u8> = (0..n).flat_map(|r| [r as u8, r as u8]).collect();
+    let (packed, scales) = every_code_and_scale_byte(n, k);
     let d_packed = upload(gpu, &packed).unwrap();
     let d_scales = upload(gpu, &scales).unwrap();
     let groups = 4;
