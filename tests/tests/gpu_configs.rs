@@ -186,8 +186,8 @@ fn persistent_rows_walk_several_tiles_per_block() {
 }
 
 /// The `wgmma` kernels take their weight tiles by TMA where the tensor allows a map (the default,
-/// which every other test runs) or by the producer's `cp.async` chunks ([`Gpu::set_tma`] off, and
-/// any tensor that allows no map): both give the same bits, for every `wgmma` row and bf16,
+/// which every other test runs unless `MXMOE_TMA=0`) or by the producer's `cp.async` chunks
+/// ([`Gpu::set_tma`] off, and any tensor that allows no map): both give the same bits, for every `wgmma` row and bf16,
 /// MXFP4 and NVFP4 weights, forward and backward. K = 160 and N = 200 leave partial k-tiles and
 /// column tiles in both directions (the map's zero fill against `cp.async`'s).
 #[test]
@@ -215,17 +215,18 @@ fn tma_and_cp_async_weight_tiles_give_identical_bits() {
     let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
     let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
     let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
-    assert!(gpu.tma(), "TMA is on by default");
+    let was = gpu.tma();
     for &row in &rows {
         for (name, base) in [
             ("bf16", Base::Dense(&d.w)),
             ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
             ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
         ] {
+            gpu.set_tma(true);
             let with_tma = run_bits(gpu, &c, &d, &dy, base, Some(row));
             gpu.set_tma(false);
             let without = run_bits(gpu, &c, &d, &dy, base, Some(row));
-            gpu.set_tma(true);
+            gpu.set_tma(was);
             for (what, (g, w)) in ["out", "dx", "da", "db"]
                 .iter()
                 .zip(with_tma.iter().zip(&without))

@@ -28,6 +28,7 @@ pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 pub use sass::{JitReason, ModuleCode, SassArch, cubin_arch, embedded_cubin, sass_choice};
 pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
+pub use tensor_map::TMA_ENV;
 pub(crate) use tensor_map::{MapElem, TileMap};
 
 use crate::error::{Error, Result};
@@ -245,6 +246,7 @@ impl Gpu {
                 select_module(&name, capability, env.as_deref())?
             }
         };
+        let tma = tensor_map::tma_from_env(std::env::var(TMA_ENV).ok().as_deref())?;
         let limits = read_limits(&ctx, name, capability, selection.module)?;
         let ptx = ptx_source::module_text(selection.module)?;
         let (module, code) = load_code(&ctx, ptx, selection.module, capability)?;
@@ -258,7 +260,7 @@ impl Gpu {
             code,
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
-            tma: AtomicBool::new(true),
+            tma: AtomicBool::new(tma),
             tensor_maps: Default::default(),
         })
     }
@@ -394,8 +396,9 @@ impl Gpu {
 
     /// Whether the `wgmma` kernels (Hopper module) move their weight tiles with the Tensor Memory
     /// Accelerator (one copy per box, [`GemmParams::b_tmap_addr`]) where the weight tensor allows
-    /// a tensor map, rather than with `cp.async` chunks: on unless [`set_tma`](Self::set_tma)
-    /// turned it off. The results are the same bits either way (the tests compare them).
+    /// a tensor map, rather than with `cp.async` chunks: on unless `MXMOE_TMA=0` ([`TMA_ENV`],
+    /// read when the `Gpu` was opened) or [`set_tma`](Self::set_tma) turned it off. The results
+    /// are the same bits either way (the tests compare them).
     ///
     /// [`GemmParams::b_tmap_addr`]: kernels_gpu::shared::params::GemmParams::b_tmap_addr
     pub fn tma(&self) -> bool {

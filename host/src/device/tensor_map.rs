@@ -18,6 +18,24 @@ use cudarc::driver::{CudaSlice, DevicePtr, sys};
 use super::{Gpu, upload};
 use crate::error::{Error, Result};
 
+/// The environment variable that sets [`Gpu::tma`] for every `Gpu` opened afterwards (read once
+/// per open): `0` or `off` turns the TMA weight path off, `1`, `on` or unset leaves it on.
+pub const TMA_ENV: &str = "MXMOE_TMA";
+
+/// [`Gpu::tma`]'s initial value from `MXMOE_TMA`'s value (`None` or empty: unset).
+/// Errors: [`Error::InvalidArgument`] naming the variable for any other value.
+pub(crate) fn tma_from_env(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => Ok(true),
+        Some("1" | "on") => Ok(true),
+        Some("0" | "off") => Ok(false),
+        Some(v) => Err(Error::InvalidArgument {
+            what: TMA_ENV,
+            detail: format!("{v:?}: use 0 or off (cp.async weight tiles), 1 or on (TMA)"),
+        }),
+    }
+}
+
 /// Maps a [`Gpu`] keeps before it drops them all and starts again (each holds 128 bytes of
 /// device memory; a training run uses a few per weight tensor).
 const MAX_MAPS: usize = 256;
@@ -174,6 +192,30 @@ mod tests {
             strides: [2880 * 2, 2880 * 5760 * 2],
             boxes: [64, 64, 1],
             swizzle_128: true,
+        }
+    }
+
+    #[test]
+    fn mxmoe_tma_takes_on_and_off_and_rejects_the_rest() {
+        for (v, want) in [
+            (None, true),
+            (Some(""), true),
+            (Some(" on "), true),
+            (Some("1"), true),
+            (Some("0"), false),
+            (Some("off"), false),
+        ] {
+            assert_eq!(tma_from_env(v).unwrap(), want, "{v:?}");
+        }
+        match tma_from_env(Some("no")) {
+            Err(Error::InvalidArgument { what, detail }) => {
+                assert_eq!(what, TMA_ENV);
+                assert!(
+                    detail.contains("\"no\"") && detail.contains("off"),
+                    "{detail}"
+                );
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
         }
     }
 
