@@ -222,55 +222,6 @@ mod tests {
     #[test]
     fn encodable_follows_the_driver_rules() {
         let ok = bf16_weights();
-        assert!(ok.encodable());
-        // A view one element in: the address is not 16-byte aligned.
-        assert!(
-            !TileMap {
-                addr: ok.addr + 2,
-                ..ok
-            }
-            .encodable()
-        );
-        // A row stride of 2884 elements is not a multiple of 16 bytes.
-        assert!(
-            !TileMap {
-                strides: [2884 * 2, ok.strides[1]],
-                ..ok
-            }
-            .encodable()
-        );
-        // 128-byte swizzle: at most 128 bytes per box row.
-        assert!(
-            !TileMap {
-                boxes: [128, 64, 1],
-                ..ok
-            }
-            .encodable()
-        );
-        assert!(
-            TileMap {
-                boxes: [128, 64, 1],
-                swizzle_128: false,
-                ..ok
-            }
-            .encodable()
-        );
-        // Boxes of 1..=256 elements; sizes from 1.
-        assert!(
-            !TileMap {
-                boxes: [64, 257, 1],
-                ..ok
-            }
-            .encodable()
-        );
-        assert!(
-            !TileMap {
-                dims: [2880, 0, 32],
-                ..ok
-            }
-            .encodable()
-        );
-        // Packed bytes: 32-byte box rows, no swizzle.
         let packed = TileMap {
             elem: MapElem::U8,
             dims: [1440, 5760, 32],
@@ -279,14 +230,69 @@ mod tests {
             swizzle_128: false,
             ..ok
         };
-        assert!(packed.encodable());
-        // K = 2880 + 16: 1448-byte rows are not a multiple of 16.
-        assert!(
-            !TileMap {
-                strides: [1448, 1448 * 5760],
-                ..packed
-            }
-            .encodable()
-        );
+        let cases = [
+            (ok, true, "bf16 [E, N, K], 64 × 64 boxes, 128-byte swizzle"),
+            (
+                TileMap {
+                    addr: ok.addr + 2,
+                    ..ok
+                },
+                false,
+                "a view one element in: address not 16-byte aligned",
+            ),
+            (
+                TileMap {
+                    strides: [2884 * 2, ok.strides[1]],
+                    ..ok
+                },
+                false,
+                "row stride 5768 B: not a multiple of 16",
+            ),
+            (
+                TileMap {
+                    boxes: [128, 64, 1],
+                    ..ok
+                },
+                false,
+                "256-byte box rows under the 128-byte swizzle",
+            ),
+            (
+                TileMap {
+                    boxes: [128, 64, 1],
+                    swizzle_128: false,
+                    ..ok
+                },
+                true,
+                "256-byte box rows without swizzle",
+            ),
+            (
+                TileMap {
+                    boxes: [64, 257, 1],
+                    ..ok
+                },
+                false,
+                "a box of 257 rows",
+            ),
+            (
+                TileMap {
+                    dims: [2880, 0, 32],
+                    ..ok
+                },
+                false,
+                "an empty dimension",
+            ),
+            (packed, true, "packed codes, 32-byte × 128-row boxes"),
+            (
+                TileMap {
+                    strides: [1448, 1448 * 5760],
+                    ..packed
+                },
+                false,
+                "K = 2896: 1448-byte rows",
+            ),
+        ];
+        for (map, want, what) in cases {
+            assert_eq!(map.encodable(), want, "{what}: {map:?}");
+        }
     }
 }

@@ -531,7 +531,9 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     // multiple of 32); the grid is n_tiles·(row tiles + E + 1) as the contract asks;
     // k_red and n_out are multiples of 8; r_pad is a multiple of 16 ≥ rank and the left factor
     // (and its low part, given only for the forward layouts whose plan reserves it) is
-    // [rows, r_pad].
+    // [rows, r_pad]; a weight tensor map, when given, is the encoded map of exactly the checked
+    // weight tensor (`weight_map`: its sizes and strides, zeros outside), copied before the launch
+    // on this stream.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
 }
 
