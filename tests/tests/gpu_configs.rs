@@ -164,17 +164,11 @@ fn persistent_rows_walk_several_tiles_per_block() {
         dropped_permille: 40,
         ..Case::new(8, 192, 1024, t, 2, 16, 63)
     };
-    let d = draw(&c);
-    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
-    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
-    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
-    for (name, base) in [
-        ("bf16", Base::Dense(&d.w)),
-        ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
-        ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
-    ] {
-        let want = run_bits(gpu, &c, &d, &dy, base, Some(reference));
-        let got = run_bits(gpu, &c, &d, &dy, base, Some(persistent));
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
+    for (name, base) in w.bases() {
+        let want = run_bits(gpu, &c, d, dy, base, Some(reference));
+        let got = run_bits(gpu, &c, d, dy, base, Some(persistent));
         for (what, (g, w)) in ["out", "dx", "da", "db"].iter().zip(got.iter().zip(&want)) {
             assert!(
                 g == w,
@@ -211,21 +205,15 @@ fn tma_and_cp_async_weight_tiles_give_identical_bits() {
         bias: true,
         ..Case::new(4, 160, 200, 300, 2, 16, 64)
     };
-    let d = draw(&c);
-    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
-    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
-    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
     let was = gpu.tma();
     for &row in &rows {
-        for (name, base) in [
-            ("bf16", Base::Dense(&d.w)),
-            ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
-            ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
-        ] {
+        for (name, base) in w.bases() {
             gpu.set_tma(true);
-            let with_tma = run_bits(gpu, &c, &d, &dy, base, Some(row));
+            let with_tma = run_bits(gpu, &c, d, dy, base, Some(row));
             gpu.set_tma(false);
-            let without = run_bits(gpu, &c, &d, &dy, base, Some(row));
+            let without = run_bits(gpu, &c, d, dy, base, Some(row));
             gpu.set_tma(was);
             for (what, (g, w)) in ["out", "dx", "da", "db"]
                 .iter()
@@ -240,6 +228,37 @@ fn tma_and_cp_async_weight_tiles_give_identical_bits() {
         }
     }
     gpu.tuner().force(None);
+}
+
+/// A case's data, its weights quantized to MXFP4 and NVFP4 (with tensor scales) and an output
+/// gradient: what the bit-comparison tests run on each weight format.
+struct Weights {
+    data: mxmoe_tests::linear_case::Data,
+    mx: MxWeights,
+    nv: NvWeights,
+    dy: Vec<f32>,
+}
+
+impl Weights {
+    fn draw(c: &Case) -> Self {
+        let data = draw(c);
+        let mx = quantize_mxfp4(&data.w, c.e, c.n, c.k).unwrap();
+        let nv = quantize_nvfp4(&data.w, c.e, c.n, c.k, true).unwrap();
+        let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
+        Weights { data, mx, nv, dy }
+    }
+
+    /// bf16, MXFP4 (Strategy B) and NVFP4 (Strategy B) runs of the same weights.
+    fn bases(&self) -> [(&'static str, Base<'_>); 3] {
+        [
+            ("bf16", Base::Dense(&self.data.w)),
+            ("mxfp4", Base::Mx(&self.mx, Strategy::Fused)),
+            (
+                "nvfp4",
+                Base::Nv(&self.nv, Strategy::Fused, DequantBuffer::Keep),
+            ),
+        ]
+    }
 }
 
 /// The four result tensors of one run, as bits.
@@ -296,10 +315,8 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
         bias: true,
         ..Case::new(8, 256, 128, 150, 2, 16, 63)
     };
-    let d = draw(&c);
-    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
-    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
-    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
     let both: Vec<Option<usize>> = std::iter::once(None)
         .chain(
             (0..GEMM_CONFIGS.len())
@@ -308,13 +325,9 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
         )
         .collect();
     for forced in both {
-        for (what, base) in [
-            ("bf16", Base::Dense(&d.w)),
-            ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
-            ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
-        ] {
-            let h = run_bits(&hopper, &c, &d, &dy, base, forced);
-            let p = run_bits(&portable, &c, &d, &dy, base, forced);
+        for (what, base) in w.bases() {
+            let h = run_bits(&hopper, &c, d, dy, base, forced);
+            let p = run_bits(&portable, &c, d, dy, base, forced);
             assert!(
                 h == p,
                 "{what}, row {forced:?} (None: each module's default): the portable module's \
