@@ -574,9 +574,10 @@ mod tests {
                         "{c:?} {layout:?} {r_pad}"
                     );
                     if c.wgmma {
-                        // The pipeline's mbarriers follow the row arrays.
+                        // The pipeline's mbarriers follow the row arrays: full and empty per
+                        // stage, then "LoRA ready" and "epilogue done".
                         assert!(p.barriers_offset >= p.rows_offset + 8 * c.bm);
-                        assert_eq!(p.total_bytes, p.barriers_offset + 16 * c.stages);
+                        assert_eq!(p.total_bytes, p.barriers_offset + 16 * c.stages + 16);
                     } else {
                         assert_eq!(p.total_bytes, p.rows_offset + 8 * c.bm);
                     }

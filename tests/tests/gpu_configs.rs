@@ -1,8 +1,9 @@
 //! Every compiled tile configuration computes bit-identical results (they accumulate each output
 //! in the same k order), so tuning changes speed only. Each row is forced through the device's
 //! tuner in turn, and every run asserts that the forced row is the one its forward and dX GEMMs
-//! launched ([`run_gpu_with`] checks the reported configurations). One test forces rows on the
-//! binary's shared device, because the forced row is device-wide; rows absent from the loaded
+//! launched ([`run_gpu_with`] checks the reported configurations). The tests that force rows do
+//! so on the binary's shared device one at a time (the forced row is device-wide: [`forcing`]);
+//! rows absent from the loaded
 //! module (the `wgmma` rows under the portable module, `MXMOE_MODULE=portable`) are skipped.
 //!
 //! On a compute capability 9.0 device, a second test opens the device twice, once per PTX module
@@ -10,14 +11,27 @@
 //! have, and each module's default choice, gives the same bits under both (not under
 //! `MXMOE_PTX_OVERRIDE`, which replaces one module: the mutation run).
 
+use std::sync::{Mutex, MutexGuard};
+
 use mxmoe::Runtime;
 use mxmoe::device::{Gpu, PtxModule};
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
 use mxmoe::nvfp4::{NvWeights, quantize_nvfp4};
 use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
-use mxmoe::shared::tiles::GEMM_CONFIGS;
+use mxmoe::shared::tiles::{BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, persistent_kernel};
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu, test_runtime};
+
+/// The forced row is device-wide ([`Runtime::tuner`] of the binary's shared device), and the test
+/// harness runs tests in parallel: each test that forces rows on the shared device holds this
+/// lock for as long as it does (a panic poisons it; the next holder takes it anyway).
+static FORCING: Mutex<()> = Mutex::new(());
+
+fn forcing() -> MutexGuard<'static, ()> {
+    FORCING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Bits of each tensor, with every NaN mapped to one pattern (NaN payloads are not contractual).
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -79,6 +93,7 @@ fn every_tile_configuration_gives_identical_bits() {
     if gpu().is_none() {
         return;
     }
+    let _forcing = forcing();
     // With a bias: both kernel families add it in their own epilogues.
     let c = Case {
         output: RowOrder::Scattered,
@@ -104,6 +119,146 @@ fn every_tile_configuration_gives_identical_bits() {
     let deq = mxmoe::mxfp4::dequantize_f32(&mx);
     let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, false).unwrap();
     check_all_configs(&c, &mx, &nv, &deq, &d);
+}
+
+/// The persistent `wgmma` kernels (`persistent_kernel`: 128-row tiles) launch one block per SM
+/// and walk several tiles each, their pipeline running on across tiles. On a problem with more
+/// than three times as many tiles as the device has SMs — dropped slots (a dropped-rows tile
+/// among the experts' tiles), LoRA, a bias, scattered output — the 128-row row gives the bits of
+/// the 64-row `wgmma` row (not persistent) for bf16, MXFP4 and NVFP4 weights, forward and
+/// backward. (The per-row test above has fewer tiles than SMs: one tile per block.)
+#[test]
+fn persistent_rows_walk_several_tiles_per_block() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let _forcing = forcing();
+    let index = |name: &str| {
+        GEMM_CONFIG_NAMES
+            .iter()
+            .position(|n| *n == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+    };
+    let (persistent, reference) = (index("m128n128k64wg2s4"), index("m64n128k64wg2s4"));
+    if !gpu.module().has_config(&GEMM_CONFIGS[persistent]) {
+        println!(
+            "skipped: the {} module has no wgmma rows",
+            gpu.module().name()
+        );
+        return;
+    }
+    assert!(persistent_kernel(
+        &GEMM_CONFIGS[persistent],
+        BLayout::NkBf16
+    ));
+    assert!(!persistent_kernel(
+        &GEMM_CONFIGS[reference],
+        BLayout::NkBf16
+    ));
+    // N = 1024: 8 column tiles; T·k routed rows in 128-row tiles: over 3·SMs tiles in all.
+    let sms = gpu.limits().sm_count as usize;
+    let t = 3 * sms * 128 / 8 / 2 + 300;
+    let c = Case {
+        output: RowOrder::Scattered,
+        bias: true,
+        dropped_permille: 40,
+        ..Case::new(8, 192, 1024, t, 2, 16, 63)
+    };
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
+    for (name, base) in w.bases() {
+        let want = run_bits(gpu, &c, d, dy, base, Some(reference));
+        let got = run_bits(gpu, &c, d, dy, base, Some(persistent));
+        for (what, (g, w)) in ["out", "dx", "da", "db"].iter().zip(got.iter().zip(&want)) {
+            assert!(
+                g == w,
+                "{name} {what}: the persistent row differs from the 64-row row"
+            );
+        }
+    }
+    gpu.tuner().force(None);
+}
+
+/// The `wgmma` kernels take their weight tiles by TMA where the tensor allows a map (the default,
+/// which every other test runs unless `MXMOE_TMA=0`) or by the producer's `cp.async` chunks
+/// ([`Gpu::set_tma`] off, and any tensor that allows no map): both give the same bits, for every `wgmma` row and bf16,
+/// MXFP4 and NVFP4 weights, forward and backward. K = 160 and N = 200 leave partial k-tiles and
+/// column tiles in both directions (the map's zero fill against `cp.async`'s).
+#[test]
+fn tma_and_cp_async_weight_tiles_give_identical_bits() {
+    let Some(gpu) = gpu() else {
+        return;
+    };
+    let _forcing = forcing();
+    let rows: Vec<usize> = (0..GEMM_CONFIGS.len())
+        .filter(|&i| GEMM_CONFIGS[i].wgmma && gpu.module().has_config(&GEMM_CONFIGS[i]))
+        .collect();
+    if rows.is_empty() {
+        println!(
+            "skipped: the {} module has no wgmma rows",
+            gpu.module().name()
+        );
+        return;
+    }
+    let c = Case {
+        output: RowOrder::Scattered,
+        bias: true,
+        ..Case::new(4, 160, 200, 300, 2, 16, 64)
+    };
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
+    let was = gpu.tma();
+    for &row in &rows {
+        for (name, base) in w.bases() {
+            gpu.set_tma(true);
+            let with_tma = run_bits(gpu, &c, d, dy, base, Some(row));
+            gpu.set_tma(false);
+            let without = run_bits(gpu, &c, d, dy, base, Some(row));
+            gpu.set_tma(was);
+            for (what, (g, w)) in ["out", "dx", "da", "db"]
+                .iter()
+                .zip(with_tma.iter().zip(&without))
+            {
+                assert!(
+                    g == w,
+                    "row {row} ({}) {name} {what}: TMA and cp.async weight tiles differ",
+                    GEMM_CONFIG_NAMES[row]
+                );
+            }
+        }
+    }
+    gpu.tuner().force(None);
+}
+
+/// A case's data, its weights quantized to MXFP4 and NVFP4 (with tensor scales) and an output
+/// gradient: what the bit-comparison tests run on each weight format.
+struct Weights {
+    data: mxmoe_tests::linear_case::Data,
+    mx: MxWeights,
+    nv: NvWeights,
+    dy: Vec<f32>,
+}
+
+impl Weights {
+    fn draw(c: &Case) -> Self {
+        let data = draw(c);
+        let mx = quantize_mxfp4(&data.w, c.e, c.n, c.k).unwrap();
+        let nv = quantize_nvfp4(&data.w, c.e, c.n, c.k, true).unwrap();
+        let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(c) * c.n, 1.0);
+        Weights { data, mx, nv, dy }
+    }
+
+    /// bf16, MXFP4 (Strategy B) and NVFP4 (Strategy B) runs of the same weights.
+    fn bases(&self) -> [(&'static str, Base<'_>); 3] {
+        [
+            ("bf16", Base::Dense(&self.data.w)),
+            ("mxfp4", Base::Mx(&self.mx, Strategy::Fused)),
+            (
+                "nvfp4",
+                Base::Nv(&self.nv, Strategy::Fused, DequantBuffer::Keep),
+            ),
+        ]
+    }
 }
 
 /// The four result tensors of one run, as bits.
@@ -160,10 +315,8 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
         bias: true,
         ..Case::new(8, 256, 128, 150, 2, 16, 63)
     };
-    let d = draw(&c);
-    let mx = quantize_mxfp4(&d.w, c.e, c.n, c.k).unwrap();
-    let nv = quantize_nvfp4(&d.w, c.e, c.n, c.k, true).unwrap();
-    let dy = Rng::new(c.seed ^ 0x51).normal_bf16(out_rows(&c) * c.n, 1.0);
+    let w = Weights::draw(&c);
+    let (d, dy) = (&w.data, &w.dy);
     let both: Vec<Option<usize>> = std::iter::once(None)
         .chain(
             (0..GEMM_CONFIGS.len())
@@ -172,13 +325,9 @@ fn rows_in_both_modules_give_identical_bits_across_modules() {
         )
         .collect();
     for forced in both {
-        for (what, base) in [
-            ("bf16", Base::Dense(&d.w)),
-            ("mxfp4", Base::Mx(&mx, Strategy::Fused)),
-            ("nvfp4", Base::Nv(&nv, Strategy::Fused, DequantBuffer::Keep)),
-        ] {
-            let h = run_bits(&hopper, &c, &d, &dy, base, forced);
-            let p = run_bits(&portable, &c, &d, &dy, base, forced);
+        for (what, base) in w.bases() {
+            let h = run_bits(&hopper, &c, d, dy, base, forced);
+            let p = run_bits(&portable, &c, d, dy, base, forced);
             assert!(
                 h == p,
                 "{what}, row {forced:?} (None: each module's default): the portable module's \

@@ -15,6 +15,10 @@
 //! - ptxas serializes the `wgmma` pipeline of a function ("wgmma.mma_async instructions are
 //!   serialized", C7510–C7520): a wait after every tensor-core instruction, which the kernels'
 //!   design rules out ([`serialization_problems`]);
+//! - an entry reallocates registers (`setmaxnreg`) without launch bounds, ptxas ignored a
+//!   `setmaxnreg` (C7508), or such an entry's register count at entry is not the one its
+//!   producer/consumer balance is computed from ([`register_budget_problems`]; a smaller count
+//!   would leave `setmaxnreg.inc` waiting forever);
 //! - on a target, a grouped-GEMM row the tuner would keep (its `smem_plan` within the target's
 //!   opt-in shared memory) does not fit once ptxas's static shared memory is added, a layout and
 //!   rank have no row that fits at all, or a fixed-shape kernel (LoRA products, Gram) does not
@@ -157,6 +161,7 @@ struct Assembled {
     target: Target,
     resources: Vec<EntryResources>,
     serialized: Vec<SerializedWgmma>,
+    ignored_setmaxnreg: Vec<String>,
     seconds: f64,
 }
 
@@ -201,6 +206,7 @@ fn assemble(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<Vec<Assem
                         target,
                         resources,
                         serialized: ptxas_log::serialized_wgmma(&log),
+                        ignored_setmaxnreg: ptxas_log::ignored_setmaxnreg(&log),
                         seconds: started.elapsed().as_secs_f64(),
                     })
                 })
@@ -262,6 +268,11 @@ pub fn report(root: &Path, ptx_file: &Path, module: PtxModule) -> Result<()> {
                 .map(tag),
         );
         problems.extend(serialization_problems(&a.serialized).into_iter().map(tag));
+        problems.extend(
+            register_budget_problems(&ptx, &a.resources, &a.ignored_setmaxnreg)
+                .into_iter()
+                .map(tag),
+        );
         let (smem, fit) = smem_problems(module, &a.target, &a.resources);
         problems.extend(smem.into_iter().map(tag));
         let max_regs = a.resources.iter().map(|r| r.registers).max().unwrap_or(0);
@@ -569,6 +580,105 @@ pub fn serialization_problems(serialized: &[SerializedWgmma]) -> Vec<String> {
         .collect()
 }
 
+/// What the PTX says about one entry's register budget: its launch bounds (`.maxntid T, 1, 1`
+/// and `.minnctapersm B`, as `mxmoe_ptx_builder::apply_launch_bounds` writes them) and whether
+/// its body reallocates registers (`setmaxnreg`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterBudget {
+    /// `.maxntid` (x only).
+    pub maxntid: Option<u32>,
+    /// `.minnctapersm`.
+    pub min_blocks: Option<u32>,
+    /// Whether the body holds a `setmaxnreg` instruction.
+    pub reallocates: bool,
+}
+
+/// [`RegisterBudget`] per `.entry` of `ptx`.
+pub fn register_budgets(ptx: &str) -> BTreeMap<String, RegisterBudget> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, RegisterBudget)> = None;
+    for line in ptx.lines() {
+        let t = line.trim_start();
+        if let Some(rest) = t
+            .strip_prefix(".visible .entry ")
+            .or_else(|| t.strip_prefix(".entry "))
+        {
+            if let Some((name, b)) = current.take() {
+                out.insert(name, b);
+            }
+            let name = rest.split(['(', ' ']).next().unwrap_or("").to_string();
+            current = Some((name, RegisterBudget::default()));
+            continue;
+        }
+        let Some((_, b)) = current.as_mut() else {
+            continue;
+        };
+        let number = |prefix: &str| -> Option<u32> {
+            t.strip_prefix(prefix)?
+                .split([',', ' '])
+                .find(|w| !w.is_empty())?
+                .parse()
+                .ok()
+        };
+        if let Some(n) = number(".maxntid") {
+            b.maxntid = Some(n);
+        } else if let Some(n) = number(".minnctapersm") {
+            b.min_blocks = Some(n);
+        } else if t.starts_with("setmaxnreg.") {
+            b.reallocates = true;
+        }
+    }
+    if let Some((name, b)) = current.take() {
+        out.insert(name, b);
+    }
+    out
+}
+
+/// The register count ptxas gives an entry launched with `maxntid` threads and at least
+/// `min_blocks` blocks per SM: the 64K-register file shared out, in steps of 8.
+pub const fn entry_registers(maxntid: u32, min_blocks: u32) -> u32 {
+    65536 / (maxntid * min_blocks) / 8 * 8
+}
+
+/// Problems with the register reallocation of `ptx` on one target: an entry with `setmaxnreg`
+/// but no launch bounds, ptxas's "'setmaxnreg' ignored" reports (`ignored`), and an entry with
+/// `setmaxnreg` whose register count at entry (`resources`) is not [`entry_registers`] of its
+/// bounds — the count `tile::wg`'s producer/consumer split is computed from; with fewer, the
+/// consumers' `setmaxnreg.inc` could wait forever for registers the pool never gets.
+pub fn register_budget_problems(
+    ptx: &str,
+    resources: &[EntryResources],
+    ignored: &[String],
+) -> Vec<String> {
+    let mut problems: Vec<String> = ignored
+        .iter()
+        .map(|m| format!("ptxas ignored a `setmaxnreg` ({m}); give the entry launch bounds"))
+        .collect();
+    for (name, b) in register_budgets(ptx) {
+        if !b.reallocates {
+            continue;
+        }
+        let (Some(threads), Some(blocks)) = (b.maxntid, b.min_blocks) else {
+            problems.push(format!(
+                "`{name}` reallocates registers (setmaxnreg) without `.maxntid` and \
+                 `.minnctapersm` (ptx::regs::declare_launch_bounds)"
+            ));
+            continue;
+        };
+        let want = entry_registers(threads, blocks);
+        match resources.iter().find(|r| r.name == name) {
+            Some(r) if r.registers == want => {}
+            Some(r) => problems.push(format!(
+                "`{name}` starts with {} registers per thread, not the {want} its `setmaxnreg` \
+                 balance assumes for {threads} threads and {blocks} block(s) per SM",
+                r.registers
+            )),
+            None => {} // reported by `coverage_problems`
+        }
+    }
+    problems
+}
+
 /// The reason `name` is allowed local memory, if it is.
 fn allowed_reason<'a>(allowed: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
     allowed
@@ -746,6 +856,68 @@ mod tests {
         let problems = resource_problems(&resources, &[("stacky", "a local array, by design")]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("`spilly` uses local memory (8 bytes stack frame"));
+    }
+
+    #[test]
+    fn register_budgets_are_checked_against_the_entry_count() {
+        let ptx = "\
+.visible .entry a(
+)
+.maxntid 384, 1, 1
+.minnctapersm 1
+{
+\tsetmaxnreg.dec.sync.aligned.u32 96;
+}
+.visible .entry b(
+)
+{
+\tsetmaxnreg.inc.sync.aligned.u32 200;
+}
+.visible .entry c(
+)
+{
+\tret;
+}
+";
+        let budgets = register_budgets(ptx);
+        assert_eq!(
+            budgets["a"],
+            RegisterBudget {
+                maxntid: Some(384),
+                min_blocks: Some(1),
+                reallocates: true
+            }
+        );
+        assert!(budgets["b"].reallocates && budgets["b"].maxntid.is_none());
+        assert_eq!(budgets["c"], RegisterBudget::default());
+        assert_eq!(entry_registers(384, 1), 168);
+        assert_eq!(entry_registers(256, 2), 128);
+        let regs = |a: u32| {
+            vec![
+                EntryResources {
+                    name: "a".into(),
+                    registers: a,
+                    ..EntryResources::default()
+                },
+                EntryResources {
+                    name: "b".into(),
+                    registers: 168,
+                    ..EntryResources::default()
+                },
+                EntryResources {
+                    name: "c".into(),
+                    registers: 20,
+                    ..EntryResources::default()
+                },
+            ]
+        };
+        let ok = register_budget_problems(ptx, &regs(168), &[]);
+        assert_eq!(ok.len(), 1, "{ok:?}");
+        assert!(ok[0].starts_with("`b` reallocates registers"));
+        let low = register_budget_problems(ptx, &regs(128), &["(C7508) x".into()]);
+        assert_eq!(low.len(), 3, "{low:?}");
+        assert!(low[0].contains("ignored a `setmaxnreg` ((C7508) x)"));
+        assert!(low[1].contains("`a` starts with 128 registers per thread, not the 168"));
     }
 
     #[test]

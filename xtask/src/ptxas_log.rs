@@ -189,6 +189,17 @@ pub fn serialized_wgmma(log: &str) -> Vec<SerializedWgmma> {
         .collect()
 }
 
+/// The "'setmaxnreg' ignored" reports of a `ptxas` log (C7508: an entry reallocates registers
+/// but ptxas does not know its register count at entry), as their messages. ptxas names no
+/// function in them.
+pub fn ignored_setmaxnreg(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|raw| ptxas_message(raw.trim()))
+        .filter(|m| m.contains("'setmaxnreg' ignored"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The message of a `ptxas <severity> : <message>` line, or `None` for other lines.
 fn ptxas_message(line: &str) -> Option<&str> {
     let rest = line.strip_prefix("ptxas")?;
@@ -334,6 +345,17 @@ ptxas info    : Compile time = 3.462 ms
         assert_eq!(found[0].function, "");
         assert_eq!(found[0].code, "C7599");
         assert_eq!(found[0].reason, "for a new reason");
+    }
+
+    #[test]
+    fn ignored_setmaxnreg_is_found() {
+        // ptxas 13.0.88 on an entry with `setmaxnreg` and no launch bounds.
+        let log = "ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at entry.\n\
+                   ptxas info    : 0 bytes gmem\n";
+        let found = ignored_setmaxnreg(log);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].starts_with("(C7508)"));
+        assert!(ignored_setmaxnreg(SERIALIZED).is_empty());
     }
 
     #[test]

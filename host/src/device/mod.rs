@@ -21,12 +21,15 @@ mod pool;
 mod ptx_source;
 mod sass;
 mod select;
+mod tensor_map;
 pub use kernels_gpu::shared::module::PtxModule;
 pub use memory::{DeviceBuffer, alloc_filled, alloc_output, download, fill_bytes, upload};
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 pub use sass::{JitReason, ModuleCode, SassArch, cubin_arch, embedded_cubin, sass_choice};
 pub use select::{MODULE_ENV, ModuleSelection, SelectionReason, check_module, select_module};
+pub use tensor_map::TMA_ENV;
+pub(crate) use tensor_map::{MapElem, TileMap};
 
 use crate::error::{Error, Result};
 
@@ -114,6 +117,11 @@ pub struct Gpu {
     functions: Arc<Mutex<HashMap<&'static str, Loaded>>>,
     /// Whether [`alloc_output`] poisons (see [`Gpu::set_poison_outputs`]).
     poison_outputs: AtomicBool,
+    /// Whether the `wgmma` kernels get TMA tensor maps for their weight tiles
+    /// ([`Gpu::set_tma`]).
+    tma: AtomicBool,
+    /// The tensor maps built so far, per `Gpu` (their copies are ordered on its stream).
+    tensor_maps: tensor_map::TensorMaps,
 }
 
 /// A kernel looked up once, with the dynamic shared memory its attribute already allows.
@@ -238,6 +246,7 @@ impl Gpu {
                 select_module(&name, capability, env.as_deref())?
             }
         };
+        let tma = tensor_map::tma_from_env(std::env::var(TMA_ENV).ok().as_deref())?;
         let limits = read_limits(&ctx, name, capability, selection.module)?;
         let ptx = ptx_source::module_text(selection.module)?;
         let (module, code) = load_code(&ctx, ptx, selection.module, capability)?;
@@ -251,6 +260,8 @@ impl Gpu {
             code,
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
+            tma: AtomicBool::new(tma),
+            tensor_maps: Default::default(),
         })
     }
 
@@ -274,6 +285,8 @@ impl Gpu {
             code: self.code.clone(),
             functions: self.functions.clone(),
             poison_outputs: AtomicBool::new(self.poison_outputs()),
+            tma: AtomicBool::new(self.tma()),
+            tensor_maps: Default::default(),
         }
     }
 
@@ -379,6 +392,22 @@ impl Gpu {
     /// that an element a kernel fails to write reads back as NaN; it costs one memset per output.
     pub fn set_poison_outputs(&self, on: bool) {
         self.poison_outputs.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the `wgmma` kernels (Hopper module) move their weight tiles with the Tensor Memory
+    /// Accelerator (one copy per box, [`GemmParams::b_tmap_addr`]) where the weight tensor allows
+    /// a tensor map, rather than with `cp.async` chunks: on unless `MXMOE_TMA=0` ([`TMA_ENV`],
+    /// read when the `Gpu` was opened) or [`set_tma`](Self::set_tma) turned it off. The results
+    /// are the same bits either way (the tests compare them).
+    ///
+    /// [`GemmParams::b_tmap_addr`]: kernels_gpu::shared::params::GemmParams::b_tmap_addr
+    pub fn tma(&self) -> bool {
+        self.tma.load(Ordering::Relaxed)
+    }
+
+    /// Turns the TMA weight path on or off (see [`tma`](Self::tma)).
+    pub fn set_tma(&self, on: bool) {
+        self.tma.store(on, Ordering::Relaxed);
     }
 
     /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), once per

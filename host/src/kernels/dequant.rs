@@ -3,7 +3,7 @@
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::mxfp4::MX_BLOCK;
 use kernels_gpu::shared::names;
-use kernels_gpu::shared::nvfp4::NV_BLOCK;
+use kernels_gpu::shared::nvfp4::{NV_BLOCK, NV_CHUNK, NV_CHUNKS_PER_LANE};
 use kernels_gpu::shared::params::DequantParams;
 
 use super::{check_expert_ids, check_len, grid_stride_blocks, spec};
@@ -13,14 +13,16 @@ use crate::launch::{addr, addr_mut};
 
 /// Threads per block of the dequant kernels.
 const THREADS: u32 = 256;
-// The MXFP4 kernel gives each warp of a block its own run of chunks (launch contract: the block
-// a multiple of 32 threads).
+// Both kernels give each warp of a block its own run of chunks (launch contract: the block a
+// multiple of 32 threads).
 const _: () = assert!(THREADS.is_multiple_of(32));
 
-/// Values the MXFP4 kernel decodes per thread and grid-stride step: 4 chunks of 8 values
-/// (`MX_CHUNKS_PER_LANE · MX_CHUNK` in `kernels-gpu/src/kernels/dequant.rs`; only the grid
-/// size depends on it, every value is covered whatever the grid).
-const MX_VALUES_PER_THREAD: usize = 32;
+/// Values either kernel decodes per thread and grid-stride step: 4 chunks of 8 values
+/// (`MX_CHUNKS_PER_LANE · MX_CHUNK` in `kernels-gpu/src/kernels/dequant.rs`, and
+/// `shared::nvfp4::{NV_CHUNKS_PER_LANE, NV_CHUNK}`; only the grid size depends on it, every
+/// value is covered whatever the grid).
+const VALUES_PER_THREAD: usize = 32;
+const _: () = assert!(VALUES_PER_THREAD as u64 == NV_CHUNKS_PER_LANE * NV_CHUNK);
 
 /// `count·n·k`, overflow-checked: a product that wraps could pass a length check it should
 /// fail.
@@ -34,12 +36,10 @@ fn expert_elems(format: &str, count: usize, n: usize, k: usize) -> Result<usize>
         })
 }
 
-/// A dequant kernel, the block its scales cover and the values one thread decodes per
-/// grid-stride step (the grid covers them with one thread each, up to 16 blocks per SM).
+/// A dequant kernel and the block its scales cover.
 struct Format {
     name: &'static str,
     block: usize,
-    per_thread: usize,
     kernel: &'static str,
 }
 
@@ -47,8 +47,8 @@ struct Format {
 /// positive multiple of the format's block), the `groups` of the tensor scales (≥ 1, dividing
 /// `n`), the lengths of packed (`E·n·k/2` bytes), scales (`E·n·k/block` bytes) and tensor scales
 /// (`E·groups` f32) and the expert ids; then decodes the selected experts into a new output
-/// `[experts.len(), n, k]` (poisoned in tests), `format.per_thread` values per thread per
-/// grid-stride step.
+/// `[experts.len(), n, k]` (poisoned in tests), [`VALUES_PER_THREAD`] values per thread per
+/// grid-stride step (the grid covers them with one thread each, up to 16 blocks per SM).
 #[allow(clippy::too_many_arguments)]
 fn dequant_selected(
     gpu: &Gpu,
@@ -97,7 +97,7 @@ fn dequant_selected(
     }
     let ids = upload(gpu, experts)?;
     // The output's element count fits (checked above).
-    let items = (experts.len() * n * k).div_ceil(format.per_thread) as u64;
+    let items = (experts.len() * n * k).div_ceil(VALUES_PER_THREAD) as u64;
     let blocks = grid_stride_blocks(gpu, items, THREADS, 16);
     let params = DequantParams {
         packed_addr: addr(gpu, packed),
@@ -135,7 +135,6 @@ pub fn dequant_mxfp4_bf16(
     let format = Format {
         name: "MXFP4",
         block: MX_BLOCK,
-        per_thread: MX_VALUES_PER_THREAD,
         kernel: names::DEQUANT_MXFP4,
     };
     dequant_selected(
@@ -175,7 +174,6 @@ pub fn dequant_nvfp4_bf16(
     let format = Format {
         name: "NVFP4",
         block: NV_BLOCK,
-        per_thread: NV_BLOCK,
         kernel: names::DEQUANT_NVFP4,
     };
     dequant_selected(

@@ -8,13 +8,13 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{GemmParams, GramParams};
 use kernels_gpu::shared::tiles::{
-    BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, gram_smem_bytes, lora_down_config,
-    rank_pad_index, smem_plan,
+    BLayout, GEMM_CONFIGS, GRAM_CONFIG, MAX_RANK, TmaBox, gram_smem_bytes, lora_down_config,
+    persistent_kernel, rank_pad_index, smem_plan, tma_weight_box,
 };
 
 use super::routing::RouteBuffers;
 use super::{check_len, spec};
-use crate::device::Gpu;
+use crate::device::{Gpu, MapElem, TileMap};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -459,6 +459,27 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         return Ok(());
     }
     let plan = smem_plan(cfg, layout, if rank > 0 { r_pad } else { 0 });
+    // The `wgmma` kernels' weight tiles by TMA where the tensor allows a map (else `cp.async`).
+    let b_tmap_addr = match tma_weight_box(cfg, layout) {
+        Some(t) if gpu.tma() => {
+            let strides = (b.stride_e, b.stride_n, b.stride_k);
+            let map = weight_map(
+                &t,
+                layout,
+                b_addr,
+                strides,
+                r.num_experts,
+                args.n_out,
+                args.k_red,
+            );
+            if map.encodable() {
+                gpu.tensor_map(&map)?
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
     let params = GemmParams {
         ssi_addr: addr(gpu, r.ssi),
         offsets_addr: addr(gpu, r.offsets),
@@ -492,10 +513,17 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         tensor_scales_addr,
         ts_rows_per_group,
         _pad: 0,
+        b_tmap_addr,
     };
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
-    let blocks = n_tiles * m_tiles;
+    // A persistent kernel walks its tiles with one block per SM at most (each block takes tiles
+    // ctaid, ctaid + nctaid, …; blocks past the last tile exit).
+    let blocks = if persistent_kernel(cfg, layout) {
+        (n_tiles * m_tiles).min(gpu.limits().sm_count.max(1) as usize)
+    } else {
+        n_tiles * m_tiles
+    };
     let spec = spec(name, cfg.threads(), plan.total_bytes as usize);
     // SAFETY: every buffer was checked to cover the largest element its strides address (the
     // bias its `[E, n_out]`; 4-bit weights their packed codes, block scales and, for NVFP4,
@@ -503,8 +531,52 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     // multiple of 32); the grid is n_tiles·(row tiles + E + 1) as the contract asks;
     // k_red and n_out are multiples of 8; r_pad is a multiple of 16 ≥ rank and the left factor
     // (and its low part, given only for the forward layouts whose plan reserves it) is
-    // [rows, r_pad].
+    // [rows, r_pad]; a weight tensor map, when given, is the encoded map of exactly the checked
+    // weight tensor (`weight_map`: its sizes and strides, zeros outside), copied before the launch
+    // on this stream.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
+}
+
+/// The tensor map of a `wgmma` kernel's weight operand ([`GemmParams::b_tmap_addr`]): box `t`
+/// over the weight tensor at `b_addr`, innermost dimension first — `(K, N, E)` for bf16 weights
+/// `[E, N, K]` with `K` contiguous (the forward's reduction, dX's output; element strides
+/// `(e, n, k)` of the operand's view),
+/// `(k_red / 2, n_out, E)` bytes for the forward's packed codes `[E, n_out, k_red / 2]`, and
+/// `(n_out / 2, k_red, E)` bytes for dX's `[E, k_red, n_out / 2]`.
+fn weight_map(
+    t: &TmaBox,
+    layout: BLayout,
+    b_addr: u64,
+    (stride_e, stride_n, stride_k): (usize, usize, usize),
+    experts: usize,
+    n_out: usize,
+    k_red: usize,
+) -> TileMap {
+    let (e, n, k) = (experts as u64, n_out as u64, k_red as u64);
+    let (elem, dims, strides) = match layout {
+        // Forward: k contiguous (checked), rows n.
+        BLayout::NkBf16 => (
+            MapElem::Bf16,
+            [k, n, e],
+            [2 * stride_n as u64, 2 * stride_e as u64],
+        ),
+        // dX: n (the tensor's K) contiguous (checked), rows along the reduction.
+        BLayout::KnBf16 => (
+            MapElem::Bf16,
+            [n, k, e],
+            [2 * stride_k as u64, 2 * stride_e as u64],
+        ),
+        BLayout::NkMxfp4 | BLayout::NkNvfp4 => (MapElem::U8, [k / 2, n, e], [k / 2, n * (k / 2)]),
+        _ => (MapElem::U8, [n / 2, k, e], [n / 2, k * (n / 2)]),
+    };
+    TileMap {
+        addr: b_addr,
+        elem,
+        dims,
+        strides,
+        boxes: [t.inner, t.outer, 1],
+        swizzle_128: t.swizzle_128,
+    }
 }
 
 /// `left[p, j] = round(Σ_d act[row(p), d] · m_e(j, d))` for `j < rank`, zero for
@@ -662,4 +734,77 @@ pub(crate) fn gram(
     // SAFETY: buffers checked above against rows, widths and output strides; grid is
     // E·⌈width/bw⌉; the narrow operand is [rows, r_pad].
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address a tensor map reads for map element `(d0, d1, d2)`.
+    fn map_address(m: &TileMap, d: [u64; 3]) -> u64 {
+        let elem = if m.elem == MapElem::Bf16 { 2 } else { 1 };
+        assert!(
+            (0..3).all(|i| d[i] < m.dims[i]),
+            "{d:?} outside {:?}",
+            m.dims
+        );
+        m.addr + d[0] * elem + d[1] * m.strides[0] + d[2] * m.strides[1]
+    }
+
+    /// Each layout's map reads, for the box element the kernel's coordinates name, the byte the
+    /// `cp.async` producer copies for that weight element (its source formulas in `tile::wg`),
+    /// and every bf16 layout on a padded view (row stride > K) still gets an encodable map.
+    #[test]
+    fn weight_maps_address_what_the_cp_async_producer_reads() {
+        let (e, n_out, k_red) = (5usize, 384usize, 320usize);
+        let base = 1u64 << 24;
+        for layout in names::GEMM_WEIGHT_LAYOUTS {
+            let cfg = GEMM_CONFIGS.iter().find(|c| c.wgmma).expect("a wgmma row");
+            let t = tma_weight_box(cfg, layout).expect("every wgmma layout has TMA boxes");
+            // bf16 views: [E][N][K] with K padded to 328 (forward: rows n; dX: rows along the
+            // reduction, which is the tensor's N).
+            let (rows, cols) = if layout.is_forward() {
+                (n_out, k_red)
+            } else {
+                (k_red, n_out)
+            };
+            let pitch = cols + 8;
+            let strides = if layout.is_forward() {
+                (rows * pitch, pitch, 1)
+            } else {
+                (rows * pitch, 1, pitch)
+            };
+            let m = weight_map(&t, layout, base, strides, e, n_out, k_red);
+            assert!(m.encodable(), "{layout:?} {m:?}");
+            let (ex, kt, n0) = (3u32, 2u32, 128u32);
+            for h in 0..t.copies {
+                let (c0, c1, c2) = t.coords(cfg.bk, kt, n0, ex, h);
+                for (r, i) in [(0, 0), (1, 7), (t.outer - 1, t.inner - 1)] {
+                    let d = [(c0 as u32 + i) as u64, (c1 as u32 + r) as u64, c2 as u64];
+                    // The weight element in the producer's terms: output column n, reduction k.
+                    let want = match layout {
+                        BLayout::NkBf16 => {
+                            let (n, k) = (d[1], d[0]);
+                            base + 2 * (d[2] * strides.0 as u64 + n * pitch as u64 + k)
+                        }
+                        BLayout::KnBf16 => {
+                            let (n, k) = (d[0], d[1]);
+                            base + 2 * (d[2] * strides.0 as u64 + k * pitch as u64 + n)
+                        }
+                        BLayout::NkMxfp4 | BLayout::NkNvfp4 => {
+                            let half_k = k_red as u64 / 2;
+                            base + d[2] * n_out as u64 * half_k + d[1] * half_k + d[0]
+                        }
+                        _ => {
+                            let half_n = n_out as u64 / 2;
+                            base + d[2] * k_red as u64 * half_n + d[1] * half_n + d[0]
+                        }
+                    };
+                    assert_eq!(map_address(&m, d), want, "{layout:?} copy {h} ({r}, {i})");
+                }
+            }
+            // The last k-tile and column tile stay inside the map's dimensions.
+            assert!(m.dims[0] >= 1 && m.dims[2] == e as u64);
+        }
+    }
 }

@@ -1,15 +1,15 @@
 //! MXFP4 and NVFP4 → bf16 dequantization of selected experts (Strategy A's building block, SPEC
 //! §4.1; NVFP4: issue #17).
 
-use crate::ptx::cvt::{cvt_rn_bf16x2_f32, mul_rn_bf16x2, prmt_b32};
-use crate::shared::mxfp4::{E8M0_NAN, e2m1_to_f32, place_byte_scaled_down, scale_fold};
-use crate::shared::nvfp4::{NV_BLOCK, block_factor};
+use crate::ptx::cvt::{mul_rn_bf16x2, prmt_b32};
+use crate::shared::mxfp4::{E8M0_NAN, place_byte_scaled_down, scale_fold};
+use crate::shared::nvfp4::{NV_CHUNKS_PER_LANE, NV_WARP_CHUNKS, NvChunks};
 use crate::shared::params::DequantParams;
+use crate::tile::gemm::{decode_byte_nv, nv_block_fold};
 use crate::tile::gmem::{grid_stride, load, store_16};
 
 /// Which experts a dequant kernel decodes: `experts[0..num_selected]` (u32, each checked
-/// against `num_experts`), each `items_per_expert` work items (NVFP4: scale blocks; MXFP4:
-/// 8-value chunks).
+/// against `num_experts`), each `items_per_expert` 8-value chunks.
 #[derive(Clone, Copy)]
 struct Selection {
     experts_addr: u64,
@@ -44,27 +44,6 @@ impl Selection {
     unsafe fn expert(&self, s: u64) -> u32 {
         // SAFETY: `s < num_selected`, the length of `experts` (caller).
         unsafe { load(self.experts_addr + 4 * s) }
-    }
-}
-
-/// The grid-stride loop of the NVFP4 dequant kernel: `body(item, e, within)` for every output
-/// block `item < num_selected·items_per_expert` of this thread whose expert `e = experts[item /
-/// items_per_expert]` is `< num_experts` (`within`: the block's index inside its expert, `n ·
-/// blocks_per_row + q`). Entries `≥ num_experts` are skipped.
-///
-/// # Safety
-/// `experts_addr` holds `num_selected` u32.
-#[inline(always)]
-unsafe fn for_each_selected_block(sel: Selection, mut body: impl FnMut(u64, u32, u64)) {
-    let total = sel.total();
-    let (mut item, stride) = grid_stride();
-    while item < total {
-        // SAFETY: `item / items_per_expert < num_selected`, the length of `experts`.
-        let e = unsafe { sel.expert(item / sel.items_per_expert) };
-        if e < sel.num_experts {
-            body(item, e, item % sel.items_per_expert);
-        }
-        item += stride;
     }
 }
 
@@ -231,68 +210,152 @@ pub unsafe extern "ptx-kernel" fn mxmoe_dequant_mxfp4_bf16(p: DequantParams) {
     }
 }
 
-/// Decodes the 4 packed bytes of `word` (8 codes, even k in each byte's low nibble) into 4 bf16x2
-/// words: `bf16(e2m1(code) · factor)`, the f32 product rounded once (`cvt.rn`), as the host's
-/// dequantizer and torchao's `NVFP4Tensor.dequantize(bf16)` do.
+/// Decodes one NVFP4 chunk: the 4 packed bytes of `word` (8 codes, even k in each byte's low
+/// nibble) of a block with E4M3 byte `scale` and tensor scale `ts` (1.0 without), as 4 bf16x2
+/// words — the decode of the fused K-loop: the block factor `ts · e4m3(scale)` folded once
+/// ([`nv_block_fold`]), each byte's codes placed, widened, multiplied in f32 and rounded once by
+/// `cvt.rn` ([`decode_byte_nv`]). Bit for bit `bf16(e2m1(code) · (ts · e4m3(scale)))`, the
+/// host's dequantizer (`shared::nvfp4`'s exhaustive test of the fold).
 #[inline(always)]
-fn decode_word_nv(word: u32, factor: f32) -> [u32; 4] {
-    let d = |j: u32| {
-        let byte = (word >> (8 * j)) as u8;
-        cvt_rn_bf16x2_f32(
-            e2m1_to_f32(byte & 0x0F) * factor,
-            e2m1_to_f32(byte >> 4) * factor,
+fn decode_chunk_nv(word: u32, scale: u8, ts: f32) -> [u32; 4] {
+    let fold = nv_block_fold(scale as u32, ts);
+    [0, 1, 2, 3].map(|j| decode_byte_nv(word, j, fold))
+}
+
+/// The code word and E4M3 byte of chunk `src + 32·j` of `packed` (chunk `i` covers values
+/// `8·i .. 8·i + 8` of `[E, n, k]`, inside block `i / 2` since `k % 16 == 0`). Written as
+/// offsets `128·j` and `16·j` from chunk `src`'s addresses, so a lane's loads differ by
+/// immediate offsets only.
+///
+/// # Safety
+/// `src + 32·j < E·n·k/8`: its 4 bytes at `4·(src + 32·j)` lie in `packed` (4-aligned: the
+/// buffer is 16-aligned) and its block's byte at `(src + 32·j) / 2 = src / 2 + 16·j` in
+/// `scales` (`E·n·k/16` bytes).
+#[inline(always)]
+unsafe fn fetch_chunk_nv(p: &DequantParams, src: u64, j: u64) -> (u32, u8) {
+    // SAFETY: in bounds and aligned (caller).
+    unsafe {
+        (
+            load::<u32>(p.packed_addr + 4 * src + 128 * j),
+            load::<u8>(p.scales_addr + src / 2 + 16 * j),
         )
-    };
-    [d(0), d(1), d(2), d(3)]
+    }
+}
+
+/// The tensor scale at index `idx` of `tensor_scales [E, groups]`, or 1.0 without tensor scales
+/// (`tensor_scales_addr == 0`).
+///
+/// # Safety
+/// `idx < E·groups` when `tensor_scales_addr != 0`.
+#[inline(always)]
+unsafe fn tensor_scale(p: &DequantParams, idx: u64) -> f32 {
+    if p.tensor_scales_addr != 0 {
+        // SAFETY: `idx < E·groups`, the buffer's length (caller, launch contract).
+        unsafe { load::<f32>(p.tensor_scales_addr + 4 * idx) }
+    } else {
+        1.0
+    }
 }
 
 /// `out[s, n, k] = bf16(e2m1(code) · (tensor_scale · e4m3(scale)))` for every selected expert
-/// `experts[s]`, row `n` and `k` (see [`DequantParams`]). One thread decodes one 16-element
-/// block (8 packed bytes, one E4M3 byte, 32 output bytes) per grid-stride step; all offsets are
-/// 64-bit. NaN or negative E4M3 bytes are refused by the host's container before any launch.
+/// `experts[s]`, row `n` and `k` (see [`DequantParams`]).
+///
+/// The MXFP4 kernel's walk, with tensor-scale groups: the output of the selected experts is cut
+/// into 8-value chunks (4 packed bytes, half a 16-value block so one E4M3 byte, 16 output
+/// bytes), chunk `c` at `16·c`; each slot's chunks form `groups` groups of `per_group` chunks
+/// (`n/groups` rows each; one group without tensor scales), and chunk `c` lies at
+/// [`NvChunkPos`](crate::shared::nvfp4::NvChunkPos) `(slot, group, within)` ([`NvChunks`]). Per grid-stride step each warp takes
+/// [`NV_WARP_CHUNKS`] consecutive chunks, lane `l` the chunks `32·j + l` (`j <
+/// NV_CHUNKS_PER_LANE`): it issues all its 32-bit code loads, E4M3 byte loads and its tensor
+/// scale load, then decodes and stores each chunk with one 16-byte store, so every load and
+/// store instruction of a warp covers contiguous bytes (128 of codes, 64 of scale bytes every
+/// other byte, 512 of output). When a lane's chunks lie in one group (all but the lanes whose
+/// chunks straddle a group's or an expert's end) their addresses are constant offsets of the
+/// first and they share one tensor scale; otherwise each chunk is located on its own. A lane's
+/// position is carried from step to step by [`NvChunks::advance`] (no division per step); all
+/// offsets are 64-bit.
 ///
 /// # Safety
-/// Launch contract: 1-D grid and block, no shared memory; `packed` holds `E·n·k/2` bytes,
-/// `scales` `E·n·k/16` bytes and (when its address is not 0) `tensor_scales` `E·groups` f32,
-/// with `E = num_experts`, `groups ≥ 1` dividing `n`; `experts` holds `num_selected` u32; `out`
-/// holds `num_selected·n·k` bf16; `k % 16 == 0`; all buffers 16-byte aligned. Entries of
-/// `experts` that are `≥ num_experts` are skipped (the host rejects them before launch).
+/// Launch contract: 1-D grid and block, the block a multiple of 32 threads, no shared memory;
+/// `packed` holds `E·n·k/2` bytes, `scales` `E·n·k/16` bytes and (when its address is not 0)
+/// `tensor_scales` `E·groups` f32, with `E = num_experts`, `groups ≥ 1` dividing `n`; `experts`
+/// holds `num_selected` u32; `out` holds `num_selected·n·k` bf16; `k % 16 == 0`; all buffers
+/// 16-byte aligned. Entries of `experts` that are `≥ num_experts` are skipped (the host rejects
+/// them before launch). NaN or negative E4M3 bytes are refused by the host's container before
+/// any launch (here they give NaN or negated values, never a fault).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn mxmoe_dequant_nvfp4_bf16(p: DequantParams) {
-    let blocks_per_row = p.k / NV_BLOCK as u64;
-    let blocks_per_expert = p.n * blocks_per_row;
-    // At least 1, so the division below has no zero-divisor path (`groups ≥ 1` dividing `n` by
-    // contract).
-    let rows_per_group = (p.n / (p.groups as u64).max(1)).max(1);
-    let sel = Selection::of(&p, blocks_per_expert);
-    let decode = |item: u64, e: u32, within: u64| {
-        let src_block = e as u64 * blocks_per_expert + within;
-        // SAFETY: `src_block < E·n·k/16`, so 8 bytes at `8·src_block` lie in `packed`
-        // (8-aligned: the buffer is 16-aligned) and one byte at `src_block` in `scales`.
-        let (lo, hi, scale) = unsafe {
-            (
-                load::<u32>(p.packed_addr + 8 * src_block),
-                load::<u32>(p.packed_addr + 8 * src_block + 4),
-                load::<u8>(p.scales_addr + src_block),
-            )
-        };
-        let tensor_scale = if p.tensor_scales_addr != 0 {
-            let group = (within / blocks_per_row) / rows_per_group;
-            // SAFETY: `e < E` and `group < groups` (`n_idx < n`, `n = groups·rows_per_group`).
-            unsafe { load::<f32>(p.tensor_scales_addr + 4 * (e as u64 * p.groups as u64 + group)) }
-        } else {
-            1.0
-        };
-        let factor = block_factor(scale, tensor_scale);
-        let (v0, v1) = (decode_word_nv(lo, factor), decode_word_nv(hi, factor));
-        let dst = p.out_addr + 2 * NV_BLOCK as u64 * item;
-        // SAFETY: `item < num_selected·n·k/16`: the 32 output bytes of this block are inside
-        // `out`; 16-byte aligned (32-byte steps from an aligned base).
-        unsafe {
-            store_16(dst, v0);
-            store_16(dst + 16, v1);
-        }
+    // Without tensor scales the whole expert is one group (`groups` is then irrelevant).
+    let groups = if p.tensor_scales_addr != 0 {
+        p.groups as u64
+    } else {
+        1
     };
-    // SAFETY: `experts` holds `num_selected` u32 (launch contract).
-    unsafe { for_each_selected_block(sel, decode) };
+    let Some(geo) = NvChunks::new(p.n, p.k, groups) else {
+        return;
+    };
+    let sel = Selection::of(&p, geo.per_expert());
+    let total = sel.total();
+    let num_selected = p.num_selected as u64;
+    // Lane `lane` of global warp `g / 32` (blocks are whole warps: launch contract); the warps
+    // of the grid advance together by `step` chunks.
+    let (g, threads) = grid_stride();
+    let lane = g % 32;
+    let step = geo.locate(threads / 32 * NV_WARP_CHUNKS);
+    let mut pos = geo.locate(g / 32 * NV_WARP_CHUNKS + lane);
+
+    // `pos` is this lane's first chunk, so it is `< total` exactly when its slot is
+    // `< num_selected`.
+    while pos.slot < num_selected {
+        let c = geo.index(pos);
+        if geo.lane_in_one_group(pos) {
+            // All of this lane's chunks `c + 32·j` lie in `pos`'s group of slot `pos.slot`, so
+            // they are `< total`.
+            // SAFETY: `pos.slot < num_selected` (loop condition).
+            let e = unsafe { sel.expert(pos.slot) };
+            if e < sel.num_experts {
+                // Chunk `src + 32·j` of `packed` is chunk `within + 32·j < per_group` of group
+                // `pos.group` of expert `e < E`, whose tensor scale is at `ts_idx < E·groups`.
+                let (src, ts_idx) = geo.source(pos, e as u64);
+                // All loads first, then the decodes and stores (a store may alias a later load
+                // as far as the compiler knows, so it would not hoist them itself).
+                // SAFETY: `ts_idx < E·groups` (above).
+                let ts = unsafe { tensor_scale(&p, ts_idx) };
+                let fetched: [(u32, u8); NV_CHUNKS_PER_LANE as usize] =
+                    // SAFETY: `src + 32·j < E·n·k/8` (above).
+                    core::array::from_fn(|j| unsafe { fetch_chunk_nv(&p, src, j as u64) });
+                for (j, &(word, scale)) in fetched.iter().enumerate() {
+                    // SAFETY: `c + 32·j < total`: the 16 bytes at `16·(c + 32·j)` lie in `out`
+                    // (`num_selected·n·k` bf16), 16-byte aligned.
+                    unsafe {
+                        store_16(
+                            p.out_addr + 16 * c + 512 * j as u64,
+                            decode_chunk_nv(word, scale, ts),
+                        )
+                    };
+                }
+            }
+        } else {
+            // The lane's chunks cross the end of a group, a slot or the output: each on its own.
+            for j in 0..NV_CHUNKS_PER_LANE {
+                let cj = c + 32 * j;
+                if cj < total {
+                    let q = geo.locate(cj);
+                    // SAFETY: `q.slot = cj / per_expert < num_selected` since `cj < total`.
+                    let e = unsafe { sel.expert(q.slot) };
+                    if e < sel.num_experts {
+                        let (src, ts_idx) = geo.source(q, e as u64);
+                        // SAFETY: `e < E`, `q.group < groups` and `q.within < per_group`, so
+                        // `src < E·n·k/8` and `ts_idx < E·groups`; `cj < total`.
+                        unsafe {
+                            let ts = tensor_scale(&p, ts_idx);
+                            let (word, scale) = fetch_chunk_nv(&p, src, 0);
+                            store_16(p.out_addr + 16 * cj, decode_chunk_nv(word, scale, ts));
+                        }
+                    }
+                }
+            }
+        }
+        pos = geo.advance(pos, step);
+    }
 }

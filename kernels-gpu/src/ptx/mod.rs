@@ -24,13 +24,19 @@
 //! | [`warp::vote_sync_ballot_b32`], [`warp::match_any_sync_b32`], [`warp::lanemask_lt`] | `vote.sync.ballot.b32`, `match.any.sync.b32`, `%lanemask_lt` |
 //! | [`warp::atom_shared_add_u32`], [`warp::bar_warp_sync`] | `atom.shared.add.u32`, `bar.warp.sync` |
 //! | [`wgmma::wgmma_m64n128k16_f32_bf16_rs`] (and n16, n32, n64) | `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` (A in registers, sm_90a) |
+//! | [`wgmma::wgmma_m64n128k16_f32_bf16_ss`] (and n16, n32, n64) | the same with A in shared memory (descriptor, `imm-trans-a`) |
 //! | [`wgmma::wgmma_fence`], [`wgmma::wgmma_commit_group`], [`wgmma::wgmma_wait_group`] | `wgmma.{fence,commit_group,wait_group}.sync.aligned` |
 //! | [`wgmma::fence_proxy_async_shared_cta`] | `fence.proxy.async.shared::cta` |
 //! | [`mbarrier::mbarrier_init`], [`mbarrier::mbarrier_arrive`], [`mbarrier::mbarrier_try_wait_parity`] | `mbarrier.{init,arrive,try_wait.parity}.shared::cta.b64` |
 //! | [`mbarrier::cp_async_mbarrier_arrive_noinc`] | `cp.async.mbarrier.arrive.noinc.shared::cta.b64` |
 //! | [`mbarrier::bar_sync_named`] | `bar.sync id, count` |
+//! | [`regs::setmaxnreg_dec`], [`regs::setmaxnreg_inc`] | `setmaxnreg.{dec,inc}.sync.aligned.u32 N` (sm_90a) |
+//! | [`tma::cp_async_bulk_tensor_3d_g2s`] | `cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes` (sm_90a) |
+//! | [`tma::mbarrier_expect_tx`] | `mbarrier.expect_tx.relaxed.cta.shared::cta.b64` |
+//! | [`tma::fence_proxy_tensormap_acquire_sys`] | `fence.proxy.tensormap::generic.acquire.sys [m], 128` (PTX 8.3: the `sm_90a` module's version) |
+//! | [`regs::declare_launch_bounds`] | the PTX comment `// mxmoe.launch_bounds T B` (the builder turns it into `.maxntid T, 1, 1` / `.minnctapersm B`) |
 //!
-//! The Hopper-only wrappers (`wgmma`, `mbarrier`, `stmatrix`) exist only in the `sm_90a` build
+//! The Hopper-only wrappers (`wgmma`, `mbarrier`, `tma`, `stmatrix`) exist only in the `sm_90a` build
 //! (`cfg(target_feature = "sm_90a")`, which rustc sets from `-C target-cpu=sm_90a`); the portable
 //! `sm_80` module is built without them, so it cannot contain an instruction its targets lack.
 //!
@@ -44,8 +50,12 @@ pub mod ldmatrix;
 #[cfg(target_feature = "sm_90a")]
 pub mod mbarrier;
 pub mod mma;
+#[cfg(target_feature = "sm_90a")]
+pub mod regs;
 pub mod smem;
 pub mod sreg;
+#[cfg(target_feature = "sm_90a")]
+pub mod tma;
 pub mod warp;
 #[cfg(target_feature = "sm_90a")]
 pub mod wgmma;

@@ -1,7 +1,7 @@
 //! Warpgroup-level asynchronous tensor-core MMA (PTX ISA §9.7.15 "Asynchronous Warpgroup Level
 //! Matrix Multiply-Accumulate Instructions"), PTX 8.0+, **sm_90a** only, and the proxy fence that
 //! makes generic-proxy shared-memory writes (`cp.async`, `st.shared`) visible to them.
-//! CuTe: `SM90_64xNx16_F32BF16BF16_RS`.
+//! CuTe: `SM90_64xNx16_F32BF16BF16_RS` and `_SS`.
 //!
 //! A warpgroup is four consecutive warps (warp ids 4w..4w+3); all 128 threads execute every
 //! instruction here converged. Protocol per batch: write the A fragments, [`wgmma_fence`], issue
@@ -57,6 +57,21 @@ pub unsafe fn wgmma_wait_group<const N: u32>() {
     unsafe { asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack)) };
 }
 
+/// Whether a `wgmma_*!` accumulator list names each of the `n / 8` groups once, in order.
+const fn groups_in_order(groups: &[usize], n: usize) -> bool {
+    if groups.len() != n / 8 {
+        return false;
+    }
+    let mut i = 0;
+    while i < groups.len() {
+        if groups[i] != i {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Defines `wgmma_m64n<N>k16_f32_bf16_rs` for one N: `acc` holds `N/8` groups of four f32
 /// accumulators, listed as `[0 1 … N/8-1]`. The asm template is one literal built by `concat!`
 /// (`{}` per accumulator register, in `acc` order, then the A registers, the B descriptor and the
@@ -88,15 +103,7 @@ macro_rules! wgmma_rs {
             accumulate: u32,
         ) {
             // Every accumulator group is listed once, in order: `[0 1 … N/8-1]`.
-            const {
-                let groups = [$j0 $(, $j)*];
-                assert!(groups.len() == $n / 8);
-                let mut i = 0;
-                while i < groups.len() {
-                    assert!(groups[i] == i);
-                    i += 1;
-                }
-            };
+            const { assert!(groups_in_order(&[$j0 $(, $j)*], $n)) };
             // SAFETY: the caller guarantees convergence, the descriptor and the wait protocol.
             unsafe {
                 asm!(
@@ -127,6 +134,64 @@ macro_rules! wgmma_rs {
     };
 }
 
+/// Defines `wgmma_m64n<N>k16_f32_bf16_ss` for one N: as `wgmma_rs!`, with A in shared memory
+/// too, named by a descriptor, K-major (`TRANS_A = 0`, `shared::tiles::wgmma_desc_sw128`) or
+/// MN-major (`TRANS_A = 1`, `shared::tiles::wgmma_desc_sw128_mn`). No register operand but the
+/// accumulators, so ptxas can keep a group in flight while the next stage is prepared.
+macro_rules! wgmma_ss {
+    ($name:ident, $n:literal, [$j0:literal $($j:literal)*]) => {
+        #[doc = concat!(
+            "`wgmma.mma_async.sync.aligned.m64n", stringify!($n), "k16.f32.bf16.bf16` with both \
+            operands in shared memory: `acc += A·B` for the 64×16 bf16 A named by `desc_a` \
+            (K-major for `TRANS_A = 0`, MN-major — `imm-trans-a` — for 1) and the 16×",
+            stringify!($n), " bf16 B named by `desc_b` (K-major). `acc` as for the register-A \
+            form (warp `w % 4` of the warpgroup holds D rows `16·(w % 4)..+16`); `accumulate` \
+            likewise from a register defined before [`wgmma_fence`].\n\n\
+            # Safety\n\
+            All threads of the warpgroup, converged, between [`wgmma_fence`] and \
+            [`wgmma_commit_group`]; both descriptors name visible shared memory (made visible to \
+            the async proxy by `fence.proxy.async` after generic writes) that stays unchanged \
+            until the wait."
+        )]
+        #[inline(always)]
+        pub unsafe fn $name<const TRANS_A: u32>(
+            acc: &mut [[f32; 4]; $n / 8],
+            desc_a: u64,
+            desc_b: u64,
+            accumulate: u32,
+        ) {
+            const { assert!(groups_in_order(&[$j0 $(, $j)*], $n) && TRANS_A <= 1) };
+            // SAFETY: the caller guarantees convergence, the descriptors and the wait protocol.
+            unsafe {
+                asm!(
+                    concat!(
+                        "{{ .reg .pred p; setp.ne.b32 p, {acc_flag}, 0; ",
+                        "wgmma.mma_async.sync.aligned.m64n", stringify!($n), "k16.f32.bf16.bf16 ",
+                        "{{{}, {}, {}, {}",
+                        $(wgmma_acc_group!($j),)*
+                        "}}, {desc_a}, {desc_b}, p, 1, 1, {trans_a}, 0; }}"
+                    ),
+                    inout(reg32) acc[$j0][0],
+                    inout(reg32) acc[$j0][1],
+                    inout(reg32) acc[$j0][2],
+                    inout(reg32) acc[$j0][3],
+                    $(
+                        inout(reg32) acc[$j][0],
+                        inout(reg32) acc[$j][1],
+                        inout(reg32) acc[$j][2],
+                        inout(reg32) acc[$j][3],
+                    )*
+                    desc_a = in(reg64) desc_a,
+                    desc_b = in(reg64) desc_b,
+                    acc_flag = in(reg32) accumulate,
+                    trans_a = const TRANS_A,
+                    options(nostack)
+                )
+            };
+        }
+    };
+}
+
 /// The template text of accumulator group `j > 0` (four more registers).
 macro_rules! wgmma_acc_group {
     ($j:literal) => {
@@ -138,3 +203,8 @@ wgmma_rs!(wgmma_m64n16k16_f32_bf16_rs, 16, [0 1]);
 wgmma_rs!(wgmma_m64n32k16_f32_bf16_rs, 32, [0 1 2 3]);
 wgmma_rs!(wgmma_m64n64k16_f32_bf16_rs, 64, [0 1 2 3 4 5 6 7]);
 wgmma_rs!(wgmma_m64n128k16_f32_bf16_rs, 128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]);
+
+wgmma_ss!(wgmma_m64n16k16_f32_bf16_ss, 16, [0 1]);
+wgmma_ss!(wgmma_m64n32k16_f32_bf16_ss, 32, [0 1 2 3]);
+wgmma_ss!(wgmma_m64n64k16_f32_bf16_ss, 64, [0 1 2 3 4 5 6 7]);
+wgmma_ss!(wgmma_m64n128k16_f32_bf16_ss, 128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]);

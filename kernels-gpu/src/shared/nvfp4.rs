@@ -114,11 +114,248 @@ pub const fn nv_scale_pair(placed: u32, fold: NvFold) -> (f32, f32) {
     }
 }
 
+/// Values of one chunk of the NVFP4 dequantization kernel: 4 packed bytes (one 32-bit load),
+/// half a [`NV_BLOCK`] (so exactly one E4M3 byte, `k` being a multiple of 16), 16 output bytes
+/// (one 16-byte store).
+pub const NV_CHUNK: u64 = 8;
+/// Chunks per lane and grid-stride step of the NVFP4 dequantization kernel: lane `l` of a warp
+/// owns chunks `c + 32·j` (`j <` this) of the warp's [`NV_WARP_CHUNKS`].
+pub const NV_CHUNKS_PER_LANE: u64 = 4;
+/// Consecutive chunks a warp covers per grid-stride step.
+pub const NV_WARP_CHUNKS: u64 = 32 * NV_CHUNKS_PER_LANE;
+
+/// The chunk geometry of an NVFP4 dequantization of `[num_selected, n, k]`: the output of each
+/// selection slot (`n·k/8` chunks) is `groups` tensor-scale groups of `per_group` chunks each
+/// (`n/groups` rows; `groups = 1` without tensor scales). Chunk `c` of the output sits at
+/// [`NvChunkPos`] `(slot, group, within)` with `c = (slot·groups + group)·per_group + within`;
+/// the kernel carries a lane's position from step to step with [`NvChunks::advance`] (no
+/// division per step) and divides only where a lane's chunks straddle a group's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvChunks {
+    /// Chunks per tensor-scale group, `(n/groups)·(k/8)` (> 0).
+    per_group: u64,
+    /// Tensor-scale groups per expert (≥ 1).
+    groups: u64,
+    /// Chunks per expert, `groups·per_group` (> 0; kept so that the divisors are known
+    /// non-zero where they are used).
+    per_expert: u64,
+}
+
+/// Where a chunk lies: selection slot, tensor-scale group of the slot's expert, and index inside
+/// the group (`< per_group`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvChunkPos {
+    /// Selection slot (output expert index).
+    pub slot: u64,
+    /// Tensor-scale group inside the slot (`< groups`).
+    pub group: u64,
+    /// Chunk index inside the group (`< per_group`).
+    pub within: u64,
+}
+
+impl NvChunks {
+    /// The geometry of `n` rows of `k` values in `groups` groups (0 is taken as 1), or `None`
+    /// when an expert has no chunk (`n < groups`, `k < 8`) or its chunk count overflows u64.
+    /// `groups` must divide `n` for the output to be covered (the launch contract); otherwise
+    /// only the first `groups·(n/groups)` rows of each expert are.
+    #[inline(always)]
+    pub const fn new(n: u64, k: u64, groups: u64) -> Option<Self> {
+        let groups = if groups == 0 { 1 } else { groups };
+        let per_group = match (n / groups).checked_mul(k / NV_CHUNK) {
+            Some(0) | None => return None,
+            Some(per_group) => per_group,
+        };
+        match per_group.checked_mul(groups) {
+            Some(per_expert) if per_expert != 0 => Some(Self {
+                per_group,
+                groups,
+                per_expert,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Chunks per expert, `groups·per_group`.
+    #[inline(always)]
+    pub const fn per_expert(&self) -> u64 {
+        self.per_expert
+    }
+
+    /// Chunks per tensor-scale group.
+    #[inline(always)]
+    pub const fn per_group(&self) -> u64 {
+        self.per_group
+    }
+
+    /// The position of chunk `c` (two divisions; the kernel calls it at its start and for the
+    /// chunks of lanes that straddle a group's end).
+    #[inline(always)]
+    pub const fn locate(&self, c: u64) -> NvChunkPos {
+        let rest = c % self.per_expert;
+        NvChunkPos {
+            slot: c / self.per_expert,
+            group: rest / self.per_group,
+            within: rest % self.per_group,
+        }
+    }
+
+    /// The chunk index of `pos`.
+    #[inline(always)]
+    pub const fn index(&self, pos: NvChunkPos) -> u64 {
+        (pos.slot * self.groups + pos.group) * self.per_group + pos.within
+    }
+
+    /// The position of chunk `index(pos) + index(step)`, for a `step` from [`NvChunks::locate`]
+    /// (each field in range): adds field by field and carries once per field.
+    #[inline(always)]
+    pub const fn advance(&self, pos: NvChunkPos, step: NvChunkPos) -> NvChunkPos {
+        let mut within = pos.within + step.within;
+        let mut group = pos.group + step.group;
+        let mut slot = pos.slot + step.slot;
+        if within >= self.per_group {
+            within -= self.per_group;
+            group += 1;
+        }
+        if group >= self.groups {
+            group -= self.groups;
+            slot += 1;
+        }
+        NvChunkPos {
+            slot,
+            group,
+            within,
+        }
+    }
+
+    /// Whether all of a lane's chunks `index(pos) + 32·j` (`j < NV_CHUNKS_PER_LANE`) lie in
+    /// `pos`'s group (so in its slot, one tensor scale, and each at a constant offset from the
+    /// first, in the output and in the source alike).
+    #[inline(always)]
+    pub const fn lane_in_one_group(&self, pos: NvChunkPos) -> bool {
+        pos.within + (NV_WARP_CHUNKS - 32) < self.per_group
+    }
+
+    /// For chunk `pos` of expert `e`: its chunk index in `packed [E, n, k/2]` (its 4 bytes at
+    /// 4× it, its E4M3 byte at half of it) and the index of its tensor scale in
+    /// `tensor_scales [E, groups]`.
+    #[inline(always)]
+    pub const fn source(&self, pos: NvChunkPos, e: u64) -> (u64, u64) {
+        let scale_idx = e * self.groups + pos.group;
+        (scale_idx * self.per_group + pos.within, scale_idx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::shared::bf16::f32_to_bf16_bits;
     use crate::shared::mxfp4::{e2m1_to_f32, place_byte_scaled_down};
+
+    /// The chunks of output chunk `c` as the NVFP4 dequantization kernel's walk reaches them: a
+    /// host mirror of its loop (`kernels/dequant.rs`) over a grid of `threads` threads. Returns,
+    /// per output chunk, every `(source chunk, tensor-scale index)` written to it.
+    fn walk(
+        (n, k, groups): (u64, u64, u64),
+        experts: &[u32],
+        num_experts: u32,
+        threads: u64,
+    ) -> Vec<Vec<(u64, u64)>> {
+        let geo = NvChunks::new(n, k, groups).unwrap();
+        let num_selected = experts.len() as u64;
+        let total = num_selected * geo.per_expert();
+        let mut writes = vec![Vec::new(); total as usize];
+        let step = geo.locate(threads / 32 * NV_WARP_CHUNKS);
+        for g in 0..threads {
+            let mut pos = geo.locate(g / 32 * NV_WARP_CHUNKS + g % 32);
+            while pos.slot < num_selected {
+                let c = geo.index(pos);
+                if geo.lane_in_one_group(pos) {
+                    let e = experts[pos.slot as usize];
+                    if e < num_experts {
+                        let (src, ts) = geo.source(pos, e as u64);
+                        for j in 0..NV_CHUNKS_PER_LANE {
+                            writes[(c + 32 * j) as usize].push((src + 32 * j, ts));
+                        }
+                    }
+                } else {
+                    for j in 0..NV_CHUNKS_PER_LANE {
+                        let cj = c + 32 * j;
+                        if cj < total {
+                            let q = geo.locate(cj);
+                            let e = experts[q.slot as usize];
+                            if e < num_experts {
+                                writes[cj as usize].push(geo.source(q, e as u64));
+                            }
+                        }
+                    }
+                }
+                pos = geo.advance(pos, step);
+            }
+        }
+        writes
+    }
+
+    #[test]
+    fn dequant_chunk_walk_writes_every_chunk_once_from_its_source() {
+        // (n, k, groups): one chunk per expert, groups shorter than a lane's reach (96 chunks),
+        // K = 16 (one block per row), odd row counts, groups longer than a warp's 128 chunks.
+        let shapes = [
+            (1u64, 16u64, 1u64),
+            (7, 48, 1),
+            (24, 96, 1),
+            (24, 96, 3),
+            (12, 16, 4),
+            (130, 256, 2),
+            (48, 1040, 3),
+            (5, 2048, 5),
+        ];
+        // Out of order, a repeat, and entries >= num_experts (skipped: left unwritten).
+        let (experts, num_experts) = ([4u32, 0, 9, 2, 2, 5, 1], 5u32);
+        for (n, k, groups) in shapes {
+            let per_expert = n * k / NV_CHUNK;
+            let rows_per_group = n / groups;
+            let grids = [32u64, 96, 256, 1024, 8 * 1024];
+            for threads in grids {
+                let writes = walk((n, k, groups), &experts, num_experts, threads);
+                for (c, w) in writes.iter().enumerate() {
+                    let c = c as u64;
+                    let (slot, at) = (c / per_expert, c % per_expert);
+                    let e = experts[slot as usize] as u64;
+                    let tag = format!("n {n} k {k} groups {groups} threads {threads} chunk {c}");
+                    if e >= num_experts as u64 {
+                        assert!(w.is_empty(), "{tag}: skipped expert written");
+                        continue;
+                    }
+                    let row = at * NV_CHUNK / k;
+                    let src = e * per_expert + at;
+                    let ts = e * groups + row / rows_per_group;
+                    assert_eq!(w, &[(src, ts)], "{tag}");
+                    // The chunk's E4M3 byte (at src / 2) is its block's: row-major [E, n, k/16].
+                    let kk = at * NV_CHUNK % k;
+                    assert_eq!(src / 2, (e * n + row) * (k / 16) + kk / 16, "{tag}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dequant_chunk_geometry_refuses_empty_experts_and_carries_like_division() {
+        assert_eq!(NvChunks::new(0, 16, 1), None);
+        assert_eq!(NvChunks::new(4, 0, 1), None);
+        assert_eq!(NvChunks::new(2, 16, 3), None, "fewer rows than groups");
+        assert_eq!(NvChunks::new(u64::MAX / 2, 64, 1), None, "overflow");
+        let geo = NvChunks::new(6, 32, 0).unwrap();
+        assert_eq!((geo.per_group(), geo.groups, geo.per_expert()), (24, 1, 24));
+        let geo = NvChunks::new(6, 32, 3).unwrap();
+        assert_eq!((geo.per_group(), geo.groups, geo.per_expert()), (8, 3, 24));
+        for start in 0..100 {
+            for step in 0..100 {
+                let pos = geo.advance(geo.locate(start), geo.locate(step));
+                assert_eq!(pos, geo.locate(start + step), "{start} + {step}");
+                assert_eq!(geo.index(pos), start + step);
+            }
+        }
+    }
 
     #[test]
     fn placed_e4m3_decode_equals_the_definition_for_every_byte() {

@@ -191,10 +191,21 @@ pub struct GemmParams {
     pub ts_rows_per_group: u32,
     /// Padding; must be 0.
     pub _pad: u32,
+    /// Global address of a 128-byte tensor map (`CUtensorMap`, 64-byte aligned) of the weight
+    /// operand, read by the `wgmma` kernels' producer, which then moves each weight tile with one
+    /// TMA copy per box instead of per-thread `cp.async` chunks; 0: no map (`cp.async`; the
+    /// `mma.sync` kernels never read it). The map is 3-dimensional, innermost first, over the
+    /// weight tensor `[E][rows][row bytes]` with zeros outside it:
+    /// - `NkBf16` / `KnBf16` (one map for both: the same `[E, N, K]` tensor): dims
+    ///   `(K, N, E)` bf16, box `(64, 64, 1)`, 128-byte swizzle;
+    /// - `NkMxfp4` / `NkNvfp4`: packed bytes, dims `(k_red / 2, n_out, E)`, box `(32, 128, 1)`;
+    /// - `KnMxfp4` / `KnNvfp4`: packed bytes, dims `(n_out / 2, k_red, E)`, box `(64, 64, 1)`.
+    pub b_tmap_addr: u64,
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 208);
+    assert!(size_of::<GemmParams>() == 216);
+    assert!(offset_of!(GemmParams, b_tmap_addr) == 208);
     assert!(offset_of!(GemmParams, tensor_scales_addr) == 192);
     assert!(offset_of!(GemmParams, bias_addr) == 128);
     assert!(offset_of!(GemmParams, lora_left_lo_addr) == 136);

@@ -254,20 +254,162 @@ pub struct SmemPlan {
     /// Offset of the epilogue's right LoRA factor (right after the left factor and, for the
     /// forward layouts, its low part).
     pub lora_right_offset: u32,
-    /// Bytes of the epilogue's regions that reuse the stages: the `wgmma` output tile, a
-    /// swizzled bf16 `[bm][bn]` at offset 0 (`mma.sync` configurations store from registers).
+    /// Bytes of the `wgmma` output tile, a swizzled bf16 `[bm][bn]` at [`Self::out_offset`]
+    /// (`mma.sync` configurations store from registers: 0).
     pub epilogue_bytes: u32,
-    /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32).
+    /// Offset of the `wgmma` output tile: 0 (over the drained stages), or for a persistent
+    /// configuration the LoRA factors' region (the producer is already filling the stages of
+    /// the next tile; the factors are read before the tile is written), which is then at least
+    /// `epilogue_bytes` long.
+    pub out_offset: u32,
+    /// Offset of the per-tile-row index arrays (`bm` input rows, then `bm` output rows, u32);
+    /// a persistent configuration has two such buffers, tile `i` using buffer `i % 2`.
     pub rows_offset: u32,
     /// Offset of the scale bytes inside one B stage (MXFP4 and NVFP4 layouts).
     pub b_scales_in_stage: u32,
     /// Offset of the decoded bf16 `[bk][bn]` tile (`KnMxfp4`, `KnNvfp4`; 0 otherwise).
     pub decoded_offset: u32,
-    /// Offset of the `wgmma` pipeline's mbarriers: `stages` "full" then `stages` "empty", 8
-    /// bytes each (0 for `mma.sync` configurations).
+    /// Offset of the `wgmma` pipeline's mbarriers, 8 bytes each: `stages` "full", `stages`
+    /// "empty", then "LoRA ready" and "epilogue done" (0 for `mma.sync` configurations).
     pub barriers_offset: u32,
     /// Total bytes to request at launch.
     pub total_bytes: u32,
+}
+
+/// Rows per block tile from which a `wgmma` kernel is persistent ([`persistent_kernel`]): the
+/// 128-row tiles run one block per SM, so nothing else hides their prologue and epilogue;
+/// smaller tiles share an SM with other blocks.
+pub const PERSISTENT_FROM_ROWS: u32 = 128;
+
+/// Whether the kernel of configuration `c` on weight layout `b` is persistent: it launches at
+/// most one block per SM, and each block walks the tiles `ctaid, ctaid + nctaid, …`, its
+/// producer staging the next tile while the consumers run the epilogue (so the output tile has
+/// a region of its own, shared with the LoRA factors, and the row indices two buffers). A
+/// `wgmma` configuration of [`PERSISTENT_FROM_ROWS`] rows or more, except the forward MXFP4
+/// layout: its consumers keep two register fragment sets in flight (`wait_group 1`) and need
+/// more than the 208 registers per thread the producer can leave them with the tile loop's
+/// state (ptxas spills; the other layouts fit).
+pub const fn persistent_kernel(c: &TileConfig, b: BLayout) -> bool {
+    c.wgmma && c.bm >= PERSISTENT_FROM_ROWS && !matches!(b, BLayout::NkMxfp4)
+}
+
+/// Alignment of every tile a `wgmma` descriptor names in the 128-byte swizzle mode (the
+/// activation and weight stages, the decoded dX tiles): the hardware swizzles address bits 4–6
+/// by bits 7–9 of the shared address, the software layout (`swizzled_offset`) by the row inside
+/// the tile, and the two agree only on 1024-byte boundaries (the dynamic shared memory starts at
+/// shared address 0: no static shared memory in these kernels).
+pub const WGMMA_SWIZZLE_ALIGN: u32 = 1024;
+
+/// The TMA copies that fill one weight stage of a `wgmma` kernel
+/// ([`GemmParams::b_tmap_addr`](super::params::GemmParams::b_tmap_addr)): `copies` boxes of
+/// `inner × outer` map elements (`elem_bytes` each; innermost first), stored one after the other
+/// from the stage's start — exactly the stage layout the `cp.async` producer writes, which
+/// `tests::tma_boxes_write_the_cp_async_stage_layouts` checks element by element.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmaBox {
+    /// Map elements along the contiguous dimension of one box.
+    pub inner: u32,
+    /// Rows of one box.
+    pub outer: u32,
+    /// 2: bf16 weights; 1: packed 4-bit codes (a map element is a byte, two values).
+    pub elem_bytes: u32,
+    /// The 128-byte swizzle (the `wgmma` descriptors' layout), else plain row-major boxes.
+    pub swizzle_128: bool,
+    /// Boxes per stage.
+    pub copies: u32,
+    /// Whether the boxes of a stage follow each other along the contiguous dimension (the `[k][n]`
+    /// layouts' two 64-column panels) rather than along the rows (the `[n][k]` layouts).
+    pub along_inner: bool,
+}
+
+impl TmaBox {
+    /// Bytes of one box.
+    pub const fn box_bytes(&self) -> u32 {
+        self.inner * self.outer * self.elem_bytes
+    }
+
+    /// Bytes one stage's copies complete on its mbarrier.
+    pub const fn stage_bytes(&self) -> u32 {
+        self.copies * self.box_bytes()
+    }
+
+    /// Weight values per map element along the contiguous dimension (1 for bf16, 2 for packed
+    /// codes).
+    pub const fn values_per_elem(&self) -> u32 {
+        if self.elem_bytes == 2 { 1 } else { 2 }
+    }
+
+    /// Map coordinates (innermost first) of copy `h` of the stage for k-tile `kt` (`bk` deep)
+    /// of expert `e`, output columns from `n0`. The map's dimensions are, innermost first, the
+    /// weight tensor's contiguous one, the other, and the expert: `(k, n, e)` for `[n][k]`
+    /// layouts, `(n, k, e)` for `[k][n]` layouts (values divided by [`Self::values_per_elem`]
+    /// along the contiguous one).
+    pub const fn coords(&self, bk: u32, kt: u32, n0: u32, e: u32, h: u32) -> (i32, i32, i32) {
+        if self.along_inner {
+            (
+                (n0 / self.values_per_elem() + h * self.inner) as i32,
+                (kt * bk) as i32,
+                e as i32,
+            )
+        } else {
+            (
+                (kt * bk / self.values_per_elem()) as i32,
+                (n0 + h * self.outer) as i32,
+                e as i32,
+            )
+        }
+    }
+}
+
+/// The TMA boxes of weight layout `b` in a `wgmma` configuration with `bn` output columns and
+/// `bk`-deep k-tiles, or `None` where the weights have no such path (`mma.sync` rows, the strided
+/// layout, other tile sizes):
+/// - bf16 (`NkBf16`, `KnBf16`): two 64 × 64 boxes in the 128-byte swizzle, the forward's
+///   `[bn][64]` stage as two 64-row halves, dX's `[64][bn]` stage as its two MN-major panels
+///   (`wgmma_mn_offset`). One map serves both: the same `[E, N, K]` tensor and box.
+/// - packed codes, forward (`NkMxfp4`, `NkNvfp4`): one `bk/2`-byte × `bn`-row box, row-major.
+/// - packed codes, dX (`KnMxfp4`, `KnNvfp4`): one `bn/2`-byte × `bk`-row box, row-major.
+pub const fn tma_weight_box(c: &TileConfig, b: BLayout) -> Option<TmaBox> {
+    if c.wgmma {
+        wgmma_tma_box(c.bn, c.bk, b)
+    } else {
+        None
+    }
+}
+
+/// [`tma_weight_box`] of a `wgmma` kernel with `bn` output columns and `bk`-deep k-tiles (what
+/// the kernel computes from its constants).
+pub const fn wgmma_tma_box(bn: u32, bk: u32, b: BLayout) -> Option<TmaBox> {
+    if bk != 64 || bn != 128 {
+        return None;
+    }
+    match b {
+        BLayout::NkBf16 | BLayout::KnBf16 => Some(TmaBox {
+            inner: 64,
+            outer: 64,
+            elem_bytes: 2,
+            swizzle_128: true,
+            copies: 2,
+            along_inner: matches!(b, BLayout::KnBf16),
+        }),
+        BLayout::NkMxfp4 | BLayout::NkNvfp4 => Some(TmaBox {
+            inner: bk / 2,
+            outer: bn,
+            elem_bytes: 1,
+            swizzle_128: false,
+            copies: 1,
+            along_inner: false,
+        }),
+        BLayout::KnMxfp4 | BLayout::KnNvfp4 => Some(TmaBox {
+            inner: bn / 2,
+            outer: bk,
+            elem_bytes: 1,
+            swizzle_128: false,
+            copies: 1,
+            along_inner: true,
+        }),
+        BLayout::Strided => None,
+    }
 }
 
 /// Shared-memory plan for config `c`, B layout `b` and padded LoRA rank `r_pad` (0 = no LoRA
@@ -310,17 +452,24 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     // The forward layouts' left factor (XA) comes in two bf16 terms (high and low part).
     let left_lo = if b.is_forward() { left } else { 0 };
     let right = c.bn * r_pad * 2;
-    // The LoRA factors have a region of their own (copied while the main loop runs); only the
-    // `wgmma` output tile reuses the stages.
+    // The LoRA factors have a region of their own (copied while the main loop runs); the
+    // `wgmma` output tile reuses the stages, or in a persistent kernel the factors' region.
     let epilogue_bytes = if c.wgmma { c.bm * c.bn * 2 } else { 0 };
-    let reused = if main > epilogue_bytes {
+    let persistent = persistent_kernel(c, b);
+    let reused = if main > epilogue_bytes || persistent {
         main
     } else {
         epilogue_bytes
     };
     let mut next = reused.div_ceil(128) * 128;
     let decoded_offset = if b.has_decoded_tile() {
-        let decoded = next;
+        // A `wgmma` reads the decoded tile by a swizzled descriptor, whose swizzle pattern
+        // repeats on 1024-byte boundaries of the shared address.
+        let decoded = if c.wgmma {
+            next.div_ceil(WGMMA_SWIZZLE_ALIGN) * WGMMA_SWIZZLE_ALIGN
+        } else {
+            next
+        };
         // `wgmma` consumers alternate two decoded tiles (one warpgroup may decode the next
         // stage while the other still reads this one).
         next = decoded + c.bk * c.bn * 2 * if c.wgmma { 2 } else { 1 };
@@ -329,9 +478,15 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         0
     };
     let lora_left_offset = next;
-    next = (next + left + left_lo + right).div_ceil(128) * 128;
+    let lora_bytes = left + left_lo + right;
+    let epilogue_region = if persistent && epilogue_bytes > lora_bytes {
+        epilogue_bytes
+    } else {
+        lora_bytes
+    };
+    next = (next + epilogue_region).div_ceil(128) * 128;
     let rows_offset = next;
-    let rows_end = rows_offset + 8 * c.bm;
+    let rows_end = rows_offset + 8 * c.bm * if persistent { 2 } else { 1 };
     let barriers_offset = if c.wgmma { rows_end.div_ceil(8) * 8 } else { 0 };
     SmemPlan {
         a_stage_bytes,
@@ -345,12 +500,13 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
         },
         lora_right_offset: lora_left_offset + left + left_lo,
         epilogue_bytes,
+        out_offset: if persistent { lora_left_offset } else { 0 },
         rows_offset,
         b_scales_in_stage,
         decoded_offset,
         barriers_offset,
         total_bytes: if c.wgmma {
-            barriers_offset + 16 * c.stages
+            barriers_offset + 16 * c.stages + 16
         } else {
             rows_end
         },
@@ -381,6 +537,33 @@ pub const fn swizzle_chunk(row: u32, chunk: u32, chunks_per_row: u32) -> u32 {
 #[inline(always)]
 pub const fn wgmma_desc_sw128(addr: u32) -> u64 {
     (((addr & 0x3_FFFF) >> 4) as u64) | (1u64 << 16) | ((1024u64 >> 4) << 32) | (1u64 << 62)
+}
+
+/// A `wgmma` descriptor for an **MN-major** bf16 operand (read with `imm-trans-a = 1`) in the
+/// 128-byte swizzle mode: the layout of [`wgmma_mn_offset`], 64 MN elements (128 bytes) per
+/// reduction row, rows 128 bytes apart, on a 1024-byte aligned panel. In the PTX ISA's
+/// canonical form `((8, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))` (elements) the stride byte
+/// offset is the step between groups of 8 reduction rows (1024 bytes) and the leading byte
+/// offset the step between 64-element MN panels. An m64 A operand spans one panel, so that
+/// field is never used; it is 1024 too, which makes the descriptor the same whichever of the two
+/// fields the hardware takes for which. K-step `ks` (16 rows) starts `2048·ks` bytes further,
+/// i.e. the start field plus `128·ks`.
+#[inline(always)]
+pub const fn wgmma_desc_sw128_mn(addr: u32) -> u64 {
+    (((addr & 0x3_FFFF) >> 4) as u64)
+        | ((1024u64 >> 4) << 16)
+        | ((1024u64 >> 4) << 32)
+        | (1u64 << 62)
+}
+
+/// Byte offset of element (reduction row `row`, MN column `col`) in an MN-major `wgmma` operand
+/// tile of `rows` reduction rows: 64-column panels `[rows][64]` one after another, each in the
+/// 128-byte swizzle of [`swizzled_offset`] with 64-element rows, so panel `c` is what
+/// [`wgmma_desc_sw128_mn`] names at `c · rows · 128` bytes. With `rows` a multiple of 8 every
+/// panel starts on a 1024-byte boundary of a 1024-byte aligned tile.
+#[inline(always)]
+pub const fn wgmma_mn_offset(row: u32, col: u32, rows: u32) -> u32 {
+    (col / 64) * rows * 128 + swizzled_offset(row, col % 64, 64)
 }
 
 /// Byte offset of element `(row, col)` (bf16) in a swizzled tile with `row_elems` per row.
@@ -666,11 +849,21 @@ mod tests {
                         );
                     }
                     if c.wgmma {
+                        let row_buffers = if persistent_kernel(c, b) { 2 } else { 1 };
                         assert!(
-                            p.barriers_offset >= p.rows_offset + 8 * c.bm
+                            p.barriers_offset >= p.rows_offset + 8 * c.bm * row_buffers
                                 && p.barriers_offset.is_multiple_of(8)
-                                && p.total_bytes == p.barriers_offset + 16 * c.stages
+                                && p.total_bytes == p.barriers_offset + 16 * c.stages + 16
                         );
+                    }
+                    if persistent_kernel(c, b) {
+                        // The output tile shares the LoRA factors' region, past the stages.
+                        assert_eq!(p.out_offset, p.lora_left_offset);
+                        assert!(p.out_offset >= c.stages * (p.a_stage_bytes + p.b_stage_bytes));
+                        assert!(p.rows_offset >= p.out_offset + p.epilogue_bytes);
+                        assert!(p.out_offset.is_multiple_of(128));
+                    } else {
+                        assert_eq!(p.out_offset, 0);
                     }
                     if b.is_fp4() {
                         assert!(c.bk == 32 || c.bk == 64);
@@ -765,6 +958,193 @@ mod tests {
         assert_eq!((d >> 32) & 0x3FFF, 64);
         assert_eq!(d >> 62, 1);
         assert_eq!((d >> 46) & 0xFFFF, 0);
+    }
+
+    /// The shared-memory address a `wgmma` reads for element (m, k) of a bf16 operand named by
+    /// `desc`, after the PTX ISA's canonical layouts for the 128-byte swizzle ("Shared Memory
+    /// Matrix Layout": K-major `((8, m), (8, 2k)) : ((64, SBO), (1, 8))`, MN-major
+    /// `((8, 8, m), (8, k)) : ((1, 8, LBO), (64, SBO))`, in elements), then the swizzle, which
+    /// XORs address bits 4–6 with bits 7–9. `swap` reads LBO for SBO and back.
+    fn wgmma_reads(desc: u64, mn_major: bool, swap: bool, m: u32, k: u32) -> u32 {
+        assert_eq!(desc >> 62, 1, "128-byte swizzle");
+        let start = ((desc & 0x3FFF) << 4) as u32;
+        let (mut lbo, mut sbo) = (
+            (((desc >> 16) & 0x3FFF) << 4) as u32,
+            (((desc >> 32) & 0x3FFF) << 4) as u32,
+        );
+        if swap {
+            core::mem::swap(&mut lbo, &mut sbo);
+        }
+        let plain = if mn_major {
+            start + 2 * (m % 64) + (m / 64) * lbo + 128 * (k % 8) + (k / 8) * sbo
+        } else {
+            assert!(k < 64);
+            start + 128 * (m % 8) + (m / 8) * sbo + 2 * k
+        };
+        plain ^ (((plain >> 7) & 7) << 4)
+    }
+
+    #[test]
+    fn wgmma_operands_read_the_staged_tiles() {
+        let base = 0x2_0000; // a 1024-byte aligned stage
+        // Every m64 × k16 A operand of a k-tile of 64, for both warpgroups (c): the forward
+        // weights `[128 n][64 k]` (K-major, `swizzled_offset`; the same layout the activation B
+        // operand has run with since the first `wgmma` kernel), and the dX weights or decoded
+        // tile `[64 k][128 n]` as two MN-major panels (`wgmma_mn_offset`).
+        for c in 0..2u32 {
+            for ks in 0..4u32 {
+                let k_major = wgmma_desc_sw128(base + 8192 * c) + 2 * ks as u64;
+                let mn_major = wgmma_desc_sw128_mn(base + 8192 * c) + 128 * ks as u64;
+                for m in 0..64u32 {
+                    for kk in 0..16u32 {
+                        let (n, k) = (64 * c + m, 16 * ks + kk);
+                        assert_eq!(
+                            wgmma_reads(k_major, false, false, m, kk),
+                            base + swizzled_offset(n, k, 64),
+                            "K-major c {c} ks {ks} m {m} k {kk}"
+                        );
+                        for swap in [false, true] {
+                            assert_eq!(
+                                wgmma_reads(mn_major, true, swap, m, kk),
+                                base + wgmma_mn_offset(k, n, 64),
+                                "MN-major c {c} ks {ks} m {m} k {kk} swap {swap}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Each panel is the 64-element-row swizzled tile, the panels back to back.
+        for row in 0..64u32 {
+            for col in 0..128u32 {
+                let want = (col / 64) * 8192 + swizzled_offset(row, col % 64, 64);
+                assert_eq!(wgmma_mn_offset(row, col, 64), want);
+            }
+        }
+        let d = wgmma_desc_sw128_mn(0x1_2400);
+        assert_eq!(d & 0x3FFF, 0x1240);
+        assert_eq!((d >> 16) & 0x3FFF, 64);
+        assert_eq!((d >> 32) & 0x3FFF, 64);
+        assert_eq!(d >> 62, 1);
+    }
+
+    #[test]
+    fn every_tile_a_wgmma_descriptor_names_is_1024_byte_aligned() {
+        for c in GEMM_CONFIGS.iter().filter(|c| c.wgmma) {
+            for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
+                for r_pad in [0, 16, 32, 64, 128] {
+                    let plan = smem_plan(c, b, r_pad);
+                    for slot in 0..c.stages {
+                        // Activation stages (B operand), and the bf16 weight stages (A operand:
+                        // K-major forward, MN-major panels for dX, each panel 64·BK·2 bytes).
+                        assert_eq!(
+                            (slot * plan.a_stage_bytes) % WGMMA_SWIZZLE_ALIGN,
+                            0,
+                            "{c:?} {b:?}"
+                        );
+                        if matches!(b, BLayout::NkBf16 | BLayout::KnBf16) {
+                            let stage = plan.b_offset + slot * plan.b_stage_bytes;
+                            assert_eq!(stage % WGMMA_SWIZZLE_ALIGN, 0, "{c:?} {b:?}");
+                            assert_eq!((64 * c.bk * 2) % WGMMA_SWIZZLE_ALIGN, 0);
+                        }
+                    }
+                    if b.has_decoded_tile() {
+                        for tile in 0..2 {
+                            let at = plan.decoded_offset + tile * c.bk * c.bn * 2;
+                            assert_eq!(at % WGMMA_SWIZZLE_ALIGN, 0, "{c:?} {b:?} r {r_pad}");
+                            assert_eq!(wgmma_mn_offset(0, 64, c.bk) % WGMMA_SWIZZLE_ALIGN, 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where TMA puts element `(r, i)` of a box (`inner` map elements per row): row-major, and in
+    /// the 128-byte swizzle 16-byte chunk `c` of row `r` at chunk `c ^ (r % 8)` (CUDA Driver API,
+    /// `CU_TENSOR_MAP_SWIZZLE_128B`, on a 1024-byte aligned destination).
+    fn tma_box_offset(t: &TmaBox, r: u32, i: u32) -> u32 {
+        let row_bytes = t.inner * t.elem_bytes;
+        let b = i * t.elem_bytes;
+        if t.swizzle_128 {
+            assert_eq!(row_bytes, 128);
+            r * row_bytes + ((b / 16) ^ (r % 8)) * 16 + b % 16
+        } else {
+            r * row_bytes + b
+        }
+    }
+
+    #[test]
+    fn tma_boxes_write_the_cp_async_stage_layouts() {
+        let mut seen = 0;
+        for c in GEMM_CONFIGS.iter() {
+            for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
+                let Some(t) = tma_weight_box(c, b) else {
+                    assert!(
+                        !c.wgmma,
+                        "{c:?} {b:?}: every wgmma row has a TMA weight path"
+                    );
+                    continue;
+                };
+                seen += 1;
+                let plan = smem_plan(c, b, 16);
+                // The copies fill the stage's weight bytes exactly (the scale bytes follow).
+                let weight_bytes = if b.is_fp4() {
+                    c.bn * c.bk / 2
+                } else {
+                    c.bn * c.bk * 2
+                };
+                assert_eq!(t.stage_bytes(), weight_bytes, "{c:?} {b:?}");
+                let align = if t.swizzle_128 {
+                    WGMMA_SWIZZLE_ALIGN
+                } else {
+                    128
+                };
+                for slot in 0..c.stages {
+                    let at = plan.b_offset + slot * plan.b_stage_bytes;
+                    assert_eq!(at % align, 0, "{c:?} {b:?} slot {slot}");
+                }
+                assert_eq!(t.box_bytes() % align, 0);
+                let mut covered = vec![false; weight_bytes as usize];
+                for h in 0..t.copies {
+                    let (c0, c1, _) = t.coords(c.bk, 0, 0, 0, h);
+                    for r in 0..t.outer {
+                        for i in 0..t.inner {
+                            // Map element (c0 + i, c1 + r): contiguous index, row.
+                            let (d0, d1) = (c0 as u32 + i, c1 as u32 + r);
+                            let tma = h * t.box_bytes() + tma_box_offset(&t, r, i);
+                            // The producer's `cp.async` layout of the same weight element.
+                            let want = match b {
+                                BLayout::NkBf16 => swizzled_offset(d1, d0, c.bk),
+                                BLayout::KnBf16 => wgmma_mn_offset(d1, d0, c.bk),
+                                BLayout::NkMxfp4 | BLayout::NkNvfp4 => d1 * (c.bk / 2) + d0,
+                                _ => d1 * (c.bn / 2) + d0,
+                            };
+                            assert_eq!(tma, want, "{c:?} {b:?} copy {h} ({r}, {i})");
+                            for byte in 0..t.elem_bytes {
+                                let k = (tma + byte) as usize;
+                                assert!(!covered[k], "{c:?} {b:?}: byte {k} written twice");
+                                covered[k] = true;
+                            }
+                        }
+                    }
+                }
+                assert!(covered.iter().all(|&x| x), "{c:?} {b:?}");
+                // Later k-tiles, column tiles and experts shift the coordinates only.
+                let (kt, n0, e) = (3, 256, 5);
+                for h in 0..t.copies {
+                    let got = t.coords(c.bk, kt, n0, e, h);
+                    let want = match b {
+                        BLayout::NkBf16 => (3 * 64, 256 + 64 * h as i32, 5),
+                        BLayout::KnBf16 => (256 + 64 * h as i32, 3 * 64, 5),
+                        BLayout::NkMxfp4 | BLayout::NkNvfp4 => (3 * 32, 256, 5),
+                        _ => (128, 3 * 64, 5),
+                    };
+                    assert_eq!(got, want, "{c:?} {b:?} copy {h}");
+                }
+            }
+        }
+        assert_eq!(seen, 6 * GEMM_CONFIGS.iter().filter(|c| c.wgmma).count());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::shared::nvfp4::{NvFold, e4m3_to_f32_placed, nv_fold, nv_scale_pair};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
     BLayout, SmemPlan, TileConfig, kn_nv_window_bytes, mx_scale_slot_bytes, nv_scale_slot_bytes,
-    smem_plan, swizzled_offset,
+    smem_plan, swizzled_offset, wgmma_mn_offset,
 };
 use crate::tile::frag::{a_mk, b_kn, b_nk};
 use crate::tile::gmem::{load, store};
@@ -768,7 +768,7 @@ pub unsafe fn gemm<
                     unsafe {
                         let blocks16 = p.n_out / 16;
                         let g0 = kn_nv_stage_g0::<BK>(p, e, n0, kt, blocks16);
-                        decode_stage_kn_nv::<BN, BK>(
+                        decode_stage_kn_nv::<BN, BK, false>(
                             b_tile,
                             decoded,
                             plan.b_scales_in_stage,
@@ -790,7 +790,7 @@ pub unsafe fn gemm<
                     unsafe {
                         let blocks_k = p.n_out / 32;
                         let g0 = kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k);
-                        decode_stage_kn_mx::<BN, BK>(
+                        decode_stage_kn_mx::<BN, BK, false>(
                             b_tile,
                             decoded,
                             plan.b_scales_in_stage,
@@ -1248,9 +1248,51 @@ unsafe fn mma_stage_nk_nv<const BK: u32, const MI: usize, const NI: usize>(
     }
 }
 
+/// Stores the 16 decoded bf16 values of item `c` of reduction row `r` (`lo`: columns 16c..16c+8,
+/// `hi`: the next 8) into the decoded tile as two 16-byte chunks ([`decoded_offset`]).
+///
+/// # Safety
+/// `decoded` is the decoded tile (`BK` rows of `BN` columns), `r < BK` and `16c + 16 ≤ BN`.
+#[inline(always)]
+unsafe fn store_decoded_item<const BN: u32, const BK: u32, const MN_PANELS: bool>(
+    decoded: SharedAddr,
+    r: u32,
+    c: u32,
+    lo: [u32; 4],
+    hi: [u32; 4],
+) {
+    // SAFETY: both chunks lie inside the tile (the caller's bounds).
+    unsafe {
+        st_shared_v4_u32(
+            decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c)),
+            lo,
+        );
+        st_shared_v4_u32(
+            decoded.offset(decoded_offset::<BN, BK, MN_PANELS>(r, 16 * c + 8)),
+            hi,
+        );
+    }
+}
+
+/// Byte offset of decoded element (reduction row `r`, column `col`) in a dX decoded tile
+/// `[BK][BN]`: one swizzled tile read by `ldmatrix.trans` (the `mma.sync` kernel), or with
+/// `MN_PANELS` the 64-column panels a `wgmma` MN-major descriptor names
+/// (`tiles::wgmma_mn_offset`, the `wgmma` kernel).
+#[inline(always)]
+pub(crate) const fn decoded_offset<const BN: u32, const BK: u32, const MN_PANELS: bool>(
+    r: u32,
+    col: u32,
+) -> u32 {
+    if MN_PANELS {
+        wgmma_mn_offset(r, col, BK)
+    } else {
+        swizzled_offset(r, col, BN)
+    }
+}
+
 /// Decodes a raw dX NVFP4 stage (`[BK][BN/2]` packed bytes and a [`kn_nv_window_bytes`] window
 /// per row: its tensor scale, then its E4M3 words with the first needed byte at `(g0 +
-/// r·blocks16) % 4`) into the bf16 tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each
+/// r·blocks16) % 4`) into the bf16 tile `[BK][BN]` ([`decoded_offset`]). Each
 /// item is 8 packed bytes: one NVFP4 block (16 consecutive k of one reduction row). Without
 /// tensor scales (`has_ts` false) the factor is the E4M3 value.
 ///
@@ -1262,7 +1304,7 @@ unsafe fn mma_stage_nk_nv<const BK: u32, const MI: usize, const NI: usize>(
 /// tile are not being read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn decode_stage_kn_nv<const BN: u32, const BK: u32>(
+pub(crate) unsafe fn decode_stage_kn_nv<const BN: u32, const BK: u32, const MN_PANELS: bool>(
     raw: SharedAddr,
     decoded: SharedAddr,
     scales_in_stage: u32,
@@ -1309,11 +1351,8 @@ pub(crate) unsafe fn decode_stage_kn_nv<const BN: u32, const BK: u32>(
             decode_byte_nv(w1, 2, fold),
             decode_byte_nv(w1, 3, fold),
         ];
-        // SAFETY: two 16-byte chunks of row r of the decoded tile.
-        unsafe {
-            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);
-            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c + 8, BN)), hi);
-        }
+        // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
+        unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;
     }
 }
@@ -1397,7 +1436,7 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 
 /// Decodes a raw dX stage (`[BK][BN/2]` packed bytes, an 8-byte scale window per row whose
 /// first needed byte sits at `(g0 + r·blocks_k) % 4`) into the bf16
-/// tile `[BK][BN]` (swizzled, read by `ldmatrix.trans`). Each item is 8 packed bytes: 16
+/// tile `[BK][BN]` ([`decoded_offset`]). Each item is 8 packed bytes: 16
 /// consecutive k of one reduction row, inside one scale block.
 ///
 /// Only the items (16-column groups) `c_first .. c_first + c_count` of every row are decoded;
@@ -1408,7 +1447,7 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 /// tile are not being read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
+pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_PANELS: bool>(
     raw: SharedAddr,
     decoded: SharedAddr,
     scales_in_stage: u32,
@@ -1447,11 +1486,8 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32>(
             decode_byte(w1, 2, s2),
             decode_byte(w1, 3, s2),
         ];
-        // SAFETY: two 16-byte chunks of row r of the decoded tile.
-        unsafe {
-            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c, BN)), lo);
-            st_shared_v4_u32(decoded.offset(swizzled_offset(r, 16 * c + 8, BN)), hi);
-        }
+        // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
+        unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;
     }
 }

@@ -4,25 +4,30 @@
 //! expert-aligned row tiles, same B layouts), with 256 threads and `smem_plan` of the `wgmma`
 //! configuration.
 //!
-//! Why transposed: `wgmma` takes its A operand from registers and its B operand from shared
-//! memory. The weights are A — two warpgroups × 64 columns, each warp 16 of them — so a decoded
-//! MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory round trip in the
-//! forward), and the routed rows are the MMA's N (16 to 128), which suits experts with few rows.
-//! The activations are staged by `cp.async` in the 128-byte swizzled K-major layout a
-//! descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so `BK == 64`).
+//! Why transposed: `wgmma` takes its A operand from registers or shared memory and its B
+//! operand from shared memory. The weights are A — two warpgroups × 64 columns, each warp 16 of
+//! them — so a decoded MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory
+//! round trip in the forward), and the routed rows are the MMA's N (16 to 128), which suits
+//! experts with few rows. The activations are staged by `cp.async` in the 128-byte swizzled
+//! K-major layout a descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so
+//! `BK == 64`).
+//!
+//! Where A comes from: register fragments decoded from the stage for the forward MXFP4 and
+//! NVFP4 layouts; otherwise shared memory, by descriptor — the forward bf16 stage (K-major, like
+//! the activations), and for dX the bf16 stage or the tile decoded from MXFP4/NVFP4, both stored
+//! as two MN-major 64-column panels (`tiles::wgmma_mn_offset`, read with `imm-trans-a`).
 //!
 //! Warp specialisation: warpgroup 0 produces, warpgroups 1 and 2 consume. The producer stages
 //! k-tile `kt` into slot `kt % STAGES` with `cp.async` (after the slot's "empty" mbarrier says
 //! both consumers retired the wgmma group that read it) and hands it over with
 //! `cp.async.mbarrier.arrive.noinc` on the slot's "full" mbarrier, so no block-wide barrier
 //! stops the main loop. A consumer waits "full", fences the copies into the async proxy, builds
-//! its A fragments for the tile's `BK/16` k-steps (`ldmatrix` for bf16 weights, register decode
-//! for the forward MXFP4 and NVFP4 layouts, a decoded shared tile read by `ldmatrix.trans` for dX
-//! over MXFP4 and NVFP4), issues one wgmma group, and arrives on a group's "empty" barrier once
-//! the group has retired: the previous group (`wait_group 1`) for the forward MXFP4 layout, whose
-//! fragments come from a bf16x2 decode in registers; the current one (`wait_group 0`) wherever
-//! a group kept in flight makes ptxas serialize every wgmma (C7513, gated by `cargo xtask
-//! ptx-report`): fragments from `ldmatrix`, and the forward NVFP4 layout's f32 decode.
+//! its A operand for the tile's `BK/16` k-steps (fragments, or for dX over 4-bit weights its
+//! panel of the decoded tile), issues one wgmma group, and arrives on a group's "empty" barrier
+//! once the group has retired: the previous group (`wait_group 1`, one group in flight while
+//! the next k-tile is prepared) except for the forward NVFP4 layout, whose f32 decode into the
+//! next fragments makes ptxas serialize every wgmma (C7513, gated by `cargo xtask ptx-report`)
+//! unless the group retires first (`wait_group 0`).
 //!
 //! Epilogue: the LoRA term with `mma.sync` (the `wgmma` accumulator layout per warp is the
 //! `m16n8` C layout), then the tile is rounded to bf16 through a shared `[BM][128]` tile and
@@ -39,19 +44,25 @@ use crate::ptx::mbarrier::{
     mbarrier_wait_parity,
 };
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
+use crate::ptx::regs::{declare_launch_bounds, setmaxnreg_dec, setmaxnreg_inc};
 use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32};
-use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
+use crate::ptx::sreg::{ctaid_x, laneid, nctaid_x, tid_x, warp_id};
+use crate::ptx::tma::{
+    cp_async_bulk_tensor_3d_g2s, fence_proxy_tensormap_acquire_sys, mbarrier_expect_tx,
+};
 use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
-    wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n128k16_f32_bf16_rs,
-    wgmma_wait_group,
+    wgmma_m64n16k16_f32_bf16_ss, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss,
+    wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss, wgmma_m64n128k16_f32_bf16_rs,
+    wgmma_m64n128k16_f32_bf16_ss, wgmma_wait_group,
 };
 use crate::shared::mxfp4::scale_fold;
 use crate::shared::nvfp4::nv_fold;
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
-    BLayout, SmemPlan, TileConfig, WG_PRODUCER_THREADS, mx_scale_slot_bytes, nv_scale_slot_bytes,
-    smem_plan, swizzled_offset, wgmma_desc_sw128,
+    BLayout, SmemPlan, TileConfig, TmaBox, WG_PRODUCER_THREADS, mx_scale_slot_bytes,
+    nv_scale_slot_bytes, persistent_kernel, smem_plan, swizzled_offset, wgmma_desc_sw128,
+    wgmma_desc_sw128_mn, wgmma_mn_offset, wgmma_tma_box,
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
@@ -62,7 +73,7 @@ use crate::tile::gemm::{
     stage_scales_nk_row,
 };
 use crate::tile::gmem::{store, store_16};
-use crate::tile::schedule::find_tile;
+use crate::tile::schedule::{Tile, find_tile};
 
 /// Weight columns per block: two warpgroups of 64.
 const BN: u32 = 128;
@@ -70,6 +81,30 @@ const BN: u32 = 128;
 const THREADS: u32 = WG_PRODUCER_THREADS + CONSUMER_THREADS;
 /// Threads of the two consumer (MMA) warpgroups.
 const CONSUMER_THREADS: u32 = 256;
+/// Rows per block tile from which the kernel moves registers from the producer warpgroup to the
+/// consumers (`setmaxnreg`, launch bounds of one block per SM). Only the 128-row tiles run near
+/// the even split's limit (154–158 of 168 registers, one block per SM anyway); the smaller
+/// tiles keep their lower register count, so that several blocks share an SM.
+const REALLOCATE_FROM_ROWS: u32 = 128;
+/// Per-thread registers of the producer warpgroup after `setmaxnreg.dec`: its copy plans (a
+/// gathered stream of eight 64-bit sources, a strided one) and the tile loop's state fit in 88
+/// without spills, not in 80, and 88 leaves the consumers 208 (ptxas 13.0; `cargo xtask
+/// ptx-report` gates spills).
+const PRODUCER_REGS: u32 = 88;
+/// Per-thread registers of each consumer warpgroup after `setmaxnreg.inc`: what the producer's
+/// decrease frees, from the 168 each thread has at entry with `.maxntid 384` and one block per
+/// SM (65536 / 384, rounded down to a multiple of 8).
+const CONSUMER_REGS: u32 = {
+    let entry = 65536 / THREADS / 8 * 8;
+    let pool = entry * THREADS - PRODUCER_REGS * WG_PRODUCER_THREADS;
+    pool / CONSUMER_THREADS / 8 * 8
+};
+/// Named barrier of the consumers' output tile (256 threads). Ids 1 and 2 are the consumer
+/// warpgroups' decode barriers (`consume_kn_mx`).
+const OUT_TILE_BAR: u32 = 4;
+/// Named barrier of the producer warpgroup (128 threads): its row indices of a tile, staged by
+/// all of its threads, before any of them plans its copies from them.
+const PRODUCER_BAR: u32 = 5;
 
 /// A `wgmma` accumulator of `8·N` routed rows (`N` n8 blocks) and its `m64n(8N)k16` instruction.
 pub trait WgAcc {
@@ -79,23 +114,50 @@ pub trait WgAcc {
     /// # Safety
     /// As `ptx::wgmma::wgmma_m64n128k16_f32_bf16_rs`.
     unsafe fn mma_async(&mut self, a: [u32; 4], desc_b: u64, accumulate: u32);
+
+    /// `self += A·B` with A in shared memory too: K-major (`TRANS_A = 0`) or MN-major (1) at
+    /// `desc_a`.
+    ///
+    /// # Safety
+    /// As `ptx::wgmma::wgmma_m64n128k16_f32_bf16_ss`.
+    unsafe fn mma_async_ss<const TRANS_A: u32>(
+        &mut self,
+        desc_a: u64,
+        desc_b: u64,
+        accumulate: u32,
+    );
 }
 
 macro_rules! wg_acc {
-    ($nj:literal, $f:ident) => {
+    ($nj:literal, $rs:ident, $ss:ident) => {
         impl WgAcc for [[f32; 4]; $nj] {
             #[inline(always)]
             unsafe fn mma_async(&mut self, a: [u32; 4], desc_b: u64, accumulate: u32) {
                 // SAFETY: forwarded.
-                unsafe { $f(self, a, desc_b, accumulate) }
+                unsafe { $rs(self, a, desc_b, accumulate) }
+            }
+
+            #[inline(always)]
+            unsafe fn mma_async_ss<const TRANS_A: u32>(
+                &mut self,
+                desc_a: u64,
+                desc_b: u64,
+                accumulate: u32,
+            ) {
+                // SAFETY: forwarded.
+                unsafe { $ss::<TRANS_A>(self, desc_a, desc_b, accumulate) }
             }
         }
     };
 }
-wg_acc!(2, wgmma_m64n16k16_f32_bf16_rs);
-wg_acc!(4, wgmma_m64n32k16_f32_bf16_rs);
-wg_acc!(8, wgmma_m64n64k16_f32_bf16_rs);
-wg_acc!(16, wgmma_m64n128k16_f32_bf16_rs);
+wg_acc!(2, wgmma_m64n16k16_f32_bf16_rs, wgmma_m64n16k16_f32_bf16_ss);
+wg_acc!(4, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss);
+wg_acc!(8, wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss);
+wg_acc!(
+    16,
+    wgmma_m64n128k16_f32_bf16_rs,
+    wgmma_m64n128k16_f32_bf16_ss
+);
 
 /// This warp's A fragments (16 weight columns `warp_n0..+16` × k-steps of 16) for one stage of
 /// the forward MXFP4 layout: packed `[BN][BK/2]` bytes and a scale slot per column (see
@@ -207,7 +269,9 @@ unsafe fn frags_nk_nv<const BK: u32>(
 }
 
 /// The pipeline's mbarriers: `full(s)` completes when the producer's copies of slot `s` landed
-/// (128 arrivals), `empty(s)` when both consumer warpgroups retired the group that read it (256).
+/// (128 arrivals), `empty(s)` when both consumer warpgroups retired the group that read it (256);
+/// once per tile, `lora_ready` when the producer's LoRA factors and row indices are in place
+/// (128) and `epi_done` when the consumers finished the tile's epilogue (256).
 #[derive(Clone, Copy)]
 struct Barriers {
     base: SharedAddr,
@@ -222,19 +286,33 @@ impl Barriers {
     fn empty(self, slot: u32) -> SharedAddr {
         self.base.offset(8 * (self.stages + slot))
     }
+
+    fn lora_ready(self) -> SharedAddr {
+        self.base.offset(16 * self.stages)
+    }
+
+    fn epi_done(self) -> SharedAddr {
+        self.base.offset(16 * self.stages + 8)
+    }
 }
 
 /// At most this many 16-byte chunks of one operand tile per producer thread per k-tile.
 const MAX_CHUNKS: usize = 8;
 
-/// One producer thread's share of an operand tile, planned once per block: chunk `i` is copied
-/// from `src[i] + kt·step` to `dst0 + slot·stage_bytes + i·dst_step` in k-tile `kt`, when
-/// `ok[i]` and its reduction index `kt·BK + kpos[i]` is inside K. Every chunk keeps its place
-/// in the tile across k-tiles, so the k-loop adds instead of recomputing addresses.
+/// One producer thread's share of an operand tile, planned once per call of [`produce`]: chunk
+/// `i` is copied from `src(i) + kt·step` to `dst0 + slot·stage_bytes + i·dst_step` in k-tile
+/// `kt`, when bit `i` of `ok` is set and its reduction index `kt·BK + kpos0 + i·kpos_step` is
+/// inside K. Every chunk keeps its place in the tile across k-tiles, so the k-loop adds instead
+/// of recomputing addresses. `src(i)` is `src[i]` for a gathered stream (the routed activation
+/// rows) and `src[0] + i·chunk_step` for a strided one (the weight tiles); the reduction offsets
+/// are an arithmetic sequence in every layout. (Few registers: the producer runs with few.)
 struct Stream {
     src: [u64; MAX_CHUNKS],
-    ok: [bool; MAX_CHUNKS],
-    kpos: [u32; MAX_CHUNKS],
+    chunk_step: u64,
+    /// Bit `i`: chunk `i` has a source (a routed row, a weight column inside N).
+    ok: u32,
+    kpos0: u32,
+    kpos_step: u32,
     n: usize,
     step: u64,
     dst0: u32,
@@ -246,8 +324,10 @@ impl Stream {
     fn empty(step: u64, dst0: u32, dst_step: u32, stage_bytes: u32) -> Self {
         Stream {
             src: [0; MAX_CHUNKS],
-            ok: [false; MAX_CHUNKS],
-            kpos: [0; MAX_CHUNKS],
+            chunk_step: 0,
+            ok: 0,
+            kpos0: 0,
+            kpos_step: 0,
             n: 0,
             step,
             dst0,
@@ -256,13 +336,14 @@ impl Stream {
         }
     }
 
-    /// Copies this thread's chunks of k-tile `kt` into `slot`.
+    /// Copies this thread's chunks of k-tile `kt` into `slot` (`GATHERED`: the stream's sources
+    /// are row indices, else strided).
     ///
     /// # Safety
     /// Every planned source lies inside its buffer for each k-tile it is valid in; the slot is
     /// free.
     #[inline(always)]
-    unsafe fn issue<const BK: u32>(
+    unsafe fn issue<const BK: u32, const GATHERED: bool>(
         &self,
         smem: SharedAddr,
         slot: u32,
@@ -274,18 +355,36 @@ impl Stream {
         let base = smem.offset(self.dst0 + slot * self.stage_bytes);
         for i in 0..MAX_CHUNKS {
             if i < self.n {
-                let go = self.ok[i] && kt * BK + self.kpos[i] < k_red;
+                let go = (self.ok >> i) & 1 != 0
+                    && kt * BK + self.kpos0 + i as u32 * self.kpos_step < k_red;
                 // SAFETY: the destination chunk lies inside the slot; the source is read only
                 // when `go` (the plan's contract).
                 unsafe {
                     cp_async_cg_shared_global_16(
                         base.offset(i as u32 * self.dst_step),
-                        if go { self.src[i] + off } else { fallback },
+                        if go {
+                            off + if GATHERED {
+                                self.src[i]
+                            } else {
+                                self.src[0] + i as u64 * self.chunk_step
+                            }
+                        } else {
+                            fallback
+                        },
                         if go { 16 } else { 0 },
                     )
                 };
             }
         }
+    }
+}
+
+/// The TMA boxes of this kernel's weight stage (`tiles::wgmma_tma_box`; every `wgmma` layout
+/// has them).
+const fn tma_box<const BK: u32, const LAYOUT: u8>() -> TmaBox {
+    match wgmma_tma_box(BN, BK, BLayout::from_tag(LAYOUT)) {
+        Some(t) => t,
+        None => panic!("a wgmma layout without a TMA weight box"),
     }
 }
 
@@ -303,7 +402,8 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     plan: &SmemPlan,
     smem: SharedAddr,
     rows_in: SharedAddr,
-    ktiles: u32,
+    kt_range: (u32, u32),
+    pipe0: u32,
     e: u64,
     n0: u32,
     bars: Barriers,
@@ -320,13 +420,13 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     );
     // BM ≥ 16: every thread owns at least one chunk.
     x.n = (BM * BK / 8 / WG_PRODUCER_THREADS) as usize;
+    x.kpos0 = 8 * ch;
     for i in 0..MAX_CHUNKS {
         if i < x.n {
             let row = tid / 8 + 16 * i as u32;
             // SAFETY: `row < BM` entries of the index array.
             let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
-            x.ok[i] = r != NO_ROW;
-            x.kpos[i] = 8 * ch;
+            x.ok |= ((r != NO_ROW) as u32) << i;
             x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * ch as u64);
         }
     }
@@ -340,33 +440,37 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
             plan.b_stage_bytes,
         );
         w.n = (BN * BK / 8 / WG_PRODUCER_THREADS) as usize;
+        w.kpos0 = 8 * ch;
         for i in 0..MAX_CHUNKS {
             if i < w.n {
                 let n = tid / 8 + 16 * i as u32;
-                w.ok[i] = n0 + n < p.b_rows;
-                w.kpos[i] = 8 * ch;
-                w.src[i] = b_expert + 2 * ((n0 + n) as u64 * p.b_stride_n + 8 * ch as u64);
+                w.ok |= ((n0 + n < p.b_rows) as u32) << i;
             }
         }
+        w.src[0] = b_expert + 2 * ((n0 + tid / 8) as u64 * p.b_stride_n + 8 * ch as u64);
+        w.chunk_step = 2 * 16 * p.b_stride_n;
         w
     } else if LAYOUT == BLayout::KnBf16 as u8 {
-        // [64][BN] swizzled: rows kr = tid/16 + 8i, chunk tid % 16 (swizzle by kr % 8, fixed).
+        // [64][BN] as two MN-major panels [64][64] (`wgmma_mn_offset`, the A operand of
+        // warpgroup `n / 64`): rows kr = tid/16 + 8i, chunk tid % 16 (swizzle by kr % 8, fixed;
+        // 8 rows = 1024 bytes between a thread's chunks).
         let cn = tid % 16;
         let mut w = Stream::empty(
             2 * BK as u64 * p.b_stride_k,
-            plan.b_offset + swizzled_offset(tid / 16, 8 * cn, BN),
-            8 * BN * 2,
+            plan.b_offset + wgmma_mn_offset(tid / 16, 8 * cn, BK),
+            8 * 64 * 2,
             plan.b_stage_bytes,
         );
         w.n = (BK * BN / 8 / WG_PRODUCER_THREADS) as usize;
-        for i in 0..MAX_CHUNKS {
-            if i < w.n {
-                let kr = tid / 16 + 8 * i as u32;
-                w.ok[i] = n0 + 8 * cn < p.b_rows;
-                w.kpos[i] = kr;
-                w.src[i] = b_expert + 2 * (kr as u64 * p.b_stride_k + (n0 + 8 * cn) as u64);
-            }
-        }
+        (w.kpos0, w.kpos_step) = (tid / 16, 8);
+        // Every chunk of this thread covers the same 8 columns.
+        w.ok = if n0 + 8 * cn < p.b_rows {
+            (1 << w.n) - 1
+        } else {
+            0
+        };
+        w.src[0] = b_expert + 2 * ((tid / 16) as u64 * p.b_stride_k + (n0 + 8 * cn) as u64);
+        w.chunk_step = 2 * 8 * p.b_stride_k;
         w
     } else if LAYOUT == BLayout::NkMxfp4 as u8 || LAYOUT == BLayout::NkNvfp4 as u8 {
         // Packed [BN][BK/2] (MXFP4 and NVFP4 alike): rows n = tid/2 + 64i, 16-byte chunk
@@ -381,14 +485,15 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
             plan.b_stage_bytes,
         );
         w.n = (BN * BK / 32 / WG_PRODUCER_THREADS) as usize;
+        w.kpos0 = 32 * cb;
         for i in 0..MAX_CHUNKS {
             if i < w.n {
                 let n = tid / 2 + 64 * i as u32;
-                w.ok[i] = n0 + n < p.n_out;
-                w.kpos[i] = 32 * cb;
-                w.src[i] = packed_e + (n0 + n) as u64 * half_k + 16 * cb as u64;
+                w.ok |= ((n0 + n < p.n_out) as u32) << i;
             }
         }
+        w.src[0] = packed_e + (n0 + tid / 2) as u64 * half_k + 16 * cb as u64;
+        w.chunk_step = 64 * half_k;
         w
     } else {
         // dX over MXFP4 or NVFP4, raw [BK][BN/2]: rows r = tid/4 + 32i, 16-byte chunk tid % 4.
@@ -402,29 +507,51 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
             plan.b_stage_bytes,
         );
         w.n = (BK * BN / 32 / WG_PRODUCER_THREADS) as usize;
-        for i in 0..MAX_CHUNKS {
-            if i < w.n {
-                let r = tid / 4 + 32 * i as u32;
-                w.ok[i] = n0 + 32 * cb < p.n_out;
-                w.kpos[i] = r;
-                w.src[i] = packed_e + r as u64 * half_k + (n0 / 2 + 16 * cb) as u64;
-            }
-        }
+        (w.kpos0, w.kpos_step) = (tid / 4, 32);
+        // Every chunk of this thread covers the same 32 columns.
+        w.ok = if n0 + 32 * cb < p.n_out {
+            (1 << w.n) - 1
+        } else {
+            0
+        };
+        w.src[0] = packed_e + (tid / 4) as u64 * half_k + (n0 / 2 + 16 * cb) as u64;
+        w.chunk_step = 32 * half_k;
         w
     };
-    let mut kt = 0;
-    while kt < ktiles {
-        let slot = kt % STAGES;
-        // SAFETY: the slot's previous use (k-tile kt − STAGES) is retired by both consumers
-        // once that use's "empty" phase completes; the planned sources are valid whenever
-        // their chunk is (rows from the routing, columns and k inside the weights).
+    // The k-tiles `kt_range.0 .. kt_range.1` of the tile (a persistent kernel's producer stages
+    // a tile in two calls, its LoRA factors between them).
+    let mut kt = kt_range.0;
+    while kt < kt_range.1 {
+        // The block's pipeline position: k-tiles of earlier tiles included (`pipe0`).
+        let g = pipe0 + kt;
+        let slot = g % STAGES;
+        // SAFETY: the slot's previous use (pipeline position g − STAGES) is retired by both
+        // consumers once that use's "empty" phase completes; the planned sources are valid
+        // whenever their chunk is (rows from the routing, columns and k inside the weights).
         unsafe {
-            if kt >= STAGES {
-                mbarrier_wait_parity(bars.empty(slot), (kt / STAGES - 1) & 1);
+            if g >= STAGES {
+                mbarrier_wait_parity(bars.empty(slot), (g / STAGES - 1) & 1);
             }
-            x.issue::<BK>(smem, slot, kt, p.k_red, p.a_addr);
-            w.issue::<BK>(smem, slot, kt, p.k_red, p.b_addr);
+            x.issue::<BK, true>(smem, slot, kt, p.k_red, p.a_addr);
             let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
+            if p.b_tmap_addr == 0 {
+                w.issue::<BK, false>(smem, slot, kt, p.k_red, p.b_addr);
+            } else if tid == 0 {
+                // The weight tile by TMA: its bytes join the slot's "full" phase before this
+                // thread's own arrival (below), so the phase cannot complete without them.
+                let t = const { tma_box::<BK, LAYOUT>() };
+                mbarrier_expect_tx(bars.full(slot), t.stage_bytes());
+                let mut h = 0;
+                while h < t.copies {
+                    cp_async_bulk_tensor_3d_g2s(
+                        b_tile.offset(h * t.box_bytes()),
+                        p.b_tmap_addr,
+                        t.coords(BK, kt, n0, e as u32, h),
+                        bars.full(slot),
+                    );
+                    h += 1;
+                }
+            }
             if LAYOUT == BLayout::NkMxfp4 as u8 {
                 // One scale word slot per weight row (thread tid: row tid).
                 let blocks_k = p.k_red as u64 / 32;
@@ -518,10 +645,40 @@ unsafe fn issue_group<const BK: u32, const NJ: usize>(
     }
 }
 
+/// Issues and commits one wgmma group with both operands in shared memory: `acc += A·B` over
+/// the k-tile's `BK/16` k-steps, A named by `desc_a` (k-step `ks` at `desc_a + a_step·ks`: 2 for
+/// a K-major tile, 32 bytes further into the rows; 128 for an MN-major one, 16 rows further),
+/// B the activation stage `a_tile` as in [`issue_group`].
+///
+/// # Safety
+/// Warpgroup converged; both tiles are visible to the async proxy and stay in place until the
+/// group has retired.
+#[inline(always)]
+unsafe fn issue_group_ss<const BK: u32, const NJ: usize, const TRANS_A: u32>(
+    acc: &mut [[f32; 4]; NJ],
+    desc_a: u64,
+    a_step: u64,
+    a_tile: SharedAddr,
+    accumulate: u32,
+) where
+    [[f32; 4]; NJ]: WgAcc,
+{
+    let desc_b = wgmma_desc_sw128(a_tile.raw());
+    // SAFETY: forwarded.
+    unsafe {
+        wgmma_fence();
+        for ks in 0..(BK / 16) as u64 {
+            acc.mma_async_ss::<TRANS_A>(desc_a + a_step * ks, desc_b + 2 * ks, accumulate);
+        }
+        wgmma_commit_group();
+    }
+}
+
 /// One k-tile of a consumer warpgroup for the forward layouts and bf16 dX (dX over MXFP4 or
 /// NVFP4 runs [`consume_kn_mx`] instead): wait for slot `kt % STAGES`, build this warp's A fragments into
-/// `frags`, issue the tile's wgmma group, retire the previous group (the current one too except
-/// for the forward MXFP4 layout, see below) and free its slot.
+/// `frags` (the 4-bit layouts; the bf16 weights are read from the stage by the wgmma), issue the
+/// tile's wgmma group, retire the previous group (the current one too for the forward NVFP4
+/// layout, see below) and free its slot.
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; `frags` was last read by a retired group.
@@ -532,6 +689,7 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     plan: &SmemPlan,
     smem: SharedAddr,
     kt: u32,
+    pipe0: u32,
     e: u64,
     n0: u32,
     warp_n0: u32,
@@ -543,11 +701,12 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
 ) where
     [[f32; 4]; NJ]: WgAcc,
 {
-    let slot = kt % STAGES;
+    let g = pipe0 + kt;
+    let slot = g % STAGES;
     // SAFETY: the producer completes this phase after its copies land; the acquire makes them
     // visible, and the proxy fence extends that to this thread's wgmma reads.
     unsafe {
-        mbarrier_wait_parity(bars.full(slot), (kt / STAGES) & 1);
+        mbarrier_wait_parity(bars.full(slot), (g / STAGES) & 1);
         fence_proxy_async_shared_cta();
     }
     let a_tile = smem.offset(slot * plan.a_stage_bytes);
@@ -585,30 +744,33 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
                 frags,
             )
         };
-    } else if LAYOUT == BLayout::KnBf16 as u8 {
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the `[BK][BN]` stage.
-            frags[ks] = unsafe { a_km(b_tile, warp_n0, 16 * ks as u32, BN) };
-        }
-    } else {
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the `[BN][BK]` stage.
-            frags[ks] = unsafe { a_mk(b_tile, warp_n0, 16 * ks as u32, BK) };
-        }
     }
-    // SAFETY: warpgroup converged; the activation slot stays until this group's "empty"
-    // arrival (two iterations later).
+    // This warpgroup's 64 weight columns of the stage, for the bf16 layouts (A from shared
+    // memory): rows `64·wg..` of the K-major `[BN][BK]` forward stage, or MN-major panel `wg` of
+    // the dX stage (`wgmma_mn_offset`).
+    let wg = warp_n0 / 64;
+    // SAFETY: warpgroup converged; the weight and activation slots stay until this group's
+    // "empty" arrival (the next k-tile, or this one for `wait_group 0`).
     unsafe {
-        issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
-        // Only the MXFP4 decode (integer placement, one bf16x2 product) lets ptxas keep a
-        // group in flight while the next fragments are built. With the NVFP4 decode (f32
-        // products, `cvt.rn.bf16x2`) ptxas 13.0 serializes every wgmma (C7513) whatever the
-        // fold — a constant one included — so that layout retires its group like the
-        // `ldmatrix` paths.
-        if LAYOUT == BLayout::NkMxfp4 as u8 {
+        if LAYOUT == BLayout::NkBf16 as u8 {
+            let desc_a = wgmma_desc_sw128(b_tile.offset(wg * 64 * BK * 2).raw());
+            issue_group_ss::<BK, NJ, 0>(acc, desc_a, 2, a_tile, accumulate);
+        } else if LAYOUT == BLayout::KnBf16 as u8 {
+            let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * wg, BK)).raw());
+            issue_group_ss::<BK, NJ, 1>(acc, desc_a, 128, a_tile, accumulate);
+        } else {
+            issue_group::<BK, NJ>(acc, frags, a_tile, accumulate);
+        }
+        // A group stays in flight while the next k-tile is waited for and its fragments built,
+        // except for the forward NVFP4 layout: with its decode (f32 products,
+        // `cvt.rn.bf16x2`) into the next register fragments ptxas 13.0 serializes every wgmma
+        // (C7513) whatever the fold — a constant one included — so that layout retires its
+        // group first. The MXFP4 decode (integer placement, one bf16x2 product) does not, and
+        // the bf16 layouts have no register fragments.
+        if LAYOUT != BLayout::NkNvfp4 as u8 {
             wgmma_wait_group::<1>();
             if kt > 0 {
-                mbarrier_arrive(bars.empty((kt - 1) % STAGES));
+                mbarrier_arrive(bars.empty((g - 1) % STAGES));
             }
         } else {
             wgmma_wait_group::<0>();
@@ -617,10 +779,12 @@ unsafe fn consume<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOU
     }
 }
 
-/// The consumer loop of dX over MXFP4 (or NVFP4 with `NV`: `decode_stage_kn_nv`), software-pipelined so the decode of k-tile `kt` (into
-/// this warpgroup's half of decoded tile `kt % 2`) overlaps the wgmma group of `kt − 1`. The
-/// fragments are loaded by `ldmatrix` only after that group retired: a group kept in flight
-/// while `ldmatrix` defines the next fragments makes ptxas serialize every wgmma (C7513).
+/// The consumer loop of dX over MXFP4 (or NVFP4 with `NV`: `decode_stage_kn_nv`),
+/// software-pipelined: each warpgroup decodes its 64 columns of k-tile `kt` into its MN-major
+/// panel of decoded tile `kt % 2` (`wgmma_mn_offset`) while the wgmma group of `kt − 1` runs,
+/// then issues group `kt` with A read from that panel by descriptor and retires group `kt − 1`
+/// (`wait_group 1`). No register fragments: nothing ptxas must keep unchanged while a group is
+/// in flight, so no serialization (C7513).
 ///
 /// # Safety
 /// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
@@ -631,6 +795,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
     plan: &SmemPlan,
     smem: SharedAddr,
     ktiles: u32,
+    pipe0: u32,
     e: u64,
     n0: u32,
     warp_n0: u32,
@@ -645,23 +810,26 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
     let blocks_k = p.n_out / if NV { 16 } else { 32 };
     let decoded = |kt: u32| smem.offset(plan.decoded_offset + (kt % 2) * BK * BN * 2);
     // Waits for k-tile kt, decodes this warpgroup's 64 columns of it and publishes them to the
-    // warpgroup (named barrier 1 + wg).
+    // warpgroup's wgmma (proxy fence, then named barrier 1 + wg).
     let decode = |kt: u32| {
-        let slot = kt % STAGES;
+        let g = pipe0 + kt;
+        let slot = g % STAGES;
         let g0 = if NV {
             kn_nv_stage_g0::<BK>(p, e, n0, kt, blocks_k)
         } else {
             kn_mx_stage_g0::<BK>(p, e, n0, kt, blocks_k)
         };
         // SAFETY: the producer completes "full" after its copies land (acquire), the proxy
-        // fence extends that to this thread's wgmma reads of the activation slot; the decoded
-        // tile kt % 2 was last read (ldmatrix) by this warpgroup before its barrier of kt − 1.
+        // fence extends that to this thread's wgmma reads of the activation slot; panel `wg` of
+        // decoded tile kt % 2 was last read by group kt − 2 of this warpgroup, retired by the
+        // `wait_group 1` after group kt − 1 was issued. The second proxy fence orders this
+        // thread's decoded stores before the wgmma reads the barrier releases.
         unsafe {
-            mbarrier_wait_parity(bars.full(slot), (kt / STAGES) & 1);
+            mbarrier_wait_parity(bars.full(slot), (g / STAGES) & 1);
             fence_proxy_async_shared_cta();
             let raw = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
             if NV {
-                decode_stage_kn_nv::<BN, BK>(
+                decode_stage_kn_nv::<BN, BK, true>(
                     raw,
                     decoded(kt),
                     plan.b_scales_in_stage,
@@ -674,7 +842,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
                     128,
                 );
             } else {
-                decode_stage_kn_mx::<BN, BK>(
+                decode_stage_kn_mx::<BN, BK, true>(
                     raw,
                     decoded(kt),
                     plan.b_scales_in_stage,
@@ -686,6 +854,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
                     128,
                 );
             }
+            fence_proxy_async_shared_cta();
             if wg == 0 {
                 bar_sync_named::<1, 128>();
             } else {
@@ -693,38 +862,50 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
             }
         }
     };
-    // Loads the fragments of decoded k-tile kt and issues its wgmma group.
+    // Issues the wgmma group of decoded k-tile kt: A is this warpgroup's MN-major panel.
     let issue = |kt: u32, acc: &mut [[f32; 4]; NJ]| {
-        let mut frags = [[0u32; 4]; 4];
-        for ks in 0..(BK / 16) as usize {
-            // SAFETY: warp converged; the block lies inside the decoded tile.
-            frags[ks] = unsafe { a_km(decoded(kt), warp_n0, 16 * ks as u32, BN) };
-        }
-        let a_tile = smem.offset((kt % STAGES) * plan.a_stage_bytes);
-        // SAFETY: warpgroup converged; no group is pending (retired before this call), the
-        // activation slot stays until this group's "empty" arrival.
-        unsafe { issue_group::<BK, NJ>(acc, &frags, a_tile, accumulate) };
+        let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * wg, BK));
+        let a_tile = smem.offset(((pipe0 + kt) % STAGES) * plan.a_stage_bytes);
+        // SAFETY: warpgroup converged; the panel and the activation slot stay until this
+        // group retires (the panel is rewritten two k-tiles later, the slot freed one later).
+        unsafe {
+            issue_group_ss::<BK, NJ, 1>(
+                acc,
+                wgmma_desc_sw128_mn(panel.raw()),
+                128,
+                a_tile,
+                accumulate,
+            )
+        };
     };
     decode(0);
     issue(0, acc);
     let mut kt = 1;
     while kt < ktiles {
         decode(kt);
+        issue(kt, acc);
         // SAFETY: warpgroup converged: retire group kt − 1 and free its slot.
         unsafe {
-            wgmma_wait_group::<0>();
-            mbarrier_arrive(bars.empty((kt - 1) % STAGES));
+            wgmma_wait_group::<1>();
+            mbarrier_arrive(bars.empty((pipe0 + kt - 1) % STAGES));
         }
-        issue(kt, acc);
         kt += 1;
     }
 }
 
-/// The `wgmma` grouped GEMM body; see the module docs.
+/// The `wgmma` grouped GEMM body; see the module docs. A persistent kernel
+/// (`tiles::persistent_kernel`) walks the tiles `ctaid, ctaid + nctaid, …` with one pipeline
+/// (its k-tile counter runs on across tiles), double-buffered row indices and, per tile, a
+/// "LoRA ready" and an "epilogue done" mbarrier phase between producer and consumers.
 ///
 /// # Safety
 /// Launch contract of `tile::gemm::gemm` for the configuration
-/// `{bm: BM, bn: 128, bk: BK, warps 1×8, stages: STAGES, wgmma}` (384 threads), on sm_90a.
+/// `{bm: BM, bn: 128, bk: BK, warps 1×8, stages: STAGES, wgmma}` (384 threads), on sm_90a; a
+/// persistent kernel may be launched with fewer blocks than that contract's grid (any number
+/// from 1: every tile is still taken by exactly one block). A nonzero `b_tmap_addr` is the
+/// global address of the weight tensor's map as `GemmParams::b_tmap_addr` describes it
+/// (`tiles::wgmma_tma_box` of this layout; 64-byte aligned, written before the launch), over
+/// the same tensor `b_addr` names.
 #[inline(always)]
 pub unsafe fn gemm_wg<
     const BM: u32,
@@ -754,24 +935,53 @@ pub unsafe fn gemm_wg<
     };
     let layout = BLayout::from_tag(LAYOUT);
     let plan = smem_plan(&cfg, layout, if p.rank > 0 { p.r_pad } else { 0 });
+    let reallocate = const { BM >= REALLOCATE_FROM_ROWS };
+    if reallocate {
+        // The block size ptxas compiles for: it fixes the register count at entry, which the
+        // producer/consumer reallocation below needs.
+        // SAFETY: `THREADS` is this kernel's launch size (`TileConfig::threads`).
+        unsafe { declare_launch_bounds::<THREADS, 1>() };
+    }
     let tid = tid_x();
     let n_tiles = p.n_out.div_ceil(BN);
-    let n_blk = ctaid_x() % n_tiles;
-    let m_blk = ctaid_x() / n_tiles;
-    // SAFETY: every warp runs the search converged with the same block-uniform `m_blk`.
-    let Some(tile) = (unsafe { find_tile(p.offsets_addr, p.num_experts, p.rows, BM, m_blk) })
+    let persistent = persistent_kernel(&cfg, layout);
+    // This block's tiles: `ctaid`, then (persistent) every `nctaid`-th, up to the first past the
+    // last tile (`find_tile` gives None; every later index is past it too).
+    let first = ctaid_x();
+    // SAFETY: every warp runs the search converged with the same block-uniform tile index.
+    let Some(tile0) =
+        (unsafe { find_tile(p.offsets_addr, p.num_experts, p.rows, BM, first / n_tiles) })
     else {
         return; // block-uniform exit before any barrier
     };
+    let next = |t: u32| -> Option<(u32, Tile)> {
+        if !persistent {
+            return None;
+        }
+        let t = t.checked_add(nctaid_x())?;
+        // SAFETY: as above (every thread of the block walks the same sequence).
+        unsafe { find_tile(p.offsets_addr, p.num_experts, p.rows, BM, t / n_tiles) }
+            .map(|tile| (t, tile))
+    };
     let smem = dynamic_smem();
-    let rows_in = smem.offset(plan.rows_offset);
-    let rows_out = rows_in.offset(4 * BM);
+    // Row-index buffer of the block's `i`-th tile: `BM` input rows, then `BM` output rows.
+    let rows_of =
+        |i: u32| smem.offset(plan.rows_offset + if persistent { (i % 2) * 8 * BM } else { 0 });
     let bars = Barriers {
         base: smem.offset(plan.barriers_offset),
         stages: STAGES,
     };
     // SAFETY: every thread; the two index arrays are the plan's.
-    unsafe { stage_row_indices::<BM>(p, &tile, rows_in, rows_out, tid, THREADS) };
+    unsafe {
+        stage_row_indices::<BM>(
+            p,
+            &tile0,
+            rows_of(0),
+            rows_of(0).offset(4 * BM),
+            tid,
+            THREADS,
+        )
+    };
     if tid == 0 {
         let mut s = 0;
         while s < STAGES {
@@ -783,6 +993,11 @@ pub unsafe fn gemm_wg<
             }
             s += 1;
         }
+        // SAFETY: as above.
+        unsafe {
+            mbarrier_init(bars.lora_ready(), WG_PRODUCER_THREADS);
+            mbarrier_init(bars.epi_done(), CONSUMER_THREADS);
+        }
     }
     // SAFETY: all threads reach it.
     unsafe { bar_sync_0() };
@@ -791,40 +1006,163 @@ pub unsafe fn gemm_wg<
     let producer = warp < WG_PRODUCER_THREADS / 32;
     // This consumer warp's weight columns inside the block tile (producers: unused).
     let warp_n0 = 16 * warp.wrapping_sub(WG_PRODUCER_THREADS / 32);
-    let n0 = n_blk * BN;
-    let e = tile.bucket as u64;
-    let dropped = tile.bucket >= p.num_experts;
-    let mut acc = [[0f32; 4]; NJ];
     let lora_right = lora_right_layout(p);
+    let ktiles = p.k_red.div_ceil(BK);
 
-    if !dropped {
-        let ktiles = p.k_red.div_ceil(BK);
-        if producer {
-            // SAFETY: the whole producer warpgroup, uniform arguments. The LoRA factors go to
-            // their own region with `cp.async` before the main loop (landing with the first
-            // stage, waited for at the end of `produce`), or — right factors without
-            // contiguous 16-byte runs — by element gathers after it; the block barrier below
-            // publishes them. Either way they stay off the consumers' critical path.
-            unsafe {
-                if p.rank > 0 {
-                    stage_lora_async::<BM, BN>(
+    if producer {
+        // The producer warpgroup, per tile: the row indices (from the second tile on; the
+        // block staged the first), the operand stages and the LoRA factors, then an arrival on
+        // "LoRA ready", which publishes the factors and the row indices to the consumers. It
+        // needs few registers (the copy plans) and on the large tiles gives the rest to the
+        // consumers; it takes no part in the epilogue, so no code runs under its register
+        // budget with the accumulators live.
+        if reallocate {
+            // SAFETY: the whole producer warpgroup, converged.
+            unsafe { setmaxnreg_dec::<PRODUCER_REGS>() };
+        }
+        if p.b_tmap_addr != 0 && tid == 0 {
+            // The weight tiles come by TMA (`produce`), from a tensor map the host copied to
+            // global memory: acquire it for the tensor-map proxy before the first copy.
+            // SAFETY: a nonzero `b_tmap_addr` is a 64-byte aligned 128-byte map (contract).
+            unsafe { fence_proxy_tensormap_acquire_sys(p.b_tmap_addr) };
+        }
+        let (mut t, mut tile, mut i, mut pipe) = (first, tile0, 0u32, 0u32);
+        loop {
+            let rows_in = rows_of(i);
+            if i > 0 {
+                // SAFETY: the producer warpgroup; buffer i % 2 was last read by the store loop
+                // of tile i − 2, over before that tile's "epilogue done", which this warpgroup
+                // waited for during tile i − 1.
+                unsafe {
+                    stage_row_indices::<BM>(
                         p,
-                        &plan,
-                        smem,
                         &tile,
-                        e,
-                        n0,
-                        lora_right,
+                        rows_in,
+                        rows_in.offset(4 * BM),
                         tid,
                         WG_PRODUCER_THREADS,
                     );
-                }
-                produce::<BM, BK, STAGES, LAYOUT>(p, &plan, smem, rows_in, ktiles, e, n0, bars);
-                if p.rank > 0 && lora_right == LoraRight::Gather {
-                    stage_lora_factors::<BM, BN>(p, &plan, smem, &tile, e, n0, WG_PRODUCER_THREADS);
+                    bar_sync_named::<PRODUCER_BAR, WG_PRODUCER_THREADS>();
                 }
             }
-        } else {
+            let n0 = (t % n_tiles) * BN;
+            let e = tile.bucket as u64;
+            let dropped = tile.bucket >= p.num_experts;
+            // The LoRA region (and, persistent, the output tile over it) is free once the
+            // consumers finished the previous tile's epilogue.
+            let wait_previous_epilogue = || {
+                if i > 0 {
+                    // SAFETY: the phase of tile i − 1 (one arrival per consumer thread and tile).
+                    unsafe { mbarrier_wait_parity(bars.epi_done(), (i - 1) & 1) };
+                }
+            };
+            let stage_lora = || {
+                if p.rank > 0 {
+                    // SAFETY: the producer warpgroup; the region is free (above).
+                    unsafe {
+                        stage_lora_async::<BM, BN>(
+                            p,
+                            &plan,
+                            smem,
+                            &tile,
+                            e,
+                            n0,
+                            lora_right,
+                            tid,
+                            WG_PRODUCER_THREADS,
+                        )
+                    };
+                }
+            };
+            if dropped {
+                wait_previous_epilogue();
+            } else {
+                // The first tile's factors go in before its main loop (landing with its first
+                // stage); a later tile's once the previous epilogue is over, after this tile's
+                // first stages, which the producer fills while that epilogue runs.
+                if i == 0 {
+                    stage_lora();
+                }
+                // The first k-tiles (as many as there are stages: they fill while the previous
+                // tile's epilogue runs), then, from the second tile on, the LoRA factors once
+                // that epilogue is over, then the rest.
+                let split = if i == 0 { ktiles } else { STAGES.min(ktiles) };
+                // SAFETY: the whole producer warpgroup, uniform arguments.
+                unsafe {
+                    produce::<BM, BK, STAGES, LAYOUT>(
+                        p,
+                        &plan,
+                        smem,
+                        rows_in,
+                        (0, split),
+                        pipe,
+                        e,
+                        n0,
+                        bars,
+                    )
+                };
+                if i > 0 {
+                    wait_previous_epilogue();
+                    stage_lora();
+                    // SAFETY: as above.
+                    unsafe {
+                        produce::<BM, BK, STAGES, LAYOUT>(
+                            p,
+                            &plan,
+                            smem,
+                            rows_in,
+                            (split, ktiles),
+                            pipe,
+                            e,
+                            n0,
+                            bars,
+                        )
+                    };
+                }
+                if p.rank > 0 && lora_right == LoraRight::Gather {
+                    // SAFETY: as above; element gathers after the main loop's copies.
+                    unsafe {
+                        stage_lora_factors::<BM, BN>(
+                            p,
+                            &plan,
+                            smem,
+                            &tile,
+                            e,
+                            n0,
+                            WG_PRODUCER_THREADS,
+                        )
+                    };
+                }
+                pipe += ktiles;
+            }
+            // SAFETY: every copy of this thread has landed (`produce` ends with
+            // `cp.async.wait_group 0`); the arrival releases them and the row indices.
+            unsafe { mbarrier_arrive(bars.lora_ready()) };
+            match next(t) {
+                Some((t_next, tile_next)) => {
+                    (t, tile) = (t_next, tile_next);
+                    i += 1;
+                }
+                None => return,
+            }
+        }
+    }
+
+    if reallocate {
+        // SAFETY: both consumer warpgroups, converged; the producer's decrease supplies the
+        // pool (`CONSUMER_REGS`).
+        unsafe { setmaxnreg_inc::<CONSUMER_REGS>() };
+    }
+    // Little state lives across the consumers' k-loop (their registers hold the accumulators
+    // and fragments): the tile index is recomputed from `i`.
+    let (mut bucket, mut i, mut pipe) = (tile0.bucket, 0u32, 0u32);
+    loop {
+        let t = first + i * nctaid_x();
+        let n0 = (t % n_tiles) * BN;
+        let e = bucket as u64;
+        let dropped = bucket >= p.num_experts;
+        let mut acc = [[0f32; 4]; NJ];
+        if !dropped {
             // Always nonzero, but opaque to LLVM, so the flag lives in a register defined once
             // before the loop rather than a constant materialized inside each wgmma group.
             let accumulate = laneid() | 1;
@@ -837,7 +1175,7 @@ pub unsafe fn gemm_wg<
                 // SAFETY: all consumer threads.
                 unsafe {
                     consume_kn_mx::<BK, STAGES, NJ, false>(
-                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                        p, &plan, smem, ktiles, pipe, e, n0, warp_n0, bars, &mut acc, accumulate,
                     )
                 };
                 kt = ktiles;
@@ -845,7 +1183,7 @@ pub unsafe fn gemm_wg<
                 // SAFETY: all consumer threads.
                 unsafe {
                     consume_kn_mx::<BK, STAGES, NJ, true>(
-                        p, &plan, smem, ktiles, e, n0, warp_n0, bars, &mut acc, accumulate,
+                        p, &plan, smem, ktiles, pipe, e, n0, warp_n0, bars, &mut acc, accumulate,
                     )
                 };
                 kt = ktiles;
@@ -871,6 +1209,7 @@ pub unsafe fn gemm_wg<
                         &plan,
                         smem,
                         kt,
+                        pipe,
                         e,
                         n0,
                         warp_n0,
@@ -889,6 +1228,7 @@ pub unsafe fn gemm_wg<
                             &plan,
                             smem,
                             kt + 1,
+                            pipe,
                             e,
                             n0,
                             warp_n0,
@@ -903,16 +1243,23 @@ pub unsafe fn gemm_wg<
                 kt += 2;
             }
             // SAFETY: warpgroup converged; retire the last group before the accumulators are
-            // read.
-            unsafe { wgmma_wait_group::<0>() };
+            // read, and (except where every k-tile already did) free its slot: the pipeline goes on
+            // into the block's next tile.
+            unsafe {
+                wgmma_wait_group::<0>();
+                if LAYOUT != BLayout::NkNvfp4 as u8 && ktiles > 0 {
+                    mbarrier_arrive(bars.empty((pipe + ktiles - 1) % STAGES));
+                }
+            }
+            pipe += ktiles;
         }
-        // SAFETY: all threads (producers after their last copy landed and the LoRA factors
-        // were stored, consumers after their last group retired): the stages may be reused
-        // and the factors are visible.
-        unsafe { bar_sync_0() };
+        // SAFETY: the producer arrives once per tile, after this tile's LoRA factors and row
+        // indices are in place (phase i).
+        unsafe { mbarrier_wait_parity(bars.lora_ready(), i & 1) };
+        let rows_out = rows_of(i).offset(4 * BM);
 
-        if p.rank > 0 {
-            if !producer {
+        if !dropped {
+            if p.rank > 0 {
                 let left = smem.offset(plan.lora_left_offset);
                 let right = smem.offset(plan.lora_right_offset);
                 // outᵀ[n, m] += s · Σ_j right[n, j] · left[m, j]: A = right (this warp's 16
@@ -951,81 +1298,99 @@ pub unsafe fn gemm_wg<
                     axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
                 }
             }
-        }
-        if p.bias_addr != 0 && !producer {
-            // Lane (g, t) holds columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries
-            // 2, 3) of every row pair: one bias value each, added to every row.
-            let c0 = n0 + warp_n0 + laneid() / 4;
-            // SAFETY: a bias is `[E, n_out]` bf16 (contract) and `e < E` (not dropped).
-            let (b0, b1) = unsafe { (bias_at(p, e, c0), bias_at(p, e, c0 + 8)) };
-            for a in acc.iter_mut() {
-                a[0] += b0;
-                a[1] += b0;
-                a[2] += b1;
-                a[3] += b1;
-            }
-        }
-    }
-
-    // Round into the shared `[BM][BN]` output tile. Lane (g, t) of a consumer warp holds, per
-    // n8 block j of rows, columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries 2, 3)
-    // of rows 8j + 2t, +1: two 8×8 matrices (columns × rows) in the `mma` C layout, which
-    // `stmatrix.trans` writes transposed — four matrices (blocks j, j + 1) per instruction,
-    // each destination row one 16-byte chunk of the swizzled tile.
-    let out_tile = smem; // the plan's epilogue tile, over the drained stages
-    if !producer {
-        let lane = laneid();
-        let m = lane / 8; // the matrix this lane addresses
-        let row_in_m = lane % 8;
-        for jj in 0..NJ / 2 {
-            let j = 2 * jj;
-            let v = [
-                cvt_rn_bf16x2_f32(acc[j][0], acc[j][1]),
-                cvt_rn_bf16x2_f32(acc[j][2], acc[j][3]),
-                cvt_rn_bf16x2_f32(acc[j + 1][0], acc[j + 1][1]),
-                cvt_rn_bf16x2_f32(acc[j + 1][2], acc[j + 1][3]),
-            ];
-            let r = 8 * (j as u32 + m / 2) + row_in_m;
-            let c = warp_n0 + 8 * (m % 2);
-            // SAFETY: warp converged; row r < BM and the chunk at column c < BN lie inside the
-            // output tile (disjoint from the LoRA factors; the main loop's stages are drained).
-            unsafe {
-                stmatrix_x4_trans_m8n8_shared_b16(out_tile.offset(swizzled_offset(r, c, BN)), v)
-            };
-        }
-    }
-    // SAFETY: all threads.
-    unsafe { bar_sync_0() };
-    // One 16-byte store per chunk when every output row start is 16-byte aligned.
-    let wide = (p.out_addr | 2 * p.out_stride) % 16 == 0;
-    let mut c = tid;
-    while c < BM * (BN / 8) {
-        let row = c / (BN / 8);
-        let ch = c % (BN / 8);
-        let col = n0 + 8 * ch;
-        // SAFETY: `row < BM` entries of the index array; the chunk is inside the output tile.
-        let (o, v) = unsafe {
-            (
-                ld_shared_u32(rows_out.offset(4 * row)),
-                ld_shared_v4_u32(out_tile.offset(swizzled_offset(row, 8 * ch, BN))),
-            )
-        };
-        if o != NO_ROW && col < p.n_out {
-            let at = p.out_addr + 2 * (o as u64 * p.out_stride + col as u64);
-            // SAFETY: `o` is a valid output row and `col + 8 ≤ n_out` (n_out % 8 == 0); the
-            // output is 4-byte aligned (even stride and columns), as for the mma.sync kernel,
-            // and 16-byte aligned when `wide` says so.
-            unsafe {
-                if wide {
-                    store_16(at, v);
-                } else {
-                    store(at, v[0]);
-                    store(at + 4, v[1]);
-                    store(at + 8, v[2]);
-                    store(at + 12, v[3]);
+            if p.bias_addr != 0 {
+                // Lane (g, t) holds columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries
+                // 2, 3) of every row pair: one bias value each, added to every row.
+                let c0 = n0 + warp_n0 + laneid() / 4;
+                // SAFETY: a bias is `[E, n_out]` bf16 (contract) and `e < E` (not dropped).
+                let (b0, b1) = unsafe { (bias_at(p, e, c0), bias_at(p, e, c0 + 8)) };
+                for a in acc.iter_mut() {
+                    a[0] += b0;
+                    a[1] += b0;
+                    a[2] += b1;
+                    a[3] += b1;
                 }
             }
         }
-        c += THREADS;
+
+        // Round into the shared `[BM][BN]` output tile. Lane (g, t) of a consumer warp holds, per
+        // n8 block j of rows, columns warp_n0 + g (entries 0, 1) and warp_n0 + g + 8 (entries 2, 3)
+        // of rows 8j + 2t, +1: two 8×8 matrices (columns × rows) in the `mma` C layout, which
+        // `stmatrix.trans` writes transposed — four matrices (blocks j, j + 1) per instruction,
+        // each destination row one 16-byte chunk of the swizzled tile.
+        let out_tile = smem.offset(plan.out_offset);
+        // SAFETY: both consumer warpgroups: every group has retired and every LoRA factor was read
+        // before the tile overwrites the drained stages (or, persistent, the factors' region).
+        unsafe { bar_sync_named::<OUT_TILE_BAR, CONSUMER_THREADS>() };
+        {
+            let lane = laneid();
+            let m = lane / 8; // the matrix this lane addresses
+            let row_in_m = lane % 8;
+            for jj in 0..NJ / 2 {
+                let j = 2 * jj;
+                let v = [
+                    cvt_rn_bf16x2_f32(acc[j][0], acc[j][1]),
+                    cvt_rn_bf16x2_f32(acc[j][2], acc[j][3]),
+                    cvt_rn_bf16x2_f32(acc[j + 1][0], acc[j + 1][1]),
+                    cvt_rn_bf16x2_f32(acc[j + 1][2], acc[j + 1][3]),
+                ];
+                let r = 8 * (j as u32 + m / 2) + row_in_m;
+                let c = warp_n0 + 8 * (m % 2);
+                // SAFETY: warp converged; row r < BM and the chunk at column c < BN lie inside the
+                // output tile (the plan's `out_offset`, free: see the barrier above).
+                unsafe {
+                    stmatrix_x4_trans_m8n8_shared_b16(out_tile.offset(swizzled_offset(r, c, BN)), v)
+                };
+            }
+        }
+        // SAFETY: both consumer warpgroups (the producer takes no part in the epilogue).
+        unsafe { bar_sync_named::<OUT_TILE_BAR, CONSUMER_THREADS>() };
+        // One 16-byte store per chunk when every output row start is 16-byte aligned.
+        let wide = (p.out_addr | 2 * p.out_stride) % 16 == 0;
+        let mut c = tid - WG_PRODUCER_THREADS;
+        while c < BM * (BN / 8) {
+            let row = c / (BN / 8);
+            let ch = c % (BN / 8);
+            let col = n0 + 8 * ch;
+            // SAFETY: `row < BM` entries of the index array; the chunk is inside the output tile.
+            let (o, v) = unsafe {
+                (
+                    ld_shared_u32(rows_out.offset(4 * row)),
+                    ld_shared_v4_u32(out_tile.offset(swizzled_offset(row, 8 * ch, BN))),
+                )
+            };
+            if o != NO_ROW && col < p.n_out {
+                let at = p.out_addr + 2 * (o as u64 * p.out_stride + col as u64);
+                // SAFETY: `o` is a valid output row and `col + 8 ≤ n_out` (n_out % 8 == 0); the
+                // output is 4-byte aligned (even stride and columns), as for the mma.sync kernel,
+                // and 16-byte aligned when `wide` says so.
+                unsafe {
+                    if wide {
+                        store_16(at, v);
+                    } else {
+                        store(at, v[0]);
+                        store(at + 4, v[1]);
+                        store(at + 8, v[2]);
+                        store(at + 12, v[3]);
+                    }
+                }
+            }
+            c += CONSUMER_THREADS;
+        }
+        if persistent {
+            // SAFETY: both consumer warpgroups: every chunk of the tile is read before the next
+            // tile's epilogue writes the region again, and before the producer restages it.
+            unsafe {
+                bar_sync_named::<OUT_TILE_BAR, CONSUMER_THREADS>();
+                mbarrier_arrive(bars.epi_done());
+            }
+        }
+        match next(t) {
+            Some((_, tile_next)) => {
+                bucket = tile_next.bucket;
+                i += 1;
+            }
+            None => return,
+        }
     }
 }

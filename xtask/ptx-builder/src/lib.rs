@@ -13,7 +13,7 @@
 //! 2. `llvm-link` of the kernel bitcode with every bitcode member of those rlibs. rustc would do
 //!    this step through `llvm-bitcode-linker`, which the pinned channel does not ship.
 //! 3. `opt`: internalize everything except the `ptx_kernel` entry points, drop dead code, O3.
-//! 4. `llc -mcpu=<arch> -mattr=+ptx80`: one PTX file.
+//! 4. `llc -mcpu=<arch> -mattr=<ptx_feature(arch)>`: one PTX file.
 //! 5. Lint: the module targets the requested arch and has no unresolved `.extern .func`
 //!    (a driver JIT cannot load such a module).
 //!
@@ -30,8 +30,17 @@ pub mod ptxas;
 
 /// The device target triple.
 pub const TARGET: &str = "nvptx64-nvidia-cuda";
-/// The PTX ISA feature the module is built with (PTX 8.0 is the first with full sm_90 support).
-pub const PTX_FEATURE: &str = "+ptx80";
+/// The PTX ISA feature of a module for `arch`: PTX 8.3 for the Hopper module ([`DEFAULT_ARCH`]:
+/// `fence.proxy.tensormap::generic`, which the TMA copies need for tensor maps the host writes),
+/// PTX 8.0 otherwise (the first with full sm_90 support; the portable module stays loadable by
+/// drivers from CUDA 12.0).
+pub fn ptx_feature(arch: &str) -> &'static str {
+    if arch == DEFAULT_ARCH {
+        "+ptx83"
+    } else {
+        "+ptx80"
+    }
+}
 /// LLVM's full-unroll threshold for the device build. The MMA loops over a warp's accumulator
 /// fragments must unroll completely, or the fragment arrays are indexed at run time and land in
 /// local memory (a stack frame in `cargo xtask ptx-report`); the default threshold is too small
@@ -201,7 +210,7 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
     cmd.arg(&b.target_dir);
     cmd.args(["--", "-C"])
         .arg(format!("target-cpu={}", b.arch))
-        .args(["-C", &format!("target-feature={PTX_FEATURE}")])
+        .args(["-C", &format!("target-feature={}", ptx_feature(&b.arch))])
         .args([
             "-C",
             &format!("llvm-args=-unroll-threshold={UNROLL_THRESHOLD}"),
@@ -317,16 +326,19 @@ pub fn build_ptx(b: &PtxBuild) -> Result<PtxOutput, BuildError> {
             .arg(&optimized)
             .arg(format!("-mtriple={TARGET}"))
             .arg(format!("-mcpu={}", b.arch))
-            .arg(format!("-mattr={PTX_FEATURE}"))
+            .arg(format!("-mattr={}", ptx_feature(&b.arch)))
             .arg("-O3")
             .arg("-o")
             .arg(&b.out_file),
         "llc",
     )?;
 
-    // Step 5: lint.
+    // Step 5: launch bounds, then lint.
     let ptx = fs::read_to_string(&b.out_file)
         .map_err(|e| err(format!("cannot read {}: {e}", b.out_file.display())))?;
+    let ptx = apply_launch_bounds(&ptx).map_err(err)?;
+    fs::write(&b.out_file, &ptx)
+        .map_err(|e| err(format!("cannot write {}: {e}", b.out_file.display())))?;
     check_module(&ptx, &b.arch).map_err(err)?;
     Ok(PtxOutput {
         ptx_file: b.out_file.clone(),
@@ -350,6 +362,111 @@ pub fn check_module(ptx: &str, arch: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The PTX comment by which an entry declares its launch bounds (`kernels_gpu::ptx::regs::
+/// declare_launch_bounds`): `// mxmoe.launch_bounds <maxntid> <minnctapersm>`.
+pub const LAUNCH_BOUNDS_MARKER: &str = "// mxmoe.launch_bounds ";
+
+/// Gives every `.entry` whose body holds launch-bounds markers ([`LAUNCH_BOUNDS_MARKER`]) the
+/// directives they declare, `.maxntid T, 1, 1` and `.minnctapersm B`, between its parameter list
+/// and its body. rustc emits no launch bounds for `extern "ptx-kernel"` functions; ptxas needs
+/// them to know an entry's register count, without which it ignores `setmaxnreg`.
+///
+/// Fails if an entry's markers disagree or do not parse, if an entry with markers already has a
+/// directive, or if a marker lies outside every entry body.
+pub fn apply_launch_bounds(ptx: &str) -> Result<String, String> {
+    let lines: Vec<&str> = ptx.lines().collect();
+    let mut out = String::with_capacity(ptx.len() + 256);
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start();
+        if trimmed.contains(LAUNCH_BOUNDS_MARKER.trim_end()) {
+            return Err(format!(
+                "a launch-bounds marker outside an entry body: `{}`",
+                trimmed
+            ));
+        }
+        let is_entry = trimmed.starts_with(".visible .entry ") || trimmed.starts_with(".entry ");
+        if !is_entry {
+            out.push_str(line);
+            out.push('\n');
+            i += 1;
+            continue;
+        }
+        let name = trimmed
+            .split(".entry ")
+            .nth(1)
+            .and_then(|r| r.split(['(', ' ']).next())
+            .unwrap_or("")
+            .to_string();
+        // The header runs to the line that opens the body; the body to the `}` in column 0.
+        let open = (i..lines.len())
+            .find(|&j| lines[j].trim() == "{")
+            .ok_or_else(|| format!("`.entry {name}` has no body"))?;
+        let close = (open..lines.len())
+            .find(|&j| lines[j] == "}")
+            .ok_or_else(|| format!("`.entry {name}` has no closing brace"))?;
+        let mut bounds: Option<(u32, u32)> = None;
+        for body_line in &lines[open..close] {
+            let Some(rest) = body_line.trim().strip_prefix(LAUNCH_BOUNDS_MARKER) else {
+                continue;
+            };
+            let numbers: Vec<u32> = rest
+                .split_whitespace()
+                .map(|w| w.parse::<u32>())
+                .collect::<Result<_, _>>()
+                .map_err(|_| format!("`.entry {name}`: malformed marker `{}`", body_line.trim()))?;
+            let [threads, blocks] = numbers[..] else {
+                return Err(format!(
+                    "`.entry {name}`: malformed marker `{}`",
+                    body_line.trim()
+                ));
+            };
+            if threads == 0 || blocks == 0 {
+                return Err(format!("`.entry {name}`: zero launch bound in its marker"));
+            }
+            match bounds {
+                Some(b) if b != (threads, blocks) => {
+                    return Err(format!(
+                        "`.entry {name}` declares two launch bounds: {b:?} and {:?}",
+                        (threads, blocks)
+                    ));
+                }
+                _ => bounds = Some((threads, blocks)),
+            }
+        }
+        let header = &lines[i..open];
+        if bounds.is_some()
+            && header.iter().any(|l| {
+                let t = l.trim_start();
+                t.starts_with(".maxntid")
+                    || t.starts_with(".reqntid")
+                    || t.starts_with(".minnctapersm")
+                    || t.starts_with(".maxnreg")
+            })
+        {
+            return Err(format!(
+                "`.entry {name}` already has a launch-bounds directive"
+            ));
+        }
+        for l in header {
+            out.push_str(l);
+            out.push('\n');
+        }
+        if let Some((threads, blocks)) = bounds {
+            out.push_str(&format!(
+                ".maxntid {threads}, 1, 1\n.minnctapersm {blocks}\n"
+            ));
+        }
+        for l in &lines[open..=close] {
+            out.push_str(l);
+            out.push('\n');
+        }
+        i = close + 1;
+    }
+    Ok(out)
 }
 
 /// Names of the `.entry` functions of a PTX module, in order of appearance.
@@ -399,6 +516,85 @@ fn json_string_array(line: &str, field: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two entries as llc writes them, the second with two (equal) launch-bounds markers.
+    const TWO_ENTRIES: &str = "\
+.version 8.0
+.target sm_90a
+.address_size 64
+
+\t// .globl\tplain
+.visible .entry plain(
+\t.param .u64 plain_param_0
+)                                       // @plain
+{
+\tret;
+}
+\t// .globl\tbounded
+.visible .entry bounded(
+\t.param .align 8 .b8 bounded_param_0[208]
+)                                       // @bounded
+{
+\t.reg .b32 \t%r<4>;
+\t// begin inline asm
+\t// mxmoe.launch_bounds 384 1
+\t// end inline asm
+\t// begin inline asm
+\t// mxmoe.launch_bounds 384 1
+\t// end inline asm
+\tret;
+}
+";
+
+    #[test]
+    fn launch_bounds_markers_become_directives_of_their_entry_only() {
+        let out = apply_launch_bounds(TWO_ENTRIES).unwrap();
+        let want = ")                                       // @bounded\n.maxntid 384, 1, 1\n.minnctapersm 1\n{";
+        assert!(out.contains(want), "{out}");
+        assert_eq!(out.matches(".maxntid").count(), 1);
+        assert!(out.contains(")                                       // @plain\n{"));
+        // Nothing else changes.
+        assert_eq!(
+            out.replace(".maxntid 384, 1, 1\n.minnctapersm 1\n", ""),
+            TWO_ENTRIES
+        );
+        // A module without markers is returned as it was.
+        let plain = TWO_ENTRIES.replace("mxmoe.launch_bounds 384 1", "nothing");
+        assert_eq!(apply_launch_bounds(&plain).unwrap(), plain);
+    }
+
+    #[test]
+    fn bad_launch_bounds_markers_are_errors() {
+        let two = TWO_ENTRIES.replacen("launch_bounds 384 1", "launch_bounds 256 1", 1);
+        assert!(
+            apply_launch_bounds(&two)
+                .unwrap_err()
+                .contains("two launch bounds")
+        );
+        let garbled = TWO_ENTRIES.replace("launch_bounds 384 1", "launch_bounds 384");
+        assert!(
+            apply_launch_bounds(&garbled)
+                .unwrap_err()
+                .contains("malformed")
+        );
+        let zero = TWO_ENTRIES.replace("launch_bounds 384 1", "launch_bounds 0 1");
+        assert!(apply_launch_bounds(&zero).unwrap_err().contains("zero"));
+        let already = TWO_ENTRIES.replace(
+            ")                                       // @bounded\n",
+            ")                                       // @bounded\n.maxnreg 128\n",
+        );
+        assert!(
+            apply_launch_bounds(&already)
+                .unwrap_err()
+                .contains("already")
+        );
+        let outside = format!("// mxmoe.launch_bounds 384 1\n{TWO_ENTRIES}");
+        assert!(
+            apply_launch_bounds(&outside)
+                .unwrap_err()
+                .contains("outside")
+        );
+    }
 
     #[test]
     fn check_module_rejects_extern_func_and_wrong_target() {

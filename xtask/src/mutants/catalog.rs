@@ -58,10 +58,10 @@ pub const MUTANTS: &[Mutant] = &[
             },
             Edit {
                 file: WG,
-                old: "        if p.rank > 0 {
-            if !producer {",
-                new: "        if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
-            if !producer {",
+                old: "            if p.rank > 0 {
+                let left = smem.offset(plan.lora_left_offset);",
+                new: "            if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
+                let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -78,10 +78,10 @@ pub const MUTANTS: &[Mutant] = &[
             },
             Edit {
                 file: WG,
-                old: "        if p.rank > 0 {
-            if !producer {",
-                new: "        if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
-            if !producer {",
+                old: "            if p.rank > 0 {
+                let left = smem.offset(plan.lora_left_offset);",
+                new: "            if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
+                let left = smem.offset(plan.lora_left_offset);",
             },
         ],
     },
@@ -135,7 +135,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nv-tensor-scale-ignored",
-        description: "the fused NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families and dX (shared block fold)",
+        description: "the NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families, dX and the dequantization kernel (shared block fold)",
         edits: &[Edit {
             file: GEMM,
             old: "nv_fold(ts * e4m3_to_f32_placed(sc as u8))",
@@ -183,6 +183,31 @@ pub const MUTANTS: &[Mutant] = &[
                 new: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * hi + first_hi + (block ^ 1))),",
             },
         ],
+    },
+    Mutant {
+        id: "dx-panel-swapped-wg",
+        description: "dX in the wgmma family reads the other warpgroup's MN-major weight panel (bf16 stage and decoded MXFP4/NVFP4 tile)",
+        edits: &[
+            Edit {
+                file: WG,
+                old: "let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * wg, BK)).raw());",
+                new: "let desc_a = wgmma_desc_sw128_mn(b_tile.offset(wgmma_mn_offset(0, 64 * (wg ^ 1), BK)).raw());",
+            },
+            Edit {
+                file: WG,
+                old: "let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * wg, BK));",
+                new: "let panel = decoded(kt).offset(wgmma_mn_offset(0, 64 * (wg ^ 1), BK));",
+            },
+        ],
+    },
+    Mutant {
+        id: "tma-odd-ktile-stale",
+        description: "the wgmma producer's TMA copies of an odd k-tile read the even k-tile before it (weight tiles of every layout; the cp.async path is intact)",
+        edits: &[Edit {
+            file: WG,
+            old: "t.coords(BK, kt, n0, e as u32, h)",
+            new: "t.coords(BK, kt & !1, n0, e as u32, h)",
+        }],
     },
     Mutant {
         id: "last-ktile-dropped",
@@ -271,8 +296,10 @@ pub const MUTANTS: &[Mutant] = &[
         description: "the wgmma family adds no frozen bias (the mma.sync family still does)",
         edits: &[Edit {
             file: WG,
-            old: "if p.bias_addr != 0 && !producer {",
-            new: "if p.bias_addr != 0 && !producer && p.rows == u32::MAX {",
+            old: "            if p.bias_addr != 0 {
+                // Lane (g, t) holds columns warp_n0 + g",
+            new: "            if p.bias_addr != 0 && p.rows == u32::MAX {
+                // Lane (g, t) holds columns warp_n0 + g",
         }],
     },
     Mutant {

@@ -815,6 +815,8 @@ struct Header {
     module: Option<String>,
     /// Which code of the module was loaded (SASS, or PTX the driver JIT-compiled, and why).
     module_code: Option<String>,
+    /// Whether the `wgmma` kernels take their weight tiles by TMA (`Gpu::tma`, `MXMOE_TMA`).
+    tma: Option<bool>,
     driver: String,
     commit: String,
     date: String,
@@ -1041,6 +1043,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         memory_mib: None,
         module: None,
         module_code: None,
+        tma: None,
         driver: driver_description(),
         commit: commit(),
         date: utc_now(),
@@ -1057,6 +1060,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         h.memory_mib = Some(l.total_mem_bytes as f64 / MIB);
         h.module = Some(gpu.module_selection().to_string());
         h.module_code = Some(gpu.module_code().to_string());
+        h.tma = Some(gpu.tma());
         // The loaded module's entry points (the portable module has no `wgmma` rows).
         for &name in gpu.module().entries() {
             let r = gpu
@@ -1506,6 +1510,14 @@ fn print_header(h: &Header, notes: &[String]) {
     }
     if let Some(code) = &h.module_code {
         println!("- module code: {code}");
+    }
+    if let Some(tma) = h.tma {
+        println!(
+            "- weight tiles of the wgmma kernels: {} ({}={})",
+            if tma { "TMA" } else { "cp.async" },
+            mxmoe::device::TMA_ENV,
+            if tma { "on" } else { "off" }
+        );
     }
     println!("- driver: {}", h.driver);
     println!("- commit: {}", h.commit);
