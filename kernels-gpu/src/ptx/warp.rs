@@ -66,6 +66,22 @@ pub unsafe fn vote_sync_ballot_b32(pred: bool) -> u32 {
     d
 }
 
+/// `vote.sync.all.pred d, p, 0xffffffff`: whether `pred` holds in every lane of the warp (the
+/// result is warp-uniform, so a branch on it never diverges). PTX 6.0+. CUDA C: `__all_sync`.
+///
+/// # Safety
+/// The whole warp executes it converged (full mask).
+#[inline(always)]
+pub unsafe fn vote_sync_all(pred: bool) -> bool {
+    let d: u32;
+    // SAFETY: register-only; the caller guarantees convergence.
+    unsafe {
+        asm!("{{ .reg .pred p, q; setp.ne.u32 p, {v}, 0; vote.sync.all.pred q, p, -1; selp.u32 {d}, 1, 0, q; }}",
+            d = out(reg32) d, v = in(reg32) pred as u32, options(nomem, nostack))
+    };
+    d != 0
+}
+
 /// `match.any.sync.b32 d, v, 0xffffffff`: the mask of lanes whose `v` equals this lane's.
 /// PTX 6.0+, SM 7.0+. CUDA C: `__match_any_sync`.
 ///

@@ -187,6 +187,20 @@ pub const fn scale_fold(b: u8) -> ScaleFold {
     }
 }
 
+/// The largest E8M0 byte whose [`scale_fold`] is a single product (`2^(b − 1)` is still a
+/// normal bf16 up to `b = 128`).
+pub const SINGLE_STEP_MAX: u32 = 128;
+
+/// The multiplier of [`scale_fold`] for an E8M0 byte `b ≤ SINGLE_STEP_MAX` (where it is one
+/// product): `2^(b − 1)` in both bf16 halves, i.e. `(b + 126)` in both exponent fields — one
+/// multiply-add. The kernels take this path when every lane of a warp has such a byte (a
+/// warp vote), so the common case pays neither the second product nor the byte tests of
+/// [`scale_fold`]; other bytes give garbage here (callers must not use it for them).
+#[inline]
+pub const fn scale_single(b: u32) -> u32 {
+    b.wrapping_mul(0x0080_0080).wrapping_add(126 * 0x0080_0080)
+}
+
 /// Bytes of one expert's packed codes plus scales: `N·K/2 + N·K/32`.
 #[inline]
 pub const fn expert_bytes(n: usize, k: usize) -> usize {
@@ -196,6 +210,31 @@ pub const fn expert_bytes(n: usize, k: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scale_single_is_the_one_product_fold() {
+        for b in 0..=SINGLE_STEP_MAX {
+            let f = scale_fold(b as u8);
+            assert!(!f.two_step, "byte {b}");
+            assert_eq!(scale_single(b), f.first, "byte {b}");
+        }
+        assert!(scale_fold(SINGLE_STEP_MAX as u8 + 1).two_step);
+        // Every code times the single multiplier equals the bf16 dequantization of the code
+        // times 2^(b − 127), for the smallest, a middle and the largest single-step byte.
+        for b in [0u32, 1, 100, 127, SINGLE_STEP_MAX] {
+            for byte in 0..=255u8 {
+                let placed = byte_to_bf16x2_scaled_down(byte as u32);
+                let m = scale_single(b);
+                for half in 0..2 {
+                    let x = f32::from_bits(((placed >> (16 * half)) & 0xFFFF) << 16);
+                    let s = f32::from_bits(((m >> (16 * half)) & 0xFFFF) << 16);
+                    let code = if half == 0 { byte & 0xF } else { byte >> 4 };
+                    let want = E2M1_VALUES[code as usize] * 2f32.powi(b as i32 - 127);
+                    assert_eq!(x * s, want, "byte {byte:#x} half {half} scale {b}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn e2m1_decode_matches_spec_table() {

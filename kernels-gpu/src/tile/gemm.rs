@@ -19,8 +19,11 @@ use crate::ptx::smem::{
     st_shared_u32, st_shared_v4_u32,
 };
 use crate::ptx::sreg::{ctaid_x, laneid, tid_x, warp_id};
+use crate::ptx::warp::vote_sync_all;
 use crate::shared::bf16::bf16_bits_to_f32;
-use crate::shared::mxfp4::{ScaleFold, place_byte_scaled_down, scale_fold};
+use crate::shared::mxfp4::{
+    SINGLE_STEP_MAX, ScaleFold, place_byte_scaled_down, scale_fold, scale_single,
+};
 use crate::shared::nvfp4::{NvFold, e4m3_to_f32_placed, nv_fold, nv_scale_pair};
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
@@ -1373,6 +1376,13 @@ pub(crate) fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
     }
 }
 
+/// [`decode_byte`] for a scale byte `b ≤ SINGLE_STEP_MAX` whose multiplier `m` is
+/// `scale_single(b)`: one product, bit-equal to [`decode_byte`] with `scale_fold(b)`.
+#[inline(always)]
+pub(crate) fn decode_byte_single(word: u32, byte_idx: u32, m: u32) -> u32 {
+    mul_rn_bf16x2(place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx)), m)
+}
+
 /// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
 ///
 /// Stage layout: packed `[BN][BK/2]` bytes, then a scale slot per row
@@ -1408,26 +1418,50 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
                 *a = unsafe { a_mk(a_tile, warp_m0 + 16 * mi as u32, 32 * q + 16 * h as u32, BK) };
             }
         }
+        // The packed words and scale bytes of this 32-k block for every n8 block first, so that
+        // one warp vote can pick the single-product decode for all of them.
+        let mut w = [[0u32; 4]; NI];
+        let mut sc = [0u32; NI];
+        let mut most = 0u32;
         for ni in 0..NI {
             let row = warp_n0 + 8 * ni as u32 + g;
             let byte = (g0.wrapping_add(row.wrapping_mul(blocks_k)) & 3) + q;
             // SAFETY: `row < BN`: its packed bytes and its scale slot are inside the stage.
-            let (w, sc) = unsafe {
-                (
-                    ld_shared_v4_u32(b_tile.offset(row * (BK / 2) + 16 * q)),
-                    ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + byte)),
-                )
-            };
-            // A block past K has zero codes but its slot byte belongs to another row: use 1.0
-            // so a NaN there cannot leak into the sum.
-            let s2 = scale_fold(if q < valid_blocks { sc as u8 } else { 127 });
-            for h in 0..2 {
-                let b = [
-                    decode_byte(w[2 * h], t, s2),
-                    decode_byte(w[2 * h + 1], t, s2),
-                ];
-                for mi in 0..MI {
-                    acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+            unsafe {
+                w[ni] = ld_shared_v4_u32(b_tile.offset(row * (BK / 2) + 16 * q));
+                sc[ni] = ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + byte)) as u32;
+            }
+            most = if sc[ni] > most { sc[ni] } else { most };
+        }
+        // SAFETY: warp converged.
+        if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {
+            // Every byte is at most 128: one product each, and a block past K (zero codes) stays
+            // zero whatever its borrowed slot byte is.
+            for ni in 0..NI {
+                let m = scale_single(sc[ni]);
+                for h in 0..2 {
+                    let b = [
+                        decode_byte_single(w[ni][2 * h], t, m),
+                        decode_byte_single(w[ni][2 * h + 1], t, m),
+                    ];
+                    for mi in 0..MI {
+                        acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+                    }
+                }
+            }
+        } else {
+            for ni in 0..NI {
+                // A block past K has zero codes but its slot byte belongs to another row: use
+                // 1.0 so a NaN there cannot leak into the sum.
+                let s2 = scale_fold(if q < valid_blocks { sc[ni] as u8 } else { 127 });
+                for h in 0..2 {
+                    let b = [
+                        decode_byte(w[ni][2 * h], t, s2),
+                        decode_byte(w[ni][2 * h + 1], t, s2),
+                    ];
+                    for mi in 0..MI {
+                        acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+                    }
                 }
             }
         }
@@ -1473,19 +1507,41 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
                 ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
             )
         };
-        let s2 = scale_fold(sc as u8);
-        let lo = [
-            decode_byte(w0, 0, s2),
-            decode_byte(w0, 1, s2),
-            decode_byte(w0, 2, s2),
-            decode_byte(w0, 3, s2),
-        ];
-        let hi = [
-            decode_byte(w1, 0, s2),
-            decode_byte(w1, 1, s2),
-            decode_byte(w1, 2, s2),
-            decode_byte(w1, 3, s2),
-        ];
+        // SAFETY: the warp is converged here: `BK·c_count` and `threads` are multiples of 32 and
+        // the decoding threads are whole warps, so a warp's lanes run the same iterations.
+        let (lo, hi) = if unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX) } {
+            let m = scale_single(sc as u32);
+            (
+                [
+                    decode_byte_single(w0, 0, m),
+                    decode_byte_single(w0, 1, m),
+                    decode_byte_single(w0, 2, m),
+                    decode_byte_single(w0, 3, m),
+                ],
+                [
+                    decode_byte_single(w1, 0, m),
+                    decode_byte_single(w1, 1, m),
+                    decode_byte_single(w1, 2, m),
+                    decode_byte_single(w1, 3, m),
+                ],
+            )
+        } else {
+            let s2 = scale_fold(sc as u8);
+            (
+                [
+                    decode_byte(w0, 0, s2),
+                    decode_byte(w0, 1, s2),
+                    decode_byte(w0, 2, s2),
+                    decode_byte(w0, 3, s2),
+                ],
+                [
+                    decode_byte(w1, 0, s2),
+                    decode_byte(w1, 1, s2),
+                    decode_byte(w1, 2, s2),
+                    decode_byte(w1, 3, s2),
+                ],
+            )
+        };
         // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
         unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;

@@ -114,22 +114,22 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "e8m0-one-scale-off",
-        description: "one E8M0 scale off by one: the tensor's first scale byte (expert 0, row 0, block 0) decodes as 2^(b-126) in the fused decode (forward of both families, dX)",
+        description: "one E8M0 scale off by one: the tensor's first scale byte (expert 0, row 0, block 0) decodes as 2^(b-126) in the fused decode (forward of both families, dX), edited where the byte is read so the one-product and two-product paths both see it",
         edits: &[
             Edit {
                 file: GEMM,
-                old: "let s2 = scale_fold(if q < valid_blocks { sc as u8 } else { 127 });",
-                new: "let s2 = scale_fold(if q < valid_blocks { (sc as u8).wrapping_add((g0.wrapping_add(row.wrapping_mul(blocks_k)).wrapping_add(q) == 0) as u8) } else { 127 });",
+                old: "sc[ni] = ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + byte)) as u32;",
+                new: "sc[ni] = ld_shared_u8(b_tile.offset(scales_in_stage + slot * row + byte)) as u32 + (g0.wrapping_add(row.wrapping_mul(blocks_k)).wrapping_add(q) == 0) as u32;",
             },
             Edit {
                 file: GEMM,
-                old: "let s2 = scale_fold(sc as u8);",
-                new: "let s2 = scale_fold((sc as u8).wrapping_add((g0.wrapping_add(r.wrapping_mul(blocks_k)).wrapping_add(c / 2) == 0) as u8));",
+                old: "ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),",
+                new: "ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)).wrapping_add((g0.wrapping_add(r.wrapping_mul(blocks_k)).wrapping_add(c / 2) == 0) as u32),",
             },
             Edit {
                 file: WG,
-                old: "let f_lo = scale_fold(if valid { s_lo as u8 } else { 127 });",
-                new: "let f_lo = scale_fold(if valid { (s_lo as u8).wrapping_add((g0.wrapping_add(lo.wrapping_mul(blocks_k)).wrapping_add(q as u32) == 0) as u8) } else { 127 });",
+                old: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * lo + first_lo + q as u32)),",
+                new: "ld_shared_u8(b_tile.offset(scales_in_stage + slot * lo + first_lo + q as u32)).wrapping_add((g0.wrapping_add(lo.wrapping_mul(blocks_k)).wrapping_add(q as u32) == 0) as u32),",
             },
         ],
     },
