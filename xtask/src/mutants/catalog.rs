@@ -134,6 +134,31 @@ pub const MUTANTS: &[Mutant] = &[
         ],
     },
     Mutant {
+        id: "mx-two-step-one-product",
+        description: "the two-product MXFP4 decode (a warp with a scale byte above 128) drops its second product: such blocks decode 2^(b-127) times too small (forward of both families, dX)",
+        edits: &[Edit {
+            file: GEMM,
+            old: "    if scale.two_step {\n        mul_rn_bf16x2(v, scale.second)\n    } else {\n        v\n    }",
+            new: "    v",
+        }],
+    },
+    Mutant {
+        id: "mx-one-product-always",
+        description: "the forward MXFP4 decode takes the one-product path even when a lane's scale byte is above 128 (no warp vote): such blocks get a garbage multiplier (both families)",
+        edits: &[
+            Edit {
+                file: GEMM,
+                old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
+                new: "if unsafe { vote_sync_all(true) } {",
+            },
+            Edit {
+                file: WG,
+                old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
+                new: "if unsafe { vote_sync_all(true) } {",
+            },
+        ],
+    },
+    Mutant {
         id: "nv-tensor-scale-ignored",
         description: "the NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families, dX and the dequantization kernel (shared block fold)",
         edits: &[Edit {
