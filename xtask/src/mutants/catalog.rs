@@ -149,12 +149,12 @@ pub const MUTANTS: &[Mutant] = &[
             Edit {
                 file: GEMM,
                 old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
-                new: "if unsafe { vote_sync_all(true) } {",
+                new: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX || most > SINGLE_STEP_MAX) } {",
             },
             Edit {
                 file: WG,
                 old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
-                new: "if unsafe { vote_sync_all(true) } {",
+                new: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX || most > SINGLE_STEP_MAX) } {",
             },
         ],
     },
