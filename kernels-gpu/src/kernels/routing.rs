@@ -158,17 +158,8 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scan(p: RouteParams) {
     }
 }
 
-/// Slots of a chunk each lane of the scatter warp owns (`ROUTE_CHUNK / 32`).
-const PER_LANE: usize = (ROUTE_CHUNK / 32) as usize;
-const _: () = assert!(ROUTE_CHUNK % 32 == 0 && ROUTE_CHUNK > 0);
-
 /// Step 3: one warp per chunk scatters its slots to `base[chunk][bucket] + rank`, where the rank
 /// counts earlier slots of the chunk in the same bucket (stable).
-///
-/// Every lane first loads the buckets of its `PER_LANE` slots (`begin + 32·j + lane`) into
-/// registers, all loads in flight at once; the ranking loop then touches only registers and
-/// shared memory (one dependent global load per step made this kernel latency-bound: 26 µs
-/// for one 1024-slot chunk on an H100).
 ///
 /// # Safety
 /// Launch contract: `ceil(slots / ROUTE_CHUNK)` blocks of 32 threads, `4·(E+1)` bytes of dynamic
@@ -179,16 +170,6 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
     let buckets = p.num_experts + 1;
     let lane = laneid();
     let chunk = ctaid_x();
-    let begin = chunk * ROUTE_CHUNK;
-    // `u32::MAX` marks a slot past the end (never a bucket: buckets ≤ E < u32::MAX).
-    let mut bks = [u32::MAX; PER_LANE];
-    for (j, bk) in bks.iter_mut().enumerate() {
-        let i = begin + 32 * j as u32 + lane;
-        if i < p.slots {
-            // SAFETY: `i < slots`.
-            *bk = unsafe { bucket(&p, i) };
-        }
-    }
     let row = p.counts_addr + 4 * chunk as u64 * buckets as u64;
     let mut b = lane;
     while b < buckets {
@@ -198,13 +179,17 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
     }
     // SAFETY: whole warp.
     unsafe { bar_warp_sync() };
-    for (j, &bk) in bks.iter().enumerate() {
-        let base = begin + 32 * j as u32;
-        if base >= p.slots {
-            break;
-        }
+    let begin = chunk * ROUTE_CHUNK;
+    let mut base = begin;
+    while base < begin + ROUTE_CHUNK && base < p.slots {
         let i = base + lane;
-        let valid = bk != u32::MAX;
+        let valid = i < p.slots;
+        // SAFETY: `i < slots` when read.
+        let bk = if valid {
+            unsafe { bucket(&p, i) }
+        } else {
+            u32::MAX
+        };
         // SAFETY: whole warp converged (the loop bound is warp-uniform).
         let peers = unsafe { match_any_sync_b32(bk) };
         let rank = (peers & lanemask_lt()).count_ones();
@@ -234,5 +219,6 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
         }
         // SAFETY: whole warp.
         unsafe { bar_warp_sync() };
+        base += 32;
     }
 }
