@@ -1507,41 +1507,19 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
                 ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
             )
         };
-        // SAFETY: the warp is converged here: `BK·c_count` and `threads` are multiples of 32 and
-        // the decoding threads are whole warps, so a warp's lanes run the same iterations.
-        let (lo, hi) = if unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX) } {
-            let m = scale_single(sc as u32);
-            (
-                [
-                    decode_byte_single(w0, 0, m),
-                    decode_byte_single(w0, 1, m),
-                    decode_byte_single(w0, 2, m),
-                    decode_byte_single(w0, 3, m),
-                ],
-                [
-                    decode_byte_single(w1, 0, m),
-                    decode_byte_single(w1, 1, m),
-                    decode_byte_single(w1, 2, m),
-                    decode_byte_single(w1, 3, m),
-                ],
-            )
-        } else {
-            let s2 = scale_fold(sc as u8);
-            (
-                [
-                    decode_byte(w0, 0, s2),
-                    decode_byte(w0, 1, s2),
-                    decode_byte(w0, 2, s2),
-                    decode_byte(w0, 3, s2),
-                ],
-                [
-                    decode_byte(w1, 0, s2),
-                    decode_byte(w1, 1, s2),
-                    decode_byte(w1, 2, s2),
-                    decode_byte(w1, 3, s2),
-                ],
-            )
-        };
+        let s2 = scale_fold(sc as u8);
+        let lo = [
+            decode_byte(w0, 0, s2),
+            decode_byte(w0, 1, s2),
+            decode_byte(w0, 2, s2),
+            decode_byte(w0, 3, s2),
+        ];
+        let hi = [
+            decode_byte(w1, 0, s2),
+            decode_byte(w1, 1, s2),
+            decode_byte(w1, 2, s2),
+            decode_byte(w1, 3, s2),
+        ];
         // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
         unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;

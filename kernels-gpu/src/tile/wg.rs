@@ -50,14 +50,13 @@ use crate::ptx::sreg::{ctaid_x, laneid, nctaid_x, tid_x, warp_id};
 use crate::ptx::tma::{
     cp_async_bulk_tensor_3d_g2s, fence_proxy_tensormap_acquire_sys, mbarrier_expect_tx,
 };
-use crate::ptx::warp::vote_sync_all;
 use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
     wgmma_m64n16k16_f32_bf16_ss, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss,
     wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss, wgmma_m64n128k16_f32_bf16_rs,
     wgmma_m64n128k16_f32_bf16_ss, wgmma_wait_group,
 };
-use crate::shared::mxfp4::{SINGLE_STEP_MAX, scale_fold, scale_single};
+use crate::shared::mxfp4::scale_fold;
 use crate::shared::nvfp4::nv_fold;
 use crate::shared::params::GemmParams;
 use crate::shared::tiles::{
@@ -67,11 +66,11 @@ use crate::shared::tiles::{
 };
 use crate::tile::frag::{a_km, a_mk, b_nk};
 use crate::tile::gemm::{
-    LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_byte_nv, decode_byte_single,
-    decode_stage_kn_mx, decode_stage_kn_nv, kn_mx_stage_g0, kn_nv_stage_g0, left_lo_used,
-    lora_right_layout, nk_mx_stage_g0, nk_nv_stage_g0, nv_block_fold, nv_row_tensor_scale,
-    stage_lora_async, stage_lora_factors, stage_row_indices, stage_scales_kn_mx_row,
-    stage_scales_kn_nv_row, stage_scales_nk_row,
+    LoraRight, NO_ROW, axpy4, bias_at, decode_byte, decode_byte_nv, decode_stage_kn_mx,
+    decode_stage_kn_nv, kn_mx_stage_g0, kn_nv_stage_g0, left_lo_used, lora_right_layout,
+    nk_mx_stage_g0, nk_nv_stage_g0, nv_block_fold, nv_row_tensor_scale, stage_lora_async,
+    stage_lora_factors, stage_row_indices, stage_scales_kn_mx_row, stage_scales_kn_nv_row,
+    stage_scales_nk_row,
 };
 use crate::tile::gmem::{store, store_16};
 use crate::tile::schedule::{Tile, find_tile};
@@ -194,35 +193,17 @@ unsafe fn frags_nk_mx<const BK: u32>(
                 ld_shared_u8(b_tile.offset(scales_in_stage + slot * hi + first_hi + q as u32)),
             )
         };
-        let (s_lo, s_hi) = (s_lo as u32, s_hi as u32);
-        let most = if s_lo > s_hi { s_lo } else { s_hi };
-        // SAFETY: warp converged.
-        if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {
-            // One product per register; a block past K (zero codes) stays zero whatever its
-            // borrowed slot byte is.
-            let (m_lo, m_hi) = (scale_single(s_lo), scale_single(s_hi));
-            for h in 0..2 {
-                frags[2 * q + h] = [
-                    decode_byte_single(w_lo[2 * h], t, m_lo),
-                    decode_byte_single(w_hi[2 * h], t, m_hi),
-                    decode_byte_single(w_lo[2 * h + 1], t, m_lo),
-                    decode_byte_single(w_hi[2 * h + 1], t, m_hi),
-                ];
-            }
-        } else {
-            // A block past K has zero codes but its slot byte belongs to another column: use
-            // 1.0.
-            let valid = (q as u32) < valid_blocks;
-            let f_lo = scale_fold(if valid { s_lo as u8 } else { 127 });
-            let f_hi = scale_fold(if valid { s_hi as u8 } else { 127 });
-            for h in 0..2 {
-                frags[2 * q + h] = [
-                    decode_byte(w_lo[2 * h], t, f_lo),
-                    decode_byte(w_hi[2 * h], t, f_hi),
-                    decode_byte(w_lo[2 * h + 1], t, f_lo),
-                    decode_byte(w_hi[2 * h + 1], t, f_hi),
-                ];
-            }
+        // A block past K has zero codes but its slot byte belongs to another column: use 1.0.
+        let valid = (q as u32) < valid_blocks;
+        let f_lo = scale_fold(if valid { s_lo as u8 } else { 127 });
+        let f_hi = scale_fold(if valid { s_hi as u8 } else { 127 });
+        for h in 0..2 {
+            frags[2 * q + h] = [
+                decode_byte(w_lo[2 * h], t, f_lo),
+                decode_byte(w_hi[2 * h], t, f_hi),
+                decode_byte(w_lo[2 * h + 1], t, f_lo),
+                decode_byte(w_hi[2 * h + 1], t, f_hi),
+            ];
         }
     }
 }

@@ -135,7 +135,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "mx-two-step-one-product",
-        description: "the two-product MXFP4 decode (a warp with a scale byte above 128) drops its second product: such blocks decode 2^(b-127) times too small (forward of both families, dX)",
+        description: "the two-product MXFP4 decode drops its second product: scale bytes above 128 decode 2^(b-127) times too small (the wgmma forward, dX of both families, and an mma.sync forward warp with such a byte)",
         edits: &[Edit {
             file: GEMM,
             old: "    if scale.two_step {\n        mul_rn_bf16x2(v, scale.second)\n    } else {\n        v\n    }",
@@ -144,19 +144,12 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "mx-one-product-always",
-        description: "the forward MXFP4 decode takes the one-product path even when a lane's scale byte is above 128 (no warp vote): such blocks get a garbage multiplier (both families)",
-        edits: &[
-            Edit {
-                file: GEMM,
-                old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
-                new: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX || most > SINGLE_STEP_MAX) } {",
-            },
-            Edit {
-                file: WG,
-                old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
-                new: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX || most > SINGLE_STEP_MAX) } {",
-            },
-        ],
+        description: "the mma.sync forward MXFP4 decode takes the one-product path without the warp vote, also for scale bytes above 128: such blocks get a garbage multiplier",
+        edits: &[Edit {
+            file: GEMM,
+            old: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX) } {",
+            new: "if unsafe { vote_sync_all(most <= SINGLE_STEP_MAX || most > SINGLE_STEP_MAX) } {",
+        }],
     },
     Mutant {
         id: "nv-tensor-scale-ignored",
