@@ -1379,8 +1379,26 @@ pub(crate) fn decode_byte(word: u32, byte_idx: u32, scale: ScaleFold) -> u32 {
 /// [`decode_byte`] for a scale byte `b ≤ SINGLE_STEP_MAX` whose multiplier `m` is
 /// `scale_single(b)`: one product, bit-equal to [`decode_byte`] with `scale_fold(b)`.
 #[inline(always)]
-pub(crate) fn decode_byte_single(word: u32, byte_idx: u32, m: u32) -> u32 {
+fn decode_byte_single(word: u32, byte_idx: u32, m: u32) -> u32 {
     mul_rn_bf16x2(place_byte_scaled_down(prmt_b32(word, 0x4440 | byte_idx)), m)
+}
+
+/// The MMAs of one n8 block over one 32-k block (its two 16-k halves): B fragment registers
+/// decoded by `dec` from the row's packed words `w` (words 2h and 2h + 1 for half h).
+#[inline(always)]
+fn mma_block_n8<const MI: usize, const NI: usize>(
+    a_fr: &[[[u32; 4]; MI]; 2],
+    w: &[u32; 4],
+    ni: usize,
+    acc: &mut [[[f32; 4]; NI]; MI],
+    dec: impl Fn(u32) -> u32,
+) {
+    for h in 0..2 {
+        let b = [dec(w[2 * h]), dec(w[2 * h + 1])];
+        for mi in 0..MI {
+            acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
+        }
+    }
 }
 
 /// One stage of MMAs with B decoded from MXFP4 bytes straight into fragments (forward).
@@ -1439,30 +1457,14 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
             // zero whatever its borrowed slot byte is.
             for ni in 0..NI {
                 let m = scale_single(sc[ni]);
-                for h in 0..2 {
-                    let b = [
-                        decode_byte_single(w[ni][2 * h], t, m),
-                        decode_byte_single(w[ni][2 * h + 1], t, m),
-                    ];
-                    for mi in 0..MI {
-                        acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
-                    }
-                }
+                mma_block_n8(&a_fr, &w[ni], ni, acc, |x| decode_byte_single(x, t, m));
             }
         } else {
             for ni in 0..NI {
                 // A block past K has zero codes but its slot byte belongs to another row: use
                 // 1.0 so a NaN there cannot leak into the sum.
                 let s2 = scale_fold(if q < valid_blocks { sc[ni] as u8 } else { 127 });
-                for h in 0..2 {
-                    let b = [
-                        decode_byte(w[ni][2 * h], t, s2),
-                        decode_byte(w[ni][2 * h + 1], t, s2),
-                    ];
-                    for mi in 0..MI {
-                        acc[mi][ni] = mma(a_fr[h][mi], b, acc[mi][ni]);
-                    }
-                }
+                mma_block_n8(&a_fr, &w[ni], ni, acc, |x| decode_byte(x, t, s2));
             }
         }
     }
