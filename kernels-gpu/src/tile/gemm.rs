@@ -803,6 +803,7 @@ pub unsafe fn gemm<
                             BN / 16,
                             tid,
                             threads,
+                            false,
                         );
                         bar_sync_0();
                     }
@@ -1478,9 +1479,15 @@ unsafe fn mma_stage_nk_mx<const BK: u32, const MI: usize, const NI: usize>(
 /// Only the items (16-column groups) `c_first .. c_first + c_count` of every row are decoded;
 /// `tid` is this thread's index among the `threads` decoding threads.
 ///
+/// With `one_product` (a constant at every call site) a warp whose items all have a scale
+/// byte `≤ SINGLE_STEP_MAX` (one vote per item) decodes them with one product per register
+/// ([`decode_byte_single`]); otherwise, and always without it, with the [`scale_fold`] pair.
+/// Both give the same bits.
+///
 /// # Safety
-/// All `threads` decoding threads; the raw stage is visible and those columns of the decoded
-/// tile are not being read.
+/// All `threads` decoding threads, whole warps (`threads` and `BK·c_count` multiples of 32, so
+/// the lanes of a warp run the same iterations, converged); the raw stage is visible and those
+/// columns of the decoded tile are not being read.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_PANELS: bool>(
@@ -1493,6 +1500,7 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
     c_count: u32,
     tid: u32,
     threads: u32,
+    one_product: bool,
 ) {
     let mut i = tid;
     while i < BK * c_count {
@@ -1509,19 +1517,22 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
                 ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
             )
         };
-        let s2 = scale_fold(sc as u8);
-        let lo = [
-            decode_byte(w0, 0, s2),
-            decode_byte(w0, 1, s2),
-            decode_byte(w0, 2, s2),
-            decode_byte(w0, 3, s2),
-        ];
-        let hi = [
-            decode_byte(w1, 0, s2),
-            decode_byte(w1, 1, s2),
-            decode_byte(w1, 2, s2),
-            decode_byte(w1, 3, s2),
-        ];
+        // SAFETY: warp converged (contract); evaluated only with `one_product`.
+        let (lo, hi) = if one_product && unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX) } {
+            let m = scale_single(sc as u32);
+            let dec = |w: u32, b: u32| decode_byte_single(w, b, m);
+            (
+                [dec(w0, 0), dec(w0, 1), dec(w0, 2), dec(w0, 3)],
+                [dec(w1, 0), dec(w1, 1), dec(w1, 2), dec(w1, 3)],
+            )
+        } else {
+            let s2 = scale_fold(sc as u8);
+            let dec = |w: u32, b: u32| decode_byte(w, b, s2);
+            (
+                [dec(w0, 0), dec(w0, 1), dec(w0, 2), dec(w0, 3)],
+                [dec(w1, 0), dec(w1, 1), dec(w1, 2), dec(w1, 3)],
+            )
+        };
         // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
         unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };
         i += threads;

@@ -99,6 +99,12 @@ const CONSUMER_REGS: u32 = {
     let pool = entry * THREADS - PRODUCER_REGS * WG_PRODUCER_THREADS;
     pool / CONSUMER_THREADS / 8 * 8
 };
+/// Most rows of a block tile whose dX decode takes the one-product MXFP4 path
+/// (`decode_stage_kn_mx`'s `one_product`): the 16- and 32-row tiles of small T, which are
+/// issue-bound on the decode (H100: balanced T = 256 B 0.616 → 0.608–0.610 ms). On the larger
+/// tiles the vote and the second loop body cost more than they save (T = 4096 and 16384 B
+/// +0.5–1.7 %, `docs/PERF.md`).
+const ONE_PRODUCT_DX_MAX_ROWS: u32 = 32;
 /// Named barrier of the consumers' output tile (256 threads). Ids 1 and 2 are the consumer
 /// warpgroups' decode barriers (`consume_kn_mx`).
 const OUT_TILE_BAR: u32 = 4;
@@ -852,6 +858,7 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
                     4,
                     wg_tid,
                     128,
+                    NJ as u32 * 8 <= ONE_PRODUCT_DX_MAX_ROWS,
                 );
             }
             fence_proxy_async_shared_cta();

@@ -152,6 +152,15 @@ pub const MUTANTS: &[Mutant] = &[
         }],
     },
     Mutant {
+        id: "mx-dx-one-product-always",
+        description: "the dX MXFP4 decode of the 16- and 32-row wgmma tiles takes the one-product path without the warp vote, also for scale bytes above 128: such items get a garbage multiplier",
+        edits: &[Edit {
+            file: GEMM,
+            old: "if one_product && unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX) } {",
+            new: "if one_product && unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX || sc as u32 > SINGLE_STEP_MAX) } {",
+        }],
+    },
+    Mutant {
         id: "nv-tensor-scale-ignored",
         description: "the NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families, dX and the dequantization kernel (shared block fold)",
         edits: &[Edit {
