@@ -66,6 +66,19 @@ fn representative_shape_with_gates() {
     });
 }
 
+/// The row kernels around the GEMM (gates combined, gated dY, slot sum) run more 8-element row
+/// vectors than their grid has threads, at widths whose vector count per row (N = 360: 45,
+/// K = 224: 28) does not divide the grid stride: each thread steps its row position across rows
+/// (`shared::walk::RowWalk`), which the small shapes above never do.
+#[test]
+fn gated_rows_wider_than_the_grid_stride() {
+    check(Case {
+        output: RowOrder::Scattered,
+        gates: true,
+        ..Case::new(6, 224, 360, 300, 3, 8, 61)
+    });
+}
+
 #[test]
 fn ragged_token_counts_and_ranks() {
     let cases = [

@@ -6,25 +6,48 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{EltwiseParams, RemapParams};
 
-use super::{check_count, check_expert_ids, check_len, grid_stride_blocks, spec};
+use super::{check_aligned, check_count, check_expert_ids, check_len, grid_stride_blocks, spec};
 use crate::device::{Gpu, alloc_output, upload};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
 const THREADS: u32 = 256;
+/// 8-element vectors per thread of the row kernels' grid (their loop runs on over the rest:
+/// each thread steps its row position, also in the tests' small problems).
+const VECTORS_PER_THREAD: usize = 4;
+
+/// Threads of a row kernel over `elems` output elements.
+fn row_vector_threads(elems: usize) -> usize {
+    (elems / 8).div_ceil(VECTORS_PER_THREAD)
+}
 
 fn grid(gpu: &Gpu, items: u64) -> u32 {
     grid_stride_blocks(gpu, items, THREADS, 32)
 }
 
-/// One element-wise launch: checks each input against the element count listed with it,
-/// allocates the bf16 output (`out_elems`, at least one element) and launches `name` over
-/// `items` threads for `tokens` tokens of `top_k` slots, rows of `width` elements.
+/// How a kernel walks its output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// One thread (or warp) per item, scalar accesses.
+    Items,
+    /// 8-element row vectors of `in0` and the output: `width` must be a positive multiple of 8
+    /// and both buffers 16-byte aligned.
+    RowVectors,
+}
+
+/// One element-wise launch: checks each input against the element count listed with it (and,
+/// for [`Walk::RowVectors`], the width and the alignment the vectors need), allocates the bf16
+/// output (`out_elems`, at least one element) and launches `name` over `items` threads for
+/// `tokens` tokens of `top_k` slots, rows of `width` elements.
+///
+/// Errors: a short input, or for row vectors a width that is not a positive multiple of 8 or
+/// a buffer that is not 16-byte aligned ([`Error::InvalidArgument`]), before any launch.
 ///
 /// # Safety
 ///
 /// `inputs` are the kernel's `in0` and, when it reads one, `in1`, each listed with the element
-/// count `name`'s launch contract requires; `out_elems` is the count the kernel writes.
+/// count `name`'s launch contract requires; `out_elems` is the count the kernel writes; `walk`
+/// is the kernel's.
 unsafe fn run(
     gpu: &Gpu,
     name: &'static str,
@@ -32,19 +55,35 @@ unsafe fn run(
     (tokens, top_k, width): (usize, usize, usize),
     out_elems: usize,
     items: usize,
+    walk: Walk,
 ) -> Result<CudaSlice<u16>> {
     for &(tensor, buf, needed) in inputs {
         check_len(tensor, buf, needed)?;
     }
+    if walk == Walk::RowVectors && (width == 0 || !width.is_multiple_of(8)) {
+        return Err(Error::InvalidArgument {
+            what: "row width",
+            detail: format!(
+                "{name} moves 8-element vectors: width {width} must be a positive multiple of 8"
+            ),
+        });
+    }
+    let in0_addr = inputs.first().map_or(0, |&(_, buf, _)| addr(gpu, buf));
+    if let (Walk::RowVectors, Some(&(tensor, _, _))) = (walk, inputs.first()) {
+        check_aligned(tensor, in0_addr)?;
+    }
     let mut out = alloc_output::<u16>(gpu, out_elems.max(1))?;
     let params = EltwiseParams {
-        in0_addr: inputs.first().map_or(0, |&(_, buf, _)| addr(gpu, buf)),
+        in0_addr,
         in1_addr: inputs.get(1).map_or(0, |&(_, buf, _)| addr(gpu, buf)),
         out_addr: addr_mut(gpu, &mut out),
         tokens: tokens as u64,
         width: width as u32,
         top_k: top_k as u32,
     };
+    if walk == Walk::RowVectors {
+        check_aligned("output", params.out_addr)?;
+    }
     let spec = spec(name, THREADS, 0);
     // SAFETY: the inputs hold what the kernel's contract lists (checked above, with the counts
     // the caller vouches for) and the output was just allocated with the count it writes.
@@ -68,8 +107,18 @@ pub(crate) fn combine_gates(
     let elems = tokens * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the combine kernel reads `out [T·k, width]` and `gates [T·k]` and writes
-    // `y [T, width]`, one thread per output element.
-    unsafe { run(gpu, names::COMBINE_GATES, &inputs, dims, elems, elems) }
+    // `y [T, width]`, a thread per 4 output vectors of 8 elements.
+    unsafe {
+        run(
+            gpu,
+            names::COMBINE_GATES,
+            &inputs,
+            dims,
+            elems,
+            row_vector_threads(elems),
+            Walk::RowVectors,
+        )
+    }
 }
 
 /// `d_gates[t·k + j] = ⟨out[t·k + j], dy[t]⟩` (bf16 `[T·k]`).
@@ -89,7 +138,17 @@ pub(crate) fn gate_grad(
     let slots = tokens * top_k;
     // SAFETY: the gate-gradient kernel reads `out [T·k, width]` and `dy [T, width]` and writes
     // `d_gates [T·k]`, one warp per slot: slots·32 threads.
-    unsafe { run(gpu, names::GATE_GRAD, &inputs, dims, slots, slots * 32) }
+    unsafe {
+        run(
+            gpu,
+            names::GATE_GRAD,
+            &inputs,
+            dims,
+            slots,
+            slots * 32,
+            Walk::Items,
+        )
+    }
 }
 
 /// `dys[t·k + j] = dy[t] · gates[t, j]` (bf16 `[T·k, width]`).
@@ -105,8 +164,18 @@ pub(crate) fn scale_slots(
     let elems = tokens * top_k * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the scaling kernel reads `dy [T, width]` and `gates [T·k]` and writes
-    // `dys [T·k, width]`, one thread per output element.
-    unsafe { run(gpu, names::SCALE_SLOTS, &inputs, dims, elems, elems) }
+    // `dys [T·k, width]`, a thread per 4 output vectors of 8 elements.
+    unsafe {
+        run(
+            gpu,
+            names::SCALE_SLOTS,
+            &inputs,
+            dims,
+            elems,
+            row_vector_threads(elems),
+            Walk::RowVectors,
+        )
+    }
 }
 
 /// `dx[t] = Σ_j dxs[t·k + j]` (bf16 `[T, width]`).
@@ -121,8 +190,18 @@ pub(crate) fn sum_slots(
     let elems = tokens * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the slot-sum kernel reads `dxs [T·k, width]` (no second input) and writes
-    // `dx [T, width]`, one thread per output element.
-    unsafe { run(gpu, names::SUM_SLOTS, &inputs, dims, elems, elems) }
+    // `dx [T, width]`, a thread per 4 output vectors of 8 elements.
+    unsafe {
+        run(
+            gpu,
+            names::SUM_SLOTS,
+            &inputs,
+            dims,
+            elems,
+            row_vector_threads(elems),
+            Walk::RowVectors,
+        )
+    }
 }
 
 /// A list of experts that the remap kernel may index with: every entry is checked on the host to

@@ -47,6 +47,18 @@ fn grid_stride_blocks(gpu: &Gpu, items: u64, threads: u32, blocks_per_sm: u64) -
     items.div_ceil(u64::from(threads)).clamp(1, max) as u32
 }
 
+/// Checks that a device address is 16-byte aligned (the kernels' vector accesses need it;
+/// cudarc allocations are 256-byte aligned, so this fails only for unusual buffers).
+pub(crate) fn check_aligned(tensor: &'static str, address: u64) -> Result<()> {
+    if !address.is_multiple_of(16) {
+        return Err(Error::InvalidArgument {
+            what: tensor,
+            detail: format!("device address {address:#x} is not 16-byte aligned"),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that a device buffer holds at least `needed` elements.
 pub(crate) fn check_len<T>(tensor: &'static str, buf: &CudaSlice<T>, needed: usize) -> Result<()> {
     check_count(tensor, buf.len(), needed)

@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::GluParams;
 
-use super::{check_len, grid_stride_blocks, spec};
+use super::{check_aligned, check_len, grid_stride_blocks, spec};
 use crate::activation::{Activation, GateUpLayout};
 use crate::device::{Gpu, alloc_output};
 use crate::error::{Error, Result};
@@ -43,18 +43,6 @@ fn check_args(
     }
     activation.check()?;
     Ok(activation.glu_params(layout))
-}
-
-/// Checks that a device address is 16-byte aligned (the kernels' vector accesses need it;
-/// cudarc allocations are 256-byte aligned, so this fails only for unusual buffers).
-fn check_aligned(tensor: &'static str, address: u64) -> Result<()> {
-    if !address.is_multiple_of(16) {
-        return Err(Error::InvalidArgument {
-            what: tensor,
-            detail: format!("device address {address:#x} is not 16-byte aligned"),
-        });
-    }
-    Ok(())
 }
 
 /// Forward activation: `h [rows, width]` from `gu [rows, 2·width]` (bf16), per unit

@@ -12,3 +12,4 @@ pub mod names;
 pub mod nvfp4;
 pub mod params;
 pub mod tiles;
+pub mod walk;

@@ -42,6 +42,7 @@ const ROUTING: &str = "kernels-gpu/src/kernels/routing.rs";
 const ELTWISE: &str = "kernels-gpu/src/kernels/eltwise.rs";
 const GRAM: &str = "kernels-gpu/src/tile/gram.rs";
 const GLU: &str = "kernels-gpu/src/shared/glu.rs";
+const WALK: &str = "kernels-gpu/src/shared/walk.rs";
 
 /// Every mutant, in the order the runner tries them.
 pub const MUTANTS: &[Mutant] = &[
@@ -280,8 +281,17 @@ pub const MUTANTS: &[Mutant] = &[
         description: "the gated per-slot output gradient drops its gate (dY[t] instead of dY[t]·g): dX, dA, dB of a gated call",
         edits: &[Edit {
             file: ELTWISE,
-            old: "unsafe { ld_bf16(p.in0_addr, (slot / k) * w + n) * ld_bf16(p.in1_addr, slot) }",
-            new: "unsafe { ld_bf16(p.in0_addr, (slot / k) * w + n) }",
+            old: "out[i] = d[i] * g;",
+            new: "out[i] = { let _ = g; d[i] };",
+        }],
+    },
+    Mutant {
+        id: "row-walk-carry-dropped",
+        description: "the row kernels' grid-stride walk (gates combined, gated dY, slot sum) drops the carry into the next row when its column wraps: those vectors go to the row before",
+        edits: &[Edit {
+            file: WALK,
+            old: "            self.col -= self.per_row;\n            self.row += 1;",
+            new: "            self.col -= self.per_row;",
         }],
     },
     Mutant {
