@@ -12,13 +12,14 @@ use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
 const THREADS: u32 = 256;
-/// 8-element vectors per thread of the row kernels' grid (their loop runs on over the rest:
-/// each thread steps its row position, also in the tests' small problems).
-const VECTORS_PER_THREAD: usize = 4;
+/// Blocks per SM of a row kernel's grid at most: a full SM of threads (8 × 256), each on one
+/// 8-element vector; past that each thread steps on through the rows. (With four vectors per
+/// thread at every size, the 16-row shapes ran on too few blocks: +2–3 % at T = 256.)
+const ROW_BLOCKS_PER_SM: u64 = 8;
 
-/// Threads of a row kernel over `elems` output elements.
+/// Threads of a row kernel over `elems` output elements: one per 8-element vector.
 fn row_vector_threads(elems: usize) -> usize {
-    (elems / 8).div_ceil(VECTORS_PER_THREAD)
+    elems / 8
 }
 
 fn grid(gpu: &Gpu, items: u64) -> u32 {
@@ -85,9 +86,13 @@ unsafe fn run(
         check_aligned("output", params.out_addr)?;
     }
     let spec = spec(name, THREADS, 0);
+    let blocks = match walk {
+        Walk::Items => grid(gpu, items as u64),
+        Walk::RowVectors => grid_stride_blocks(gpu, items as u64, THREADS, ROW_BLOCKS_PER_SM),
+    };
     // SAFETY: the inputs hold what the kernel's contract lists (checked above, with the counts
     // the caller vouches for) and the output was just allocated with the count it writes.
-    unsafe { gpu.launch(&spec, (grid(gpu, items as u64), 1, 1), params)? };
+    unsafe { gpu.launch(&spec, (blocks, 1, 1), params)? };
     Ok(out)
 }
 
@@ -107,7 +112,7 @@ pub(crate) fn combine_gates(
     let elems = tokens * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the combine kernel reads `out [T·k, width]` and `gates [T·k]` and writes
-    // `y [T, width]`, a thread per 4 output vectors of 8 elements.
+    // `y [T, width]`, a thread per 8-element output vector (up to a full SM of threads).
     unsafe {
         run(
             gpu,
@@ -164,7 +169,7 @@ pub(crate) fn scale_slots(
     let elems = tokens * top_k * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the scaling kernel reads `dy [T, width]` and `gates [T·k]` and writes
-    // `dys [T·k, width]`, a thread per 4 output vectors of 8 elements.
+    // `dys [T·k, width]`, a thread per 8-element output vector (up to a full SM of threads).
     unsafe {
         run(
             gpu,
@@ -190,7 +195,7 @@ pub(crate) fn sum_slots(
     let elems = tokens * width;
     let dims = (tokens, top_k, width);
     // SAFETY: the slot-sum kernel reads `dxs [T·k, width]` (no second input) and writes
-    // `dx [T, width]`, a thread per 4 output vectors of 8 elements.
+    // `dx [T, width]`, a thread per 8-element output vector (up to a full SM of threads).
     unsafe {
         run(
             gpu,
