@@ -13,7 +13,7 @@ use crate::ptx::warp::shfl_sync_bfly_b32;
 use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::params::EltwiseParams;
 use crate::shared::walk::RowWalk;
-use crate::tile::gmem::{grid_stride, load, load_16, store, store_16};
+use crate::tile::gmem::{grid_stride, load, load_bf16x8, store, store_bf16x8};
 
 /// bf16 elements per 16-byte vector.
 const VEC: u64 = 8;
@@ -38,40 +38,6 @@ unsafe fn st_bf16(base: u64, i: u64, v: f32) {
     unsafe { store::<u16>(base + 2 * i, cvt_rn_bf16x2_f32(v, 0.0) as u16) };
 }
 
-/// Loads the 8 bf16 at elements `i .. i + 8` of `base` as f32.
-///
-/// # Safety
-/// `base + 2i` is 16-byte aligned with 16 readable bytes.
-#[inline(always)]
-unsafe fn ld_bf16x8(base: u64, i: u64) -> [f32; 8] {
-    // SAFETY: forwarded.
-    let v = unsafe { load_16(base + 2 * i) };
-    let mut out = [0f32; 8];
-    let mut j = 0;
-    while j < 4 {
-        out[2 * j] = bf16_bits_to_f32(v[j] as u16);
-        out[2 * j + 1] = bf16_bits_to_f32((v[j] >> 16) as u16);
-        j += 1;
-    }
-    out
-}
-
-/// Stores 8 f32, each rounded to bf16 (nearest even), at elements `i .. i + 8` of `base`.
-///
-/// # Safety
-/// `base + 2i` is 16-byte aligned with 16 writable bytes.
-#[inline(always)]
-unsafe fn st_bf16x8(base: u64, i: u64, v: [f32; 8]) {
-    let mut w = [0u32; 4];
-    let mut j = 0;
-    while j < 4 {
-        w[j] = cvt_rn_bf16x2_f32(v[2 * j], v[2 * j + 1]);
-        j += 1;
-    }
-    // SAFETY: forwarded.
-    unsafe { store_16(base + 2 * i, w) };
-}
-
 /// The grid-stride loop over the 8-element vectors of the row-major `[rows, width]` bf16 output
 /// `out`: binds `w = width`, `k = top_k` (usable in `rows`), then for each vector its `row` and
 /// first column `n`, and stores the 8 values (`[f32; 8]`) rounded to bf16 there. The position
@@ -92,7 +58,7 @@ macro_rules! store_row_vectors {
             let value: [f32; 8] = $value;
             // SAFETY: `v < rows·width/8`: the vector lies inside row `row` of `out`, at an
             // element offset that is a multiple of 8 (16-byte aligned).
-            unsafe { st_bf16x8($p.out_addr, $row * $w + $n, value) };
+            unsafe { store_bf16x8($p.out_addr + 2 * ($row * $w + $n), value) };
             v += stride;
             at.advance();
         }
@@ -124,7 +90,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_combine_gates(p: EltwiseParams) {
         while j < k {
             // SAFETY: `t·k + j < T·k`, `n + 8 ≤ width` at a multiple of 8.
             let (g, o) = unsafe {
-                (ld_bf16(p.in1_addr, t * k + j), ld_bf16x8(p.in0_addr, (t * k + j) * w + n))
+                (ld_bf16(p.in1_addr, t * k + j), load_bf16x8(p.in0_addr + 2 * ((t * k + j) * w + n)))
             };
             let mut i = 0;
             while i < 8 {
@@ -184,7 +150,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_scale_slots(p: EltwiseParams) {
     store_row_vectors!(p, |w, k| rows: p.tokens * k, |slot, n| {
         // SAFETY: `slot < T·k`, so `slot / k < T`; `n + 8 ≤ width` at a multiple of 8.
         let (d, g) = unsafe {
-            (ld_bf16x8(p.in0_addr, token_of(slot, k) * w + n), ld_bf16(p.in1_addr, slot))
+            (load_bf16x8(p.in0_addr + 2 * (token_of(slot, k) * w + n)), ld_bf16(p.in1_addr, slot))
         };
         let mut out = [0f32; 8];
         let mut i = 0;
@@ -208,7 +174,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_sum_slots(p: EltwiseParams) {
         let mut j = 0;
         while j < k {
             // SAFETY: `t·k + j < T·k`, `n + 8 ≤ width` at a multiple of 8.
-            let x = unsafe { ld_bf16x8(p.in0_addr, (t * k + j) * w + n) };
+            let x = unsafe { load_bf16x8(p.in0_addr + 2 * ((t * k + j) * w + n)) };
             let mut i = 0;
             while i < 8 {
                 acc[i] += x[i];

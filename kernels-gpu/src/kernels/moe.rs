@@ -10,39 +10,12 @@
 //! rounded to bf16 once (`cvt.rn`). Indices and offsets are 64-bit; grid-stride loops, so any
 //! 1-D grid covers any size.
 
-use crate::ptx::cvt::cvt_rn_bf16x2_f32;
-use crate::shared::bf16::bf16_bits_to_f32;
 use crate::shared::glu::{glu, glu_grad, join_units, split_units, unit_columns};
 use crate::shared::params::GluParams;
-use crate::tile::gmem::{grid_stride, load_16, store_16};
+use crate::tile::gmem::{grid_stride, load_bf16x8, store_bf16x8};
 
 /// bf16 elements per 16-byte vector.
 const VEC: u64 = 8;
-
-/// Widens 8 packed bf16 (element `2i` in the low half of word `i`) to f32.
-#[inline(always)]
-fn unpack8(v: [u32; 4]) -> [f32; 8] {
-    let mut out = [0f32; 8];
-    let mut i = 0;
-    while i < 4 {
-        out[2 * i] = bf16_bits_to_f32(v[i] as u16);
-        out[2 * i + 1] = bf16_bits_to_f32((v[i] >> 16) as u16);
-        i += 1;
-    }
-    out
-}
-
-/// Rounds 8 f32 to bf16 (nearest even) and packs them as [`unpack8`] reads them.
-#[inline(always)]
-fn pack8(v: [f32; 8]) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        out[i] = cvt_rn_bf16x2_f32(v[2 * i], v[2 * i + 1]);
-        i += 1;
-    }
-    out
-}
 
 /// Where vector `v` lives: `(first gu column of its gates, first gu column of its ups, offset
 /// of its first element in h/dh)`, the gu columns as element offsets of the whole `gu` (and
@@ -80,8 +53,8 @@ macro_rules! for_each_vector {
             // `width % 8 == 0` and column offsets that are multiples of 8.
             let ($gate, $up) = unsafe {
                 split_units(
-                    unpack8(load_16($p.gu_addr + 2 * $first)),
-                    unpack8(load_16($p.gu_addr + 2 * $second)),
+                    load_bf16x8($p.gu_addr + 2 * $first),
+                    load_bf16x8($p.gu_addr + 2 * $second),
                     $p.interleaved != 0,
                 )
             };
@@ -107,7 +80,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_glu_fwd_bf16(p: GluParams) {
             i += 1;
         }
         // SAFETY: the vector lies inside its row of `h`, 16-byte aligned as in `gu`.
-        unsafe { store_16(p.h_addr + 2 * h_idx, pack8(h)) };
+        unsafe { store_bf16x8(p.h_addr + 2 * h_idx, h) };
     });
 }
 
@@ -124,7 +97,7 @@ pub unsafe extern "ptx-kernel" fn mxmoe_glu_fwd_bf16(p: GluParams) {
 pub unsafe extern "ptx-kernel" fn mxmoe_glu_bwd_bf16(p: GluParams) {
     for_each_vector!(p, |first, second, h_idx, gate, up| {
         // SAFETY: as in the forward: the vector lies inside its row of `dh`, aligned.
-        let dh = unpack8(unsafe { load_16(p.h_addr + 2 * h_idx) });
+        let dh = unsafe { load_bf16x8(p.h_addr + 2 * h_idx) };
         let (mut d_gate, mut d_up) = ([0f32; 8], [0f32; 8]);
         let mut i = 0;
         while i < 8 {
@@ -135,8 +108,8 @@ pub unsafe extern "ptx-kernel" fn mxmoe_glu_bwd_bf16(p: GluParams) {
         // SAFETY: `d_gu` has `gu`'s shape and alignment (contract), so the same element
         // offsets are inside it and 16-byte aligned.
         unsafe {
-            store_16(p.d_gu_addr + 2 * first, pack8(d_first));
-            store_16(p.d_gu_addr + 2 * second, pack8(d_second));
+            store_bf16x8(p.d_gu_addr + 2 * first, d_first);
+            store_bf16x8(p.d_gu_addr + 2 * second, d_second);
         }
     });
 }
