@@ -17,29 +17,25 @@ const THREADS: u32 = 256;
 /// thread at every size, the 16-row shapes ran on too few blocks: +2–3 % at T = 256.)
 const ROW_BLOCKS_PER_SM: u64 = 8;
 
-/// Threads of a row kernel over `elems` output elements: one per 8-element vector.
-fn row_vector_threads(elems: usize) -> usize {
-    elems / 8
-}
-
 fn grid(gpu: &Gpu, items: u64) -> u32 {
     grid_stride_blocks(gpu, items, THREADS, 32)
 }
 
-/// How a kernel walks its output.
+/// How a kernel walks its output, and so how many threads it is launched with.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Walk {
-    /// One thread (or warp) per item, scalar accesses.
-    Items,
-    /// 8-element row vectors of `in0` and the output: `width` must be a positive multiple of 8
-    /// and both buffers 16-byte aligned.
+    /// This many threads (one per item, or a warp per item), scalar accesses.
+    Threads(usize),
+    /// 8-element row vectors of `in0` and the output, a thread per output vector up to
+    /// [`ROW_BLOCKS_PER_SM`] blocks per SM: `width` must be a positive multiple of 8 and both
+    /// buffers 16-byte aligned.
     RowVectors,
 }
 
 /// One element-wise launch: checks each input against the element count listed with it (and,
 /// for [`Walk::RowVectors`], the width and the alignment the vectors need), allocates the bf16
-/// output (`out_elems`, at least one element) and launches `name` over `items` threads for
-/// `tokens` tokens of `top_k` slots, rows of `width` elements.
+/// output (`out_elems`, at least one element) and launches `name` as `walk` says for `tokens`
+/// tokens of `top_k` slots, rows of `width` elements.
 ///
 /// Errors: a short input, or for row vectors a width that is not a positive multiple of 8 or
 /// a buffer that is not 16-byte aligned ([`Error::InvalidArgument`]), before any launch.
@@ -55,7 +51,6 @@ unsafe fn run(
     inputs: &[(&'static str, &CudaSlice<u16>, usize)],
     (tokens, top_k, width): (usize, usize, usize),
     out_elems: usize,
-    items: usize,
     walk: Walk,
 ) -> Result<CudaSlice<u16>> {
     for &(tensor, buf, needed) in inputs {
@@ -87,8 +82,10 @@ unsafe fn run(
     }
     let spec = spec(name, THREADS, 0);
     let blocks = match walk {
-        Walk::Items => grid(gpu, items as u64),
-        Walk::RowVectors => grid_stride_blocks(gpu, items as u64, THREADS, ROW_BLOCKS_PER_SM),
+        Walk::Threads(threads) => grid(gpu, threads as u64),
+        Walk::RowVectors => {
+            grid_stride_blocks(gpu, (out_elems / 8) as u64, THREADS, ROW_BLOCKS_PER_SM)
+        }
     };
     // SAFETY: the inputs hold what the kernel's contract lists (checked above, with the counts
     // the caller vouches for) and the output was just allocated with the count it writes.
@@ -120,7 +117,6 @@ pub(crate) fn combine_gates(
             &inputs,
             dims,
             elems,
-            row_vector_threads(elems),
             Walk::RowVectors,
         )
     }
@@ -150,8 +146,7 @@ pub(crate) fn gate_grad(
             &inputs,
             dims,
             slots,
-            slots * 32,
-            Walk::Items,
+            Walk::Threads(slots * 32),
         )
     }
 }
@@ -177,7 +172,6 @@ pub(crate) fn scale_slots(
             &inputs,
             dims,
             elems,
-            row_vector_threads(elems),
             Walk::RowVectors,
         )
     }
@@ -203,7 +197,6 @@ pub(crate) fn sum_slots(
             &inputs,
             dims,
             elems,
-            row_vector_threads(elems),
             Walk::RowVectors,
         )
     }

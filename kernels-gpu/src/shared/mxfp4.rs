@@ -193,9 +193,10 @@ pub const SINGLE_STEP_MAX: u32 = 128;
 
 /// The multiplier of [`scale_fold`] for an E8M0 byte `b ≤ SINGLE_STEP_MAX` (where it is one
 /// product): `2^(b − 1)` in both bf16 halves, i.e. `(b + 126)` in both exponent fields — one
-/// multiply-add. The `mma.sync` forward takes this path when every lane of a warp has such a
-/// byte (a warp vote), so the common case pays neither the second product nor the byte tests
-/// of [`scale_fold`]; other bytes give garbage here (callers must not use it for them).
+/// multiply-add. The `mma.sync` forward and the dX decode of the 16- and 32-row `wgmma` tiles
+/// take this path when every lane of a warp has such a byte (a warp vote), so the common case
+/// pays neither the second product nor the byte tests of [`scale_fold`]; other bytes give
+/// garbage here (callers must not use it for them).
 #[inline]
 pub const fn scale_single(b: u32) -> u32 {
     b.wrapping_mul(0x0080_0080).wrapping_add(126 * 0x0080_0080)

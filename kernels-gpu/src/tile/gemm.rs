@@ -1517,21 +1517,20 @@ pub(crate) unsafe fn decode_stage_kn_mx<const BN: u32, const BK: u32, const MN_P
                 ld_shared_u8(raw.offset(scales_in_stage + 8 * r + first + c / 2)),
             )
         };
+        // The item's two words, byte by byte, through `dec`.
+        let item = |dec: &dyn Fn(u32, u32) -> u32| {
+            (
+                [dec(w0, 0), dec(w0, 1), dec(w0, 2), dec(w0, 3)],
+                [dec(w1, 0), dec(w1, 1), dec(w1, 2), dec(w1, 3)],
+            )
+        };
         // SAFETY: warp converged (contract); evaluated only with `one_product`.
         let (lo, hi) = if one_product && unsafe { vote_sync_all(sc as u32 <= SINGLE_STEP_MAX) } {
             let m = scale_single(sc as u32);
-            let dec = |w: u32, b: u32| decode_byte_single(w, b, m);
-            (
-                [dec(w0, 0), dec(w0, 1), dec(w0, 2), dec(w0, 3)],
-                [dec(w1, 0), dec(w1, 1), dec(w1, 2), dec(w1, 3)],
-            )
+            item(&|w, b| decode_byte_single(w, b, m))
         } else {
             let s2 = scale_fold(sc as u8);
-            let dec = |w: u32, b: u32| decode_byte(w, b, s2);
-            (
-                [dec(w0, 0), dec(w0, 1), dec(w0, 2), dec(w0, 3)],
-                [dec(w1, 0), dec(w1, 1), dec(w1, 2), dec(w1, 3)],
-            )
+            item(&|w, b| decode_byte(w, b, s2))
         };
         // SAFETY: item c of row r: columns 16c..16c+16 of the decoded tile.
         unsafe { store_decoded_item::<BN, BK, MN_PANELS>(decoded, r, c, lo, hi) };

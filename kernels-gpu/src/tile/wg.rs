@@ -101,9 +101,9 @@ const CONSUMER_REGS: u32 = {
 };
 /// Most rows of a block tile whose dX decode takes the one-product MXFP4 path
 /// (`decode_stage_kn_mx`'s `one_product`): the 16- and 32-row tiles of small T, which are
-/// issue-bound on the decode (H100: balanced T = 256 B 0.616 → 0.608–0.610 ms). On the larger
-/// tiles the vote and the second loop body cost more than they save (T = 4096 and 16384 B
-/// +0.5–1.7 %, `docs/PERF.md`).
+/// issue-bound on the decode (H100: balanced T = 256 B 0.610–0.612 → 0.602–0.605 ms). On the
+/// larger tiles the vote and the second loop body cost more than they save (T = 4096 and 16384
+/// B +0.5–1.7 %, `docs/PERF.md`).
 const ONE_PRODUCT_DX_MAX_ROWS: u32 = 32;
 /// Named barrier of the consumers' output tile (256 threads). Ids 1 and 2 are the consumer
 /// warpgroups' decode barriers (`consume_kn_mx`).
