@@ -177,6 +177,7 @@ pub fn prune(
 pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: &[usize]) -> usize {
     let per_expert = rows / experts.max(1);
     let name = match (layout, per_expert) {
+        (l, WIDE_FP4_FROM_ROWS..) if l.is_fp4() => "m256n128k64wg2s3",
         (_, 96..) => "m128n128k64wg2s4",
         (BLayout::NkBf16 | BLayout::Strided, _) => "m32n128k64wg2s4",
         (BLayout::NkMxfp4 | BLayout::NkNvfp4, 48..) => "m128n128k64wg2s4",
@@ -188,6 +189,13 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
         (BLayout::KnMxfp4 | BLayout::KnNvfp4, 16..) => "m32n128k64wg2s4",
         (BLayout::KnMxfp4 | BLayout::KnNvfp4, _) => "m16n128k64wg2s4",
     };
+    // The 256-row row's shared memory grows with the rank (its LoRA factors and output tile
+    // are twice the 128-row row's): where it does not fit, the 128-row row.
+    let wide: &[&str] = if name == "m256n128k64wg2s3" {
+        &["m128n128k64wg2s4"]
+    } else {
+        &[]
+    };
     let small: &[&str] = &["m32n128k64w1x4s3", "m32n128k32w1x4s4", "m16n128k32w1x4s4"];
     let fallback: &[&str] = match per_expert {
         96.. => &["m128n128k32w2x4s3", "m64n128k64w2x2s3", "m64n128k32w2x2s3"],
@@ -196,12 +204,19 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
         _ => &["m16n128k64w1x4s4", "m16n128k32w1x4s4", "m32n128k32w1x4s4"],
     };
     std::iter::once(name)
+        .chain(wide.iter().copied())
         .chain(fallback.iter().copied())
         .chain(small.iter().copied())
         .filter_map(|n| GEMM_CONFIGS.iter().position(|c| config_name(c) == n))
         .find(|i| candidates.contains(i))
         .unwrap_or_else(|| candidates.first().copied().unwrap_or(0))
 }
+
+/// Average rows per expert from which the 4-bit layouts (MXFP4 and NVFP4, forward and dX)
+/// default to the 256-row `wgmma` row: each decoded weight tile then feeds twice the MMA work.
+/// H100 (`docs/PERF.md`, "256-row tiles for the 4-bit layouts"): faster at 256 and 512 rows per
+/// expert, slower at 128 (half-empty tiles).
+pub const WIDE_FP4_FROM_ROWS: usize = 192;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CacheFile {
@@ -589,10 +604,17 @@ mod tests {
     #[test]
     fn pruning_follows_the_device_limit() {
         let all = |l: &DeviceLimits, layout, r| prune(l, layout, r, |_| None);
-        // H100/H200 (227 KiB opt-in; the sm_90a module loads on nothing else) fit every row.
-        let (keep, report) = all(&limits(232_448), BLayout::KnMxfp4, 128);
+        // H100/H200 (227 KiB opt-in; the sm_90a module loads on nothing else) fit every row at
+        // rank 64, and at rank 128 every row but the 256-row one (its LoRA factors and output
+        // tile take twice the 128-row row's shared memory).
+        let (keep, report) = all(&limits(232_448), BLayout::KnMxfp4, 64);
         assert_eq!(keep.len(), GEMM_CONFIGS.len());
         assert_eq!(report, PruneReport::default());
+        let (keep, report) = all(&limits(232_448), BLayout::KnMxfp4, 128);
+        for (i, c) in GEMM_CONFIGS.iter().enumerate() {
+            assert_eq!(keep.contains(&i), c.bm != 256, "{c:?}");
+        }
+        assert_eq!(report.shared_memory, GEMM_CONFIGS.len() - keep.len());
         // A 99 KiB part drops the rows whose plan exceeds it, and counts them.
         let small = limits(101_376);
         let (keep, report) = all(&small, BLayout::NkBf16, 128);
@@ -685,43 +707,53 @@ mod tests {
 
     #[test]
     fn default_rule_picks_a_runnable_candidate_whose_tile_fits_the_rows() {
-        // Behaviour, not the rule's table: for every layout and load, the pick is one of the
-        // candidates, valid for the layout and within an H100's shared memory at every rank; its
-        // tile is at most four times as tall as an expert's rows (or 32), grows with the rows
-        // per expert, and ends at the tallest tile.
+        // Behaviour, not the rule's table: for every layout, rank and load, the pick is one of
+        // the candidates an H100 keeps at that rank; its tile is at most four times as tall as
+        // an expert's rows (or 32), grows with the rows per expert, and ends at the tallest
+        // tile that fits: 256 rows for the 4-bit layouts up to the rank where that row's
+        // shared memory runs out, else 128.
         let h100 = limits(232_448);
         let all: Vec<usize> = (0..GEMM_CONFIGS.len()).collect();
         for layout in kernels_gpu::shared::names::GEMM_WEIGHT_LAYOUTS {
-            let mut last_bm = 0;
-            for per_expert in [1usize, 3, 8, 15, 16, 31, 47, 48, 64, 95, 96, 200, 4096] {
-                let experts = 64;
-                let i = default_config(layout, per_expert * experts, experts, &all);
-                let c = &GEMM_CONFIGS[i];
-                for r_pad in [0, 16, 64, 128] {
-                    let (ok, _) = prune(&h100, layout, r_pad, |_| None);
+            for r_pad in [0, 16, 64, 128] {
+                let (cands, _) = prune(&h100, layout, r_pad, |_| None);
+                let wide_fits = GEMM_CONFIGS
+                    .iter()
+                    .enumerate()
+                    .any(|(j, c)| c.bm == 256 && cands.contains(&j));
+                let mut last_bm = 0;
+                for per_expert in [1usize, 3, 8, 15, 16, 31, 47, 48, 64, 95, 96, 200, 4096] {
+                    let experts = 64;
+                    let i = default_config(layout, per_expert * experts, experts, &cands);
+                    let c = &GEMM_CONFIGS[i];
                     assert!(
-                        ok.contains(&i),
+                        cands.contains(&i),
                         "{layout:?} {per_expert}: {c:?} pruned at r {r_pad}"
                     );
+                    assert!(
+                        c.bm as usize <= (4 * per_expert).max(32),
+                        "{layout:?}: {c:?} for {per_expert} rows per expert"
+                    );
+                    assert!(
+                        c.bm >= last_bm,
+                        "{layout:?}: tile shrinks at {per_expert} rows"
+                    );
+                    last_bm = c.bm;
+                    // The preferred row unavailable: another candidate, never an absent one.
+                    let others: Vec<usize> = all.iter().copied().filter(|&j| j != i).collect();
+                    let j = default_config(layout, per_expert * experts, experts, &others);
+                    assert!(others.contains(&j));
                 }
-                assert!(
-                    c.bm as usize <= (4 * per_expert).max(32),
-                    "{layout:?}: {c:?} for {per_expert} rows per expert"
+                let tallest = if layout.is_fp4() && wide_fits {
+                    256
+                } else {
+                    128
+                };
+                assert_eq!(
+                    last_bm, tallest,
+                    "{layout:?} r {r_pad}: many rows per expert take the tallest tile"
                 );
-                assert!(
-                    c.bm >= last_bm,
-                    "{layout:?}: tile shrinks at {per_expert} rows"
-                );
-                last_bm = c.bm;
-                // The preferred row unavailable: another candidate, never an absent one.
-                let others: Vec<usize> = all.iter().copied().filter(|&j| j != i).collect();
-                let j = default_config(layout, per_expert * experts, experts, &others);
-                assert!(others.contains(&j));
             }
-            assert_eq!(
-                last_bm, 128,
-                "{layout:?}: many rows per expert take the tallest tile"
-            );
         }
     }
 }

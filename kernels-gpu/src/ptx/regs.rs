@@ -64,3 +64,25 @@ pub unsafe fn declare_launch_bounds<const MAXNTID: u32, const MINBLOCKS: u32>() 
         )
     };
 }
+
+/// An empty `asm` block that takes the four values in registers and gives them back: the values
+/// are computed before it and, since the block is not `pure`, it keeps its place among the
+/// other non-`pure` blocks. It stops LLVM from sinking a computation (e.g. `acc += s·t`) past
+/// a long unrolled loop, which would keep its inputs (`t`) live across that loop.
+///
+/// # Safety
+/// None (no instruction); `unsafe` as every `asm!`.
+#[inline(always)]
+pub unsafe fn pin_f32x4(v: &mut [f32; 4]) {
+    // SAFETY: an empty template; only register operands.
+    unsafe {
+        asm!(
+            "// pin {0} {1} {2} {3}",
+            inout(reg32) v[0],
+            inout(reg32) v[1],
+            inout(reg32) v[2],
+            inout(reg32) v[3],
+            options(nostack, nomem, preserves_flags)
+        )
+    };
+}

@@ -203,8 +203,10 @@ wgmma_rs!(wgmma_m64n16k16_f32_bf16_rs, 16, [0 1]);
 wgmma_rs!(wgmma_m64n32k16_f32_bf16_rs, 32, [0 1 2 3]);
 wgmma_rs!(wgmma_m64n64k16_f32_bf16_rs, 64, [0 1 2 3 4 5 6 7]);
 wgmma_rs!(wgmma_m64n128k16_f32_bf16_rs, 128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]);
+wgmma_rs!(wgmma_m64n256k16_f32_bf16_rs, 256, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31]);
 
 wgmma_ss!(wgmma_m64n16k16_f32_bf16_ss, 16, [0 1]);
 wgmma_ss!(wgmma_m64n32k16_f32_bf16_ss, 32, [0 1 2 3]);
 wgmma_ss!(wgmma_m64n64k16_f32_bf16_ss, 64, [0 1 2 3 4 5 6 7]);
 wgmma_ss!(wgmma_m64n128k16_f32_bf16_ss, 128, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]);
+wgmma_ss!(wgmma_m64n256k16_f32_bf16_ss, 256, [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31]);

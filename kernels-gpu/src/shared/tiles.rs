@@ -181,7 +181,7 @@ impl TileConfig {
             && (self.warps_m != 1
                 || self.warps_n != 8
                 || self.bn != 128
-                || !matches!(self.bm, 16 | 32 | 64 | 128))
+                || !matches!(self.bm, 16 | 32 | 64 | 128 | 256))
         {
             return Err(TileError::Wgmma);
         }
@@ -610,6 +610,7 @@ macro_rules! gemm_configs {
             m32n128k64wg2s4 => { bm: 32, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
             m64n128k64wg2s4 => { bm: 64, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
             m128n128k64wg2s4 => { bm: 128, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 4, wgmma: true },
+            m256n128k64wg2s3 => { bm: 256, bn: 128, bk: 64, warps_m: 1, warps_n: 8, stages: 3, wgmma: true },
         }
     };
 }
@@ -826,7 +827,13 @@ mod tests {
             for b in crate::shared::names::GEMM_WEIGHT_LAYOUTS {
                 for r in [0, 16, 64, 128] {
                     let p = smem_plan(c, b, r);
-                    assert!(p.total_bytes <= 227 * 1024, "{c:?} {b:?} r={r}: {p:?}");
+                    // Every row fits up to rank 16 (the 128-row rows at every rank); from rank
+                    // 64 the 256-row row's LoRA factors and output tile may take too much (the
+                    // tuner prunes it there).
+                    assert!(
+                        p.total_bytes <= 227 * 1024 || (c.bm == 256 && r >= 64),
+                        "{c:?} {b:?} r={r}: {p:?}"
+                    );
                     assert!(
                         p.b_offset.is_multiple_of(128) && p.lora_right_offset.is_multiple_of(16)
                     );

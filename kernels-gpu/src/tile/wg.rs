@@ -44,7 +44,7 @@ use crate::ptx::mbarrier::{
     mbarrier_wait_parity,
 };
 use crate::ptx::mma::mma_m16n8k16_row_col_f32_bf16_bf16_f32 as mma;
-use crate::ptx::regs::{declare_launch_bounds, setmaxnreg_dec, setmaxnreg_inc};
+use crate::ptx::regs::{declare_launch_bounds, pin_f32x4, setmaxnreg_dec, setmaxnreg_inc};
 use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u8, ld_shared_u32, ld_shared_v4_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, nctaid_x, tid_x, warp_id};
 use crate::ptx::tma::{
@@ -54,7 +54,8 @@ use crate::ptx::wgmma::{
     fence_proxy_async_shared_cta, wgmma_commit_group, wgmma_fence, wgmma_m64n16k16_f32_bf16_rs,
     wgmma_m64n16k16_f32_bf16_ss, wgmma_m64n32k16_f32_bf16_rs, wgmma_m64n32k16_f32_bf16_ss,
     wgmma_m64n64k16_f32_bf16_rs, wgmma_m64n64k16_f32_bf16_ss, wgmma_m64n128k16_f32_bf16_rs,
-    wgmma_m64n128k16_f32_bf16_ss, wgmma_wait_group,
+    wgmma_m64n128k16_f32_bf16_ss, wgmma_m64n256k16_f32_bf16_rs, wgmma_m64n256k16_f32_bf16_ss,
+    wgmma_wait_group,
 };
 use crate::shared::mxfp4::scale_fold;
 use crate::shared::nvfp4::nv_fold;
@@ -163,6 +164,11 @@ wg_acc!(
     16,
     wgmma_m64n128k16_f32_bf16_rs,
     wgmma_m64n128k16_f32_bf16_ss
+);
+wg_acc!(
+    32,
+    wgmma_m64n256k16_f32_bf16_rs,
+    wgmma_m64n256k16_f32_bf16_ss
 );
 
 /// This warp's A fragments (16 weight columns `warp_n0..+16` × k-steps of 16) for one stage of
@@ -324,6 +330,10 @@ struct Stream {
     dst0: u32,
     dst_step: u32,
     stage_bytes: u32,
+    /// Paired chunks (a gathered stream of more than [`MAX_CHUNKS`] chunks per thread): each
+    /// source also feeds the next 16 bytes of its row (8 reduction indices on), stored at
+    /// `dst1 + slot·stage_bytes + i·dst_step`; 0 when unpaired.
+    dst1: u32,
 }
 
 impl Stream {
@@ -339,6 +349,7 @@ impl Stream {
             dst0,
             dst_step,
             stage_bytes,
+            dst1: 0,
         }
     }
 
@@ -361,25 +372,37 @@ impl Stream {
         let base = smem.offset(self.dst0 + slot * self.stage_bytes);
         for i in 0..MAX_CHUNKS {
             if i < self.n {
-                let go = (self.ok >> i) & 1 != 0
-                    && kt * BK + self.kpos0 + i as u32 * self.kpos_step < k_red;
+                let ok = (self.ok >> i) & 1 != 0;
+                let kpos = kt * BK + self.kpos0 + i as u32 * self.kpos_step;
+                let go = ok && kpos < k_red;
+                let src = off
+                    + if GATHERED {
+                        self.src[i]
+                    } else {
+                        self.src[0] + i as u64 * self.chunk_step
+                    };
                 // SAFETY: the destination chunk lies inside the slot; the source is read only
                 // when `go` (the plan's contract).
                 unsafe {
                     cp_async_cg_shared_global_16(
                         base.offset(i as u32 * self.dst_step),
-                        if go {
-                            off + if GATHERED {
-                                self.src[i]
-                            } else {
-                                self.src[0] + i as u64 * self.chunk_step
-                            }
-                        } else {
-                            fallback
-                        },
+                        if go { src } else { fallback },
                         if go { 16 } else { 0 },
                     )
                 };
+                if self.dst1 != 0 {
+                    let go = ok && kpos + 8 < k_red;
+                    // SAFETY: as above, for the row's next chunk (its own place in the slot).
+                    unsafe {
+                        cp_async_cg_shared_global_16(
+                            smem.offset(
+                                self.dst1 + slot * self.stage_bytes + i as u32 * self.dst_step,
+                            ),
+                            if go { src + 16 } else { fallback },
+                            if go { 16 } else { 0 },
+                        )
+                    };
+                }
             }
         }
     }
@@ -417,25 +440,38 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
     let tid = tid_x();
     // Activations: [BM][64] swizzled, chunk (row, ch) with ch = tid % 8 and rows tid/8 + 16i;
     // the swizzle depends on row % 8 only, so consecutive chunks are 16 rows = 2048 bytes apart.
-    let ch = tid % 8;
+    // More than `MAX_CHUNKS` chunks per thread (256 rows): chunk pairs (xc, xc + 1) with
+    // xc = 2·(tid % 4) of rows tid/4 + 32i, one 64-bit source per pair.
+    let pair = const { BM * BK / 8 / WG_PRODUCER_THREADS > MAX_CHUNKS as u32 };
+    let (row0, xc, row_step) = if pair {
+        (tid / 4, 2 * (tid % 4), 32)
+    } else {
+        (tid / 8, tid % 8, 16)
+    };
     let mut x = Stream::empty(
         2 * BK as u64,
-        swizzled_offset(tid / 8, 8 * ch, BK),
-        16 * BK * 2,
+        swizzled_offset(row0, 8 * xc, BK),
+        row_step * BK * 2,
         plan.a_stage_bytes,
     );
     // BM ≥ 16: every thread owns at least one chunk.
-    x.n = (BM * BK / 8 / WG_PRODUCER_THREADS) as usize;
-    x.kpos0 = 8 * ch;
+    x.n = (BM * BK / 8 / WG_PRODUCER_THREADS / if pair { 2 } else { 1 }) as usize;
+    x.kpos0 = 8 * xc;
+    if pair {
+        // Never 0: a 16-byte chunk offset, and the pair's two chunks are distinct.
+        x.dst1 = swizzled_offset(row0, 8 * (xc + 1), BK);
+    }
+    const { assert!(BM * BK / 8 / WG_PRODUCER_THREADS <= 2 * MAX_CHUNKS as u32) };
     for i in 0..MAX_CHUNKS {
         if i < x.n {
-            let row = tid / 8 + 16 * i as u32;
+            let row = row0 + row_step * i as u32;
             // SAFETY: `row < BM` entries of the index array.
             let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
             x.ok |= ((r != NO_ROW) as u32) << i;
-            x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * ch as u64);
+            x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * xc as u64);
         }
     }
+    let ch = tid % 8;
     let b_expert = p.b_addr + 2 * e * p.b_stride_e;
     let w = if LAYOUT == BLayout::NkBf16 as u8 {
         // [BN][64] swizzled: rows n = tid/8 + 16i, chunk tid % 8.
@@ -900,6 +936,117 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
     }
 }
 
+/// One tile's main loop on the consumer side: every k-tile's wgmma group into `acc`, the last
+/// group retired and its slot freed (the pipeline goes on into the block's next tile).
+///
+/// # Safety
+/// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn main_loop<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOUT: u8>(
+    p: &GemmParams,
+    plan: &SmemPlan,
+    smem: SharedAddr,
+    ktiles: u32,
+    pipe: u32,
+    e: u64,
+    n0: u32,
+    warp_n0: u32,
+    bars: Barriers,
+    acc: &mut [[f32; 4]; NJ],
+) where
+    [[f32; 4]; NJ]: WgAcc,
+{
+    // Always nonzero, but opaque to LLVM, so the flag lives in a register defined once
+    // before the loop rather than a constant materialized inside each wgmma group.
+    let accumulate = laneid() | 1;
+    // Two fragment sets, alternating, so the registers a pending wgmma group reads are
+    // never rewritten before `wait_group 1` retires it.
+    let mut frags_even = [[0u32; 4]; 4];
+    let mut frags_odd = [[0u32; 4]; 4];
+    let mut kt = 0;
+    if LAYOUT == BLayout::KnMxfp4 as u8 {
+        // SAFETY: all consumer threads.
+        unsafe {
+            consume_kn_mx::<BK, STAGES, NJ, false>(
+                p, plan, smem, ktiles, pipe, e, n0, warp_n0, bars, acc, accumulate,
+            )
+        };
+        kt = ktiles;
+    } else if LAYOUT == BLayout::KnNvfp4 as u8 {
+        // SAFETY: all consumer threads.
+        unsafe {
+            consume_kn_mx::<BK, STAGES, NJ, true>(
+                p, plan, smem, ktiles, pipe, e, n0, warp_n0, bars, acc, accumulate,
+            )
+        };
+        kt = ktiles;
+    }
+    // Forward over NVFP4: the tensor scales of this lane's two weight columns.
+    let ts = if LAYOUT == BLayout::NkNvfp4 as u8 {
+        let col = n0 + warp_n0 + laneid() / 4;
+        // SAFETY: `e < num_experts` (not dropped); columns past N read nothing.
+        unsafe {
+            (
+                nv_row_tensor_scale(p, e, col, p.n_out),
+                nv_row_tensor_scale(p, e, col + 8, p.n_out),
+            )
+        }
+    } else {
+        (1.0, 1.0)
+    };
+    while kt < ktiles {
+        // SAFETY: all consumer threads, uniform loop.
+        unsafe {
+            consume::<BK, STAGES, NJ, LAYOUT>(
+                p,
+                plan,
+                smem,
+                kt,
+                pipe,
+                e,
+                n0,
+                warp_n0,
+                bars,
+                ts,
+                &mut frags_even,
+                acc,
+                accumulate,
+            )
+        };
+        if kt + 1 < ktiles {
+            // SAFETY: as above.
+            unsafe {
+                consume::<BK, STAGES, NJ, LAYOUT>(
+                    p,
+                    plan,
+                    smem,
+                    kt + 1,
+                    pipe,
+                    e,
+                    n0,
+                    warp_n0,
+                    bars,
+                    ts,
+                    &mut frags_odd,
+                    acc,
+                    accumulate,
+                )
+            };
+        }
+        kt += 2;
+    }
+    // SAFETY: warpgroup converged; retire the last group before the accumulators are
+    // read, and (except where every k-tile already did) free its slot: the pipeline goes on
+    // into the block's next tile.
+    unsafe {
+        wgmma_wait_group::<0>();
+        if LAYOUT != BLayout::NkNvfp4 as u8 && ktiles > 0 {
+            mbarrier_arrive(bars.empty((pipe + ktiles - 1) % STAGES));
+        }
+    }
+}
+
 /// The `wgmma` grouped GEMM body; see the module docs. A persistent kernel
 /// (`tiles::persistent_kernel`) walks the tiles `ctaid, ctaid + nctaid, …` with one pipeline
 /// (its k-tile counter runs on across tiles), double-buffered row indices and, per tile, a
@@ -1170,94 +1317,12 @@ pub unsafe fn gemm_wg<
         let dropped = bucket >= p.num_experts;
         let mut acc = [[0f32; 4]; NJ];
         if !dropped {
-            // Always nonzero, but opaque to LLVM, so the flag lives in a register defined once
-            // before the loop rather than a constant materialized inside each wgmma group.
-            let accumulate = laneid() | 1;
-            // Two fragment sets, alternating, so the registers a pending wgmma group reads are
-            // never rewritten before `wait_group 1` retires it.
-            let mut frags_even = [[0u32; 4]; 4];
-            let mut frags_odd = [[0u32; 4]; 4];
-            let mut kt = 0;
-            if LAYOUT == BLayout::KnMxfp4 as u8 {
-                // SAFETY: all consumer threads.
-                unsafe {
-                    consume_kn_mx::<BK, STAGES, NJ, false>(
-                        p, &plan, smem, ktiles, pipe, e, n0, warp_n0, bars, &mut acc, accumulate,
-                    )
-                };
-                kt = ktiles;
-            } else if LAYOUT == BLayout::KnNvfp4 as u8 {
-                // SAFETY: all consumer threads.
-                unsafe {
-                    consume_kn_mx::<BK, STAGES, NJ, true>(
-                        p, &plan, smem, ktiles, pipe, e, n0, warp_n0, bars, &mut acc, accumulate,
-                    )
-                };
-                kt = ktiles;
-            }
-            // Forward over NVFP4: the tensor scales of this lane's two weight columns.
-            let ts = if LAYOUT == BLayout::NkNvfp4 as u8 {
-                let col = n0 + warp_n0 + laneid() / 4;
-                // SAFETY: `e < num_experts` (not dropped); columns past N read nothing.
-                unsafe {
-                    (
-                        nv_row_tensor_scale(p, e, col, p.n_out),
-                        nv_row_tensor_scale(p, e, col + 8, p.n_out),
-                    )
-                }
-            } else {
-                (1.0, 1.0)
-            };
-            while kt < ktiles {
-                // SAFETY: all consumer threads, uniform loop.
-                unsafe {
-                    consume::<BK, STAGES, NJ, LAYOUT>(
-                        p,
-                        &plan,
-                        smem,
-                        kt,
-                        pipe,
-                        e,
-                        n0,
-                        warp_n0,
-                        bars,
-                        ts,
-                        &mut frags_even,
-                        &mut acc,
-                        accumulate,
-                    )
-                };
-                if kt + 1 < ktiles {
-                    // SAFETY: as above.
-                    unsafe {
-                        consume::<BK, STAGES, NJ, LAYOUT>(
-                            p,
-                            &plan,
-                            smem,
-                            kt + 1,
-                            pipe,
-                            e,
-                            n0,
-                            warp_n0,
-                            bars,
-                            ts,
-                            &mut frags_odd,
-                            &mut acc,
-                            accumulate,
-                        )
-                    };
-                }
-                kt += 2;
-            }
-            // SAFETY: warpgroup converged; retire the last group before the accumulators are
-            // read, and (except where every k-tile already did) free its slot: the pipeline goes on
-            // into the block's next tile.
+            // SAFETY: all consumer threads.
             unsafe {
-                wgmma_wait_group::<0>();
-                if LAYOUT != BLayout::NkNvfp4 as u8 && ktiles > 0 {
-                    mbarrier_arrive(bars.empty((pipe + ktiles - 1) % STAGES));
-                }
-            }
+                main_loop::<BK, STAGES, NJ, LAYOUT>(
+                    p, &plan, smem, ktiles, pipe, e, n0, warp_n0, bars, &mut acc,
+                )
+            };
             pipe += ktiles;
         }
         // SAFETY: the producer arrives once per tile, after this tile's LoRA factors and row
@@ -1303,6 +1368,15 @@ pub unsafe fn gemm_wg<
                     }
                     axpy4(&mut acc[2 * nj], p.scaling, t0);
                     axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
+                    if NJ > 16 {
+                        // SAFETY: no instruction. Done here, not where the tile is rounded:
+                        // else every block's `t0`, `t1` stay live across the loop, which the
+                        // 256-row tile's registers cannot hold.
+                        unsafe {
+                            pin_f32x4(&mut acc[2 * nj]);
+                            pin_f32x4(&mut acc[2 * nj + 1]);
+                        }
+                    }
                 }
             }
             if p.bias_addr != 0 {

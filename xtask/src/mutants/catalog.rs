@@ -238,6 +238,15 @@ pub const MUTANTS: &[Mutant] = &[
         }],
     },
     Mutant {
+        id: "wide-pair-chunk-repeated",
+        description: "the 256-row wgmma row's producer copies each activation chunk pair's first 16 bytes twice (the second chunk of every pair holds the first's 8 values)",
+        edits: &[Edit {
+            file: WG,
+            old: "if go { src + 16 } else { fallback }",
+            new: "if go { src } else { fallback }",
+        }],
+    },
+    Mutant {
         id: "last-ktile-dropped",
         description: "the K loop stops one k-tile early whenever there are two or more, both families (also the LoRA down products)",
         edits: &[
