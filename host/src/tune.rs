@@ -154,7 +154,8 @@ pub fn prune(
 ///
 /// | rows per expert | `Nk` bf16 (forward) | `Kn` bf16 (dX) | `Nk` MXFP4 (forward) | `Kn` MXFP4 (dX) |
 /// |---|---|---|---|---|
-/// | ≥ 96 | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` |
+/// | ≥ 192 ([`WIDE_FP4_FROM_ROWS`]) | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m256n128k64wg2s3` | `m256n128k64wg2s3` |
+/// | 96 – 191 | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` | `m128n128k64wg2s4` |
 /// | 48 – 95 | `m32n128k64wg2s4` | `m64n128k64w2x2s3` | `m128n128k64wg2s4` | `m64n128k64w2x2s3` |
 /// | 16 – 47 | `m32n128k64wg2s4` | `m32n128k32w1x4s4` | `m64n128k64wg2s4` | `m32n128k64wg2s4` |
 /// | < 16 | `m32n128k64wg2s4` | `m32n128k64wg2s4` | `m16n128k64w1x4s4` | `m16n128k64wg2s4` |
@@ -162,8 +163,10 @@ pub fn prune(
 /// Below 96 rows per expert the candidates are within a few percent of each other. NVFP4 takes
 /// MXFP4's rows (same stage shapes, a heavier decode; not tuned separately yet).
 ///
-/// When that row is not a candidate (the portable module has no `wg` rows; a 99 KB part drops
-/// the larger tiles), the first candidate of a fallback list of `mma.sync` rows of a height for
+/// The 256-row row does not fit every rank (its LoRA factors and output tile are twice the
+/// 128-row row's shared memory); where it is pruned, `m128n128k64wg2s4` is next. When that row
+/// is not a candidate either (the portable module has no `wg` rows; a 99 KB part drops the
+/// larger tiles), the first candidate of a fallback list of `mma.sync` rows of a height for
 /// the rows per expert is taken, from the tallest that the H100 measurements favour down to the
 /// smallest tiles, which fit every supported GPU at every rank. The fallback is not measured on
 /// the other GPUs (`docs/PORTABILITY.md`); `MXMOE_TUNE=1` times the candidates there.
