@@ -7,8 +7,8 @@
 //! Why transposed: `wgmma` takes its A operand from registers or shared memory and its B
 //! operand from shared memory. The weights are A — two warpgroups × 64 columns, each warp 16 of
 //! them — so a decoded MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory
-//! round trip in the forward), and the routed rows are the MMA's N (16 to 128), which suits
-//! experts with few rows. The activations are staged by `cp.async` in the 128-byte swizzled
+//! round trip in the forward), and the routed rows are the MMA's N (16 to 256), which suits
+//! experts with few rows and lets one decoded 4-bit tile feed 256 of them. The activations are staged by `cp.async` in the 128-byte swizzled
 //! K-major layout a descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so
 //! `BK == 64`).
 //!
@@ -83,9 +83,10 @@ const THREADS: u32 = WG_PRODUCER_THREADS + CONSUMER_THREADS;
 /// Threads of the two consumer (MMA) warpgroups.
 const CONSUMER_THREADS: u32 = 256;
 /// Rows per block tile from which the kernel moves registers from the producer warpgroup to the
-/// consumers (`setmaxnreg`, launch bounds of one block per SM). Only the 128-row tiles run near
-/// the even split's limit (154–158 of 168 registers, one block per SM anyway); the smaller
-/// tiles keep their lower register count, so that several blocks share an SM.
+/// consumers (`setmaxnreg`, launch bounds of one block per SM). Only the 128- and 256-row tiles
+/// run near or past the even split's limit (154–158 of 168 registers at 128 rows; 128
+/// accumulators per thread at 256, which need the consumers' 208); the smaller tiles keep their
+/// lower register count, so that several blocks share an SM.
 const REALLOCATE_FROM_ROWS: u32 = 128;
 /// Per-thread registers of the producer warpgroup after `setmaxnreg.dec`: its copy plans (a
 /// gathered stream of eight 64-bit sources, a strided one) and the tile loop's state fit in 88
@@ -940,7 +941,8 @@ unsafe fn consume_kn_mx<const BK: u32, const STAGES: u32, const NJ: usize, const
 /// group retired and its slot freed (the pipeline goes on into the block's next tile).
 ///
 /// # Safety
-/// All 256 consumer threads, converged per warpgroup; barriers initialized and published.
+/// All 256 consumer threads, converged per warpgroup; barriers initialized and published; `e`
+/// is an expert of the call (`e < num_experts`: not the dropped-row bucket).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn main_loop<const BK: u32, const STAGES: u32, const NJ: usize, const LAYOUT: u8>(
