@@ -163,17 +163,17 @@ pub fn prune(
 /// Below 96 rows per expert the candidates are within a few percent of each other. NVFP4 takes
 /// MXFP4's rows (same stage shapes, a heavier decode; not tuned separately yet).
 ///
-/// The 256-row row does not fit every rank (its LoRA factors and output tile are twice the
-/// 128-row row's shared memory); where it is pruned, `m128n128k64wg2s4` is next. When that row
-/// is not a candidate either (the portable module has no `wg` rows; a 99 KB part drops the
-/// larger tiles), the first candidate of a fallback list of `mma.sync` rows of a height for
-/// the rows per expert is taken, from the tallest that the H100 measurements favour down to the
-/// smallest tiles, which fit every supported GPU at every rank. The fallback is not measured on
+/// When that row is not a candidate, the first candidate of a fallback list for the rows per
+/// expert is taken: from 96 rows `m128n128k64wg2s4` first (the 256-row row does not fit every
+/// rank: its LoRA factors and output tile are twice the 128-row row's shared memory), then
+/// `mma.sync` rows (the portable module has no `wg` rows; a 99 KB part drops the larger
+/// tiles), from the tallest that the H100 measurements favour down to the smallest tiles, which
+/// fit every supported GPU at every rank. The fallback is not measured on
 /// the other GPUs (`docs/PORTABILITY.md`); `MXMOE_TUNE=1` times the candidates there.
 ///
 /// | rows per expert | fallback, in order |
 /// |---|---|
-/// | ≥ 96 | `m128n128k32w2x4s3`, `m64n128k64w2x2s3`, `m64n128k32w2x2s3`, then as 16 – 47 |
+/// | ≥ 96 | `m128n128k64wg2s4`, `m128n128k32w2x4s3`, `m64n128k64w2x2s3`, `m64n128k32w2x2s3`, then as 16 – 47 |
 /// | 48 – 95 | `m64n128k64w2x2s3`, `m64n128k32w2x2s3`, then as 16 – 47 |
 /// | 16 – 47 | `m32n128k64w1x4s3`, `m32n128k32w1x4s4`, `m16n128k32w1x4s4` |
 /// | < 16 | `m16n128k64w1x4s4`, `m16n128k32w1x4s4`, `m32n128k32w1x4s4` |
@@ -192,22 +192,21 @@ pub fn default_config(layout: BLayout, rows: usize, experts: usize, candidates: 
         (BLayout::KnMxfp4 | BLayout::KnNvfp4, 16..) => "m32n128k64wg2s4",
         (BLayout::KnMxfp4 | BLayout::KnNvfp4, _) => "m16n128k64wg2s4",
     };
-    // The 256-row row's shared memory grows with the rank (its LoRA factors and output tile
-    // are twice the 128-row row's): where it does not fit, the 128-row row.
-    let wide: &[&str] = if name == "m256n128k64wg2s3" {
-        &["m128n128k64wg2s4"]
-    } else {
-        &[]
-    };
     let small: &[&str] = &["m32n128k64w1x4s3", "m32n128k32w1x4s4", "m16n128k32w1x4s4"];
     let fallback: &[&str] = match per_expert {
-        96.. => &["m128n128k32w2x4s3", "m64n128k64w2x2s3", "m64n128k32w2x2s3"],
+        // The 128-row `wgmma` row first: the next choice where the 256-row row's shared memory
+        // (LoRA factors and output tile twice the 128-row row's) does not fit the rank.
+        96.. => &[
+            "m128n128k64wg2s4",
+            "m128n128k32w2x4s3",
+            "m64n128k64w2x2s3",
+            "m64n128k32w2x2s3",
+        ],
         48.. => &["m64n128k64w2x2s3", "m64n128k32w2x2s3"],
         16.. => &[],
         _ => &["m16n128k64w1x4s4", "m16n128k32w1x4s4", "m32n128k32w1x4s4"],
     };
     std::iter::once(name)
-        .chain(wide.iter().copied())
         .chain(fallback.iter().copied())
         .chain(small.iter().copied())
         .filter_map(|n| GEMM_CONFIGS.iter().position(|c| config_name(c) == n))

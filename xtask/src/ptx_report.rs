@@ -42,25 +42,36 @@ use kernels_gpu::shared::tiles::{
 use crate::ptxas_log::{self, EntryResources, SerializedWgmma};
 use crate::{build_ptx, flags, ptxas, shell};
 
-/// Kernels allowed to use local memory (a stack frame or register spills), each with the reason.
+/// A kernel allowed to use local memory (a stack frame or register spills): up to a stack frame
+/// of `max_frame_bytes` (spills live in the frame), for `reason`. A larger frame fails the gate.
+pub struct AllowedStack {
+    pub entry: &'static str,
+    pub max_frame_bytes: u64,
+    pub reason: &'static str,
+}
+
+/// Kernels allowed to use local memory, each with its bound and the reason.
 ///
 /// Local memory is slow and usually means a fragment array was indexed dynamically or the
 /// register budget was blown; add an entry only with a reason a reviewer can check.
-pub const ALLOWED_STACK: &[(&str, &str)] = &[
+pub const ALLOWED_STACK: &[AllowedStack] = &[
     // The 256-row row holds 128 accumulators per consumer thread (208 registers after
     // `setmaxnreg`); ptxas keeps a few values set up before the tile loop in local memory.
-    (
-        "mxmoe_gemm_kn_mx_m256n128k64wg2s3",
-        "one 64-bit value (8 bytes), stored before the tile loop, reloaded once per tile outside the k-loop",
-    ),
-    (
-        "mxmoe_gemm_kn_nv_m256n128k64wg2s3",
-        "three words of the entry (16-byte frame), reloaded a few times per tile",
-    ),
-    (
-        "mxmoe_gemm_nk_nv_m256n128k64wg2s3",
-        "three words of the entry (16-byte frame), reloaded a few times per tile",
-    ),
+    AllowedStack {
+        entry: "mxmoe_gemm_kn_mx_m256n128k64wg2s3",
+        max_frame_bytes: 8,
+        reason: "one 64-bit value, stored before the tile loop, reloaded once per tile outside the k-loop",
+    },
+    AllowedStack {
+        entry: "mxmoe_gemm_kn_nv_m256n128k64wg2s3",
+        max_frame_bytes: 16,
+        reason: "words of the entry, one reloaded per k-tile (an L1 hit)",
+    },
+    AllowedStack {
+        entry: "mxmoe_gemm_nk_nv_m256n128k64wg2s3",
+        max_frame_bytes: 16,
+        reason: "words of the entry, one reloaded per k-tile (an L1 hit)",
+    },
 ];
 
 /// Instructions that must appear in a probe kernel's own body: (entry, instruction prefix).
@@ -552,15 +563,17 @@ pub fn coverage_problems(ptx_entries: &[String], resources: &[EntryResources]) -
         .collect()
 }
 
-/// One sentence per entry that uses local memory without being in `allowed`.
-pub fn resource_problems(resources: &[EntryResources], allowed: &[(&str, &str)]) -> Vec<String> {
+/// One sentence per entry that uses local memory without being in `allowed`, or beyond its
+/// allowance.
+pub fn resource_problems(resources: &[EntryResources], allowed: &[AllowedStack]) -> Vec<String> {
     resources
         .iter()
-        .filter(|r| r.uses_local_memory() && allowed_reason(allowed, &r.name).is_none())
+        .filter(|r| r.uses_local_memory() && allowed_reason(allowed, r).is_none())
         .map(|r| {
             format!(
                 "`{}` uses local memory ({} bytes stack frame, {} bytes spill stores, {} bytes spill \
-                 loads); fix the kernel, or add it with a reason to ALLOWED_STACK in xtask/src/ptx_report.rs",
+                 loads); fix the kernel, or add it with a bound and a reason to ALLOWED_STACK in \
+                 xtask/src/ptx_report.rs",
                 r.name, r.stack_frame_bytes, r.spill_store_bytes, r.spill_load_bytes
             )
         })
@@ -694,16 +707,16 @@ pub fn register_budget_problems(
     problems
 }
 
-/// The reason `name` is allowed local memory, if it is.
-fn allowed_reason<'a>(allowed: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+/// The reason `r` is allowed its local memory, if it is (listed, and its frame within the bound).
+fn allowed_reason(allowed: &[AllowedStack], r: &EntryResources) -> Option<&'static str> {
     allowed
         .iter()
-        .find(|(k, _)| *k == name)
-        .map(|(_, reason)| *reason)
+        .find(|a| a.entry == r.name && r.stack_frame_bytes <= a.max_frame_bytes)
+        .map(|a| a.reason)
 }
 
 /// The per-kernel table: registers, static smem, stack frame, spills, barriers and a status.
-pub fn format_table(resources: &[EntryResources], allowed: &[(&str, &str)]) -> String {
+pub fn format_table(resources: &[EntryResources], allowed: &[AllowedStack]) -> String {
     let header = [
         "kernel",
         "regs",
@@ -716,7 +729,7 @@ pub fn format_table(resources: &[EntryResources], allowed: &[(&str, &str)]) -> S
     ];
     let mut rows: Vec<[String; 8]> = Vec::new();
     for r in resources {
-        let status = match (r.uses_local_memory(), allowed_reason(allowed, &r.name)) {
+        let status = match (r.uses_local_memory(), allowed_reason(allowed, r)) {
             (false, _) => "ok".to_string(),
             (true, Some(reason)) => format!("allowed: {reason}"),
             (true, None) => "FAIL: local memory".to_string(),
@@ -868,9 +881,18 @@ mod tests {
             usage("stacky", 16, 0),
             usage("spilly", 8, 8),
         ];
-        let problems = resource_problems(&resources, &[("stacky", "a local array, by design")]);
+        let allow = |entry, max_frame_bytes| AllowedStack {
+            entry,
+            max_frame_bytes,
+            reason: "a local array, by design",
+        };
+        let problems = resource_problems(&resources, &[allow("stacky", 16)]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].starts_with("`spilly` uses local memory (8 bytes stack frame"));
+        // A frame past the entry's bound fails like an unlisted one.
+        let problems = resource_problems(&resources, &[allow("stacky", 8), allow("spilly", 8)]);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].starts_with("`stacky` uses local memory (16 bytes stack frame"));
     }
 
     #[test]
@@ -1044,7 +1066,11 @@ mod tests {
     fn table_has_one_aligned_row_per_kernel() {
         let table = format_table(
             &[usage("clean", 0, 0), usage("a_longer_name", 16, 4)],
-            &[("a_longer_name", "why")],
+            &[AllowedStack {
+                entry: "a_longer_name",
+                max_frame_bytes: 16,
+                reason: "why",
+            }],
         );
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
