@@ -1049,6 +1049,89 @@ unsafe fn main_loop<const BK: u32, const STAGES: u32, const NJ: usize, const LAY
     }
 }
 
+/// The staged LoRA factors of a tile (the plan's regions): the left factor `[BM][r_pad]` (XA
+/// or YB) with, for the forward layouts, its low part, and this block's right factor, `[BN][r_pad]`
+/// or (`right_kn`) `[r_pad][BN]`.
+struct LoraTiles {
+    left: SharedAddr,
+    left_lo: Option<SharedAddr>,
+    right: SharedAddr,
+    right_kn: bool,
+}
+
+/// The LoRA epilogue, `acc += s · left · rightᵀ` over the padded rank `r_pad`: outᵀ[n, m] +=
+/// s · Σ_j right[n, j] · left[m, j] with `mma.sync` (A = right, this warp's 16 columns; B = left,
+/// 16 rows per pair of n8 blocks), the left factor's low part accumulated in f32 with its high
+/// part. `HOISTED`: `r_pad` is 16 or 32, the right factor's fragments of every rank step are
+/// loaded once for all row blocks (8 registers), and callers pass `r_pad` as a literal, so the
+/// inlined copy folds the factors' swizzle and the rank loop into constants (the generic loop
+/// spends most of its ~750 instructions per tile and warp on them); else they are loaded per
+/// row block.
+///
+/// # Safety
+/// Whole warp converged; the factors are staged with `r_pad` (a multiple of 16; 16 or 32 when
+/// `HOISTED`) columns of rank in the plan's swizzled layouts.
+#[inline(always)]
+unsafe fn lora_epilogue<const NJ: usize, const HOISTED: bool>(
+    f: &LoraTiles,
+    r_pad: u32,
+    warp_n0: u32,
+    scaling: f32,
+    acc: &mut [[f32; 4]; NJ],
+) {
+    let right = |kk: u32| {
+        // SAFETY: warp converged; the block lies inside the right factor's region.
+        unsafe {
+            if f.right_kn {
+                a_km(f.right, warp_n0, kk, BN)
+            } else {
+                a_mk(f.right, warp_n0, kk, r_pad)
+            }
+        }
+    };
+    let mut hoisted = [[0u32; 4]; 2];
+    if HOISTED {
+        hoisted[0] = right(0);
+        if r_pad > 16 {
+            hoisted[1] = right(16);
+        }
+    }
+    for nj in 0..NJ / 2 {
+        let mut t0 = [0f32; 4];
+        let mut t1 = [0f32; 4];
+        let mut kk = 0;
+        while kk < r_pad {
+            let a = if HOISTED {
+                hoisted[(kk / 16) as usize % 2]
+            } else {
+                right(kk)
+            };
+            // SAFETY: warp converged; the block lies inside the left factor's region.
+            let b = unsafe { b_nk(f.left, 16 * nj as u32, kk, r_pad) };
+            t0 = mma(a, [b[0], b[1]], t0);
+            t1 = mma(a, [b[2], b[3]], t1);
+            if let Some(lo) = f.left_lo {
+                // SAFETY: as above, in the low part's region.
+                let b = unsafe { b_nk(lo, 16 * nj as u32, kk, r_pad) };
+                t0 = mma(a, [b[0], b[1]], t0);
+                t1 = mma(a, [b[2], b[3]], t1);
+            }
+            kk += 16;
+        }
+        axpy4(&mut acc[2 * nj], scaling, t0);
+        axpy4(&mut acc[2 * nj + 1], scaling, t1);
+        if NJ > 16 {
+            // SAFETY: no instruction. Done here, not where the tile is rounded: else every
+            // block's `t0`, `t1` stay live across the loop, which the 256-row tile's registers
+            // cannot hold.
+            unsafe {
+                pin_f32x4(&mut acc[2 * nj]);
+                pin_f32x4(&mut acc[2 * nj + 1]);
+            }
+        }
+    }
+}
+
 /// The `wgmma` grouped GEMM body; see the module docs. A persistent kernel
 /// (`tiles::persistent_kernel`) walks the tiles `ctaid, ctaid + nctaid, …` with one pipeline
 /// (its k-tile counter runs on across tiles), double-buffered row indices and, per tile, a
@@ -1334,49 +1417,28 @@ pub unsafe fn gemm_wg<
 
         if !dropped {
             if p.rank > 0 {
-                let left = smem.offset(plan.lora_left_offset);
-                let right = smem.offset(plan.lora_right_offset);
-                // outᵀ[n, m] += s · Σ_j right[n, j] · left[m, j]: A = right (this warp's 16
-                // columns), B = left (16 rows per pair of n8 blocks).
-                let left_lo = smem.offset(plan.lora_left_lo_offset);
-                let lo = left_lo_used(p, &plan);
-                for nj in 0..NJ / 2 {
-                    let mut t0 = [0f32; 4];
-                    let mut t1 = [0f32; 4];
-                    let mut kk = 0;
-                    while kk < p.r_pad {
-                        // SAFETY: warp converged; blocks inside the regions.
-                        let (a, b) = unsafe {
-                            (
-                                if lora_right == LoraRight::Kn {
-                                    a_km(right, warp_n0, kk, BN)
-                                } else {
-                                    a_mk(right, warp_n0, kk, p.r_pad)
-                                },
-                                b_nk(left, 16 * nj as u32, kk, p.r_pad),
-                            )
-                        };
-                        t0 = mma(a, [b[0], b[1]], t0);
-                        t1 = mma(a, [b[2], b[3]], t1);
-                        if lo {
-                            // The left factor's low part: the same right fragment, accumulated
-                            // in f32 with the high part.
-                            // SAFETY: as above, in the low part's region.
-                            let b = unsafe { b_nk(left_lo, 16 * nj as u32, kk, p.r_pad) };
-                            t0 = mma(a, [b[0], b[1]], t0);
-                            t1 = mma(a, [b[2], b[3]], t1);
+                let lora = LoraTiles {
+                    left: smem.offset(plan.lora_left_offset),
+                    left_lo: left_lo_used(p, &plan).then(|| smem.offset(plan.lora_left_lo_offset)),
+                    right: smem.offset(plan.lora_right_offset),
+                    right_kn: lora_right == LoraRight::Kn,
+                };
+                // Ranks 16 and 32 (padded) get their own inlined copy up to 128 rows, with the
+                // rank as a constant (`lora_epilogue`). Larger ranks, and the 256-row tile, keep
+                // the rank loop: unrolled, their fragments do not fit the registers (ptxas
+                // spills).
+                // SAFETY: both consumer warpgroups, converged; the factors are in place ("LoRA
+                // ready" above).
+                unsafe {
+                    match p.r_pad {
+                        16 if NJ <= 16 => {
+                            lora_epilogue::<NJ, true>(&lora, 16, warp_n0, p.scaling, &mut acc)
                         }
-                        kk += 16;
-                    }
-                    axpy4(&mut acc[2 * nj], p.scaling, t0);
-                    axpy4(&mut acc[2 * nj + 1], p.scaling, t1);
-                    if NJ > 16 {
-                        // SAFETY: no instruction. Done here, not where the tile is rounded:
-                        // else every block's `t0`, `t1` stay live across the loop, which the
-                        // 256-row tile's registers cannot hold.
-                        unsafe {
-                            pin_f32x4(&mut acc[2 * nj]);
-                            pin_f32x4(&mut acc[2 * nj + 1]);
+                        32 if NJ <= 16 => {
+                            lora_epilogue::<NJ, true>(&lora, 32, warp_n0, p.scaling, &mut acc)
+                        }
+                        r_pad => {
+                            lora_epilogue::<NJ, false>(&lora, r_pad, warp_n0, p.scaling, &mut acc)
                         }
                     }
                 }

@@ -60,9 +60,9 @@ pub const MUTANTS: &[Mutant] = &[
             Edit {
                 file: WG,
                 old: "            if p.rank > 0 {
-                let left = smem.offset(plan.lora_left_offset);",
+                let lora = LoraTiles {",
                 new: "            if p.rank > 0 && !BLayout::from_tag(LAYOUT).is_forward() {
-                let left = smem.offset(plan.lora_left_offset);",
+                let lora = LoraTiles {",
             },
         ],
     },
@@ -80,9 +80,9 @@ pub const MUTANTS: &[Mutant] = &[
             Edit {
                 file: WG,
                 old: "            if p.rank > 0 {
-                let left = smem.offset(plan.lora_left_offset);",
+                let lora = LoraTiles {",
                 new: "            if p.rank > 0 && !(LAYOUT == BLayout::KnBf16 as u8 || BLayout::from_tag(LAYOUT).has_decoded_tile()) {
-                let left = smem.offset(plan.lora_left_offset);",
+                let lora = LoraTiles {",
             },
         ],
     },
