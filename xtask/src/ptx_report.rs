@@ -55,8 +55,8 @@ pub struct AllowedStack {
 /// Local memory is slow and usually means a fragment array was indexed dynamically or the
 /// register budget was blown; add an entry only with a reason a reviewer can check.
 pub const ALLOWED_STACK: &[AllowedStack] = &[
-    // The rank-16/32 inlined copies of the LoRA epilogue (`tile::wg::lora_epilogue`) raise the NVFP4
-    // dX kernel's register demand just past its budget.
+    // The rank-16/32 inlined copies of the LoRA epilogue (`tile::wg::lora_epilogue`) raise
+    // the NVFP4 dX kernel's register demand just past its budget.
     AllowedStack {
         entry: "mxmoe_gemm_kn_nv_m128n128k64wg2s4",
         max_frame_bytes: 8,
