@@ -258,10 +258,11 @@ pub mod linear_case {
 
     /// The LoRA rank sweep of the parity suites: every rank class the kernels distinguish (a rank
     /// of 1, odd ranks whose right factor is gathered element by element, ranks that are a
-    /// multiple of 8 and of the padded width, the largest), each with token-ordered input and
-    /// grouped output, and with grouped input, gates and scattered output. Seeds from `seed`.
+    /// multiple of 8 and of the padded width, each padded width — 16 and 32 have their own
+    /// `wgmma` epilogue — the largest), each with token-ordered input and grouped output, and
+    /// with grouped input, gates and scattered output. Seeds from `seed`.
     pub fn rank_sweep(seed: u64) -> Vec<Case> {
-        [1usize, 7, 8, 16, 64, 128]
+        [1usize, 7, 8, 16, 32, 64, 128]
             .iter()
             .enumerate()
             .flat_map(|(i, &r)| {

@@ -4,12 +4,13 @@
 //! A seeded generator draws problems over the whole input space the kernels accept: experts
 //! `E` 1–64 (a few up to 256), `K` a multiple of 32 in 32–1024 (a few up to 4096; bf16 problems
 //! sometimes take any multiple of 8), `N` a multiple of 8 in 8–512, tokens 1–300 (a few up to
-//! 2048), top-k 1–min(8, E), LoRA rank in {0, 1, 8, 16, 64}, the routing (uniform, a subset of
-//! experts active, skewed, one-hot onto a single expert, every expert per token, dropped slots),
-//! both row orders of input and output, gates (scattered output only) and the base weights (bf16,
-//! MXFP4 fused, MXFP4 selective with the buffer kept or recomputed in backward, two-level NVFP4
-//! fused). For MXFP4 the reference weights are `dequantize_f32(quantize_mxfp4(w))`, for NVFP4
-//! `dequantize_nvfp4_f32(quantize_nvfp4(w))`. Every problem runs forward and
+//! 2048), top-k 1–min(8, E), LoRA rank in {0, 1, 7, 8, 16, 32, 64, 128}, the routing (uniform, a
+//! subset of experts active, skewed, one-hot onto a single expert, every expert per token,
+//! dropped slots), both row orders of input and output, gates (scattered output only) and the
+//! base weights (bf16, MXFP4 fused, MXFP4 selective with the buffer kept or recomputed in
+//! backward, two-level NVFP4 fused). For MXFP4 the reference weights are
+//! `dequantize_f32(quantize_mxfp4(w))`, for NVFP4 `dequantize_nvfp4_f32(quantize_nvfp4(w))`.
+//! Every problem runs forward and
 //! backward on the GPU and is checked with [`compare`] (each element against its own bf16 bound,
 //! plus a relative L2 bound) and, with a LoRA rank, run again without its LoRA factors so that
 //! [`compare_lora_term`] checks the LoRA term on its own.
@@ -48,7 +49,7 @@ const MAX_LORA_ELEMS: usize = 1 << 22;
 /// Bound on the reference's work `T·k·N·K` (each multiply-add runs about four times, in f64).
 const MAX_MACS: usize = 1 << 26;
 /// LoRA ranks drawn from.
-const RANKS: [usize; 7] = [0, 1, 7, 8, 16, 64, 128];
+const RANKS: [usize; 8] = [0, 1, 7, 8, 16, 32, 64, 128];
 
 /// The base weights of a problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
