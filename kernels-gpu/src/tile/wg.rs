@@ -8,9 +8,9 @@
 //! operand from shared memory. The weights are A — two warpgroups × 64 columns, each warp 16 of
 //! them — so a decoded MXFP4 byte is exactly one bf16x2 A-fragment register (no shared-memory
 //! round trip in the forward), and the routed rows are the MMA's N (16 to 256), which suits
-//! experts with few rows and lets one decoded 4-bit tile feed 256 of them. The activations are staged by `cp.async` in the 128-byte swizzled
-//! K-major layout a descriptor names (`tiles::wgmma_desc_sw128`; 64-element rows, so
-//! `BK == 64`).
+//! experts with few rows and lets one decoded 4-bit tile feed 256 of them. The activations are
+//! staged by `cp.async` in the 128-byte swizzled K-major layout a descriptor names
+//! (`tiles::wgmma_desc_sw128`; 64-element rows, so `BK == 64`).
 //!
 //! Where A comes from: register fragments decoded from the stage for the forward MXFP4 and
 //! NVFP4 layouts; otherwise shared memory, by descriptor — the forward bf16 stage (K-major, like
@@ -1050,8 +1050,8 @@ unsafe fn main_loop<const BK: u32, const STAGES: u32, const NJ: usize, const LAY
 }
 
 /// The staged LoRA factors of a tile (the plan's regions): the left factor `[BM][r_pad]` (XA
-/// or YB) with, for the forward layouts, its low part, and this block's right factor, `[BN][r_pad]`
-/// or (`right_kn`) `[r_pad][BN]`.
+/// or YB) with, for the forward layouts, its low part, and this block's right factor,
+/// `[BN][r_pad]` or (`right_kn`) `[r_pad][BN]`.
 struct LoraTiles {
     left: SharedAddr,
     left_lo: Option<SharedAddr>,
