@@ -179,13 +179,17 @@ fn persistent_rows_walk_several_tiles_per_block() {
     gpu.tuner().force(None);
 }
 
-/// The `wgmma` kernels take their weight tiles by TMA where the tensor allows a map (the default,
-/// which every other test runs unless `MXMOE_TMA=0`) or by the producer's `cp.async` chunks
-/// ([`Gpu::set_tma`] off, and any tensor that allows no map): both give the same bits, for every `wgmma` row and bf16,
-/// MXFP4 and NVFP4 weights, forward and backward. K = 160 and N = 200 leave partial k-tiles and
-/// column tiles in both directions (the map's zero fill against `cp.async`'s).
+/// The `wgmma` kernels take their weight tiles and their grouped activation rows by TMA where
+/// the tensors allow a map (the default, which every other test runs unless `MXMOE_TMA` says
+/// otherwise), the weight tiles alone ([`Gpu::set_tma_activations`] off), or neither: the
+/// producer's `cp.async` chunks ([`Gpu::set_tma`] off, and any tensor that allows no map). All
+/// three give the same bits, for every `wgmma` row and bf16, MXFP4 and NVFP4 weights, forward
+/// and backward. K = 160 and N = 200 leave partial k-tiles and column tiles in both directions
+/// (the maps' zero fill against `cp.async`'s); grouped input gives the activation copies tiles
+/// that end inside the tensor (an expert's tail: the next expert's rows come along, unstored)
+/// and past it; token-ordered input (fan-out 2) keeps `cp.async` for the gathered rows.
 #[test]
-fn tma_and_cp_async_weight_tiles_give_identical_bits() {
+fn tma_and_cp_async_tiles_give_identical_bits() {
     let Some(gpu) = gpu() else {
         return;
     };
@@ -200,30 +204,46 @@ fn tma_and_cp_async_weight_tiles_give_identical_bits() {
         );
         return;
     }
-    let c = Case {
+    // Token-ordered input (gathered activation rows: `cp.async`) and grouped input (one TMA box
+    // of the tile's rows per k-tile).
+    let scattered = Case {
         output: RowOrder::Scattered,
         bias: true,
         ..Case::new(4, 160, 200, 300, 2, 16, 64)
     };
-    let w = Weights::draw(&c);
-    let (d, dy) = (&w.data, &w.dy);
-    let was = gpu.tma();
-    for &row in &rows {
-        for (name, base) in w.bases() {
-            gpu.set_tma(true);
-            let with_tma = run_bits(gpu, &c, d, dy, base, Some(row));
-            gpu.set_tma(false);
-            let without = run_bits(gpu, &c, d, dy, base, Some(row));
-            gpu.set_tma(was);
-            for (what, (g, w)) in ["out", "dx", "da", "db"]
-                .iter()
-                .zip(with_tma.iter().zip(&without))
-            {
-                assert!(
-                    g == w,
-                    "row {row} ({}) {name} {what}: TMA and cp.async weight tiles differ",
-                    GEMM_CONFIG_NAMES[row]
-                );
+    let grouped = Case {
+        input: RowOrder::Grouped,
+        seed: 65,
+        ..scattered
+    };
+    let (was, was_rows) = (gpu.tma(), gpu.tma_activations());
+    for c in [scattered, grouped] {
+        let w = Weights::draw(&c);
+        let (d, dy) = (&w.data, &w.dy);
+        for &row in &rows {
+            for (name, base) in w.bases() {
+                gpu.set_tma(true);
+                let both = run_bits(gpu, &c, d, dy, base, Some(row));
+                gpu.set_tma_activations(false);
+                let weights_only = run_bits(gpu, &c, d, dy, base, Some(row));
+                gpu.set_tma(false);
+                let without = run_bits(gpu, &c, d, dy, base, Some(row));
+                gpu.set_tma(was);
+                gpu.set_tma_activations(was_rows);
+                for (mode, bits) in [("weights and rows", &both), ("weights", &weights_only)] {
+                    for (what, (g, w)) in ["out", "dx", "da", "db"]
+                        .iter()
+                        .zip(bits.iter().zip(&without))
+                    {
+                        assert!(
+                            g == w,
+                            "row {row} ({}) {name} {what}, input {:?}: TMA ({mode}) and cp.async \
+                         tiles differ",
+                            GEMM_CONFIG_NAMES[row],
+                            c.input
+                        );
+                    }
+                }
             }
         }
     }

@@ -120,6 +120,8 @@ pub struct Gpu {
     /// Whether the `wgmma` kernels get TMA tensor maps for their weight tiles
     /// ([`Gpu::set_tma`]).
     tma: AtomicBool,
+    /// Whether they get one for their activation rows ([`Gpu::set_tma_activations`]).
+    tma_activations: AtomicBool,
     /// The tensor maps built so far, per `Gpu` (their copies are ordered on its stream).
     tensor_maps: tensor_map::TensorMaps,
 }
@@ -246,7 +248,8 @@ impl Gpu {
                 select_module(&name, capability, env.as_deref())?
             }
         };
-        let tma = tensor_map::tma_from_env(std::env::var(TMA_ENV).ok().as_deref())?;
+        let (tma, tma_activations) =
+            tensor_map::tma_from_env(std::env::var(TMA_ENV).ok().as_deref())?;
         let limits = read_limits(&ctx, name, capability, selection.module)?;
         let ptx = ptx_source::module_text(selection.module)?;
         let (module, code) = load_code(&ctx, ptx, selection.module, capability)?;
@@ -261,6 +264,7 @@ impl Gpu {
             functions: Arc::new(Mutex::new(HashMap::new())),
             poison_outputs: AtomicBool::new(cfg!(debug_assertions)),
             tma: AtomicBool::new(tma),
+            tma_activations: AtomicBool::new(tma_activations),
             tensor_maps: Default::default(),
         })
     }
@@ -286,6 +290,7 @@ impl Gpu {
             functions: self.functions.clone(),
             poison_outputs: AtomicBool::new(self.poison_outputs()),
             tma: AtomicBool::new(self.tma()),
+            tma_activations: AtomicBool::new(self.tma_activations()),
             tensor_maps: Default::default(),
         }
     }
@@ -405,9 +410,29 @@ impl Gpu {
         self.tma.load(Ordering::Relaxed)
     }
 
-    /// Turns the TMA weight path on or off (see [`tma`](Self::tma)).
+    /// Turns both TMA paths on or off: the weight tiles' (see [`tma`](Self::tma)) and the
+    /// activation rows' ([`tma_activations`](Self::tma_activations)).
     pub fn set_tma(&self, on: bool) {
         self.tma.store(on, Ordering::Relaxed);
+        self.tma_activations.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the `wgmma` kernels copy grouped activation rows with the Tensor Memory
+    /// Accelerator (one copy per tile and k-tile, [`GemmParams::a_tmap_addr`]) where the
+    /// activation tensor allows a map, rather than with `cp.async` chunks (gathered rows always
+    /// take `cp.async`): on unless `MXMOE_TMA`
+    /// is `0` or `weights` ([`TMA_ENV`]) or [`set_tma_activations`](Self::set_tma_activations)
+    /// or [`set_tma`](Self::set_tma) turned it off. The results are the same bits either way.
+    ///
+    /// [`GemmParams::a_tmap_addr`]: kernels_gpu::shared::params::GemmParams::a_tmap_addr
+    pub fn tma_activations(&self) -> bool {
+        self.tma_activations.load(Ordering::Relaxed)
+    }
+
+    /// Turns the TMA activation path alone on or off (see
+    /// [`tma_activations`](Self::tma_activations)).
+    pub fn set_tma_activations(&self, on: bool) {
+        self.tma_activations.store(on, Ordering::Relaxed);
     }
 
     /// Looks a kernel up by its exported name (a `kernels_gpu::shared::names` constant), once per

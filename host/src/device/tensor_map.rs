@@ -1,5 +1,6 @@
 //! TMA tensor maps (`CUtensorMap`) for the `wgmma` kernels' weight tiles
-//! ([`GemmParams::b_tmap_addr`](kernels_gpu::shared::params::GemmParams::b_tmap_addr)).
+//! ([`GemmParams::b_tmap_addr`](kernels_gpu::shared::params::GemmParams::b_tmap_addr)) and
+//! activation rows ([`GemmParams::a_tmap_addr`](kernels_gpu::shared::params::GemmParams::a_tmap_addr)).
 //!
 //! A map is a pure function of its [`TileMap`] (tensor address, sizes, strides, box, layout), so
 //! each [`Gpu`] keeps the maps it has built in device memory by value: one
@@ -18,20 +19,26 @@ use cudarc::driver::{CudaSlice, DevicePtr, sys};
 use super::{Gpu, upload};
 use crate::error::{Error, Result};
 
-/// The environment variable that sets [`Gpu::tma`] for every `Gpu` opened afterwards (read once
-/// per open): `0` or `off` turns the TMA weight path off, `1`, `on` or unset leaves it on.
+/// The environment variable that sets [`Gpu::tma`] and [`Gpu::tma_activations`] for every
+/// `Gpu` opened afterwards (read once per open): `0` or `off` turns both TMA paths off,
+/// `weights` keeps only the weight tiles', `1`, `on` or unset leaves both on.
 pub const TMA_ENV: &str = "MXMOE_TMA";
 
-/// [`Gpu::tma`]'s initial value from `MXMOE_TMA`'s value (`None` or empty: unset).
+/// `(Gpu::tma, Gpu::tma_activations)`'s initial values from `MXMOE_TMA`'s value (`None` or
+/// empty: unset).
 /// Errors: [`Error::InvalidArgument`] naming the variable for any other value.
-pub(crate) fn tma_from_env(value: Option<&str>) -> Result<bool> {
+pub(crate) fn tma_from_env(value: Option<&str>) -> Result<(bool, bool)> {
     match value.map(str::trim).filter(|v| !v.is_empty()) {
-        None => Ok(true),
-        Some("1" | "on") => Ok(true),
-        Some("0" | "off") => Ok(false),
+        None => Ok((true, true)),
+        Some("1" | "on") => Ok((true, true)),
+        Some("weights") => Ok((true, false)),
+        Some("0" | "off") => Ok((false, false)),
         Some(v) => Err(Error::InvalidArgument {
             what: TMA_ENV,
-            detail: format!("{v:?}: use 0 or off (cp.async weight tiles), 1 or on (TMA)"),
+            detail: format!(
+                "{v:?}: use 0 or off (cp.async tiles), weights (TMA for the weight tiles only), \
+                 1 or on (TMA for the weight tiles and grouped activation rows)"
+            ),
         }),
     }
 }
@@ -196,14 +203,15 @@ mod tests {
     }
 
     #[test]
-    fn mxmoe_tma_takes_on_and_off_and_rejects_the_rest() {
+    fn mxmoe_tma_takes_on_weights_and_off_and_rejects_the_rest() {
         for (v, want) in [
-            (None, true),
-            (Some(""), true),
-            (Some(" on "), true),
-            (Some("1"), true),
-            (Some("0"), false),
-            (Some("off"), false),
+            (None, (true, true)),
+            (Some(""), (true, true)),
+            (Some(" on "), (true, true)),
+            (Some("1"), (true, true)),
+            (Some("weights"), (true, false)),
+            (Some("0"), (false, false)),
+            (Some("off"), (false, false)),
         ] {
             assert_eq!(tma_from_env(v).unwrap(), want, "{v:?}");
         }

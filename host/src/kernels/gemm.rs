@@ -480,6 +480,19 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         }
         _ => 0,
     };
+    // Grouped activation rows by TMA as well (one box of the tile's rows per k-tile), where the
+    // tensor allows a map and every row index fits the copy's signed coordinate.
+    let a_tmap_addr = match (tma_weight_box(cfg, layout), args.a_map) {
+        (Some(_), RowMap::Grouped) if gpu.tma_activations() => {
+            let map = activation_map(addr(gpu, args.a), args.a_stride, r.rows, args.k_red, cfg.bm);
+            if map.encodable() && map.dims[1] <= i32::MAX as u64 {
+                gpu.tensor_map(&map)?
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    };
     let params = GemmParams {
         ssi_addr: addr(gpu, r.ssi),
         offsets_addr: addr(gpu, r.offsets),
@@ -514,6 +527,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         ts_rows_per_group,
         _pad: 0,
         b_tmap_addr,
+        a_tmap_addr,
     };
     let n_tiles = args.n_out.div_ceil(cfg.bn as usize);
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
@@ -532,8 +546,9 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     // k_red and n_out are multiples of 8; r_pad is a multiple of 16 ≥ rank and the left factor
     // (and its low part, given only for the forward layouts whose plan reserves it) is
     // [rows, r_pad]; a weight tensor map, when given, is the encoded map of exactly the checked
-    // weight tensor (`weight_map`: its sizes and strides, zeros outside), copied before the launch
-    // on this stream.
+    // weight tensor (`weight_map`: its sizes and strides, zeros outside), an activation map
+    // (`activation_map`) that of the checked grouped activation rows (`rows` of them, below
+    // 2^31), both copied before the launch on this stream.
     unsafe { gpu.launch(&spec, (blocks as u32, 1, 1), params) }
 }
 
@@ -576,6 +591,28 @@ fn weight_map(
         strides,
         boxes: [t.inner, t.outer, 1],
         swizzle_128: t.swizzle_128,
+    }
+}
+
+/// The tensor map of a `wgmma` kernel's activation operand ([`GemmParams::a_tmap_addr`]): the
+/// bf16 rows at `a_addr` (`a_stride` elements apart, `rows` of them, the first `k_red` elements
+/// of each read), one `64 × box_rows` box per copy (a tile's rows) in the 128-byte swizzle of
+/// the activation stages.
+fn activation_map(
+    a_addr: u64,
+    a_stride: usize,
+    rows: usize,
+    k_red: usize,
+    box_rows: u32,
+) -> TileMap {
+    let row_bytes = 2 * a_stride as u64;
+    TileMap {
+        addr: a_addr,
+        elem: MapElem::Bf16,
+        dims: [k_red as u64, rows as u64, 1],
+        strides: [row_bytes, row_bytes.saturating_mul(rows as u64)],
+        boxes: [64, box_rows, 1],
+        swizzle_128: true,
     }
 }
 

@@ -201,10 +201,21 @@ pub struct GemmParams {
     /// - `NkMxfp4` / `NkNvfp4`: packed bytes, dims `(k_red / 2, n_out, E)`, box `(32, 128, 1)`;
     /// - `KnMxfp4` / `KnNvfp4`: packed bytes, dims `(n_out / 2, k_red, E)`, box `(64, 64, 1)`.
     pub b_tmap_addr: u64,
+    /// Global address of a 128-byte tensor map of the activation operand (`a_addr`) when its
+    /// rows are grouped (`a_fan_out == 0`), or 0. With a map the `wgmma` kernels' producer
+    /// copies each k-tile's `[BM][64]` activation stage with one TMA copy from the tile's first
+    /// row instead of eight `cp.async` chunks per row and thread; the rows past the tile's last
+    /// then hold the tensor's next rows (zeros past its end) instead of zeros, and their output
+    /// columns are never stored. The map is 3-dimensional, innermost first: dims `(k_red, rows,
+    /// 1)` bf16 with row stride `2·a_stride` bytes, box `(64, BM, 1)`, 128-byte swizzle.
+    /// Gathered rows keep `cp.async` (a copy per row would run one lane at a time: TMA takes
+    /// its coordinates from uniform registers). The `mma.sync` kernels never read it.
+    pub a_tmap_addr: u64,
 }
 
 const _: () = {
-    assert!(size_of::<GemmParams>() == 216);
+    assert!(size_of::<GemmParams>() == 224);
+    assert!(offset_of!(GemmParams, a_tmap_addr) == 216);
     assert!(offset_of!(GemmParams, b_tmap_addr) == 208);
     assert!(offset_of!(GemmParams, tensor_scales_addr) == 192);
     assert!(offset_of!(GemmParams, bias_addr) == 128);

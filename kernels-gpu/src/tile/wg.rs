@@ -463,13 +463,24 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
         x.dst1 = swizzled_offset(row0, 8 * (xc + 1), BK);
     }
     const { assert!(BM * BK / 8 / WG_PRODUCER_THREADS <= 2 * MAX_CHUNKS as u32) };
-    for i in 0..MAX_CHUNKS {
-        if i < x.n {
-            let row = row0 + row_step * i as u32;
-            // SAFETY: `row < BM` entries of the index array.
-            let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
-            x.ok |= ((r != NO_ROW) as u32) << i;
-            x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * xc as u64);
+    // Grouped activation rows by TMA (`GemmParams::a_tmap_addr`): the whole `[BM][64]` stage
+    // in one box per k-tile from the tile's first row, issued by thread 0, which keeps that
+    // row's index in `x.src[0]` (the producer has few registers). Gathered rows stay with
+    // `cp.async`: a TMA copy takes its coordinates from uniform registers, so per-row copies
+    // issued by every lane run one lane at a time (`ELECT` loop, ~10 instructions per row).
+    let act_tma = p.a_tmap_addr != 0;
+    if act_tma {
+        // SAFETY: entry 0 of the index array (a tile that reaches `produce` has a row).
+        x.src[0] = unsafe { ld_shared_u32(rows_in) } as u64;
+    } else {
+        for i in 0..MAX_CHUNKS {
+            if i < x.n {
+                let row = row0 + row_step * i as u32;
+                // SAFETY: `row < BM` entries of the index array.
+                let r = unsafe { ld_shared_u32(rows_in.offset(4 * row)) };
+                x.ok |= ((r != NO_ROW) as u32) << i;
+                x.src[i] = p.a_addr + 2 * (r as u64 * p.a_stride + 8 * xc as u64);
+            }
         }
     }
     let ch = tid % 8;
@@ -570,20 +581,44 @@ unsafe fn produce<const BM: u32, const BK: u32, const STAGES: u32, const LAYOUT:
         let slot = g % STAGES;
         // SAFETY: the slot's previous use (pipeline position g − STAGES) is retired by both
         // consumers once that use's "empty" phase completes; the planned sources are valid
-        // whenever their chunk is (rows from the routing, columns and k inside the weights).
+        // whenever their chunk is (rows from the routing, columns and k inside the weights);
+        // the TMA copies read through maps of exactly those tensors (zeros outside) into the
+        // slot's 1024-byte aligned stages.
         unsafe {
             if g >= STAGES {
                 mbarrier_wait_parity(bars.empty(slot), (g / STAGES - 1) & 1);
             }
-            x.issue::<BK, true>(smem, slot, kt, p.k_red, p.a_addr);
+            let t = const { tma_box::<BK, LAYOUT>() };
+            if tid == 0 && (act_tma || p.b_tmap_addr != 0) {
+                // The TMA copies' bytes join the slot's "full" phase before this thread's own
+                // arrival (below), so the phase cannot complete without them.
+                let act_bytes = if act_tma { BM * BK * 2 } else { 0 };
+                let w_bytes = if p.b_tmap_addr != 0 {
+                    t.stage_bytes()
+                } else {
+                    0
+                };
+                mbarrier_expect_tx(bars.full(slot), act_bytes + w_bytes);
+            }
+            if act_tma {
+                // The stage is 1024-byte aligned: the copy's 128-byte swizzle is the
+                // descriptors' layout. Rows past the tile's last are the tensor's next rows (or
+                // zeros past its end): their output columns are never stored.
+                if tid == 0 {
+                    cp_async_bulk_tensor_3d_g2s(
+                        smem.offset(slot * plan.a_stage_bytes),
+                        p.a_tmap_addr,
+                        ((kt * BK) as i32, x.src[0] as i32, 0),
+                        bars.full(slot),
+                    );
+                }
+            } else {
+                x.issue::<BK, true>(smem, slot, kt, p.k_red, p.a_addr);
+            }
             let b_tile = smem.offset(plan.b_offset + slot * plan.b_stage_bytes);
             if p.b_tmap_addr == 0 {
                 w.issue::<BK, false>(smem, slot, kt, p.k_red, p.b_addr);
             } else if tid == 0 {
-                // The weight tile by TMA: its bytes join the slot's "full" phase before this
-                // thread's own arrival (below), so the phase cannot complete without them.
-                let t = const { tma_box::<BK, LAYOUT>() };
-                mbarrier_expect_tx(bars.full(slot), t.stage_bytes());
                 let mut h = 0;
                 while h < t.copies {
                     cp_async_bulk_tensor_3d_g2s(
@@ -1144,7 +1179,8 @@ unsafe fn lora_epilogue<const NJ: usize, const HOISTED: bool>(
 /// from 1: every tile is still taken by exactly one block). A nonzero `b_tmap_addr` is the
 /// global address of the weight tensor's map as `GemmParams::b_tmap_addr` describes it
 /// (`tiles::wgmma_tma_box` of this layout; 64-byte aligned, written before the launch), over
-/// the same tensor `b_addr` names.
+/// the same tensor `b_addr` names; a nonzero `a_tmap_addr` likewise the map of the activation
+/// tensor `a_addr` names, whose rows are grouped (`a_fan_out == 0`; `GemmParams::a_tmap_addr`).
 #[inline(always)]
 pub unsafe fn gemm_wg<
     const BM: u32,
@@ -1264,6 +1300,10 @@ pub unsafe fn gemm_wg<
             // global memory: acquire it for the tensor-map proxy before the first copy.
             // SAFETY: a nonzero `b_tmap_addr` is a 64-byte aligned 128-byte map (contract).
             unsafe { fence_proxy_tensormap_acquire_sys(p.b_tmap_addr) };
+        }
+        if p.a_tmap_addr != 0 && tid == 0 {
+            // SAFETY: as above, for `a_tmap_addr`.
+            unsafe { fence_proxy_tensormap_acquire_sys(p.a_tmap_addr) };
         }
         let (mut t, mut tile, mut i, mut pipe) = (first, tile0, 0u32, 0u32);
         loop {

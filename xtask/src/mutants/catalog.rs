@@ -238,6 +238,15 @@ pub const MUTANTS: &[Mutant] = &[
         }],
     },
     Mutant {
+        id: "tma-rows-shifted",
+        description: "the wgmma producer's TMA copy of grouped activation rows starts one row late (every row of the stage holds the next row's values; the cp.async path is intact)",
+        edits: &[Edit {
+            file: WG,
+            old: "((kt * BK) as i32, x.src[0] as i32, 0),",
+            new: "((kt * BK) as i32, x.src[0] as i32 + 1, 0),",
+        }],
+    },
+    Mutant {
         id: "wide-pair-chunk-repeated",
         description: "the 256-row wgmma row's producer copies each activation chunk pair's first 16 bytes twice (the second chunk of every pair holds the first's 8 values)",
         edits: &[Edit {

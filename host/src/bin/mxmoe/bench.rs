@@ -815,8 +815,9 @@ struct Header {
     module: Option<String>,
     /// Which code of the module was loaded (SASS, or PTX the driver JIT-compiled, and why).
     module_code: Option<String>,
-    /// Whether the `wgmma` kernels take their weight tiles by TMA (`Gpu::tma`, `MXMOE_TMA`).
-    tma: Option<bool>,
+    /// Whether the `wgmma` kernels take their weight tiles and their activation rows by TMA
+    /// (`Gpu::tma`, `Gpu::tma_activations`, `MXMOE_TMA`).
+    tma: Option<(bool, bool)>,
     driver: String,
     commit: String,
     date: String,
@@ -1060,7 +1061,7 @@ fn header(gpu: Option<&Gpu>) -> anyhow::Result<Header> {
         h.memory_mib = Some(l.total_mem_bytes as f64 / MIB);
         h.module = Some(gpu.module_selection().to_string());
         h.module_code = Some(gpu.module_code().to_string());
-        h.tma = Some(gpu.tma());
+        h.tma = Some((gpu.tma(), gpu.tma_activations()));
         // The loaded module's entry points (the portable module has no `wgmma` rows).
         for &name in gpu.module().entries() {
             let r = gpu
@@ -1511,12 +1512,19 @@ fn print_header(h: &Header, notes: &[String]) {
     if let Some(code) = &h.module_code {
         println!("- module code: {code}");
     }
-    if let Some(tma) = h.tma {
+    if let Some((weights, rows)) = h.tma {
+        let how = |tma: bool| if tma { "TMA" } else { "cp.async" };
         println!(
-            "- weight tiles of the wgmma kernels: {} ({}={})",
-            if tma { "TMA" } else { "cp.async" },
+            "- wgmma kernels: weight tiles by {}, grouped activation rows by {} ({}={})",
+            how(weights),
+            how(rows),
             mxmoe::device::TMA_ENV,
-            if tma { "on" } else { "off" }
+            match (weights, rows) {
+                (true, true) => "on",
+                (true, false) => "weights",
+                (false, false) => "off",
+                (false, true) => "activations only (set_tma_activations)",
+            }
         );
     }
     println!("- driver: {}", h.driver);
