@@ -400,6 +400,8 @@ pub mod linear_case {
         /// The tile configurations the forward and the dX GEMM ran with (rows of
         /// `GEMM_CONFIGS`).
         pub configs: [usize; 2],
+        /// The path the forward took (`Forward::strategy`).
+        pub strategy: Strategy,
     }
 
     /// Which base weights a GPU run uses.
@@ -486,6 +488,7 @@ pub mod linear_case {
         }
         GpuResult {
             configs: [fwd.gemm_config, gemm_config],
+            strategy: fwd.strategy,
             out: fwd.out.to_f32(gpu).unwrap(),
             dx: dx.to_f32(gpu).unwrap(),
             da: da.map(|m| m.to_f32(gpu).unwrap()),

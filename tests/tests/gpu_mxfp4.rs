@@ -173,3 +173,45 @@ fn edge_scale_bytes_decode_like_the_dense_path_and_nan_propagates() {
         "NaN reaches dX through W"
     );
 }
+
+/// `Auto` decides on the device when the routing's offsets are not on the host yet (a fresh
+/// routing, as every training step has): the gate kernel applies the rule, Strategy B's kernels
+/// run on its gated row ends, and the host reads the answer while they run. At the rule's
+/// threshold (8 active experts × 256 routed rows, a small grid: A) and just below it (9 active
+/// experts, ~227 rows each: B) the path that ran must be the host rule's, and every result
+/// bitwise that of the path requested explicitly. The active experts are spread over both
+/// halves of the gate kernel's warp (`e ↦ 7e + 3 mod 64`), so a lane left out of its count
+/// flips one of the two answers.
+#[test]
+fn auto_decided_on_the_device_takes_the_rule_s_path_bitwise() {
+    let Some(gpu) = gpu() else { return };
+    for (active, want) in [(8, Strategy::SelectiveDequant), (9, Strategy::Fused)] {
+        let c = Case {
+            active,
+            ..Case::new(64, 256, 256, 256, 8, 16, 0xA070 + active as u64)
+        };
+        let mut d = draw(&c);
+        for id in d.ids.iter_mut().filter(|id| **id >= 0) {
+            *id = (*id * 7 + 3) % 64;
+        }
+        let used: std::collections::BTreeSet<i64> = d.ids.iter().copied().collect();
+        assert_eq!(used.len(), active, "every one of the {active} experts is routed to");
+        let rows = c.t * c.top_k;
+        let (free, _) = gpu.mem_info().unwrap();
+        let host_rule = mxmoe::op::auto_strategy(
+            active,
+            rows,
+            c.n,
+            gpu.limits().sm_count as usize,
+            c.n * c.k * 2,
+            free,
+        );
+        assert_eq!(host_rule, want, "the case sits on the side of the threshold it means to");
+        let (mx, _) = quantized(&c, &d.w);
+        let dy = Rng::new(c.seed ^ 0xD2).normal_bf16(out_rows(&c) * c.n, 1.0);
+        let auto = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Auto));
+        assert_eq!(auto.strategy, want, "{active} active experts: Auto ran the other path");
+        let explicit = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, want));
+        same_result(&auto, &explicit);
+    }
+}

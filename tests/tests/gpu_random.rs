@@ -653,6 +653,8 @@ fn reference_as_gpu_result(c: &Case, data: &Data, prep: &Prepared) -> GpuResult 
         db,
         d_gates: r.d_gates,
         configs: [0, 0],
+        // The reference has no strategy; nothing compares this field.
+        strategy: mxmoe::op::Strategy::Fused,
     }
 }
 

@@ -9,7 +9,7 @@
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 
-use cudarc::driver::{CudaSlice, DeviceRepr};
+use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
 
 use super::Gpu;
 use crate::error::{Error, Result};
@@ -96,6 +96,74 @@ pub fn download<T: DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) 
     gpu.stream()
         .clone_dtoh(buf)
         .map_err(Error::driver("copying from the device"))
+}
+
+/// Page-locked host buffers of one [`Gpu`], reused by [`download_async`] (a page-locked
+/// allocation costs far more than the copy it serves).
+#[derive(Default)]
+pub(crate) struct Staging {
+    free: std::sync::Mutex<Vec<PinnedHostSlice<u32>>>,
+}
+
+/// A copy from the device into page-locked host memory, queued on the [`Gpu`]'s stream by
+/// [`download_async`]. [`wait`](Self::wait) blocks until that copy is done — not until the work
+/// queued after it — so the host can queue kernels first and read the answer while they run.
+pub(crate) struct PendingDownload<'g> {
+    gpu: &'g Gpu,
+    host: Option<PinnedHostSlice<u32>>,
+    len: usize,
+}
+
+/// Queues a copy of `buf` into a page-locked host buffer of `gpu` and returns without waiting.
+pub(crate) fn download_async<'g>(gpu: &'g Gpu, buf: &CudaSlice<u32>) -> Result<PendingDownload<'g>> {
+    let len = buf.len();
+    let reused = {
+        let mut free = gpu.staging().free.lock().unwrap_or_else(|p| p.into_inner());
+        free.iter()
+            .position(|h| h.len() >= len)
+            .map(|i| free.swap_remove(i))
+    };
+    let mut host = match reused {
+        Some(h) => h,
+        // SAFETY: the memory is not initialised; it is read only through `PendingDownload::wait`,
+        // and only its first `len` elements, which the copy queued below writes first.
+        None => unsafe { gpu.context().alloc_pinned_with_flags::<u32>(len.max(1), 0) }
+            .map_err(Error::driver("allocating page-locked host memory"))?,
+    };
+    gpu.stream()
+        .memcpy_dtoh(buf, &mut host)
+        .map_err(Error::driver("copying from the device"))?;
+    Ok(PendingDownload {
+        gpu,
+        host: Some(host),
+        len,
+    })
+}
+
+impl PendingDownload<'_> {
+    /// Waits for the copy and returns what it read.
+    pub(crate) fn wait(self) -> Result<Vec<u32>> {
+        let host = self.host.as_ref().expect("the buffer stays until drop");
+        let read = host
+            .as_slice()
+            .map_err(Error::driver("waiting for a copy from the device"))?;
+        Ok(read[..self.len].to_vec())
+    }
+}
+
+impl Drop for PendingDownload<'_> {
+    fn drop(&mut self) {
+        // Back to the pool. A later copy into it is queued on the same stream, after this one,
+        // and its reader waits for that later copy's own event.
+        if let Some(h) = self.host.take() {
+            self.gpu
+                .staging()
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(h);
+        }
+    }
 }
 
 /// Allocates `len` elements and fills every byte with `byte`, always: for buffers whose initial

@@ -24,6 +24,7 @@ mod select;
 mod tensor_map;
 pub use kernels_gpu::shared::module::PtxModule;
 pub use memory::{DeviceBuffer, alloc_filled, alloc_output, download, fill_bytes, upload};
+pub(crate) use memory::download_async;
 pub use pool::PoolWatch;
 pub use ptx_source::{EXPECT_FINGERPRINT_ENV, PTX_OVERRIDE_ENV, fingerprint};
 pub use sass::{JitReason, ModuleCode, SassArch, cubin_arch, embedded_cubin, sass_choice};
@@ -124,6 +125,9 @@ pub struct Gpu {
     tma_activations: AtomicBool,
     /// The tensor maps built so far, per `Gpu` (their copies are ordered on its stream).
     tensor_maps: tensor_map::TensorMaps,
+    /// Page-locked buffers for [`memory::download_async`] (per `Gpu`: their copies are ordered
+    /// on its stream).
+    staging: memory::Staging,
 }
 
 /// A kernel looked up once, with the dynamic shared memory its attribute already allows.
@@ -266,6 +270,7 @@ impl Gpu {
             tma: AtomicBool::new(tma),
             tma_activations: AtomicBool::new(tma_activations),
             tensor_maps: Default::default(),
+            staging: Default::default(),
         })
     }
 
@@ -292,6 +297,7 @@ impl Gpu {
             tma: AtomicBool::new(self.tma()),
             tma_activations: AtomicBool::new(self.tma_activations()),
             tensor_maps: Default::default(),
+            staging: Default::default(),
         }
     }
 
@@ -338,6 +344,11 @@ impl Gpu {
     /// The device's limits.
     pub fn limits(&self) -> &DeviceLimits {
         &self.limits
+    }
+
+    /// The page-locked buffers of [`download_async`].
+    pub(crate) fn staging(&self) -> &memory::Staging {
+        &self.staging
     }
 
     /// The CUDA context.

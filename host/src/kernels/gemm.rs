@@ -72,6 +72,14 @@ impl<'a> RoutingView<'a> {
         })
     }
 
+    /// `full` with the inclusive row ends `offsets` of all its experts instead of its own:
+    /// `Strategy::Auto`'s gated row ends, either `full`'s own or all zero (every expert empty),
+    /// so the view never reaches past `full`'s rows. Its length is checked here.
+    pub(crate) fn gated(full: RoutingView<'a>, offsets: &'a CudaSlice<u32>) -> Result<Self> {
+        check_len("gated expert offsets", offsets, full.num_experts)?;
+        Ok(Self { offsets, ..full })
+    }
+
     /// Experts.
     pub(crate) fn num_experts(&self) -> usize {
         self.num_experts

@@ -2,10 +2,11 @@
 
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::names;
-use kernels_gpu::shared::params::{MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
+use kernels_gpu::shared::auto::AutoInputs;
+use kernels_gpu::shared::params::{AutoGateParams, MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
 
-use super::spec;
-use crate::device::{Gpu, alloc_filled};
+use super::{check_len, spec};
+use crate::device::{Gpu, alloc_filled, alloc_output};
 use crate::error::{Error, Result};
 use crate::launch::{addr, addr_mut};
 
@@ -107,4 +108,49 @@ pub(crate) fn route(
         offsets,
         error,
     })
+}
+
+/// What [`auto_gate`] wrote.
+pub(crate) struct AutoGate {
+    /// u32 `[E]`: the row ends Strategy B's kernels read — the routing's when the rule picks B,
+    /// all zero (every expert empty) when it picks A.
+    pub(crate) gated: CudaSlice<u32>,
+    /// u32 `[1 + E]`: 1 for Strategy A, 0 for B; then the routing's row ends.
+    pub(crate) report: CudaSlice<u32>,
+}
+
+/// Queues `Strategy::Auto`'s decision on the device (`shared::auto::auto_picks_a` over the
+/// active experts of `offsets`, u32 `[experts]` inclusive row ends, and `inputs`).
+pub(crate) fn auto_gate(
+    gpu: &Gpu,
+    offsets: &CudaSlice<u32>,
+    experts: usize,
+    inputs: &AutoInputs,
+) -> Result<AutoGate> {
+    if experts == 0 || experts > MAX_EXPERTS as usize {
+        return Err(Error::InvalidArgument {
+            what: "num_experts",
+            detail: format!("must be in 1..={MAX_EXPERTS}, got {experts}"),
+        });
+    }
+    check_len("expert offsets", offsets, experts)?;
+    let mut gated = alloc_output::<u32>(gpu, experts)?;
+    let mut report = alloc_output::<u32>(gpu, experts + 1)?;
+    let params = AutoGateParams {
+        offsets_addr: addr(gpu, offsets),
+        gated_addr: addr_mut(gpu, &mut gated),
+        report_addr: addr_mut(gpu, &mut report),
+        rows: inputs.rows,
+        n: inputs.n,
+        transient_per_expert: inputs.transient_per_expert,
+        free_bytes: inputs.free_bytes,
+        experts: experts as u32,
+        sm_count: inputs.sm_count.min(u32::MAX as u64) as u32,
+        nvfp4: inputs.nvfp4 as u32,
+        _pad: 0,
+    };
+    // SAFETY: `offsets` holds at least `experts` words (checked), `gated` `experts` and
+    // `report` `experts + 1` (allocated here); one block of one warp, as the kernel requires.
+    unsafe { gpu.launch(&spec(names::AUTO_GATE, 32, 0), (1, 1, 1), params)? };
+    Ok(AutoGate { gated, report })
 }

@@ -48,6 +48,8 @@ unsafe impl KernelParams for params::EltwiseParams {}
 unsafe impl KernelParams for params::RemapParams {}
 // SAFETY: as above (u64/u32/f32 fields; `f32` is plain 4-byte data).
 unsafe impl KernelParams for params::GluParams {}
+// SAFETY: as above.
+unsafe impl KernelParams for params::AutoGateParams {}
 
 /// The by-value argument handed to cudarc.
 #[repr(transparent)]

@@ -46,7 +46,7 @@ impl ExpertWeights<'_> {
     }
 
     /// The forward GEMM's B operand (`W_store[e]` with K as the reduction).
-    fn forward_operand(&self) -> BOperand<'_> {
+    pub(super) fn forward_operand(&self) -> BOperand<'_> {
         match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
@@ -150,8 +150,8 @@ pub(super) struct ForwardParts {
     pub(super) gemm_config: usize,
 }
 
-/// The forward kernels on resolved weights: XA, the grouped GEMM with the LoRA epilogue, and the
-/// gate combination.
+/// The forward kernels on resolved weights: XA, the grouped GEMM with the LoRA epilogue
+/// ([`forward_gemm`]), and the gate combination ([`combine`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward_core(
     gpu: &Runtime,
@@ -162,6 +162,29 @@ pub(super) fn forward_core(
     gates: Option<&Bf16Matrix>,
     routing: &DeviceRouting,
 ) -> Result<ForwardParts> {
+    let g = forward_gemm(gpu, r, x, x_map, output_order, routing)?;
+    combine(gpu, g, gates, routing)
+}
+
+/// What [`forward_gemm`] produces.
+pub(super) struct GemmParts {
+    /// The grouped GEMM's output, per routed row.
+    out: Bf16Matrix,
+    /// XA (high part), kept for backward (with LoRA).
+    xa: Option<CudaSlice<u16>>,
+    /// The tile configuration the GEMM ran with.
+    gemm_config: usize,
+}
+
+/// XA and the grouped GEMM with the LoRA epilogue, on resolved weights and routing.
+pub(super) fn forward_gemm(
+    gpu: &Runtime,
+    r: &Resolved<'_>,
+    x: &Bf16Matrix,
+    x_map: RowMap,
+    output_order: RowOrder,
+    routing: &DeviceRouting,
+) -> Result<GemmParts> {
     let (_, n, k) = r.weights.shape();
     let l = routing.rows();
     let xa = match r.lora {
@@ -225,7 +248,27 @@ pub(super) fn forward_core(
             },
         )
     })?;
-    let out = Bf16Matrix::from_output(out, l, n);
+    Ok(GemmParts {
+        out: Bf16Matrix::from_output(out, l, n),
+        // Backward's dB reads the high part; the low part is freed here.
+        xa: xa.map(|(hi, _)| hi),
+        gemm_config,
+    })
+}
+
+/// The gate combination of a forward GEMM's output (the down projection), or the output as is.
+pub(super) fn combine(
+    gpu: &Runtime,
+    g: GemmParts,
+    gates: Option<&Bf16Matrix>,
+    routing: &DeviceRouting,
+) -> Result<ForwardParts> {
+    let GemmParts {
+        out,
+        xa,
+        gemm_config,
+    } = g;
+    let n = out.cols();
     let (out, expanded) = match gates {
         Some(g) => {
             let y = eltwise::combine_gates(
@@ -242,8 +285,7 @@ pub(super) fn forward_core(
     };
     Ok(ForwardParts {
         out,
-        // Backward's dB reads the high part; the low part is freed here.
-        xa: xa.map(|(hi, _)| hi),
+        xa,
         expanded,
         gemm_config,
     })

@@ -32,7 +32,12 @@ use crate::kernels::gemm::RowMap;
 use crate::routing::DeviceRouting;
 pub use crate::routing::RowOrder;
 use crate::runtime::Runtime;
-use core::{ForwardParts, Resolved, backward_core, forward_core};
+use core::{ForwardParts, Resolved, backward_core, combine, forward_core, forward_gemm};
+use kernels_gpu::shared::auto::AutoInputs;
+use plan::Resolution;
+use crate::device::download_async;
+use crate::kernels::gemm::RoutingView;
+use crate::kernels::routing::auto_gate;
 pub use plan::{AUTO_NV_A_ROWS, auto_strategy, auto_strategy_nvfp4};
 use strategy_a::Compact;
 pub use strategy_a::active_experts;
@@ -381,6 +386,85 @@ impl<'a> ExpertLinear<'a> {
         Ok(map)
     }
 
+    /// Whether Strategy B's forward GEMM would run without timing tile configurations first
+    /// (`plan::gemm_config_settled`).
+    fn forward_gemm_settled(&self, gpu: &Runtime, routing: &DeviceRouting) -> bool {
+        let (e, n, k) = self.weights.shape();
+        let rank = self.lora.map_or(0, |l| l.rank);
+        plan::gemm_config_settled(
+            gpu,
+            self.weights.forward_operand().layout(),
+            rank,
+            e,
+            k,
+            n,
+            routing.rows(),
+        )
+    }
+
+    /// `Auto` decided on the device: queues the decision (`kernels::routing::auto_gate`) and
+    /// its copy to the host, then Strategy B's XA and GEMM on the gated row ends (the routing's
+    /// own when the rule picks B, all zero when it picks A, so B's kernels then find no rows),
+    /// and only then waits for the copy — while those kernels run. The routing's offsets come
+    /// back with the decision and are kept on it (Strategy A and later projections need them).
+    /// Returns the finished forward when the rule picked B, `None` when it picked A (B's outputs
+    /// are dropped unread; the caller runs A).
+    fn forward_gated(
+        &self,
+        gpu: &Runtime,
+        x: &Bf16Matrix,
+        x_map: RowMap,
+        routing: &DeviceRouting,
+        gates: Option<&Bf16Matrix>,
+        inputs: &AutoInputs,
+    ) -> Result<Option<(Forward, Saved)>> {
+        let gate = auto_gate(gpu, routing.expert_offsets(), routing.num_experts(), inputs)?;
+        let pending = download_async(gpu, &gate.report)?;
+        let resolved = Resolved {
+            weights: self.weights,
+            lora: self.lora,
+            bias: self.bias.map(Bf16Matrix::data),
+            routing: RoutingView::gated(routing.view(), &gate.gated)?,
+        };
+        let gemm = forward_gemm(gpu, &resolved, x, x_map, self.output_order, routing)?;
+        let report = pending.wait()?;
+        let Some((&picked_a, offsets)) = report.split_first() else {
+            return Err(Error::InvalidArgument {
+                what: "auto gate",
+                detail: "the decision's read-back is empty".into(),
+            });
+        };
+        routing.remember_host_offsets(offsets.into());
+        if picked_a != 0 {
+            return Ok(None);
+        }
+        let ForwardParts {
+            out,
+            xa,
+            expanded,
+            gemm_config,
+        } = combine(gpu, gemm, gates, routing)?;
+        Ok(Some((
+            Forward {
+                out,
+                strategy: Strategy::Fused,
+                gemm_config,
+            },
+            Saved {
+                weights: OwnedWeights::of(self.weights),
+                lora: self.lora.cloned(),
+                output_order: self.output_order,
+                x: x.clone(),
+                routing: routing.clone(),
+                gates: gates.cloned(),
+                x_map,
+                xa,
+                expanded,
+                compact: None,
+            },
+        )))
+    }
+
     /// Forward pass. `gates [T, k]` (down projection) combine the per-slot outputs into `[T, N]`.
     ///
     /// The returned [`Saved`] owns what backward reads: it shares `x`, the routing, the gates,
@@ -394,7 +478,19 @@ impl<'a> ExpertLinear<'a> {
         gates: Option<&Bf16Matrix>,
     ) -> Result<(Forward, Saved)> {
         let x_map = self.validate(x, routing, gates)?;
-        let strategy = plan::resolve_strategy(gpu, self.weights, self.strategy, routing)?;
+        let resolution =
+            plan::resolve_strategy(gpu, self.weights, self.strategy, routing, || {
+                self.forward_gemm_settled(gpu, routing)
+            })?;
+        let strategy = match resolution {
+            Resolution::Known(s) => s,
+            Resolution::OnDevice(inputs) => {
+                match self.forward_gated(gpu, x, x_map, routing, gates, &inputs)? {
+                    Some(done) => return Ok(done),
+                    None => Strategy::SelectiveDequant,
+                }
+            }
+        };
         let compact = match (self.weights, strategy) {
             (ExpertWeights::Mxfp4(_) | ExpertWeights::Nvfp4(_), Strategy::SelectiveDequant) => {
                 Some(Compact::build(

@@ -2,6 +2,7 @@
 //! runtime's [`Tuner`](crate::tune::Tuner): forced, cached, timed or the default rule) and
 //! which strategy `Auto` picks for MXFP4 and NVFP4 weights.
 
+use kernels_gpu::shared::auto::{self, AutoInputs};
 use kernels_gpu::shared::names;
 use kernels_gpu::shared::tiles::{BLayout, GEMM_CONFIGS, rank_pad};
 
@@ -10,13 +11,16 @@ use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::routing::DeviceRouting;
 use crate::runtime::Runtime;
-use crate::tune::{PruneReport, TuneKey, bucket_rows, config_name, default_config, prune};
+use crate::tune::{
+    PruneReport, TuneKey, TuneMode, bucket_rows, config_name, default_config, prune,
+};
 
 /// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
 /// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
 /// or default one. Returns the row of `GEMM_CONFIGS` that ran.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn tuned_gemm(
+/// The candidates (`tiles::GEMM_CONFIGS` rows that survive pruning on this device), the prune
+/// report and the tuning key of one grouped GEMM.
+fn gemm_plan(
     gpu: &Runtime,
     layout: BLayout,
     rank: usize,
@@ -24,8 +28,7 @@ pub(super) fn tuned_gemm(
     k_red: usize,
     n_out: usize,
     rows: usize,
-    mut launch: impl FnMut(usize) -> Result<()>,
-) -> Result<usize> {
+) -> (Vec<usize>, PruneReport, TuneKey) {
     let kernel = match layout {
         BLayout::NkBf16 => "gemm_nk",
         BLayout::KnBf16 => "gemm_kn",
@@ -52,6 +55,24 @@ pub(super) fn tuned_gemm(
         rank,
         rows_bucket: bucket_rows(rows),
     };
+    (candidates, report, key)
+}
+
+/// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
+/// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
+/// or default one. Returns the row of `GEMM_CONFIGS` that ran.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tuned_gemm(
+    gpu: &Runtime,
+    layout: BLayout,
+    rank: usize,
+    experts: usize,
+    k_red: usize,
+    n_out: usize,
+    rows: usize,
+    mut launch: impl FnMut(usize) -> Result<()>,
+) -> Result<usize> {
+    let (candidates, report, key) = gemm_plan(gpu, layout, rank, experts, k_red, n_out, rows);
     if candidates.is_empty() {
         return Err(Error::NoValidConfig {
             key: key.to_string_key(),
@@ -68,6 +89,28 @@ pub(super) fn tuned_gemm(
     })?;
     launch(chosen)?;
     Ok(chosen)
+}
+
+/// Whether [`tuned_gemm`] would launch this GEMM without timing candidates first (a forced,
+/// cached or default configuration, or a single candidate). `Auto`'s on-device decision runs
+/// Strategy B's GEMM before the answer is known, on routing that may have every expert emptied,
+/// so it must not be timed: it only goes ahead when this holds.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_config_settled(
+    gpu: &Runtime,
+    layout: BLayout,
+    rank: usize,
+    experts: usize,
+    k_red: usize,
+    n_out: usize,
+    rows: usize,
+) -> bool {
+    let (candidates, _, key) = gemm_plan(gpu, layout, rank, experts, k_red, n_out, rows);
+    let tuner = gpu.tuner();
+    candidates.len() <= 1
+        || tuner.forced().is_some()
+        || tuner.mode() == TuneMode::Default
+        || tuner.cached(&key).is_some_and(|i| candidates.contains(&i))
 }
 
 /// The forced configuration, checked against the candidates that survived pruning: `None` when
@@ -122,9 +165,9 @@ fn time_median(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
 }
 
 /// Fewest routed rows per active expert at which [`auto_strategy`] picks Strategy A (small grids).
-pub const AUTO_A_MIN_ROWS: usize = 256;
-/// Routed rows per active expert from which [`auto_strategy`] picks Strategy A on any grid.
-pub const AUTO_A_ROWS_LARGE_GRID: usize = 2048;
+pub const AUTO_A_MIN_ROWS: usize = auto::AUTO_A_MIN_ROWS as usize;
+/// Routed rows per active expert from which [`auto_strategy_nvfp4`] picks Strategy A.
+pub const AUTO_NV_A_ROWS: usize = auto::AUTO_NV_A_ROWS as usize;
 
 /// `Auto`'s rule, measured on the H100 (`docs/BENCHMARKS.md`, "Choosing A or B"): Strategy A
 /// (selective dequantization) once the active experts average at least 2048 routed rows each,
@@ -135,82 +178,105 @@ pub const AUTO_A_ROWS_LARGE_GRID: usize = 2048;
 /// dequantization (which runs at a few hundred GB/s) pays off only at large T: on a gpt-oss-20b
 /// layer (32 active experts, 512 rows each, N = 5760: a 5760-block grid) B is 26 % faster, while
 /// the sparse SPEC shapes (8 experts, N = 1024: 128–512 blocks) favour A from 256 rows. A also
-/// needs its transient `E_a·N·K` bf16 buffer to fit in half the free device memory. `n` is the
-/// projection's output width (`N` of `W_store`).
+/// needs its transient `active·N·K` bf16 buffer (`transient_per_expert = N·K·2` bytes per active
+/// expert) to fit in half the free device memory. `n` is the projection's output width (`N` of
+/// `W_store`). The rule is `kernels_gpu::shared::auto::auto_picks_a`, the function the device's
+/// gate kernel runs.
 pub fn auto_strategy(
     active: usize,
     rows: usize,
     n: usize,
     sm_count: usize,
-    transient_bytes: usize,
+    transient_per_expert: usize,
     free_bytes: usize,
 ) -> Strategy {
-    let rows_per_active = rows / active.max(1);
-    let fused_blocks = n
-        .div_ceil(128)
-        .saturating_mul(active)
-        .saturating_mul(rows_per_active.div_ceil(128).max(1));
-    let small_grid = fused_blocks <= sm_count.saturating_mul(4);
-    let amortised = rows_per_active >= AUTO_A_ROWS_LARGE_GRID
-        || (small_grid && rows_per_active >= AUTO_A_MIN_ROWS);
-    if amortised && transient_bytes <= free_bytes / 2 {
-        Strategy::SelectiveDequant
-    } else {
-        Strategy::Fused
-    }
+    pick(
+        active as u64,
+        &AutoInputs {
+            nvfp4: false,
+            rows: rows as u64,
+            n: n as u64,
+            sm_count: sm_count as u64,
+            transient_per_expert: transient_per_expert as u64,
+            free_bytes: free_bytes as u64,
+        },
+    )
 }
-
-/// Routed rows per active expert from which [`auto_strategy_nvfp4`] picks Strategy A.
-pub const AUTO_NV_A_ROWS: usize = 256;
-// `resolve_strategy` takes B without a read-back below `AUTO_A_MIN_ROWS` routed rows, which is the
-// NVFP4 rule's own answer only while its threshold is not lower.
-const _: () = assert!(AUTO_NV_A_ROWS >= AUTO_A_MIN_ROWS);
 
 /// `Auto`'s rule for NVFP4 weights, measured on the H100 (`docs/BENCHMARKS.md`, bundle ee85389):
 /// the fused NVFP4 decode costs an f32 product per value (MXFP4's is an exact bf16 product per
 /// two), so Strategy A pays off from fewer rows than for MXFP4 — from [`AUTO_NV_A_ROWS`] routed
 /// rows per active expert on any grid (dense E = 128, T = 4096, 256 rows each: A 1.50 ms vs B
 /// 1.84 ms; balanced T = 4096, ~129 rows each: B 2.39 vs A 2.35, within 2 %; T = 256: B 1.4–1.6×
-/// faster), when A's transient `E_a·N·K` bf16 buffer fits in half the free device memory.
+/// faster), when A's transient `active·N·K` bf16 buffer fits in half the free device memory.
 /// Strategy B otherwise. The gpt-oss shapes (512 rows per expert) are not measured for NVFP4.
 pub fn auto_strategy_nvfp4(
     active: usize,
     rows: usize,
-    transient_bytes: usize,
+    transient_per_expert: usize,
     free_bytes: usize,
 ) -> Strategy {
-    if rows / active.max(1) >= AUTO_NV_A_ROWS && transient_bytes <= free_bytes / 2 {
+    pick(
+        active as u64,
+        &AutoInputs {
+            nvfp4: true,
+            rows: rows as u64,
+            n: 0,
+            sm_count: 0,
+            transient_per_expert: transient_per_expert as u64,
+            free_bytes: free_bytes as u64,
+        },
+    )
+}
+
+/// [`auto::auto_picks_a`] as a [`Strategy`].
+pub(super) fn pick(active: u64, inputs: &AutoInputs) -> Strategy {
+    if auto::auto_picks_a(active, inputs) {
         Strategy::SelectiveDequant
     } else {
         Strategy::Fused
     }
 }
 
+/// How a call's path is settled before its kernels run.
+pub(super) enum Resolution {
+    /// Known on the host.
+    Known(Strategy),
+    /// `Auto` on a routing whose offsets are not on the host yet: the device decides
+    /// (`kernels::routing::auto_gate`) while the host queues Strategy B's forward on the gated
+    /// row ends, and reads the answer back while those kernels run.
+    OnDevice(AutoInputs),
+}
+
 /// The path a call takes: `Fused` for bf16 weights, the requested strategy for MXFP4 and NVFP4
 /// weights, and for `Auto` the [`auto_strategy`] rule (NVFP4: [`auto_strategy_nvfp4`]) on the
-/// active experts (the expert offsets
-/// read back once per routing) and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`]
-/// routed rows no expert can reach A's threshold, so `Auto` takes B without reading anything
-/// back. NVFP4 weights whose K is not a multiple of 32 have no fused kernels (their stages take
-/// 32-k runs of packed bytes): `Auto` takes A for them and `Fused` is an error.
+/// active experts and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`] routed rows no
+/// expert can reach A's threshold, so `Auto` takes B without looking at the routing. Otherwise
+/// the rule needs the expert offsets: when a call on this routing has read them already, the
+/// host decides; when `speculate()` says Strategy B's forward may run before the answer is known
+/// (its GEMM configuration needs no timing), the device does ([`Resolution::OnDevice`]);
+/// otherwise the offsets are read back here (one synchronisation). NVFP4 weights whose K is not
+/// a multiple of 32 have no fused kernels (their stages take 32-k runs of packed bytes): `Auto`
+/// takes A for them and `Fused` is an error.
 pub(super) fn resolve_strategy(
     gpu: &Gpu,
     weights: ExpertWeights<'_>,
     requested: Strategy,
     routing: &DeviceRouting,
-) -> Result<Strategy> {
+    speculate: impl FnOnce() -> bool,
+) -> Result<Resolution> {
     let l = routing.rows();
-    Ok(match (weights, requested) {
-        (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => Strategy::Fused,
-        (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
-        (ExpertWeights::Mxfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => Strategy::Fused,
-        (ExpertWeights::Mxfp4(w), Strategy::Auto) => {
-            let active = super::strategy_a::active_experts(gpu, routing)?.len();
-            let transient = active * w.shape().n() * w.shape().k() * 2;
-            let (free, _) = gpu.mem_info()?;
-            let sms = gpu.limits().sm_count as usize;
-            auto_strategy(active, l, w.shape().n(), sms, transient, free)
+    let (nvfp4, n, k) = match (weights, requested) {
+        (ExpertWeights::Bf16(_), _) | (ExpertWeights::Mxfp4(_), Strategy::Fused) => {
+            return Ok(Resolution::Known(Strategy::Fused));
         }
+        (ExpertWeights::Mxfp4(_), Strategy::SelectiveDequant) => {
+            return Ok(Resolution::Known(Strategy::SelectiveDequant));
+        }
+        (ExpertWeights::Mxfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => {
+            return Ok(Resolution::Known(Strategy::Fused));
+        }
+        (ExpertWeights::Mxfp4(w), Strategy::Auto) => (false, w.shape().n(), w.shape().k()),
         (ExpertWeights::Nvfp4(w), Strategy::Fused) if !w.shape().k().is_multiple_of(32) => {
             return Err(Error::InvalidArgument {
                 what: "strategy",
@@ -220,19 +286,35 @@ pub(super) fn resolve_strategy(
                 ),
             });
         }
-        (ExpertWeights::Nvfp4(_), Strategy::Fused) => Strategy::Fused,
-        (ExpertWeights::Nvfp4(_), Strategy::SelectiveDequant) => Strategy::SelectiveDequant,
+        (ExpertWeights::Nvfp4(_), Strategy::Fused) => {
+            return Ok(Resolution::Known(Strategy::Fused));
+        }
+        (ExpertWeights::Nvfp4(_), Strategy::SelectiveDequant) => {
+            return Ok(Resolution::Known(Strategy::SelectiveDequant));
+        }
         (ExpertWeights::Nvfp4(w), Strategy::Auto) if !w.shape().k().is_multiple_of(32) => {
-            Strategy::SelectiveDequant
+            return Ok(Resolution::Known(Strategy::SelectiveDequant));
         }
-        (ExpertWeights::Nvfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => Strategy::Fused,
-        (ExpertWeights::Nvfp4(w), Strategy::Auto) => {
-            let active = super::strategy_a::active_experts(gpu, routing)?.len();
-            let transient = active * w.shape().n() * w.shape().k() * 2;
-            let (free, _) = gpu.mem_info()?;
-            auto_strategy_nvfp4(active, l, transient, free)
+        (ExpertWeights::Nvfp4(_), Strategy::Auto) if l < AUTO_A_MIN_ROWS => {
+            return Ok(Resolution::Known(Strategy::Fused));
         }
-    })
+        (ExpertWeights::Nvfp4(w), Strategy::Auto) => (true, w.shape().n(), w.shape().k()),
+    };
+    let (free, _) = gpu.mem_info()?;
+    let inputs = AutoInputs {
+        nvfp4,
+        rows: l as u64,
+        n: n as u64,
+        sm_count: u64::from(gpu.limits().sm_count),
+        transient_per_expert: (n as u64).saturating_mul(k as u64).saturating_mul(2),
+        free_bytes: free as u64,
+    };
+    let offsets = match routing.cached_host_offsets() {
+        Some(o) => o,
+        None if speculate() => return Ok(Resolution::OnDevice(inputs)),
+        None => routing.host_offsets(gpu)?,
+    };
+    Ok(Resolution::Known(pick(auto::active_count(&offsets), &inputs)))
 }
 
 #[cfg(test)]
@@ -303,7 +385,7 @@ mod tests {
         ];
         for (active, rows, n, free, want) in cases {
             assert_eq!(
-                auto_strategy(active, rows, n, 132, active << 22, free),
+                auto_strategy(active, rows, n, 132, 1 << 22, free),
                 want,
                 "{active} active experts, {rows} rows, N = {n}, {free} bytes free"
             );
@@ -328,7 +410,7 @@ mod tests {
         ];
         for (active, rows, free, want) in cases {
             assert_eq!(
-                auto_strategy_nvfp4(active, rows, active << 22, free),
+                auto_strategy_nvfp4(active, rows, 1 << 22, free),
                 want,
                 "{active} active experts, {rows} rows, {free} bytes free"
             );

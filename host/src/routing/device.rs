@@ -210,6 +210,17 @@ impl DeviceRouting {
         Ok(self.host_offsets.get_or_init(|| read).clone())
     }
 
+    /// The offsets on the host if a call on this routing (or a clone) has read them already.
+    pub(crate) fn cached_host_offsets(&self) -> Option<Arc<[u32]>> {
+        self.host_offsets.get().cloned()
+    }
+
+    /// Keeps offsets read back another way (`Strategy::Auto`'s decision copies them with it):
+    /// later calls on this routing and its clones find them without a read-back.
+    pub(crate) fn remember_host_offsets(&self, offsets: Arc<[u32]>) -> Arc<[u32]> {
+        self.host_offsets.get_or_init(|| offsets).clone()
+    }
+
     /// u32 `[E]` inclusive row ends per expert.
     pub fn expert_offsets(&self) -> &CudaSlice<u32> {
         &self.bufs.offsets

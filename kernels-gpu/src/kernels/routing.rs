@@ -6,8 +6,11 @@
 use crate::ptx::barrier::bar_sync_0;
 use crate::ptx::smem::{SharedAddr, dynamic_smem, ld_shared_u32, st_shared_u32};
 use crate::ptx::sreg::{ctaid_x, laneid, ntid_x, tid_x};
-use crate::ptx::warp::{atom_shared_add_u32, bar_warp_sync, lanemask_lt, match_any_sync_b32};
-use crate::shared::params::{ROUTE_CHUNK, RouteParams};
+use crate::ptx::warp::{
+    atom_shared_add_u32, bar_warp_sync, lanemask_lt, match_any_sync_b32, shfl_sync_bfly_b32,
+};
+use crate::shared::auto::auto_picks_a;
+use crate::shared::params::{AutoGateParams, ROUTE_CHUNK, RouteParams};
 use crate::tile::gmem::{load, store};
 
 /// The bucket of slot `i`: its expert, or `E` for −1 and (flagged) invalid ids.
@@ -220,5 +223,53 @@ pub unsafe extern "ptx-kernel" fn mxmoe_route_scatter(p: RouteParams) {
         // SAFETY: whole warp.
         unsafe { bar_warp_sync() };
         base += 32;
+    }
+}
+
+/// `Strategy::Auto` decided on the device; see `shared::params::AutoGateParams`. Lane `l`
+/// looks at experts `l, l + 32, …`; the active count is summed across the warp, so every lane
+/// applies the rule to the same number.
+///
+/// # Safety
+/// Launch contract: one block of 32 threads; `offsets` and `gated` hold `experts` u32 and
+/// `report` `1 + experts`.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn mxmoe_auto_gate(p: AutoGateParams) {
+    let lane = laneid();
+    let mut active = 0u32;
+    let mut e = lane;
+    while e < p.experts {
+        // SAFETY: `e < experts`, the length of `offsets`; so is `e - 1` when `e > 0`.
+        let (start, end) = unsafe {
+            let end: u32 = load(p.offsets_addr + 4 * e as u64);
+            let start: u32 = if e == 0 { 0 } else { load(p.offsets_addr + 4 * (e as u64 - 1)) };
+            (start, end)
+        };
+        if end > start {
+            active += 1;
+        }
+        e += 32;
+    }
+    let mut mask = 16;
+    while mask > 0 {
+        // SAFETY: all 32 lanes reach this loop (the one above ends for each after
+        // `ceil((experts - lane) / 32)` rounds) with the same `mask` sequence.
+        active += unsafe { shfl_sync_bfly_b32(active, mask) };
+        mask >>= 1;
+    }
+    let a = auto_picks_a(active as u64, &p.inputs());
+    if lane == 0 {
+        // SAFETY: `report` holds at least one word.
+        unsafe { store::<u32>(p.report_addr, a as u32) };
+    }
+    let mut e = lane;
+    while e < p.experts {
+        // SAFETY: `e < experts`: inside `offsets` and `gated`, and `1 + e` inside `report`.
+        unsafe {
+            let end: u32 = load(p.offsets_addr + 4 * e as u64);
+            store::<u32>(p.report_addr + 4 * (1 + e as u64), end);
+            store::<u32>(p.gated_addr + 4 * e as u64, if a { 0 } else { end });
+        }
+        e += 32;
     }
 }

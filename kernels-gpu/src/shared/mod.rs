@@ -4,6 +4,7 @@
 //! is plain `core` arithmetic, mostly `const fn`, so host tests exercise the kernels' own code.
 #![forbid(unsafe_code)]
 
+pub mod auto;
 pub mod bf16;
 pub mod glu;
 pub mod module;

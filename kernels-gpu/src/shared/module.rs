@@ -122,8 +122,8 @@ mod tests {
             .filter(|n| !n.starts_with("mxmoe_gemm_"))
             .collect();
         assert_eq!(non_gemm, portable_non_gemm);
-        // 14: probes, dequant (MXFP4, NVFP4), routing, element-wise, remap; then the LoRA
-        // products and Gram kernels; then the two activation kernels.
-        assert_eq!(non_gemm.len(), 14 + 4 * RANK_PADS.len() + 2);
+        // 15: probes, dequant (MXFP4, NVFP4), routing, element-wise, remap, the `Auto` gate;
+        // then the LoRA products and Gram kernels; then the two activation kernels.
+        assert_eq!(non_gemm.len(), 15 + 4 * RANK_PADS.len() + 2);
     }
 }

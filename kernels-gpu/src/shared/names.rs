@@ -33,6 +33,9 @@ pub const SCALE_SLOTS: &str = "mxmoe_scale_slots";
 pub const SUM_SLOTS: &str = "mxmoe_sum_slots";
 /// Expert-block gather/scatter of LoRA matrices (Strategy A).
 pub const REMAP_BLOCKS: &str = "mxmoe_remap_blocks";
+/// `Strategy::Auto` decided on the device: the decision, the routing's row ends for the host,
+/// and the row ends Strategy B's kernels read (`shared::params::AutoGateParams`).
+pub const AUTO_GATE: &str = "mxmoe_auto_gate";
 
 /// The entry-point name of the grouped GEMM for B layout `nk`, `kn`, `nk_mx`, `kn_mx`, `nk_nv` or
 /// `kn_nv` and the
@@ -85,6 +88,7 @@ macro_rules! define_gemm_names {
             SCALE_SLOTS,
             SUM_SLOTS,
             REMAP_BLOCKS,
+            AUTO_GATE,
             $(self::gemm_entry_name!(nk, $suffix),)*
             $(self::gemm_entry_name!(kn, $suffix),)*
             $(self::gemm_entry_name!(nk_mx, $suffix),)*
@@ -282,7 +286,7 @@ mod tests {
     fn all_lists_every_gemm_entry_once_per_row_and_layout() {
         assert_eq!(
             ALL.len(),
-            14 + GEMM_LAYOUTS * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
+            15 + GEMM_LAYOUTS * GEMM_CONFIGS.len() + 4 * RANK_PADS.len() + 2
         );
         for layout in GEMM_WEIGHT_LAYOUTS {
             for name in gemm_names(layout).unwrap() {

@@ -374,3 +374,58 @@ const _: () = {
     assert!(offset_of!(GluParams, limit) == 40);
     assert!(offset_of!(GluParams, interleaved) == 52);
 };
+
+/// Parameters of [`crate::shared::names::AUTO_GATE`]: `Strategy::Auto` decided on the device,
+/// right after routing (one warp).
+///
+/// The kernel counts the active experts of `offsets`, applies
+/// [`crate::shared::auto::auto_picks_a`] to them and `inputs`, and writes
+/// - `report[0]` = 1 when the rule picks Strategy A, 0 for B; `report[1 + e]` = `offsets[e]`
+///   (the host reads the decision and the routing back together, in one copy);
+/// - `gated[e]` = `offsets[e]` for B, 0 for A: Strategy B's kernels, launched on `gated`
+///   before the host has the answer, see every expert empty and do nothing when A was chosen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AutoGateParams {
+    /// u32 `[experts]`: the routing's inclusive row ends.
+    pub offsets_addr: u64,
+    /// u32 `[experts]`: the row ends Strategy B's kernels read.
+    pub gated_addr: u64,
+    /// u32 `[1 + experts]`: the decision, then a copy of the row ends.
+    pub report_addr: u64,
+    /// [`crate::shared::auto::AutoInputs::rows`].
+    pub rows: u64,
+    /// [`crate::shared::auto::AutoInputs::n`].
+    pub n: u64,
+    /// [`crate::shared::auto::AutoInputs::transient_per_expert`].
+    pub transient_per_expert: u64,
+    /// [`crate::shared::auto::AutoInputs::free_bytes`].
+    pub free_bytes: u64,
+    /// Experts `E` (the length of `offsets` and `gated`).
+    pub experts: u32,
+    /// [`crate::shared::auto::AutoInputs::sm_count`].
+    pub sm_count: u32,
+    /// 1: NVFP4's rule; 0: MXFP4's.
+    pub nvfp4: u32,
+    /// Padding; must be 0.
+    pub _pad: u32,
+}
+
+impl AutoGateParams {
+    /// The rule's inputs besides the active experts.
+    pub const fn inputs(&self) -> crate::shared::auto::AutoInputs {
+        crate::shared::auto::AutoInputs {
+            nvfp4: self.nvfp4 != 0,
+            rows: self.rows,
+            n: self.n,
+            sm_count: self.sm_count as u64,
+            transient_per_expert: self.transient_per_expert,
+            free_bytes: self.free_bytes,
+        }
+    }
+}
+
+const _: () = {
+    assert!(size_of::<AutoGateParams>() == 72);
+    assert!(offset_of!(AutoGateParams, experts) == 56);
+};

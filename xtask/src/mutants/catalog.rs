@@ -295,6 +295,24 @@ pub const MUTANTS: &[Mutant] = &[
         }],
     },
     Mutant {
+        id: "auto-gate-empties-b",
+        description: "the Auto gate kernel empties every expert's rows for Strategy B too (B's speculative kernels then compute nothing)",
+        edits: &[Edit {
+            file: ROUTING,
+            old: "store::<u32>(p.gated_addr + 4 * e as u64, if a { 0 } else { end });",
+            new: "store::<u32>(p.gated_addr + 4 * e as u64, if a { 0 } else { end & 0 });",
+        }],
+    },
+    Mutant {
+        id: "auto-gate-half-warp-count",
+        description: "the Auto gate kernel sums its active-expert count over half warps only (each lane sees 16 lanes' experts)",
+        edits: &[Edit {
+            file: ROUTING,
+            old: "    let mut mask = 16;\n",
+            new: "    let mut mask = 8;\n",
+        }],
+    },
+    Mutant {
         id: "gated-dy-without-gate",
         description: "the gated per-slot output gradient drops its gate (dY[t] instead of dY[t]·g): dX, dA, dB of a gated call",
         edits: &[Edit {
