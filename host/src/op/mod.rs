@@ -59,8 +59,13 @@ pub enum ExpertWeights<'a> {
 /// How MXFP4 and NVFP4 weights are multiplied (ignored for bf16 weights).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
-    /// Pick per call from the active-expert fraction and rows per active expert (reads the
-    /// expert offsets back to the host: one small synchronisation).
+    /// Pick per call from the rows per active expert, the grid and the free memory
+    /// (`kernels_gpu::shared::auto::auto_picks_a`). Below 256 routed rows that is B at once. Above,
+    /// on a routing whose offsets no call has read yet, the device decides right after routing
+    /// while the host queues Strategy B's forward on row ends the decision gates (all experts
+    /// empty when it picks A); the host reads the answer, with the offsets, while those kernels
+    /// run, so B costs no pipeline stall (when B's tile configuration still has to be timed,
+    /// `MXMOE_TUNE=1`, the offsets are read back first instead).
     #[default]
     Auto,
     /// Strategy A: dequantize only the active experts into a compact bf16 buffer
