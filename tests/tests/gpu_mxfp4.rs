@@ -195,7 +195,11 @@ fn auto_decided_on_the_device_takes_the_rule_s_path_bitwise() {
             *id = (*id * 7 + 3) % 64;
         }
         let used: std::collections::BTreeSet<i64> = d.ids.iter().copied().collect();
-        assert_eq!(used.len(), active, "every one of the {active} experts is routed to");
+        assert_eq!(
+            used.len(),
+            active,
+            "every one of the {active} experts is routed to"
+        );
         let rows = c.t * c.top_k;
         let (free, _) = gpu.mem_info().unwrap();
         let host_rule = mxmoe::op::auto_strategy(
@@ -206,11 +210,17 @@ fn auto_decided_on_the_device_takes_the_rule_s_path_bitwise() {
             c.n * c.k * 2,
             free,
         );
-        assert_eq!(host_rule, want, "the case sits on the side of the threshold it means to");
+        assert_eq!(
+            host_rule, want,
+            "the case sits on the side of the threshold it means to"
+        );
         let (mx, _) = quantized(&c, &d.w);
         let dy = Rng::new(c.seed ^ 0xD2).normal_bf16(out_rows(&c) * c.n, 1.0);
         let auto = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, Strategy::Auto));
-        assert_eq!(auto.strategy, want, "{active} active experts: Auto ran the other path");
+        assert_eq!(
+            auto.strategy, want,
+            "{active} active experts: Auto ran the other path"
+        );
         let explicit = run_gpu_with(gpu, &c, &d, &dy, Base::Mx(&mx, want));
         same_result(&auto, &explicit);
     }

@@ -115,7 +115,10 @@ pub(crate) struct PendingDownload<'g> {
 }
 
 /// Queues a copy of `buf` into a page-locked host buffer of `gpu` and returns without waiting.
-pub(crate) fn download_async<'g>(gpu: &'g Gpu, buf: &CudaSlice<u32>) -> Result<PendingDownload<'g>> {
+pub(crate) fn download_async<'g>(
+    gpu: &'g Gpu,
+    buf: &CudaSlice<u32>,
+) -> Result<PendingDownload<'g>> {
     let len = buf.len();
     let reused = {
         let mut free = gpu.staging().free.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,8 +1,8 @@
 //! Host side of the routing kernels (`kernels-gpu/src/kernels/routing.rs`).
 
 use cudarc::driver::CudaSlice;
-use kernels_gpu::shared::names;
 use kernels_gpu::shared::auto::AutoInputs;
+use kernels_gpu::shared::names;
 use kernels_gpu::shared::params::{AutoGateParams, MAX_EXPERTS, ROUTE_CHUNK, RouteParams};
 
 use super::{check_len, spec};

@@ -27,17 +27,17 @@ use std::str::FromStr;
 use cudarc::driver::CudaSlice;
 
 pub use crate::buffers::{Bf16Matrix, DenseExperts, LoraWeights, MxExperts, NvExperts};
+use crate::device::download_async;
 use crate::error::{Error, Result, parse_name};
+use crate::kernels::gemm::RoutingView;
 use crate::kernels::gemm::RowMap;
+use crate::kernels::routing::auto_gate;
 use crate::routing::DeviceRouting;
 pub use crate::routing::RowOrder;
 use crate::runtime::Runtime;
 use core::{ForwardParts, Resolved, backward_core, combine, forward_core, forward_gemm};
 use kernels_gpu::shared::auto::AutoInputs;
 use plan::Resolution;
-use crate::device::download_async;
-use crate::kernels::gemm::RoutingView;
-use crate::kernels::routing::auto_gate;
 pub use plan::{AUTO_NV_A_ROWS, auto_strategy, auto_strategy_nvfp4};
 use strategy_a::Compact;
 pub use strategy_a::active_experts;
@@ -483,10 +483,9 @@ impl<'a> ExpertLinear<'a> {
         gates: Option<&Bf16Matrix>,
     ) -> Result<(Forward, Saved)> {
         let x_map = self.validate(x, routing, gates)?;
-        let resolution =
-            plan::resolve_strategy(gpu, self.weights, self.strategy, routing, || {
-                self.forward_gemm_settled(gpu, routing)
-            })?;
+        let resolution = plan::resolve_strategy(gpu, self.weights, self.strategy, routing, || {
+            self.forward_gemm_settled(gpu, routing)
+        })?;
         let strategy = match resolution {
             Resolution::Known(s) => s,
             Resolution::OnDevice(inputs) => {

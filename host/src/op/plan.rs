@@ -314,7 +314,10 @@ pub(super) fn resolve_strategy(
         None if speculate() => return Ok(Resolution::OnDevice(inputs)),
         None => routing.host_offsets(gpu)?,
     };
-    Ok(Resolution::Known(pick(auto::active_count(&offsets), &inputs)))
+    Ok(Resolution::Known(pick(
+        auto::active_count(&offsets),
+        &inputs,
+    )))
 }
 
 #[cfg(test)]

@@ -242,7 +242,11 @@ pub unsafe extern "ptx-kernel" fn mxmoe_auto_gate(p: AutoGateParams) {
         // SAFETY: `e < experts`, the length of `offsets`; so is `e - 1` when `e > 0`.
         let (start, end) = unsafe {
             let end: u32 = load(p.offsets_addr + 4 * e as u64);
-            let start: u32 = if e == 0 { 0 } else { load(p.offsets_addr + 4 * (e as u64 - 1)) };
+            let start: u32 = if e == 0 {
+                0
+            } else {
+                load(p.offsets_addr + 4 * (e as u64 - 1))
+            };
             (start, end)
         };
         if end > start {

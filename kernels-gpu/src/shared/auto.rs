@@ -48,11 +48,10 @@ pub const fn auto_picks_a(active: u64, i: &AutoInputs) -> bool {
         return rows_per_active >= AUTO_NV_A_ROWS && fits;
     }
     let row_tiles = rows_per_active.div_ceil(128);
-    let fused_blocks = i
-        .n
-        .div_ceil(128)
-        .saturating_mul(active)
-        .saturating_mul(if row_tiles == 0 { 1 } else { row_tiles });
+    let fused_blocks =
+        i.n.div_ceil(128)
+            .saturating_mul(active)
+            .saturating_mul(if row_tiles == 0 { 1 } else { row_tiles });
     let small_grid = fused_blocks <= i.sm_count.saturating_mul(4);
     let amortised = rows_per_active >= AUTO_A_ROWS_LARGE_GRID
         || (small_grid && rows_per_active >= AUTO_A_MIN_ROWS);
