@@ -6,7 +6,9 @@
 //! serves both the ops (`ExpertLinear::forward(&rt, ..)`) and everything that only needs the
 //! device (`Bf16Matrix::from_f32(&rt, ..)`, `DeviceRouting::from_host_ids(&rt, ..)`).
 
+use std::collections::HashMap;
 use std::ops::Deref;
+use std::sync::Mutex;
 
 use crate::device::Gpu;
 use crate::error::Result;
@@ -17,12 +19,40 @@ use crate::tune::{TuneMode, Tuner, default_cache_path};
 pub struct Runtime {
     gpu: Gpu,
     tuner: Tuner,
+    auto_history: AutoHistory,
+}
+
+/// `Strategy::Auto`'s last answer per problem (format, experts, N, K, routed rows): the guess
+/// the next call on a fresh routing starts from. A guess of B lets the device decide while the
+/// host queues B's forward; a guess of A reads the routing back first, since A needs it on the
+/// host anyway and B's forward queued for nothing would cost a full grid of empty blocks.
+#[derive(Debug, Default)]
+pub(crate) struct AutoHistory {
+    picked_a: Mutex<HashMap<[u64; 5], bool>>,
+}
+
+impl AutoHistory {
+    /// Whether the last call on `key` picked Strategy A (`false` when none ran yet).
+    pub(crate) fn last_picked_a(&self, key: [u64; 5]) -> bool {
+        let map = self.picked_a.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&key).copied().unwrap_or(false)
+    }
+
+    /// Records the answer of a call on `key`.
+    pub(crate) fn record(&self, key: [u64; 5], picked_a: bool) {
+        let mut map = self.picked_a.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(key, picked_a);
+    }
 }
 
 impl Runtime {
     /// A device with a given tuner (e.g. a memory-only one in `Default` mode for tests).
     pub fn new(gpu: Gpu, tuner: Tuner) -> Self {
-        Self { gpu, tuner }
+        Self {
+            gpu,
+            tuner,
+            auto_history: AutoHistory::default(),
+        }
     }
 
     /// Opens device `ordinal` ([`Gpu::open`]) with the tuner the environment asks for
@@ -49,7 +79,7 @@ impl Runtime {
 
     fn with_env_tuner(gpu: Gpu) -> Result<Self> {
         let tuner = Tuner::from_env(&gpu.limits().name)?;
-        Ok(Self { gpu, tuner })
+        Ok(Self::new(gpu, tuner))
     }
 
     /// The same device and module on another borrowed stream ([`Gpu::on_stream`]), with a
@@ -68,7 +98,7 @@ impl Runtime {
             default_cache_path(),
         )
         .with_forced(self.tuner.forced());
-        Self { gpu, tuner }
+        Self::new(gpu, tuner)
     }
 
     /// The device.
@@ -79,6 +109,11 @@ impl Runtime {
     /// The tile-configuration tuner (force a row with [`Tuner::force`]).
     pub fn tuner(&self) -> &Tuner {
         &self.tuner
+    }
+
+    /// `Strategy::Auto`'s last answers.
+    pub(crate) fn auto_history(&self) -> &AutoHistory {
+        &self.auto_history
     }
 
     /// Replaces the tuner (e.g. to force a mode or a cache location).
@@ -96,5 +131,22 @@ impl Deref for Runtime {
     type Target = Gpu;
     fn deref(&self) -> &Gpu {
         &self.gpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AutoHistory;
+
+    #[test]
+    fn auto_history_guesses_b_until_a_call_picked_a_and_keeps_the_last_answer() {
+        let h = AutoHistory::default();
+        let (k1, k2) = ([0, 64, 256, 131072, 2048], [1, 64, 256, 131072, 2048]);
+        assert!(!h.last_picked_a(k1));
+        h.record(k1, true);
+        assert!(h.last_picked_a(k1));
+        assert!(!h.last_picked_a(k2), "another problem keeps its own answer");
+        h.record(k1, false);
+        assert!(!h.last_picked_a(k1));
     }
 }

@@ -440,6 +440,10 @@ impl<'a> ExpertLinear<'a> {
             });
         };
         routing.remember_host_offsets(offsets.into());
+        gpu.auto_history().record(
+            plan::history_key(inputs, routing.num_experts()),
+            picked_a != 0,
+        );
         if picked_a != 0 {
             return Ok(None);
         }

@@ -253,13 +253,14 @@ pub(super) enum Resolution {
 /// active experts and the free device memory. With fewer than [`AUTO_A_MIN_ROWS`] routed rows no
 /// expert can reach A's threshold, so `Auto` takes B without looking at the routing. Otherwise
 /// the rule needs the expert offsets: when a call on this routing has read them already, the
-/// host decides; when `speculate()` says Strategy B's forward may run before the answer is known
-/// (its GEMM configuration needs no timing), the device does ([`Resolution::OnDevice`]);
-/// otherwise the offsets are read back here (one synchronisation). NVFP4 weights whose K is not
+/// host decides. Otherwise, when the last call on this problem picked B (or none ran yet) and
+/// `speculate()` says Strategy B's forward may run before the answer is known (its GEMM
+/// configuration needs no timing), the device does ([`Resolution::OnDevice`]); else the offsets
+/// are read back here (one synchronisation, which Strategy A needs anyway). NVFP4 weights whose K is not
 /// a multiple of 32 have no fused kernels (their stages take 32-k runs of packed bytes): `Auto`
 /// takes A for them and `Fused` is an error.
 pub(super) fn resolve_strategy(
-    gpu: &Gpu,
+    gpu: &Runtime,
     weights: ExpertWeights<'_>,
     requested: Strategy,
     routing: &DeviceRouting,
@@ -309,15 +310,30 @@ pub(super) fn resolve_strategy(
         transient_per_expert: (n as u64).saturating_mul(k as u64).saturating_mul(2),
         free_bytes: free as u64,
     };
+    let key = history_key(&inputs, routing.num_experts());
     let offsets = match routing.cached_host_offsets() {
         Some(o) => o,
-        None if speculate() => return Ok(Resolution::OnDevice(inputs)),
+        None if !gpu.auto_history().last_picked_a(key) && speculate() => {
+            return Ok(Resolution::OnDevice(inputs));
+        }
         None => routing.host_offsets(gpu)?,
     };
-    Ok(Resolution::Known(pick(
-        auto::active_count(&offsets),
-        &inputs,
-    )))
+    let strategy = pick(auto::active_count(&offsets), &inputs);
+    gpu.auto_history()
+        .record(key, strategy == Strategy::SelectiveDequant);
+    Ok(Resolution::Known(strategy))
+}
+
+/// The key of `Auto`'s history (`runtime::AutoHistory`): format, experts, N, K (through the
+/// transient bytes per expert) and routed rows.
+pub(super) fn history_key(inputs: &AutoInputs, experts: usize) -> [u64; 5] {
+    [
+        u64::from(inputs.nvfp4),
+        experts as u64,
+        inputs.n,
+        inputs.transient_per_expert,
+        inputs.rows,
+    ]
 }
 
 #[cfg(test)]
