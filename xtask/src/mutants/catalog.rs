@@ -28,6 +28,9 @@ pub struct Edit {
 pub struct Mutant {
     /// Short id (lower-case letters, digits and `-`), used as the file name of its PTX.
     pub id: &'static str,
+    /// The suite expected to catch it (the one that did in its latest run): `run-mutants.sh`
+    /// runs it first, so a caught mutant costs one suite.
+    pub suite: &'static str,
     /// One line: what is broken.
     pub description: &'static str,
     /// The replacements, applied in order.
@@ -48,6 +51,7 @@ const WALK: &str = "kernels-gpu/src/shared/walk.rs";
 pub const MUTANTS: &[Mutant] = &[
     Mutant {
         id: "lora-skip-fwd",
+        suite: "gpu_linear",
         description: "LoRA epilogue skipped in the forward GEMM ([n][k] weight layouts: bf16, MXFP4, NVFP4), both families",
         edits: &[
             Edit {
@@ -68,6 +72,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "lora-skip-dx",
+        suite: "gpu_linear",
         description: "LoRA epilogue skipped in the dX GEMM ([k][n] weight layouts: bf16, MXFP4, NVFP4), both families",
         edits: &[
             Edit {
@@ -88,6 +93,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "lora-scale-2pct",
+        suite: "gpu_linear",
         description: "LoRA term scaled by 1.02·s instead of s in the GEMM epilogue (shared axpy4), forward and dX, both families",
         edits: &[Edit {
             file: GEMM,
@@ -98,6 +104,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nibble-swap",
+        suite: "gpu_mxfp4",
         description: "MXFP4 nibble order swapped (odd k read from the low nibble) in every device decode: fused K-loop of both families and the dequant kernel",
         edits: &[
             Edit {
@@ -115,6 +122,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "e8m0-one-scale-off",
+        suite: "gpu_mxfp4",
         description: "one E8M0 scale off by one: the tensor's first scale byte (expert 0, row 0, block 0) decodes as 2^(b-126) in the fused decode (forward of both families, dX), edited where the byte is read so the one-product and two-product paths both see it",
         edits: &[
             Edit {
@@ -136,6 +144,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "mx-two-step-one-product",
+        suite: "gpu_mxfp4",
         description: "the two-product MXFP4 decode drops its second product: scale bytes above 128 decode 2^(b-127) times too small (the wgmma forward, dX of both families, and an mma.sync forward warp with such a byte)",
         edits: &[Edit {
             file: GEMM,
@@ -145,6 +154,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "mx-one-product-always",
+        suite: "gpu_mxfp4",
         description: "the mma.sync forward MXFP4 decode takes the one-product path without the warp vote, also for scale bytes above 128: such blocks get a garbage multiplier",
         edits: &[Edit {
             file: GEMM,
@@ -154,6 +164,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "mx-dx-one-product-always",
+        suite: "gpu_mxfp4",
         description: "the dX MXFP4 decode of the 16- and 32-row wgmma tiles takes the one-product path without the warp vote, also for scale bytes above 128: such items get a garbage multiplier",
         edits: &[Edit {
             file: GEMM,
@@ -163,6 +174,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nv-tensor-scale-ignored",
+        suite: "gpu_nvfp4",
         description: "the NVFP4 decode drops the per-tensor scale (block factor = the E4M3 value alone): forward of both families, dX and the dequantization kernel (shared block fold)",
         edits: &[Edit {
             file: GEMM,
@@ -172,6 +184,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nv-tensor-scale-group-zero",
+        suite: "gpu_nvfp4",
         description: "the fused NVFP4 kernels read every row's tensor scale from its expert's first group (forward registers and dX staging)",
         edits: &[
             Edit {
@@ -188,6 +201,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "nv-scale-blocks-swapped",
+        suite: "gpu_nvfp4",
         description: "the fused NVFP4 decode reads the E4M3 byte of the neighbouring 16-k block (pairs swapped): forward of both families and dX",
         edits: &[
             Edit {
@@ -214,6 +228,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "dx-panel-swapped-wg",
+        suite: "gpu_linear",
         description: "dX in the wgmma family reads the other warpgroup's MN-major weight panel (bf16 stage and decoded MXFP4/NVFP4 tile)",
         edits: &[
             Edit {
@@ -230,6 +245,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "tma-odd-ktile-stale",
+        suite: "gpu_linear",
         description: "the wgmma producer's TMA copies of an odd k-tile read the even k-tile before it (weight tiles of every layout; the cp.async path is intact)",
         edits: &[Edit {
             file: WG,
@@ -239,6 +255,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "tma-rows-shifted",
+        suite: "gpu_configs",
         description: "the wgmma producer's TMA copy of grouped activation rows starts one row late (every row of the stage holds the next row's values; the cp.async path is intact)",
         edits: &[Edit {
             file: WG,
@@ -248,6 +265,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "wide-pair-chunk-repeated",
+        suite: "gpu_mxfp4",
         description: "the 256-row wgmma row's producer copies each activation chunk pair's first 16 bytes twice (the second chunk of every pair holds the first's 8 values)",
         edits: &[Edit {
             file: WG,
@@ -257,6 +275,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "last-ktile-dropped",
+        suite: "gpu_linear",
         description: "the K loop stops one k-tile early whenever there are two or more, both families (also the LoRA down products)",
         edits: &[
             Edit {
@@ -273,6 +292,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "tail-row-unwritten",
+        suite: "gpu_linear",
         description: "the last row of a partial row tile (an expert's tail) is not stored, both families (shared row-index staging)",
         edits: &[Edit {
             file: GEMM,
@@ -282,6 +302,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "routing-reversed",
+        suite: "gpu_linear",
         description: "routing scatter writes each expert's rows in reverse slot order (grouped order reversed within every expert)",
         edits: &[Edit {
             file: ROUTING,
@@ -296,6 +317,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "auto-gate-empties-b",
+        suite: "gpu_mxfp4",
         description: "the Auto gate kernel empties every expert's rows for Strategy B too (B's speculative kernels then compute nothing)",
         edits: &[Edit {
             file: ROUTING,
@@ -305,6 +327,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "auto-gate-half-warp-count",
+        suite: "gpu_mxfp4",
         description: "the Auto gate kernel sums its active-expert count over half warps only (each lane sees 16 lanes' experts)",
         edits: &[Edit {
             file: ROUTING,
@@ -314,6 +337,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "gated-dy-without-gate",
+        suite: "gpu_linear",
         description: "the gated per-slot output gradient drops its gate (dY[t] instead of dY[t]·g): dX, dA, dB of a gated call",
         edits: &[Edit {
             file: ELTWISE,
@@ -323,6 +347,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "row-walk-carry-dropped",
+        suite: "gpu_linear",
         description: "the row kernels' grid-stride walk (gates combined, gated dY, slot sum) drops the carry into the next row when its column wraps: those vectors go to the row before",
         edits: &[Edit {
             file: WALK,
@@ -332,6 +357,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "d-gates-half-sum",
+        suite: "gpu_linear",
         description: "d_gates reduction skips the first butterfly step: each gate gradient sums only half its warp's partial dot products",
         edits: &[Edit {
             file: ELTWISE,
@@ -341,6 +367,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "dadb-transposed",
+        suite: "gpu_linear",
         description: "Gram kernel stores its tile transposed (element (w, j) at (j, w), in bounds): dA and dB",
         edits: &[
             Edit {
@@ -357,6 +384,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "bias-pair-swapped",
+        suite: "gpu_linear",
         description: "the GEMM epilogue's frozen bias reads column n^1 (each even/odd pair swapped), both families (shared bias load)",
         edits: &[Edit {
             file: GEMM,
@@ -366,6 +394,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "bias-skipped-wg",
+        suite: "gpu_linear",
         description: "the wgmma family adds no frozen bias (the mma.sync family still does)",
         edits: &[Edit {
             file: WG,
@@ -377,6 +406,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "glu-boundary-inclusive",
+        suite: "gpu_moe",
         description: "the strict clamp boundary passes the gradient at exactly ±L (the inclusive rule): gpt-oss's activation backward",
         edits: &[Edit {
             file: GLU,
@@ -386,6 +416,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "glu-interleave-swapped",
+        suite: "gpu_moe",
         description: "interleaved gate/up read swapped for the first four units of each vector (gate from column 2i + 1, up from 2i)",
         edits: &[Edit {
             file: GLU,
@@ -397,6 +428,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "stage-mismatch-mma",
+        suite: "gpu_configs",
         description: "kernel mxmoe_gemm_nk_m128n128k32w2x4s3 (GEMM_CONFIGS[0], mma.sync) built with 4 stages while the host plans 3",
         edits: &[Edit {
             file: ENTRIES,
@@ -411,6 +443,7 @@ pub const MUTANTS: &[Mutant] = &[
     },
     Mutant {
         id: "stage-mismatch-wg",
+        suite: "gpu_configs",
         description: "kernel mxmoe_gemm_nk_m64n128k64wg2s4 (GEMM_CONFIGS[12], wgmma) built with 5 stages while the host plans 4",
         edits: &[Edit {
             file: ENTRIES,
