@@ -398,12 +398,14 @@ impl<'a> ExpertLinear<'a> {
         let rank = self.lora.map_or(0, |l| l.rank);
         plan::gemm_config_settled(
             gpu,
-            self.weights.forward_operand().layout(),
-            rank,
-            e,
-            k,
-            n,
-            routing.rows(),
+            &plan::GemmShape {
+                layout: self.weights.forward_operand().layout(),
+                rank,
+                experts: e,
+                k_red: k,
+                n_out: n,
+                rows: routing.rows(),
+            },
         )
     }
 
@@ -447,16 +449,34 @@ impl<'a> ExpertLinear<'a> {
         if picked_a != 0 {
             return Ok(None);
         }
+        let parts = combine(gpu, gemm, gates, routing)?;
+        Ok(Some(self.finish(
+            parts,
+            Strategy::Fused,
+            None,
+            (x, x_map, routing, gates),
+        )))
+    }
+
+    /// The forward's result and what backward needs, from the forward kernels' `parts`, the
+    /// path that ran, Strategy A's compact state and the call's inputs.
+    fn finish(
+        &self,
+        parts: ForwardParts,
+        strategy: Strategy,
+        compact: Option<Compact>,
+        (x, x_map, routing, gates): (&Bf16Matrix, RowMap, &DeviceRouting, Option<&Bf16Matrix>),
+    ) -> (Forward, Saved) {
         let ForwardParts {
             out,
             xa,
             expanded,
             gemm_config,
-        } = combine(gpu, gemm, gates, routing)?;
-        Ok(Some((
+        } = parts;
+        (
             Forward {
                 out,
-                strategy: Strategy::Fused,
+                strategy,
                 gemm_config,
             },
             Saved {
@@ -469,9 +489,9 @@ impl<'a> ExpertLinear<'a> {
                 x_map,
                 xa,
                 expanded,
-                compact: None,
+                compact,
             },
-        )))
+        )
     }
 
     /// Forward pass. `gates [T, k]` (down projection) combine the per-slot outputs into `[T, N]`.
@@ -527,37 +547,14 @@ impl<'a> ExpertLinear<'a> {
                 routing: routing.view(),
             },
         };
-        let ForwardParts {
-            out,
-            xa,
-            expanded,
-            gemm_config,
-        } = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
+        let parts = forward_core(gpu, &resolved, x, x_map, self.output_order, gates, routing)?;
         let mut compact = compact;
         if self.dequant_buffer == DequantBuffer::Recompute
             && let Some(c) = compact.as_mut()
         {
             c.weights = None;
         }
-        Ok((
-            Forward {
-                out,
-                strategy,
-                gemm_config,
-            },
-            Saved {
-                weights: OwnedWeights::of(self.weights),
-                lora: self.lora.cloned(),
-                output_order: self.output_order,
-                x: x.clone(),
-                routing: routing.clone(),
-                gates: gates.cloned(),
-                x_map,
-                xa,
-                expanded,
-                compact,
-            },
-        ))
+        Ok(self.finish(parts, strategy, compact, (x, x_map, routing, gates)))
     }
 }
 

@@ -15,21 +15,27 @@ use crate::tune::{
     PruneReport, TuneKey, TuneMode, bucket_rows, config_name, default_config, prune,
 };
 
-/// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
-/// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
-/// or default one. Returns the row of `GEMM_CONFIGS` that ran.
+/// What the tuner keys one grouped GEMM by.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GemmShape {
+    /// The weight layout.
+    pub(super) layout: BLayout,
+    /// The LoRA rank (0: none).
+    pub(super) rank: usize,
+    /// Experts.
+    pub(super) experts: usize,
+    /// The reduction length.
+    pub(super) k_red: usize,
+    /// The output width.
+    pub(super) n_out: usize,
+    /// Routed rows.
+    pub(super) rows: usize,
+}
+
 /// The candidates (`tiles::GEMM_CONFIGS` rows that survive pruning on this device), the prune
 /// report and the tuning key of one grouped GEMM.
-fn gemm_plan(
-    gpu: &Runtime,
-    layout: BLayout,
-    rank: usize,
-    experts: usize,
-    k_red: usize,
-    n_out: usize,
-    rows: usize,
-) -> (Vec<usize>, PruneReport, TuneKey) {
-    let kernel = match layout {
+fn gemm_plan(gpu: &Runtime, g: &GemmShape) -> (Vec<usize>, PruneReport, TuneKey) {
+    let kernel = match g.layout {
         BLayout::NkBf16 => "gemm_nk",
         BLayout::KnBf16 => "gemm_kn",
         BLayout::NkMxfp4 => "gemm_nk_mx",
@@ -39,9 +45,13 @@ fn gemm_plan(
         BLayout::Strided => "gemm_strided",
     };
     // (`Strided` is never a grouped GEMM's weight layout; its registers are looked up as `nk`'s.)
-    let names = names::gemm_names(layout).unwrap_or(&names::GEMM_NK);
-    let r_pad = if rank > 0 { rank_pad(rank as u32) } else { 0 };
-    let (candidates, report) = prune(gpu.limits(), layout, r_pad, |i| {
+    let names = names::gemm_names(g.layout).unwrap_or(&names::GEMM_NK);
+    let r_pad = if g.rank > 0 {
+        rank_pad(g.rank as u32)
+    } else {
+        0
+    };
+    let (candidates, report) = prune(gpu.limits(), g.layout, r_pad, |i| {
         gpu.function_resources(names[i])
             .ok()
             .map(|r| r.registers.max(0) as u32)
@@ -49,11 +59,11 @@ fn gemm_plan(
     let key = TuneKey {
         kernel,
         cc: gpu.limits().compute_capability,
-        experts,
-        k: k_red,
-        n: n_out,
-        rank,
-        rows_bucket: bucket_rows(rows),
+        experts: g.experts,
+        k: g.k_red,
+        n: g.n_out,
+        rank: g.rank,
+        rows_bucket: bucket_rows(g.rows),
     };
     (candidates, report, key)
 }
@@ -72,7 +82,15 @@ pub(super) fn tuned_gemm(
     rows: usize,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<usize> {
-    let (candidates, report, key) = gemm_plan(gpu, layout, rank, experts, k_red, n_out, rows);
+    let shape = GemmShape {
+        layout,
+        rank,
+        experts,
+        k_red,
+        n_out,
+        rows,
+    };
+    let (candidates, report, key) = gemm_plan(gpu, &shape);
     if candidates.is_empty() {
         return Err(Error::NoValidConfig {
             key: key.to_string_key(),
@@ -95,17 +113,8 @@ pub(super) fn tuned_gemm(
 /// cached or default configuration, or a single candidate). `Auto`'s on-device decision runs
 /// Strategy B's GEMM before the answer is known, on routing that may have every expert emptied,
 /// so it must not be timed: it only goes ahead when this holds.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm_config_settled(
-    gpu: &Runtime,
-    layout: BLayout,
-    rank: usize,
-    experts: usize,
-    k_red: usize,
-    n_out: usize,
-    rows: usize,
-) -> bool {
-    let (candidates, _, key) = gemm_plan(gpu, layout, rank, experts, k_red, n_out, rows);
+pub(super) fn gemm_config_settled(gpu: &Runtime, g: &GemmShape) -> bool {
+    let (candidates, _, key) = gemm_plan(gpu, g);
     let tuner = gpu.tuner();
     candidates.len() <= 1
         || tuner.forced().is_some()
