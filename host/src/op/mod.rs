@@ -64,8 +64,10 @@ pub enum Strategy {
     /// on a routing whose offsets no call has read yet, the device decides right after routing
     /// while the host queues Strategy B's forward on row ends the decision gates (all experts
     /// empty when it picks A); the host reads the answer, with the offsets, while those kernels
-    /// run, so B costs no pipeline stall (when B's tile configuration still has to be timed,
-    /// `MXMOE_TUNE=1`, the offsets are read back first instead).
+    /// run, so B costs no pipeline stall. The offsets are read back first instead when the last
+    /// call on the same problem picked A (A needs them on the host; the runtime keeps each
+    /// problem's last answer) or when B's tile configuration still has to be timed
+    /// (`MXMOE_TUNE=1`).
     #[default]
     Auto,
     /// Strategy A: dequantize only the active experts into a compact bf16 buffer
