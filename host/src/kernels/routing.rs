@@ -41,6 +41,17 @@ pub(crate) struct RouteBuffers {
     pub(crate) error: CudaSlice<u32>,
 }
 
+/// The routing kernels' expert count: 1 to `MAX_EXPERTS`.
+fn check_experts(num_experts: usize) -> Result<()> {
+    if num_experts == 0 || num_experts > MAX_EXPERTS as usize {
+        return Err(Error::InvalidArgument {
+            what: "num_experts",
+            detail: format!("must be in 1..={MAX_EXPERTS}, got {num_experts}"),
+        });
+    }
+    Ok(())
+}
+
 /// Sorts `slots` routed slots into expert-contiguous order on the GPU (stable; dropped slots
 /// last). Ids outside `[-1, E)` set the error word and are treated as dropped.
 pub(crate) fn route(
@@ -49,12 +60,7 @@ pub(crate) fn route(
     slots: usize,
     num_experts: usize,
 ) -> Result<RouteBuffers> {
-    if num_experts == 0 || num_experts > MAX_EXPERTS as usize {
-        return Err(Error::InvalidArgument {
-            what: "num_experts",
-            detail: format!("must be in 1..={MAX_EXPERTS}, got {num_experts}"),
-        });
-    }
+    check_experts(num_experts)?;
     if ids.len() < slots {
         return Err(Error::Shape {
             tensor: "expert ids",
@@ -127,12 +133,7 @@ pub(crate) fn auto_gate(
     experts: usize,
     inputs: &AutoInputs,
 ) -> Result<AutoGate> {
-    if experts == 0 || experts > MAX_EXPERTS as usize {
-        return Err(Error::InvalidArgument {
-            what: "num_experts",
-            detail: format!("must be in 1..={MAX_EXPERTS}, got {experts}"),
-        });
-    }
+    check_experts(experts)?;
     check_len("expert offsets", offsets, experts)?;
     let mut gated = alloc_output::<u32>(gpu, experts)?;
     let mut report = alloc_output::<u32>(gpu, experts + 1)?;

@@ -114,12 +114,13 @@ pub(super) fn tuned_gemm(
 /// Strategy B's GEMM before the answer is known, on routing that may have every expert emptied,
 /// so it must not be timed: it only goes ahead when this holds.
 pub(super) fn gemm_config_settled(gpu: &Runtime, g: &GemmShape) -> bool {
-    let (candidates, _, key) = gemm_plan(gpu, g);
     let tuner = gpu.tuner();
-    candidates.len() <= 1
-        || tuner.forced().is_some()
-        || tuner.mode() == TuneMode::Default
-        || tuner.cached(&key).is_some_and(|i| candidates.contains(&i))
+    // The usual case answers without pruning, which `tuned_gemm` does again right after.
+    if tuner.forced().is_some() || tuner.mode() == TuneMode::Default {
+        return true;
+    }
+    let (candidates, _, key) = gemm_plan(gpu, g);
+    candidates.len() <= 1 || tuner.cached(&key).is_some_and(|i| candidates.contains(&i))
 }
 
 /// The forced configuration, checked against the candidates that survived pruning: `None` when
