@@ -121,12 +121,13 @@ fn every_tile_configuration_gives_identical_bits() {
     check_all_configs(&c, &mx, &nv, &deq, &d);
 }
 
-/// The persistent `wgmma` kernels (`persistent_kernel`: 128-row tiles) launch one block per SM
-/// and walk several tiles each, their pipeline running on across tiles. On a problem with more
-/// than three times as many tiles as the device has SMs — dropped slots (a dropped-rows tile
-/// among the experts' tiles), LoRA, a bias, scattered output — the 128-row row gives the bits of
-/// the 64-row `wgmma` row (not persistent) for bf16, MXFP4 and NVFP4 weights, forward and
-/// backward. (The per-row test above has fewer tiles than SMs: one tile per block.)
+/// The persistent `wgmma` kernels (`persistent_kernel`: 128- and 256-row tiles, every layout)
+/// launch one block per SM and walk several tiles each, their pipeline running on across tiles.
+/// On a problem with more than three times as many 128-row tiles as the device has SMs (and
+/// about twice as many 256-row tiles) — dropped slots (a dropped-rows tile among the experts'
+/// tiles), LoRA, a bias, scattered output — the 128- and 256-row rows give the bits of the
+/// 64-row `wgmma` row (not persistent) for bf16, MXFP4 and NVFP4 weights, forward and backward.
+/// (The per-row test above has fewer tiles than SMs: one tile per block.)
 #[test]
 fn persistent_rows_walk_several_tiles_per_block() {
     let Some(gpu) = gpu() else {
@@ -139,7 +140,9 @@ fn persistent_rows_walk_several_tiles_per_block() {
             .position(|n| *n == name)
             .unwrap_or_else(|| panic!("no row {name}"))
     };
-    let (persistent, reference) = (index("m128n128k64wg2s4"), index("m64n128k64wg2s4"));
+    let reference = index("m64n128k64wg2s4");
+    let persistent_rows = [index("m128n128k64wg2s4"), index("m256n128k64wg2s3")];
+    let persistent = persistent_rows[0];
     if !gpu.module().has_config(&GEMM_CONFIGS[persistent]) {
         println!(
             "skipped: the {} module has no wgmma rows",
@@ -147,10 +150,11 @@ fn persistent_rows_walk_several_tiles_per_block() {
         );
         return;
     }
-    assert!(persistent_kernel(
-        &GEMM_CONFIGS[persistent],
-        BLayout::NkBf16
-    ));
+    for &row in &persistent_rows {
+        for layout in [BLayout::NkBf16, BLayout::NkMxfp4, BLayout::KnMxfp4, BLayout::NkNvfp4] {
+            assert!(persistent_kernel(&GEMM_CONFIGS[row], layout));
+        }
+    }
     assert!(!persistent_kernel(
         &GEMM_CONFIGS[reference],
         BLayout::NkBf16
@@ -168,12 +172,15 @@ fn persistent_rows_walk_several_tiles_per_block() {
     let (d, dy) = (&w.data, &w.dy);
     for (name, base) in w.bases() {
         let want = run_bits(gpu, &c, d, dy, base, Some(reference));
-        let got = run_bits(gpu, &c, d, dy, base, Some(persistent));
-        for (what, (g, w)) in ["out", "dx", "da", "db"].iter().zip(got.iter().zip(&want)) {
-            assert!(
-                g == w,
-                "{name} {what}: the persistent row differs from the 64-row row"
-            );
+        for &row in &persistent_rows {
+            let got = run_bits(gpu, &c, d, dy, base, Some(row));
+            for (what, (g, w)) in ["out", "dx", "da", "db"].iter().zip(got.iter().zip(&want)) {
+                assert!(
+                    g == w,
+                    "{name} {what}: the persistent row {} differs from the 64-row row",
+                    GEMM_CONFIG_NAMES[row]
+                );
+            }
         }
     }
     gpu.tuner().force(None);

@@ -290,7 +290,8 @@ pub const PERSISTENT_FROM_ROWS: u32 = 128;
 /// more than the 208 registers per thread the producer can leave them with the tile loop's
 /// state (ptxas spills; the other layouts fit).
 pub const fn persistent_kernel(c: &TileConfig, b: BLayout) -> bool {
-    c.wgmma && c.bm >= PERSISTENT_FROM_ROWS && !matches!(b, BLayout::NkMxfp4)
+    let _ = b;
+    c.wgmma && c.bm >= PERSISTENT_FROM_ROWS
 }
 
 /// Alignment of every tile a `wgmma` descriptor names in the 128-byte swizzle mode (the
