@@ -18,7 +18,7 @@ use mxmoe::device::{Gpu, PtxModule};
 use mxmoe::mxfp4::{MxWeights, quantize_mxfp4};
 use mxmoe::nvfp4::{NvWeights, quantize_nvfp4};
 use mxmoe::op::{DequantBuffer, RowOrder, Strategy};
-use mxmoe::shared::tiles::{BLayout, GEMM_CONFIG_NAMES, GEMM_CONFIGS, persistent_kernel};
+use mxmoe::shared::tiles::{GEMM_CONFIG_NAMES, GEMM_CONFIGS, persistent_kernel};
 use mxmoe_tests::linear_case::{Base, Case, draw, out_rows, run_gpu_with};
 use mxmoe_tests::{Rng, gpu, test_runtime};
 
@@ -151,14 +151,9 @@ fn persistent_rows_walk_several_tiles_per_block() {
         return;
     }
     for &row in &persistent_rows {
-        for layout in [BLayout::NkBf16, BLayout::NkMxfp4, BLayout::KnMxfp4, BLayout::NkNvfp4] {
-            assert!(persistent_kernel(&GEMM_CONFIGS[row], layout));
-        }
+        assert!(persistent_kernel(&GEMM_CONFIGS[row]));
     }
-    assert!(!persistent_kernel(
-        &GEMM_CONFIGS[reference],
-        BLayout::NkBf16
-    ));
+    assert!(!persistent_kernel(&GEMM_CONFIGS[reference]));
     // N = 1024: 8 column tiles; T·k routed rows in 128-row tiles: over 3·SMs tiles in all.
     let sms = gpu.limits().sm_count as usize;
     let t = 3 * sms * 128 / 8 / 2 + 300;

@@ -541,7 +541,7 @@ pub(crate) fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let m_tiles = r.rows.div_ceil(cfg.bm as usize) + r.num_experts + 1;
     // A persistent kernel walks its tiles with one block per SM at most (each block takes tiles
     // ctaid, ctaid + nctaid, …; blocks past the last tile exit).
-    let blocks = if persistent_kernel(cfg, layout) {
+    let blocks = if persistent_kernel(cfg) {
         (n_tiles * m_tiles).min(gpu.limits().sm_count.max(1) as usize)
     } else {
         n_tiles * m_tiles

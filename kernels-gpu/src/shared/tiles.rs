@@ -281,16 +281,15 @@ pub struct SmemPlan {
 /// smaller tiles share an SM with other blocks.
 pub const PERSISTENT_FROM_ROWS: u32 = 128;
 
-/// Whether the kernel of configuration `c` on weight layout `b` is persistent: it launches at
-/// most one block per SM, and each block walks the tiles `ctaid, ctaid + nctaid, …`, its
-/// producer staging the next tile while the consumers run the epilogue (so the output tile has
-/// a region of its own, shared with the LoRA factors, and the row indices two buffers). A
-/// `wgmma` configuration of [`PERSISTENT_FROM_ROWS`] rows or more, except the forward MXFP4
-/// layout: its consumers keep two register fragment sets in flight (`wait_group 1`) and need
-/// more than the 208 registers per thread the producer can leave them with the tile loop's
-/// state (ptxas spills; the other layouts fit).
-pub const fn persistent_kernel(c: &TileConfig, b: BLayout) -> bool {
-    let _ = b;
+/// Whether the kernel of configuration `c` is persistent (every weight layout alike): it
+/// launches at most one block per SM, and each block walks the tiles `ctaid, ctaid + nctaid, …`,
+/// its producer staging the next tile while the consumers run the epilogue (so the output tile
+/// has a region of its own, shared with the LoRA factors, and the row indices two buffers). A
+/// `wgmma` configuration of [`PERSISTENT_FROM_ROWS`] rows or more. (The forward MXFP4 layout,
+/// whose consumers keep two register fragment sets in flight, joined last: under the tile loop
+/// ptxas keeps a few of its values in local memory, reloaded once per tile at 128 rows and one
+/// word per k-tile at 256, `xtask/src/ptx_report.rs`'s `ALLOWED_STACK`.)
+pub const fn persistent_kernel(c: &TileConfig) -> bool {
     c.wgmma && c.bm >= PERSISTENT_FROM_ROWS
 }
 
@@ -456,7 +455,7 @@ pub const fn smem_plan(c: &TileConfig, b: BLayout, r_pad: u32) -> SmemPlan {
     // The LoRA factors have a region of their own (copied while the main loop runs); the
     // `wgmma` output tile reuses the stages, or in a persistent kernel the factors' region.
     let epilogue_bytes = if c.wgmma { c.bm * c.bn * 2 } else { 0 };
-    let persistent = persistent_kernel(c, b);
+    let persistent = persistent_kernel(c);
     let reused = if main > epilogue_bytes || persistent {
         main
     } else {
@@ -857,14 +856,14 @@ mod tests {
                         );
                     }
                     if c.wgmma {
-                        let row_buffers = if persistent_kernel(c, b) { 2 } else { 1 };
+                        let row_buffers = if persistent_kernel(c) { 2 } else { 1 };
                         assert!(
                             p.barriers_offset >= p.rows_offset + 8 * c.bm * row_buffers
                                 && p.barriers_offset.is_multiple_of(8)
                                 && p.total_bytes == p.barriers_offset + 16 * c.stages + 16
                         );
                     }
-                    if persistent_kernel(c, b) {
+                    if persistent_kernel(c) {
                         // The output tile shares the LoRA factors' region, past the stages.
                         assert_eq!(p.out_offset, p.lora_left_offset);
                         assert!(p.out_offset >= c.stages * (p.a_stage_bytes + p.b_stage_bytes));

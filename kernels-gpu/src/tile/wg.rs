@@ -1219,7 +1219,7 @@ pub unsafe fn gemm_wg<
     }
     let tid = tid_x();
     let n_tiles = p.n_out.div_ceil(BN);
-    let persistent = persistent_kernel(&cfg, layout);
+    let persistent = persistent_kernel(&cfg);
     // This block's tiles: `ctaid`, then (persistent) every `nctaid`-th, up to the first past the
     // last tile (`find_tile` gives None; every later index is past it too).
     let first = ctaid_x();
