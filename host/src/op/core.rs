@@ -7,7 +7,7 @@
 use cudarc::driver::CudaSlice;
 use kernels_gpu::shared::tiles::rank_pad;
 
-use super::plan::tuned_gemm;
+use super::plan::{GemmShape, tuned_gemm};
 use super::{ExpertWeights, Grads, Saved};
 use crate::buffers::{Bf16Matrix, LoraWeights, MxExperts, NvExperts};
 use crate::device::alloc_output;
@@ -46,7 +46,7 @@ impl ExpertWeights<'_> {
     }
 
     /// The forward GEMM's B operand (`W_store[e]` with K as the reduction).
-    pub(super) fn forward_operand(&self) -> BOperand<'_> {
+    fn forward_operand(&self) -> BOperand<'_> {
         match self {
             ExpertWeights::Bf16(w) => {
                 let (_, n, k) = w.shape();
@@ -176,6 +176,26 @@ pub(super) struct GemmParts {
     gemm_config: usize,
 }
 
+/// The tuner's key of the forward GEMM of `weights` (LoRA `lora`) over `experts` experts and
+/// `rows` routed rows: one place, so that `Auto`'s `plan::gemm_config_settled` asks about the
+/// GEMM [`forward_gemm`] then runs.
+pub(super) fn forward_shape(
+    weights: ExpertWeights<'_>,
+    lora: Option<&LoraWeights>,
+    experts: usize,
+    rows: usize,
+) -> GemmShape {
+    let (_, n, k) = weights.shape();
+    GemmShape {
+        layout: weights.forward_operand().layout(),
+        rank: lora.map_or(0, |l| l.rank),
+        experts,
+        k_red: k,
+        n_out: n,
+        rows,
+    }
+}
+
 /// XA and the grouped GEMM with the LoRA epilogue, on resolved weights and routing.
 pub(super) fn forward_gemm(
     gpu: &Runtime,
@@ -226,9 +246,9 @@ pub(super) fn forward_gemm(
         }),
         _ => None,
     };
-    let rank = r.lora.map_or(0, |l| l.rank);
     let b = r.weights.forward_operand();
-    let gemm_config = tuned_gemm(gpu, b.layout(), rank, experts, k, n, l, |config| {
+    let shape = forward_shape(r.weights, r.lora, experts, l);
+    let gemm_config = tuned_gemm(gpu, &shape, |config| {
         grouped_gemm(
             gpu,
             GemmArgs {
@@ -352,9 +372,16 @@ pub(super) fn backward_core(
         }),
         _ => None,
     };
-    let rank = r.lora.map_or(0, |l| l.rank);
     let b = r.weights.dx_operand();
-    let gemm_config = tuned_gemm(gpu, b.layout(), rank, e, n, k, l, |config| {
+    let shape = GemmShape {
+        layout: b.layout(),
+        rank: r.lora.map_or(0, |l| l.rank),
+        experts: e,
+        k_red: n,
+        n_out: k,
+        rows: l,
+    };
+    let gemm_config = tuned_gemm(gpu, &shape, |config| {
         grouped_gemm(
             gpu,
             GemmArgs {

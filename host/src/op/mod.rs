@@ -35,7 +35,9 @@ use crate::kernels::routing::auto_gate;
 use crate::routing::DeviceRouting;
 pub use crate::routing::RowOrder;
 use crate::runtime::Runtime;
-use core::{ForwardParts, Resolved, backward_core, combine, forward_core, forward_gemm};
+use core::{
+    ForwardParts, Resolved, backward_core, combine, forward_core, forward_gemm, forward_shape,
+};
 use kernels_gpu::shared::auto::AutoInputs;
 use plan::Resolution;
 pub use plan::{AUTO_NV_A_ROWS, auto_strategy, auto_strategy_nvfp4};
@@ -396,19 +398,13 @@ impl<'a> ExpertLinear<'a> {
     /// Whether Strategy B's forward GEMM would run without timing tile configurations first
     /// (`plan::gemm_config_settled`).
     fn forward_gemm_settled(&self, gpu: &Runtime, routing: &DeviceRouting) -> bool {
-        let (e, n, k) = self.weights.shape();
-        let rank = self.lora.map_or(0, |l| l.rank);
-        plan::gemm_config_settled(
-            gpu,
-            &plan::GemmShape {
-                layout: self.weights.forward_operand().layout(),
-                rank,
-                experts: e,
-                k_red: k,
-                n_out: n,
-                rows: routing.rows(),
-            },
-        )
+        let shape = forward_shape(
+            self.weights,
+            self.lora,
+            routing.num_experts(),
+            routing.rows(),
+        );
+        plan::gemm_config_settled(gpu, &shape)
     }
 
     /// `Auto` decided on the device: queues the decision (`kernels::routing::auto_gate`) and

@@ -71,26 +71,12 @@ fn gemm_plan(gpu: &Runtime, g: &GemmShape) -> (Vec<usize>, PruneReport, TuneKey)
 /// Runs one grouped GEMM through the tuner: prunes `tiles::GEMM_CONFIGS` for this device and
 /// layout, then launches the tuner's forced configuration, or the cached, timed (in `Tune` mode)
 /// or default one. Returns the row of `GEMM_CONFIGS` that ran.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn tuned_gemm(
     gpu: &Runtime,
-    layout: BLayout,
-    rank: usize,
-    experts: usize,
-    k_red: usize,
-    n_out: usize,
-    rows: usize,
+    shape: &GemmShape,
     mut launch: impl FnMut(usize) -> Result<()>,
 ) -> Result<usize> {
-    let shape = GemmShape {
-        layout,
-        rank,
-        experts,
-        k_red,
-        n_out,
-        rows,
-    };
-    let (candidates, report, key) = gemm_plan(gpu, &shape);
+    let (candidates, report, key) = gemm_plan(gpu, shape);
     if candidates.is_empty() {
         return Err(Error::NoValidConfig {
             key: key.to_string_key(),
@@ -101,7 +87,7 @@ pub(super) fn tuned_gemm(
         launch(i)?;
         return Ok(i);
     }
-    let fallback = default_config(layout, rows, experts, &candidates);
+    let fallback = default_config(shape.layout, shape.rows, shape.experts, &candidates);
     let chosen = gpu.tuner().choose(&key, &candidates, fallback, |i| {
         time_median(gpu, || launch(i))
     })?;
@@ -328,7 +314,10 @@ pub(super) fn resolve_strategy(
         }
         None => routing.host_offsets(gpu)?,
     };
-    let strategy = pick(auto::active_count(&offsets), &inputs);
+    let strategy = pick(
+        super::strategy_a::active_ids(&offsets).count() as u64,
+        &inputs,
+    );
     gpu.auto_history()
         .record(key, strategy == Strategy::SelectiveDequant);
     Ok(Resolution::Known(strategy))

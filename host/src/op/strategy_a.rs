@@ -136,17 +136,19 @@ impl Compact {
     }
 }
 
-/// Sorted experts that own at least one row, from the inclusive offsets.
+/// Sorted experts that own at least one row, from the inclusive offsets (expert `e`'s rows are
+/// `offsets[e - 1]..offsets[e]`). `Auto`'s host rule counts them; the gate kernel counts the
+/// same ranges on the device.
+pub(super) fn active_ids(offsets: &[u32]) -> impl Iterator<Item = u32> + '_ {
+    offsets
+        .iter()
+        .enumerate()
+        .filter(|&(e, &end)| end > if e == 0 { 0 } else { offsets[e - 1] })
+        .map(|(e, _)| e as u32)
+}
+
 fn active_from_offsets(offsets: &[u32]) -> Vec<u32> {
-    let mut prev = 0;
-    let mut active = Vec::new();
-    for (e, &end) in offsets.iter().enumerate() {
-        if end > prev {
-            active.push(e as u32);
-        }
-        prev = end;
-    }
-    active
+    active_ids(offsets).collect()
 }
 
 /// The active experts of a routing (the offsets read back once per routing:
@@ -230,5 +232,7 @@ mod tests {
         assert_eq!(active_from_offsets(&[0, 3, 3, 7, 7]), vec![1, 3]);
         assert_eq!(active_from_offsets(&[2]), vec![0]);
         assert!(active_from_offsets(&[0, 0]).is_empty());
+        assert!(active_from_offsets(&[]).is_empty());
+        assert_eq!(active_ids(&[0, 3, 3, 7, 7]).count(), 2);
     }
 }

@@ -58,20 +58,6 @@ pub const fn auto_picks_a(active: u64, i: &AutoInputs) -> bool {
     amortised && fits
 }
 
-/// Active experts of inclusive row ends `offsets` (an expert with rows `[offsets[e-1],
-/// offsets[e])` is active when that range is not empty), as the gate kernel counts them.
-pub fn active_count(offsets: &[u32]) -> u64 {
-    let mut prev = 0u32;
-    let mut n = 0u64;
-    for &end in offsets {
-        if end > prev {
-            n += 1;
-        }
-        prev = end;
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,13 +101,5 @@ mod tests {
             ..mx(u64::MAX, 0)
         };
         assert!(!auto_picks_a(u64::MAX, &huge));
-    }
-
-    #[test]
-    fn active_experts_are_the_nonempty_ranges() {
-        assert_eq!(active_count(&[0, 3, 3, 7, 7]), 2);
-        assert_eq!(active_count(&[2]), 1);
-        assert_eq!(active_count(&[0, 0]), 0);
-        assert_eq!(active_count(&[]), 0);
     }
 }
