@@ -8,8 +8,10 @@
 
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
+use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
 use super::Gpu;
 use crate::error::{Error, Result};
@@ -99,22 +101,33 @@ pub fn download<T: DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) 
 }
 
 /// Page-locked host buffers of one [`Gpu`], reused by [`download_async`] (a page-locked
-/// allocation costs far more than the copy it serves).
+/// allocation costs far more than the copy it serves), and the side stream those copies run on.
 #[derive(Default)]
 pub(crate) struct Staging {
     free: std::sync::Mutex<Vec<PinnedHostSlice<u32>>>,
+    /// The copies' own stream and the event that orders each copy after the work queued so far
+    /// on the `Gpu`'s stream; made at the first copy.
+    side: std::sync::Mutex<Option<(Arc<CudaStream>, CudaEvent)>>,
 }
 
-/// A copy from the device into page-locked host memory, queued on the [`Gpu`]'s stream by
-/// [`download_async`]. [`wait`](Self::wait) blocks until that copy is done — not until the work
-/// queued after it — so the host can queue kernels first and read the answer while they run.
+/// A copy from the device into page-locked host memory, queued by [`download_async`] on a side
+/// stream after the work queued so far on the [`Gpu`]'s stream. [`wait`](Self::wait) blocks
+/// until that copy is done — not until the work queued after it — so the host can queue
+/// kernels first and read the answer while they run; and the `Gpu`'s stream does not wait for
+/// the copy either (its next kernel starts when the last one before the copy ends).
 pub(crate) struct PendingDownload<'g> {
     gpu: &'g Gpu,
     host: Option<PinnedHostSlice<u32>>,
     len: usize,
+    /// Whether [`wait`](Self::wait) saw the copy finish.
+    done: bool,
 }
 
 /// Queues a copy of `buf` into a page-locked host buffer of `gpu` and returns without waiting.
+/// The copy reads `buf` once the work queued on `gpu`'s stream before this call is done, on a
+/// side stream: the returned [`PendingDownload`] must be waited for or dropped (its drop waits
+/// for an unfinished copy) before `buf` is freed, which the borrow of `buf` cannot enforce —
+/// callers keep `buf` alive past the pending copy.
 pub(crate) fn download_async<'g>(
     gpu: &'g Gpu,
     buf: &CudaSlice<u32>,
@@ -133,32 +146,56 @@ pub(crate) fn download_async<'g>(
         None => unsafe { gpu.context().alloc_pinned_with_flags::<u32>(len.max(1), 0) }
             .map_err(Error::driver("allocating page-locked host memory"))?,
     };
-    gpu.stream()
-        .memcpy_dtoh(buf, &mut host)
-        .map_err(Error::driver("copying from the device"))?;
+    let mut side = gpu.staging().side.lock().unwrap_or_else(|p| p.into_inner());
+    let (stream, ready) = match side.take() {
+        Some(s) => s,
+        None => (
+            gpu.context()
+                .new_stream()
+                .map_err(Error::driver("creating the copy stream"))?,
+            gpu.context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(Error::driver("creating an event"))?,
+        ),
+    };
+    let queued = ready
+        .record(gpu.stream())
+        .and_then(|()| stream.wait(&ready))
+        .and_then(|()| stream.memcpy_dtoh(buf, &mut host));
+    *side = Some((stream, ready));
+    queued.map_err(Error::driver("copying from the device"))?;
     Ok(PendingDownload {
         gpu,
         host: Some(host),
         len,
+        done: false,
     })
 }
 
 impl PendingDownload<'_> {
     /// Waits for the copy and returns what it read.
-    pub(crate) fn wait(self) -> Result<Vec<u32>> {
+    pub(crate) fn wait(mut self) -> Result<Vec<u32>> {
         let host = self.host.as_ref().expect("the buffer stays until drop");
         let read = host
             .as_slice()
-            .map_err(Error::driver("waiting for a copy from the device"))?;
-        Ok(read[..self.len].to_vec())
+            .map_err(Error::driver("waiting for a copy from the device"))?[..self.len]
+            .to_vec();
+        self.done = true;
+        Ok(read)
     }
 }
 
 impl Drop for PendingDownload<'_> {
     fn drop(&mut self) {
-        // Back to the pool. A later copy into it is queued on the same stream, after this one,
-        // and its reader waits for that later copy's own event.
         if let Some(h) = self.host.take() {
+            if !self.done {
+                // Not waited for (an error between queueing and reading): the copy may still
+                // read the source, which the caller frees next; wait for it here. An error
+                // means the context is gone, and the copy with it.
+                let _ = h.as_slice();
+            }
+            // Back to the pool. A later copy into it is queued on the same side stream, after
+            // this one, and its reader waits for that later copy's own event.
             self.gpu
                 .staging()
                 .free

@@ -125,8 +125,8 @@ pub struct Gpu {
     tma_activations: AtomicBool,
     /// The tensor maps built so far, per `Gpu` (their copies are ordered on its stream).
     tensor_maps: tensor_map::TensorMaps,
-    /// Page-locked buffers for [`memory::download_async`] (per `Gpu`: their copies are ordered
-    /// on its stream).
+    /// Page-locked buffers for [`memory::download_async`] and the side stream its copies run
+    /// on (per `Gpu`: each copy is ordered after the work queued so far on its stream).
     staging: memory::Staging,
 }
 
@@ -199,7 +199,9 @@ impl Gpu {
     /// the legacy default stream). Loads the PTX module.
     ///
     /// The context's cudarc event tracking is disabled: all mxmoe work of this `Gpu` runs on the
-    /// one stream, and ordering against the caller's other streams is the caller's business.
+    /// one stream (but for `Auto`'s small read-back of its decision, which a side stream of
+    /// mxmoe's own copies after an event recorded on this one), and ordering against the
+    /// caller's other streams is the caller's business.
     ///
     /// # Safety
     ///
