@@ -104,10 +104,21 @@ pub fn download<T: DeviceRepr + Default + Clone>(gpu: &Gpu, buf: &CudaSlice<T>) 
 /// allocation costs far more than the copy it serves), and the side stream those copies run on.
 #[derive(Default)]
 pub(crate) struct Staging {
-    free: std::sync::Mutex<Vec<PinnedHostSlice<u32>>>,
+    free: std::sync::Mutex<Vec<Staged>>,
     /// The copies' own stream and the event that orders each copy after the work queued so far
     /// on the `Gpu`'s stream; made at the first copy.
     side: std::sync::Mutex<Option<(Arc<CudaStream>, CudaEvent)>>,
+}
+
+/// A page-locked buffer of [`Staging`] and the event recorded after each copy into it (made
+/// once with the buffer, re-recorded per copy). cudarc's own event of the buffer is a
+/// blocking-sync one: waiting on it puts the thread to sleep, and the wake-up came late enough
+/// that the device ran out of queued work (`Auto` at B shapes: +0.1–0.2 ms per call on an
+/// H100). This one has default flags: its wait follows the context's scheduling policy (a spin
+/// while the host has cores to spare), like the rest of the host's waits.
+pub(crate) struct Staged {
+    host: PinnedHostSlice<u32>,
+    copied: CudaEvent,
 }
 
 /// A copy from the device into page-locked host memory, queued by [`download_async`] on a side
@@ -117,14 +128,9 @@ pub(crate) struct Staging {
 /// the copy either (its next kernel starts when the last one before the copy ends).
 pub(crate) struct PendingDownload<'g> {
     gpu: &'g Gpu,
-    host: Option<PinnedHostSlice<u32>>,
+    /// The buffer being copied into; back to the pool on drop.
+    staged: Option<Staged>,
     len: usize,
-    /// Recorded after the copy. The page-locked buffer's own event (cudarc's) is a blocking-sync
-    /// one: waiting on it puts the thread to sleep, and the wake-up came late enough that the
-    /// device ran out of queued work (`Auto` at B shapes: +0.1–0.2 ms per call on an H100).
-    /// This one has default flags: its wait follows the context's scheduling policy (a spin
-    /// while the host has cores to spare), like the rest of the host's waits.
-    copied: CudaEvent,
     /// Whether [`wait`](Self::wait) saw the copy finish.
     done: bool,
 }
@@ -142,15 +148,22 @@ pub(crate) fn download_async<'g>(
     let reused = {
         let mut free = gpu.staging().free.lock().unwrap_or_else(|p| p.into_inner());
         free.iter()
-            .position(|h| h.len() >= len)
+            .position(|s| s.host.len() >= len)
             .map(|i| free.swap_remove(i))
     };
-    let mut host = match reused {
-        Some(h) => h,
-        // SAFETY: the memory is not initialised; it is read only through `PendingDownload::wait`,
-        // and only its first `len` elements, which the copy queued below writes first.
-        None => unsafe { gpu.context().alloc_pinned_with_flags::<u32>(len.max(1), 0) }
-            .map_err(Error::driver("allocating page-locked host memory"))?,
+    let mut staged = match reused {
+        Some(s) => s,
+        None => Staged {
+            // SAFETY: the memory is not initialised; it is read only through
+            // `PendingDownload::wait`, and only its first `len` elements, which the copy queued
+            // below writes first.
+            host: unsafe { gpu.context().alloc_pinned_with_flags::<u32>(len.max(1), 0) }
+                .map_err(Error::driver("allocating page-locked host memory"))?,
+            copied: gpu
+                .context()
+                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(Error::driver("creating an event"))?,
+        },
     };
     let mut side = gpu.staging().side.lock().unwrap_or_else(|p| p.into_inner());
     let (stream, ready) = match side.take() {
@@ -167,15 +180,14 @@ pub(crate) fn download_async<'g>(
     let queued = ready
         .record(gpu.stream())
         .and_then(|()| stream.wait(&ready))
-        .and_then(|()| stream.memcpy_dtoh(buf, &mut host))
-        .and_then(|()| stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)));
+        .and_then(|()| stream.memcpy_dtoh(buf, &mut staged.host))
+        .and_then(|()| staged.copied.record(&stream));
     *side = Some((stream, ready));
-    let copied = queued.map_err(Error::driver("copying from the device"))?;
+    queued.map_err(Error::driver("copying from the device"))?;
     Ok(PendingDownload {
         gpu,
-        host: Some(host),
+        staged: Some(staged),
         len,
-        copied,
         done: false,
     })
 }
@@ -183,12 +195,14 @@ pub(crate) fn download_async<'g>(
 impl PendingDownload<'_> {
     /// Waits for the copy and returns what it read.
     pub(crate) fn wait(mut self) -> Result<Vec<u32>> {
-        self.copied
+        let staged = self.staged.as_ref().expect("the buffer stays until drop");
+        staged
+            .copied
             .synchronize()
             .map_err(Error::driver("waiting for a copy from the device"))?;
-        let host = self.host.as_ref().expect("the buffer stays until drop");
         // The buffer's own (blocking) event has completed with the copy: no sleep here.
-        let read = host
+        let read = staged
+            .host
             .as_slice()
             .map_err(Error::driver("waiting for a copy from the device"))?[..self.len]
             .to_vec();
@@ -199,15 +213,15 @@ impl PendingDownload<'_> {
 
 impl Drop for PendingDownload<'_> {
     fn drop(&mut self) {
-        if let Some(h) = self.host.take() {
+        if let Some(h) = self.staged.take() {
             if !self.done {
                 // Not waited for (an error between queueing and reading): the copy may still
                 // read the source, which the caller frees next; wait for it here. An error
                 // means the context is gone, and the copy with it.
-                let _ = self.copied.synchronize();
+                let _ = h.copied.synchronize();
             }
             // Back to the pool. A later copy into it is queued on the same side stream, after
-            // this one, and its reader waits for that later copy's own event.
+            // this one, and its reader waits for the buffer's event as recorded after that copy.
             self.gpu
                 .staging()
                 .free
