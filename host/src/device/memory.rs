@@ -116,7 +116,7 @@ pub(crate) struct Staging {
 /// that the device ran out of queued work (`Auto` at B shapes: +0.1–0.2 ms per call on an
 /// H100). This one has default flags: its wait follows the context's scheduling policy (a spin
 /// while the host has cores to spare), like the rest of the host's waits.
-pub(crate) struct Staged {
+struct Staged {
     host: PinnedHostSlice<u32>,
     copied: CudaEvent,
 }
@@ -159,10 +159,7 @@ pub(crate) fn download_async<'g>(
             // below writes first.
             host: unsafe { gpu.context().alloc_pinned_with_flags::<u32>(len.max(1), 0) }
                 .map_err(Error::driver("allocating page-locked host memory"))?,
-            copied: gpu
-                .context()
-                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(Error::driver("creating an event"))?,
+            copied: copy_event(gpu)?,
         },
     };
     let mut side = gpu.staging().side.lock().unwrap_or_else(|p| p.into_inner());
@@ -172,9 +169,7 @@ pub(crate) fn download_async<'g>(
             gpu.context()
                 .new_stream()
                 .map_err(Error::driver("creating the copy stream"))?,
-            gpu.context()
-                .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-                .map_err(Error::driver("creating an event"))?,
+            copy_event(gpu)?,
         ),
     };
     let queued = ready
@@ -190,6 +185,14 @@ pub(crate) fn download_async<'g>(
         len,
         done: false,
     })
+}
+
+/// An event of [`download_async`]'s (default scheduling flags, no timing): the side stream's
+/// order after the `Gpu`'s stream, and each pooled buffer's "copied".
+fn copy_event(gpu: &Gpu) -> Result<CudaEvent> {
+    gpu.context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(Error::driver("creating an event"))
 }
 
 impl PendingDownload<'_> {
@@ -213,12 +216,12 @@ impl PendingDownload<'_> {
 
 impl Drop for PendingDownload<'_> {
     fn drop(&mut self) {
-        if let Some(h) = self.staged.take() {
+        if let Some(s) = self.staged.take() {
             if !self.done {
                 // Not waited for (an error between queueing and reading): the copy may still
                 // read the source, which the caller frees next; wait for it here. An error
                 // means the context is gone, and the copy with it.
-                let _ = h.copied.synchronize();
+                let _ = s.copied.synchronize();
             }
             // Back to the pool. A later copy into it is queued on the same side stream, after
             // this one, and its reader waits for the buffer's event as recorded after that copy.
@@ -227,7 +230,7 @@ impl Drop for PendingDownload<'_> {
                 .free
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(h);
+                .push(s);
         }
     }
 }
